@@ -1,0 +1,242 @@
+//! Captures the device and system state CRIU does not carry by itself:
+//! interfaces and routes (from `ip -json`), the hostname, an RNG seed, and
+//! the tmpfs files the workloads hold open or mapped.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use image_format::devstate::{Address, DeviceState, Family, Interface, Route, TmpfsMount};
+use serde_json::Value;
+
+use crate::proc;
+use crate::workload::Workload;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot run `ip {args}`: install iproute2")]
+    Ip {
+        args: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`ip {args}` failed or printed no JSON: {message}")]
+    IpOutput { args: String, message: String },
+    #[error("cannot copy tmpfs file {path}")]
+    Copy {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn ip_json(args: &[&str]) -> Result<Value, Error> {
+    let joined = args.join(" ");
+    let out = Command::new("ip").arg("-json").args(args).output().map_err(|source| Error::Ip { args: joined.clone(), source })?;
+    if !out.status.success() {
+        return Err(Error::IpOutput { args: joined, message: String::from_utf8_lossy(&out.stderr).trim().into() });
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| Error::IpOutput { args: joined, message: e.to_string() })
+}
+
+/// Interfaces from `ip -json addr show`, without loopback and without the
+/// link-local IPv6 addresses the kernel makes by itself.
+pub fn parse_interfaces(v: &Value) -> Vec<Interface> {
+    let mut out = Vec::new();
+    for link in v.as_array().into_iter().flatten() {
+        let name = link["ifname"].as_str().unwrap_or_default().to_string();
+        let flags: Vec<&str> = link["flags"].as_array().into_iter().flatten().filter_map(|f| f.as_str()).collect();
+        if name.is_empty() || flags.contains(&"LOOPBACK") {
+            continue;
+        }
+        let addresses = link["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| a["scope"].as_str() != Some("link") || a["family"].as_str() == Some("inet"))
+            .filter_map(|a| {
+                Some(Address {
+                    family: if a["family"].as_str()? == "inet6" { Family::Inet6 } else { Family::Inet },
+                    local: a["local"].as_str()?.to_string(),
+                    prefix_len: a["prefixlen"].as_u64()? as u8,
+                    broadcast: a["broadcast"].as_str().map(str::to_string),
+                })
+            })
+            .collect();
+        out.push(Interface {
+            mac: link["address"].as_str().map(str::to_string),
+            mtu: link["mtu"].as_u64().unwrap_or(1500) as u32,
+            up: flags.contains(&"UP"),
+            name,
+            addresses,
+        });
+    }
+    out
+}
+
+/// Routes from `ip -json route show`, without those the kernel adds itself
+/// when an address is configured (`proto kernel`).
+pub fn parse_routes(v: &Value, family: Family) -> Vec<Route> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["protocol"].as_str() != Some("kernel"))
+        .filter(|r| r["type"].as_str().is_none_or(|t| t == "unicast"))
+        .filter_map(|r| {
+            Some(Route {
+                family,
+                dst: r["dst"].as_str()?.to_string(),
+                gateway: r["gateway"].as_str().map(str::to_string),
+                dev: r["dev"].as_str().map(str::to_string),
+                metric: r["metric"].as_u64().map(|m| m as u32),
+                scope: r["scope"].as_str().filter(|s| *s != "global").map(str::to_string),
+                prefsrc: r["prefsrc"].as_str().map(str::to_string),
+                protocol: r["protocol"].as_str().filter(|p| *p != "boot").map(str::to_string),
+            })
+        })
+        .collect()
+}
+
+/// tmpfs mount points and their options, from `/proc/self/mountinfo`.
+pub fn tmpfs_mounts(mountinfo: &str) -> Vec<TmpfsMount> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mut r = right.split_whitespace();
+            let fstype = r.next()?;
+            let _source = r.next()?;
+            let super_opts = r.next().unwrap_or("");
+            let path = left.split_whitespace().nth(4)?;
+            (fstype == "tmpfs").then(|| TmpfsMount {
+                path: unescape_mount_path(path),
+                options: super_opts.split(',').filter(|o| *o != "rw" && *o != "ro").collect::<Vec<_>>().join(","),
+            })
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mount_path(p: &str) -> String {
+    p.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// The tmpfs mount holding `path`, the deepest one.
+fn tmpfs_of<'a>(path: &str, mounts: &'a [TmpfsMount]) -> Option<&'a TmpfsMount> {
+    mounts
+        .iter()
+        .filter(|m| path == m.path || path.starts_with(&format!("{}/", m.path.trim_end_matches('/'))))
+        .max_by_key(|m| m.path.len())
+}
+
+/// Copies the tmpfs files the workloads have open or mapped into `dest`
+/// (at their absolute path below it) and returns the tmpfs mounts involved.
+/// `skip` is kupgrade's own scratch space.
+pub fn tmpfs_files(workloads: &[Workload], dest: &Path, skip: &Path) -> Result<Vec<TmpfsMount>, Error> {
+    let mounts = tmpfs_mounts(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+    let mut used: Vec<TmpfsMount> = Vec::new();
+    let mut paths: Vec<String> = Vec::new();
+    for w in workloads {
+        for &pid in &w.pids {
+            paths.extend(proc::fds(pid).into_iter().map(|(_, l)| l));
+            paths.extend(proc::mapped_files(pid));
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    for p in paths {
+        // Deleted files are CRIU's business (it keeps their content itself).
+        if !p.starts_with('/') || p.ends_with(" (deleted)") || Path::new(&p).starts_with(skip) {
+            continue;
+        }
+        let Some(m) = tmpfs_of(&p, &mounts) else { continue };
+        let src = Path::new(&p);
+        if !src.is_file() {
+            continue;
+        }
+        let to = dest.join(p.trim_start_matches('/'));
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(|source| Error::Copy { path: src.into(), source })?;
+        }
+        fs::copy(src, &to).map_err(|source| Error::Copy { path: src.into(), source })?;
+        if !used.contains(m) {
+            used.push(m.clone());
+        }
+    }
+    Ok(used)
+}
+
+pub fn rng_seed() -> Vec<u8> {
+    let mut seed = vec![0u8; 512];
+    match fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed)) {
+        Ok(()) => seed,
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Everything but the network locks (known only after the dump) and the
+/// tmpfs files (copied by [`tmpfs_files`]).
+pub fn system_state() -> Result<DeviceState, Error> {
+    let interfaces = parse_interfaces(&ip_json(&["addr", "show"])?);
+    let mut routes = parse_routes(&ip_json(&["-4", "route", "show", "table", "main"])?, Family::Inet);
+    routes.extend(parse_routes(&ip_json(&["-6", "route", "show", "table", "main"])?, Family::Inet6));
+    Ok(DeviceState {
+        hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        interfaces,
+        routes,
+        network_locks: Vec::new(),
+        tmpfs_mounts: Vec::new(),
+        rng_seed: rng_seed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interfaces_skip_loopback_and_ipv6_link_local() {
+        let v: Value = serde_json::from_str(r#"[
+          {"ifindex":1,"ifname":"lo","flags":["LOOPBACK","UP"],"mtu":65536,"address":"00:00:00:00:00:00",
+           "addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host"}]},
+          {"ifindex":2,"ifname":"eth0","flags":["BROADCAST","MULTICAST","UP","LOWER_UP"],"mtu":1500,
+           "address":"52:54:00:12:34:56","addr_info":[
+             {"family":"inet","local":"10.0.2.15","prefixlen":24,"broadcast":"10.0.2.255","scope":"global"},
+             {"family":"inet6","local":"fe80::5054:ff:fe12:3456","prefixlen":64,"scope":"link"}]}]"#)
+        .unwrap();
+        let ifs = parse_interfaces(&v);
+        assert_eq!(ifs.len(), 1);
+        assert_eq!(ifs[0].name, "eth0");
+        assert!(ifs[0].up);
+        assert_eq!(ifs[0].mac.as_deref(), Some("52:54:00:12:34:56"));
+        assert_eq!(ifs[0].addresses.len(), 1);
+        assert_eq!(ifs[0].addresses[0].broadcast.as_deref(), Some("10.0.2.255"));
+    }
+
+    #[test]
+    fn routes_skip_kernel_made_ones() {
+        let v: Value = serde_json::from_str(r#"[
+          {"dst":"default","gateway":"10.0.2.2","dev":"eth0","flags":[]},
+          {"dst":"10.0.2.0/24","dev":"eth0","protocol":"kernel","scope":"link","prefsrc":"10.0.2.15","flags":[]}]"#)
+        .unwrap();
+        let r = parse_routes(&v, Family::Inet);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].dst, "default");
+        assert_eq!(r[0].gateway.as_deref(), Some("10.0.2.2"));
+    }
+
+    #[test]
+    fn tmpfs_mounts_come_from_mountinfo_with_their_options() {
+        let mi = "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
+                  25 22 0:21 / /run rw,nosuid,nodev - tmpfs tmpfs rw,size=100k,mode=755\n\
+                  26 25 0:22 / /run/my\\040dir rw - tmpfs tmpfs rw,mode=700\n";
+        let m = tmpfs_mounts(mi);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0], TmpfsMount { path: "/run".into(), options: "size=100k,mode=755".into() });
+        assert_eq!(m[1].path, "/run/my dir");
+        assert_eq!(tmpfs_of("/run/my dir/x", &m).unwrap().path, "/run/my dir");
+        assert_eq!(tmpfs_of("/run/x", &m).unwrap().path, "/run");
+        assert!(tmpfs_of("/running", &m).is_none());
+    }
+}

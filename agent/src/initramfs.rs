@@ -1,0 +1,343 @@
+//! Builds the initramfs of a kernel release: `kupgrade-init` as `/init`, the
+//! modules it needs from `/lib/modules/<release>`, and their load order, as a
+//! newc cpio archive compressed with a method that kernel can unpack.
+//!
+//! The same builder makes the initramfs of `kupgrade stage` and of the QEMU
+//! harness's first boot, so the normal boot path is exercised every time.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::modules::{self, ModuleIndex, Resolution};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write the initramfs to {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no modules for release {release} under {dir}: install the kernel's modules package first")]
+    NoModules { release: String, dir: PathBuf },
+    #[error(transparent)]
+    Modules(#[from] modules::Error),
+    #[error("{path} is not a static executable (it names an interpreter): build kupgrade-init with crt-static")]
+    NotStatic { path: PathBuf },
+}
+
+/// How the archive is compressed; the kernel must have the matching `CONFIG_RD_*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    Zstd,
+    Gzip,
+    None,
+}
+
+impl Compression {
+    /// Picks the best method the kernel's config (`/boot/config-<release>`)
+    /// supports; without a config, gzip, which every distribution kernel has.
+    pub fn for_kernel_config(config: Option<&str>) -> Compression {
+        let Some(config) = config else { return Compression::Gzip };
+        let has = |key: &str| config.lines().any(|l| l.trim() == format!("{key}=y"));
+        if has("CONFIG_RD_ZSTD") {
+            Compression::Zstd
+        } else if has("CONFIG_RD_GZIP") {
+            Compression::Gzip
+        } else {
+            Compression::None
+        }
+    }
+}
+
+/// What goes into one initramfs.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub release: String,
+    /// `/lib/modules/<release>` (or an unpacked package's copy of it).
+    pub modules_dir: PathBuf,
+    /// The static `kupgrade-init` binary.
+    pub init_binary: PathBuf,
+    /// Module names to include; their dependencies are added.
+    pub modules: Vec<String>,
+    pub compression: Compression,
+}
+
+/// What was built, for the user and the record.
+#[derive(Debug)]
+pub struct Built {
+    pub bytes: u64,
+    pub modules: Resolution,
+    pub compression: Compression,
+}
+
+/// The module names `kupgrade-init` needs on this machine: CRIU's, the pmem
+/// store's when asked, and those of the loaded modules that drive storage,
+/// file systems and the network (the root device and the interfaces to
+/// restore), so the new kernel sees the same devices before the real init.
+pub fn wanted_modules(loaded: &[String], index: &ModuleIndex, pmem_store: bool) -> Vec<String> {
+    let mut names: BTreeSet<String> = modules::CRIU_MODULES.iter().map(|s| s.to_string()).collect();
+    if pmem_store {
+        names.extend(modules::PMEM_MODULES.iter().map(|s| s.to_string()));
+    }
+    let early = index.resolve(loaded);
+    for path in early.load_order {
+        let wanted_dir = ["kernel/drivers/block/", "kernel/drivers/nvme/", "kernel/drivers/scsi/", "kernel/drivers/ata/",
+            "kernel/drivers/virtio/", "kernel/drivers/net/", "kernel/drivers/nvdimm/", "kernel/drivers/md/",
+            "kernel/drivers/mmc/", "kernel/fs/", "kernel/net/", "kernel/lib/", "kernel/crypto/"];
+        if wanted_dir.iter().any(|d| path.starts_with(d)) {
+            let file = path.rsplit('/').next().unwrap_or(&path);
+            names.insert(modules::normalise(file.split(".ko").next().unwrap_or(file)));
+        }
+    }
+    names.into_iter().collect()
+}
+
+/// Builds the initramfs described by `spec` into `out`.
+pub fn build(spec: &Spec, out: &Path) -> Result<Built, Error> {
+    if !spec.modules_dir.join("modules.dep").exists() {
+        return Err(Error::NoModules { release: spec.release.clone(), dir: spec.modules_dir.clone() });
+    }
+    let init = fs::read(&spec.init_binary).map_err(|source| Error::Read { path: spec.init_binary.clone(), source })?;
+    if elf_has_interpreter(&init) {
+        return Err(Error::NotStatic { path: spec.init_binary.clone() });
+    }
+    let index = ModuleIndex::open(&spec.modules_dir)?;
+    let resolution = index.resolve(&spec.modules);
+
+    let mut cpio = Cpio::default();
+    for dir in ["dev", "proc", "sys", "run", "newroot", "lib", "lib/modules"] {
+        cpio.dir(dir);
+    }
+    // The kernel opens /dev/console before running /init; without the node
+    // the init would start with no stdio.
+    cpio.char_dev("dev/console", 5, 1);
+    cpio.file("init", 0o755, &init);
+    let mod_root = format!("lib/modules/{}", spec.release);
+    cpio.dir(&mod_root);
+    let mut order = String::new();
+    for rel in &resolution.load_order {
+        let src = spec.modules_dir.join(rel);
+        let data = fs::read(&src).map_err(|source| Error::Read { path: src.clone(), source })?;
+        let dest = format!("{mod_root}/{rel}");
+        cpio.parents(&dest);
+        cpio.file(&dest, 0o644, &data);
+        order.push_str(rel);
+        order.push('\n');
+    }
+    cpio.file(&format!("{mod_root}/{}", modules::LOAD_ORDER_FILE), 0o644, order.as_bytes());
+    let archive = cpio.finish();
+
+    let compressed = match spec.compression {
+        Compression::Zstd => zstd::encode_all(&archive[..], 9).map_err(|source| write_err(out, source))?,
+        Compression::Gzip => {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+            enc.write_all(&archive).map_err(|source| write_err(out, source))?;
+            enc.finish().map_err(|source| write_err(out, source))?
+        }
+        Compression::None => archive,
+    };
+    fs::write(out, &compressed).map_err(|source| write_err(out, source))?;
+    Ok(Built { bytes: compressed.len() as u64, modules: resolution, compression: spec.compression })
+}
+
+fn write_err(path: &Path, source: io::Error) -> Error {
+    Error::Write { path: path.to_path_buf(), source }
+}
+
+/// True for a dynamically linked ELF (it has a PT_INTERP program header).
+fn elf_has_interpreter(elf: &[u8]) -> bool {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let u64_at = |o: usize| elf.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    // Only 64-bit little-endian ELF is expected here.
+    if elf.get(..5) != Some(b"\x7fELF\x02") {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return false;
+    };
+    (0..phnum).any(|i| u32_at(phoff as usize + i * phentsize) == Some(3 /* PT_INTERP */))
+}
+
+/// A newc ("070701") cpio archive, the format the kernel unpacks.
+#[derive(Default)]
+struct Cpio {
+    buf: Vec<u8>,
+    ino: u32,
+    dirs: BTreeSet<String>,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
+        self.ino += 1;
+        let header = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.ino,
+            mode,
+            0, // uid
+            0, // gid
+            if mode & 0o170000 == 0o040000 { 2 } else { 1 },
+            0, // mtime: fixed, so that the same inputs give the same bytes
+            data.len(),
+            0,
+            0,
+            rdev.0,
+            rdev.1,
+            name.len() + 1,
+            0,
+        );
+        self.buf.extend_from_slice(header.as_bytes());
+        self.buf.extend_from_slice(name.as_bytes());
+        self.buf.push(0);
+        self.pad();
+        self.buf.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.buf.len() % 4 != 0 {
+            self.buf.push(0);
+        }
+    }
+
+    fn dir(&mut self, name: &str) {
+        if self.dirs.insert(name.to_string()) {
+            self.entry(name, 0o040755, (0, 0), &[]);
+        }
+    }
+
+    fn parents(&mut self, path: &str) {
+        let mut cur = String::new();
+        let parts: Vec<&str> = path.split('/').collect();
+        for part in &parts[..parts.len().saturating_sub(1)] {
+            if !cur.is_empty() {
+                cur.push('/');
+            }
+            cur.push_str(part);
+            self.dir(&cur.clone());
+        }
+    }
+
+    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
+        self.entry(name, 0o100000 | perm, (0, 0), data);
+    }
+
+    fn char_dev(&mut self, name: &str, major: u32, minor: u32) {
+        self.entry(name, 0o020600, (major, minor), &[]);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, (0, 0), &[]);
+        self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads back (name, mode, data) from a newc archive.
+    fn parse_cpio(mut b: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+        let mut out = vec![];
+        let mut off = 0usize;
+        let hex = |s: &[u8]| u32::from_str_radix(std::str::from_utf8(s).unwrap(), 16).unwrap();
+        loop {
+            assert_eq!(&b[..6], b"070701");
+            let mode = hex(&b[14..22]);
+            let size = hex(&b[54..62]) as usize;
+            let namesize = hex(&b[94..102]) as usize;
+            let name = String::from_utf8(b[110..110 + namesize - 1].to_vec()).unwrap();
+            let data_start = (off + 110 + namesize).div_ceil(4) * 4 - off;
+            let data = b[data_start..data_start + size].to_vec();
+            let next = (off + data_start + size).div_ceil(4) * 4 - off;
+            if name == "TRAILER!!!" {
+                return out;
+            }
+            out.push((name, mode, data));
+            b = &b[next..];
+            off += next;
+        }
+    }
+
+    #[test]
+    fn cpio_round_trips_dirs_files_and_devices() {
+        let mut c = Cpio::default();
+        c.dir("dev");
+        c.char_dev("dev/console", 5, 1);
+        c.parents("a/b/c.ko");
+        c.file("a/b/c.ko", 0o644, b"hello");
+        c.file("init", 0o755, b"");
+        let entries = parse_cpio(&c.finish());
+        let names: Vec<_> = entries.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(names, ["dev", "dev/console", "a", "a/b", "a/b/c.ko", "init"]);
+        assert_eq!(entries[4].2, b"hello");
+        assert_eq!(entries[1].1, 0o020600);
+        assert_eq!(entries[5].1, 0o100755);
+    }
+
+    #[test]
+    fn compression_follows_the_kernel_config() {
+        assert_eq!(Compression::for_kernel_config(Some("CONFIG_RD_GZIP=y\nCONFIG_RD_ZSTD=y\n")), Compression::Zstd);
+        assert_eq!(Compression::for_kernel_config(Some("CONFIG_RD_GZIP=y\n# CONFIG_RD_ZSTD is not set\n")), Compression::Gzip);
+        assert_eq!(Compression::for_kernel_config(Some("")), Compression::None);
+        assert_eq!(Compression::for_kernel_config(None), Compression::Gzip);
+    }
+
+    #[test]
+    fn dynamic_elf_is_refused_as_init() {
+        let exe = std::env::current_exe().unwrap();
+        let bytes = fs::read(&exe).unwrap();
+        // Test binaries are linked dynamically unless built with crt-static.
+        let dynamic = elf_has_interpreter(&bytes);
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("modules.dep"), "").unwrap();
+        let spec = Spec {
+            release: "r".into(),
+            modules_dir: dir.path().into(),
+            init_binary: exe,
+            modules: vec![],
+            compression: Compression::None,
+        };
+        let res = build(&spec, &dir.path().join("out"));
+        assert_eq!(dynamic, matches!(res, Err(Error::NotStatic { .. })));
+        assert!(!elf_has_interpreter(b"#!/bin/sh\n"));
+    }
+
+    #[test]
+    fn build_writes_init_modules_and_load_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mods = dir.path().join("mods");
+        fs::create_dir_all(mods.join("kernel/x")).unwrap();
+        fs::write(mods.join("modules.dep"), "kernel/x/a.ko: kernel/x/b.ko\nkernel/x/b.ko:\n").unwrap();
+        fs::write(mods.join("kernel/x/a.ko"), b"A").unwrap();
+        fs::write(mods.join("kernel/x/b.ko"), b"B").unwrap();
+        let init = dir.path().join("init");
+        fs::write(&init, b"\x7fELF\x02 static enough for this test").unwrap();
+        let spec = Spec {
+            release: "9.9".into(),
+            modules_dir: mods,
+            init_binary: init,
+            modules: vec!["a".into(), "zzz".into()],
+            compression: Compression::Gzip,
+        };
+        let out = dir.path().join("initrd");
+        let built = build(&spec, &out).unwrap();
+        assert_eq!(built.modules.missing, vec!["zzz"]);
+        let mut raw = vec![];
+        io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&fs::read(&out).unwrap()[..]), &mut raw).unwrap();
+        let entries = parse_cpio(&raw);
+        let get = |n: &str| entries.iter().find(|e| e.0 == n).map(|e| e.2.clone());
+        assert_eq!(get("lib/modules/9.9/kernel/x/b.ko").unwrap(), b"B");
+        assert_eq!(get("lib/modules/9.9/kupgrade.load-order").unwrap(), b"kernel/x/b.ko\nkernel/x/a.ko\n");
+        assert!(get("init").is_some() && get("dev/console").is_some());
+    }
+}

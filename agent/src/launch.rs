@@ -1,0 +1,179 @@
+//! `kupgrade launch`: start a workload in its own session and in the cgroup
+//! `/sys/fs/cgroup/kupgrade/NAME`, optionally in a new PID namespace.
+//!
+//! The work is split over hidden subcommands so that no code runs between
+//! fork and exec: the launcher spawns `kupgrade __exec`, which makes itself a
+//! session leader, joins the cgroup and execs the command (or, with a PID
+//! namespace, unshares and spawns `kupgrade __ns-init`, which becomes PID 1 of
+//! the namespace, runs the command and reaps orphans).
+
+use std::ffi::CString;
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::cgroup;
+use crate::config::{CGROUP_PARENT, LIB_DIR};
+
+/// New workloads get PIDs above this, clear of the PIDs that early boot of
+/// the next kernel uses (kernel threads and init take a few hundred), so
+/// that CRIU can give them back their PIDs.
+pub const PID_FLOOR: i32 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("workload name {0:?}: use letters, digits, '-' and '_'")]
+    BadName(String),
+    #[error("cgroup v2 is not mounted on /sys/fs/cgroup: kupgrade needs the unified hierarchy")]
+    NoCgroup2,
+    #[error("workload {name} is already running (pids {pids:?}); pick another name")]
+    Running { name: String, pids: Vec<i32> },
+    #[error("cannot set up {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} exited at once ({status}); see {log}")]
+    Exited { command: String, status: String, log: PathBuf },
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// What `launch` started.
+#[derive(Debug)]
+pub struct Launched {
+    pub pid: i32,
+    pub cgroup: PathBuf,
+    pub log: PathBuf,
+}
+
+pub fn launch(name: &str, pid_namespace: bool, command: &[String]) -> Result<Launched, Error> {
+    if !valid_name(name) {
+        return Err(Error::BadName(name.into()));
+    }
+    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        return Err(Error::NoCgroup2);
+    }
+    let cg = Path::new(CGROUP_PARENT).join(name);
+    fs::create_dir_all(&cg).map_err(io(&cg))?;
+    let running = cgroup::procs(&cg)?;
+    if !running.is_empty() {
+        return Err(Error::Running { name: name.into(), pids: running });
+    }
+    raise_pid_floor();
+    let log_dir = Path::new(LIB_DIR).join("workloads");
+    fs::create_dir_all(&log_dir).map_err(io(&log_dir))?;
+    let log = log_dir.join(format!("{name}.log"));
+    let out = OpenOptions::new().create(true).append(true).open(&log).map_err(io(&log))?;
+    let err = out.try_clone().map_err(io(&log))?;
+    let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("__exec").arg(&cg);
+    if pid_namespace {
+        cmd.arg("--pid-namespace");
+    }
+    let mut child = cmd.arg("--").args(command).stdin(Stdio::null()).stdout(out).stderr(err).spawn().map_err(io(&log))?;
+    let helper = child.id() as i32;
+    // Give an exec failure or an immediate exit the chance to show.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(300) {
+        if let Ok(Some(status)) = child.try_wait() {
+            // With a PID namespace the helper exits once the namespace's init runs.
+            if pid_namespace && status.success() {
+                break;
+            }
+            return Err(Error::Exited { command: command.join(" "), status: status.to_string(), log });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = if pid_namespace {
+        let _ = child.wait();
+        *cgroup::procs(&cg)?.first().ok_or_else(|| Error::Exited {
+            command: command.join(" "),
+            status: "no process left in its cgroup".into(),
+            log: log.clone(),
+        })?
+    } else {
+        helper
+    };
+    Ok(Launched { pid, cgroup: cg, log })
+}
+
+fn raise_pid_floor() {
+    let path = "/proc/sys/kernel/ns_last_pid";
+    let last: i32 = fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    if last < PID_FLOOR {
+        // Best effort: without it PIDs are merely lower.
+        let _ = fs::write(path, PID_FLOOR.to_string());
+    }
+}
+
+/// `kupgrade __exec CGROUP [--pid-namespace] -- CMD...`: runs in the child.
+pub fn exec_in_cgroup(cgroup: &Path, pid_namespace: bool, command: &[String]) -> Result<(), String> {
+    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    let procs = cgroup.join("cgroup.procs");
+    fs::write(&procs, std::process::id().to_string()).map_err(|e| format!("cannot join {}: {e}", procs.display()))?;
+    if pid_namespace {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        // The first child in the new namespace is its PID 1.
+        Command::new(exe).arg("__ns-init").arg("--").args(command).spawn().map_err(|e| format!("{e}"))?;
+        return Ok(());
+    }
+    exec(command)
+}
+
+fn exec(command: &[String]) -> Result<(), String> {
+    let argv: Vec<CString> =
+        command.iter().map(|a| CString::new(a.as_str())).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    let prog = argv.first().ok_or("empty command")?;
+    let e = nix::unistd::execvp(prog, &argv).err().map(|e| e.to_string()).unwrap_or_default();
+    Err(format!("cannot execute {}: {e}", command[0]))
+}
+
+/// `kupgrade __ns-init -- CMD...`: PID 1 of a workload's PID namespace. Runs
+/// the command, reaps orphans, and exits with the command's status.
+pub fn ns_init(command: &[String]) -> i32 {
+    let child = match Command::new(&command[0]).args(&command[1..]).spawn() {
+        Ok(c) => c.id() as i32,
+        Err(e) => {
+            eprintln!("kupgrade ns-init: cannot run {}: {e}", command[0]);
+            return 127;
+        }
+    };
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == child => return code,
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == child => return 128 + sig as i32,
+            Ok(_) => {}
+            Err(_) => return 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("web-1_a"));
+        assert!(!valid_name(""));
+        assert!(!valid_name("a/b"));
+        assert!(!valid_name("../x"));
+        assert!(matches!(launch("a b", false, &["true".into()]), Err(Error::BadName(_))));
+    }
+}

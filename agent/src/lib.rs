@@ -1,0 +1,18 @@
+//! The kupgrade agent: everything that runs on the old kernel, from staging
+//! the new one to the kexec, plus the initramfs builder both the agent and
+//! the QEMU harness use.
+
+pub mod capture;
+pub mod cgroup;
+pub mod check;
+pub mod config;
+pub mod criu;
+pub mod initramfs;
+pub mod launch;
+pub mod modules;
+pub mod pipeline;
+pub mod proc;
+pub mod realsys;
+pub mod stage;
+pub mod store;
+pub mod workload;

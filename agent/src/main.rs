@@ -1,0 +1,338 @@
+//! `kupgrade`: live kernel upgrades that keep the workloads running.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use image_format::report::{Outcome as RestoreOutcome, UpgradeReport};
+use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, RUN_DIR};
+use kupgrade_agent::pipeline::{self, Outcome};
+use kupgrade_agent::realsys::RealSystem;
+use kupgrade_agent::stage::{self, Staged};
+use kupgrade_agent::store::{self, Store};
+use kupgrade_agent::workload::{self, Workload};
+use kupgrade_agent::{check, launch, proc};
+
+#[derive(Parser)]
+#[command(name = "kupgrade", version, about = "Upgrade the running kernel without losing the workloads")]
+struct Cli {
+    #[arg(long, global = true, default_value = CONFIG_FILE)]
+    config: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Can this machine upgrade live? What would be preserved?
+    Check,
+    /// Validate a kernel, build its initramfs and load it with kexec.
+    Stage {
+        kernel: PathBuf,
+        /// Use this initramfs instead of building one (its /init must be kupgrade-init).
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Append to the running command line.
+        #[arg(long)]
+        append: Option<String>,
+        /// Use this command line instead of the running one.
+        #[arg(long)]
+        cmdline: Option<String>,
+    },
+    /// Forget the staged kernel.
+    Unstage,
+    /// Staged kernel, workloads, store and estimates.
+    Status,
+    /// Freeze, checkpoint, write the image and kexec into the staged kernel.
+    Go {
+        /// Do everything but the reboot, then resume the workloads.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// What the last upgrade did, phase by phase.
+    Report {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a workload that kupgrade will preserve.
+    Launch {
+        name: String,
+        /// Run it in a new PID namespace.
+        #[arg(long)]
+        pid_namespace: bool,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Inspect an image or a store.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+    #[command(name = "__exec", hide = true)]
+    Exec {
+        cgroup: PathBuf,
+        #[arg(long)]
+        pid_namespace: bool,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    #[command(name = "__ns-init", hide = true)]
+    NsInit {
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Print the superblock, manifest and sections.
+    Inspect {
+        path: PathBuf,
+        /// Verify every checksum.
+        #[arg(long)]
+        verify: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            // The whole chain once: what failed, then why.
+            eprint!("kupgrade: {e}");
+            for cause in e.chain().skip(1) {
+                eprint!(": {cause}");
+            }
+            eprintln!();
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("{what} needs root (CAP_SYS_BOOT, CAP_SYS_ADMIN): run it with sudo");
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Exec { cgroup, pid_namespace, command } => {
+            // Only returns on failure (exec replaced us otherwise).
+            if let Err(e) = launch::exec_in_cgroup(&cgroup, pid_namespace, &command) {
+                eprintln!("kupgrade: {e}");
+                return Ok(ExitCode::from(127));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::NsInit { command } => return Ok(ExitCode::from(launch::ns_init(&command).clamp(0, 255) as u8)),
+        Cmd::Image { cmd: ImageCmd::Inspect { path, verify } } => {
+            image_format::inspect::print(&path, verify, &mut std::io::stdout())
+                .with_context(|| format!("cannot inspect {}", path.display()))?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Cmd::Report { json } => return report(json),
+        _ => {}
+    }
+    let cfg = Config::load(&cli.config)?;
+    match cli.cmd {
+        Cmd::Check => {
+            let findings = check::run(&cfg);
+            for f in &findings {
+                println!("{f}");
+            }
+            let failed = findings.iter().filter(|f| f.level == check::Level::Fail).count();
+            if failed > 0 {
+                println!("{failed} problem(s) would stop an upgrade");
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("ready to upgrade");
+        }
+        Cmd::Stage { kernel, initrd, append, cmdline } => {
+            require_root("staging a kernel")?;
+            let req = stage::Request {
+                kernel: &kernel,
+                initrd: initrd.as_deref(),
+                append: append.as_deref(),
+                cmdline: cmdline.as_deref(),
+            };
+            let s = stage::stage(&cfg, &req).with_context(|| format!("cannot stage {}", kernel.display()))?;
+            let e = image_format::events::EventLine::now(image_format::events::Event::Staged).with("release", &s.release);
+            println!("{e}");
+            println!("staged {} from {}", s.release, s.kernel.display());
+            println!("initramfs {} ({} KiB, {} modules)", s.initrd.display(), s.initrd_bytes >> 10, s.modules);
+            println!("command line: {}", s.cmdline);
+            println!("run `kupgrade go` to upgrade, `kupgrade unstage` to forget it");
+        }
+        Cmd::Unstage => {
+            require_root("unstaging")?;
+            stage::unstage()?;
+            println!("no kernel staged");
+        }
+        Cmd::Status => status(&cfg)?,
+        Cmd::Go { dry_run } => return go(&cfg, dry_run),
+        Cmd::Launch { name, pid_namespace, command } => {
+            require_root("launching a workload")?;
+            let l = launch::launch(&name, pid_namespace, &command)?;
+            println!("pid {}", l.pid);
+            println!("cgroup {}", l.cgroup.display());
+            println!("output {}", l.log.display());
+        }
+        Cmd::Exec { .. } | Cmd::NsInit { .. } | Cmd::Image { .. } | Cmd::Report { .. } => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn workloads_or_bail(cfg: &Config) -> Result<Vec<Workload>> {
+    let mut out = Vec::new();
+    for r in workload::discover(cfg) {
+        out.push(r?);
+    }
+    Ok(out)
+}
+
+fn release() -> String {
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn read_trim(p: &str) -> String {
+    std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
+    require_root("kupgrade go")?;
+    let staged = Staged::load();
+    if staged.is_none() && !dry_run {
+        bail!("no kernel is staged: run `kupgrade stage /boot/vmlinuz-NEW` first");
+    }
+    let workloads = workloads_or_bail(cfg)?;
+    // Refuse what CRIU cannot checkpoint before anything is frozen.
+    let refusals: Vec<String> = workloads.iter().flat_map(workload::refusals).map(|r| r.to_string()).collect();
+    if !refusals.is_empty() {
+        bail!("refusing to upgrade, nothing was frozen: {}", refusals.join("; "));
+    }
+    if !dry_run {
+        criu::version(&cfg.criu)?;
+    }
+    let store = Store::locate(cfg)?;
+    store.ensure_fits(store::estimate_image_bytes(workloads.iter().map(|w| w.memory_bytes).sum()))?;
+    let work_dir = Path::new(RUN_DIR).join("work");
+    let opts = pipeline::Options {
+        dry_run,
+        work_dir: work_dir.clone(),
+        kernel_from: release(),
+        kernel_to: staged.as_ref().map(|s| s.release.clone()).unwrap_or_else(|| "(dry run)".into()),
+        boot_id: read_trim("/proc/sys/kernel/random/boot_id"),
+        machine_id: read_trim("/etc/machine-id"),
+        hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+    let mut sys = RealSystem::new(cfg.clone(), store);
+    let result = pipeline::go(&mut sys, &workloads, &opts);
+    let _ = std::fs::remove_dir_all(&work_dir);
+    match result {
+        Ok(Outcome::DryRun { paused_ms, image_bytes }) => {
+            println!(
+                "dry run done: the workloads were paused {paused_ms:.0} ms up to the reboot, image {} KiB; all resumed",
+                image_bytes >> 10
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(aborted) => {
+            eprintln!("kupgrade: upgrade aborted at {}", aborted.failure);
+            if aborted.resume_errors.is_empty() {
+                eprintln!("kupgrade: every workload was resumed on this kernel; nothing was lost");
+            } else {
+                eprintln!("kupgrade: RESUMING FAILED: {}", aborted.resume_errors.join("; "));
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+use kupgrade_agent::criu;
+
+fn status(cfg: &Config) -> Result<()> {
+    println!("kernel: {}", release());
+    match Staged::load() {
+        Some(s) => {
+            let loaded = kexec::is_loaded().unwrap_or(false);
+            println!("staged: {} ({}){}", s.release, s.kernel.display(), if loaded { "" } else { " -- NOT LOADED any more" });
+            println!("  command line: {}", s.cmdline);
+        }
+        None => println!("staged: nothing"),
+    }
+    let mut total = 0;
+    for r in workload::discover(cfg) {
+        match r {
+            Ok(w) => {
+                total += w.memory_bytes;
+                let refusals = workload::refusals(&w);
+                println!(
+                    "workload {}: pid {} ({}), {} processes, {} MiB, {}{}",
+                    w.name,
+                    w.root_pid,
+                    proc::comm(w.root_pid),
+                    w.pids.len(),
+                    w.memory_bytes >> 20,
+                    if refusals.is_empty() { "dumpable".to_string() } else { format!("NOT dumpable: {}", refusals[0]) },
+                    if w.pid_namespace { ", own PID namespace" } else { "" }
+                );
+            }
+            Err(e) => println!("workload: {e}"),
+        }
+    }
+    let need = store::estimate_image_bytes(total);
+    match Store::locate(cfg) {
+        Ok(s) => println!("store: {} ({} MiB), image estimate {} MiB", s.path.display(), s.capacity >> 20, need >> 20),
+        Err(e) => println!("store: {e}"),
+    }
+    Ok(())
+}
+
+fn report(json: bool) -> Result<ExitCode> {
+    let path = Path::new(LIB_DIR).join(image_format::report::FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("no upgrade recorded ({} does not exist)", path.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    if json {
+        println!("{}", String::from_utf8_lossy(&bytes));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let r: UpgradeReport = serde_json::from_slice(&bytes).with_context(|| format!("{} does not parse", path.display()))?;
+    let outcome = match r.outcome {
+        RestoreOutcome::Restored => "restored",
+        RestoreOutcome::Failed => "FAILED",
+    };
+    println!("upgrade {} -> {}: {outcome}", r.kernel_from, r.kernel_to);
+    if let Some(why) = &r.reason {
+        println!("  reason: {why}");
+    }
+    for w in &r.workloads {
+        println!(
+            "  workload {} (pid {}): {}{}",
+            w.name,
+            w.root_pid,
+            if w.restored { "restored" } else { "NOT restored" },
+            w.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+        );
+        if let Some(log) = &w.criu_log {
+            println!("    CRIU log: {log}");
+        }
+    }
+    let t0 = r.events.first().map(|e| e.t_real_ns).unwrap_or(0);
+    for e in &r.events {
+        println!("  {:>10.1} ms  {}", (e.t_real_ns.saturating_sub(t0)) as f64 / 1e6, e.event);
+    }
+    if let Some(b) = r.blackout_ns() {
+        println!("  workloads paused for {:.1} ms", b as f64 / 1e6);
+    }
+    Ok(if r.outcome == RestoreOutcome::Restored { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

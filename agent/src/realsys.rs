@@ -1,0 +1,204 @@
+//! The real [`System`]: cgroups, CRIU, `ip`, nft, the store, sync, kexec.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use image_format::devstate::{self, DeviceState};
+use image_format::events::EventLine;
+use image_format::{ImageWriter, WriteOptions};
+use nix::mount::{mount, MsFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::config::{Config, LIB_DIR};
+use crate::pipeline::{Dumped, ImageInput, StepError, System};
+use crate::store::Store;
+use crate::workload::Workload;
+use crate::{capture, cgroup, criu};
+
+pub struct RealSystem {
+    cfg: Config,
+    store: Store,
+    interrupted: Arc<AtomicBool>,
+    /// Every event, also kept in /var/lib/kupgrade/last-go.json.
+    pub events: Vec<EventLine>,
+    console: Option<File>,
+    kmsg: Option<File>,
+    /// Mount points `quiesce_filesystems` made read-only.
+    remounted: Vec<String>,
+}
+
+impl RealSystem {
+    pub fn new(cfg: Config, store: Store) -> Self {
+        let interrupted = Arc::new(AtomicBool::new(false));
+        // From here on a signal only asks: the pipeline stops at the next
+        // step boundary and resumes the workloads.
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+            let _ = signal_hook::flag::register(sig, Arc::clone(&interrupted));
+        }
+        let open = |p: &str| OpenOptions::new().write(true).open(p).ok();
+        RealSystem { cfg, store, interrupted, events: Vec::new(), console: open("/dev/console"), kmsg: open("/dev/kmsg"), remounted: Vec::new() }
+    }
+
+    fn save_events(&self) {
+        let lines: Vec<String> = self.events.iter().map(|e| e.to_string()).collect();
+        let _ = fs::create_dir_all(LIB_DIR);
+        let _ = fs::write(Path::new(LIB_DIR).join("last-go.log"), lines.join("\n") + "\n");
+    }
+}
+
+fn err(step: &'static str) -> impl Fn(&dyn std::fmt::Display) -> StepError {
+    move |e| StepError::new(step, e)
+}
+
+impl System for RealSystem {
+    fn kexec_loaded(&mut self) -> bool {
+        kexec::is_loaded().unwrap_or(false)
+    }
+
+    fn freeze(&mut self, w: &Workload) -> Result<(), StepError> {
+        cgroup::freeze(&w.cgroup, Duration::from_millis(self.cfg.freeze_timeout_ms)).map_err(|e| err("freeze")(&e))
+    }
+
+    fn thaw(&mut self, w: &Workload) -> Result<(), StepError> {
+        cgroup::thaw(&w.cgroup).map_err(|e| err("resume")(&e))
+    }
+
+    fn dump(&mut self, w: &Workload, dir: &Path) -> Result<Dumped, StepError> {
+        let log = Path::new(LIB_DIR).join(format!("dump-{}.log", w.name));
+        let _ = fs::create_dir_all(LIB_DIR);
+        let _ = fs::remove_dir_all(dir);
+        criu::dump(&self.cfg.criu, w, dir, &log).map_err(|e| err("checkpoint")(&e))?;
+        let lock_table = if w.tcp_established {
+            Some(criu::save_lock_table(w).ok_or_else(|| {
+                StepError::new("checkpoint", format!("CRIU's lock table inet {} is missing", criu::lock_table(w)))
+            })?)
+        } else {
+            None
+        };
+        Ok(Dumped { lock_table })
+    }
+
+    fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError> {
+        if d.lock_table.is_some() {
+            criu::drop_lock_table(w).map_err(|e| err("resume")(&e))?;
+        }
+        // CRIU left the tasks stopped (--leave-stopped); the cgroup thaw
+        // that follows does not continue a SIGSTOP, this does.
+        let mut failed = Vec::new();
+        for pid in cgroup::procs(&w.cgroup).unwrap_or_else(|_| w.pids.clone()) {
+            if let Err(e) = kill(Pid::from_raw(pid), Signal::SIGCONT) {
+                if e != nix::Error::ESRCH {
+                    failed.push(format!("pid {pid}: {e}"));
+                }
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(StepError::new("resume", format!("cannot continue {}", failed.join(", "))))
+        }
+    }
+
+    fn capture(&mut self, ws: &[Workload], tmpfs_dir: &Path) -> Result<(DeviceState, bool), StepError> {
+        let mut state = capture::system_state().map_err(|e| err("device state")(&e))?;
+        let _ = fs::remove_dir_all(tmpfs_dir);
+        fs::create_dir_all(tmpfs_dir).map_err(|e| err("device state")(&e))?;
+        let skip = tmpfs_dir.parent().unwrap_or(tmpfs_dir).to_path_buf();
+        state.tmpfs_mounts = capture::tmpfs_files(ws, tmpfs_dir, &skip).map_err(|e| err("device state")(&e))?;
+        let has = fs::read_dir(tmpfs_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+        Ok((state, has))
+    }
+
+    fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
+        let e = err("image write");
+        let file = self.store.open_rw().map_err(|x| e(&x))?;
+        let opts = WriteOptions { generation: input.manifest.created_unix_ns / 1_000_000_000, ..WriteOptions::default() };
+        let mut w = ImageWriter::create(file, self.store.capacity, opts).map_err(|x| e(&x))?;
+        for (name, dir) in &input.trees {
+            w.add_tree(name, dir).map_err(|x| e(&x))?;
+        }
+        let json = serde_json::to_vec(input.devstate).map_err(|x| e(&x))?;
+        w.add_blob(devstate::SECTION, &json).map_err(|x| e(&x))?;
+        if let Some(dir) = &input.tmpfs {
+            w.add_tree(devstate::TMPFS_SECTION, dir).map_err(|x| e(&x))?;
+        }
+        let summary = w.finish(input.manifest.clone()).map_err(|x| e(&x))?;
+        // Read back what a new kernel would read first.
+        let f = self.store.open_rw().map_err(|x| e(&x))?;
+        image_format::Image::open(f).map_err(|x| StepError::new("image write", format!("verification failed: {x}")))?;
+        Ok(summary.total_len)
+    }
+
+    fn invalidate_image(&mut self) -> Result<(), StepError> {
+        let mut f = self.store.open_rw().map_err(|x| err("resume")(&x))?;
+        image_format::invalidate(&mut f).map_err(|x| err("resume")(&x))
+    }
+
+    fn quiesce_filesystems(&mut self) -> Result<(), StepError> {
+        self.save_events();
+        nix::unistd::sync();
+        // Read-only where possible; a file system with files open for
+        // writing (the workloads' own) stays writable, synced.
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for line in mounts.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(dev), Some(target)) = (f.first(), f.get(1)) else { continue };
+            if dev.starts_with("/dev/") && !f.get(3).is_some_and(|o| o.split(',').any(|x| x == "ro")) {
+                let flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+                if mount(None::<&str>, *target, None::<&str>, flags, None::<&str>).is_ok() {
+                    self.remounted.push(target.to_string());
+                }
+            }
+        }
+        nix::unistd::sync();
+        Ok(())
+    }
+
+    fn unquiesce_filesystems(&mut self) -> Result<(), StepError> {
+        let mut failed = Vec::new();
+        for target in std::mem::take(&mut self.remounted).into_iter().rev() {
+            if let Err(e) = mount(None::<&str>, target.as_str(), None::<&str>, MsFlags::MS_REMOUNT, None::<&str>) {
+                failed.push(format!("{target}: {e}"));
+            }
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(StepError::new("resume", format!("cannot make writable again: {}", failed.join(", "))))
+        }
+    }
+
+    fn reboot(&mut self) -> StepError {
+        match kexec::reboot_into_loaded() {
+            Ok(never) => match never {},
+            Err(e) => StepError::new("kexec", e),
+        }
+    }
+
+    fn emit(&mut self, e: EventLine) {
+        let text = e.to_string();
+        println!("{text}");
+        if let Some(c) = self.console.as_mut() {
+            let _ = writeln!(c, "{text}");
+        }
+        if let Some(k) = self.kmsg.as_mut() {
+            let _ = k.write_all(format!("<6>{text}\n").as_bytes());
+        }
+        self.events.push(e);
+        self.save_events();
+    }
+
+    fn interrupted(&mut self) -> bool {
+        self.interrupted.load(Ordering::Relaxed)
+    }
+}
+
+/// Files the real system keeps, for `status` and `report`.
+pub fn last_go_log() -> PathBuf {
+    Path::new(LIB_DIR).join("last-go.log")
+}

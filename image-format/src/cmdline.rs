@@ -1,0 +1,185 @@
+//! The kernel command line: the keys kupgrade passes to the next kernel, and
+//! a parser that follows the kernel's own rules (`lib/cmdline.c`: words split
+//! on white space, double quotes group, `--` ends the kernel's part).
+
+use std::fmt;
+
+/// Present on the command line of a kernel booted by `kupgrade go`: look for an image.
+pub const RESUME: &str = "kupgrade.resume";
+/// The store holding the image, e.g. `kupgrade.store=/dev/pmem0` or a file path.
+pub const STORE: &str = "kupgrade.store";
+
+/// One `key` or `key=value` word.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Param {
+    pub key: String,
+    pub value: Option<String>,
+}
+
+impl Param {
+    pub fn new(key: &str, value: Option<&str>) -> Self {
+        Param { key: key.to_string(), value: value.map(str::to_string) }
+    }
+
+    /// Keys that describe one boot only and must not be carried to the next:
+    /// kupgrade's own, the boot loader's image name, and `initrd=` (kexec
+    /// passes the initramfs separately).
+    pub fn is_one_shot(&self) -> bool {
+        self.key.starts_with("kupgrade.") || self.key == "BOOT_IMAGE" || self.key == "initrd"
+    }
+}
+
+impl fmt::Display for Param {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.value {
+            None => f.write_str(&self.key),
+            Some(v) if v.contains(char::is_whitespace) || v.is_empty() => write!(f, "{}=\"{}\"", self.key, v),
+            Some(v) => write!(f, "{}={}", self.key, v),
+        }
+    }
+}
+
+/// A parsed command line: the kernel's parameters, and what follows `--`
+/// (arguments for init), kept apart.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cmdline {
+    pub params: Vec<Param>,
+    pub init_args: Vec<String>,
+}
+
+impl Cmdline {
+    pub fn parse(text: &str) -> Cmdline {
+        let mut out = Cmdline::default();
+        let mut after_dashes = false;
+        for word in split_words(text) {
+            if after_dashes {
+                out.init_args.push(word);
+            } else if word == "--" {
+                after_dashes = true;
+            } else {
+                let param = match word.split_once('=') {
+                    Some((k, v)) => Param::new(k, Some(v)),
+                    None => Param::new(&word, None),
+                };
+                out.params.push(param);
+            }
+        }
+        out
+    }
+
+    /// The last value of `key` (the kernel lets later words win). `Some(None)`
+    /// for a bare flag.
+    pub fn get(&self, key: &str) -> Option<Option<&str>> {
+        self.params.iter().rev().find(|p| p.key == key).map(|p| p.value.as_deref())
+    }
+
+    pub fn value(&self, key: &str) -> Option<&str> {
+        self.get(key).flatten()
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Sets `key`, replacing every earlier occurrence.
+    pub fn set(&mut self, key: &str, value: Option<&str>) {
+        self.params.retain(|p| p.key != key);
+        self.params.push(Param::new(key, value));
+    }
+
+    pub fn remove_one_shot(&mut self) {
+        self.params.retain(|p| !p.is_one_shot());
+    }
+}
+
+impl fmt::Display for Cmdline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        let mut sep = |f: &mut fmt::Formatter<'_>| {
+            let r = if first { Ok(()) } else { f.write_str(" ") };
+            first = false;
+            r
+        };
+        for p in &self.params {
+            sep(f)?;
+            write!(f, "{p}")?;
+        }
+        if !self.init_args.is_empty() {
+            sep(f)?;
+            f.write_str("--")?;
+            for a in &self.init_args {
+                write!(f, " {a}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits on white space outside double quotes and drops the quotes.
+fn split_words(text: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut in_quotes = false;
+    let mut started = false;
+    for c in text.chars() {
+        match c {
+            '"' => {
+                in_quotes = !in_quotes;
+                started = true;
+            }
+            c if c.is_whitespace() && !in_quotes => {
+                if started {
+                    words.push(std::mem::take(&mut cur));
+                    started = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                started = true;
+            }
+        }
+    }
+    if started {
+        words.push(cur);
+    }
+    words
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_flags_values_quotes_and_init_args() {
+        let c = Cmdline::parse("BOOT_IMAGE=/vmlinuz root=LABEL=root  ro quiet dyndbg=\"file a.c +p\" -- single x\n");
+        assert_eq!(c.value("root"), Some("LABEL=root"));
+        assert_eq!(c.get("ro"), Some(None));
+        assert_eq!(c.value("dyndbg"), Some("file a.c +p"));
+        assert_eq!(c.init_args, vec!["single", "x"]);
+        assert!(!c.has("single"));
+    }
+
+    #[test]
+    fn later_words_win_and_set_replaces() {
+        let mut c = Cmdline::parse("init=/a init=/b");
+        assert_eq!(c.value("init"), Some("/b"));
+        c.set("init", Some("/c"));
+        assert_eq!(c.to_string(), "init=/c");
+    }
+
+    #[test]
+    fn one_shot_keys_are_dropped_and_the_rest_round_trips() {
+        let mut c = Cmdline::parse(
+            "BOOT_IMAGE=/boot/vmlinuz initrd=\\initrd.img console=ttyS0 memmap=64M!1G kupgrade.resume kupgrade.store=/dev/pmem0 x=\"a b\" -- s",
+        );
+        c.remove_one_shot();
+        assert_eq!(c.to_string(), "console=ttyS0 memmap=64M!1G x=\"a b\" -- s");
+        assert_eq!(Cmdline::parse(&c.to_string()), c);
+    }
+
+    #[test]
+    fn empty_and_blank_lines_have_no_params() {
+        assert_eq!(Cmdline::parse(""), Cmdline::default());
+        assert_eq!(Cmdline::parse(" \n\t "), Cmdline::default());
+    }
+}

@@ -1,0 +1,175 @@
+//! The normal boot path: kernel file systems, modules, the real root, and
+//! the hand-over to the real init.
+
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use image_format::cmdline::Cmdline;
+use nix::kmod::{finit_module, ModuleInitFlags};
+use nix::mount::{mount, MsFlags};
+use nix::unistd::{chdir, chroot, execv};
+
+use crate::info;
+use crate::root::{self, RootSpec};
+
+pub const NEWROOT: &str = "/newroot";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot mount {what} on {target}: {source}")]
+    Mount { what: String, target: String, source: nix::Error },
+    #[error("no root= on the kernel command line")]
+    NoRoot,
+    #[error("root device {spec} did not appear within {secs} s (modules for its controller missing?)")]
+    RootTimeout { spec: String, secs: u64 },
+    #[error("cannot mount the root {dev}: tried {tried}: {source}")]
+    RootMount { dev: String, tried: String, source: nix::Error },
+    #[error("cannot switch to the new root: {0}")]
+    SwitchRoot(nix::Error),
+}
+
+fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> Result<(), Error> {
+    let _ = fs::create_dir_all(target);
+    mount(Some(fstype), target, Some(fstype), flags, data).map_err(|source| Error::Mount {
+        what: fstype.to_string(),
+        target: target.to_string(),
+        source,
+    })
+}
+
+/// `/proc`, `/sys` and `/dev`: what everything after needs.
+pub fn mount_kernel_fs() -> Result<(), Error> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    mount_fs("proc", "/proc", nosuid, None)?;
+    mount_fs("sysfs", "/sys", nosuid, None)?;
+    // devtmpfs may already be there when the kernel has CONFIG_DEVTMPFS_MOUNT.
+    match mount_fs("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755")) {
+        Err(Error::Mount { source: nix::Error::EBUSY, .. }) => Ok(()),
+        r => r,
+    }
+}
+
+/// Loads the modules listed, in order, by the initramfs builder. A module
+/// that fails is reported and skipped: the rest of the boot may not need it.
+pub fn load_modules(release: &str) -> (usize, Vec<String>) {
+    let dir = PathBuf::from(format!("/lib/modules/{release}"));
+    let order = fs::read_to_string(dir.join("kupgrade.load-order")).unwrap_or_default();
+    let (mut loaded, mut failed) = (0, Vec::new());
+    for rel in order.lines().filter(|l| !l.is_empty()) {
+        let path = dir.join(rel);
+        let res = File::open(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|f| finit_module(&f, c"", ModuleInitFlags::empty()).map_err(|e| e.to_string()));
+        match res {
+            Ok(()) => loaded += 1,
+            Err(e) if e.contains("EEXIST") => loaded += 1,
+            Err(e) => {
+                info!("module {rel}: {e}");
+                failed.push(rel.to_string());
+            }
+        }
+    }
+    (loaded, failed)
+}
+
+/// Waits for the device named by `root=` and mounts it on [`NEWROOT`].
+/// `writable` forces a read-write mount (a restore writes to the root).
+pub fn mount_root(cmdline: &Cmdline, writable: bool) -> Result<PathBuf, Error> {
+    let value = cmdline.value("root").ok_or(Error::NoRoot)?;
+    let spec = RootSpec::parse(value);
+    // Without rootwait the kernel itself gives up quickly; we always wait a
+    // while, because module-driven controllers probe asynchronously.
+    let wait = if cmdline.has("rootwait") { Duration::from_secs(120) } else { Duration::from_secs(30) };
+    let start = Instant::now();
+    let dev = loop {
+        if let Some(dev) = root::find(&spec, Path::new("/sys/class/block"), Path::new("/dev")) {
+            break dev;
+        }
+        if start.elapsed() > wait {
+            return Err(Error::RootTimeout { spec: value.to_string(), secs: wait.as_secs() });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut flags = MsFlags::empty();
+    if !writable && !cmdline.has("rw") {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    let types: Vec<String> = match cmdline.value("rootfstype") {
+        Some(t) => t.split(',').map(str::to_string).collect(),
+        None => block_filesystems(),
+    };
+    let data = cmdline.value("rootflags");
+    let _ = fs::create_dir_all(NEWROOT);
+    let mut last = nix::Error::ENODEV;
+    for t in &types {
+        match mount(Some(&dev), NEWROOT, Some(t.as_str()), flags, data) {
+            Ok(()) => {
+                info!("root {} ({t}) mounted {}", dev.display(), if flags.is_empty() { "rw" } else { "ro" });
+                return Ok(dev);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(Error::RootMount { dev: dev.display().to_string(), tried: types.join(","), source: last })
+}
+
+/// File system types that need a device, from `/proc/filesystems`.
+fn block_filesystems() -> Vec<String> {
+    let text = fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    let mut v: Vec<String> =
+        text.lines().filter(|l| !l.starts_with("nodev")).map(|l| l.trim().to_string()).collect();
+    // ext4 first: it is the common case and also mounts ext2/3.
+    v.sort_by_key(|t| t != "ext4");
+    v
+}
+
+/// Moves the kernel file systems into the new root, frees the initramfs and
+/// makes the new root `/`. PID 1 keeps running; it does not exec here.
+pub fn switch_root() -> Result<(), Error> {
+    for fs_ in ["/dev", "/proc", "/sys"] {
+        let target = format!("{NEWROOT}{fs_}");
+        let _ = fs::create_dir_all(&target);
+        mount(Some(fs_), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(Error::SwitchRoot)?;
+    }
+    free_initramfs();
+    chdir(NEWROOT).map_err(Error::SwitchRoot)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(Error::SwitchRoot)?;
+    chroot(".").map_err(Error::SwitchRoot)?;
+    chdir("/").map_err(Error::SwitchRoot)?;
+    Ok(())
+}
+
+/// The initramfs is a ramfs: its files hold memory until deleted. Delete
+/// everything but the mount point of the new root (other mounts are moved).
+fn free_initramfs() {
+    let Ok(entries) = fs::read_dir("/") else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p == Path::new(NEWROOT) {
+            continue;
+        }
+        let _ = if p.is_dir() && !p.is_symlink() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+    }
+}
+
+/// Replaces this process (PID 1) with the real init. Only returns when no
+/// candidate could be executed.
+pub fn exec_init(cmdline: &Cmdline) -> String {
+    let mut candidates: Vec<String> = Vec::new();
+    if let Some(init) = cmdline.value("init") {
+        candidates.push(init.to_string());
+    }
+    candidates.extend(["/sbin/init", "/etc/init", "/bin/init", "/bin/sh"].map(str::to_string));
+    let mut errors = Vec::new();
+    for c in &candidates {
+        let Ok(path) = CString::new(c.as_str()) else { continue };
+        let mut argv = vec![path.clone()];
+        argv.extend(cmdline.init_args.iter().filter_map(|a| CString::new(a.as_str()).ok()));
+        if let Err(e) = execv(&path, &argv) {
+            errors.push(format!("{c}: {e}"));
+        }
+    }
+    errors.join("; ")
+}

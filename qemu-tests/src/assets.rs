@@ -1,0 +1,390 @@
+//! Guest assets, reproducible from Debian's packages and this workspace:
+//! kernels (`apt-get download` + `dpkg-deb -x` + `depmod -b`), the static
+//! kupgrade binaries, the first boot's initramfs (built by the same code as
+//! `kupgrade stage`), and the root file system as an ext4 image made with
+//! `mkfs.ext4 -d` (no loop mounts). Everything is cached under the cache
+//! directory, keyed by its inputs.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use kupgrade_agent::initramfs;
+
+use crate::progress;
+
+pub const ROOT_LABEL: &str = "kupgrade-root";
+/// Guest paths of the project's binaries.
+pub const GUEST_BIN_DIR: &str = "/usr/lib/kupgrade-vm";
+pub const GUEST_INIT_BINARY: &str = "/usr/lib/kupgrade/kupgrade-init";
+
+/// Bump when the layout of the root file system changes, to rebuild it.
+const ROOTFS_LAYOUT_VERSION: u32 = 3;
+
+/// Host programs copied into the guest with the libraries they load.
+const HOST_PROGRAMS: &[&str] = &["/usr/sbin/criu", "/usr/sbin/nft", "/usr/bin/ip"];
+
+/// Modules the first boot needs for this virtual machine's devices; the
+/// initramfs builder adds kupgrade's own (CRIU's diag modules, pmem).
+pub const VM_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net"];
+
+/// Static binaries built from this workspace for the guest.
+pub const GUEST_BINARIES: &[&str] =
+    &["kupgrade", "kupgrade-init", "kupgrade-guest", "wl-counter", "wl-counter-check", "wl-echo"];
+
+pub struct Cache {
+    pub root: PathBuf,
+}
+
+impl Cache {
+    pub fn new(root: PathBuf) -> Result<Self> {
+        fs::create_dir_all(&root).with_context(|| format!("cannot create the cache {}", root.display()))?;
+        Ok(Cache { root })
+    }
+
+    pub fn kernel_dir(&self, release: &str) -> PathBuf {
+        self.root.join("kernels").join(release)
+    }
+
+    pub fn vmlinuz(&self, release: &str) -> PathBuf {
+        self.kernel_dir(release).join("boot").join(format!("vmlinuz-{release}"))
+    }
+
+    pub fn modules_dir(&self, release: &str) -> PathBuf {
+        self.kernel_dir(release).join("lib/modules").join(release)
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}: is it installed? (scripts/setup installs it)"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Version-aware ordering: `6.1.0-9` < `6.1.0-47`.
+fn version_key(s: &str) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    let mut num = String::new();
+    let mut text = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            if !text.is_empty() {
+                out.push((0, std::mem::take(&mut text)));
+            }
+            num.push(c);
+        } else {
+            if !num.is_empty() {
+                out.push((num.parse().unwrap_or(0), String::new()));
+                num.clear();
+            }
+            text.push(c);
+        }
+    }
+    if !num.is_empty() {
+        out.push((num.parse().unwrap_or(0), String::new()));
+    }
+    if !text.is_empty() {
+        out.push((0, text));
+    }
+    out
+}
+
+fn package_of(release: &str) -> String {
+    format!("linux-image-{release}-unsigned")
+}
+
+/// Releases of `series` that Debian has as cloud kernels, oldest first.
+pub fn available_releases(series: &str, cache: &Cache) -> Result<Vec<String>> {
+    let pattern = format!("^linux-image-{}.*-cloud-amd64-unsigned$", series.replace('.', "\\."));
+    let mut releases: Vec<String> = match run(Command::new("apt-cache").args(["search", "--names-only", &pattern])) {
+        Ok(out) => out
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter_map(|p| p.strip_prefix("linux-image-")?.strip_suffix("-unsigned").map(str::to_string))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    if releases.is_empty() {
+        // Offline: what is already unpacked in the cache.
+        releases = fs::read_dir(cache.root.join("kernels"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|r| r.starts_with(series) && r.ends_with("-cloud-amd64"))
+            .collect();
+    }
+    if releases.is_empty() {
+        bail!("no {series} cloud kernels found by apt-cache: run `apt-get update` (scripts/setup does)");
+    }
+    releases.sort_by_key(|r| version_key(r));
+    releases.dedup();
+    Ok(releases)
+}
+
+/// Turns `oldest`, `previous`, `latest` or an exact release into a release.
+pub fn resolve_release(wanted: &str, series: &str, cache: &Cache) -> Result<String> {
+    if !["oldest", "previous", "latest"].contains(&wanted) {
+        return Ok(wanted.to_string());
+    }
+    let all = available_releases(series, cache)?;
+    let pick = match wanted {
+        "oldest" => all.first(),
+        "latest" => all.last(),
+        _ => all.len().checked_sub(2).and_then(|i| all.get(i)),
+    };
+    pick.cloned().with_context(|| format!("no {wanted} release among {all:?}"))
+}
+
+/// Downloads and unpacks one kernel release, with `modules.dep` generated.
+pub fn ensure_kernel(cache: &Cache, release: &str) -> Result<()> {
+    let dir = cache.kernel_dir(release);
+    if dir.join(".complete").exists() {
+        return Ok(());
+    }
+    progress::step(&format!("kernel {release}: downloading and unpacking"));
+    let debs = cache.root.join("debs");
+    fs::create_dir_all(&debs)?;
+    let pkg = package_of(release);
+    let find_deb = || -> Option<PathBuf> {
+        fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| {
+            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
+        })
+    };
+    if find_deb().is_none() {
+        run(Command::new("apt-get").arg("download").arg(&pkg).current_dir(&debs))
+            .with_context(|| format!("cannot download {pkg}: is the release right, and did apt-get update run?"))?;
+    }
+    let deb = find_deb().with_context(|| format!("apt-get download left no {pkg}_*.deb in {}", debs.display()))?;
+    let tmp = dir.with_extension("partial");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
+    run(Command::new("depmod").arg("-b").arg(&tmp).arg(release))?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&tmp, &dir)?;
+    fs::write(dir.join(".complete"), "")?;
+    Ok(())
+}
+
+/// Builds the static guest binaries of this workspace and returns their directory.
+pub fn build_guest_binaries(workspace: &Path) -> Result<PathBuf> {
+    progress::step("building static kupgrade binaries for the guest");
+    let target_dir = workspace.join("target/static");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+        .arg(&target_dir)
+        .args(["-p", "kupgrade-agent", "-p", "kupgrade-init", "-p", "qemu-tests", "-p", "kupgrade-workloads", "--bins"])
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("building the static guest binaries failed");
+    }
+    Ok(target_dir.join("x86_64-unknown-linux-gnu/release"))
+}
+
+/// Builds the first boot's initramfs for `release` with the same code as `kupgrade stage`.
+pub fn build_initramfs(cache: &Cache, bin_dir: &Path, release: &str) -> Result<PathBuf> {
+    let out = cache.root.join(format!("initrd-{release}.img"));
+    let modules_dir = cache.modules_dir(release);
+    let index = kupgrade_agent::modules::ModuleIndex::open(&modules_dir)?;
+    let vm: Vec<String> = VM_MODULES.iter().map(|s| s.to_string()).collect();
+    let config = fs::read_to_string(cache.kernel_dir(release).join(format!("boot/config-{release}"))).ok();
+    let spec = initramfs::Spec {
+        release: release.to_string(),
+        modules_dir,
+        init_binary: bin_dir.join("kupgrade-init"),
+        modules: initramfs::wanted_modules(&vm, &index, true).into_iter().chain(vm.clone()).collect(),
+        compression: initramfs::Compression::for_kernel_config(config.as_deref()),
+    };
+    let built = initramfs::build(&spec, &out)?;
+    if !built.modules.missing.is_empty() {
+        bail!("release {release} lacks modules {:?} that the guest needs", built.modules.missing);
+    }
+    Ok(out)
+}
+
+/// Everything that decides the root file system's content.
+pub struct RootfsInputs<'a> {
+    pub releases: &'a [String],
+    pub bin_dir: &'a Path,
+    pub packages: &'a [String],
+}
+
+/// Builds (or reuses) the guest's root file system image.
+pub fn ensure_rootfs(cache: &Cache, inputs: &RootfsInputs) -> Result<PathBuf> {
+    let key = rootfs_key(inputs)?;
+    let dir = cache.root.join("rootfs");
+    let img = dir.join(format!("root-{key}.img"));
+    if img.exists() {
+        return Ok(img);
+    }
+    progress::step(&format!("building the guest root file system ({key})"));
+    fs::create_dir_all(&dir)?;
+    let tree = dir.join(format!("tree-{key}"));
+    let _ = fs::remove_dir_all(&tree);
+    populate(cache, inputs, &tree)?;
+    let tmp = img.with_extension("partial");
+    let size_mib = dir_size(&tree) / (1 << 20) * 5 / 4 + 160;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", ROOT_LABEL, "-d"])
+        .arg(&tree)
+        .arg(&tmp)
+        .arg(format!("{size_mib}M")))?;
+    fs::rename(&tmp, &img)?;
+    let _ = fs::remove_dir_all(&tree);
+    // Older images only take space.
+    for e in fs::read_dir(&dir)?.flatten() {
+        if e.path() != img && e.file_name().to_string_lossy().starts_with("root-") {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    Ok(img)
+}
+
+fn rootfs_key(inputs: &RootfsInputs) -> Result<String> {
+    let mut h = blake3::Hasher::new();
+    h.update(&ROOTFS_LAYOUT_VERSION.to_le_bytes());
+    for r in inputs.releases {
+        h.update(r.as_bytes());
+    }
+    for p in inputs.packages {
+        h.update(p.as_bytes());
+    }
+    for b in GUEST_BINARIES {
+        let path = inputs.bin_dir.join(b);
+        h.update(&fs::read(&path).with_context(|| format!("missing guest binary {}", path.display()))?);
+    }
+    for p in HOST_PROGRAMS.iter().chain(&["/usr/bin/busybox"]) {
+        h.update(&fs::read(p).with_context(|| format!("missing {p}: install it (scripts/setup does)"))?);
+    }
+    Ok(h.finalize().to_hex()[..16].to_string())
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+fn copy(from: &Path, to: &Path, mode: Option<u32>) -> Result<()> {
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::copy(from, to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    if let Some(mode) = mode {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(to, fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// Shared libraries a dynamically linked program loads, from `ldd`.
+fn libraries(program: &str) -> Result<BTreeSet<PathBuf>> {
+    let out = run(Command::new("ldd").arg(program))?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('/')))
+        .map(PathBuf::from)
+        .collect())
+}
+
+fn populate(cache: &Cache, inputs: &RootfsInputs, root: &Path) -> Result<()> {
+    // A merged-/usr layout, as Debian 12 has.
+    for d in ["usr/bin", "usr/sbin", "usr/lib/x86_64-linux-gnu", "usr/lib64", "usr/lib/modules", "etc", "proc", "sys",
+        "dev", "run", "tmp", "var/log", "var/lib/kupgrade", "var/lib/kupgrade-vm", "root", "boot", "mnt"]
+    {
+        fs::create_dir_all(root.join(d))?;
+    }
+    for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+        symlink(target, root.join(link))?;
+    }
+    copy(Path::new("/usr/bin/busybox"), &root.join("usr/bin/busybox"), None)?;
+    let applets = run(Command::new("/usr/bin/busybox").arg("--list"))?;
+    for applet in applets.lines() {
+        let link = root.join("usr/bin").join(applet);
+        if !link.exists() && applet != "init" {
+            symlink("busybox", link)?;
+        }
+    }
+    let mut libs = BTreeSet::new();
+    for p in HOST_PROGRAMS {
+        let name = Path::new(p).file_name().context("program path")?;
+        copy(Path::new(p), &root.join("usr/sbin").join(name), None)?;
+        libs.extend(libraries(p)?);
+    }
+    for lib in libs {
+        let name = lib.file_name().context("library path")?;
+        let dest = if lib.starts_with("/lib64") { root.join("usr/lib64").join(name) } else {
+            root.join("usr/lib/x86_64-linux-gnu").join(name)
+        };
+        copy(&lib, &dest, None)?;
+    }
+    let bin = inputs.bin_dir;
+    copy(&bin.join("kupgrade"), &root.join("usr/sbin/kupgrade"), None)?;
+    copy(&bin.join("kupgrade-init"), &root.join(GUEST_INIT_BINARY.trim_start_matches('/')), None)?;
+    for b in GUEST_BINARIES.iter().filter(|b| b.starts_with("wl-") || **b == "kupgrade-guest") {
+        copy(&bin.join(b), &root.join(GUEST_BIN_DIR.trim_start_matches('/')).join(b), None)?;
+    }
+    symlink(format!("{GUEST_BIN_DIR}/kupgrade-guest"), root.join("usr/sbin/init"))?;
+    for r in inputs.releases {
+        let kdir = cache.kernel_dir(r);
+        for f in [format!("vmlinuz-{r}"), format!("config-{r}"), format!("System.map-{r}")] {
+            copy(&kdir.join("boot").join(&f), &root.join("boot").join(&f), None)?;
+        }
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(cache.modules_dir(r))
+            .arg(root.join("usr/lib/modules"))
+            .status()?;
+        if !status.success() {
+            bail!("cannot copy the modules of {r}");
+        }
+    }
+    let etc = root.join("etc");
+    fs::write(etc.join("passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
+    fs::write(etc.join("group"), "root:x:0:\ntty:x:5:\n")?;
+    fs::write(etc.join("hostname"), "kupgrade-guest\n")?;
+    fs::write(etc.join("hosts"), "127.0.0.1 localhost\n10.0.2.15 kupgrade-guest\n")?;
+    fs::create_dir_all(etc.join("kupgrade"))?;
+    fs::write(
+        etc.join("kupgrade/config.toml"),
+        format!("# written by kupgrade-vm\nstore = \"/dev/pmem0\"\ninit_binary = \"{GUEST_INIT_BINARY}\"\n"),
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn releases_sort_by_version_not_text() {
+        let mut v = vec!["6.1.0-9-cloud-amd64", "6.1.0-47-cloud-amd64", "6.1.0-10-cloud-amd64"];
+        v.sort_by_key(|r| version_key(r));
+        assert_eq!(v, ["6.1.0-9-cloud-amd64", "6.1.0-10-cloud-amd64", "6.1.0-47-cloud-amd64"]);
+    }
+
+    #[test]
+    fn exact_releases_are_taken_as_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().into()).unwrap();
+        assert_eq!(resolve_release("6.1.0-47-cloud-amd64", "6.1.0", &cache).unwrap(), "6.1.0-47-cloud-amd64");
+    }
+}

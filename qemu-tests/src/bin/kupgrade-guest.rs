@@ -1,0 +1,263 @@
+//! The guest side of the harness, run as the real init (`/sbin/init`) of the
+//! appliance. As PID 1 it only mounts, reaps and powers off; the scenario is
+//! run by a worker (itself, started with `worker`) that launches the
+//! workloads, drives `kupgrade stage` and `kupgrade go`, and after each kexec
+//! checks and reports on the serial console, one `kupgrade-vm:` line a fact.
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use image_format::Image;
+use kupgrade_vm::guest::{self, Line, Plan, Progress};
+use kupgrade_vm::scenario::Expect;
+use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn say(line: Line) {
+    println!("{}", line.render());
+}
+
+fn info(msg: &str) {
+    say(Line::new("info").with("detail", msg));
+}
+
+fn main() {
+    if std::env::args().nth(1).as_deref() == Some("worker") {
+        let code = match worker() {
+            Ok(()) => 0,
+            Err(e) => {
+                say(Line::new("error").with("detail", format!("{e:#}")));
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+    if std::process::id() != 1 {
+        eprintln!("kupgrade-guest is the init of the kupgrade-vm appliance; run `kupgrade-guest worker` to test it");
+        std::process::exit(2);
+    }
+    supervise();
+}
+
+/// PID 1: set up mounts, start the worker, reap every child (restored
+/// workloads are re-parented here), power off when the worker is done.
+fn supervise() -> ! {
+    mount_basics();
+    let worker = Command::new("/proc/self/exe").arg("worker").env("PATH", PATH).spawn();
+    let worker_pid = match worker {
+        Ok(c) => c.id() as i32,
+        Err(e) => {
+            say(Line::new("error").with("detail", format!("cannot start the worker: {e}")));
+            power_off();
+        }
+    };
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _)) if pid.as_raw() == worker_pid => break,
+            Ok(_) => {}
+            Err(nix::Error::ECHILD) => std::thread::sleep(Duration::from_millis(100)),
+            Err(_) => {}
+        }
+    }
+    power_off();
+}
+
+fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = reboot(RebootMode::RB_POWER_OFF);
+    loop {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// What a distribution's init would mount early; skipped where already there
+/// (after a restore, kupgrade-init has mounted some of them).
+fn mount_basics() {
+    let mounted = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let has = |p: &str| mounted.lines().any(|l| l.split_whitespace().nth(1) == Some(p));
+    let _ = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT, None::<&str>);
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    for (fstype, target, data) in [
+        ("proc", "/proc", None),
+        ("sysfs", "/sys", None),
+        ("devtmpfs", "/dev", None),
+        ("tmpfs", "/run", Some("mode=0755")),
+        ("tmpfs", "/dev/shm", Some("mode=1777")),
+        ("tmpfs", "/tmp", Some("mode=1777")),
+        ("devpts", "/dev/pts", Some("gid=5,mode=620,ptmxmode=000")),
+        ("cgroup2", "/sys/fs/cgroup", None),
+    ] {
+        if !has(target) {
+            let _ = fs::create_dir_all(target);
+            if let Err(e) = mount(Some(fstype), target, Some(fstype), flags, data) {
+                eprintln!("kupgrade-guest: cannot mount {fstype} on {target}: {e}");
+            }
+        }
+    }
+}
+
+fn release() -> String {
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn sh(args: &[&str]) -> (bool, String) {
+    match Command::new(args[0]).args(&args[1..]).env("PATH", PATH).stdin(Stdio::null()).output() {
+        Ok(o) => {
+            let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&o.stderr));
+            (o.status.success(), text.trim().to_string())
+        }
+        Err(e) => (false, format!("cannot run {}: {e}", args[0])),
+    }
+}
+
+fn read_plan() -> Result<(Plan, Image<fs::File>)> {
+    let dev = fs::File::open(guest::PLAN_DEVICE).with_context(|| format!("no plan disk at {}", guest::PLAN_DEVICE))?;
+    let mut img = Image::open(dev).context("the plan disk holds no readable plan")?;
+    let plan = serde_json::from_slice(&img.read_blob(guest::PLAN_SECTION)?)?;
+    Ok((plan, img))
+}
+
+fn load_progress() -> Progress {
+    fs::read(guest::STATE_FILE).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+fn save_progress(p: &Progress) -> Result<()> {
+    fs::create_dir_all(Path::new(guest::STATE_FILE).parent().context("state dir")?)?;
+    fs::write(guest::STATE_FILE, serde_json::to_vec(p)?)?;
+    nix::unistd::sync();
+    Ok(())
+}
+
+/// First boot only: the appliance's network, as a distribution would set it.
+fn configure_network() {
+    let (_, addrs) = sh(&["ip", "-4", "addr", "show", "dev", "eth0"]);
+    if addrs.contains("10.0.2.15") {
+        return;
+    }
+    for cmd in [
+        &["ip", "link", "set", "lo", "up"][..],
+        &["ip", "link", "set", "eth0", "up"],
+        &["ip", "addr", "add", "10.0.2.15/24", "dev", "eth0"],
+        &["ip", "route", "add", "default", "via", "10.0.2.2"],
+    ] {
+        let (ok, out) = sh(cmd);
+        if !ok {
+            info(&format!("{}: {out}", cmd.join(" ")));
+        }
+    }
+}
+
+/// True when a connection to `port` is established (from /proc/net/tcp).
+fn established_on(port: u16) -> bool {
+    let text = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    text.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3
+            && f[3] == "01"
+            && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+    })
+}
+
+fn worker() -> Result<()> {
+    let mut progress = load_progress();
+    say(Line::new("boot").with("n", progress.upgrades_done).with("kernel", release()));
+    let (plan, mut img) = read_plan()?;
+    configure_network();
+    let first_boot = progress.upgrades_done == 0 && progress.pids.is_empty();
+    if first_boot {
+        img.extract_tree(guest::FILES_SECTION, Path::new("/")).context("cannot unpack the scenario's files")?;
+        for w in &plan.workloads {
+            let mut args = vec!["kupgrade", "launch", w.name.as_str()];
+            if w.pid_namespace {
+                args.push("--pid-namespace");
+            }
+            args.push("--");
+            args.extend(w.command.iter().map(String::as_str));
+            let (ok, out) = sh(&args);
+            anyhow::ensure!(ok, "kupgrade launch {} failed: {out}", w.name);
+            let pid: i32 = out
+                .lines()
+                .find_map(|l| l.strip_prefix("pid "))
+                .and_then(|p| p.trim().parse().ok())
+                .with_context(|| format!("kupgrade launch printed no pid: {out}"))?;
+            say(Line::new("workload").with("name", &w.name).with("pid", pid));
+            progress.pids.push((w.name.clone(), pid));
+        }
+        save_progress(&progress)?;
+        say(Line::new("ready"));
+        let start = Instant::now();
+        for port in &plan.probe_ports {
+            while !established_on(*port) {
+                anyhow::ensure!(start.elapsed() < Duration::from_secs(90), "no probe connected to port {port}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let warmup = plan.workloads.iter().map(|w| w.warmup_secs).max().unwrap_or(0);
+        std::thread::sleep(Duration::from_secs(plan.settle_secs + warmup));
+    } else {
+        let (_, report) = sh(&["kupgrade", "report"]);
+        for l in report.lines() {
+            info(l);
+        }
+        std::thread::sleep(Duration::from_secs(plan.settle_secs));
+    }
+
+    if progress.upgrades_done < plan.chain.len() {
+        let target = plan.chain[progress.upgrades_done].clone();
+        let (ok, out) = sh(&["kupgrade", "stage", &format!("/boot/vmlinuz-{target}")]);
+        for l in out.lines() {
+            info(l);
+        }
+        anyhow::ensure!(ok, "kupgrade stage failed: {out}");
+        progress.upgrades_done += 1;
+        save_progress(&progress)?;
+        say(Line::new("go").with("n", progress.upgrades_done).with("target", &target));
+        let mut args = vec!["kupgrade", "go"];
+        args.extend(plan.go_args.iter().map(String::as_str));
+        let (_, out) = sh(&args);
+        // Only returns when the upgrade did not happen.
+        progress.upgrades_done -= 1;
+        save_progress(&progress)?;
+        say(Line::new("go-failed").with("detail", &out));
+        if plan.expect == Expect::Success {
+            finish(&plan, &progress);
+            return Ok(());
+        }
+    }
+    finish(&plan, &progress);
+    Ok(())
+}
+
+/// Checks after the last upgrade (or after a refused one), then the end.
+fn finish(plan: &Plan, progress: &Progress) {
+    std::thread::sleep(Duration::from_secs(plan.alive_secs));
+    for (name, pid) in &progress.pids {
+        // Alive and still the workload we launched (same cgroup).
+        let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if cgroup.contains(&format!("/kupgrade/{name}")) {
+            say(Line::new("workload-after").with("name", name).with("pid", pid));
+        } else {
+            say(Line::new("check").with("name", format!("workload {name} alive")).with("ok", false).with(
+                "detail",
+                format!("pid {pid} is gone or not in its cgroup (cgroup: {})", cgroup.trim()),
+            ));
+        }
+    }
+    for c in &plan.checks {
+        std::thread::sleep(Duration::from_secs(c.after_secs));
+        let args: Vec<&str> = c.command.iter().map(String::as_str).collect();
+        let (ok, out) = sh(&args);
+        say(Line::new("check").with("name", &c.name).with("ok", ok).with("detail", &out));
+    }
+    say(Line::new("checks-done"));
+    std::thread::sleep(Duration::from_secs(1));
+    say(Line::new("done"));
+}

@@ -1,0 +1,99 @@
+//! `kupgrade-vm run SCENARIO.toml [--report FILE.json]`: boot, upgrade live,
+//! check, report. Exits 0 only if every check passed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kupgrade_vm::report::Verdict;
+use kupgrade_vm::run::{self, Options};
+
+#[derive(Parser)]
+#[command(name = "kupgrade-vm", about = "Try live kernel upgrades in a QEMU appliance")]
+struct Cli {
+    /// Where kernels, images and runs are kept.
+    #[arg(long, global = true, env = "KUPGRADE_VM_CACHE")]
+    cache: Option<PathBuf>,
+    /// Use these prebuilt static binaries instead of building them.
+    #[arg(long, global = true, env = "KUPGRADE_VM_BIN_DIR")]
+    bin_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run scenarios and report; exits non-zero unless all pass.
+    Run {
+        #[arg(required = true)]
+        scenarios: Vec<PathBuf>,
+        /// Write the JSON report here (with several scenarios: a directory).
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// QEMU accelerator: tcg works everywhere; kvm where nesting works.
+        #[arg(long, default_value = "tcg")]
+        accel: String,
+        /// Keep the disk image of passing runs too.
+        #[arg(long)]
+        keep: bool,
+        /// Show the guest's console.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cache = cli.cache.unwrap_or_else(|| workspace().join("target/kupgrade-vm"));
+    match cli.cmd {
+        Cmd::Run { scenarios, report, accel, keep, verbose } => {
+            let mut opts = Options { cache, workspace: workspace(), bin_dir: cli.bin_dir, accel, keep, verbose };
+            let mut failed = Vec::new();
+            for (i, s) in scenarios.iter().enumerate() {
+                let rep = match run::run(s, &opts) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("kupgrade-vm: {}: {e:#}", s.display());
+                        failed.push(s.display().to_string());
+                        continue;
+                    }
+                };
+                // Build the guest binaries once per invocation.
+                if opts.bin_dir.is_none() {
+                    opts.bin_dir = Some(workspace().join("target/static/x86_64-unknown-linux-gnu/release"));
+                }
+                print!("{}", rep.summary());
+                if let Some(path) = &report {
+                    let path = if scenarios.len() > 1 || path.is_dir() {
+                        let _ = std::fs::create_dir_all(path);
+                        path.join(format!("{}.json", rep.scenario))
+                    } else {
+                        path.clone()
+                    };
+                    match serde_json::to_vec_pretty(&rep) {
+                        Ok(json) => {
+                            if let Err(e) = std::fs::write(&path, json) {
+                                eprintln!("kupgrade-vm: cannot write {}: {e}", path.display());
+                            }
+                        }
+                        Err(e) => eprintln!("kupgrade-vm: cannot encode the report: {e}"),
+                    }
+                }
+                if rep.verdict != Verdict::Pass {
+                    failed.push(rep.scenario.clone());
+                }
+                let _ = i;
+            }
+            if failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("kupgrade-vm: failed: {}", failed.join(", "));
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

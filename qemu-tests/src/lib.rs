@@ -1,0 +1,12 @@
+//! kupgrade-vm: the QEMU appliance harness. It builds guest assets from
+//! Debian's packages and this workspace, boots a kernel under QEMU, runs a
+//! scenario's workloads, upgrades the kernel live with kupgrade, probes the
+//! workloads from the host, and reports what happened.
+
+pub mod assets;
+pub mod guest;
+pub mod probe;
+pub mod progress;
+pub mod report;
+pub mod run;
+pub mod scenario;

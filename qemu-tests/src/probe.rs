@@ -1,0 +1,217 @@
+//! Host-side TCP probe: one connection through QEMU's `hostfwd`, a numbered
+//! line every interval, every reply checked. It never reconnects: the point is
+//! that the same connection survives the upgrade.
+
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::scenario::Probe;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProbeResult {
+    pub name: String,
+    pub connected: bool,
+    pub sent: u64,
+    pub replies: u64,
+    /// Longest time between two consecutive replies: the pause the client saw.
+    pub max_gap_ms: u64,
+    /// Seconds since the probe connected when that longest gap ended.
+    pub max_gap_end_s: f64,
+    pub reset: bool,
+    pub eof: bool,
+    /// Replies that skipped a sequence number (lost) or went back (reordered).
+    pub lost: u64,
+    pub reordered: u64,
+    pub wrong: u64,
+    pub error: Option<String>,
+}
+
+impl ProbeResult {
+    pub fn clean(&self) -> bool {
+        self.connected && self.replies > 0 && !self.reset && !self.eof && self.lost == 0 && self.reordered == 0
+            && self.wrong == 0 && self.error.is_none()
+    }
+}
+
+/// Connects to 127.0.0.1:`port`, retrying until a first reply comes back or
+/// `connect_deadline` passes, then probes until `stop` is set.
+pub fn run(probe: &Probe, port: u16, connect_deadline: Duration, stop: Arc<AtomicBool>) -> ProbeResult {
+    let mut res = ProbeResult { name: probe.name.clone(), ..Default::default() };
+    let start = Instant::now();
+    let (stream, mut reader) = loop {
+        match handshake(probe, port) {
+            Ok(pair) => break pair,
+            Err(e) if start.elapsed() < connect_deadline && !stop.load(Ordering::Relaxed) => {
+                res.error = Some(e);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => {
+                res.error = Some(format!("never connected: {e}"));
+                return res;
+            }
+        }
+    };
+    res.connected = true;
+    res.error = None;
+    res.sent = 1;
+    res.replies = 1;
+    let t0 = Instant::now();
+    let mut last_reply = Instant::now();
+    let mut next_expected = 1u64;
+    let mut seq = 1u64;
+    let mut writer = stream;
+    let _ = writer.set_write_timeout(Some(Duration::from_millis(200)));
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        // Sending into a paused peer just queues: TCP keeps it until the
+        // guest comes back, which is the behaviour under test.
+        if writer.write_all(format!("{} {seq}\n", probe.payload).as_bytes()).is_ok() {
+            res.sent += 1;
+            seq += 1;
+        }
+        let until = Instant::now() + Duration::from_millis(probe.interval_ms);
+        while Instant::now() < until {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) => {
+                    res.eof = true;
+                    return finish(res, &writer);
+                }
+                Ok(_) => {
+                    let now = Instant::now();
+                    let gap = now.duration_since(last_reply).as_millis() as u64;
+                    if gap > res.max_gap_ms {
+                        res.max_gap_ms = gap;
+                        res.max_gap_end_s = now.duration_since(t0).as_secs_f64();
+                    }
+                    last_reply = now;
+                    res.replies += 1;
+                    match parse_reply(probe, line.trim_end()) {
+                        Some(n) if n == next_expected => next_expected += 1,
+                        Some(n) if n > next_expected => {
+                            res.lost += n - next_expected;
+                            next_expected = n + 1;
+                        }
+                        Some(_) => res.reordered += 1,
+                        None => res.wrong += 1,
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                    res.reset = true;
+                    return finish(res, &writer);
+                }
+                Err(e) => {
+                    res.error = Some(e.to_string());
+                    return finish(res, &writer);
+                }
+            }
+        }
+    }
+    finish(res, &writer)
+}
+
+fn finish(res: ProbeResult, stream: &TcpStream) -> ProbeResult {
+    let _ = stream.shutdown(Shutdown::Both);
+    res
+}
+
+fn parse_reply(probe: &Probe, line: &str) -> Option<u64> {
+    let rest = line.strip_prefix(probe.reply_prefix.as_str())?;
+    let rest = rest.strip_prefix(probe.payload.as_str())?.trim();
+    rest.parse().ok()
+}
+
+/// Connects and gets one reply (`<payload> 0`), so we know the guest's
+/// server, not just QEMU's forwarder, is there.
+fn handshake(probe: &Probe, port: u16) -> Result<(TcpStream, BufReader<TcpStream>), String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    s.write_all(format!("{} 0\n", probe.payload).as_bytes()).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(0) => return Err("closed by the guest".into()),
+        Ok(_) if parse_reply(probe, line.trim_end()) == Some(0) => {}
+        Ok(_) => return Err(format!("unexpected first reply {line:?}")),
+        Err(e) => return Err(e.to_string()),
+    }
+    s.set_read_timeout(Some(Duration::from_millis(20))).map_err(|e| e.to_string())?;
+    Ok((s, reader))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn probe() -> Probe {
+        Probe { name: "p".into(), guest_port: 0, interval_ms: 20, payload: "ping".into(), reply_prefix: String::new() }
+    }
+
+    /// An echo server on 127.0.0.1 that can drop a line or close early.
+    fn server(drop_seq: Option<u64>, close_after: Option<u64>) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (c, _) = l.accept().unwrap();
+            let mut w = c.try_clone().unwrap();
+            for line in BufReader::new(c).lines() {
+                let line = line.unwrap();
+                let n: u64 = line.split(' ').nth(1).unwrap().parse().unwrap();
+                if Some(n) == close_after {
+                    return;
+                }
+                if Some(n) != drop_seq {
+                    writeln!(w, "{line}").unwrap();
+                }
+            }
+        });
+        port
+    }
+
+    fn run_for(port: u16, ms: u64) -> ProbeResult {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            s2.store(true, Ordering::Relaxed);
+        });
+        run(&probe(), port, Duration::from_secs(5), stop)
+    }
+
+    #[test]
+    fn a_clean_echo_is_clean() {
+        let r = run_for(server(None, None), 400);
+        assert!(r.clean(), "{r:?}");
+        assert!(r.replies >= 5);
+    }
+
+    #[test]
+    fn a_lost_reply_is_counted() {
+        let r = run_for(server(Some(3), None), 400);
+        assert_eq!(r.lost, 1, "{r:?}");
+        assert!(!r.clean());
+    }
+
+    #[test]
+    fn a_closed_connection_is_eof() {
+        let r = run_for(server(None, Some(4)), 1000);
+        assert!(r.eof, "{r:?}");
+        assert!(!r.clean());
+    }
+
+    #[test]
+    fn nobody_listening_never_connects() {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let r = run(&probe(), port, Duration::from_millis(500), stop);
+        assert!(!r.connected && r.error.is_some());
+    }
+}

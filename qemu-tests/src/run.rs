@@ -1,0 +1,433 @@
+//! One scenario run: assets, QEMU, probes, the guest's lines, the verdict.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use image_format::events::EventLine;
+
+use crate::assets::{self, Cache, RootfsInputs};
+use crate::guest::{self, Line, Plan};
+use crate::probe::{self, ProbeResult};
+use crate::progress;
+use crate::report::{self, Artifacts, CheckResult, Report, Verdict, WorkloadPids};
+use crate::scenario::{Expect, Scenario};
+
+/// Guest-physical address of the store: clear of the kernel (loaded low) and
+/// of the initramfs (QEMU puts it at the top of RAM).
+pub const STORE_ADDR_MIB: u32 = 512;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub cache: PathBuf,
+    pub workspace: PathBuf,
+    /// Prebuilt static binaries; built from the workspace when `None`.
+    pub bin_dir: Option<PathBuf>,
+    pub accel: String,
+    pub keep: bool,
+    /// Echo the guest's serial console to the terminal.
+    pub verbose: bool,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Everything prepared before QEMU starts.
+pub struct Prepared {
+    pub scenario: Scenario,
+    pub from: String,
+    pub to: String,
+    pub bin_dir: PathBuf,
+    pub rootfs: PathBuf,
+    pub initrd: PathBuf,
+}
+
+pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
+    let scenario = Scenario::load(scenario_path)?;
+    let cache = Cache::new(opts.cache.clone())?;
+    let from = assets::resolve_release(&scenario.kernels.from, &scenario.kernels.series, &cache)?;
+    let to = assets::resolve_release(&scenario.kernels.to, &scenario.kernels.series, &cache)?;
+    for r in [&from, &to] {
+        assets::ensure_kernel(&cache, r)?;
+    }
+    let bin_dir = match &opts.bin_dir {
+        Some(d) => d.clone(),
+        None => assets::build_guest_binaries(&opts.workspace)?,
+    };
+    let mut releases = vec![from.clone(), to.clone()];
+    releases.sort();
+    releases.dedup();
+    let rootfs = assets::ensure_rootfs(
+        &cache,
+        &RootfsInputs { releases: &releases, bin_dir: &bin_dir, packages: &scenario.guest.packages },
+    )?;
+    let initrd = assets::build_initramfs(&cache, &bin_dir, &from)?;
+    Ok(Prepared { scenario, from, to, bin_dir, rootfs, initrd })
+}
+
+/// Writes the plan disk: the plan and the scenario's files, in a kupgrade image.
+fn write_plan_disk(path: &Path, plan: &Plan, scenario_dir: &Path, scenario: &Scenario, run_dir: &Path) -> Result<()> {
+    let files_root = run_dir.join("plan-files");
+    for w in &scenario.workloads {
+        for f in &w.files {
+            let dest = files_root.join(f.guest.strip_prefix("/").unwrap_or(&f.guest));
+            fs::create_dir_all(dest.parent().context("guest path")?)?;
+            let src = scenario_dir.join(&f.host);
+            fs::copy(&src, &dest).with_context(|| format!("cannot copy scenario file {}", src.display()))?;
+        }
+    }
+    fs::create_dir_all(&files_root)?;
+    let capacity = 256 << 20;
+    let file = File::options().read(true).write(true).create(true).truncate(true).open(path)?;
+    file.set_len(capacity)?;
+    let mut w = image_format::ImageWriter::create(file, capacity, image_format::WriteOptions::default())?;
+    w.add_blob(guest::PLAN_SECTION, &serde_json::to_vec(plan)?)?;
+    w.add_tree(guest::FILES_SECTION, &files_root)?;
+    w.finish(image_format::Manifest::default())?;
+    Ok(())
+}
+
+struct Qemu {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+fn start_qemu(p: &Prepared, opts: &Options, disk: &Path, plan_disk: &Path, fwds: &[(u16, u16)], log: &Path)
+    -> Result<Qemu> {
+    let cache = Cache::new(opts.cache.clone())?;
+    let g = &p.scenario.guest;
+    let cmdline = format!(
+        "console=ttyS0,115200 root=LABEL={} rw memmap={}M!{}M panic=-1 loglevel=4",
+        assets::ROOT_LABEL,
+        g.store_mib,
+        STORE_ADDR_MIB
+    );
+    let mut netdev = "user,id=n0".to_string();
+    for (host, guest_port) in fwds {
+        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest_port}"));
+    }
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", &opts.accel, "-m", &g.memory_mib.to_string(), "-smp", &g.cpus.to_string()])
+        .args(["-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio", "-rtc", "base=utc"])
+        .arg("-kernel")
+        .arg(cache.vmlinuz(&p.from))
+        .arg("-initrd")
+        .arg(&p.initrd)
+        .args(["-append", &cmdline])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", disk.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio,readonly=on", plan_disk.display()))
+        .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("cannot start qemu-system-x86_64: install qemu-system-x86 (scripts/setup does)")?;
+    let (tx, rx) = mpsc::channel();
+    let mut log_file = File::create(log)?;
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let stderr = child.stderr.take().context("qemu stderr")?;
+    let t0 = Instant::now();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx2.send(format!("qemu: {line}"));
+        }
+    });
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        while reader.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
+            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+            let _ = writeln!(log_file, "[{:8.3}] {line}", t0.elapsed().as_secs_f64());
+            if tx.send(line).is_err() {
+                break;
+            }
+            buf.clear();
+        }
+    });
+    Ok(Qemu { child, lines: rx })
+}
+
+/// Runs one scenario and returns its report; the verdict says whether it passed.
+pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
+    let started = Instant::now();
+    let p = prepare(scenario_path, opts)?;
+    let sc = &p.scenario;
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let run_dir = opts.cache.join("runs").join(format!("{}-{stamp}", sc.name));
+    fs::create_dir_all(&run_dir)?;
+    let disk = run_dir.join("disk.img");
+    progress::step(&format!("copying the root image for this run into {}", run_dir.display()));
+    let st = Command::new("cp").arg("--sparse=always").arg(&p.rootfs).arg(&disk).status()?;
+    anyhow::ensure!(st.success(), "cannot copy {}", p.rootfs.display());
+
+    let chain: Vec<String> =
+        sc.upgrade.chain.iter().map(|k| if k == "from" { p.from.clone() } else { p.to.clone() }).collect();
+    let plan = Plan {
+        scenario: sc.name.clone(),
+        workloads: sc.workloads.clone(),
+        probe_ports: sc.probes.iter().map(|p| p.guest_port).collect(),
+        chain: chain.clone(),
+        settle_secs: sc.upgrade.settle_secs,
+        expect: sc.upgrade.expect,
+        go_args: sc.upgrade.go_args.clone(),
+        checks: sc.checks.clone(),
+        alive_secs: 3,
+    };
+    let plan_disk = run_dir.join("plan.img");
+    let scenario_dir = scenario_path.parent().unwrap_or(Path::new("."));
+    write_plan_disk(&plan_disk, &plan, scenario_dir, sc, &run_dir)?;
+    let mut fwds = Vec::new();
+    for pr in &sc.probes {
+        fwds.push((free_port()?, pr.guest_port));
+    }
+    let serial = run_dir.join("serial.log");
+    progress::step(&format!("booting {} under QEMU ({}), serial log {}", p.from, opts.accel, serial.display()));
+    let mut qemu = start_qemu(&p, opts, &disk, &plan_disk, &fwds, &serial)?;
+
+    let deadline = Instant::now() + Duration::from_secs(sc.guest.timeout_secs);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut probes: Vec<JoinHandle<ProbeResult>> = Vec::new();
+    let mut boots: Vec<String> = Vec::new();
+    let mut events = Vec::new();
+    let mut seen_events = std::collections::HashSet::new();
+    let mut pids_before: HashMap<String, i32> = HashMap::new();
+    let mut pids_after: HashMap<String, i32> = HashMap::new();
+    let mut checks: Vec<CheckResult> = Vec::new();
+    let mut go_failed: Option<String> = None;
+    let mut timed_out = false;
+    let mut done = false;
+    loop {
+        if Instant::now() > deadline {
+            timed_out = true;
+            progress::step(&format!("deadline of {} s passed: stopping QEMU", sc.guest.timeout_secs));
+            let _ = qemu.child.kill();
+            break;
+        }
+        let line = match qemu.lines.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => l,
+            Err(mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        if opts.verbose {
+            eprintln!("  | {line}");
+        }
+        if let Some(e) = EventLine::parse(&line) {
+            // kmsg and the console can both show the same event
+            if seen_events.insert((e.event, e.t_mono_ns)) {
+                progress::step(&format!("guest: {}", e.event));
+                events.push(report::record(&e, boots.len().saturating_sub(1)));
+            }
+            continue;
+        }
+        let Some(l) = Line::parse(&line) else { continue };
+        match l.verb.as_str() {
+            "boot" => {
+                let k = l.get("kernel").unwrap_or("?").to_string();
+                progress::step(&format!("guest booted kernel {k}"));
+                boots.push(k);
+            }
+            "workload" => {
+                if let (Some(n), Some(pid)) = (l.get("name"), l.get("pid").and_then(|p| p.parse().ok())) {
+                    pids_before.insert(n.to_string(), pid);
+                }
+            }
+            "workload-after" => {
+                if let (Some(n), Some(pid)) = (l.get("name"), l.get("pid").and_then(|p| p.parse().ok())) {
+                    pids_after.insert(n.to_string(), pid);
+                }
+            }
+            "ready" => {
+                for (pr, (host_port, _)) in sc.probes.iter().zip(&fwds) {
+                    let (pr, port, stop) = (pr.clone(), *host_port, stop.clone());
+                    probes.push(std::thread::spawn(move || probe::run(&pr, port, Duration::from_secs(60), stop)));
+                }
+                progress::step(&format!("guest ready: {} probe(s) started", probes.len()));
+            }
+            "go" => progress::step(&format!("guest: kupgrade go -> {}", l.get("target").unwrap_or("?"))),
+            "go-failed" => {
+                let d = l.get("detail").unwrap_or("").to_string();
+                progress::step(&format!("guest: kupgrade go failed: {d}"));
+                go_failed = Some(d);
+            }
+            "check" => checks.push(CheckResult {
+                name: l.get("name").unwrap_or("?").to_string(),
+                ok: l.get("ok") == Some("true"),
+                detail: l.get("detail").unwrap_or("").to_string(),
+            }),
+            "checks-done" => stop.store(true, Ordering::Relaxed),
+            "done" => done = true,
+            "info" => progress::step(&format!("guest: {}", l.get("detail").unwrap_or(""))),
+            _ => {}
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = wait_exit(&mut qemu.child, Duration::from_secs(10));
+    let probe_results: Vec<ProbeResult> = probes.into_iter().filter_map(|h| h.join().ok()).collect();
+
+    let mut rep = Report {
+        scenario: sc.name.clone(),
+        kernel_before: boots.first().cloned().unwrap_or_default(),
+        kernel_after: boots.last().cloned().unwrap_or_default(),
+        boots: boots.clone(),
+        events,
+        probes: probe_results,
+        ..Default::default()
+    };
+    rep.upgrades = report::timelines(&rep.events, &boots);
+    rep.blackout_ms = rep.probes.iter().map(|p| p.max_gap_ms).max();
+    for w in &sc.workloads {
+        rep.workloads.push(WorkloadPids {
+            name: w.name.clone(),
+            pid_before: pids_before.get(&w.name).copied(),
+            pid_after: pids_after.get(&w.name).copied(),
+        });
+    }
+    rep.checks = builtin_checks(&rep, sc, &p, &chain, go_failed.as_deref(), timed_out, done);
+    rep.checks.extend(checks);
+    let pass = rep.checks.iter().all(|c| c.ok) && !rep.checks.is_empty();
+    rep.verdict = if pass { Verdict::Pass } else { Verdict::Fail };
+    rep.artifacts = Artifacts {
+        dir: run_dir.display().to_string(),
+        serial_log: serial.display().to_string(),
+        disk_image: None,
+        guest_logs: None,
+    };
+    if pass && !opts.keep {
+        let _ = fs::remove_file(&disk);
+        let _ = fs::remove_file(&plan_disk);
+    } else {
+        rep.artifacts.disk_image = Some(disk.display().to_string());
+        let logs = run_dir.join("guest-logs");
+        if copy_guest_logs(&disk, &logs).is_ok() {
+            rep.artifacts.guest_logs = Some(logs.display().to_string());
+        }
+    }
+    let _ = fs::remove_dir_all(run_dir.join("plan-files"));
+    rep.wall_secs = started.elapsed().as_secs_f64();
+    Ok(rep)
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+/// Copies kupgrade's and CRIU's logs out of the guest disk with debugfs (no mount).
+fn copy_guest_logs(disk: &Path, dest: &Path) -> Result<()> {
+    fs::create_dir_all(dest)?;
+    for dir in ["/var/lib/kupgrade", "/var/log/kupgrade", "/var/log"] {
+        let _ = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("rdump {dir} {}", dest.display()))
+            .arg(disk)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    Ok(())
+}
+
+fn check(name: &str, ok: bool, detail: String) -> CheckResult {
+    CheckResult { name: name.to_string(), ok, detail }
+}
+
+fn builtin_checks(
+    rep: &Report,
+    sc: &Scenario,
+    p: &Prepared,
+    chain: &[String],
+    go_failed: Option<&str>,
+    timed_out: bool,
+    done: bool,
+) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    out.push(check(
+        "guest finished in time",
+        done && !timed_out,
+        if timed_out {
+            format!("deadline of {} s passed", sc.guest.timeout_secs)
+        } else if done {
+            "the guest ran the scenario to its end".into()
+        } else {
+            "the guest stopped before its end (see the serial log)".into()
+        },
+    ));
+    match sc.upgrade.expect {
+        Expect::Success => {
+            let mut expected = vec![p.from.clone()];
+            expected.extend(chain.iter().cloned());
+            out.push(check(
+                "kernel release changed as planned",
+                rep.boots == expected,
+                format!("booted {:?}, planned {:?}", rep.boots, expected),
+            ));
+            if let Some(why) = go_failed {
+                out.push(check("kupgrade go succeeded", false, why.to_string()));
+            }
+        }
+        Expect::Refused => {
+            let want = sc.upgrade.refusal_contains.clone().unwrap_or_default();
+            let ok = go_failed.is_some_and(|d| d.contains(&want));
+            out.push(check(
+                "kupgrade go refused the upgrade",
+                ok,
+                match go_failed {
+                    Some(d) => format!("refused: {d} (expected to mention {want:?})"),
+                    None => "kupgrade go did not fail".into(),
+                },
+            ));
+            out.push(check(
+                "no kexec happened",
+                rep.boots.len() == 1,
+                format!("booted {:?}", rep.boots),
+            ));
+        }
+    }
+    for w in &rep.workloads {
+        let ok = w.pid_before.is_some() && w.pid_before == w.pid_after;
+        out.push(check(
+            &format!("workload {} kept its pid", w.name),
+            ok,
+            format!("pid {:?} before, {:?} after", w.pid_before, w.pid_after),
+        ));
+    }
+    for pr in &rep.probes {
+        out.push(check(
+            &format!("probe {} kept one clean connection", pr.name),
+            pr.clean(),
+            format!(
+                "{} replies, longest gap {} ms, reset={} eof={} lost={} reordered={} wrong={}{}",
+                pr.replies,
+                pr.max_gap_ms,
+                pr.reset,
+                pr.eof,
+                pr.lost,
+                pr.reordered,
+                pr.wrong,
+                pr.error.as_ref().map(|e| format!(", {e}")).unwrap_or_default()
+            ),
+        ));
+    }
+    if sc.probes.len() != rep.probes.len() {
+        out.push(check("probes started", false, "the guest never said it was ready".into()));
+    }
+    out
+}

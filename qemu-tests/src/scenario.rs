@@ -1,0 +1,310 @@
+//! Scenario files (TOML): which kernels, which guest, which workloads, which
+//! host probes, and which checks decide the verdict.
+//!
+//! ```toml
+//! name = "counter"
+//! description = "a process keeping state in memory and appending to a file"
+//! [kernels]
+//! from = "oldest"            # oldest | previous | latest | an exact release
+//! to = "latest"
+//! [guest]
+//! memory_mib = 1024
+//! store_mib = 256
+//! [[workload]]
+//! name = "counter"
+//! command = ["/usr/lib/kupgrade-vm/wl-counter", "/var/log/counter.log"]
+//! [[probe]]
+//! name = "echo"
+//! guest_port = 7000
+//! [[check]]
+//! name = "continuity"
+//! command = ["/usr/lib/kupgrade-vm/wl-counter-check", "/var/log/counter.log"]
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read scenario {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("scenario {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("scenario {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub kernels: Kernels,
+    #[serde(default)]
+    pub guest: Guest,
+    #[serde(default, rename = "workload")]
+    pub workloads: Vec<Workload>,
+    #[serde(default, rename = "probe")]
+    pub probes: Vec<Probe>,
+    #[serde(default)]
+    pub upgrade: Upgrade,
+    #[serde(default, rename = "check")]
+    pub checks: Vec<Check>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Kernels {
+    /// Release to boot first: `oldest`, `previous`, `latest` or an exact
+    /// release such as `6.1.0-47-cloud-amd64`.
+    pub from: String,
+    pub to: String,
+    /// Package series the keywords pick from.
+    #[serde(default = "default_series")]
+    pub series: String,
+}
+
+fn default_series() -> String {
+    "6.1.0".to_string()
+}
+
+impl Default for Kernels {
+    fn default() -> Self {
+        Kernels { from: "oldest".into(), to: "latest".into(), series: default_series() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Guest {
+    pub memory_mib: u32,
+    pub cpus: u32,
+    /// Size of the `memmap=` store reserved for the image.
+    pub store_mib: u32,
+    /// Extra Debian packages installed in the guest (with their dependencies).
+    pub packages: Vec<String>,
+    /// Deadline for the whole run; QEMU is stopped when it passes.
+    pub timeout_secs: u64,
+}
+
+impl Default for Guest {
+    fn default() -> Self {
+        Guest { memory_mib: 1024, cpus: 1, store_mib: 256, packages: vec![], timeout_secs: 600 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub pid_namespace: bool,
+    /// Files copied from the host into the guest before it boots.
+    #[serde(default)]
+    pub files: Vec<FileCopy>,
+    /// Seconds to let it run before the upgrade (after the probes connect).
+    #[serde(default)]
+    pub warmup_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FileCopy {
+    /// Relative to the scenario file.
+    pub host: PathBuf,
+    pub guest: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Probe {
+    pub name: String,
+    /// TCP port in the guest, forwarded from 127.0.0.1 on the host.
+    pub guest_port: u16,
+    /// A line is sent every `interval_ms`: `<payload> <seq>`; the reply must
+    /// start with `reply_prefix` followed by the same text.
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "default_payload")]
+    pub payload: String,
+    #[serde(default)]
+    pub reply_prefix: String,
+}
+
+fn default_interval() -> u64 {
+    100
+}
+fn default_payload() -> String {
+    "probe".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upgrade {
+    /// Kernels to upgrade to in turn; `from`/`to` name the scenario's kernels.
+    pub chain: Vec<String>,
+    /// Seconds between the probes being connected and `kupgrade go`.
+    pub settle_secs: u64,
+    /// `success`: the upgrade must happen. `refused`: `kupgrade go` must
+    /// fail and leave the workloads running on the old kernel.
+    pub expect: Expect,
+    /// Text the refusal must contain (with `expect = "refused"`).
+    pub refusal_contains: Option<String>,
+    /// Extra arguments for `kupgrade go`.
+    pub go_args: Vec<String>,
+}
+
+impl Default for Upgrade {
+    fn default() -> Self {
+        Upgrade { chain: vec!["to".into()], settle_secs: 2, expect: Expect::Success, refusal_contains: None, go_args: vec![] }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Expect {
+    Success,
+    Refused,
+}
+
+/// A check that must hold after the last upgrade; built-ins (kernel changed,
+/// pids unchanged, probes clean) always run.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    pub name: String,
+    /// A guest command that must exit 0.
+    pub command: Vec<String>,
+    /// Seconds to wait after the upgrade before running it.
+    #[serde(default)]
+    pub after_secs: u64,
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Scenario, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+        let s = Scenario::parse(&text).map_err(|message| Error::Parse { path: path.into(), message })?;
+        s.validate().map_err(|message| Error::Invalid { path: path.into(), message })?;
+        Ok(s)
+    }
+
+    pub fn parse(text: &str) -> Result<Scenario, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let mut names = std::collections::HashSet::new();
+        for w in &self.workloads {
+            if w.name.is_empty() || !w.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(format!("workload name {:?}: use letters, digits, - and _", w.name));
+            }
+            if !names.insert(&w.name) {
+                return Err(format!("two workloads are named {:?}", w.name));
+            }
+            if w.command.is_empty() {
+                return Err(format!("workload {:?} has an empty command", w.name));
+            }
+        }
+        for c in &self.upgrade.chain {
+            if c != "from" && c != "to" {
+                return Err(format!("upgrade.chain entry {c:?}: use \"from\" or \"to\""));
+            }
+        }
+        if self.upgrade.chain.is_empty() {
+            return Err("upgrade.chain is empty: name at least one kernel (\"to\")".into());
+        }
+        if self.guest.memory_mib < 512 {
+            return Err(format!("guest.memory_mib = {}: the guest needs at least 512", self.guest.memory_mib));
+        }
+        // The store sits at STORE_ADDR_MIB; above it QEMU puts the initramfs.
+        let top = crate::run::STORE_ADDR_MIB + self.guest.store_mib + 128;
+        if self.guest.store_mib == 0 || top > self.guest.memory_mib {
+            return Err(format!(
+                "guest.store_mib = {} does not fit: the store sits at {} MiB, so guest.memory_mib must be at least {top}",
+                self.guest.store_mib,
+                crate::run::STORE_ADDR_MIB
+            ));
+        }
+        for c in &self.checks {
+            if c.command.is_empty() {
+                return Err(format!("check {:?} has an empty command", c.name));
+            }
+        }
+        if self.upgrade.expect == Expect::Refused && self.upgrade.refusal_contains.is_none() {
+            return Err("upgrade.expect = \"refused\" needs upgrade.refusal_contains: say which refusal".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+name = "counter"
+[[workload]]
+name = "counter"
+command = ["/bin/true"]
+"#;
+
+    #[test]
+    fn minimal_scenario_gets_defaults() {
+        let s = Scenario::parse(MINIMAL).unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.kernels.from, "oldest");
+        assert_eq!(s.guest.memory_mib, 1024);
+        assert_eq!(s.upgrade.chain, vec!["to"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let err = Scenario::parse(&format!("{MINIMAL}\n[guest]\nmemroy_mib = 5\n")).unwrap_err();
+        assert!(err.contains("memroy_mib"), "{err}");
+        let err = Scenario::parse("name = \"x\"\nbogus = 1\n").unwrap_err();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn missing_name_is_refused() {
+        assert!(Scenario::parse("[guest]\nmemory_mib = 1024\n").unwrap_err().contains("name"));
+    }
+
+    #[test]
+    fn invalid_values_are_explained() {
+        let mut s = Scenario::parse(MINIMAL).unwrap();
+        s.guest.store_mib = 900;
+        assert!(s.validate().unwrap_err().contains("store_mib"));
+        let mut s = Scenario::parse(MINIMAL).unwrap();
+        s.upgrade.chain = vec!["sideways".into()];
+        assert!(s.validate().unwrap_err().contains("sideways"));
+        let mut s = Scenario::parse(MINIMAL).unwrap();
+        s.workloads.push(s.workloads[0].clone());
+        assert!(s.validate().unwrap_err().contains("two workloads"));
+        let mut s = Scenario::parse(MINIMAL).unwrap();
+        s.upgrade.expect = Expect::Refused;
+        assert!(s.validate().unwrap_err().contains("refusal_contains"));
+    }
+
+    #[test]
+    fn shipped_scenarios_parse_and_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                Scenario::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "expected the shipped scenarios, found {n}");
+    }
+}
