@@ -95,7 +95,7 @@ pub fn check(criu: &str) -> Result<(), Error> {
         return Ok(());
     }
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let mut why = text.lines().filter(|l| l.contains("Error")).last().unwrap_or(text.trim()).to_string();
+    let mut why = text.lines().rfind(|l| l.contains("Error")).unwrap_or(text.trim()).to_string();
     if text.contains("vvar") || text.contains("vclock") {
         why.push_str(" (this kernel has the [vvar_vclock] mapping, 6.13+: CRIU 4.1 or newer is needed)");
     }

@@ -139,6 +139,12 @@ pub fn go(sys: &mut dyn System, workloads: &[Workload], opts: &Options) -> Resul
     }
 }
 
+/// Emits an event and records it for the image's manifest.
+fn emit(sys: &mut dyn System, phases: &mut Vec<PhaseTiming>, e: EventLine) {
+    phases.push(phase(&e));
+    sys.emit(e);
+}
+
 fn check_signal(sys: &mut dyn System, step: &'static str) -> Result<(), StepError> {
     if sys.interrupted() {
         return Err(StepError::new(step, "interrupted by a signal"));
@@ -153,17 +159,13 @@ fn run(
     undo: &mut Undo,
     phases: &mut Vec<PhaseTiming>,
 ) -> Result<Outcome, StepError> {
-    let mut emit = |sys: &mut dyn System, e: EventLine| {
-        phases.push(phase(&e));
-        sys.emit(e);
-    };
     if workloads.is_empty() {
         return Err(StepError::new("preflight", "no workloads to preserve: start one with `kupgrade launch`"));
     }
     if !opts.dry_run && !sys.kexec_loaded() {
         return Err(StepError::new("preflight", "no kernel is loaded any more: run `kupgrade stage` again"));
     }
-    emit(sys, EventLine::now(Event::PreflightOk).with("workloads", workloads.len()));
+    emit(sys, phases, EventLine::now(Event::PreflightOk).with("workloads", workloads.len()));
     check_signal(sys, "freeze")?;
 
     for (i, w) in workloads.iter().enumerate() {
@@ -173,7 +175,7 @@ fn run(
     }
     let frozen = EventLine::now(Event::Frozen).with("workloads", workloads.len());
     let frozen_at = frozen.t_mono_ns;
-    emit(sys, frozen);
+    emit(sys, phases, frozen);
 
     let mut entries = Vec::new();
     let mut trees = Vec::new();
@@ -196,14 +198,13 @@ fn run(
             pid_namespace: w.pid_namespace,
         });
     }
-    emit(sys, EventLine::now(Event::Dumped).with("workloads", workloads.len()));
+    emit(sys, phases, EventLine::now(Event::Dumped).with("workloads", workloads.len()));
 
     check_signal(sys, "device state")?;
     let tmpfs_dir = opts.work_dir.join("tmpfs");
     let (mut state, has_tmpfs) = sys.capture(workloads, &tmpfs_dir)?;
     state.network_locks = locks;
-    emit(
-        sys,
+    emit(sys, phases,
         EventLine::now(Event::StateCaptured)
             .with("interfaces", state.interfaces.len())
             .with("tmpfs_mounts", state.tmpfs_mounts.len()),
@@ -226,7 +227,7 @@ fn run(
     let bytes = sys.write_image(&input)?;
     let written = EventLine::now(Event::ImageWritten).with("bytes", bytes);
     let paused_ms = (written.t_mono_ns.saturating_sub(frozen_at)) as f64 / 1e6;
-    emit(sys, written);
+    emit(sys, phases, written);
 
     if opts.dry_run {
         return Ok(Outcome::DryRun { paused_ms, image_bytes: bytes });
@@ -236,7 +237,7 @@ fn run(
         return Err(StepError::new("kexec", "the staged kernel was unloaded meanwhile: run `kupgrade stage` again"));
     }
     // Emitted before the file systems go read-only, so that it is recorded.
-    emit(sys, EventLine::now(Event::Kexec).with("to", &opts.kernel_to));
+    emit(sys, phases, EventLine::now(Event::Kexec).with("to", &opts.kernel_to));
     undo.quiesced = true;
     sys.quiesce_filesystems()?;
     // The point of no return: only comes back if the kernel refused.

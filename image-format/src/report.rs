@@ -47,6 +47,6 @@ impl UpgradeReport {
     /// restored on the new one: the pause they saw.
     pub fn blackout_ns(&self) -> Option<u64> {
         let at = |name: &str| self.events.iter().find(|e| e.event == name).map(|e| e.t_real_ns);
-        Some(at("restored")?.checked_sub(at("frozen")?)?)
+        at("restored")?.checked_sub(at("frozen")?)
     }
 }

@@ -167,9 +167,9 @@ pub fn exec_init(cmdline: &Cmdline) -> String {
         let Ok(path) = CString::new(c.as_str()) else { continue };
         let mut argv = vec![path.clone()];
         argv.extend(cmdline.init_args.iter().filter_map(|a| CString::new(a.as_str()).ok()));
-        if let Err(e) = execv(&path, &argv) {
-            errors.push(format!("{c}: {e}"));
-        }
+        // execv only returns on failure.
+        let Err(e) = execv(&path, &argv);
+        errors.push(format!("{c}: {e}"));
     }
     errors.join("; ")
 }

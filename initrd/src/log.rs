@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::Mutex;
 
-use image_format::events::{Event, EventLine};
+use image_format::events::EventLine;
 
 static KMSG: Mutex<Option<std::fs::File>> = Mutex::new(None);
 
@@ -18,8 +18,7 @@ pub fn open_kmsg() {
     }
 }
 
-pub fn line(msg: &str) {
-    let text = format!("kupgrade-init: {msg}");
+fn write(text: &str) {
     // A console write can fail (no console); there is nowhere else to say so.
     let _ = writeln!(std::io::stdout(), "{text}");
     if let Ok(mut k) = KMSG.lock() {
@@ -30,20 +29,14 @@ pub fn line(msg: &str) {
     }
 }
 
-/// Emits a lifecycle event and returns it, so the caller can record it.
-pub fn event(line_: EventLine) -> EventLine {
-    let text = line_.to_string();
-    let _ = writeln!(std::io::stdout(), "{text}");
-    if let Ok(mut k) = KMSG.lock() {
-        if let Some(f) = k.as_mut() {
-            let _ = f.write_all(format!("<6>{text}\n").as_bytes());
-        }
-    }
-    line_
+pub fn line(msg: &str) {
+    write(&format!("kupgrade-init: {msg}"));
 }
 
-pub fn now(e: Event) -> EventLine {
-    EventLine::now(e)
+/// Emits a lifecycle event and returns it, so the caller can record it.
+pub fn event(e: EventLine) -> EventLine {
+    write(&e.to_string());
+    e
 }
 
 #[macro_export]

@@ -212,7 +212,7 @@ impl Restorer {
 
     fn apply_network(&mut self, state: &DeviceState) -> Result<(), String> {
         // CRIU's own probes connect over loopback.
-        run("ip", &["link", "set", "lo", "up"])?;
+        sh("ip", &["link", "set", "lo", "up"])?;
         // The lock tables go in before any address: until CRIU has re-created
         // the sockets, the new kernel must not answer their peers with resets.
         for table in &state.network_locks {
@@ -224,9 +224,9 @@ impl Restorer {
         for iface in &state.interfaces {
             let cur = iface.mac.as_deref().and_then(name_by_mac).unwrap_or_else(|| iface.name.clone());
             if cur != iface.name {
-                run("ip", &["link", "set", "dev", &cur, "name", &iface.name])?;
+                sh("ip", &["link", "set", "dev", &cur, "name", &iface.name])?;
             }
-            run("ip", &["link", "set", "dev", &iface.name, "mtu", &iface.mtu.to_string()])?;
+            sh("ip", &["link", "set", "dev", &iface.name, "mtu", &iface.mtu.to_string()])?;
             for a in &iface.addresses {
                 let cidr = format!("{}/{}", a.local, a.prefix_len);
                 let fam = if a.family == Family::Inet6 { "-6" } else { "-4" };
@@ -234,30 +234,24 @@ impl Restorer {
                 if let Some(b) = &a.broadcast {
                     args.extend(["broadcast", b.as_str()]);
                 }
-                run("ip", &args)?;
+                sh("ip", &args)?;
             }
             if iface.up {
-                run("ip", &["link", "set", "dev", &iface.name, "up"])?;
+                sh("ip", &["link", "set", "dev", &iface.name, "up"])?;
             }
         }
         for r in &state.routes {
             let fam = if r.family == Family::Inet6 { "-6" } else { "-4" };
             let metric = r.metric.map(|m| m.to_string());
             let mut args = vec![fam, "route", "replace", r.dst.as_str()];
-            let mut opt = |k: &'static str, v: &Option<String>| {
+            let opts = [("via", &r.gateway), ("dev", &r.dev), ("metric", &metric), ("scope", &r.scope)];
+            let more = [("src", &r.prefsrc), ("proto", &r.protocol)];
+            for (k, v) in opts.into_iter().chain(more) {
                 if let Some(v) = v {
-                    args.push(k);
-                    args.push(v.as_str());
+                    args.extend([k, v.as_str()]);
                 }
-            };
-            // Borrowck-friendly: collect owned options first.
-            opt("via", &r.gateway);
-            opt("dev", &r.dev);
-            opt("metric", &metric);
-            opt("scope", &r.scope);
-            opt("src", &r.prefsrc);
-            opt("proto", &r.protocol);
-            if let Err(e) = run("ip", &args) {
+            }
+            if let Err(e) = sh("ip", &args) {
                 // A route the kernel already made (e.g. the subnet's) is fine.
                 info!("route {}: {e}", r.dst);
             }
@@ -350,7 +344,7 @@ fn name_by_mac(mac: &str) -> Option<String> {
 fn mount_support_fs(state: &DeviceState) {
     let mounted = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let is_mounted = |p: &str| mounted.lines().any(|l| l.split_whitespace().nth(1) == Some(p));
-    let mut try_mount = |fstype: &str, target: &str, data: Option<&str>| {
+    let try_mount = |fstype: &str, target: &str, data: Option<&str>| {
         if is_mounted(target) {
             return;
         }
@@ -373,7 +367,7 @@ fn last_errors(log: &Path) -> String {
     if tail.is_empty() { "none logged".to_string() } else { tail.join(" | ") }
 }
 
-fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+fn sh(cmd: &str, args: &[&str]) -> Result<(), String> {
     run_stdin(cmd, args, "")
 }
 

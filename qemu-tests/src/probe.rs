@@ -76,12 +76,14 @@ pub fn run(probe: &Probe, port: u16, connect_deadline: Duration, stop: Arc<Atomi
         }
         let until = Instant::now() + Duration::from_millis(probe.interval_ms);
         while Instant::now() < until {
-            line.clear();
+            // A read that times out keeps what it got in `line`: only a whole
+            // line is a reply.
             match reader.read_line(&mut line) {
                 Ok(0) => {
                     res.eof = true;
                     return finish(res, &writer);
                 }
+                Ok(_) if !line.ends_with('\n') => {}
                 Ok(_) => {
                     let now = Instant::now();
                     let gap = now.duration_since(last_reply).as_millis() as u64;
@@ -100,6 +102,7 @@ pub fn run(probe: &Probe, port: u16, connect_deadline: Duration, stop: Arc<Atomi
                         Some(_) => res.reordered += 1,
                         None => res.wrong += 1,
                     }
+                    line.clear();
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(e) if e.kind() == ErrorKind::ConnectionReset => {
