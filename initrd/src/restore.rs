@@ -357,7 +357,10 @@ fn mount_support_fs(state: &DeviceState) {
         try_mount("tmpfs", &m.path, Some(&m.options));
     }
     try_mount("cgroup2", "/sys/fs/cgroup", None);
-    try_mount("devpts", "/dev/pts", Some("gid=5,mode=620,ptmxmode=000"));
+    try_mount("devpts", "/dev/pts", Some("gid=5,mode=620,ptmxmode=666"));
+    if !Path::new("/dev/ptmx").exists() {
+        let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    }
 }
 
 fn last_errors(log: &Path) -> String {

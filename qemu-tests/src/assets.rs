@@ -179,6 +179,9 @@ pub fn build_guest_binaries(workspace: &Path) -> Result<PathBuf> {
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(workspace)
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // Small binaries: kupgrade-init goes into every initramfs.
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "true")
         .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
         .arg(&target_dir)
         .args(["-p", "kupgrade-agent", "-p", "kupgrade-init", "-p", "qemu-tests", "-p", "kupgrade-workloads", "--bins"])

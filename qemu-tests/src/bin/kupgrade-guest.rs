@@ -91,7 +91,7 @@ fn mount_basics() {
         ("tmpfs", "/run", Some("mode=0755")),
         ("tmpfs", "/dev/shm", Some("mode=1777")),
         ("tmpfs", "/tmp", Some("mode=1777")),
-        ("devpts", "/dev/pts", Some("gid=5,mode=620,ptmxmode=000")),
+        ("devpts", "/dev/pts", Some("gid=5,mode=620,ptmxmode=666")),
         ("cgroup2", "/sys/fs/cgroup", None),
     ] {
         if !has(target) {
@@ -100,6 +100,10 @@ fn mount_basics() {
                 eprintln!("kupgrade-guest: cannot mount {fstype} on {target}: {e}");
             }
         }
+    }
+    // devtmpfs may lack the multiplexer node; CRIU's checks open it.
+    if !Path::new("/dev/ptmx").exists() {
+        let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
     }
 }
 
