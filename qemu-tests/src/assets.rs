@@ -360,6 +360,7 @@ fn populate(cache: &Cache, inputs: &RootfsInputs, root: &Path) -> Result<()> {
             bail!("cannot copy the modules of {r}");
         }
     }
+    install_packages(cache, inputs.packages, root)?;
     let etc = root.join("etc");
     fs::write(etc.join("passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     fs::write(etc.join("group"), "root:x:0:\ntty:x:5:\n")?;
@@ -370,6 +371,73 @@ fn populate(cache: &Cache, inputs: &RootfsInputs, root: &Path) -> Result<()> {
         etc.join("kupgrade/config.toml"),
         format!("# written by kupgrade-vm\nstore = \"/dev/pmem0\"\ninit_binary = \"{GUEST_INIT_BINARY}\"\n"),
     )?;
+    Ok(())
+}
+
+/// Packages only their maintainer scripts need; nothing runs those here.
+const PACKAGING_ONLY: &[&str] = &[
+    "adduser", "cdebconf", "debconf", "dpkg", "install-info", "lsb-base", "passwd", "perl", "perl-base",
+    "perl-modules-5.36", "sysvinit-utils", "tar", "libdebian-installer4", "libnewt0.52", "libslang2", "libtextwrap1",
+];
+
+/// Refuses a package Debian does not have, before anything is built.
+pub fn check_packages(packages: &[String]) -> Result<()> {
+    for p in packages {
+        let ok = Command::new("apt-cache").args(["show", "--no-all-versions", p]).output().is_ok_and(|o| o.status.success());
+        if !ok {
+            bail!("package {p:?} is not in Debian's package lists (check the name; run apt-get update)");
+        }
+    }
+    Ok(())
+}
+
+/// Unpacks `packages` and their dependencies into the guest. Maintainer
+/// scripts do not run: scenarios start the daemons themselves.
+fn install_packages(cache: &Cache, packages: &[String], root: &Path) -> Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    progress::step(&format!("installing {} and their dependencies", packages.join(", ")));
+    let closure = run(Command::new("apt-cache")
+        .args(["depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts", "--no-breaks"])
+        .args(["--no-replaces", "--no-enhances"])
+        .args(packages))?;
+    let names: BTreeSet<String> = closure
+        .lines()
+        .filter(|l| !l.starts_with(' ') && !l.starts_with('<'))
+        .map(|l| l.trim().to_string())
+        .filter(|n| !PACKAGING_ONLY.contains(&n.as_str()))
+        .collect();
+    let debs = cache.root.join("debs");
+    fs::create_dir_all(&debs)?;
+    let find = |name: &str| -> Option<PathBuf> {
+        fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| {
+            p.file_name().is_some_and(|f| f.to_string_lossy().starts_with(&format!("{name}_")))
+        })
+    };
+    let missing: Vec<&String> = names.iter().filter(|n| find(n).is_none()).collect();
+    if !missing.is_empty() {
+        run(Command::new("apt-get").arg("download").args(&missing).current_dir(&debs))?;
+    }
+    for name in &names {
+        let deb = find(name).with_context(|| format!("apt-get download left no {name}_*.deb"))?;
+        let tmp = root.with_extension(format!("pkg-{name}"));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp)?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
+        // The guest has a merged /usr: /lib is a link to usr/lib, and copying
+        // a real lib/ over it would replace the link.
+        for d in ["bin", "sbin", "lib", "lib64"] {
+            let top = tmp.join(d);
+            if top.is_dir() && !top.is_symlink() {
+                fs::create_dir_all(tmp.join("usr").join(d))?;
+                run(Command::new("cp").arg("-a").arg(format!("{}/.", top.display())).arg(tmp.join("usr").join(d)))?;
+                fs::remove_dir_all(&top)?;
+            }
+        }
+        run(Command::new("cp").arg("-a").arg(format!("{}/.", tmp.display())).arg(root))?;
+        fs::remove_dir_all(&tmp)?;
+    }
     Ok(())
 }
 

@@ -53,6 +53,7 @@ pub struct Prepared {
 
 pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
     let scenario = Scenario::load(scenario_path)?;
+    assets::check_packages(&scenario.guest.packages)?;
     let cache = Cache::new(opts.cache.clone())?;
     let from = assets::resolve_release(&scenario.kernels.from, &scenario.kernels.series, &cache)?;
     let to = assets::resolve_release(&scenario.kernels.to, &scenario.kernels.series, &cache)?;
