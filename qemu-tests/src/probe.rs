@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::scenario::Probe;
+use crate::scenario::{Probe, ProbeMode};
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ProbeResult {
@@ -43,7 +43,7 @@ impl ProbeResult {
 pub fn run(probe: &Probe, port: u16, connect_deadline: Duration, stop: Arc<AtomicBool>) -> ProbeResult {
     let mut res = ProbeResult { name: probe.name.clone(), ..Default::default() };
     let start = Instant::now();
-    let (stream, mut reader) = loop {
+    let (stream, mut reader, first) = loop {
         match handshake(probe, port) {
             Ok(pair) => break pair,
             Err(e) if start.elapsed() < connect_deadline && !stop.load(Ordering::Relaxed) => {
@@ -62,7 +62,7 @@ pub fn run(probe: &Probe, port: u16, connect_deadline: Duration, stop: Arc<Atomi
     res.replies = 1;
     let t0 = Instant::now();
     let mut last_reply = Instant::now();
-    let mut next_expected = 1u64;
+    let mut next_expected = first + 1;
     let mut seq = 1u64;
     let mut writer = stream;
     let _ = writer.set_write_timeout(Some(Duration::from_millis(200)));
@@ -70,7 +70,7 @@ pub fn run(probe: &Probe, port: u16, connect_deadline: Duration, stop: Arc<Atomi
     while !stop.load(Ordering::Relaxed) {
         // Sending into a paused peer just queues: TCP keeps it until the
         // guest comes back, which is the behaviour under test.
-        if writer.write_all(format!("{} {seq}\n", probe.payload).as_bytes()).is_ok() {
+        if writer.write_all(request(probe, seq).as_bytes()).is_ok() {
             res.sent += 1;
             seq += 1;
         }
@@ -124,29 +124,42 @@ fn finish(res: ProbeResult, stream: &TcpStream) -> ProbeResult {
     res
 }
 
-fn parse_reply(probe: &Probe, line: &str) -> Option<u64> {
-    let rest = line.strip_prefix(probe.reply_prefix.as_str())?;
-    let rest = rest.strip_prefix(probe.payload.as_str())?.trim();
-    rest.parse().ok()
+fn request(probe: &Probe, seq: u64) -> String {
+    match probe.mode {
+        ProbeMode::Echo => format!("{} {seq}\n", probe.payload),
+        ProbeMode::Counter => probe.send.clone(),
+    }
 }
 
-/// Connects and gets one reply (`<payload> 0`), so we know the guest's
-/// server, not just QEMU's forwarder, is there.
-fn handshake(probe: &Probe, port: u16) -> Result<(TcpStream, BufReader<TcpStream>), String> {
+/// The number a reply carries: the echoed sequence, or the counter value.
+fn parse_reply(probe: &Probe, line: &str) -> Option<u64> {
+    let rest = line.strip_prefix(probe.reply_prefix.as_str())?;
+    match probe.mode {
+        ProbeMode::Echo => rest.strip_prefix(probe.payload.as_str())?.trim().parse().ok(),
+        // e.g. Redis `:42`, memcached `42`
+        ProbeMode::Counter => rest.trim().trim_start_matches(|c: char| !c.is_ascii_digit()).parse().ok(),
+    }
+}
+
+/// Connects and gets one reply, so we know the guest's server, not just
+/// QEMU's forwarder, is there. Returns the number the reply carried.
+fn handshake(probe: &Probe, port: u16) -> Result<(TcpStream, BufReader<TcpStream>, u64), String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
-    s.write_all(format!("{} 0\n", probe.payload).as_bytes()).map_err(|e| e.to_string())?;
+    s.write_all(request(probe, 0).as_bytes()).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
     let mut line = String::new();
-    match reader.read_line(&mut line) {
+    let first = match reader.read_line(&mut line) {
         Ok(0) => return Err("closed by the guest".into()),
-        Ok(_) if parse_reply(probe, line.trim_end()) == Some(0) => {}
-        Ok(_) => return Err(format!("unexpected first reply {line:?}")),
+        Ok(_) => match parse_reply(probe, line.trim_end()) {
+            Some(n) if probe.mode == ProbeMode::Counter || n == 0 => n,
+            _ => return Err(format!("unexpected first reply {line:?}")),
+        },
         Err(e) => return Err(e.to_string()),
-    }
+    };
     s.set_read_timeout(Some(Duration::from_millis(20))).map_err(|e| e.to_string())?;
-    Ok((s, reader))
+    Ok((s, reader, first))
 }
 
 #[cfg(test)]
@@ -155,7 +168,47 @@ mod tests {
     use std::net::TcpListener;
 
     fn probe() -> Probe {
-        Probe { name: "p".into(), guest_port: 0, interval_ms: 20, payload: "ping".into(), reply_prefix: String::new() }
+        Probe {
+            name: "p".into(),
+            guest_port: 0,
+            interval_ms: 20,
+            payload: "ping".into(),
+            reply_prefix: String::new(),
+            mode: ProbeMode::Echo,
+            send: String::new(),
+        }
+    }
+
+    #[test]
+    fn counter_mode_follows_the_server_counter() {
+        // A Redis-like INCR server starting at 41.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (c, _) = l.accept().unwrap();
+            let mut w = c.try_clone().unwrap();
+            let mut n = 40;
+            for line in BufReader::new(c).lines() {
+                assert_eq!(line.unwrap(), "INCR k");
+                n += 1;
+                // skip one increment to show it is noticed
+                if n == 45 {
+                    n += 1;
+                }
+                write!(w, ":{n}\r\n").unwrap();
+            }
+        });
+        let p = Probe { mode: ProbeMode::Counter, send: "INCR k\r\n".into(), ..probe() };
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            s2.store(true, Ordering::Relaxed);
+        });
+        let r = run(&p, port, Duration::from_secs(5), stop);
+        assert!(r.replies > 5, "{r:?}");
+        assert_eq!(r.lost, 1, "{r:?}");
+        assert_eq!(r.wrong + r.reordered, 0, "{r:?}");
     }
 
     /// An echo server on 127.0.0.1 that can drop a line or close early.

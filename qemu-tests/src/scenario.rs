@@ -137,6 +137,22 @@ pub struct Probe {
     pub payload: String,
     #[serde(default)]
     pub reply_prefix: String,
+    /// `echo`: the reply echoes the line. `counter`: every request is `send`
+    /// and every reply holds the next integer (e.g. Redis `INCR`): the
+    /// server's state must carry on with no lost or repeated increment.
+    #[serde(default)]
+    pub mode: ProbeMode,
+    /// The request of `counter` mode, with the line ending the protocol wants.
+    #[serde(default)]
+    pub send: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeMode {
+    #[default]
+    Echo,
+    Counter,
 }
 
 fn default_interval() -> u64 {
@@ -232,6 +248,11 @@ impl Scenario {
                 self.guest.store_mib,
                 crate::run::STORE_ADDR_MIB
             ));
+        }
+        for p in &self.probes {
+            if p.mode == ProbeMode::Counter && p.send.is_empty() {
+                return Err(format!("probe {:?}: mode = \"counter\" needs `send`, the request to repeat", p.name));
+            }
         }
         for c in &self.checks {
             if c.command.is_empty() {
