@@ -10,6 +10,9 @@ use crate::probe::ProbeResult;
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Report {
     pub scenario: String,
+    pub description: String,
+    pub proves: Vec<String>,
+    pub limits: String,
     pub verdict: Verdict,
     pub kernel_before: String,
     pub kernel_after: String,

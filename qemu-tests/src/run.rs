@@ -278,6 +278,9 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
 
     let mut rep = Report {
         scenario: sc.name.clone(),
+        description: sc.description.clone(),
+        proves: sc.proves.clone(),
+        limits: sc.limits.clone(),
         kernel_before: boots.first().cloned().unwrap_or_default(),
         kernel_after: boots.last().cloned().unwrap_or_default(),
         boots: boots.clone(),

@@ -45,6 +45,13 @@ pub struct Scenario {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// Kinds of process state this scenario proves survive (rows of the
+    /// compatibility table).
+    #[serde(default)]
+    pub proves: Vec<String>,
+    /// What it does not cover, for the table.
+    #[serde(default)]
+    pub limits: String,
     #[serde(default)]
     pub kernels: Kernels,
     #[serde(default)]
