@@ -5,6 +5,7 @@
 
 pub mod assets;
 pub mod guest;
+pub mod matrix;
 pub mod probe;
 pub mod progress;
 pub mod report;

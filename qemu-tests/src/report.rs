@@ -3,11 +3,11 @@
 use std::fmt::Write as _;
 
 use image_format::events::{Event, EventLine};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::probe::ProbeResult;
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Report {
     pub scenario: String,
     pub description: String,
@@ -30,7 +30,7 @@ pub struct Report {
     pub wall_secs: f64,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
     Pass,
@@ -38,14 +38,14 @@ pub enum Verdict {
     Fail,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct WorkloadPids {
     pub name: String,
     pub pid_before: Option<i32>,
     pub pid_after: Option<i32>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EventRecord {
     pub event: String,
     /// Index of the boot that emitted it (0 = first kernel).
@@ -55,14 +55,14 @@ pub struct EventRecord {
     pub fields: Vec<(String, String)>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CheckResult {
     pub name: String,
     pub ok: bool,
     pub detail: String,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Artifacts {
     pub dir: String,
     pub serial_log: String,
@@ -72,7 +72,7 @@ pub struct Artifacts {
     pub guest_logs: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct UpgradeTimeline {
     pub from: String,
     pub to: String,

@@ -40,6 +40,14 @@ enum Cmd {
         #[arg(long, short)]
         verbose: bool,
     },
+    /// Write the compatibility table from run reports.
+    Matrix {
+        /// Directory of JSON reports (`run --report DIR`).
+        #[arg(long, default_value = "target/kupgrade-vm/reports")]
+        reports: PathBuf,
+        #[arg(long, default_value = "docs/compatibility.md")]
+        out: PathBuf,
+    },
 }
 
 fn workspace() -> PathBuf {
@@ -50,6 +58,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let cache = cli.cache.unwrap_or_else(|| workspace().join("target/kupgrade-vm"));
     match cli.cmd {
+        Cmd::Matrix { reports, out } => {
+            let result = kupgrade_vm::matrix::load_reports(&reports).and_then(|r| {
+                std::fs::write(&out, kupgrade_vm::matrix::render(&r))?;
+                Ok(r.len())
+            });
+            match result {
+                Ok(n) => {
+                    println!("wrote {} from {n} reports", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("kupgrade-vm: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Run { scenarios, report, accel, keep, verbose } => {
             let mut opts = Options { cache, workspace: workspace(), bin_dir: cli.bin_dir, accel, keep, verbose };
             let mut failed = Vec::new();
