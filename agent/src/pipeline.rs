@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use image_format::devstate::{self, DeviceState};
+use image_format::devstate::{self, DeviceState, TmpfsMount};
 use image_format::events::{Event, EventLine};
 use image_format::{Manifest, PhaseTiming, WorkloadEntry};
 
@@ -59,8 +59,12 @@ pub trait System {
     fn dump(&mut self, w: &Workload, dir: &Path) -> Result<Dumped, StepError>;
     /// Undoes a dump: drops its network lock, continues its stopped tasks.
     fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError>;
-    /// Device state; tmpfs files the workloads use are copied below `tmpfs_dir`.
-    fn capture(&mut self, ws: &[Workload], tmpfs_dir: &Path) -> Result<(DeviceState, bool), StepError>;
+    /// Interfaces, routes, hostname, RNG seed: configuration that does not
+    /// change while the workloads are frozen, so it is read before.
+    fn system_state(&mut self) -> Result<DeviceState, StepError>;
+    /// Copies the tmpfs files the workloads use below `dir`; returns the
+    /// tmpfs mounts involved and whether any file was copied.
+    fn tmpfs_files(&mut self, ws: &[Workload], dir: &Path) -> Result<(Vec<TmpfsMount>, bool), StepError>;
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError>;
     fn invalidate_image(&mut self) -> Result<(), StepError>;
     /// sync, then remount file systems read-only where possible.
@@ -165,6 +169,7 @@ fn run(
     if !opts.dry_run && !sys.kexec_loaded() {
         return Err(StepError::new("preflight", "no kernel is loaded any more: run `kupgrade stage` again"));
     }
+    let mut state = sys.system_state()?;
     emit(sys, phases, EventLine::now(Event::PreflightOk).with("workloads", workloads.len()));
     check_signal(sys, "freeze")?;
 
@@ -202,7 +207,8 @@ fn run(
 
     check_signal(sys, "device state")?;
     let tmpfs_dir = opts.work_dir.join("tmpfs");
-    let (mut state, has_tmpfs) = sys.capture(workloads, &tmpfs_dir)?;
+    let (mounts, has_tmpfs) = sys.tmpfs_files(workloads, &tmpfs_dir)?;
+    state.tmpfs_mounts = mounts;
     state.network_locks = locks;
     emit(sys, phases,
         EventLine::now(Event::StateCaptured)
@@ -314,9 +320,13 @@ mod tests {
         fn undump(&mut self, w: &Workload, _d: &Dumped) -> Result<(), StepError> {
             self.step(format!("undump {}", w.name), "resume")
         }
-        fn capture(&mut self, _ws: &[Workload], _d: &Path) -> Result<(DeviceState, bool), StepError> {
+        fn system_state(&mut self) -> Result<DeviceState, StepError> {
+            self.step("system state".into(), "device state")?;
+            Ok(DeviceState::default())
+        }
+        fn tmpfs_files(&mut self, _ws: &[Workload], _d: &Path) -> Result<(Vec<TmpfsMount>, bool), StepError> {
             self.step("capture".into(), "device state")?;
-            Ok((DeviceState::default(), false))
+            Ok((vec![], false))
         }
         fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
             self.step("write".into(), "image write")?;
@@ -383,7 +393,10 @@ mod tests {
         // The fake's reboot "fails", so go undoes everything after it.
         assert_eq!(err.failure.reason, "refused by the kernel");
         let upto_reboot: Vec<&str> = f.calls.iter().map(String::as_str).take_while(|c| *c != "reboot").collect();
-        assert_eq!(upto_reboot, ["freeze a", "freeze b", "dump a", "dump b", "capture", "write", "quiesce"]);
+        assert_eq!(
+            upto_reboot,
+            ["system state", "freeze a", "freeze b", "dump a", "dump b", "capture", "write", "quiesce"]
+        );
         assert_eq!(
             &f.events[..6],
             &[Event::PreflightOk, Event::Frozen, Event::Dumped, Event::StateCaptured, Event::ImageWritten, Event::Kexec]
@@ -403,6 +416,7 @@ mod tests {
     #[test]
     fn every_abort_path_undoes_what_was_done() {
         let cases: &[(&str, &[&str])] = &[
+            ("system state", &[]),
             ("freeze a", &["thaw a"]),
             ("freeze b", &["thaw b", "thaw a"]),
             ("dump a", &["thaw b", "thaw a"]),

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use image_format::devstate::{self, DeviceState};
+use image_format::devstate::{self, DeviceState, TmpfsMount};
 use image_format::events::EventLine;
 use image_format::{ImageWriter, WriteOptions};
 use nix::mount::{mount, MsFlags};
@@ -104,14 +104,17 @@ impl System for RealSystem {
         }
     }
 
-    fn capture(&mut self, ws: &[Workload], tmpfs_dir: &Path) -> Result<(DeviceState, bool), StepError> {
-        let mut state = capture::system_state().map_err(|e| err("device state")(&e))?;
-        let _ = fs::remove_dir_all(tmpfs_dir);
-        fs::create_dir_all(tmpfs_dir).map_err(|e| err("device state")(&e))?;
-        let skip = tmpfs_dir.parent().unwrap_or(tmpfs_dir).to_path_buf();
-        state.tmpfs_mounts = capture::tmpfs_files(ws, tmpfs_dir, &skip).map_err(|e| err("device state")(&e))?;
-        let has = fs::read_dir(tmpfs_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
-        Ok((state, has))
+    fn system_state(&mut self) -> Result<DeviceState, StepError> {
+        capture::system_state().map_err(|e| err("device state")(&e))
+    }
+
+    fn tmpfs_files(&mut self, ws: &[Workload], dir: &Path) -> Result<(Vec<TmpfsMount>, bool), StepError> {
+        let _ = fs::remove_dir_all(dir);
+        fs::create_dir_all(dir).map_err(|e| err("device state")(&e))?;
+        let skip = dir.parent().unwrap_or(dir).to_path_buf();
+        let mounts = capture::tmpfs_files(ws, dir, &skip).map_err(|e| err("device state")(&e))?;
+        let has = fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+        Ok((mounts, has))
     }
 
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
