@@ -113,6 +113,53 @@ pub fn save_lock_table(w: &Workload) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Takes the workload's TCP sockets out of repair mode. A dump with
+/// `--leave-stopped` leaves them in it (CRIU expects the tasks to be killed
+/// and restored elsewhere); a dump we abandon must undo that before the
+/// tasks run again, while the lock table still holds back the peers.
+pub fn repair_off(w: &Workload) -> Result<usize, String> {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt::TcpRepair};
+    use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
+    let tcp: std::collections::HashSet<u64> = crate::proc::tcp_sockets().into_iter().map(|(ino, _)| ino).collect();
+    let mut done = std::collections::HashSet::new();
+    let mut errors = Vec::new();
+    for &pid in &w.pids {
+        let Some(p) = Pid::from_raw(pid) else { continue };
+        let pidfd = match pidfd_open(p, PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                errors.push(format!("pid {pid}: pidfd_open: {e}"));
+                continue;
+            }
+        };
+        for (fd, link) in crate::proc::fds(pid) {
+            let Some(ino) = crate::proc::socket_inode(&link) else { continue };
+            if !tcp.contains(&ino) || done.contains(&ino) {
+                continue;
+            }
+            let res = pidfd_getfd(&pidfd, fd, PidfdGetfdFlags::empty())
+                .map_err(|e| format!("pidfd_getfd: {e}"))
+                .and_then(|sock| {
+                    if getsockopt(&sock, TcpRepair).map_err(|e| e.to_string())? != 0 {
+                        setsockopt(&sock, TcpRepair, &0).map_err(|e| format!("TCP_REPAIR off: {e}"))?;
+                    }
+                    Ok(())
+                });
+            match res {
+                Ok(()) => {
+                    done.insert(ino);
+                }
+                Err(e) => errors.push(format!("pid {pid} fd {fd}: {e}")),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(done.len())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
 /// Lifts CRIU's network lock for a dump we abandon.
 pub fn drop_lock_table(w: &Workload) -> Result<(), String> {
     let out = Command::new("nft")

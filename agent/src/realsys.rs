@@ -20,6 +20,9 @@ use crate::store::Store;
 use crate::workload::Workload;
 use crate::{capture, cgroup, criu};
 
+/// Environment variable that makes `go` fail on purpose; see `reboot`.
+pub const FAILPOINT: &str = "KUPGRADE_FAILPOINT";
+
 pub struct RealSystem {
     cfg: Config,
     store: Store,
@@ -85,6 +88,8 @@ impl System for RealSystem {
 
     fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError> {
         if d.lock_table.is_some() {
+            // Repair mode off first, while the peers are still held back.
+            criu::repair_off(w).map_err(|e| err("resume")(&e))?;
             criu::drop_lock_table(w).map_err(|e| err("resume")(&e))?;
         }
         // CRIU left the tasks stopped (--leave-stopped); the cgroup thaw
@@ -177,6 +182,11 @@ impl System for RealSystem {
     }
 
     fn reboot(&mut self) -> StepError {
+        // Test hook: stop at the last moment, to prove that even then every
+        // workload is resumed (used by the abort-resume QEMU scenario).
+        if std::env::var(FAILPOINT).is_ok_and(|v| v == "kexec") {
+            return StepError::new("kexec", format!("failpoint {FAILPOINT}=kexec: the reboot was not attempted"));
+        }
         match kexec::reboot_into_loaded() {
             Ok(never) => match never {},
             Err(e) => StepError::new("kexec", e),

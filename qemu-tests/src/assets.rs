@@ -31,9 +31,21 @@ const HOST_PROGRAMS: &[&str] = &["/usr/sbin/criu", "/usr/sbin/nft", "/usr/bin/ip
 /// initramfs builder adds kupgrade's own (CRIU's diag modules, pmem).
 pub const VM_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net"];
 
-/// Static binaries built from this workspace for the guest.
-pub const GUEST_BINARIES: &[&str] =
-    &["kupgrade", "kupgrade-init", "kupgrade-guest", "wl-counter", "wl-counter-check", "wl-echo"];
+/// Static binaries built from this workspace for the guest, besides the
+/// test workloads (every `wl-*`).
+pub const GUEST_BINARIES: &[&str] = &["kupgrade", "kupgrade-init", "kupgrade-guest"];
+
+/// The test workloads and checkers built into `bin_dir`, sorted.
+fn workload_binaries(bin_dir: &Path) -> Result<Vec<String>> {
+    let mut v: Vec<String> = fs::read_dir(bin_dir)
+        .with_context(|| format!("no guest binaries in {}", bin_dir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("wl-") && !n.ends_with(".d"))
+        .collect();
+    v.sort();
+    Ok(v)
+}
 
 pub struct Cache {
     pub root: PathBuf,
@@ -261,8 +273,8 @@ fn rootfs_key(inputs: &RootfsInputs) -> Result<String> {
     for p in inputs.packages {
         h.update(p.as_bytes());
     }
-    for b in GUEST_BINARIES {
-        let path = inputs.bin_dir.join(b);
+    for b in GUEST_BINARIES.iter().map(|s| s.to_string()).chain(workload_binaries(inputs.bin_dir)?) {
+        let path = inputs.bin_dir.join(&b);
         h.update(&fs::read(&path).with_context(|| format!("missing guest binary {}", path.display()))?);
     }
     for p in HOST_PROGRAMS.iter().chain(&["/usr/bin/busybox"]) {
@@ -342,7 +354,7 @@ fn populate(cache: &Cache, inputs: &RootfsInputs, root: &Path) -> Result<()> {
     let bin = inputs.bin_dir;
     copy(&bin.join("kupgrade"), &root.join("usr/sbin/kupgrade"), None)?;
     copy(&bin.join("kupgrade-init"), &root.join(GUEST_INIT_BINARY.trim_start_matches('/')), None)?;
-    for b in GUEST_BINARIES.iter().filter(|b| b.starts_with("wl-") || **b == "kupgrade-guest") {
+    for b in workload_binaries(bin)?.iter().chain(&["kupgrade-guest".to_string()]) {
         copy(&bin.join(b), &root.join(GUEST_BIN_DIR.trim_start_matches('/')).join(b), None)?;
     }
     symlink(format!("{GUEST_BIN_DIR}/kupgrade-guest"), root.join("usr/sbin/init"))?;

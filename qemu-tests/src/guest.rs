@@ -28,6 +28,7 @@ pub struct Plan {
     pub settle_secs: u64,
     pub expect: Expect,
     pub go_args: Vec<String>,
+    pub go_env: Vec<String>,
     pub checks: Vec<Check>,
     /// How long the checks wait for restored workloads to show they run.
     pub alive_secs: u64,

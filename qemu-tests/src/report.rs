@@ -109,7 +109,7 @@ pub fn timelines(events: &[EventRecord], boots: &[String]) -> Vec<UpgradeTimelin
         let boot = events[start].boot;
         let mut t = UpgradeTimeline {
             from: boots.get(boot).cloned().unwrap_or_default(),
-            to: boots.get(boot + 1).cloned().unwrap_or_default(),
+            to: boots.get(boot + 1).cloned().unwrap_or_else(|| "(no kexec)".into()),
             ..Default::default()
         };
         for (a, b, name) in PHASES {

@@ -182,6 +182,7 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
         settle_secs: sc.upgrade.settle_secs,
         expect: sc.upgrade.expect,
         go_args: sc.upgrade.go_args.clone(),
+        go_env: sc.upgrade.go_env.clone(),
         checks: sc.checks.clone(),
         alive_secs: 3,
     };

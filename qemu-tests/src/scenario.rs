@@ -183,11 +183,20 @@ pub struct Upgrade {
     pub refusal_contains: Option<String>,
     /// Extra arguments for `kupgrade go`.
     pub go_args: Vec<String>,
+    /// Extra environment for `kupgrade go`, `KEY=VALUE` (e.g. a failpoint).
+    pub go_env: Vec<String>,
 }
 
 impl Default for Upgrade {
     fn default() -> Self {
-        Upgrade { chain: vec!["to".into()], settle_secs: 2, expect: Expect::Success, refusal_contains: None, go_args: vec![] }
+        Upgrade {
+            chain: vec!["to".into()],
+            settle_secs: 2,
+            expect: Expect::Success,
+            refusal_contains: None,
+            go_args: vec![],
+            go_env: vec![],
+        }
     }
 }
 
@@ -240,6 +249,9 @@ impl Scenario {
             if c != "from" && c != "to" {
                 return Err(format!("upgrade.chain entry {c:?}: use \"from\" or \"to\""));
             }
+        }
+        if let Some(bad) = self.upgrade.go_env.iter().find(|e| !e.contains('=')) {
+            return Err(format!("upgrade.go_env entry {bad:?}: use KEY=VALUE"));
         }
         if self.upgrade.chain.is_empty() {
             return Err("upgrade.chain is empty: name at least one kernel (\"to\")".into());

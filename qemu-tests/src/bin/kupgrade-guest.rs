@@ -112,7 +112,13 @@ fn release() -> String {
 }
 
 fn sh(args: &[&str]) -> (bool, String) {
-    match Command::new(args[0]).args(&args[1..]).env("PATH", PATH).stdin(Stdio::null()).output() {
+    sh_env(args, &[])
+}
+
+/// Runs a command with extra `KEY=VALUE` environment; (success, output).
+fn sh_env(args: &[&str], env: &[String]) -> (bool, String) {
+    let vars = env.iter().filter_map(|e| e.split_once('='));
+    match Command::new(args[0]).args(&args[1..]).env("PATH", PATH).envs(vars).stdin(Stdio::null()).output() {
         Ok(o) => {
             let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
             text.push_str(&String::from_utf8_lossy(&o.stderr));
@@ -226,7 +232,7 @@ fn worker() -> Result<()> {
         say(Line::new("go").with("n", progress.upgrades_done).with("target", &target));
         let mut args = vec!["kupgrade", "go"];
         args.extend(plan.go_args.iter().map(String::as_str));
-        let (_, out) = sh(&args);
+        let (_, out) = sh_env(&args, &plan.go_env);
         // Only returns when the upgrade did not happen.
         progress.upgrades_done -= 1;
         save_progress(&progress)?;
