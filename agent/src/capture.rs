@@ -33,11 +33,24 @@ pub enum Error {
 
 fn ip_json(args: &[&str]) -> Result<Value, Error> {
     let joined = args.join(" ");
-    let out = Command::new("ip").arg("-json").args(args).output().map_err(|source| Error::Ip { args: joined.clone(), source })?;
+    let out = Command::new("ip")
+        .arg("-json")
+        .args(args)
+        .output()
+        .map_err(|source| Error::Ip {
+            args: joined.clone(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(Error::IpOutput { args: joined, message: String::from_utf8_lossy(&out.stderr).trim().into() });
+        return Err(Error::IpOutput {
+            args: joined,
+            message: String::from_utf8_lossy(&out.stderr).trim().into(),
+        });
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| Error::IpOutput { args: joined, message: e.to_string() })
+    serde_json::from_slice(&out.stdout).map_err(|e| Error::IpOutput {
+        args: joined,
+        message: e.to_string(),
+    })
 }
 
 /// Interfaces from `ip -json addr show`, without loopback and without the
@@ -46,7 +59,12 @@ pub fn parse_interfaces(v: &Value) -> Vec<Interface> {
     let mut out = Vec::new();
     for link in v.as_array().into_iter().flatten() {
         let name = link["ifname"].as_str().unwrap_or_default().to_string();
-        let flags: Vec<&str> = link["flags"].as_array().into_iter().flatten().filter_map(|f| f.as_str()).collect();
+        let flags: Vec<&str> = link["flags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.as_str())
+            .collect();
         if name.is_empty() || flags.contains(&"LOOPBACK") {
             continue;
         }
@@ -57,7 +75,11 @@ pub fn parse_interfaces(v: &Value) -> Vec<Interface> {
             .filter(|a| a["scope"].as_str() != Some("link") || a["family"].as_str() == Some("inet"))
             .filter_map(|a| {
                 Some(Address {
-                    family: if a["family"].as_str()? == "inet6" { Family::Inet6 } else { Family::Inet },
+                    family: if a["family"].as_str()? == "inet6" {
+                        Family::Inet6
+                    } else {
+                        Family::Inet
+                    },
                     local: a["local"].as_str()?.to_string(),
                     prefix_len: a["prefixlen"].as_u64()? as u8,
                     broadcast: a["broadcast"].as_str().map(str::to_string),
@@ -90,9 +112,15 @@ pub fn parse_routes(v: &Value, family: Family) -> Vec<Route> {
                 gateway: r["gateway"].as_str().map(str::to_string),
                 dev: r["dev"].as_str().map(str::to_string),
                 metric: r["metric"].as_u64().map(|m| m as u32),
-                scope: r["scope"].as_str().filter(|s| *s != "global").map(str::to_string),
+                scope: r["scope"]
+                    .as_str()
+                    .filter(|s| *s != "global")
+                    .map(str::to_string),
                 prefsrc: r["prefsrc"].as_str().map(str::to_string),
-                protocol: r["protocol"].as_str().filter(|p| *p != "boot").map(str::to_string),
+                protocol: r["protocol"]
+                    .as_str()
+                    .filter(|p| *p != "boot")
+                    .map(str::to_string),
             })
         })
         .collect()
@@ -111,7 +139,11 @@ pub fn tmpfs_mounts(mountinfo: &str) -> Vec<TmpfsMount> {
             let path = left.split_whitespace().nth(4)?;
             (fstype == "tmpfs").then(|| TmpfsMount {
                 path: unescape_mount_path(path),
-                options: super_opts.split(',').filter(|o| *o != "rw" && *o != "ro").collect::<Vec<_>>().join(","),
+                options: super_opts
+                    .split(',')
+                    .filter(|o| *o != "rw" && *o != "ro")
+                    .collect::<Vec<_>>()
+                    .join(","),
             })
         })
         .collect()
@@ -119,21 +151,30 @@ pub fn tmpfs_mounts(mountinfo: &str) -> Vec<TmpfsMount> {
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape_mount_path(p: &str) -> String {
-    p.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    p.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// The tmpfs mount holding `path`, the deepest one.
 fn tmpfs_of<'a>(path: &str, mounts: &'a [TmpfsMount]) -> Option<&'a TmpfsMount> {
     mounts
         .iter()
-        .filter(|m| path == m.path || path.starts_with(&format!("{}/", m.path.trim_end_matches('/'))))
+        .filter(|m| {
+            path == m.path || path.starts_with(&format!("{}/", m.path.trim_end_matches('/')))
+        })
         .max_by_key(|m| m.path.len())
 }
 
 /// Copies the tmpfs files the workloads have open or mapped into `dest`
 /// (at their absolute path below it) and returns the tmpfs mounts involved.
 /// `skip` is kupgrade's own scratch space.
-pub fn tmpfs_files(workloads: &[Workload], dest: &Path, skip: &Path) -> Result<Vec<TmpfsMount>, Error> {
+pub fn tmpfs_files(
+    workloads: &[Workload],
+    dest: &Path,
+    skip: &Path,
+) -> Result<Vec<TmpfsMount>, Error> {
     let mounts = tmpfs_mounts(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
     let mut used: Vec<TmpfsMount> = Vec::new();
     let mut paths: Vec<String> = Vec::new();
@@ -150,16 +191,24 @@ pub fn tmpfs_files(workloads: &[Workload], dest: &Path, skip: &Path) -> Result<V
         if !p.starts_with('/') || p.ends_with(" (deleted)") || Path::new(&p).starts_with(skip) {
             continue;
         }
-        let Some(m) = tmpfs_of(&p, &mounts) else { continue };
+        let Some(m) = tmpfs_of(&p, &mounts) else {
+            continue;
+        };
         let src = Path::new(&p);
         if !src.is_file() {
             continue;
         }
         let to = dest.join(p.trim_start_matches('/'));
         if let Some(parent) = to.parent() {
-            fs::create_dir_all(parent).map_err(|source| Error::Copy { path: src.into(), source })?;
+            fs::create_dir_all(parent).map_err(|source| Error::Copy {
+                path: src.into(),
+                source,
+            })?;
         }
-        fs::copy(src, &to).map_err(|source| Error::Copy { path: src.into(), source })?;
+        fs::copy(src, &to).map_err(|source| Error::Copy {
+            path: src.into(),
+            source,
+        })?;
         if !used.contains(m) {
             used.push(m.clone());
         }
@@ -179,10 +228,18 @@ pub fn rng_seed() -> Vec<u8> {
 /// tmpfs files (copied by [`tmpfs_files`]).
 pub fn system_state() -> Result<DeviceState, Error> {
     let interfaces = parse_interfaces(&ip_json(&["addr", "show"])?);
-    let mut routes = parse_routes(&ip_json(&["-4", "route", "show", "table", "main"])?, Family::Inet);
-    routes.extend(parse_routes(&ip_json(&["-6", "route", "show", "table", "main"])?, Family::Inet6));
+    let mut routes = parse_routes(
+        &ip_json(&["-4", "route", "show", "table", "main"])?,
+        Family::Inet,
+    );
+    routes.extend(parse_routes(
+        &ip_json(&["-6", "route", "show", "table", "main"])?,
+        Family::Inet6,
+    ));
     Ok(DeviceState {
-        hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        hostname: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         interfaces,
         routes,
         network_locks: Vec::new(),
@@ -233,7 +290,13 @@ mod tests {
                   26 25 0:22 / /run/my\\040dir rw - tmpfs tmpfs rw,mode=700\n";
         let m = tmpfs_mounts(mi);
         assert_eq!(m.len(), 2);
-        assert_eq!(m[0], TmpfsMount { path: "/run".into(), options: "size=100k,mode=755".into() });
+        assert_eq!(
+            m[0],
+            TmpfsMount {
+                path: "/run".into(),
+                options: "size=100k,mode=755".into()
+            }
+        );
         assert_eq!(m[1].path, "/run/my dir");
         assert_eq!(tmpfs_of("/run/my dir/x", &m).unwrap().path, "/run/my dir");
         assert_eq!(tmpfs_of("/run/x", &m).unwrap().path, "/run");

@@ -19,7 +19,10 @@ pub enum Error {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Every process in `cgroup` and the cgroups below it.
@@ -43,7 +46,11 @@ pub fn procs(cgroup: &Path) -> Result<Vec<i32>, Error> {
 /// Bytes charged to the cgroup (`memory.current`), when the memory
 /// controller is enabled for it.
 pub fn memory_current(cgroup: &Path) -> Option<u64> {
-    fs::read_to_string(cgroup.join("memory.current")).ok()?.trim().parse().ok()
+    fs::read_to_string(cgroup.join("memory.current"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 pub fn is_frozen(cgroup: &Path) -> Result<bool, Error> {
@@ -59,7 +66,10 @@ pub fn freeze(cgroup: &Path, timeout: Duration) -> Result<(), Error> {
     let start = Instant::now();
     while !is_frozen(cgroup)? {
         if start.elapsed() > timeout {
-            return Err(Error::FreezeTimeout { path: cgroup.to_path_buf(), ms: timeout.as_millis() as u64 });
+            return Err(Error::FreezeTimeout {
+                path: cgroup.to_path_buf(),
+                ms: timeout.as_millis() as u64,
+            });
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -97,10 +107,16 @@ mod tests {
         fs::write(d.path().join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
         let err = freeze(d.path(), Duration::from_millis(20)).unwrap_err();
         assert!(matches!(err, Error::FreezeTimeout { .. }), "{err}");
-        assert_eq!(fs::read_to_string(d.path().join("cgroup.freeze")).unwrap(), "1");
+        assert_eq!(
+            fs::read_to_string(d.path().join("cgroup.freeze")).unwrap(),
+            "1"
+        );
         fs::write(d.path().join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
         freeze(d.path(), Duration::from_millis(20)).unwrap();
         thaw(d.path()).unwrap();
-        assert_eq!(fs::read_to_string(d.path().join("cgroup.freeze")).unwrap(), "0");
+        assert_eq!(
+            fs::read_to_string(d.path().join("cgroup.freeze")).unwrap(),
+            "0"
+        );
     }
 }

@@ -41,13 +41,25 @@ impl fmt::Display for Finding {
 }
 
 fn ok(what: impl Into<String>) -> Finding {
-    Finding { level: Level::Ok, what: what.into(), fix: None }
+    Finding {
+        level: Level::Ok,
+        what: what.into(),
+        fix: None,
+    }
 }
 fn fail(what: impl Into<String>, fix: impl Into<String>) -> Finding {
-    Finding { level: Level::Fail, what: what.into(), fix: Some(fix.into()) }
+    Finding {
+        level: Level::Fail,
+        what: what.into(),
+        fix: Some(fix.into()),
+    }
 }
 fn warn(what: impl Into<String>, fix: impl Into<String>) -> Finding {
-    Finding { level: Level::Warn, what: what.into(), fix: Some(fix.into()) }
+    Finding {
+        level: Level::Warn,
+        what: what.into(),
+        fix: Some(fix.into()),
+    }
 }
 
 pub fn run(cfg: &Config) -> Vec<Finding> {
@@ -55,14 +67,24 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
     if nix::unistd::geteuid().is_root() {
         out.push(ok("running as root"));
     } else {
-        out.push(fail("not running as root", "run kupgrade as root: loading a kernel needs CAP_SYS_BOOT, CRIU needs CAP_SYS_ADMIN"));
+        out.push(fail(
+            "not running as root",
+            "run kupgrade as root: loading a kernel needs CAP_SYS_BOOT, CRIU needs CAP_SYS_ADMIN",
+        ));
     }
     match kexec::is_loaded() {
         Ok(loaded) => out.push(ok(format!(
             "kexec is supported ({})",
-            if loaded { "a kernel is loaded" } else { "no kernel loaded yet" }
+            if loaded {
+                "a kernel is loaded"
+            } else {
+                "no kernel loaded yet"
+            }
         ))),
-        Err(e) => out.push(fail(format!("kexec: {e}"), "use a kernel built with CONFIG_KEXEC_FILE")),
+        Err(e) => out.push(fail(
+            format!("kexec: {e}"),
+            "use a kernel built with CONFIG_KEXEC_FILE",
+        )),
     }
     match fs_lockdown() {
         Some(mode) if mode != "none" => out.push(warn(
@@ -74,14 +96,20 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
     if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
         out.push(ok("cgroup v2 is mounted"));
     } else {
-        out.push(fail("cgroup v2 is not mounted on /sys/fs/cgroup", "boot with systemd.unified_cgroup_hierarchy=1 or mount cgroup2"));
+        out.push(fail(
+            "cgroup v2 is not mounted on /sys/fs/cgroup",
+            "boot with systemd.unified_cgroup_hierarchy=1 or mount cgroup2",
+        ));
     }
     match criu::version(&cfg.criu) {
         Ok(v) => {
             out.push(ok(format!("CRIU {v} found")));
             match criu::check(&cfg.criu) {
                 Ok(()) => out.push(ok("`criu check` passes on this kernel")),
-                Err(e) => out.push(fail(e.to_string(), "install a CRIU that supports this kernel")),
+                Err(e) => out.push(fail(
+                    e.to_string(),
+                    "install a CRIU that supports this kernel",
+                )),
             }
         }
         Err(e) => out.push(fail(e.to_string(), "apt-get install criu")),
@@ -94,7 +122,10 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
     }
 
     let found = workload::discover(cfg);
-    let workloads: Vec<Workload> = found.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+    let workloads: Vec<Workload> = found
+        .iter()
+        .filter_map(|r| r.as_ref().ok().cloned())
+        .collect();
     for e in found.iter().filter_map(|r| r.as_ref().err()) {
         out.push(fail(e.to_string(), "fix the workload's cgroup"));
     }
@@ -111,11 +142,18 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
                 proc::comm(w.root_pid),
                 w.pids.len(),
                 w.memory_bytes >> 20,
-                if w.tcp_established { ", TCP connections" } else { "" }
+                if w.tcp_established {
+                    ", TCP connections"
+                } else {
+                    ""
+                }
             )));
         }
         for r in refusals {
-            out.push(fail(r.to_string(), "kupgrade go would refuse it: remove the resource or stop the workload"));
+            out.push(fail(
+                r.to_string(),
+                "kupgrade go would refuse it: remove the resource or stop the workload",
+            ));
         }
     }
     let need = store::estimate_image_bytes(workloads.iter().map(|w| w.memory_bytes).sum());
@@ -132,8 +170,15 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
         Err(e) => out.push(fail(e.to_string(), store::suggest_memmap(need))),
     }
     match Staged::load() {
-        Some(s) => out.push(ok(format!("staged: {} ({})", s.release, s.kernel.display()))),
-        None => out.push(warn("no kernel staged", "run `kupgrade stage /boot/vmlinuz-NEW`")),
+        Some(s) => out.push(ok(format!(
+            "staged: {} ({})",
+            s.release,
+            s.kernel.display()
+        ))),
+        None => out.push(warn(
+            "no kernel staged",
+            "run `kupgrade stage /boot/vmlinuz-NEW`",
+        )),
     }
     out
 }
@@ -141,5 +186,7 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
 fn fs_lockdown() -> Option<String> {
     let text = std::fs::read_to_string("/sys/kernel/security/lockdown").ok()?;
     // "none [integrity] confidentiality": the bracketed word is active.
-    text.split_whitespace().find(|w| w.starts_with('[')).map(|w| w.trim_matches(['[', ']']).to_string())
+    text.split_whitespace()
+        .find(|w| w.starts_with('['))
+        .map(|w| w.trim_matches(['[', ']']).to_string())
 }

@@ -65,9 +65,15 @@ impl Config {
     /// Loads the config file; a missing file means the defaults.
     pub fn load(path: &Path) -> Result<Config, Error> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Config::parse(&text).map_err(|message| Error::Parse { path: path.into(), message }),
+            Ok(text) => Config::parse(&text).map_err(|message| Error::Parse {
+                path: path.into(),
+                message,
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
-            Err(source) => Err(Error::Read { path: path.into(), source }),
+            Err(source) => Err(Error::Read {
+                path: path.into(),
+                source,
+            }),
         }
     }
 
@@ -92,11 +98,17 @@ mod tests {
         let c = Config::parse("store = \"file:/var/img\"\n[[workload]]\nname = \"db\"\ncgroup = \"system.slice/pg.service\"\n")
             .unwrap();
         assert_eq!(c.store, "file:/var/img");
-        assert_eq!(c.workloads[0].cgroup, PathBuf::from("system.slice/pg.service"));
+        assert_eq!(
+            c.workloads[0].cgroup,
+            PathBuf::from("system.slice/pg.service")
+        );
     }
 
     #[test]
     fn missing_file_means_defaults() {
-        assert_eq!(Config::load(Path::new("/nonexistent/kupgrade.toml")).unwrap(), Config::default());
+        assert_eq!(
+            Config::load(Path::new("/nonexistent/kupgrade.toml")).unwrap(),
+            Config::default()
+        );
     }
 }

@@ -17,7 +17,11 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("CRIU refused to checkpoint workload {workload}: {errors} (log: {log})")]
-    Dump { workload: String, errors: String, log: PathBuf },
+    Dump {
+        workload: String,
+        errors: String,
+        log: PathBuf,
+    },
     #[error("`criu check` fails on this kernel: {0}")]
     Check(String),
 }
@@ -41,7 +45,11 @@ pub fn dump_args(w: &Workload, dir: &Path, log: &Path) -> Vec<String> {
         w.cgroup.display().to_string(),
     ];
     if w.tcp_established {
-        a.extend(["--tcp-established".into(), "--network-lock".into(), "nftables".into()]);
+        a.extend([
+            "--tcp-established".into(),
+            "--network-lock".into(),
+            "nftables".into(),
+        ]);
     }
     a
 }
@@ -57,11 +65,18 @@ pub fn last_errors(log: &Path) -> String {
         .map(|l| l.split_once(": ").map_or(l, |(_, m)| m).trim())
         .collect();
     let tail = &errs[errs.len().saturating_sub(3)..];
-    if tail.is_empty() { "no error logged".into() } else { tail.join("; ") }
+    if tail.is_empty() {
+        "no error logged".into()
+    } else {
+        tail.join("; ")
+    }
 }
 
 pub fn dump(criu: &str, w: &Workload, dir: &Path, log: &Path) -> Result<(), Error> {
-    fs::create_dir_all(dir).map_err(|source| Error::Missing { criu: criu.into(), source })?;
+    fs::create_dir_all(dir).map_err(|source| Error::Missing {
+        criu: criu.into(),
+        source,
+    })?;
     let status = Command::new(criu)
         .args(dump_args(w, dir, log))
         .stdin(Stdio::null())
@@ -71,11 +86,18 @@ pub fn dump(criu: &str, w: &Workload, dir: &Path, log: &Path) -> Result<(), Erro
         // CRIU half-way; kupgrade decides how to stop.
         .process_group(0)
         .status()
-        .map_err(|source| Error::Missing { criu: criu.into(), source })?;
+        .map_err(|source| Error::Missing {
+            criu: criu.into(),
+            source,
+        })?;
     if status.success() {
         Ok(())
     } else {
-        Err(Error::Dump { workload: w.name.clone(), errors: last_errors(log), log: log.into() })
+        Err(Error::Dump {
+            workload: w.name.clone(),
+            errors: last_errors(log),
+            log: log.into(),
+        })
     }
 }
 
@@ -83,21 +105,48 @@ use std::os::unix::process::CommandExt;
 
 /// `criu --version`, e.g. `3.17.1`.
 pub fn version(criu: &str) -> Result<String, Error> {
-    let out = Command::new(criu).arg("--version").output().map_err(|source| Error::Missing { criu: criu.into(), source })?;
+    let out = Command::new(criu)
+        .arg("--version")
+        .output()
+        .map_err(|source| Error::Missing {
+            criu: criu.into(),
+            source,
+        })?;
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.lines().find_map(|l| l.strip_prefix("Version:")).unwrap_or("unknown").trim().to_string())
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("Version:"))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string())
 }
 
 /// `criu check`: can CRIU work on this kernel at all?
 pub fn check(criu: &str) -> Result<(), Error> {
-    let out = Command::new(criu).arg("check").output().map_err(|source| Error::Missing { criu: criu.into(), source })?;
+    let out = Command::new(criu)
+        .arg("check")
+        .output()
+        .map_err(|source| Error::Missing {
+            criu: criu.into(),
+            source,
+        })?;
     if out.status.success() {
         return Ok(());
     }
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let mut why = text.lines().rfind(|l| l.contains("Error")).unwrap_or(text.trim()).to_string();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut why = text
+        .lines()
+        .rfind(|l| l.contains("Error"))
+        .unwrap_or(text.trim())
+        .to_string();
     if text.contains("vvar") || text.contains("vclock") {
-        why.push_str(" (this kernel has the [vvar_vclock] mapping, 6.13+: CRIU 4.1 or newer is needed)");
+        why.push_str(
+            " (this kernel has the [vvar_vclock] mapping, 6.13+: CRIU 4.1 or newer is needed)",
+        );
     }
     Err(Error::Check(why))
 }
@@ -109,8 +158,13 @@ pub fn lock_table(w: &Workload) -> String {
 
 /// `nft list table inet CRIU-<pid>`, to re-install it in the new kernel.
 pub fn save_lock_table(w: &Workload) -> Option<String> {
-    let out = Command::new("nft").args(["list", "table", "inet", &lock_table(w)]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = Command::new("nft")
+        .args(["list", "table", "inet", &lock_table(w)])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Takes the workload's TCP sockets out of repair mode. A dump with
@@ -120,11 +174,16 @@ pub fn save_lock_table(w: &Workload) -> Option<String> {
 pub fn repair_off(w: &Workload) -> Result<usize, String> {
     use nix::sys::socket::{getsockopt, setsockopt, sockopt::TcpRepair};
     use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
-    let tcp: std::collections::HashSet<u64> = crate::proc::tcp_sockets().into_iter().map(|(ino, _)| ino).collect();
+    let tcp: std::collections::HashSet<u64> = crate::proc::tcp_sockets()
+        .into_iter()
+        .map(|(ino, _)| ino)
+        .collect();
     let mut done = std::collections::HashSet::new();
     let mut errors = Vec::new();
     for &pid in &w.pids {
-        let Some(p) = Pid::from_raw(pid) else { continue };
+        let Some(p) = Pid::from_raw(pid) else {
+            continue;
+        };
         let pidfd = match pidfd_open(p, PidfdFlags::empty()) {
             Ok(fd) => fd,
             Err(e) => {
@@ -133,7 +192,9 @@ pub fn repair_off(w: &Workload) -> Result<usize, String> {
             }
         };
         for (fd, link) in crate::proc::fds(pid) {
-            let Some(ino) = crate::proc::socket_inode(&link) else { continue };
+            let Some(ino) = crate::proc::socket_inode(&link) else {
+                continue;
+            };
             if !tcp.contains(&ino) || done.contains(&ino) {
                 continue;
             }
@@ -141,7 +202,8 @@ pub fn repair_off(w: &Workload) -> Result<usize, String> {
                 .map_err(|e| format!("pidfd_getfd: {e}"))
                 .and_then(|sock| {
                     if getsockopt(&sock, TcpRepair).map_err(|e| e.to_string())? != 0 {
-                        setsockopt(&sock, TcpRepair, &0).map_err(|e| format!("TCP_REPAIR off: {e}"))?;
+                        setsockopt(&sock, TcpRepair, &0)
+                            .map_err(|e| format!("TCP_REPAIR off: {e}"))?;
                     }
                     Ok(())
                 });
@@ -171,7 +233,11 @@ pub fn drop_lock_table(w: &Workload) -> Result<(), String> {
     if out.status.success() || err.contains("No such file") {
         Ok(())
     } else {
-        Err(format!("nft delete table inet {}: {}", lock_table(w), err.trim()))
+        Err(format!(
+            "nft delete table inet {}: {}",
+            lock_table(w),
+            err.trim()
+        ))
     }
 }
 
@@ -197,7 +263,9 @@ mod tests {
         assert!(a.contains(&"--leave-stopped".to_string()));
         assert!(!a.contains(&"--tcp-established".to_string()));
         let a = dump_args(&wl(true), Path::new("/d"), Path::new("/l"));
-        assert!(a.windows(2).any(|p| p[0] == "--network-lock" && p[1] == "nftables"));
+        assert!(a
+            .windows(2)
+            .any(|p| p[0] == "--network-lock" && p[1] == "nftables"));
         assert_eq!(lock_table(&wl(true)), "CRIU-10001");
     }
 

@@ -26,7 +26,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("no modules for release {release} under {dir}: install the kernel's modules package first")]
+    #[error(
+        "no modules for release {release} under {dir}: install the kernel's modules package first"
+    )]
     NoModules { release: String, dir: PathBuf },
     #[error(transparent)]
     Modules(#[from] modules::Error),
@@ -46,7 +48,9 @@ impl Compression {
     /// Picks the best method the kernel's config (`/boot/config-<release>`)
     /// supports; without a config, gzip, which every distribution kernel has.
     pub fn for_kernel_config(config: Option<&str>) -> Compression {
-        let Some(config) = config else { return Compression::Gzip };
+        let Some(config) = config else {
+            return Compression::Gzip;
+        };
         let has = |key: &str| config.lines().any(|l| l.trim() == format!("{key}=y"));
         if has("CONFIG_RD_ZSTD") {
             Compression::Zstd
@@ -84,15 +88,30 @@ pub struct Built {
 /// file systems and the network (the root device and the interfaces to
 /// restore), so the new kernel sees the same devices before the real init.
 pub fn wanted_modules(loaded: &[String], index: &ModuleIndex, pmem_store: bool) -> Vec<String> {
-    let mut names: BTreeSet<String> = modules::CRIU_MODULES.iter().map(|s| s.to_string()).collect();
+    let mut names: BTreeSet<String> = modules::CRIU_MODULES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     if pmem_store {
         names.extend(modules::PMEM_MODULES.iter().map(|s| s.to_string()));
     }
     let early = index.resolve(loaded);
     for path in early.load_order {
-        let wanted_dir = ["kernel/drivers/block/", "kernel/drivers/nvme/", "kernel/drivers/scsi/", "kernel/drivers/ata/",
-            "kernel/drivers/virtio/", "kernel/drivers/net/", "kernel/drivers/nvdimm/", "kernel/drivers/md/",
-            "kernel/drivers/mmc/", "kernel/fs/", "kernel/net/", "kernel/lib/", "kernel/crypto/"];
+        let wanted_dir = [
+            "kernel/drivers/block/",
+            "kernel/drivers/nvme/",
+            "kernel/drivers/scsi/",
+            "kernel/drivers/ata/",
+            "kernel/drivers/virtio/",
+            "kernel/drivers/net/",
+            "kernel/drivers/nvdimm/",
+            "kernel/drivers/md/",
+            "kernel/drivers/mmc/",
+            "kernel/fs/",
+            "kernel/net/",
+            "kernel/lib/",
+            "kernel/crypto/",
+        ];
         if wanted_dir.iter().any(|d| path.starts_with(d)) {
             let file = path.rsplit('/').next().unwrap_or(&path);
             names.insert(modules::normalise(file.split(".ko").next().unwrap_or(file)));
@@ -104,11 +123,19 @@ pub fn wanted_modules(loaded: &[String], index: &ModuleIndex, pmem_store: bool) 
 /// Builds the initramfs described by `spec` into `out`.
 pub fn build(spec: &Spec, out: &Path) -> Result<Built, Error> {
     if !spec.modules_dir.join("modules.dep").exists() {
-        return Err(Error::NoModules { release: spec.release.clone(), dir: spec.modules_dir.clone() });
+        return Err(Error::NoModules {
+            release: spec.release.clone(),
+            dir: spec.modules_dir.clone(),
+        });
     }
-    let init = fs::read(&spec.init_binary).map_err(|source| Error::Read { path: spec.init_binary.clone(), source })?;
+    let init = fs::read(&spec.init_binary).map_err(|source| Error::Read {
+        path: spec.init_binary.clone(),
+        source,
+    })?;
     if elf_has_interpreter(&init) {
-        return Err(Error::NotStatic { path: spec.init_binary.clone() });
+        return Err(Error::NotStatic {
+            path: spec.init_binary.clone(),
+        });
     }
     let index = ModuleIndex::open(&spec.modules_dir)?;
     let resolution = index.resolve(&spec.modules);
@@ -126,43 +153,71 @@ pub fn build(spec: &Spec, out: &Path) -> Result<Built, Error> {
     let mut order = String::new();
     for rel in &resolution.load_order {
         let src = spec.modules_dir.join(rel);
-        let data = fs::read(&src).map_err(|source| Error::Read { path: src.clone(), source })?;
+        let data = fs::read(&src).map_err(|source| Error::Read {
+            path: src.clone(),
+            source,
+        })?;
         let dest = format!("{mod_root}/{rel}");
         cpio.parents(&dest);
         cpio.file(&dest, 0o644, &data);
         order.push_str(rel);
         order.push('\n');
     }
-    cpio.file(&format!("{mod_root}/{}", modules::LOAD_ORDER_FILE), 0o644, order.as_bytes());
+    cpio.file(
+        &format!("{mod_root}/{}", modules::LOAD_ORDER_FILE),
+        0o644,
+        order.as_bytes(),
+    );
     let archive = cpio.finish();
 
     let compressed = match spec.compression {
-        Compression::Zstd => zstd::encode_all(&archive[..], 9).map_err(|source| write_err(out, source))?,
+        Compression::Zstd => {
+            zstd::encode_all(&archive[..], 9).map_err(|source| write_err(out, source))?
+        }
         Compression::Gzip => {
             let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
-            enc.write_all(&archive).map_err(|source| write_err(out, source))?;
+            enc.write_all(&archive)
+                .map_err(|source| write_err(out, source))?;
             enc.finish().map_err(|source| write_err(out, source))?
         }
         Compression::None => archive,
     };
     fs::write(out, &compressed).map_err(|source| write_err(out, source))?;
-    Ok(Built { bytes: compressed.len() as u64, modules: resolution, compression: spec.compression })
+    Ok(Built {
+        bytes: compressed.len() as u64,
+        modules: resolution,
+        compression: spec.compression,
+    })
 }
 
 fn write_err(path: &Path, source: io::Error) -> Error {
-    Error::Write { path: path.to_path_buf(), source }
+    Error::Write {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// True for a dynamically linked ELF (it has a PT_INTERP program header).
 fn elf_has_interpreter(elf: &[u8]) -> bool {
-    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    let u64_at = |o: usize| elf.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    let u16_at = |o: usize| {
+        elf.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u32_at = |o: usize| {
+        elf.get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
     // Only 64-bit little-endian ELF is expected here.
     if elf.get(..5) != Some(b"\x7fELF\x02") {
         return false;
     }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
         return false;
     };
     (0..phnum).any(|i| u32_at(phoff as usize + i * phentsize) == Some(3 /* PT_INTERP */))
@@ -278,7 +333,10 @@ mod tests {
         c.file("init", 0o755, b"");
         let entries = parse_cpio(&c.finish());
         let names: Vec<_> = entries.iter().map(|e| e.0.as_str()).collect();
-        assert_eq!(names, ["dev", "dev/console", "a", "a/b", "a/b/c.ko", "init"]);
+        assert_eq!(
+            names,
+            ["dev", "dev/console", "a", "a/b", "a/b/c.ko", "init"]
+        );
         assert_eq!(entries[4].2, b"hello");
         assert_eq!(entries[1].1, 0o020600);
         assert_eq!(entries[5].1, 0o100755);
@@ -286,8 +344,14 @@ mod tests {
 
     #[test]
     fn compression_follows_the_kernel_config() {
-        assert_eq!(Compression::for_kernel_config(Some("CONFIG_RD_GZIP=y\nCONFIG_RD_ZSTD=y\n")), Compression::Zstd);
-        assert_eq!(Compression::for_kernel_config(Some("CONFIG_RD_GZIP=y\n# CONFIG_RD_ZSTD is not set\n")), Compression::Gzip);
+        assert_eq!(
+            Compression::for_kernel_config(Some("CONFIG_RD_GZIP=y\nCONFIG_RD_ZSTD=y\n")),
+            Compression::Zstd
+        );
+        assert_eq!(
+            Compression::for_kernel_config(Some("CONFIG_RD_GZIP=y\n# CONFIG_RD_ZSTD is not set\n")),
+            Compression::Gzip
+        );
         assert_eq!(Compression::for_kernel_config(Some("")), Compression::None);
         assert_eq!(Compression::for_kernel_config(None), Compression::Gzip);
     }
@@ -317,7 +381,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mods = dir.path().join("mods");
         fs::create_dir_all(mods.join("kernel/x")).unwrap();
-        fs::write(mods.join("modules.dep"), "kernel/x/a.ko: kernel/x/b.ko\nkernel/x/b.ko:\n").unwrap();
+        fs::write(
+            mods.join("modules.dep"),
+            "kernel/x/a.ko: kernel/x/b.ko\nkernel/x/b.ko:\n",
+        )
+        .unwrap();
         fs::write(mods.join("kernel/x/a.ko"), b"A").unwrap();
         fs::write(mods.join("kernel/x/b.ko"), b"B").unwrap();
         let init = dir.path().join("init");
@@ -333,11 +401,18 @@ mod tests {
         let built = build(&spec, &out).unwrap();
         assert_eq!(built.modules.missing, vec!["zzz"]);
         let mut raw = vec![];
-        io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&fs::read(&out).unwrap()[..]), &mut raw).unwrap();
+        io::Read::read_to_end(
+            &mut flate2::read::GzDecoder::new(&fs::read(&out).unwrap()[..]),
+            &mut raw,
+        )
+        .unwrap();
         let entries = parse_cpio(&raw);
         let get = |n: &str| entries.iter().find(|e| e.0 == n).map(|e| e.2.clone());
         assert_eq!(get("lib/modules/9.9/kernel/x/b.ko").unwrap(), b"B");
-        assert_eq!(get("lib/modules/9.9/kupgrade.load-order").unwrap(), b"kernel/x/b.ko\nkernel/x/a.ko\n");
+        assert_eq!(
+            get("lib/modules/9.9/kupgrade.load-order").unwrap(),
+            b"kernel/x/b.ko\nkernel/x/a.ko\n"
+        );
         assert!(get("init").is_some() && get("dev/console").is_some());
     }
 }

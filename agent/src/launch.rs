@@ -39,17 +39,28 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("{command} exited at once ({status}); see {log}")]
-    Exited { command: String, status: String, log: PathBuf },
+    Exited {
+        command: String,
+        status: String,
+        log: PathBuf,
+    },
     #[error(transparent)]
     Cgroup(#[from] cgroup::Error),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// What `launch` started.
@@ -71,13 +82,20 @@ pub fn launch(name: &str, pid_namespace: bool, command: &[String]) -> Result<Lau
     fs::create_dir_all(&cg).map_err(io(&cg))?;
     let running = cgroup::procs(&cg)?;
     if !running.is_empty() {
-        return Err(Error::Running { name: name.into(), pids: running });
+        return Err(Error::Running {
+            name: name.into(),
+            pids: running,
+        });
     }
     raise_pid_floor();
     let log_dir = Path::new(LIB_DIR).join("workloads");
     fs::create_dir_all(&log_dir).map_err(io(&log_dir))?;
     let log = log_dir.join(format!("{name}.log"));
-    let out = OpenOptions::new().create(true).append(true).open(&log).map_err(io(&log))?;
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(io(&log))?;
     let err = out.try_clone().map_err(io(&log))?;
     let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
     let mut cmd = Command::new(exe);
@@ -85,7 +103,14 @@ pub fn launch(name: &str, pid_namespace: bool, command: &[String]) -> Result<Lau
     if pid_namespace {
         cmd.arg("--pid-namespace");
     }
-    let mut child = cmd.arg("--").args(command).stdin(Stdio::null()).stdout(out).stderr(err).spawn().map_err(io(&log))?;
+    let mut child = cmd
+        .arg("--")
+        .args(command)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(io(&log))?;
     let helper = child.id() as i32;
     // Give an exec failure or an immediate exit the chance to show.
     let start = Instant::now();
@@ -95,7 +120,11 @@ pub fn launch(name: &str, pid_namespace: bool, command: &[String]) -> Result<Lau
             if pid_namespace && status.success() {
                 break;
             }
-            return Err(Error::Exited { command: command.join(" "), status: status.to_string(), log });
+            return Err(Error::Exited {
+                command: command.join(" "),
+                status: status.to_string(),
+                log,
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -109,12 +138,19 @@ pub fn launch(name: &str, pid_namespace: bool, command: &[String]) -> Result<Lau
     } else {
         helper
     };
-    Ok(Launched { pid, cgroup: cg, log })
+    Ok(Launched {
+        pid,
+        cgroup: cg,
+        log,
+    })
 }
 
 fn raise_pid_floor() {
     let path = "/proc/sys/kernel/ns_last_pid";
-    let last: i32 = fs::read_to_string(path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let last: i32 = fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
     if last < PID_FLOOR {
         // Best effort: without it PIDs are merely lower.
         let _ = fs::write(path, PID_FLOOR.to_string());
@@ -122,25 +158,42 @@ fn raise_pid_floor() {
 }
 
 /// `kupgrade __exec CGROUP [--pid-namespace] -- CMD...`: runs in the child.
-pub fn exec_in_cgroup(cgroup: &Path, pid_namespace: bool, command: &[String]) -> Result<(), String> {
+pub fn exec_in_cgroup(
+    cgroup: &Path,
+    pid_namespace: bool,
+    command: &[String],
+) -> Result<(), String> {
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     let procs = cgroup.join("cgroup.procs");
-    fs::write(&procs, std::process::id().to_string()).map_err(|e| format!("cannot join {}: {e}", procs.display()))?;
+    fs::write(&procs, std::process::id().to_string())
+        .map_err(|e| format!("cannot join {}: {e}", procs.display()))?;
     if pid_namespace {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID).map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
+            .map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         // The first child in the new namespace is its PID 1.
-        Command::new(exe).arg("__ns-init").arg("--").args(command).spawn().map_err(|e| format!("{e}"))?;
+        Command::new(exe)
+            .arg("__ns-init")
+            .arg("--")
+            .args(command)
+            .spawn()
+            .map_err(|e| format!("{e}"))?;
         return Ok(());
     }
     exec(command)
 }
 
 fn exec(command: &[String]) -> Result<(), String> {
-    let argv: Vec<CString> =
-        command.iter().map(|a| CString::new(a.as_str())).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    let argv: Vec<CString> = command
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
     let prog = argv.first().ok_or("empty command")?;
-    let e = nix::unistd::execvp(prog, &argv).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = nix::unistd::execvp(prog, &argv)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     Err(format!("cannot execute {}: {e}", command[0]))
 }
 
@@ -157,7 +210,9 @@ pub fn ns_init(command: &[String]) -> i32 {
     loop {
         match waitpid(Pid::from_raw(-1), None) {
             Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == child => return code,
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == child => return 128 + sig as i32,
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == child => {
+                return 128 + sig as i32
+            }
             Ok(_) => {}
             Err(_) => return 1,
         }
@@ -174,6 +229,9 @@ mod tests {
         assert!(!valid_name(""));
         assert!(!valid_name("a/b"));
         assert!(!valid_name("../x"));
-        assert!(matches!(launch("a b", false, &["true".into()]), Err(Error::BadName(_))));
+        assert!(matches!(
+            launch("a b", false, &["true".into()]),
+            Err(Error::BadName(_))
+        ));
     }
 }

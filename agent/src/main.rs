@@ -15,7 +15,11 @@ use kupgrade_agent::workload::{self, Workload};
 use kupgrade_agent::{check, launch, proc};
 
 #[derive(Parser)]
-#[command(name = "kupgrade", version, about = "Upgrade the running kernel without losing the workloads")]
+#[command(
+    name = "kupgrade",
+    version,
+    about = "Upgrade the running kernel without losing the workloads"
+)]
 struct Cli {
     #[arg(long, global = true, default_value = CONFIG_FILE)]
     config: PathBuf,
@@ -120,7 +124,11 @@ fn require_root(what: &str) -> Result<()> {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Exec { cgroup, pid_namespace, command } => {
+        Cmd::Exec {
+            cgroup,
+            pid_namespace,
+            command,
+        } => {
             // Only returns on failure (exec replaced us otherwise).
             if let Err(e) = launch::exec_in_cgroup(&cgroup, pid_namespace, &command) {
                 eprintln!("kupgrade: {e}");
@@ -128,8 +136,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::NsInit { command } => return Ok(ExitCode::from(launch::ns_init(&command).clamp(0, 255) as u8)),
-        Cmd::Image { cmd: ImageCmd::Inspect { path, verify } } => {
+        Cmd::NsInit { command } => {
+            return Ok(ExitCode::from(launch::ns_init(&command).clamp(0, 255) as u8))
+        }
+        Cmd::Image {
+            cmd: ImageCmd::Inspect { path, verify },
+        } => {
             image_format::inspect::print(&path, verify, &mut std::io::stdout())
                 .with_context(|| format!("cannot inspect {}", path.display()))?;
             return Ok(ExitCode::SUCCESS);
@@ -144,14 +156,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for f in &findings {
                 println!("{f}");
             }
-            let failed = findings.iter().filter(|f| f.level == check::Level::Fail).count();
+            let failed = findings
+                .iter()
+                .filter(|f| f.level == check::Level::Fail)
+                .count();
             if failed > 0 {
                 println!("{failed} problem(s) would stop an upgrade");
                 return Ok(ExitCode::FAILURE);
             }
             println!("ready to upgrade");
         }
-        Cmd::Stage { kernel, initrd, append, cmdline } => {
+        Cmd::Stage {
+            kernel,
+            initrd,
+            append,
+            cmdline,
+        } => {
             require_root("staging a kernel")?;
             let req = stage::Request {
                 kernel: &kernel,
@@ -159,11 +179,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 append: append.as_deref(),
                 cmdline: cmdline.as_deref(),
             };
-            let s = stage::stage(&cfg, &req).with_context(|| format!("cannot stage {}", kernel.display()))?;
-            let e = image_format::events::EventLine::now(image_format::events::Event::Staged).with("release", &s.release);
+            let s = stage::stage(&cfg, &req)
+                .with_context(|| format!("cannot stage {}", kernel.display()))?;
+            let e = image_format::events::EventLine::now(image_format::events::Event::Staged)
+                .with("release", &s.release);
             println!("{e}");
             println!("staged {} from {}", s.release, s.kernel.display());
-            println!("initramfs {} ({} KiB, {} modules)", s.initrd.display(), s.initrd_bytes >> 10, s.modules);
+            println!(
+                "initramfs {} ({} KiB, {} modules)",
+                s.initrd.display(),
+                s.initrd_bytes >> 10,
+                s.modules
+            );
             println!("command line: {}", s.cmdline);
             println!("run `kupgrade go` to upgrade, `kupgrade unstage` to forget it");
         }
@@ -174,7 +201,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Status => status(&cfg)?,
         Cmd::Go { dry_run } => return go(&cfg, dry_run),
-        Cmd::Launch { name, pid_namespace, command } => {
+        Cmd::Launch {
+            name,
+            pid_namespace,
+            command,
+        } => {
             require_root("launching a workload")?;
             let l = launch::launch(&name, pid_namespace, &command)?;
             println!("pid {}", l.pid);
@@ -195,11 +226,15 @@ fn workloads_or_bail(cfg: &Config) -> Result<Vec<Workload>> {
 }
 
 fn release() -> String {
-    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn read_trim(p: &str) -> String {
-    std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
@@ -210,30 +245,47 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
     }
     let workloads = workloads_or_bail(cfg)?;
     // Refuse what CRIU cannot checkpoint before anything is frozen.
-    let refusals: Vec<String> = workloads.iter().flat_map(workload::refusals).map(|r| r.to_string()).collect();
+    let refusals: Vec<String> = workloads
+        .iter()
+        .flat_map(workload::refusals)
+        .map(|r| r.to_string())
+        .collect();
     if !refusals.is_empty() {
-        bail!("refusing to upgrade, nothing was frozen: {}", refusals.join("; "));
+        bail!(
+            "refusing to upgrade, nothing was frozen: {}",
+            refusals.join("; ")
+        );
     }
     if !dry_run {
         criu::version(&cfg.criu)?;
     }
     let store = Store::locate(cfg)?;
-    store.ensure_fits(store::estimate_image_bytes(workloads.iter().map(|w| w.memory_bytes).sum()))?;
+    store.ensure_fits(store::estimate_image_bytes(
+        workloads.iter().map(|w| w.memory_bytes).sum(),
+    ))?;
     let work_dir = Path::new(RUN_DIR).join("work");
     let opts = pipeline::Options {
         dry_run,
         work_dir: work_dir.clone(),
         kernel_from: release(),
-        kernel_to: staged.as_ref().map(|s| s.release.clone()).unwrap_or_else(|| "(dry run)".into()),
+        kernel_to: staged
+            .as_ref()
+            .map(|s| s.release.clone())
+            .unwrap_or_else(|| "(dry run)".into()),
         boot_id: read_trim("/proc/sys/kernel/random/boot_id"),
         machine_id: read_trim("/etc/machine-id"),
-        hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        hostname: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
     };
     let mut sys = RealSystem::new(cfg.clone(), store);
     let result = pipeline::go(&mut sys, &workloads, &opts);
     let _ = std::fs::remove_dir_all(&work_dir);
     match result {
-        Ok(Outcome::DryRun { paused_ms, image_bytes }) => {
+        Ok(Outcome::DryRun {
+            paused_ms,
+            image_bytes,
+        }) => {
             println!(
                 "dry run done: the workloads were paused {paused_ms:.0} ms up to the reboot, image {} KiB; all resumed",
                 image_bytes >> 10
@@ -245,7 +297,10 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             if aborted.resume_errors.is_empty() {
                 eprintln!("kupgrade: every workload was resumed on this kernel; nothing was lost");
             } else {
-                eprintln!("kupgrade: RESUMING FAILED: {}", aborted.resume_errors.join("; "));
+                eprintln!(
+                    "kupgrade: RESUMING FAILED: {}",
+                    aborted.resume_errors.join("; ")
+                );
             }
             Ok(ExitCode::FAILURE)
         }
@@ -259,7 +314,16 @@ fn status(cfg: &Config) -> Result<()> {
     match Staged::load() {
         Some(s) => {
             let loaded = kexec::is_loaded().unwrap_or(false);
-            println!("staged: {} ({}){}", s.release, s.kernel.display(), if loaded { "" } else { " -- NOT LOADED any more" });
+            println!(
+                "staged: {} ({}){}",
+                s.release,
+                s.kernel.display(),
+                if loaded {
+                    ""
+                } else {
+                    " -- NOT LOADED any more"
+                }
+            );
             println!("  command line: {}", s.cmdline);
         }
         None => println!("staged: nothing"),
@@ -277,8 +341,16 @@ fn status(cfg: &Config) -> Result<()> {
                     proc::comm(w.root_pid),
                     w.pids.len(),
                     w.memory_bytes >> 20,
-                    if refusals.is_empty() { "dumpable".to_string() } else { format!("NOT dumpable: {}", refusals[0]) },
-                    if w.pid_namespace { ", own PID namespace" } else { "" }
+                    if refusals.is_empty() {
+                        "dumpable".to_string()
+                    } else {
+                        format!("NOT dumpable: {}", refusals[0])
+                    },
+                    if w.pid_namespace {
+                        ", own PID namespace"
+                    } else {
+                        ""
+                    }
                 );
             }
             Err(e) => println!("workload: {e}"),
@@ -286,7 +358,12 @@ fn status(cfg: &Config) -> Result<()> {
     }
     let need = store::estimate_image_bytes(total);
     match Store::locate(cfg) {
-        Ok(s) => println!("store: {} ({} MiB), image estimate {} MiB", s.path.display(), s.capacity >> 20, need >> 20),
+        Ok(s) => println!(
+            "store: {} ({} MiB), image estimate {} MiB",
+            s.path.display(),
+            s.capacity >> 20,
+            need >> 20
+        ),
         Err(e) => println!("store: {e}"),
     }
     Ok(())
@@ -306,7 +383,8 @@ fn report(json: bool) -> Result<ExitCode> {
         println!("{}", String::from_utf8_lossy(&bytes));
         return Ok(ExitCode::SUCCESS);
     }
-    let r: UpgradeReport = serde_json::from_slice(&bytes).with_context(|| format!("{} does not parse", path.display()))?;
+    let r: UpgradeReport = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} does not parse", path.display()))?;
     let outcome = match r.outcome {
         RestoreOutcome::Restored => "restored",
         RestoreOutcome::Failed => "FAILED",
@@ -320,8 +398,15 @@ fn report(json: bool) -> Result<ExitCode> {
             "  workload {} (pid {}): {}{}",
             w.name,
             w.root_pid,
-            if w.restored { "restored" } else { "NOT restored" },
-            w.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+            if w.restored {
+                "restored"
+            } else {
+                "NOT restored"
+            },
+            w.error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
         );
         if let Some(log) = &w.criu_log {
             println!("    CRIU log: {log}");
@@ -329,10 +414,18 @@ fn report(json: bool) -> Result<ExitCode> {
     }
     let t0 = r.events.first().map(|e| e.t_real_ns).unwrap_or(0);
     for e in &r.events {
-        println!("  {:>10.1} ms  {}", (e.t_real_ns.saturating_sub(t0)) as f64 / 1e6, e.event);
+        println!(
+            "  {:>10.1} ms  {}",
+            (e.t_real_ns.saturating_sub(t0)) as f64 / 1e6,
+            e.event
+        );
     }
     if let Some(b) = r.blackout_ns() {
         println!("  workloads paused for {:.1} ms", b as f64 / 1e6);
     }
-    Ok(if r.outcome == RestoreOutcome::Restored { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if r.outcome == RestoreOutcome::Restored {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

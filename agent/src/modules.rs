@@ -12,8 +12,15 @@ pub const LOAD_ORDER_FILE: &str = "kupgrade.load-order";
 /// Modules that `kupgrade-init` needs whatever the machine: the sock_diag
 /// family that CRIU uses to dump and restore sockets, and nf_tables for its
 /// network lock.
-pub const CRIU_MODULES: &[&str] =
-    &["inet_diag", "tcp_diag", "udp_diag", "unix_diag", "netlink_diag", "af_packet_diag", "nf_tables"];
+pub const CRIU_MODULES: &[&str] = &[
+    "inet_diag",
+    "tcp_diag",
+    "udp_diag",
+    "unix_diag",
+    "netlink_diag",
+    "af_packet_diag",
+    "nf_tables",
+];
 
 /// Modules that expose a `memmap=SIZE!ADDR` range as `/dev/pmemN`.
 pub const PMEM_MODULES: &[&str] = &["libnvdimm", "nd_btt", "nd_pmem", "nd_e820"];
@@ -67,22 +74,36 @@ fn name_of(rel_path: &str) -> String {
 impl ModuleIndex {
     pub fn open(dir: &Path) -> Result<Self, Error> {
         let dep_path = dir.join("modules.dep");
-        let text = fs::read_to_string(&dep_path).map_err(|source| Error::Read { path: dep_path.clone(), source })?;
+        let text = fs::read_to_string(&dep_path).map_err(|source| Error::Read {
+            path: dep_path.clone(),
+            source,
+        })?;
         let mut deps = HashMap::new();
         let mut by_name = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
             }
-            let (module, list) = line.split_once(':').ok_or(Error::Syntax { path: dep_path.clone(), line: i + 1 })?;
+            let (module, list) = line.split_once(':').ok_or(Error::Syntax {
+                path: dep_path.clone(),
+                line: i + 1,
+            })?;
             by_name.insert(name_of(module), module.to_string());
-            deps.insert(module.to_string(), list.split_whitespace().map(str::to_string).collect());
+            deps.insert(
+                module.to_string(),
+                list.split_whitespace().map(str::to_string).collect(),
+            );
         }
         // modules.builtin is optional: without it a built-in module looks missing.
         let builtin = fs::read_to_string(dir.join("modules.builtin"))
             .map(|t| t.lines().map(name_of).collect())
             .unwrap_or_default();
-        Ok(ModuleIndex { dir: dir.to_path_buf(), deps, by_name, builtin })
+        Ok(ModuleIndex {
+            dir: dir.to_path_buf(),
+            deps,
+            by_name,
+            builtin,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -124,9 +145,15 @@ impl ModuleIndex {
 
 /// Names of the modules loaded in the running kernel (`/proc/modules`).
 pub fn loaded(proc_modules: &Path) -> Result<Vec<String>, Error> {
-    let text =
-        fs::read_to_string(proc_modules).map_err(|source| Error::Read { path: proc_modules.to_path_buf(), source })?;
-    Ok(text.lines().filter_map(|l| l.split_whitespace().next()).map(normalise).collect())
+    let text = fs::read_to_string(proc_modules).map_err(|source| Error::Read {
+        path: proc_modules.to_path_buf(),
+        source,
+    })?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(normalise)
+        .collect())
 }
 
 #[cfg(test)]
@@ -190,14 +217,21 @@ kernel/net/packet/af-packet-diag.ko.xz:
     fn a_line_without_colon_is_a_syntax_error() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("modules.dep"), "a.ko: b.ko\ngarbage\n").unwrap();
-        assert!(matches!(ModuleIndex::open(dir.path()), Err(Error::Syntax { line: 2, .. })));
+        assert!(matches!(
+            ModuleIndex::open(dir.path()),
+            Err(Error::Syntax { line: 2, .. })
+        ));
     }
 
     #[test]
     fn real_debian_release_resolves_the_pmem_stack() {
         // The harness unpacks Debian kernels here; skip quietly on a bare checkout.
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kupgrade-vm/kernels");
-        let Some(rel) = fs::read_dir(&root).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()) else {
+        let Some(rel) = fs::read_dir(&root)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+        else {
             eprintln!("no unpacked kernels under {}: skipped", root.display());
             return;
         };

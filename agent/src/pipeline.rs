@@ -29,7 +29,10 @@ pub struct StepError {
 
 impl StepError {
     pub fn new(step: &'static str, reason: impl std::fmt::Display) -> Self {
-        StepError { step, reason: reason.to_string() }
+        StepError {
+            step,
+            reason: reason.to_string(),
+        }
     }
 }
 
@@ -64,7 +67,11 @@ pub trait System {
     fn system_state(&mut self) -> Result<DeviceState, StepError>;
     /// Copies the tmpfs files the workloads use below `dir`; returns the
     /// tmpfs mounts involved and whether any file was copied.
-    fn tmpfs_files(&mut self, ws: &[Workload], dir: &Path) -> Result<(Vec<TmpfsMount>, bool), StepError>;
+    fn tmpfs_files(
+        &mut self,
+        ws: &[Workload],
+        dir: &Path,
+    ) -> Result<(Vec<TmpfsMount>, bool), StepError>;
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError>;
     fn invalidate_image(&mut self) -> Result<(), StepError>;
     /// sync, then remount file systems read-only where possible.
@@ -116,10 +123,18 @@ struct Undo {
 }
 
 fn phase(e: &EventLine) -> PhaseTiming {
-    PhaseTiming { event: e.event.name().to_string(), t_mono_ns: e.t_mono_ns, t_real_ns: e.t_real_ns }
+    PhaseTiming {
+        event: e.event.name().to_string(),
+        t_mono_ns: e.t_mono_ns,
+        t_real_ns: e.t_real_ns,
+    }
 }
 
-pub fn go(sys: &mut dyn System, workloads: &[Workload], opts: &Options) -> Result<Outcome, Aborted> {
+pub fn go(
+    sys: &mut dyn System,
+    workloads: &[Workload],
+    opts: &Options,
+) -> Result<Outcome, Aborted> {
     let mut undo = Undo::default();
     let mut phases = Vec::new();
     match run(sys, workloads, opts, &mut undo, &mut phases) {
@@ -129,16 +144,26 @@ pub fn go(sys: &mut dyn System, workloads: &[Workload], opts: &Options) -> Resul
                 let errs = resume(sys, workloads, &mut undo);
                 sys.emit(EventLine::now(Event::Resumed).with("dry_run", true));
                 if !errs.is_empty() {
-                    return Err(Aborted { failure: StepError::new("dry run", "done, but resuming failed"), resume_errors: errs });
+                    return Err(Aborted {
+                        failure: StepError::new("dry run", "done, but resuming failed"),
+                        resume_errors: errs,
+                    });
                 }
             }
             Ok(outcome)
         }
         Err(failure) => {
-            sys.emit(EventLine::now(Event::Aborted).with("step", failure.step).with("reason", &failure.reason));
+            sys.emit(
+                EventLine::now(Event::Aborted)
+                    .with("step", failure.step)
+                    .with("reason", &failure.reason),
+            );
             let resume_errors = resume(sys, workloads, &mut undo);
             sys.emit(EventLine::now(Event::Resumed).with("ok", resume_errors.is_empty()));
-            Err(Aborted { failure, resume_errors })
+            Err(Aborted {
+                failure,
+                resume_errors,
+            })
         }
     }
 }
@@ -164,13 +189,23 @@ fn run(
     phases: &mut Vec<PhaseTiming>,
 ) -> Result<Outcome, StepError> {
     if workloads.is_empty() {
-        return Err(StepError::new("preflight", "no workloads to preserve: start one with `kupgrade launch`"));
+        return Err(StepError::new(
+            "preflight",
+            "no workloads to preserve: start one with `kupgrade launch`",
+        ));
     }
     if !opts.dry_run && !sys.kexec_loaded() {
-        return Err(StepError::new("preflight", "no kernel is loaded any more: run `kupgrade stage` again"));
+        return Err(StepError::new(
+            "preflight",
+            "no kernel is loaded any more: run `kupgrade stage` again",
+        ));
     }
     let mut state = sys.system_state()?;
-    emit(sys, phases, EventLine::now(Event::PreflightOk).with("workloads", workloads.len()));
+    emit(
+        sys,
+        phases,
+        EventLine::now(Event::PreflightOk).with("workloads", workloads.len()),
+    );
     check_signal(sys, "freeze")?;
 
     for (i, w) in workloads.iter().enumerate() {
@@ -203,14 +238,20 @@ fn run(
             pid_namespace: w.pid_namespace,
         });
     }
-    emit(sys, phases, EventLine::now(Event::Dumped).with("workloads", workloads.len()));
+    emit(
+        sys,
+        phases,
+        EventLine::now(Event::Dumped).with("workloads", workloads.len()),
+    );
 
     check_signal(sys, "device state")?;
     let tmpfs_dir = opts.work_dir.join("tmpfs");
     let (mounts, has_tmpfs) = sys.tmpfs_files(workloads, &tmpfs_dir)?;
     state.tmpfs_mounts = mounts;
     state.network_locks = locks;
-    emit(sys, phases,
+    emit(
+        sys,
+        phases,
         EventLine::now(Event::StateCaptured)
             .with("interfaces", state.interfaces.len())
             .with("tmpfs_mounts", state.tmpfs_mounts.len()),
@@ -228,7 +269,12 @@ fn run(
         phases: phases.clone(),
         sections: Vec::new(),
     };
-    let input = ImageInput { manifest, trees, devstate: &state, tmpfs: has_tmpfs.then(|| tmpfs_dir.clone()) };
+    let input = ImageInput {
+        manifest,
+        trees,
+        devstate: &state,
+        tmpfs: has_tmpfs.then(|| tmpfs_dir.clone()),
+    };
     undo.image_written = true;
     let bytes = sys.write_image(&input)?;
     let written = EventLine::now(Event::ImageWritten).with("bytes", bytes);
@@ -236,14 +282,24 @@ fn run(
     emit(sys, phases, written);
 
     if opts.dry_run {
-        return Ok(Outcome::DryRun { paused_ms, image_bytes: bytes });
+        return Ok(Outcome::DryRun {
+            paused_ms,
+            image_bytes: bytes,
+        });
     }
     check_signal(sys, "kexec")?;
     if !sys.kexec_loaded() {
-        return Err(StepError::new("kexec", "the staged kernel was unloaded meanwhile: run `kupgrade stage` again"));
+        return Err(StepError::new(
+            "kexec",
+            "the staged kernel was unloaded meanwhile: run `kupgrade stage` again",
+        ));
     }
     // Emitted before the file systems go read-only, so that it is recorded.
-    emit(sys, phases, EventLine::now(Event::Kexec).with("to", &opts.kernel_to));
+    emit(
+        sys,
+        phases,
+        EventLine::now(Event::Kexec).with("to", &opts.kernel_to),
+    );
     undo.quiesced = true;
     sys.quiesce_filesystems()?;
     // The point of no return: only comes back if the kernel refused.
@@ -315,7 +371,11 @@ mod tests {
         }
         fn dump(&mut self, w: &Workload, _dir: &Path) -> Result<Dumped, StepError> {
             self.step(format!("dump {}", w.name), "checkpoint")?;
-            Ok(Dumped { lock_table: w.tcp_established.then(|| format!("table inet CRIU-{}", w.root_pid)) })
+            Ok(Dumped {
+                lock_table: w
+                    .tcp_established
+                    .then(|| format!("table inet CRIU-{}", w.root_pid)),
+            })
         }
         fn undump(&mut self, w: &Workload, _d: &Dumped) -> Result<(), StepError> {
             self.step(format!("undump {}", w.name), "resume")
@@ -324,7 +384,11 @@ mod tests {
             self.step("system state".into(), "device state")?;
             Ok(DeviceState::default())
         }
-        fn tmpfs_files(&mut self, _ws: &[Workload], _d: &Path) -> Result<(Vec<TmpfsMount>, bool), StepError> {
+        fn tmpfs_files(
+            &mut self,
+            _ws: &[Workload],
+            _d: &Path,
+        ) -> Result<(Vec<TmpfsMount>, bool), StepError> {
             self.step("capture".into(), "device state")?;
             Ok((vec![], false))
         }
@@ -354,7 +418,9 @@ mod tests {
             self.events.push(e.event);
         }
         fn interrupted(&mut self) -> bool {
-            self.interrupt_at.as_deref().is_some_and(|at| self.calls.last().is_some_and(|c| c == at))
+            self.interrupt_at
+                .as_deref()
+                .is_some_and(|at| self.calls.last().is_some_and(|c| c == at))
         }
     }
 
@@ -388,27 +454,70 @@ mod tests {
 
     #[test]
     fn success_runs_every_step_in_order_and_ends_in_the_reboot() {
-        let mut f = Fake { loaded: true, ..Default::default() };
+        let mut f = Fake {
+            loaded: true,
+            ..Default::default()
+        };
         let err = go(&mut f, &two(), &opts(false)).unwrap_err();
         // The fake's reboot "fails", so go undoes everything after it.
         assert_eq!(err.failure.reason, "refused by the kernel");
-        let upto_reboot: Vec<&str> = f.calls.iter().map(String::as_str).take_while(|c| *c != "reboot").collect();
+        let upto_reboot: Vec<&str> = f
+            .calls
+            .iter()
+            .map(String::as_str)
+            .take_while(|c| *c != "reboot")
+            .collect();
         assert_eq!(
             upto_reboot,
-            ["system state", "freeze a", "freeze b", "dump a", "dump b", "capture", "write", "quiesce"]
+            [
+                "system state",
+                "freeze a",
+                "freeze b",
+                "dump a",
+                "dump b",
+                "capture",
+                "write",
+                "quiesce"
+            ]
         );
         assert_eq!(
             &f.events[..6],
-            &[Event::PreflightOk, Event::Frozen, Event::Dumped, Event::StateCaptured, Event::ImageWritten, Event::Kexec]
+            &[
+                Event::PreflightOk,
+                Event::Frozen,
+                Event::Dumped,
+                Event::StateCaptured,
+                Event::ImageWritten,
+                Event::Kexec
+            ]
         );
     }
 
     #[test]
     fn a_refused_reboot_resumes_everything() {
-        let mut f = Fake { loaded: true, ..Default::default() };
+        let mut f = Fake {
+            loaded: true,
+            ..Default::default()
+        };
         go(&mut f, &two(), &opts(false)).unwrap_err();
-        let after: Vec<&str> = f.calls.iter().map(String::as_str).skip_while(|c| *c != "reboot").skip(1).collect();
-        assert_eq!(after, ["unquiesce", "invalidate", "undump b", "undump a", "thaw b", "thaw a"]);
+        let after: Vec<&str> = f
+            .calls
+            .iter()
+            .map(String::as_str)
+            .skip_while(|c| *c != "reboot")
+            .skip(1)
+            .collect();
+        assert_eq!(
+            after,
+            [
+                "unquiesce",
+                "invalidate",
+                "undump b",
+                "undump a",
+                "thaw b",
+                "thaw a"
+            ]
+        );
         assert_eq!(f.events.last(), Some(&Event::Resumed));
     }
 
@@ -422,11 +531,28 @@ mod tests {
             ("dump a", &["thaw b", "thaw a"]),
             ("dump b", &["undump a", "thaw b", "thaw a"]),
             ("capture", &["undump b", "undump a", "thaw b", "thaw a"]),
-            ("write", &["invalidate", "undump b", "undump a", "thaw b", "thaw a"]),
-            ("quiesce", &["unquiesce", "invalidate", "undump b", "undump a", "thaw b", "thaw a"]),
+            (
+                "write",
+                &["invalidate", "undump b", "undump a", "thaw b", "thaw a"],
+            ),
+            (
+                "quiesce",
+                &[
+                    "unquiesce",
+                    "invalidate",
+                    "undump b",
+                    "undump a",
+                    "thaw b",
+                    "thaw a",
+                ],
+            ),
         ];
         for (at, undo) in cases {
-            let mut f = Fake { loaded: true, fail_at: Some(at.to_string()), ..Default::default() };
+            let mut f = Fake {
+                loaded: true,
+                fail_at: Some(at.to_string()),
+                ..Default::default()
+            };
             let err = go(&mut f, &two(), &opts(false)).unwrap_err();
             assert_eq!(err.failure.reason, "injected", "{at}");
             assert!(err.resume_errors.is_empty());
@@ -434,7 +560,10 @@ mod tests {
             let after: Vec<&str> = f.calls[pos + 1..].iter().map(String::as_str).collect();
             assert_eq!(&after, undo, "failing at {at}");
             assert!(!f.calls.contains(&"reboot".to_string()), "{at}");
-            assert_eq!(f.events.iter().rev().take(2).collect::<Vec<_>>(), [&Event::Resumed, &Event::Aborted]);
+            assert_eq!(
+                f.events.iter().rev().take(2).collect::<Vec<_>>(),
+                [&Event::Resumed, &Event::Aborted]
+            );
         }
     }
 
@@ -444,7 +573,10 @@ mod tests {
         let err = go(&mut f, &two(), &opts(false)).unwrap_err();
         assert!(err.failure.reason.contains("kupgrade stage"));
         assert!(f.calls.is_empty());
-        let mut f = Fake { loaded: true, ..Default::default() };
+        let mut f = Fake {
+            loaded: true,
+            ..Default::default()
+        };
         let err = go(&mut f, &[], &opts(false)).unwrap_err();
         assert!(err.failure.reason.contains("kupgrade launch"));
         assert!(f.calls.is_empty());
@@ -452,7 +584,11 @@ mod tests {
 
     #[test]
     fn a_kernel_unloaded_during_the_dump_aborts_before_the_reboot() {
-        let mut f = Fake { loaded: true, unload_after_write: true, ..Default::default() };
+        let mut f = Fake {
+            loaded: true,
+            unload_after_write: true,
+            ..Default::default()
+        };
         let err = go(&mut f, &two(), &opts(false)).unwrap_err();
         assert_eq!(err.failure.step, "kexec");
         assert!(!f.calls.contains(&"reboot".to_string()));
@@ -462,28 +598,60 @@ mod tests {
 
     #[test]
     fn a_signal_between_steps_aborts_and_resumes() {
-        let mut f = Fake { loaded: true, interrupt_at: Some("dump a".into()), ..Default::default() };
+        let mut f = Fake {
+            loaded: true,
+            interrupt_at: Some("dump a".into()),
+            ..Default::default()
+        };
         let err = go(&mut f, &two(), &opts(false)).unwrap_err();
         assert_eq!(err.failure.reason, "interrupted by a signal");
         assert!(!f.calls.contains(&"dump b".to_string()));
-        let tail: Vec<&str> = f.calls.iter().map(String::as_str).skip_while(|c| *c != "dump a").skip(1).collect();
+        let tail: Vec<&str> = f
+            .calls
+            .iter()
+            .map(String::as_str)
+            .skip_while(|c| *c != "dump a")
+            .skip(1)
+            .collect();
         assert_eq!(tail, ["undump a", "thaw b", "thaw a"]);
     }
 
     #[test]
     fn dry_run_does_all_but_the_reboot_then_resumes() {
-        let mut f = Fake { loaded: false, ..Default::default() };
+        let mut f = Fake {
+            loaded: false,
+            ..Default::default()
+        };
         let out = go(&mut f, &two(), &opts(true)).unwrap();
-        assert!(matches!(out, Outcome::DryRun { image_bytes: 4096, .. }));
+        assert!(matches!(
+            out,
+            Outcome::DryRun {
+                image_bytes: 4096,
+                ..
+            }
+        ));
         assert!(!f.calls.iter().any(|c| c == "reboot" || c == "quiesce"));
-        let tail: Vec<&str> = f.calls.iter().map(String::as_str).skip_while(|c| *c != "write").skip(1).collect();
-        assert_eq!(tail, ["invalidate", "undump b", "undump a", "thaw b", "thaw a"]);
+        let tail: Vec<&str> = f
+            .calls
+            .iter()
+            .map(String::as_str)
+            .skip_while(|c| *c != "write")
+            .skip(1)
+            .collect();
+        assert_eq!(
+            tail,
+            ["invalidate", "undump b", "undump a", "thaw b", "thaw a"]
+        );
         assert_eq!(f.events.last(), Some(&Event::Resumed));
     }
 
     #[test]
     fn resume_errors_are_reported_not_hidden() {
-        let mut f = Fake { loaded: true, fail_at: Some("thaw a".into()), ..Default::default() };
+        let mut f = Fake {
+            loaded: true,
+            fail_at: Some("thaw a".into()),
+            ..Default::default()
+        };
         // the dump of b fails via a second injected failure is not possible
         // with one fail_at, so fail the reboot (always) and the thaw of a.
         let err = go(&mut f, &two(), &opts(false)).unwrap_err();

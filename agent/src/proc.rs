@@ -11,7 +11,11 @@ pub fn status_field(pid: i32, key: &str) -> Option<String> {
 }
 
 pub fn parse_status_field(status: &str, key: &str) -> Option<String> {
-    status.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(|v| v.trim().to_string()))
+    status.lines().find_map(|l| {
+        l.strip_prefix(key)?
+            .strip_prefix(':')
+            .map(|v| v.trim().to_string())
+    })
 }
 
 pub fn ppid(pid: i32) -> Option<i32> {
@@ -19,7 +23,9 @@ pub fn ppid(pid: i32) -> Option<i32> {
 }
 
 pub fn comm(pid: i32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/comm")).map(|s| s.trim().to_string()).unwrap_or_default()
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Thread ids of a process.
@@ -68,12 +74,17 @@ pub fn mapped_files(pid: i32) -> Vec<String> {
 
 /// The namespace a process is in, e.g. `net:[4026531840]`.
 pub fn namespace(pid: &str, kind: &str) -> Option<String> {
-    fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok().map(|p| p.to_string_lossy().into_owned())
+    fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
 }
 
 /// Socket inode from an fd link `socket:[12345]`.
 pub fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    link.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// TCP sockets of the system: (inode, state) from `/proc/net/tcp` and `tcp6`.
@@ -131,7 +142,10 @@ mod tests {
     #[test]
     fn status_fields_and_tcp_tables_parse() {
         let status = "Name:\tcat\nPPid:\t1\nTracerPid:\t42\n";
-        assert_eq!(parse_status_field(status, "TracerPid").as_deref(), Some("42"));
+        assert_eq!(
+            parse_status_field(status, "TracerPid").as_deref(),
+            Some("42")
+        );
         assert_eq!(parse_status_field(status, "Tracer"), None);
         let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 31337 1 0\n   1: 0F02000A:1B58 0202000A:D2A4 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0\n";
         assert_eq!(parse_tcp_table(tcp), vec![(31337, TCP_LISTEN), (4242, 1)]);

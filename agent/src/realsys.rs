@@ -40,17 +40,32 @@ impl RealSystem {
         let interrupted = Arc::new(AtomicBool::new(false));
         // From here on a signal only asks: the pipeline stops at the next
         // step boundary and resumes the workloads.
-        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+        for sig in [
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
+        ] {
             let _ = signal_hook::flag::register(sig, Arc::clone(&interrupted));
         }
         let open = |p: &str| OpenOptions::new().write(true).open(p).ok();
-        RealSystem { cfg, store, interrupted, events: Vec::new(), console: open("/dev/console"), kmsg: open("/dev/kmsg"), remounted: Vec::new() }
+        RealSystem {
+            cfg,
+            store,
+            interrupted,
+            events: Vec::new(),
+            console: open("/dev/console"),
+            kmsg: open("/dev/kmsg"),
+            remounted: Vec::new(),
+        }
     }
 
     fn save_events(&self) {
         let lines: Vec<String> = self.events.iter().map(|e| e.to_string()).collect();
         let _ = fs::create_dir_all(LIB_DIR);
-        let _ = fs::write(Path::new(LIB_DIR).join("last-go.log"), lines.join("\n") + "\n");
+        let _ = fs::write(
+            Path::new(LIB_DIR).join("last-go.log"),
+            lines.join("\n") + "\n",
+        );
     }
 }
 
@@ -64,7 +79,8 @@ impl System for RealSystem {
     }
 
     fn freeze(&mut self, w: &Workload) -> Result<(), StepError> {
-        cgroup::freeze(&w.cgroup, Duration::from_millis(self.cfg.freeze_timeout_ms)).map_err(|e| err("freeze")(&e))
+        cgroup::freeze(&w.cgroup, Duration::from_millis(self.cfg.freeze_timeout_ms))
+            .map_err(|e| err("freeze")(&e))
     }
 
     fn thaw(&mut self, w: &Workload) -> Result<(), StepError> {
@@ -78,7 +94,10 @@ impl System for RealSystem {
         criu::dump(&self.cfg.criu, w, dir, &log).map_err(|e| err("checkpoint")(&e))?;
         let lock_table = if w.tcp_established {
             Some(criu::save_lock_table(w).ok_or_else(|| {
-                StepError::new("checkpoint", format!("CRIU's lock table inet {} is missing", criu::lock_table(w)))
+                StepError::new(
+                    "checkpoint",
+                    format!("CRIU's lock table inet {} is missing", criu::lock_table(w)),
+                )
             })?)
         } else {
             None
@@ -105,7 +124,10 @@ impl System for RealSystem {
         if failed.is_empty() {
             Ok(())
         } else {
-            Err(StepError::new("resume", format!("cannot continue {}", failed.join(", "))))
+            Err(StepError::new(
+                "resume",
+                format!("cannot continue {}", failed.join(", ")),
+            ))
         }
     }
 
@@ -113,19 +135,28 @@ impl System for RealSystem {
         capture::system_state().map_err(|e| err("device state")(&e))
     }
 
-    fn tmpfs_files(&mut self, ws: &[Workload], dir: &Path) -> Result<(Vec<TmpfsMount>, bool), StepError> {
+    fn tmpfs_files(
+        &mut self,
+        ws: &[Workload],
+        dir: &Path,
+    ) -> Result<(Vec<TmpfsMount>, bool), StepError> {
         let _ = fs::remove_dir_all(dir);
         fs::create_dir_all(dir).map_err(|e| err("device state")(&e))?;
         let skip = dir.parent().unwrap_or(dir).to_path_buf();
         let mounts = capture::tmpfs_files(ws, dir, &skip).map_err(|e| err("device state")(&e))?;
-        let has = fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+        let has = fs::read_dir(dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
         Ok((mounts, has))
     }
 
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
         let e = err("image write");
         let file = self.store.open_rw().map_err(|x| e(&x))?;
-        let opts = WriteOptions { generation: input.manifest.created_unix_ns / 1_000_000_000, ..WriteOptions::default() };
+        let opts = WriteOptions {
+            generation: input.manifest.created_unix_ns / 1_000_000_000,
+            ..WriteOptions::default()
+        };
         let mut w = ImageWriter::create(file, self.store.capacity, opts).map_err(|x| e(&x))?;
         for (name, dir) in &input.trees {
             w.add_tree(name, dir).map_err(|x| e(&x))?;
@@ -133,12 +164,14 @@ impl System for RealSystem {
         let json = serde_json::to_vec(input.devstate).map_err(|x| e(&x))?;
         w.add_blob(devstate::SECTION, &json).map_err(|x| e(&x))?;
         if let Some(dir) = &input.tmpfs {
-            w.add_tree(devstate::TMPFS_SECTION, dir).map_err(|x| e(&x))?;
+            w.add_tree(devstate::TMPFS_SECTION, dir)
+                .map_err(|x| e(&x))?;
         }
         let summary = w.finish(input.manifest.clone()).map_err(|x| e(&x))?;
         // Read back what a new kernel would read first.
         let f = self.store.open_rw().map_err(|x| e(&x))?;
-        image_format::Image::open(f).map_err(|x| StepError::new("image write", format!("verification failed: {x}")))?;
+        image_format::Image::open(f)
+            .map_err(|x| StepError::new("image write", format!("verification failed: {x}")))?;
         Ok(summary.total_len)
     }
 
@@ -155,8 +188,12 @@ impl System for RealSystem {
         let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
         for line in mounts.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(dev), Some(target)) = (f.first(), f.get(1)) else { continue };
-            if dev.starts_with("/dev/") && !f.get(3).is_some_and(|o| o.split(',').any(|x| x == "ro")) {
+            let (Some(dev), Some(target)) = (f.first(), f.get(1)) else {
+                continue;
+            };
+            if dev.starts_with("/dev/")
+                && !f.get(3).is_some_and(|o| o.split(',').any(|x| x == "ro"))
+            {
                 let flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
                 if mount(None::<&str>, *target, None::<&str>, flags, None::<&str>).is_ok() {
                     self.remounted.push(target.to_string());
@@ -170,14 +207,23 @@ impl System for RealSystem {
     fn unquiesce_filesystems(&mut self) -> Result<(), StepError> {
         let mut failed = Vec::new();
         for target in std::mem::take(&mut self.remounted).into_iter().rev() {
-            if let Err(e) = mount(None::<&str>, target.as_str(), None::<&str>, MsFlags::MS_REMOUNT, None::<&str>) {
+            if let Err(e) = mount(
+                None::<&str>,
+                target.as_str(),
+                None::<&str>,
+                MsFlags::MS_REMOUNT,
+                None::<&str>,
+            ) {
                 failed.push(format!("{target}: {e}"));
             }
         }
         if failed.is_empty() {
             Ok(())
         } else {
-            Err(StepError::new("resume", format!("cannot make writable again: {}", failed.join(", "))))
+            Err(StepError::new(
+                "resume",
+                format!("cannot make writable again: {}", failed.join(", ")),
+            ))
         }
     }
 
@@ -185,7 +231,10 @@ impl System for RealSystem {
         // Test hook: stop at the last moment, to prove that even then every
         // workload is resumed (used by the abort-resume QEMU scenario).
         if std::env::var(FAILPOINT).is_ok_and(|v| v == "kexec") {
-            return StepError::new("kexec", format!("failpoint {FAILPOINT}=kexec: the reboot was not attempted"));
+            return StepError::new(
+                "kexec",
+                format!("failpoint {FAILPOINT}=kexec: the reboot was not attempted"),
+            );
         }
         match kexec::reboot_into_loaded() {
             Ok(never) => match never {},

@@ -36,7 +36,10 @@ impl Staged {
 
     pub fn save(&self) -> std::io::Result<()> {
         fs::create_dir_all(RUN_DIR)?;
-        fs::write(Path::new(RUN_DIR).join(STAGED_FILE), serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)
+        fs::write(
+            Path::new(RUN_DIR).join(STAGED_FILE),
+            serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )
     }
 
     pub fn forget() {
@@ -55,7 +58,10 @@ pub enum Error {
     #[error("building the initramfs failed")]
     Initramfs(#[from] initramfs::Error),
     #[error("release {release} lacks modules the restore needs: {missing:?}")]
-    MissingModules { release: String, missing: Vec<String> },
+    MissingModules {
+        release: String,
+        missing: Vec<String>,
+    },
     #[error(transparent)]
     Store(#[from] crate::store::Error),
     #[error(transparent)]
@@ -76,7 +82,12 @@ pub struct Request<'a> {
 
 /// The next kernel's command line: the running one (or `base`) without
 /// one-shot keys, plus `kupgrade.resume` and the store.
-pub fn compose_cmdline(running: &str, base: Option<&str>, append: Option<&str>, store: &Path) -> String {
+pub fn compose_cmdline(
+    running: &str,
+    base: Option<&str>,
+    append: Option<&str>,
+    store: &Path,
+) -> String {
     let mut c = Cmdline::parse(base.unwrap_or(running));
     c.remove_one_shot();
     if let Some(extra) = append {
@@ -95,10 +106,17 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
     let store = Store::locate(cfg)?;
     let modules_dir = PathBuf::from(format!("/lib/modules/{release}"));
     let (initrd, initrd_bytes, n_modules) = match req.initrd {
-        Some(p) => (p.to_path_buf(), fs::metadata(p).map(|m| m.len()).unwrap_or(0), 0),
+        Some(p) => (
+            p.to_path_buf(),
+            fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+            0,
+        ),
         None => {
             if !modules_dir.join("modules.dep").exists() {
-                return Err(Error::NoModules { release, dir: modules_dir });
+                return Err(Error::NoModules {
+                    release,
+                    dir: modules_dir,
+                });
             }
             if !cfg.init_binary.exists() {
                 return Err(Error::NoInit(cfg.init_binary.clone()));
@@ -122,8 +140,13 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
             if store.kind == Kind::Pmem {
                 required.extend(modules::PMEM_MODULES);
             }
-            let missing: Vec<String> =
-                built.modules.missing.iter().filter(|m| required.contains(&m.as_str())).cloned().collect();
+            let missing: Vec<String> = built
+                .modules
+                .missing
+                .iter()
+                .filter(|m| required.contains(&m.as_str()))
+                .cloned()
+                .collect();
             if !missing.is_empty() {
                 return Err(Error::MissingModules { release, missing });
             }
@@ -136,7 +159,12 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
     if kexec::is_loaded().unwrap_or(false) {
         kexec::unload()?;
     }
-    kexec::load(req.kernel, Some(&initrd), &cmdline, kexec::LoadFlags::default())?;
+    kexec::load(
+        req.kernel,
+        Some(&initrd),
+        &cmdline,
+        kexec::LoadFlags::default(),
+    )?;
     let staged = Staged {
         kernel: req.kernel.to_path_buf(),
         release,
@@ -145,7 +173,10 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
         store: store.path,
         initrd_bytes,
         modules: n_modules,
-        staged_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        staged_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
     };
     staged.save().map_err(Error::Record)?;
     Ok(staged)
@@ -174,7 +205,15 @@ mod tests {
 
     #[test]
     fn explicit_cmdline_replaces_the_running_one() {
-        let c = compose_cmdline("root=/dev/sda1", Some("root=/dev/vda console=ttyS0"), None, Path::new("/s"));
-        assert_eq!(c, "root=/dev/vda console=ttyS0 kupgrade.resume kupgrade.store=/s");
+        let c = compose_cmdline(
+            "root=/dev/sda1",
+            Some("root=/dev/vda console=ttyS0"),
+            None,
+            Path::new("/s"),
+        );
+        assert_eq!(
+            c,
+            "root=/dev/vda console=ttyS0 kupgrade.resume kupgrade.store=/s"
+        );
     }
 }

@@ -32,7 +32,12 @@ pub enum Error {
         source: std::io::Error,
     },
     #[error("store {path} is {have} MiB but the image needs about {need} MiB: reserve more, e.g. {suggestion}")]
-    TooSmall { path: PathBuf, have: u64, need: u64, suggestion: String },
+    TooSmall {
+        path: PathBuf,
+        have: u64,
+        need: u64,
+        suggestion: String,
+    },
 }
 
 impl Store {
@@ -41,33 +46,66 @@ impl Store {
         if let Some(file) = cfg.store.strip_prefix("file:") {
             let path = PathBuf::from(file);
             let capacity = cfg.store_file_mib << 20;
-            return Ok(Store { path, kind: Kind::File, capacity });
+            return Ok(Store {
+                path,
+                kind: Kind::File,
+                capacity,
+            });
         }
         let path = if cfg.store == "auto" {
-            first_pmem(Path::new("/dev")).ok_or_else(|| Error::NoPmem { suggestion: suggest_memmap(256 << 20) })?
+            first_pmem(Path::new("/dev")).ok_or_else(|| Error::NoPmem {
+                suggestion: suggest_memmap(256 << 20),
+            })?
         } else {
             PathBuf::from(&cfg.store)
         };
-        let mut f = File::open(&path).map_err(|source| Error::Open { path: path.clone(), source })?;
-        let capacity = f.seek(SeekFrom::End(0)).map_err(|source| Error::Open { path: path.clone(), source })?;
-        let kind = if path.to_string_lossy().contains("pmem") { Kind::Pmem } else { Kind::Device };
-        Ok(Store { path, kind, capacity })
+        let mut f = File::open(&path).map_err(|source| Error::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let capacity = f.seek(SeekFrom::End(0)).map_err(|source| Error::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let kind = if path.to_string_lossy().contains("pmem") {
+            Kind::Pmem
+        } else {
+            Kind::Device
+        };
+        Ok(Store {
+            path,
+            kind,
+            capacity,
+        })
     }
 
     /// Opens for reading and writing; a file store is created at its size.
     pub fn open_rw(&self) -> Result<File, Error> {
-        let err = |source| Error::Open { path: self.path.clone(), source };
+        let err = |source| Error::Open {
+            path: self.path.clone(),
+            source,
+        };
         if self.kind == Kind::File {
             if let Some(dir) = self.path.parent() {
                 fs::create_dir_all(dir).map_err(err)?;
             }
-            let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&self.path).map_err(err)?;
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&self.path)
+                .map_err(err)?;
             if f.metadata().map_err(err)?.len() < self.capacity {
                 f.set_len(self.capacity).map_err(err)?;
             }
             return Ok(f);
         }
-        OpenOptions::new().read(true).write(true).open(&self.path).map_err(err)
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(err)
     }
 
     /// Refuses a store smaller than the estimated image.
@@ -90,7 +128,10 @@ fn first_pmem(dev: &Path) -> Option<PathBuf> {
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             n.starts_with("pmem") && n[4..].chars().all(|c| c.is_ascii_digit()) && n.len() > 4
         })
         .collect();
@@ -120,7 +161,10 @@ pub fn suggest_memmap_from(iomem: &str, need: u64) -> String {
         .filter(|l| !l.starts_with(' ') && l.contains(": System RAM"))
         .filter_map(|l| {
             let (a, b) = l.split(':').next()?.trim().split_once('-')?;
-            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()? + 1))
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()? + 1,
+            ))
         })
         .filter(|(a, b)| b > a && *b > 0)
         .collect();
@@ -132,7 +176,9 @@ pub fn suggest_memmap_from(iomem: &str, need: u64) -> String {
         .max_by_key(|&(a, b)| b - a);
     match pick {
         Some((start, _)) => format!("memmap={mib}M!{}M", start >> 20),
-        None => format!("memmap={mib}M!ADDR (ADDR: a free System RAM address from /proc/iomem, read as root)"),
+        None => format!(
+            "memmap={mib}M!ADDR (ADDR: a free System RAM address from /proc/iomem, read as root)"
+        ),
     }
 }
 
@@ -151,16 +197,27 @@ mod tests {
 
     #[test]
     fn too_small_store_says_how_much_is_needed() {
-        let s = Store { path: "/dev/pmem0".into(), kind: Kind::Pmem, capacity: 64 << 20 };
+        let s = Store {
+            path: "/dev/pmem0".into(),
+            kind: Kind::Pmem,
+            capacity: 64 << 20,
+        };
         s.ensure_fits(60 << 20).unwrap();
         let e = s.ensure_fits(210 << 20).unwrap_err().to_string();
-        assert!(e.contains("64 MiB") && e.contains("210 MiB") && e.contains("memmap="), "{e}");
+        assert!(
+            e.contains("64 MiB") && e.contains("210 MiB") && e.contains("memmap="),
+            "{e}"
+        );
     }
 
     #[test]
     fn file_store_is_created_at_its_size() {
         let d = tempfile::tempdir().unwrap();
-        let cfg = Config { store: format!("file:{}/s/img", d.path().display()), store_file_mib: 2, ..Config::default() };
+        let cfg = Config {
+            store: format!("file:{}/s/img", d.path().display()),
+            store_file_mib: 2,
+            ..Config::default()
+        };
         let s = Store::locate(&cfg).unwrap();
         assert_eq!(s.kind, Kind::File);
         let f = s.open_rw().unwrap();

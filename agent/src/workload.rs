@@ -30,7 +30,12 @@ pub enum Error {
     #[error("workload {name}: cgroup {cgroup} has no processes")]
     Empty { name: String, cgroup: PathBuf },
     #[error("workload {name}: cgroup {cgroup} holds {roots} separate process trees (pids {pids:?}); kupgrade checkpoints one tree per cgroup: give each its own cgroup")]
-    SeveralTrees { name: String, cgroup: PathBuf, roots: usize, pids: Vec<i32> },
+    SeveralTrees {
+        name: String,
+        cgroup: PathBuf,
+        roots: usize,
+        pids: Vec<i32>,
+    },
     #[error(transparent)]
     Cgroup(#[from] cgroup::Error),
 }
@@ -39,16 +44,30 @@ pub enum Error {
 pub fn inspect(name: &str, cgroup: &Path) -> Result<Workload, Error> {
     let pids = cgroup::procs(cgroup)?;
     if pids.is_empty() {
-        return Err(Error::Empty { name: name.into(), cgroup: cgroup.into() });
+        return Err(Error::Empty {
+            name: name.into(),
+            cgroup: cgroup.into(),
+        });
     }
     let set: HashSet<i32> = pids.iter().copied().collect();
-    let roots: Vec<i32> = pids.iter().copied().filter(|p| proc::ppid(*p).is_none_or(|pp| !set.contains(&pp))).collect();
+    let roots: Vec<i32> = pids
+        .iter()
+        .copied()
+        .filter(|p| proc::ppid(*p).is_none_or(|pp| !set.contains(&pp)))
+        .collect();
     if roots.len() != 1 {
-        return Err(Error::SeveralTrees { name: name.into(), cgroup: cgroup.into(), roots: roots.len(), pids: roots });
+        return Err(Error::SeveralTrees {
+            name: name.into(),
+            cgroup: cgroup.into(),
+            roots: roots.len(),
+            pids: roots,
+        });
     }
     let root_pid = roots[0];
-    let pid_namespace = proc::namespace(&root_pid.to_string(), "pid") != proc::namespace("self", "pid");
-    let memory_bytes = cgroup::memory_current(cgroup).unwrap_or_else(|| pids.iter().map(|p| proc::rss_bytes(*p)).sum());
+    let pid_namespace =
+        proc::namespace(&root_pid.to_string(), "pid") != proc::namespace("self", "pid");
+    let memory_bytes = cgroup::memory_current(cgroup)
+        .unwrap_or_else(|| pids.iter().map(|p| proc::rss_bytes(*p)).sum());
     Ok(Workload {
         name: name.into(),
         cgroup: cgroup.into(),
@@ -62,9 +81,14 @@ pub fn inspect(name: &str, cgroup: &Path) -> Result<Workload, Error> {
 
 /// A TCP socket in any state but listen/close needs CRIU's --tcp-established.
 fn has_tcp_connections(pids: &[i32]) -> bool {
-    let inodes: HashSet<u64> =
-        pids.iter().flat_map(|p| proc::fds(*p)).filter_map(|(_, link)| proc::socket_inode(&link)).collect();
-    proc::tcp_sockets().iter().any(|(ino, st)| inodes.contains(ino) && *st != proc::TCP_LISTEN && *st != proc::TCP_CLOSE)
+    let inodes: HashSet<u64> = pids
+        .iter()
+        .flat_map(|p| proc::fds(*p))
+        .filter_map(|(_, link)| proc::socket_inode(&link))
+        .collect();
+    proc::tcp_sockets()
+        .iter()
+        .any(|(ino, st)| inodes.contains(ino) && *st != proc::TCP_LISTEN && *st != proc::TCP_CLOSE)
 }
 
 /// Every workload: those `kupgrade launch` started, then those the config
@@ -88,7 +112,11 @@ pub fn discover(cfg: &Config) -> Vec<Result<Workload, Error>> {
         out.push(inspect(&n, &cg));
     }
     for d in &cfg.workloads {
-        let cg = if d.cgroup.is_absolute() { d.cgroup.clone() } else { Path::new(config::CGROUP_ROOT).join(&d.cgroup) };
+        let cg = if d.cgroup.is_absolute() {
+            d.cgroup.clone()
+        } else {
+            Path::new(config::CGROUP_ROOT).join(&d.cgroup)
+        };
         out.push(inspect(&d.name, &cg));
     }
     out
@@ -105,35 +133,64 @@ pub struct Refusal {
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "workload {} (pid {} {}): {}: {}", self.workload, self.pid, proc::comm(self.pid), self.resource, self.why)
+        write!(
+            f,
+            "workload {} (pid {} {}): {}: {}",
+            self.workload,
+            self.pid,
+            proc::comm(self.pid),
+            self.resource,
+            self.why
+        )
     }
 }
 
 /// Character devices a checkpoint can carry: they hold no state.
-const HARMLESS_DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
+const HARMLESS_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
 
 /// Finds what would make CRIU refuse the workload, before anything is frozen.
 pub fn refusals(w: &Workload) -> Vec<Refusal> {
     let mut out = Vec::new();
     let refuse = |out: &mut Vec<Refusal>, pid, resource: String, why: &str| {
-        out.push(Refusal { workload: w.name.clone(), pid, resource, why: why.to_string() });
+        out.push(Refusal {
+            workload: w.name.clone(),
+            pid,
+            resource,
+            why: why.to_string(),
+        });
     };
     let my_ns = |kind| proc::namespace("self", kind);
     for &pid in &w.pids {
         for tid in proc::threads(pid) {
-            let tracer = proc::status_field(tid, "TracerPid").and_then(|t| t.parse::<i32>().ok()).unwrap_or(0);
+            let tracer = proc::status_field(tid, "TracerPid")
+                .and_then(|t| t.parse::<i32>().ok())
+                .unwrap_or(0);
             if tracer != 0 {
                 refuse(
                     &mut out,
                     pid,
-                    format!("thread {tid} traced by pid {tracer} ({})", proc::comm(tracer)),
+                    format!(
+                        "thread {tid} traced by pid {tracer} ({})",
+                        proc::comm(tracer)
+                    ),
                     "CRIU must ptrace every task itself; detach the debugger or strace first",
                 );
             }
         }
         for (fd, link) in proc::fds(pid) {
             if link == "anon_inode:[io_uring]" {
-                refuse(&mut out, pid, format!("fd {fd} is an io_uring"), "CRIU cannot checkpoint io_uring instances");
+                refuse(
+                    &mut out,
+                    pid,
+                    format!("fd {fd} is an io_uring"),
+                    "CRIU cannot checkpoint io_uring instances",
+                );
             } else if link.starts_with("/dev/")
                 && !HARMLESS_DEVICES.contains(&link.as_str())
                 && !link.starts_with("/dev/shm/")
@@ -164,7 +221,8 @@ pub fn refusals(w: &Workload) -> Vec<Refusal> {
 
 fn is_device(path: &str) -> bool {
     use std::os::unix::fs::FileTypeExt;
-    fs::metadata(path).is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_block_device())
+    fs::metadata(path)
+        .is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_block_device())
 }
 
 #[cfg(test)]

@@ -18,7 +18,10 @@ pub struct Param {
 
 impl Param {
     pub fn new(key: &str, value: Option<&str>) -> Self {
-        Param { key: key.to_string(), value: value.map(str::to_string) }
+        Param {
+            key: key.to_string(),
+            value: value.map(str::to_string),
+        }
     }
 
     /// Keys that describe one boot only and must not be carried to the next:
@@ -33,7 +36,9 @@ impl fmt::Display for Param {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.value {
             None => f.write_str(&self.key),
-            Some(v) if v.contains(char::is_whitespace) || v.is_empty() => write!(f, "{}=\"{}\"", self.key, v),
+            Some(v) if v.contains(char::is_whitespace) || v.is_empty() => {
+                write!(f, "{}=\"{}\"", self.key, v)
+            }
             Some(v) => write!(f, "{}={}", self.key, v),
         }
     }
@@ -70,7 +75,11 @@ impl Cmdline {
     /// The last value of `key` (the kernel lets later words win). `Some(None)`
     /// for a bare flag.
     pub fn get(&self, key: &str) -> Option<Option<&str>> {
-        self.params.iter().rev().find(|p| p.key == key).map(|p| p.value.as_deref())
+        self.params
+            .iter()
+            .rev()
+            .find(|p| p.key == key)
+            .map(|p| p.value.as_deref())
     }
 
     pub fn value(&self, key: &str) -> Option<&str> {
@@ -151,7 +160,9 @@ mod tests {
 
     #[test]
     fn parses_flags_values_quotes_and_init_args() {
-        let c = Cmdline::parse("BOOT_IMAGE=/vmlinuz root=LABEL=root  ro quiet dyndbg=\"file a.c +p\" -- single x\n");
+        let c = Cmdline::parse(
+            "BOOT_IMAGE=/vmlinuz root=LABEL=root  ro quiet dyndbg=\"file a.c +p\" -- single x\n",
+        );
         assert_eq!(c.value("root"), Some("LABEL=root"));
         assert_eq!(c.get("ro"), Some(None));
         assert_eq!(c.value("dyndbg"), Some("file a.c +p"));

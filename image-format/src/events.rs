@@ -95,7 +95,12 @@ impl EventLine {
     /// An event stamped with the current monotonic and real time.
     pub fn now(event: Event) -> Self {
         let (t_mono_ns, t_real_ns) = now_ns();
-        EventLine { event, t_mono_ns, t_real_ns, fields: Vec::new() }
+        EventLine {
+            event,
+            t_mono_ns,
+            t_real_ns,
+            fields: Vec::new(),
+        }
     }
 
     pub fn with(mut self, key: &str, value: impl fmt::Display) -> Self {
@@ -104,7 +109,10 @@ impl EventLine {
     }
 
     pub fn field(&self, key: &str) -> Option<&str> {
-        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Finds an event line anywhere in `line` (kmsg and console add prefixes).
@@ -112,7 +120,12 @@ impl EventLine {
         let start = line.find(PREFIX)?;
         let mut words = line[start + PREFIX.len()..].split_whitespace();
         let event = words.next()?.parse().ok()?;
-        let mut out = EventLine { event, t_mono_ns: 0, t_real_ns: 0, fields: Vec::new() };
+        let mut out = EventLine {
+            event,
+            t_mono_ns: 0,
+            t_real_ns: 0,
+            fields: Vec::new(),
+        };
         let (mut mono, mut real) = (None, None);
         for word in words {
             let (k, v) = word.split_once('=')?;
@@ -130,10 +143,17 @@ impl EventLine {
 
 impl fmt::Display for EventLine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{PREFIX}{} t_mono_ns={} t_real_ns={}", self.event, self.t_mono_ns, self.t_real_ns)?;
+        write!(
+            f,
+            "{PREFIX}{} t_mono_ns={} t_real_ns={}",
+            self.event, self.t_mono_ns, self.t_real_ns
+        )?;
         for (k, v) in &self.fields {
             // Values are single words so that the line stays parseable.
-            let v: String = v.chars().map(|c| if c.is_whitespace() { '_' } else { c }).collect();
+            let v: String = v
+                .chars()
+                .map(|c| if c.is_whitespace() { '_' } else { c })
+                .collect();
             write!(f, " {k}={v}")?;
         }
         Ok(())
@@ -148,7 +168,10 @@ pub fn now_ns() -> (u64, u64) {
             .map(|ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
             .unwrap_or(0)
     }
-    (read(nix::time::ClockId::CLOCK_MONOTONIC), read(nix::time::ClockId::CLOCK_REALTIME))
+    (
+        read(nix::time::ClockId::CLOCK_MONOTONIC),
+        read(nix::time::ClockId::CLOCK_REALTIME),
+    )
 }
 
 #[cfg(test)]
@@ -157,11 +180,19 @@ mod tests {
 
     #[test]
     fn line_round_trips_with_fields() {
-        let line = EventLine { event: Event::Frozen, t_mono_ns: 12, t_real_ns: 34, fields: vec![] }
-            .with("workloads", 3)
-            .with("reason", "two words");
+        let line = EventLine {
+            event: Event::Frozen,
+            t_mono_ns: 12,
+            t_real_ns: 34,
+            fields: vec![],
+        }
+        .with("workloads", 3)
+        .with("reason", "two words");
         let text = line.to_string();
-        assert_eq!(text, "kupgrade: event=frozen t_mono_ns=12 t_real_ns=34 workloads=3 reason=two_words");
+        assert_eq!(
+            text,
+            "kupgrade: event=frozen t_mono_ns=12 t_real_ns=34 workloads=3 reason=two_words"
+        );
         let back = EventLine::parse(&format!("[    2.5] {text}")).unwrap();
         assert_eq!(back.event, Event::Frozen);
         assert_eq!(back.t_real_ns, 34);

@@ -160,7 +160,9 @@ pub enum Error {
     },
     #[error("no kupgrade image in this store (no magic)")]
     NoImage,
-    #[error("the image has format {found}.x; this build reads {supported}.x: use a matching kupgrade")]
+    #[error(
+        "the image has format {found}.x; this build reads {supported}.x: use a matching kupgrade"
+    )]
     UnknownMajor { found: u16, supported: u16 },
     #[error("the superblock checksum does not match: the image header is damaged")]
     SuperblockChecksum,
@@ -181,7 +183,11 @@ pub enum Error {
     #[error("section {section}, chunk {chunk}: checksum mismatch")]
     ChunkChecksum { section: String, chunk: u32 },
     #[error("section {section}, chunk {chunk}: cannot decompress: {detail}")]
-    Decompress { section: String, chunk: u32, detail: String },
+    Decompress {
+        section: String,
+        chunk: u32,
+        detail: String,
+    },
     #[error("section {section} is damaged: {detail}")]
     Corrupt { section: String, detail: String },
     #[error("the image digest does not match: some bytes changed")]

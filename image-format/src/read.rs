@@ -29,7 +29,10 @@ pub struct VerifyReport {
 }
 
 fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io { what: what.to_string(), source }
+    move |source| Error::Io {
+        what: what.to_string(),
+        source,
+    }
 }
 
 /// Reads exactly `len` bytes at `offset`, telling truncation apart.
@@ -38,14 +41,24 @@ fn read_at<S: Store>(store: &mut S, offset: u64, len: usize, what: &str) -> Resu
     let mut buf = vec![0u8; len];
     match store.read_exact(&mut buf) {
         Ok(()) => Ok(buf),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(Error::Truncated { what: what.to_string() }),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(Error::Truncated {
+            what: what.to_string(),
+        }),
         Err(e) => Err(io_err(what)(e)),
     }
 }
 
-pub(crate) fn read_superblock<S: Store>(store: &mut S) -> Result<(RawSuperblock, Superblock), Error> {
-    let bytes = read_at(store, 0, std::mem::size_of::<RawSuperblock>(), "superblock")
-        .map_err(|e| if matches!(e, Error::Truncated { .. }) { Error::NoImage } else { e })?;
+pub(crate) fn read_superblock<S: Store>(
+    store: &mut S,
+) -> Result<(RawSuperblock, Superblock), Error> {
+    let bytes =
+        read_at(store, 0, std::mem::size_of::<RawSuperblock>(), "superblock").map_err(|e| {
+            if matches!(e, Error::Truncated { .. }) {
+                Error::NoImage
+            } else {
+                e
+            }
+        })?;
     let raw = RawSuperblock::read_from_bytes(&bytes).map_err(|_| Error::NoImage)?;
     if raw.magic != MAGIC {
         return Err(Error::NoImage);
@@ -54,7 +67,10 @@ pub(crate) fn read_superblock<S: Store>(store: &mut S) -> Result<(RawSuperblock,
         return Err(Error::SuperblockChecksum);
     }
     if raw.major.get() != FORMAT_MAJOR {
-        return Err(Error::UnknownMajor { found: raw.major.get(), supported: FORMAT_MAJOR });
+        return Err(Error::UnknownMajor {
+            found: raw.major.get(),
+            supported: FORMAT_MAJOR,
+        });
     }
     let state = State::from_u32(raw.state.get()).ok_or(Error::SuperblockChecksum)?;
     let sb = Superblock {
@@ -77,24 +93,45 @@ impl<S: Store> Image<S> {
         let store_len = store.seek(SeekFrom::End(0)).map_err(io_err("store"))?;
         let (raw, sb) = read_superblock(&mut store)?;
         if sb.total_len > store_len {
-            return Err(Error::LengthExceedsStore { total: sb.total_len, store: store_len });
+            return Err(Error::LengthExceedsStore {
+                total: sb.total_len,
+                store: store_len,
+            });
         }
         let m_end = sb.manifest_offset.checked_add(sb.manifest_len);
-        if sb.manifest_offset < BODY_OFFSET || m_end != Some(sb.total_len) || sb.manifest_len > MAX_MANIFEST {
-            return Err(Error::SectionOutside { section: "manifest".into() });
+        if sb.manifest_offset < BODY_OFFSET
+            || m_end != Some(sb.total_len)
+            || sb.manifest_len > MAX_MANIFEST
+        {
+            return Err(Error::SectionOutside {
+                section: "manifest".into(),
+            });
         }
-        let json = read_at(&mut store, sb.manifest_offset, sb.manifest_len as usize, "manifest")?;
+        let json = read_at(
+            &mut store,
+            sb.manifest_offset,
+            sb.manifest_len as usize,
+            "manifest",
+        )?;
         if crc32c::crc32c(&json) != raw.manifest_crc.get() {
             return Err(Error::ManifestChecksum);
         }
-        let manifest: Manifest = serde_json::from_slice(&json).map_err(|e| Error::ManifestParse(e.to_string()))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&json).map_err(|e| Error::ManifestParse(e.to_string()))?;
         for s in &manifest.sections {
             let end = s.offset.checked_add(s.stored_len);
             if s.offset < BODY_OFFSET || end.is_none_or(|e| e > sb.manifest_offset) {
-                return Err(Error::SectionOutside { section: s.name.clone() });
+                return Err(Error::SectionOutside {
+                    section: s.name.clone(),
+                });
             }
         }
-        Ok(Image { store, store_len, superblock: sb, manifest })
+        Ok(Image {
+            store,
+            store_len,
+            superblock: sb,
+            manifest,
+        })
     }
 
     pub fn superblock(&self) -> &Superblock {
@@ -114,18 +151,39 @@ impl<S: Store> Image<S> {
     }
 
     fn section(&self, name: &str) -> Result<SectionEntry, Error> {
-        self.manifest.sections.iter().find(|s| s.name == name).cloned().ok_or_else(|| Error::NoSection(name.into()))
+        self.manifest
+            .sections
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+            .ok_or_else(|| Error::NoSection(name.into()))
     }
 
     fn reader(&mut self, name: &str) -> Result<SectionReader<'_, S>, Error> {
         let s = self.section(name)?;
-        self.store.seek(SeekFrom::Start(s.offset)).map_err(io_err("store"))?;
-        Ok(SectionReader { store: &mut self.store, section: s, chunk: 0, pos: 0, buf: Vec::new(), at: 0, raw_seen: 0, error: None })
+        self.store
+            .seek(SeekFrom::Start(s.offset))
+            .map_err(io_err("store"))?;
+        Ok(SectionReader {
+            store: &mut self.store,
+            section: s,
+            chunk: 0,
+            pos: 0,
+            buf: Vec::new(),
+            at: 0,
+            raw_seen: 0,
+            error: None,
+        })
     }
 
     /// Every chunk's checksum and the whole-image digest.
     pub fn verify(&mut self) -> Result<VerifyReport, Error> {
-        let mut report = VerifyReport { sections: 0, chunks: 0, raw_len: 0, stored_len: 0 };
+        let mut report = VerifyReport {
+            sections: 0,
+            chunks: 0,
+            raw_len: 0,
+            stored_len: 0,
+        };
         for s in self.manifest.sections.clone() {
             let mut r = self.reader(&s.name)?;
             io::copy(&mut r, &mut io::sink()).map_err(|e| r.take_error(e))?;
@@ -136,11 +194,15 @@ impl<S: Store> Image<S> {
             report.stored_len += s.stored_len;
         }
         let mut hasher = blake3::Hasher::new();
-        self.store.seek(SeekFrom::Start(BODY_OFFSET)).map_err(io_err("store"))?;
+        self.store
+            .seek(SeekFrom::Start(BODY_OFFSET))
+            .map_err(io_err("store"))?;
         let mut body = (&mut self.store).take(self.superblock.total_len - BODY_OFFSET);
         let n = io::copy(&mut body, &mut hasher).map_err(io_err("image"))?;
         if n != self.superblock.total_len - BODY_OFFSET {
-            return Err(Error::Truncated { what: "image".into() });
+            return Err(Error::Truncated {
+                what: "image".into(),
+            });
         }
         if *hasher.finalize().as_bytes() != self.superblock.digest {
             return Err(Error::DigestMismatch);
@@ -151,10 +213,16 @@ impl<S: Store> Image<S> {
     pub fn read_blob(&mut self, name: &str) -> Result<Vec<u8>, Error> {
         let s = self.section(name)?;
         if s.kind != SectionKind::Blob {
-            return Err(Error::Corrupt { section: name.into(), detail: "not a blob".into() });
+            return Err(Error::Corrupt {
+                section: name.into(),
+                detail: "not a blob".into(),
+            });
         }
         if s.raw_len > self.store_len.saturating_mul(64) {
-            return Err(Error::Corrupt { section: name.into(), detail: "implausible length".into() });
+            return Err(Error::Corrupt {
+                section: name.into(),
+                detail: "implausible length".into(),
+            });
         }
         let mut r = self.reader(name)?;
         let mut out = Vec::new();
@@ -168,7 +236,10 @@ impl<S: Store> Image<S> {
     pub fn extract_tree(&mut self, name: &str, dest: &Path) -> Result<(), Error> {
         let s = self.section(name)?;
         if s.kind != SectionKind::Tree {
-            return Err(Error::Corrupt { section: name.into(), detail: "not a tree".into() });
+            return Err(Error::Corrupt {
+                section: name.into(),
+                detail: "not a tree".into(),
+            });
         }
         fs::create_dir_all(dest).map_err(io_err(&dest.display().to_string()))?;
         let mut r = self.reader(name)?;
@@ -197,7 +268,10 @@ struct SectionReader<'a, S: Store> {
 
 impl<S: Store> SectionReader<'_, S> {
     fn corrupt(&self, detail: impl Into<String>) -> Error {
-        Error::Corrupt { section: self.section.name.clone(), detail: detail.into() }
+        Error::Corrupt {
+            section: self.section.name.clone(),
+            detail: detail.into(),
+        }
     }
 
     fn next_chunk(&mut self) -> Result<bool, Error> {
@@ -205,13 +279,18 @@ impl<S: Store> SectionReader<'_, S> {
             return Ok(false);
         }
         let (name, index) = (self.section.name.clone(), self.chunk);
-        let bad_header = || Error::ChunkHeader { section: name.clone(), chunk: index };
+        let bad_header = || Error::ChunkHeader {
+            section: name.clone(),
+            chunk: index,
+        };
         if self.pos + CHUNK_HEADER_LEN > self.section.stored_len {
             return Err(bad_header());
         }
         let mut hb = [0u8; CHUNK_HEADER_LEN as usize];
         self.store.read_exact(&mut hb).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => Error::Truncated { what: format!("section {name} chunk {index}") },
+            io::ErrorKind::UnexpectedEof => Error::Truncated {
+                what: format!("section {name} chunk {index}"),
+            },
             _ => io_err("store")(e),
         })?;
         let h = ChunkHeader::read_from_bytes(&hb).map_err(|_| bad_header())?;
@@ -224,22 +303,38 @@ impl<S: Store> SectionReader<'_, S> {
             return Err(bad_header());
         }
         let mut stored = vec![0u8; stored_len as usize];
-        self.store.read_exact(&mut stored).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => Error::Truncated { what: format!("section {name} chunk {index}") },
-            _ => io_err("store")(e),
-        })?;
+        self.store
+            .read_exact(&mut stored)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => Error::Truncated {
+                    what: format!("section {name} chunk {index}"),
+                },
+                _ => io_err("store")(e),
+            })?;
         self.pos += stored_len;
         if crc32c::crc32c(&stored) != h.crc.get() {
-            return Err(Error::ChunkChecksum { section: name, chunk: index });
+            return Err(Error::ChunkChecksum {
+                section: name,
+                chunk: index,
+            });
         }
         self.buf = match h.kind {
             CHUNK_RAW if stored_len == raw_len as u64 => stored,
             CHUNK_ZERO if stored_len == 0 => vec![0u8; raw_len as usize],
             CHUNK_ZSTD => {
-                let out = zstd::bulk::decompress(&stored, raw_len as usize)
-                    .map_err(|e| Error::Decompress { section: name.clone(), chunk: index, detail: e.to_string() })?;
+                let out = zstd::bulk::decompress(&stored, raw_len as usize).map_err(|e| {
+                    Error::Decompress {
+                        section: name.clone(),
+                        chunk: index,
+                        detail: e.to_string(),
+                    }
+                })?;
                 if out.len() != raw_len as usize {
-                    return Err(Error::Decompress { section: name, chunk: index, detail: "wrong length".into() });
+                    return Err(Error::Decompress {
+                        section: name,
+                        chunk: index,
+                        detail: "wrong length".into(),
+                    });
                 }
                 out
             }
@@ -256,7 +351,10 @@ impl<S: Store> SectionReader<'_, S> {
         if let Some(e) = self.error.take() {
             return Err(e);
         }
-        if self.chunk != self.section.chunks || self.pos != self.section.stored_len || self.raw_seen != self.section.raw_len {
+        if self.chunk != self.section.chunks
+            || self.pos != self.section.stored_len
+            || self.raw_seen != self.section.raw_len
+        {
             return Err(self.corrupt("its chunks do not add up to its recorded size"));
         }
         Ok(())
@@ -298,7 +396,10 @@ fn safe_join(dest: &Path, rel: &str, section: &str) -> Result<PathBuf, Error> {
     let p = Path::new(rel);
     let ok = !rel.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
     if !ok {
-        return Err(Error::PathEscapes { section: section.into(), path: rel.into() });
+        return Err(Error::PathEscapes {
+            section: section.into(),
+            path: rel.into(),
+        });
     }
     Ok(dest.join(p))
 }
@@ -311,15 +412,25 @@ fn no_link_on_the_way(dest: &Path, rel: &str, section: &str) -> Result<(), Error
     for part in &parts[..parts.len().saturating_sub(1)] {
         cur.push(part);
         if fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_symlink()) {
-            return Err(Error::PathEscapes { section: section.into(), path: rel.into() });
+            return Err(Error::PathEscapes {
+                section: section.into(),
+                path: rel.into(),
+            });
         }
     }
     Ok(())
 }
 
-fn extract<S: Store>(r: &mut SectionReader<'_, S>, s: &SectionEntry, dest: &Path) -> Result<(), Error> {
+fn extract<S: Store>(
+    r: &mut SectionReader<'_, S>,
+    s: &SectionEntry,
+    dest: &Path,
+) -> Result<(), Error> {
     let section = s.name.as_str();
-    let io = |e: io::Error| Error::Io { what: format!("section {section}"), source: e };
+    let io = |e: io::Error| Error::Io {
+        what: format!("section {section}"),
+        source: e,
+    };
     let mut remaining = s.raw_len;
     loop {
         let [kind] = read_u::<1>(r).map_err(io)?;
@@ -331,20 +442,30 @@ fn extract<S: Store>(r: &mut SectionReader<'_, S>, s: &SectionEntry, dest: &Path
         let len = u16::from_le_bytes(read_u::<2>(r).map_err(io)?) as usize;
         let mut name = vec![0u8; len];
         r.read_exact(&mut name).map_err(io)?;
-        let rel = String::from_utf8(name).map_err(|_| Error::Corrupt { section: section.into(), detail: "a path is not UTF-8".into() })?;
-            let path = safe_join(dest, &rel, section)?;
+        let rel = String::from_utf8(name).map_err(|_| Error::Corrupt {
+            section: section.into(),
+            detail: "a path is not UTF-8".into(),
+        })?;
+        let path = safe_join(dest, &rel, section)?;
         no_link_on_the_way(dest, &rel, section)?;
-        let fio = |e: io::Error| Error::Io { what: path.display().to_string(), source: e };
+        let fio = |e: io::Error| Error::Io {
+            what: path.display().to_string(),
+            source: e,
+        };
         remaining = remaining.saturating_sub(15 + len as u64);
         match kind {
             REC_DIR => {
                 fs::create_dir_all(&path).map_err(fio)?;
-                fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777)).map_err(fio)?;
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(fio)?;
             }
             REC_FILE => {
                 let size = u64::from_le_bytes(read_u::<8>(r).map_err(io)?);
                 if size > remaining {
-                    return Err(Error::Corrupt { section: section.into(), detail: format!("{rel} claims {size} bytes") });
+                    return Err(Error::Corrupt {
+                        section: section.into(),
+                        detail: format!("{rel} claims {size} bytes"),
+                    });
                 }
                 remaining -= size;
                 if let Some(parent) = path.parent() {
@@ -355,9 +476,13 @@ fn extract<S: Store>(r: &mut SectionReader<'_, S>, s: &SectionEntry, dest: &Path
                 let mut f = fs::File::create(&path).map_err(fio)?;
                 let n = io::copy(&mut r.take(size), &mut f).map_err(io)?;
                 if n != size {
-                    return Err(Error::Corrupt { section: section.into(), detail: format!("{rel} is cut short") });
+                    return Err(Error::Corrupt {
+                        section: section.into(),
+                        detail: format!("{rel} is cut short"),
+                    });
                 }
-                f.set_permissions(fs::Permissions::from_mode(mode & 0o7777)).map_err(fio)?;
+                f.set_permissions(fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(fio)?;
                 let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime.max(0) as u64);
                 let _ = f.set_modified(t);
             }
@@ -365,15 +490,22 @@ fn extract<S: Store>(r: &mut SectionReader<'_, S>, s: &SectionEntry, dest: &Path
                 let tlen = u16::from_le_bytes(read_u::<2>(r).map_err(io)?) as usize;
                 let mut target = vec![0u8; tlen];
                 r.read_exact(&mut target).map_err(io)?;
-                let target = String::from_utf8(target)
-                    .map_err(|_| Error::Corrupt { section: section.into(), detail: "a link target is not UTF-8".into() })?;
+                let target = String::from_utf8(target).map_err(|_| Error::Corrupt {
+                    section: section.into(),
+                    detail: "a link target is not UTF-8".into(),
+                })?;
                 if let Some(parent) = path.parent() {
                     fs::create_dir_all(parent).map_err(fio)?;
                 }
                 let _ = fs::remove_file(&path);
                 std::os::unix::fs::symlink(&target, &path).map_err(fio)?;
             }
-            other => return Err(Error::Corrupt { section: section.into(), detail: format!("unknown record {other}") }),
+            other => {
+                return Err(Error::Corrupt {
+                    section: section.into(),
+                    detail: format!("unknown record {other}"),
+                })
+            }
         }
     }
 }

@@ -46,7 +46,12 @@ impl UpgradeReport {
     /// Real time between the workloads being frozen on the old kernel and
     /// restored on the new one: the pause they saw.
     pub fn blackout_ns(&self) -> Option<u64> {
-        let at = |name: &str| self.events.iter().find(|e| e.event == name).map(|e| e.t_real_ns);
+        let at = |name: &str| {
+            self.events
+                .iter()
+                .find(|e| e.event == name)
+                .map(|e| e.t_real_ns)
+        };
         at("restored")?.checked_sub(at("frozen")?)
     }
 }

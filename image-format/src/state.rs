@@ -10,7 +10,10 @@ use crate::read::read_superblock;
 use crate::{Error, State, Store};
 
 fn io_err(source: std::io::Error) -> Error {
-    Error::Io { what: "store".into(), source }
+    Error::Io {
+        what: "store".into(),
+        source,
+    }
 }
 
 pub(crate) fn write_superblock<S: Store>(store: &mut S, sb: &RawSuperblock) -> Result<(), Error> {
@@ -31,7 +34,9 @@ pub fn set_state<S: Store>(store: &mut S, state: State) -> Result<(), Error> {
 /// Makes whatever image is in the store unreadable (its superblock zeroed).
 pub fn invalidate<S: Store>(store: &mut S) -> Result<(), Error> {
     store.seek(SeekFrom::Start(0)).map_err(io_err)?;
-    store.write_all(&[0u8; BODY_OFFSET as usize]).map_err(io_err)?;
+    store
+        .write_all(&[0u8; BODY_OFFSET as usize])
+        .map_err(io_err)?;
     store.sync().map_err(io_err)
 }
 

@@ -27,7 +27,12 @@ pub struct WriteOptions {
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        WriteOptions { threads: 0, chunk_size: 1 << 20, zstd_level: 1, generation: 0 }
+        WriteOptions {
+            threads: 0,
+            chunk_size: 1 << 20,
+            zstd_level: 1,
+            generation: 0,
+        }
     }
 }
 
@@ -52,7 +57,10 @@ pub struct ImageWriter<S: Store> {
 }
 
 fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io { what: what.to_string(), source }
+    move |source| Error::Io {
+        what: what.to_string(),
+        source,
+    }
 }
 
 impl<S: Store> ImageWriter<S> {
@@ -60,11 +68,16 @@ impl<S: Store> ImageWriter<S> {
     /// invalidated first.
     pub fn create(mut store: S, capacity: u64, opts: WriteOptions) -> Result<Self, Error> {
         if capacity < BODY_OFFSET + 4096 {
-            return Err(Error::StoreTooSmall { needed: BODY_OFFSET + 4096, capacity });
+            return Err(Error::StoreTooSmall {
+                needed: BODY_OFFSET + 4096,
+                capacity,
+            });
         }
         crate::state::invalidate(&mut store)?;
         let threads = if opts.threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         } else {
             opts.threads
         };
@@ -72,7 +85,11 @@ impl<S: Store> ImageWriter<S> {
         Ok(ImageWriter {
             store,
             capacity,
-            opts: WriteOptions { threads, chunk_size, ..opts },
+            opts: WriteOptions {
+                threads,
+                chunk_size,
+                ..opts
+            },
             pos: BODY_OFFSET,
             hasher: blake3::Hasher::new(),
             sections: Vec::new(),
@@ -97,7 +114,9 @@ impl<S: Store> ImageWriter<S> {
 
     pub fn add_blob(&mut self, name: &str, bytes: &[u8]) -> Result<(), Error> {
         self.check_name(name)?;
-        self.add_section(name, SectionKind::Blob, |out| out.write_all(bytes).map_err(io_err("blob")))
+        self.add_section(name, SectionKind::Blob, |out| {
+            out.write_all(bytes).map_err(io_err("blob"))
+        })
     }
 
     /// Runs `produce`, which writes the section's raw bytes; they are cut
@@ -144,7 +163,10 @@ impl<S: Store> ImageWriter<S> {
                     while let Some(bytes) = pending.remove(&next) {
                         let end = pos + bytes.len() as u64;
                         if end > capacity {
-                            return Err(Error::StoreTooSmall { needed: end, capacity });
+                            return Err(Error::StoreTooSmall {
+                                needed: end,
+                                capacity,
+                            });
                         }
                         out.write_all(&bytes).map_err(io_err("store"))?;
                         hasher.update(&bytes);
@@ -155,11 +177,21 @@ impl<S: Store> ImageWriter<S> {
                 out.flush().map_err(io_err("store"))?;
                 Ok(pos)
             });
-            let mut chunker = Chunker { buf: Vec::with_capacity(opts.chunk_size), size: opts.chunk_size, next: 0, raw: 0, tx: job_tx };
-            let produced = produce(&mut chunker).and_then(|()| chunker.flush_chunk().map_err(io_err("chunk")));
+            let mut chunker = Chunker {
+                buf: Vec::with_capacity(opts.chunk_size),
+                size: opts.chunk_size,
+                next: 0,
+                raw: 0,
+                tx: job_tx,
+            };
+            let produced =
+                produce(&mut chunker).and_then(|()| chunker.flush_chunk().map_err(io_err("chunk")));
             let (raw, n) = (chunker.raw, chunker.next);
             drop(chunker); // closes the job channel: workers and writer finish
-            let end = writer.join().map_err(|_| Error::Io { what: "writer".into(), source: io::Error::other("thread panicked") })?;
+            let end = writer.join().map_err(|_| Error::Io {
+                what: "writer".into(),
+                source: io::Error::other("thread panicked"),
+            })?;
             // A writer failure (store full) explains a producer failure (channel closed).
             let end = end?;
             produced?;
@@ -181,12 +213,18 @@ impl<S: Store> ImageWriter<S> {
     /// again. Only then is the image valid.
     pub fn finish(mut self, mut manifest: Manifest) -> Result<WriteSummary, Error> {
         manifest.sections = self.sections.clone();
-        let json = serde_json::to_vec(&manifest).map_err(|e| Error::ManifestParse(e.to_string()))?;
+        let json =
+            serde_json::to_vec(&manifest).map_err(|e| Error::ManifestParse(e.to_string()))?;
         let end = self.pos + json.len() as u64;
         if end > self.capacity {
-            return Err(Error::StoreTooSmall { needed: end, capacity: self.capacity });
+            return Err(Error::StoreTooSmall {
+                needed: end,
+                capacity: self.capacity,
+            });
         }
-        self.store.seek(SeekFrom::Start(self.pos)).map_err(io_err("store"))?;
+        self.store
+            .seek(SeekFrom::Start(self.pos))
+            .map_err(io_err("store"))?;
         self.store.write_all(&json).map_err(io_err("store"))?;
         self.hasher.update(&json);
         self.store.sync().map_err(io_err("store"))?;
@@ -208,7 +246,12 @@ impl<S: Store> ImageWriter<S> {
         crate::state::write_superblock(&mut self.store, &sb)?;
         let raw_len = self.sections.iter().map(|s| s.raw_len).sum();
         let stored_len = self.sections.iter().map(|s| s.stored_len).sum();
-        Ok(WriteSummary { total_len: end, raw_len, stored_len, elapsed: self.started.elapsed() })
+        Ok(WriteSummary {
+            total_len: end,
+            raw_len,
+            stored_len,
+            elapsed: self.started.elapsed(),
+        })
     }
 }
 
@@ -252,7 +295,9 @@ impl Chunker {
             return Ok(());
         }
         let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.size));
-        self.tx.send((self.next, full)).map_err(|_| io::Error::other("the image writer stopped"))?;
+        self.tx
+            .send((self.next, full))
+            .map_err(|_| io::Error::other("the image writer stopped"))?;
         self.next += 1;
         Ok(())
     }
@@ -285,31 +330,61 @@ fn write_record(out: &mut dyn Write, kind: u8, mode: u32, mtime: i64, rel: &str)
 /// Serialises `root` depth first, directories before their content, in name
 /// order so that the same tree gives the same bytes.
 fn write_tree(root: &Path, out: &mut dyn Write) -> Result<(), Error> {
-    let meta = fs::symlink_metadata(root).map_err(|source| Error::Io { what: root.display().to_string(), source })?;
+    let meta = fs::symlink_metadata(root).map_err(|source| Error::Io {
+        what: root.display().to_string(),
+        source,
+    })?;
     if !meta.is_dir() {
-        return Err(Error::UnsupportedFile { path: root.display().to_string() });
+        return Err(Error::UnsupportedFile {
+            path: root.display().to_string(),
+        });
     }
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
-        let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(&rel) };
+        let dir = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&rel)
+        };
         let mut entries: Vec<_> = fs::read_dir(&dir)
-            .map_err(|source| Error::Io { what: dir.display().to_string(), source })?
+            .map_err(|source| Error::Io {
+                what: dir.display().to_string(),
+                source,
+            })?
             .collect::<Result<_, _>>()
-            .map_err(|source| Error::Io { what: dir.display().to_string(), source })?;
+            .map_err(|source| Error::Io {
+                what: dir.display().to_string(),
+                source,
+            })?;
         entries.sort_by_key(|e| e.file_name());
         let mut subdirs = Vec::new();
         for e in entries {
-            let name = e.file_name().into_string().map_err(|n| Error::UnsupportedFile {
-                path: format!("{}/{} (not UTF-8)", dir.display(), n.to_string_lossy()),
-            })?;
-            let child = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let name = e
+                .file_name()
+                .into_string()
+                .map_err(|n| Error::UnsupportedFile {
+                    path: format!("{}/{} (not UTF-8)", dir.display(), n.to_string_lossy()),
+                })?;
+            let child = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
             let path = root.join(&child);
             if child.len() > u16::MAX as usize {
-                return Err(Error::UnsupportedFile { path: path.display().to_string() });
+                return Err(Error::UnsupportedFile {
+                    path: path.display().to_string(),
+                });
             }
-            let m = fs::symlink_metadata(&path).map_err(|source| Error::Io { what: path.display().to_string(), source })?;
+            let m = fs::symlink_metadata(&path).map_err(|source| Error::Io {
+                what: path.display().to_string(),
+                source,
+            })?;
             let mode = m.permissions().mode() & 0o7777;
-            let io = |source| Error::Io { what: path.display().to_string(), source };
+            let io = |source| Error::Io {
+                what: path.display().to_string(),
+                source,
+            };
             if m.is_dir() {
                 write_record(out, REC_DIR, mode, m.mtime(), &child).map_err(io)?;
                 subdirs.push(child);
@@ -327,12 +402,17 @@ fn write_tree(root: &Path, out: &mut dyn Write) -> Result<(), Error> {
                 }
             } else if m.file_type().is_symlink() {
                 let target = fs::read_link(&path).map_err(io)?;
-                let target = target.to_str().ok_or_else(|| Error::UnsupportedFile { path: path.display().to_string() })?;
+                let target = target.to_str().ok_or_else(|| Error::UnsupportedFile {
+                    path: path.display().to_string(),
+                })?;
                 write_record(out, REC_SYMLINK, 0o777, m.mtime(), &child).map_err(io)?;
-                out.write_all(&(target.len() as u16).to_le_bytes()).map_err(io)?;
+                out.write_all(&(target.len() as u16).to_le_bytes())
+                    .map_err(io)?;
                 out.write_all(target.as_bytes()).map_err(io)?;
             } else {
-                return Err(Error::UnsupportedFile { path: path.display().to_string() });
+                return Err(Error::UnsupportedFile {
+                    path: path.display().to_string(),
+                });
             }
         }
         // Reverse so that the stack pops them in name order.

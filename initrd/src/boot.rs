@@ -19,13 +19,23 @@ pub const NEWROOT: &str = "/newroot";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot mount {what} on {target}: {source}")]
-    Mount { what: String, target: String, source: nix::Error },
+    Mount {
+        what: String,
+        target: String,
+        source: nix::Error,
+    },
     #[error("no root= on the kernel command line")]
     NoRoot,
-    #[error("root device {spec} did not appear within {secs} s (modules for its controller missing?)")]
+    #[error(
+        "root device {spec} did not appear within {secs} s (modules for its controller missing?)"
+    )]
     RootTimeout { spec: String, secs: u64 },
     #[error("cannot mount the root {dev}: tried {tried}: {source}")]
-    RootMount { dev: String, tried: String, source: nix::Error },
+    RootMount {
+        dev: String,
+        tried: String,
+        source: nix::Error,
+    },
     #[error("cannot switch to the new root: {0}")]
     SwitchRoot(nix::Error),
 }
@@ -46,7 +56,10 @@ pub fn mount_kernel_fs() -> Result<(), Error> {
     mount_fs("sysfs", "/sys", nosuid, None)?;
     // devtmpfs may already be there when the kernel has CONFIG_DEVTMPFS_MOUNT.
     match mount_fs("devtmpfs", "/dev", MsFlags::MS_NOSUID, Some("mode=0755")) {
-        Err(Error::Mount { source: nix::Error::EBUSY, .. }) => Ok(()),
+        Err(Error::Mount {
+            source: nix::Error::EBUSY,
+            ..
+        }) => Ok(()),
         r => r,
     }
 }
@@ -59,9 +72,9 @@ pub fn load_modules(release: &str) -> (usize, Vec<String>) {
     let (mut loaded, mut failed) = (0, Vec::new());
     for rel in order.lines().filter(|l| !l.is_empty()) {
         let path = dir.join(rel);
-        let res = File::open(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|f| finit_module(&f, c"", ModuleInitFlags::empty()).map_err(|e| e.to_string()));
+        let res = File::open(&path).map_err(|e| e.to_string()).and_then(|f| {
+            finit_module(&f, c"", ModuleInitFlags::empty()).map_err(|e| e.to_string())
+        });
         match res {
             Ok(()) => loaded += 1,
             Err(e) if e.contains("EEXIST") => loaded += 1,
@@ -81,14 +94,21 @@ pub fn mount_root(cmdline: &Cmdline, writable: bool) -> Result<PathBuf, Error> {
     let spec = RootSpec::parse(value);
     // Without rootwait the kernel itself gives up quickly; we always wait a
     // while, because module-driven controllers probe asynchronously.
-    let wait = if cmdline.has("rootwait") { Duration::from_secs(120) } else { Duration::from_secs(30) };
+    let wait = if cmdline.has("rootwait") {
+        Duration::from_secs(120)
+    } else {
+        Duration::from_secs(30)
+    };
     let start = Instant::now();
     let dev = loop {
         if let Some(dev) = root::find(&spec, Path::new("/sys/class/block"), Path::new("/dev")) {
             break dev;
         }
         if start.elapsed() > wait {
-            return Err(Error::RootTimeout { spec: value.to_string(), secs: wait.as_secs() });
+            return Err(Error::RootTimeout {
+                spec: value.to_string(),
+                secs: wait.as_secs(),
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -106,20 +126,31 @@ pub fn mount_root(cmdline: &Cmdline, writable: bool) -> Result<PathBuf, Error> {
     for t in &types {
         match mount(Some(&dev), NEWROOT, Some(t.as_str()), flags, data) {
             Ok(()) => {
-                info!("root {} ({t}) mounted {}", dev.display(), if flags.is_empty() { "rw" } else { "ro" });
+                info!(
+                    "root {} ({t}) mounted {}",
+                    dev.display(),
+                    if flags.is_empty() { "rw" } else { "ro" }
+                );
                 return Ok(dev);
             }
             Err(e) => last = e,
         }
     }
-    Err(Error::RootMount { dev: dev.display().to_string(), tried: types.join(","), source: last })
+    Err(Error::RootMount {
+        dev: dev.display().to_string(),
+        tried: types.join(","),
+        source: last,
+    })
 }
 
 /// File system types that need a device, from `/proc/filesystems`.
 fn block_filesystems() -> Vec<String> {
     let text = fs::read_to_string("/proc/filesystems").unwrap_or_default();
-    let mut v: Vec<String> =
-        text.lines().filter(|l| !l.starts_with("nodev")).map(|l| l.trim().to_string()).collect();
+    let mut v: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with("nodev"))
+        .map(|l| l.trim().to_string())
+        .collect();
     // ext4 first: it is the common case and also mounts ext2/3.
     v.sort_by_key(|t| t != "ext4");
     v
@@ -131,11 +162,19 @@ pub fn switch_root() -> Result<(), Error> {
     for fs_ in ["/dev", "/proc", "/sys"] {
         let target = format!("{NEWROOT}{fs_}");
         let _ = fs::create_dir_all(&target);
-        mount(Some(fs_), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(Error::SwitchRoot)?;
+        mount(
+            Some(fs_),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(Error::SwitchRoot)?;
     }
     free_initramfs();
     chdir(NEWROOT).map_err(Error::SwitchRoot)?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(Error::SwitchRoot)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(Error::SwitchRoot)?;
     chroot(".").map_err(Error::SwitchRoot)?;
     chdir("/").map_err(Error::SwitchRoot)?;
     Ok(())
@@ -144,13 +183,19 @@ pub fn switch_root() -> Result<(), Error> {
 /// The initramfs is a ramfs: its files hold memory until deleted. Delete
 /// everything but the mount point of the new root (other mounts are moved).
 fn free_initramfs() {
-    let Ok(entries) = fs::read_dir("/") else { return };
+    let Ok(entries) = fs::read_dir("/") else {
+        return;
+    };
     for e in entries.flatten() {
         let p = e.path();
         if p == Path::new(NEWROOT) {
             continue;
         }
-        let _ = if p.is_dir() && !p.is_symlink() { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
+        let _ = if p.is_dir() && !p.is_symlink() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
     }
 }
 
@@ -164,9 +209,16 @@ pub fn exec_init(cmdline: &Cmdline) -> String {
     candidates.extend(["/sbin/init", "/etc/init", "/bin/init", "/bin/sh"].map(str::to_string));
     let mut errors = Vec::new();
     for c in &candidates {
-        let Ok(path) = CString::new(c.as_str()) else { continue };
+        let Ok(path) = CString::new(c.as_str()) else {
+            continue;
+        };
         let mut argv = vec![path.clone()];
-        argv.extend(cmdline.init_args.iter().filter_map(|a| CString::new(a.as_str()).ok()));
+        argv.extend(
+            cmdline
+                .init_args
+                .iter()
+                .filter_map(|a| CString::new(a.as_str()).ok()),
+        );
         // execv only returns on failure.
         let Err(e) = execv(&path, &argv);
         errors.push(format!("{c}: {e}"));

@@ -20,7 +20,11 @@ use image_format::events::{Event, EventLine};
 use image_format::PhaseTiming;
 
 fn phase(e: &EventLine) -> PhaseTiming {
-    PhaseTiming { event: e.event.name().to_string(), t_mono_ns: e.t_mono_ns, t_real_ns: e.t_real_ns }
+    PhaseTiming {
+        event: e.event.name().to_string(),
+        t_mono_ns: e.t_mono_ns,
+        t_real_ns: e.t_real_ns,
+    }
 }
 
 fn main() {
@@ -34,13 +38,21 @@ fn main() {
     }
     log::open_kmsg();
     let cmdline = Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
-    let release = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
     let resume = cmdline.has(cmdline::RESUME);
-    events.push(phase(&log::event(EventLine::now(Event::InitStart).with("kernel", &release).with("resume", resume))));
+    events.push(phase(&log::event(
+        EventLine::now(Event::InitStart)
+            .with("kernel", &release)
+            .with("resume", resume),
+    )));
 
     let (loaded, failed) = boot::load_modules(&release);
     events.push(phase(&log::event(
-        EventLine::now(Event::ModulesLoaded).with("loaded", loaded).with("failed", failed.len()),
+        EventLine::now(Event::ModulesLoaded)
+            .with("loaded", loaded)
+            .with("failed", failed.len()),
     )));
 
     // A root that cannot be mounted leaves nothing to boot: say why, keep
@@ -63,7 +75,9 @@ fn main() {
         match cmdline.value(cmdline::STORE) {
             None => info!("kupgrade.resume without kupgrade.store: nothing to restore"),
             Some(store) => match restore::run(Path::new(store), &mut events) {
-                restore::Restore::Skipped(restore::Skip::NoImage(why)) => info!("no image to restore: {why}"),
+                restore::Restore::Skipped(restore::Skip::NoImage(why)) => {
+                    info!("no image to restore: {why}")
+                }
                 restore::Restore::Skipped(restore::Skip::AlreadyUsed(state)) => {
                     info!("the image in {store} is {state}: not restoring it again")
                 }
@@ -75,7 +89,9 @@ fn main() {
         }
     }
 
-    log::event(EventLine::now(Event::ExecInit).with("init", cmdline.value("init").unwrap_or("/sbin/init")));
+    log::event(
+        EventLine::now(Event::ExecInit).with("init", cmdline.value("init").unwrap_or("/sbin/init")),
+    );
     let why = boot::exec_init(&cmdline);
     // Nothing could be executed: PID 1 must not exit (that panics the kernel).
     info!("cannot execute any init ({why}); halting here");

@@ -36,7 +36,11 @@ pub enum Restore {
 }
 
 fn phase(e: &EventLine) -> PhaseTiming {
-    PhaseTiming { event: e.event.name().to_string(), t_mono_ns: e.t_mono_ns, t_real_ns: e.t_real_ns }
+    PhaseTiming {
+        event: e.event.name().to_string(),
+        t_mono_ns: e.t_mono_ns,
+        t_real_ns: e.t_real_ns,
+    }
 }
 
 /// Waits for the store to appear: `/dev/pmemN` shows up once nd_pmem probes.
@@ -45,7 +49,10 @@ fn open_store(path: &Path) -> std::io::Result<File> {
     loop {
         match OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => return Ok(f),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && start.elapsed() < Duration::from_secs(10) => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && start.elapsed() < Duration::from_secs(10) =>
+            {
                 std::thread::sleep(Duration::from_millis(20))
             }
             Err(e) => return Err(e),
@@ -56,9 +63,18 @@ fn open_store(path: &Path) -> std::io::Result<File> {
 pub fn run(store_path: &Path, init_events: &mut Vec<PhaseTiming>) -> Restore {
     let mut store = match open_store(store_path) {
         Ok(f) => f,
-        Err(e) => return Restore::Skipped(Skip::NoImage(format!("cannot open store {}: {e}", store_path.display()))),
+        Err(e) => {
+            return Restore::Skipped(Skip::NoImage(format!(
+                "cannot open store {}: {e}",
+                store_path.display()
+            )))
+        }
     };
-    let image = match Image::open(store.try_clone().unwrap_or_else(|_| store_clone_fallback(store_path))) {
+    let image = match Image::open(
+        store
+            .try_clone()
+            .unwrap_or_else(|_| store_clone_fallback(store_path)),
+    ) {
         Ok(i) => i,
         Err(e) => return Restore::Skipped(Skip::NoImage(format!("{e}"))),
     };
@@ -69,13 +85,24 @@ pub fn run(store_path: &Path, init_events: &mut Vec<PhaseTiming>) -> Restore {
     // From here on the image is ours: mark it first, so that a crash during
     // the restore can never lead to a second restore of the same image.
     if let Err(e) = image_format::set_state(&mut store, State::Restoring) {
-        return Restore::Skipped(Skip::NoImage(format!("cannot mark the image restoring: {e}")));
+        return Restore::Skipped(Skip::NoImage(format!(
+            "cannot mark the image restoring: {e}"
+        )));
     }
     let manifest = image.manifest().clone();
     let generation = image.superblock().generation;
-    let mut r = Restorer { image, manifest, events: std::mem::take(init_events), lock_tables: vec![] };
+    let mut r = Restorer {
+        image,
+        manifest,
+        events: std::mem::take(init_events),
+        lock_tables: vec![],
+    };
     let (outcome, reason, workloads) = r.restore();
-    let final_state = if outcome == Outcome::Restored { State::Restored } else { State::Failed };
+    let final_state = if outcome == Outcome::Restored {
+        State::Restored
+    } else {
+        State::Failed
+    };
     if let Err(e) = image_format::set_state(&mut store, final_state) {
         info!("cannot mark the image {final_state}: {e}");
     }
@@ -168,12 +195,19 @@ impl Restorer {
         if let Some(old) = scaling {
             let _ = fs::write("/proc/sys/net/ipv4/tcp_window_scaling", old);
         }
-        let failed: Vec<String> = outcomes.iter().filter(|o| !o.restored).map(|o| o.name.clone()).collect();
+        let failed: Vec<String> = outcomes
+            .iter()
+            .filter(|o| !o.restored)
+            .map(|o| o.name.clone())
+            .collect();
         self.cleanup();
         if failed.is_empty() {
             (Outcome::Restored, None, outcomes)
         } else {
-            let why = format!("CRIU could not restore {}: see kupgrade report", failed.join(", "));
+            let why = format!(
+                "CRIU could not restore {}: see kupgrade report",
+                failed.join(", ")
+            );
             (Outcome::Failed, Some(why), outcomes)
         }
     }
@@ -181,21 +215,42 @@ impl Restorer {
     /// Unpacks the image and re-applies the device state. Errors are reasons
     /// for the report.
     fn prepare(&mut self) -> Result<(), String> {
-        let blob = self.image.read_blob(devstate::SECTION).map_err(|e| format!("device state: {e}"))?;
-        let state: DeviceState =
-            serde_json::from_slice(&blob).map_err(|e| format!("device state does not parse: {e}"))?;
+        let blob = self
+            .image
+            .read_blob(devstate::SECTION)
+            .map_err(|e| format!("device state: {e}"))?;
+        let state: DeviceState = serde_json::from_slice(&blob)
+            .map_err(|e| format!("device state does not parse: {e}"))?;
         mount_support_fs(&state);
-        if self.image.manifest().sections.iter().any(|s| s.name == devstate::TMPFS_SECTION) {
-            self.image.extract_tree(devstate::TMPFS_SECTION, Path::new("/")).map_err(|e| format!("tmpfs files: {e}"))?;
+        if self
+            .image
+            .manifest()
+            .sections
+            .iter()
+            .any(|s| s.name == devstate::TMPFS_SECTION)
+        {
+            self.image
+                .extract_tree(devstate::TMPFS_SECTION, Path::new("/"))
+                .map_err(|e| format!("tmpfs files: {e}"))?;
         }
         let _ = fs::create_dir_all(UNPACK_DIR);
-        mount(Some("tmpfs"), UNPACK_DIR, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0700"))
-            .map_err(|e| format!("cannot mount tmpfs on {UNPACK_DIR}: {e}"))?;
+        mount(
+            Some("tmpfs"),
+            UNPACK_DIR,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0700"),
+        )
+        .map_err(|e| format!("cannot mount tmpfs on {UNPACK_DIR}: {e}"))?;
         for w in self.manifest.workloads.clone() {
             let dest = Path::new(UNPACK_DIR).join(&w.name);
-            self.image.extract_tree(&w.section, &dest).map_err(|e| format!("workload {}: {e}", w.name))?;
+            self.image
+                .extract_tree(&w.section, &dest)
+                .map_err(|e| format!("workload {}: {e}", w.name))?;
         }
-        self.event(EventLine::now(Event::ImageVerified).with("workloads", self.manifest.workloads.len()));
+        self.event(
+            EventLine::now(Event::ImageVerified).with("workloads", self.manifest.workloads.len()),
+        );
         self.apply_network(&state)?;
         self.event(EventLine::now(Event::NetRestored).with("interfaces", state.interfaces.len()));
         if !state.hostname.is_empty() {
@@ -205,7 +260,10 @@ impl Restorer {
         }
         if !state.rng_seed.is_empty() {
             // Mixed into the pool (not credited: that needs an ioctl).
-            let _ = OpenOptions::new().write(true).open("/dev/urandom").and_then(|mut f| f.write_all(&state.rng_seed));
+            let _ = OpenOptions::new()
+                .write(true)
+                .open("/dev/urandom")
+                .and_then(|mut f| f.write_all(&state.rng_seed));
         }
         Ok(())
     }
@@ -222,15 +280,40 @@ impl Restorer {
             }
         }
         for iface in &state.interfaces {
-            let cur = iface.mac.as_deref().and_then(name_by_mac).unwrap_or_else(|| iface.name.clone());
+            let cur = iface
+                .mac
+                .as_deref()
+                .and_then(name_by_mac)
+                .unwrap_or_else(|| iface.name.clone());
             if cur != iface.name {
                 sh("ip", &["link", "set", "dev", &cur, "name", &iface.name])?;
             }
-            sh("ip", &["link", "set", "dev", &iface.name, "mtu", &iface.mtu.to_string()])?;
+            sh(
+                "ip",
+                &[
+                    "link",
+                    "set",
+                    "dev",
+                    &iface.name,
+                    "mtu",
+                    &iface.mtu.to_string(),
+                ],
+            )?;
             for a in &iface.addresses {
                 let cidr = format!("{}/{}", a.local, a.prefix_len);
-                let fam = if a.family == Family::Inet6 { "-6" } else { "-4" };
-                let mut args = vec![fam, "addr", "replace", cidr.as_str(), "dev", iface.name.as_str()];
+                let fam = if a.family == Family::Inet6 {
+                    "-6"
+                } else {
+                    "-4"
+                };
+                let mut args = vec![
+                    fam,
+                    "addr",
+                    "replace",
+                    cidr.as_str(),
+                    "dev",
+                    iface.name.as_str(),
+                ];
                 if let Some(b) = &a.broadcast {
                     args.extend(["broadcast", b.as_str()]);
                 }
@@ -241,10 +324,19 @@ impl Restorer {
             }
         }
         for r in &state.routes {
-            let fam = if r.family == Family::Inet6 { "-6" } else { "-4" };
+            let fam = if r.family == Family::Inet6 {
+                "-6"
+            } else {
+                "-4"
+            };
             let metric = r.metric.map(|m| m.to_string());
             let mut args = vec![fam, "route", "replace", r.dst.as_str()];
-            let opts = [("via", &r.gateway), ("dev", &r.dev), ("metric", &metric), ("scope", &r.scope)];
+            let opts = [
+                ("via", &r.gateway),
+                ("dev", &r.dev),
+                ("metric", &metric),
+                ("scope", &r.scope),
+            ];
             let more = [("src", &r.prefsrc), ("proto", &r.protocol)];
             for (k, v) in opts.into_iter().chain(more) {
                 if let Some(v) = v {
@@ -277,11 +369,26 @@ impl Restorer {
         let log_dir = Path::new(report::DIR);
         let _ = fs::create_dir_all(log_dir);
         let log_path = log_dir.join(format!("restore-{name}.log"));
-        let tcp = self.manifest.workloads.iter().any(|w| w.name == name && w.tcp_established);
-        let mut args: Vec<String> = ["restore", "--restore-detached", "--manage-cgroups", "--file-locks", "-v4"]
-            .map(str::to_string)
-            .to_vec();
-        args.extend(["-D".into(), dir.display().to_string(), "-o".into(), log_path.display().to_string()]);
+        let tcp = self
+            .manifest
+            .workloads
+            .iter()
+            .any(|w| w.name == name && w.tcp_established);
+        let mut args: Vec<String> = [
+            "restore",
+            "--restore-detached",
+            "--manage-cgroups",
+            "--file-locks",
+            "-v4",
+        ]
+        .map(str::to_string)
+        .to_vec();
+        args.extend([
+            "-D".into(),
+            dir.display().to_string(),
+            "-o".into(),
+            log_path.display().to_string(),
+        ]);
         if tcp {
             args.push("--tcp-established".into());
         }
@@ -295,12 +402,19 @@ impl Restorer {
             .status();
         let error = match res {
             Ok(s) if s.success() => None,
-            Ok(s) => Some(format!("criu restore exited with {s}; last errors: {}", last_errors(&log_path))),
+            Ok(s) => Some(format!(
+                "criu restore exited with {s}; last errors: {}",
+                last_errors(&log_path)
+            )),
             Err(e) => Some(format!("cannot run criu: {e}")),
         };
         info!(
             "workload {name} (pid {root_pid}): {} in {} ms",
-            if error.is_none() { "restored" } else { "NOT restored" },
+            if error.is_none() {
+                "restored"
+            } else {
+                "NOT restored"
+            },
             start.elapsed().as_millis()
         );
         WorkloadOutcome {
@@ -318,7 +432,11 @@ impl Restorer {
         let _ = umount2(UNPACK_DIR, MntFlags::MNT_DETACH);
         let _ = fs::remove_dir(UNPACK_DIR);
         for t in std::mem::take(&mut self.lock_tables) {
-            let _ = Command::new("nft").args(["delete", "table", "inet", &t]).env("PATH", PATH).stderr(Stdio::null()).status();
+            let _ = Command::new("nft")
+                .args(["delete", "table", "inet", &t])
+                .env("PATH", PATH)
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -328,28 +446,46 @@ fn table_name(nft: &str) -> Option<String> {
     let line = nft.lines().find(|l| l.trim_start().starts_with("table "))?;
     let mut words = line.split_whitespace().skip(1);
     let first = words.next()?;
-    let name = if ["ip", "ip6", "inet", "arp", "bridge", "netdev"].contains(&first) { words.next()? } else { first };
+    let name = if ["ip", "ip6", "inet", "arp", "bridge", "netdev"].contains(&first) {
+        words.next()?
+    } else {
+        first
+    };
     Some(name.trim_end_matches('{').trim().to_string())
 }
 
 fn name_by_mac(mac: &str) -> Option<String> {
-    fs::read_dir("/sys/class/net").ok()?.flatten().find_map(|e| {
-        let addr = fs::read_to_string(e.path().join("address")).ok()?;
-        (addr.trim().eq_ignore_ascii_case(mac)).then(|| e.file_name().to_string_lossy().into_owned())
-    })
+    fs::read_dir("/sys/class/net")
+        .ok()?
+        .flatten()
+        .find_map(|e| {
+            let addr = fs::read_to_string(e.path().join("address")).ok()?;
+            (addr.trim().eq_ignore_ascii_case(mac))
+                .then(|| e.file_name().to_string_lossy().into_owned())
+        })
 }
 
 /// Mounts what the restored tasks expect to find: cgroup2 (CRIU puts them
 /// back in their cgroups), devpts, and the tmpfs mounts they used.
 fn mount_support_fs(state: &DeviceState) {
     let mounted = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let is_mounted = |p: &str| mounted.lines().any(|l| l.split_whitespace().nth(1) == Some(p));
+    let is_mounted = |p: &str| {
+        mounted
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(p))
+    };
     let try_mount = |fstype: &str, target: &str, data: Option<&str>| {
         if is_mounted(target) {
             return;
         }
         let _ = fs::create_dir_all(target);
-        if let Err(e) = mount(Some(fstype), target, Some(fstype), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, data) {
+        if let Err(e) = mount(
+            Some(fstype),
+            target,
+            Some(fstype),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            data,
+        ) {
             info!("cannot mount {fstype} on {target}: {e}");
         }
     };
@@ -367,7 +503,11 @@ fn last_errors(log: &Path) -> String {
     let text = fs::read_to_string(log).unwrap_or_default();
     let errs: Vec<&str> = text.lines().filter(|l| l.contains("Error")).collect();
     let tail = &errs[errs.len().saturating_sub(3)..];
-    if tail.is_empty() { "none logged".to_string() } else { tail.join(" | ") }
+    if tail.is_empty() {
+        "none logged".to_string()
+    } else {
+        tail.join(" | ")
+    }
 }
 
 fn sh(cmd: &str, args: &[&str]) -> Result<(), String> {
@@ -386,11 +526,17 @@ fn run_stdin(cmd: &str, args: &[&str], input: &str) -> Result<(), String> {
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(input.as_bytes());
     }
-    let out = child.wait_with_output().map_err(|e| format!("{cmd}: {e}"))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -400,7 +546,10 @@ mod tests {
 
     #[test]
     fn lock_table_names_are_read_from_nft_output() {
-        assert_eq!(table_name("table inet CRIU-4242 {\n chain x {}\n}\n").as_deref(), Some("CRIU-4242"));
+        assert_eq!(
+            table_name("table inet CRIU-4242 {\n chain x {}\n}\n").as_deref(),
+            Some("CRIU-4242")
+        );
         assert_eq!(table_name("table CRIU-1 {").as_deref(), Some("CRIU-1"));
         assert_eq!(table_name("nothing"), None);
     }

@@ -48,7 +48,10 @@ pub fn ext_ids(sb: &[u8]) -> Option<ExtIds> {
     );
     let name = sb.get(0x78..0x88)?;
     let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
-    Some(ExtIds { label: String::from_utf8_lossy(&name[..end]).into_owned(), uuid })
+    Some(ExtIds {
+        label: String::from_utf8_lossy(&name[..end]).into_owned(),
+        uuid,
+    })
 }
 
 fn hex(b: &[u8]) -> String {
@@ -101,14 +104,25 @@ mod tests {
 
     #[test]
     fn parses_root_forms() {
-        assert_eq!(RootSpec::parse("/dev/vda1"), RootSpec::Path("/dev/vda1".into()));
-        assert_eq!(RootSpec::parse("LABEL=root"), RootSpec::Label("root".into()));
-        assert_eq!(RootSpec::parse("UUID=AB-CD"), RootSpec::Uuid("ab-cd".into()));
+        assert_eq!(
+            RootSpec::parse("/dev/vda1"),
+            RootSpec::Path("/dev/vda1".into())
+        );
+        assert_eq!(
+            RootSpec::parse("LABEL=root"),
+            RootSpec::Label("root".into())
+        );
+        assert_eq!(
+            RootSpec::parse("UUID=AB-CD"),
+            RootSpec::Uuid("ab-cd".into())
+        );
     }
 
     #[test]
     fn reads_label_and_uuid_and_refuses_other_magic() {
-        let uuid = [0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4, 5, 6, 7, 8];
+        let uuid = [
+            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4, 5, 6, 7, 8,
+        ];
         let ids = ext_ids(&superblock("kroot", uuid)).unwrap();
         assert_eq!(ids.label, "kroot");
         assert_eq!(ids.uuid, "12345678-9abc-def0-0102-030405060708");
@@ -132,7 +146,10 @@ mod tests {
             fs::write(dev.join(name), img).unwrap();
         }
         fs::create_dir(sys.join("pmem0")).unwrap(); // no node: skipped
-        assert_eq!(find(&RootSpec::Label("kroot".into()), &sys, &dev), Some(dev.join("vdb")));
+        assert_eq!(
+            find(&RootSpec::Label("kroot".into()), &sys, &dev),
+            Some(dev.join("vdb"))
+        );
         assert_eq!(find(&RootSpec::Label("none".into()), &sys, &dev), None);
     }
 }

@@ -26,7 +26,9 @@ pub enum HeaderError {
     },
     #[error("the file is empty: give the path of a kernel image, usually /boot/vmlinuz-RELEASE")]
     Empty,
-    #[error("the file is too short for a kernel header ({len} bytes): it is truncated or not a kernel")]
+    #[error(
+        "the file is too short for a kernel header ({len} bytes): it is truncated or not a kernel"
+    )]
     Truncated { len: usize },
     #[error("this is an ELF file (an uncompressed vmlinux?): kexec_file_load needs the compressed bzImage, usually /boot/vmlinuz-RELEASE")]
     Elf,
@@ -34,7 +36,9 @@ pub enum HeaderError {
     NoBootFlag,
     #[error("no \"HdrS\" boot header: this is not a Linux bzImage")]
     NoMagic,
-    #[error("boot protocol {major}.{minor:02} is too old: kexec of a 64-bit kernel needs 2.12 or newer")]
+    #[error(
+        "boot protocol {major}.{minor:02} is too old: kexec of a 64-bit kernel needs 2.12 or newer"
+    )]
     OldProtocol { major: u8, minor: u8 },
     #[error("the kernel has no 64-bit entry point (a 32-bit kernel?): it cannot be kexec'd from this 64-bit system")]
     Not64Bit,
@@ -75,8 +79,11 @@ pub fn parse(bytes: &[u8]) -> Result<BzImage, HeaderError> {
         return Err(HeaderError::Elf);
     }
     let end = sys::SETUP_HEADER_OFFSET + std::mem::size_of::<SetupHeader>();
-    let raw = bytes.get(sys::SETUP_HEADER_OFFSET..end).ok_or(HeaderError::Truncated { len: bytes.len() })?;
-    let h = SetupHeader::ref_from_bytes(raw).map_err(|_| HeaderError::Truncated { len: bytes.len() })?;
+    let raw = bytes
+        .get(sys::SETUP_HEADER_OFFSET..end)
+        .ok_or(HeaderError::Truncated { len: bytes.len() })?;
+    let h = SetupHeader::ref_from_bytes(raw)
+        .map_err(|_| HeaderError::Truncated { len: bytes.len() })?;
     if h.boot_flag.get() != sys::BOOT_FLAG {
         return Err(HeaderError::NoBootFlag);
     }
@@ -95,8 +102,13 @@ pub fn parse(bytes: &[u8]) -> Result<BzImage, HeaderError> {
     if h.relocatable_kernel == 0 {
         return Err(HeaderError::NotRelocatable);
     }
-    let version_string = version_string(bytes, h.kernel_version.get()).ok_or(HeaderError::NoVersion)?;
-    let release = version_string.split_whitespace().next().ok_or(HeaderError::NoVersion)?.to_string();
+    let version_string =
+        version_string(bytes, h.kernel_version.get()).ok_or(HeaderError::NoVersion)?;
+    let release = version_string
+        .split_whitespace()
+        .next()
+        .ok_or(HeaderError::NoVersion)?
+        .to_string();
     Ok(BzImage {
         protocol_version: (major, minor),
         release,
@@ -125,11 +137,17 @@ fn version_string(bytes: &[u8], ptr: u16) -> Option<String> {
 
 /// Reads and parses the header of the kernel at `path`.
 pub fn read(path: &Path) -> Result<BzImage, HeaderError> {
-    let err = |source| HeaderError::Read { path: path.to_path_buf(), source };
+    let err = |source| HeaderError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut f = File::open(path).map_err(err)?;
     let size = f.metadata().map_err(err)?.len();
     let mut buf = Vec::with_capacity(HEADER_READ_LEN);
-    f.by_ref().take(HEADER_READ_LEN as u64).read_to_end(&mut buf).map_err(err)?;
+    f.by_ref()
+        .take(HEADER_READ_LEN as u64)
+        .read_to_end(&mut buf)
+        .map_err(err)?;
     let mut image = parse(&buf)?;
     image.file_size = size;
     Ok(image)
@@ -187,7 +205,10 @@ mod tests {
         assert!(matches!(parse(&[]), Err(HeaderError::Empty)));
         let k = real();
         for cut in [1, 0x1f1, 0x200, 0x26b] {
-            assert!(matches!(parse(&k[..cut]), Err(HeaderError::Truncated { .. })), "cut at {cut}");
+            assert!(
+                matches!(parse(&k[..cut]), Err(HeaderError::Truncated { .. })),
+                "cut at {cut}"
+            );
         }
         // The version string lies past the header: cut there, it is unreadable.
         assert!(matches!(parse(&k[..0x300]), Err(HeaderError::NoVersion)));
@@ -203,7 +224,10 @@ mod tests {
                 x as u8
             })
             .collect();
-        assert!(matches!(parse(&random), Err(HeaderError::NoBootFlag | HeaderError::NoMagic)));
+        assert!(matches!(
+            parse(&random),
+            Err(HeaderError::NoBootFlag | HeaderError::NoMagic)
+        ));
     }
 
     #[test]
@@ -220,7 +244,13 @@ mod tests {
         let mut k = real();
         k[sys::VERSION_OFFSET..sys::VERSION_OFFSET + 2].copy_from_slice(&0x020au16.to_le_bytes());
         let e = parse(&k).unwrap_err();
-        assert!(matches!(e, HeaderError::OldProtocol { major: 2, minor: 10 }));
+        assert!(matches!(
+            e,
+            HeaderError::OldProtocol {
+                major: 2,
+                minor: 10
+            }
+        ));
         assert!(e.to_string().contains("2.10"));
 
         let mut k = real();
@@ -235,7 +265,10 @@ mod tests {
     #[test]
     fn committed_bad_fixtures_are_refused() {
         assert!(matches!(parse(&fixture("empty")), Err(HeaderError::Empty)));
-        assert!(matches!(parse(&fixture("truncated-header")), Err(HeaderError::Truncated { .. })));
+        assert!(matches!(
+            parse(&fixture("truncated-header")),
+            Err(HeaderError::Truncated { .. })
+        ));
     }
 
     #[test]

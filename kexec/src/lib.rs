@@ -41,7 +41,9 @@ pub enum KexecError {
     BadSignature { context: String },
     #[error("{context}: the kernel refused the image as not executable here (wrong architecture or format)")]
     NotExecutable { context: String },
-    #[error("{context}: busy: a kexec is already loaded or in progress; run `kupgrade unstage` first")]
+    #[error(
+        "{context}: busy: a kexec is already loaded or in progress; run `kupgrade unstage` first"
+    )]
     Busy { context: String },
     #[error("{context}: not enough contiguous memory for the kernel and its initramfs; free memory or use a smaller initramfs")]
     NoMemory { context: String },
@@ -61,9 +63,13 @@ pub enum KexecError {
 
 /// Describes the active kernel lockdown for an EPERM, if any.
 fn lockdown_note() -> String {
-    let mode = std::fs::read_to_string("/sys/kernel/security/lockdown").ok().and_then(|t| {
-        t.split_whitespace().find(|w| w.starts_with('[')).map(|w| w.trim_matches(['[', ']']).to_string())
-    });
+    let mode = std::fs::read_to_string("/sys/kernel/security/lockdown")
+        .ok()
+        .and_then(|t| {
+            t.split_whitespace()
+                .find(|w| w.starts_with('['))
+                .map(|w| w.trim_matches(['[', ']']).to_string())
+        });
     match mode {
         Some(m) if m != "none" => format!(", and kernel lockdown ({m}) only allows signed kernels"),
         _ => String::new(),
@@ -74,25 +80,39 @@ fn lockdown_note() -> String {
 pub fn error_from_errno(errno: i32, context: &str) -> KexecError {
     let context = context.to_string();
     match errno {
-        libc::EPERM => KexecError::NotPermitted { context, lockdown: lockdown_note() },
+        libc::EPERM => KexecError::NotPermitted {
+            context,
+            lockdown: lockdown_note(),
+        },
         libc::EKEYREJECTED | libc::EBADMSG => KexecError::BadSignature { context },
         libc::ENOEXEC => KexecError::NotExecutable { context },
         libc::EBUSY => KexecError::Busy { context },
         libc::ENOMEM => KexecError::NoMemory { context },
         libc::EINVAL => KexecError::Invalid { context },
         libc::ENOSYS => KexecError::Unsupported { context },
-        e => KexecError::Os { context, source: std::io::Error::from_raw_os_error(e) },
+        e => KexecError::Os {
+            context,
+            source: std::io::Error::from_raw_os_error(e),
+        },
     }
 }
 
 fn open(path: &Path) -> Result<File, KexecError> {
-    File::open(path).map_err(|source| KexecError::Open { path: path.to_path_buf(), source })
+    File::open(path).map_err(|source| KexecError::Open {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Checks the kernel and the command line, then loads them with
 /// `kexec_file_load` for a later [`reboot_into_loaded`].
 #[allow(unsafe_code)]
-pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: &str, flags: LoadFlags) -> Result<(), KexecError> {
+pub fn load(
+    kernel: &Path,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    flags: LoadFlags,
+) -> Result<(), KexecError> {
     let image = bzimage::read(kernel)?;
     check_cmdline(cmdline, image.cmdline_size)?;
     let c_cmdline = CString::new(cmdline).map_err(|_| KexecError::CmdlineNul)?;
@@ -124,7 +144,10 @@ pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: &str, flags: LoadFlag
     };
     if rc != 0 {
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        return Err(error_from_errno(errno, &format!("loading {}", kernel.display())));
+        return Err(error_from_errno(
+            errno,
+            &format!("loading {}", kernel.display()),
+        ));
     }
     Ok(())
 }
@@ -133,7 +156,10 @@ pub fn load(kernel: &Path, initrd: Option<&Path>, cmdline: &str, flags: LoadFlag
 pub fn check_cmdline(cmdline: &str, cmdline_size: u32) -> Result<(), KexecError> {
     // cmdline_size excludes the terminating NUL.
     if cmdline.len() > cmdline_size as usize {
-        return Err(KexecError::CmdlineTooLong { len: cmdline.len(), max: cmdline_size });
+        return Err(KexecError::CmdlineTooLong {
+            len: cmdline.len(),
+            max: cmdline_size,
+        });
     }
     Ok(())
 }
@@ -166,12 +192,17 @@ pub fn is_loaded() -> Result<bool, KexecError> {
 }
 
 pub fn is_loaded_at(path: &Path) -> Result<bool, KexecError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| KexecError::State { path: path.to_path_buf(), detail: format!("{e} (no kexec support?)") })?;
+    let text = std::fs::read_to_string(path).map_err(|e| KexecError::State {
+        path: path.to_path_buf(),
+        detail: format!("{e} (no kexec support?)"),
+    })?;
     match text.trim() {
         "0" => Ok(false),
         "1" => Ok(true),
-        other => Err(KexecError::State { path: path.to_path_buf(), detail: format!("unexpected content {other:?}") }),
+        other => Err(KexecError::State {
+            path: path.to_path_buf(),
+            detail: format!("unexpected content {other:?}"),
+        }),
     }
 }
 
@@ -184,7 +215,11 @@ pub fn reboot_into_loaded() -> Result<std::convert::Infallible, KexecError> {
     // SAFETY: reboot(2) with LINUX_REBOOT_CMD_KEXEC takes no pointer; glibc
     // adds the magic numbers. On success it does not return.
     let rc = unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC) };
-    let errno = if rc != 0 { std::io::Error::last_os_error().raw_os_error().unwrap_or(0) } else { 0 };
+    let errno = if rc != 0 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    } else {
+        0
+    };
     Err(match errno {
         libc::EINVAL => KexecError::State {
             path: PathBuf::from(KEXEC_LOADED),
@@ -208,7 +243,10 @@ mod tests {
         assert!(is_loaded_at(&p).unwrap());
         std::fs::write(&p, "yes\n").unwrap();
         assert!(matches!(is_loaded_at(&p), Err(KexecError::State { .. })));
-        assert!(is_loaded_at(&d.path().join("missing")).unwrap_err().to_string().contains("no kexec support"));
+        assert!(is_loaded_at(&d.path().join("missing"))
+            .unwrap_err()
+            .to_string()
+            .contains("no kexec support"));
     }
 
     #[test]
@@ -229,7 +267,13 @@ mod tests {
     fn cmdline_longer_than_the_kernel_takes_is_refused_before_the_syscall() {
         check_cmdline(&"x".repeat(2047), 2047).unwrap();
         let e = check_cmdline(&"x".repeat(2048), 2047).unwrap_err();
-        assert!(matches!(e, KexecError::CmdlineTooLong { len: 2048, max: 2047 }));
+        assert!(matches!(
+            e,
+            KexecError::CmdlineTooLong {
+                len: 2048,
+                max: 2047
+            }
+        ));
     }
 
     #[test]
@@ -239,6 +283,9 @@ mod tests {
         std::fs::write(&p, b"not a kernel at all").unwrap();
         // An unprivileged or privileged caller alike gets the header error,
         // never an errno: the syscall is not reached.
-        assert!(matches!(load(&p, None, "", LoadFlags::default()), Err(KexecError::Header(_))));
+        assert!(matches!(
+            load(&p, None, "", LoadFlags::default()),
+            Err(KexecError::Header(_))
+        ));
     }
 }

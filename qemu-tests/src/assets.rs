@@ -53,7 +53,8 @@ pub struct Cache {
 
 impl Cache {
     pub fn new(root: PathBuf) -> Result<Self> {
-        fs::create_dir_all(&root).with_context(|| format!("cannot create the cache {}", root.display()))?;
+        fs::create_dir_all(&root)
+            .with_context(|| format!("cannot create the cache {}", root.display()))?;
         Ok(Cache { root })
     }
 
@@ -62,7 +63,9 @@ impl Cache {
     }
 
     pub fn vmlinuz(&self, release: &str) -> PathBuf {
-        self.kernel_dir(release).join("boot").join(format!("vmlinuz-{release}"))
+        self.kernel_dir(release)
+            .join("boot")
+            .join(format!("vmlinuz-{release}"))
     }
 
     pub fn modules_dir(&self, release: &str) -> PathBuf {
@@ -71,9 +74,15 @@ impl Cache {
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}: is it installed? (scripts/setup installs it)"))?;
+    let out = cmd.output().with_context(|| {
+        format!("cannot run {cmd:?}: is it installed? (scripts/setup installs it)")
+    })?;
     if !out.status.success() {
-        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -112,15 +121,23 @@ fn package_of(release: &str) -> String {
 
 /// Releases of `series` that Debian has as cloud kernels, oldest first.
 pub fn available_releases(series: &str, cache: &Cache) -> Result<Vec<String>> {
-    let pattern = format!("^linux-image-{}.*-cloud-amd64-unsigned$", series.replace('.', "\\."));
-    let mut releases: Vec<String> = match run(Command::new("apt-cache").args(["search", "--names-only", &pattern])) {
-        Ok(out) => out
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .filter_map(|p| p.strip_prefix("linux-image-")?.strip_suffix("-unsigned").map(str::to_string))
-            .collect(),
-        Err(_) => Vec::new(),
-    };
+    let pattern = format!(
+        "^linux-image-{}.*-cloud-amd64-unsigned$",
+        series.replace('.', "\\.")
+    );
+    let mut releases: Vec<String> =
+        match run(Command::new("apt-cache").args(["search", "--names-only", &pattern])) {
+            Ok(out) => out
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter_map(|p| {
+                    p.strip_prefix("linux-image-")?
+                        .strip_suffix("-unsigned")
+                        .map(str::to_string)
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
     if releases.is_empty() {
         // Offline: what is already unpacked in the cache.
         releases = fs::read_dir(cache.root.join("kernels"))
@@ -150,7 +167,8 @@ pub fn resolve_release(wanted: &str, series: &str, cache: &Cache) -> Result<Stri
         "latest" => all.last(),
         _ => all.len().checked_sub(2).and_then(|i| all.get(i)),
     };
-    pick.cloned().with_context(|| format!("no {wanted} release among {all:?}"))
+    pick.cloned()
+        .with_context(|| format!("no {wanted} release among {all:?}"))
 }
 
 /// Downloads and unpacks one kernel release, with `modules.dep` generated.
@@ -164,15 +182,26 @@ pub fn ensure_kernel(cache: &Cache, release: &str) -> Result<()> {
     fs::create_dir_all(&debs)?;
     let pkg = package_of(release);
     let find_deb = || -> Option<PathBuf> {
-        fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
-        })
+        fs::read_dir(&debs)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
+            })
     };
     if find_deb().is_none() {
-        run(Command::new("apt-get").arg("download").arg(&pkg).current_dir(&debs))
-            .with_context(|| format!("cannot download {pkg}: is the release right, and did apt-get update run?"))?;
+        run(Command::new("apt-get")
+            .arg("download")
+            .arg(&pkg)
+            .current_dir(&debs))
+        .with_context(|| {
+            format!("cannot download {pkg}: is the release right, and did apt-get update run?")
+        })?;
     }
-    let deb = find_deb().with_context(|| format!("apt-get download left no {pkg}_*.deb in {}", debs.display()))?;
+    let deb = find_deb()
+        .with_context(|| format!("apt-get download left no {pkg}_*.deb in {}", debs.display()))?;
     let tmp = dir.with_extension("partial");
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
@@ -194,9 +223,25 @@ pub fn build_guest_binaries(workspace: &Path) -> Result<PathBuf> {
         // Small binaries: kupgrade-init goes into every initramfs.
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "true")
-        .args(["build", "--release", "--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "--target-dir",
+        ])
         .arg(&target_dir)
-        .args(["-p", "kupgrade-agent", "-p", "kupgrade-init", "-p", "qemu-tests", "-p", "kupgrade-workloads", "--bins"])
+        .args([
+            "-p",
+            "kupgrade-agent",
+            "-p",
+            "kupgrade-init",
+            "-p",
+            "qemu-tests",
+            "-p",
+            "kupgrade-workloads",
+            "--bins",
+        ])
         .status()
         .context("cannot run cargo")?;
     if !status.success() {
@@ -211,17 +256,28 @@ pub fn build_initramfs(cache: &Cache, bin_dir: &Path, release: &str) -> Result<P
     let modules_dir = cache.modules_dir(release);
     let index = kupgrade_agent::modules::ModuleIndex::open(&modules_dir)?;
     let vm: Vec<String> = VM_MODULES.iter().map(|s| s.to_string()).collect();
-    let config = fs::read_to_string(cache.kernel_dir(release).join(format!("boot/config-{release}"))).ok();
+    let config = fs::read_to_string(
+        cache
+            .kernel_dir(release)
+            .join(format!("boot/config-{release}")),
+    )
+    .ok();
     let spec = initramfs::Spec {
         release: release.to_string(),
         modules_dir,
         init_binary: bin_dir.join("kupgrade-init"),
-        modules: initramfs::wanted_modules(&vm, &index, true).into_iter().chain(vm.clone()).collect(),
+        modules: initramfs::wanted_modules(&vm, &index, true)
+            .into_iter()
+            .chain(vm.clone())
+            .collect(),
         compression: initramfs::Compression::for_kernel_config(config.as_deref()),
     };
     let built = initramfs::build(&spec, &out)?;
     if !built.modules.missing.is_empty() {
-        bail!("release {release} lacks modules {:?} that the guest needs", built.modules.missing);
+        bail!(
+            "release {release} lacks modules {:?} that the guest needs",
+            built.modules.missing
+        );
     }
     Ok(out)
 }
@@ -273,12 +329,21 @@ fn rootfs_key(inputs: &RootfsInputs) -> Result<String> {
     for p in inputs.packages {
         h.update(p.as_bytes());
     }
-    for b in GUEST_BINARIES.iter().map(|s| s.to_string()).chain(workload_binaries(inputs.bin_dir)?) {
+    for b in GUEST_BINARIES
+        .iter()
+        .map(|s| s.to_string())
+        .chain(workload_binaries(inputs.bin_dir)?)
+    {
         let path = inputs.bin_dir.join(&b);
-        h.update(&fs::read(&path).with_context(|| format!("missing guest binary {}", path.display()))?);
+        h.update(
+            &fs::read(&path).with_context(|| format!("missing guest binary {}", path.display()))?,
+        );
     }
     for p in HOST_PROGRAMS.iter().chain(&["/usr/bin/busybox"]) {
-        h.update(&fs::read(p).with_context(|| format!("missing {p}: install it (scripts/setup does)"))?);
+        h.update(
+            &fs::read(p)
+                .with_context(|| format!("missing {p}: install it (scripts/setup does)"))?,
+        );
     }
     Ok(h.finalize().to_hex()[..16].to_string())
 }
@@ -302,7 +367,8 @@ fn copy(from: &Path, to: &Path, mode: Option<u32>) -> Result<()> {
     if let Some(parent) = to.parent() {
         fs::create_dir_all(parent)?;
     }
-    fs::copy(from, to).with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    fs::copy(from, to)
+        .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
     if let Some(mode) = mode {
         use std::os::unix::fs::PermissionsExt;
         fs::set_permissions(to, fs::Permissions::from_mode(mode))?;
@@ -322,15 +388,40 @@ fn libraries(program: &str) -> Result<BTreeSet<PathBuf>> {
 
 fn populate(cache: &Cache, inputs: &RootfsInputs, root: &Path) -> Result<()> {
     // A merged-/usr layout, as Debian 12 has.
-    for d in ["usr/bin", "usr/sbin", "usr/lib/x86_64-linux-gnu", "usr/lib64", "usr/lib/modules", "etc", "proc", "sys",
-        "dev", "run", "tmp", "var/log", "var/lib/kupgrade", "var/lib/kupgrade-vm", "root", "boot", "mnt"]
-    {
+    for d in [
+        "usr/bin",
+        "usr/sbin",
+        "usr/lib/x86_64-linux-gnu",
+        "usr/lib64",
+        "usr/lib/modules",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "run",
+        "tmp",
+        "var/log",
+        "var/lib/kupgrade",
+        "var/lib/kupgrade-vm",
+        "root",
+        "boot",
+        "mnt",
+    ] {
         fs::create_dir_all(root.join(d))?;
     }
-    for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
+    for (link, target) in [
+        ("bin", "usr/bin"),
+        ("sbin", "usr/sbin"),
+        ("lib", "usr/lib"),
+        ("lib64", "usr/lib64"),
+    ] {
         symlink(target, root.join(link))?;
     }
-    copy(Path::new("/usr/bin/busybox"), &root.join("usr/bin/busybox"), None)?;
+    copy(
+        Path::new("/usr/bin/busybox"),
+        &root.join("usr/bin/busybox"),
+        None,
+    )?;
     let applets = run(Command::new("/usr/bin/busybox").arg("--list"))?;
     for applet in applets.lines() {
         let link = root.join("usr/bin").join(applet);
@@ -346,22 +437,46 @@ fn populate(cache: &Cache, inputs: &RootfsInputs, root: &Path) -> Result<()> {
     }
     for lib in libs {
         let name = lib.file_name().context("library path")?;
-        let dest = if lib.starts_with("/lib64") { root.join("usr/lib64").join(name) } else {
+        let dest = if lib.starts_with("/lib64") {
+            root.join("usr/lib64").join(name)
+        } else {
             root.join("usr/lib/x86_64-linux-gnu").join(name)
         };
         copy(&lib, &dest, None)?;
     }
     let bin = inputs.bin_dir;
     copy(&bin.join("kupgrade"), &root.join("usr/sbin/kupgrade"), None)?;
-    copy(&bin.join("kupgrade-init"), &root.join(GUEST_INIT_BINARY.trim_start_matches('/')), None)?;
-    for b in workload_binaries(bin)?.iter().chain(&["kupgrade-guest".to_string()]) {
-        copy(&bin.join(b), &root.join(GUEST_BIN_DIR.trim_start_matches('/')).join(b), None)?;
+    copy(
+        &bin.join("kupgrade-init"),
+        &root.join(GUEST_INIT_BINARY.trim_start_matches('/')),
+        None,
+    )?;
+    for b in workload_binaries(bin)?
+        .iter()
+        .chain(&["kupgrade-guest".to_string()])
+    {
+        copy(
+            &bin.join(b),
+            &root.join(GUEST_BIN_DIR.trim_start_matches('/')).join(b),
+            None,
+        )?;
     }
-    symlink(format!("{GUEST_BIN_DIR}/kupgrade-guest"), root.join("usr/sbin/init"))?;
+    symlink(
+        format!("{GUEST_BIN_DIR}/kupgrade-guest"),
+        root.join("usr/sbin/init"),
+    )?;
     for r in inputs.releases {
         let kdir = cache.kernel_dir(r);
-        for f in [format!("vmlinuz-{r}"), format!("config-{r}"), format!("System.map-{r}")] {
-            copy(&kdir.join("boot").join(&f), &root.join("boot").join(&f), None)?;
+        for f in [
+            format!("vmlinuz-{r}"),
+            format!("config-{r}"),
+            format!("System.map-{r}"),
+        ] {
+            copy(
+                &kdir.join("boot").join(&f),
+                &root.join("boot").join(&f),
+                None,
+            )?;
         }
         let status = Command::new("cp")
             .arg("-a")
@@ -377,7 +492,10 @@ fn populate(cache: &Cache, inputs: &RootfsInputs, root: &Path) -> Result<()> {
     fs::write(etc.join("passwd"), "root:x:0:0:root:/root:/bin/sh\n")?;
     fs::write(etc.join("group"), "root:x:0:\ntty:x:5:\n")?;
     fs::write(etc.join("hostname"), "kupgrade-guest\n")?;
-    fs::write(etc.join("hosts"), "127.0.0.1 localhost\n10.0.2.15 kupgrade-guest\n")?;
+    fs::write(
+        etc.join("hosts"),
+        "127.0.0.1 localhost\n10.0.2.15 kupgrade-guest\n",
+    )?;
     fs::create_dir_all(etc.join("kupgrade"))?;
     fs::write(
         etc.join("kupgrade/config.toml"),
@@ -388,14 +506,31 @@ fn populate(cache: &Cache, inputs: &RootfsInputs, root: &Path) -> Result<()> {
 
 /// Packages only their maintainer scripts need; nothing runs those here.
 const PACKAGING_ONLY: &[&str] = &[
-    "adduser", "cdebconf", "debconf", "dpkg", "install-info", "lsb-base", "passwd", "perl", "perl-base",
-    "perl-modules-5.36", "sysvinit-utils", "tar", "libdebian-installer4", "libnewt0.52", "libslang2", "libtextwrap1",
+    "adduser",
+    "cdebconf",
+    "debconf",
+    "dpkg",
+    "install-info",
+    "lsb-base",
+    "passwd",
+    "perl",
+    "perl-base",
+    "perl-modules-5.36",
+    "sysvinit-utils",
+    "tar",
+    "libdebian-installer4",
+    "libnewt0.52",
+    "libslang2",
+    "libtextwrap1",
 ];
 
 /// Refuses a package Debian does not have, before anything is built.
 pub fn check_packages(packages: &[String]) -> Result<()> {
     for p in packages {
-        let ok = Command::new("apt-cache").args(["show", "--no-all-versions", p]).output().is_ok_and(|o| o.status.success());
+        let ok = Command::new("apt-cache")
+            .args(["show", "--no-all-versions", p])
+            .output()
+            .is_ok_and(|o| o.status.success());
         if !ok {
             bail!("package {p:?} is not in Debian's package lists (check the name; run apt-get update)");
         }
@@ -409,9 +544,19 @@ fn install_packages(cache: &Cache, packages: &[String], root: &Path) -> Result<(
     if packages.is_empty() {
         return Ok(());
     }
-    progress::step(&format!("installing {} and their dependencies", packages.join(", ")));
+    progress::step(&format!(
+        "installing {} and their dependencies",
+        packages.join(", ")
+    ));
     let closure = run(Command::new("apt-cache")
-        .args(["depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts", "--no-breaks"])
+        .args([
+            "depends",
+            "--recurse",
+            "--no-recommends",
+            "--no-suggests",
+            "--no-conflicts",
+            "--no-breaks",
+        ])
         .args(["--no-replaces", "--no-enhances"])
         .args(packages))?;
     let names: BTreeSet<String> = closure
@@ -423,13 +568,21 @@ fn install_packages(cache: &Cache, packages: &[String], root: &Path) -> Result<(
     let debs = cache.root.join("debs");
     fs::create_dir_all(&debs)?;
     let find = |name: &str| -> Option<PathBuf> {
-        fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| {
-            p.file_name().is_some_and(|f| f.to_string_lossy().starts_with(&format!("{name}_")))
-        })
+        fs::read_dir(&debs)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|f| f.to_string_lossy().starts_with(&format!("{name}_")))
+            })
     };
     let missing: Vec<&String> = names.iter().filter(|n| find(n).is_none()).collect();
     if !missing.is_empty() {
-        run(Command::new("apt-get").arg("download").args(&missing).current_dir(&debs))?;
+        run(Command::new("apt-get")
+            .arg("download")
+            .args(&missing)
+            .current_dir(&debs))?;
     }
     for name in &names {
         let deb = find(name).with_context(|| format!("apt-get download left no {name}_*.deb"))?;
@@ -443,11 +596,17 @@ fn install_packages(cache: &Cache, packages: &[String], root: &Path) -> Result<(
             let top = tmp.join(d);
             if top.is_dir() && !top.is_symlink() {
                 fs::create_dir_all(tmp.join("usr").join(d))?;
-                run(Command::new("cp").arg("-a").arg(format!("{}/.", top.display())).arg(tmp.join("usr").join(d)))?;
+                run(Command::new("cp")
+                    .arg("-a")
+                    .arg(format!("{}/.", top.display()))
+                    .arg(tmp.join("usr").join(d)))?;
                 fs::remove_dir_all(&top)?;
             }
         }
-        run(Command::new("cp").arg("-a").arg(format!("{}/.", tmp.display())).arg(root))?;
+        run(Command::new("cp")
+            .arg("-a")
+            .arg(format!("{}/.", tmp.display()))
+            .arg(root))?;
         fs::remove_dir_all(&tmp)?;
     }
     Ok(())
@@ -459,15 +618,29 @@ mod tests {
 
     #[test]
     fn releases_sort_by_version_not_text() {
-        let mut v = vec!["6.1.0-9-cloud-amd64", "6.1.0-47-cloud-amd64", "6.1.0-10-cloud-amd64"];
+        let mut v = vec![
+            "6.1.0-9-cloud-amd64",
+            "6.1.0-47-cloud-amd64",
+            "6.1.0-10-cloud-amd64",
+        ];
         v.sort_by_key(|r| version_key(r));
-        assert_eq!(v, ["6.1.0-9-cloud-amd64", "6.1.0-10-cloud-amd64", "6.1.0-47-cloud-amd64"]);
+        assert_eq!(
+            v,
+            [
+                "6.1.0-9-cloud-amd64",
+                "6.1.0-10-cloud-amd64",
+                "6.1.0-47-cloud-amd64"
+            ]
+        );
     }
 
     #[test]
     fn exact_releases_are_taken_as_given() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::new(dir.path().into()).unwrap();
-        assert_eq!(resolve_release("6.1.0-47-cloud-amd64", "6.1.0", &cache).unwrap(), "6.1.0-47-cloud-amd64");
+        assert_eq!(
+            resolve_release("6.1.0-47-cloud-amd64", "6.1.0", &cache).unwrap(),
+            "6.1.0-47-cloud-amd64"
+        );
     }
 }

@@ -52,7 +52,10 @@ pub struct Line {
 
 impl Line {
     pub fn new(verb: &str) -> Self {
-        Line { verb: verb.to_string(), fields: vec![] }
+        Line {
+            verb: verb.to_string(),
+            fields: vec![],
+        }
     }
 
     pub fn with(mut self, k: &str, v: impl ToString) -> Self {
@@ -61,14 +64,21 @@ impl Line {
     }
 
     pub fn get(&self, k: &str) -> Option<&str> {
-        self.fields.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str())
+        self.fields
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
     }
 
     /// `kupgrade-vm: check name=x ok=true detail=free text`
     pub fn render(&self) -> String {
         let mut s = format!("{PREFIX} {}", self.verb);
         for (k, v) in &self.fields {
-            let v = if k == "detail" { v.replace('\n', " | ") } else { v.replace(char::is_whitespace, "_") };
+            let v = if k == "detail" {
+                v.replace('\n', " | ")
+            } else {
+                v.replace(char::is_whitespace, "_")
+            };
             s.push_str(&format!(" {k}={v}"));
         }
         s
@@ -83,7 +93,8 @@ impl Line {
             let (word, tail) = rest.split_once(' ').unwrap_or((rest, ""));
             let (k, v) = word.split_once('=')?;
             if k == "detail" {
-                line.fields.push((k.into(), format!("{v} {tail}").trim().to_string()));
+                line.fields
+                    .push((k.into(), format!("{v} {tail}").trim().to_string()));
                 break;
             }
             line.fields.push((k.into(), v.into()));
@@ -99,14 +110,23 @@ mod tests {
 
     #[test]
     fn lines_round_trip_and_detail_keeps_spaces() {
-        let l = Line::new("check").with("name", "pid of x").with("ok", true).with("detail", "seq 0..9 ok\nnext");
+        let l = Line::new("check")
+            .with("name", "pid of x")
+            .with("ok", true)
+            .with("detail", "seq 0..9 ok\nnext");
         let text = l.render();
-        assert_eq!(text, "kupgrade-vm: check name=pid_of_x ok=true detail=seq 0..9 ok | next");
+        assert_eq!(
+            text,
+            "kupgrade-vm: check name=pid_of_x ok=true detail=seq 0..9 ok | next"
+        );
         let back = Line::parse(&format!("[  3.2] {text}\r")).unwrap();
         assert_eq!(back.verb, "check");
         assert_eq!(back.get("ok"), Some("true"));
         assert_eq!(back.get("detail"), Some("seq 0..9 ok | next"));
-        assert_eq!(Line::parse("kupgrade-vm: ready").unwrap(), Line::new("ready"));
+        assert_eq!(
+            Line::parse("kupgrade-vm: ready").unwrap(),
+            Line::new("ready")
+        );
         assert!(Line::parse("nothing").is_none());
     }
 }

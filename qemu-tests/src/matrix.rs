@@ -12,11 +12,16 @@ use crate::report::{Report, Verdict};
 /// Reads every `*.json` report in `dir`, sorted by scenario name.
 pub fn load_reports(dir: &Path) -> Result<Vec<Report>> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read reports in {}", dir.display()))? {
+    for e in std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read reports in {}", dir.display()))?
+    {
         let p = e?.path();
         if p.extension().is_some_and(|x| x == "json") {
             let bytes = std::fs::read(&p)?;
-            out.push(serde_json::from_slice(&bytes).with_context(|| format!("{} is not a report", p.display()))?);
+            out.push(
+                serde_json::from_slice(&bytes)
+                    .with_context(|| format!("{} is not a report", p.display()))?,
+            );
         }
     }
     out.sort_by(|a: &Report, b: &Report| a.scenario.cmp(&b.scenario));
@@ -24,9 +29,17 @@ pub fn load_reports(dir: &Path) -> Result<Vec<Report>> {
 }
 
 fn pause(r: &Report) -> String {
-    let guest = r.upgrades.iter().filter_map(|u| u.blackout_ms).fold(None, |m: Option<f64>, b| Some(m.map_or(b, |m| m.max(b))));
+    let guest = r
+        .upgrades
+        .iter()
+        .filter_map(|u| u.blackout_ms)
+        .fold(None, |m: Option<f64>, b| Some(m.map_or(b, |m| m.max(b))));
     match (r.blackout_ms, guest) {
-        (Some(p), Some(g)) => format!("{:.1} s (probe), {:.1} s (guest)", p as f64 / 1000.0, g / 1000.0),
+        (Some(p), Some(g)) => format!(
+            "{:.1} s (probe), {:.1} s (guest)",
+            p as f64 / 1000.0,
+            g / 1000.0
+        ),
         (None, Some(g)) => format!("{:.1} s (guest)", g / 1000.0),
         (Some(p), None) => format!("{:.1} s (probe)", p as f64 / 1000.0),
         (None, None) => "-".into(),
@@ -44,12 +57,27 @@ pub fn render(reports: &[Report]) -> String {
          longest gap a host probe saw, and the guest's own frozen-to-restored time; they \
          are emulated-CPU figures, several times what hardware gives.\n"
     );
-    let _ = writeln!(s, "| state | scenario | result | kernels | pause | known limits |");
+    let _ = writeln!(
+        s,
+        "| state | scenario | result | kernels | pause | known limits |"
+    );
     let _ = writeln!(s, "| --- | --- | --- | --- | --- | --- |");
     for r in reports {
-        let result = if r.verdict == Verdict::Pass { "pass" } else { "**FAIL**" };
-        let kernels = if r.boots.len() > 1 { r.boots.join(" → ") } else { format!("{} (no upgrade: refused)", r.kernel_before) };
-        let rows: Vec<String> = if r.proves.is_empty() { vec![r.description.clone()] } else { r.proves.clone() };
+        let result = if r.verdict == Verdict::Pass {
+            "pass"
+        } else {
+            "**FAIL**"
+        };
+        let kernels = if r.boots.len() > 1 {
+            r.boots.join(" → ")
+        } else {
+            format!("{} (no upgrade: refused)", r.kernel_before)
+        };
+        let rows: Vec<String> = if r.proves.is_empty() {
+            vec![r.description.clone()]
+        } else {
+            r.proves.clone()
+        };
         for what in rows {
             let _ = writeln!(
                 s,
@@ -61,9 +89,22 @@ pub fn render(reports: &[Report]) -> String {
             );
         }
     }
-    let failed: Vec<&str> = reports.iter().filter(|r| r.verdict != Verdict::Pass).map(|r| r.scenario.as_str()).collect();
-    let _ = writeln!(s, "\n{} scenarios, {} failed{}.", reports.len(), failed.len(),
-        if failed.is_empty() { String::new() } else { format!(": {}", failed.join(", ")) });
+    let failed: Vec<&str> = reports
+        .iter()
+        .filter(|r| r.verdict != Verdict::Pass)
+        .map(|r| r.scenario.as_str())
+        .collect();
+    let _ = writeln!(
+        s,
+        "\n{} scenarios, {} failed{}.",
+        reports.len(),
+        failed.len(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", failed.join(", "))
+        }
+    );
     s
 }
 
@@ -80,12 +121,26 @@ mod tests {
             verdict: Verdict::Pass,
             boots: vec!["a".into(), "b".into()],
             blackout_ms: Some(2500),
-            upgrades: vec![UpgradeTimeline { blackout_ms: Some(2100.0), ..Default::default() }],
+            upgrades: vec![UpgradeTimeline {
+                blackout_ms: Some(2100.0),
+                ..Default::default()
+            }],
             ..Default::default()
         };
-        let fail = Report { scenario: "x".into(), description: "d".into(), kernel_before: "a".into(), boots: vec!["a".into()], ..Default::default() };
+        let fail = Report {
+            scenario: "x".into(),
+            description: "d".into(),
+            kernel_before: "a".into(),
+            boots: vec!["a".into()],
+            ..Default::default()
+        };
         let md = render(&[pass, fail]);
-        assert!(md.contains("| anonymous memory | `counter` | pass | a → b | 2.5 s (probe), 2.1 s (guest) |"), "{md}");
+        assert!(
+            md.contains(
+                "| anonymous memory | `counter` | pass | a → b | 2.5 s (probe), 2.1 s (guest) |"
+            ),
+            "{md}"
+        );
         assert!(md.contains("O_APPEND \\| files"));
         assert!(md.contains("| d | `x` | **FAIL** | a (no upgrade: refused)"));
         assert!(md.contains("2 scenarios, 1 failed: x."));

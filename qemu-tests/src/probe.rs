@@ -33,15 +33,29 @@ pub struct ProbeResult {
 
 impl ProbeResult {
     pub fn clean(&self) -> bool {
-        self.connected && self.replies > 0 && !self.reset && !self.eof && self.lost == 0 && self.reordered == 0
-            && self.wrong == 0 && self.error.is_none()
+        self.connected
+            && self.replies > 0
+            && !self.reset
+            && !self.eof
+            && self.lost == 0
+            && self.reordered == 0
+            && self.wrong == 0
+            && self.error.is_none()
     }
 }
 
 /// Connects to 127.0.0.1:`port`, retrying until a first reply comes back or
 /// `connect_deadline` passes, then probes until `stop` is set.
-pub fn run(probe: &Probe, port: u16, connect_deadline: Duration, stop: Arc<AtomicBool>) -> ProbeResult {
-    let mut res = ProbeResult { name: probe.name.clone(), ..Default::default() };
+pub fn run(
+    probe: &Probe,
+    port: u16,
+    connect_deadline: Duration,
+    stop: Arc<AtomicBool>,
+) -> ProbeResult {
+    let mut res = ProbeResult {
+        name: probe.name.clone(),
+        ..Default::default()
+    };
     let start = Instant::now();
     let (stream, mut reader, first) = loop {
         match handshake(probe, port) {
@@ -135,9 +149,17 @@ fn request(probe: &Probe, seq: u64) -> String {
 fn parse_reply(probe: &Probe, line: &str) -> Option<u64> {
     let rest = line.strip_prefix(probe.reply_prefix.as_str())?;
     match probe.mode {
-        ProbeMode::Echo => rest.strip_prefix(probe.payload.as_str())?.trim().parse().ok(),
+        ProbeMode::Echo => rest
+            .strip_prefix(probe.payload.as_str())?
+            .trim()
+            .parse()
+            .ok(),
         // e.g. Redis `:42`, memcached `42`
-        ProbeMode::Counter => rest.trim().trim_start_matches(|c: char| !c.is_ascii_digit()).parse().ok(),
+        ProbeMode::Counter => rest
+            .trim()
+            .trim_start_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .ok(),
     }
 }
 
@@ -146,8 +168,10 @@ fn parse_reply(probe: &Probe, line: &str) -> Option<u64> {
 fn handshake(probe: &Probe, port: u16) -> Result<(TcpStream, BufReader<TcpStream>, u64), String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
-    s.write_all(request(probe, 0).as_bytes()).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+    s.write_all(request(probe, 0).as_bytes())
+        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
     let mut line = String::new();
     let first = match reader.read_line(&mut line) {
@@ -158,7 +182,8 @@ fn handshake(probe: &Probe, port: u16) -> Result<(TcpStream, BufReader<TcpStream
         },
         Err(e) => return Err(e.to_string()),
     };
-    s.set_read_timeout(Some(Duration::from_millis(20))).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(20)))
+        .map_err(|e| e.to_string())?;
     Ok((s, reader, first))
 }
 
@@ -198,7 +223,11 @@ mod tests {
                 write!(w, ":{n}\r\n").unwrap();
             }
         });
-        let p = Probe { mode: ProbeMode::Counter, send: "INCR k\r\n".into(), ..probe() };
+        let p = Probe {
+            mode: ProbeMode::Counter,
+            send: "INCR k\r\n".into(),
+            ..probe()
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
         std::thread::spawn(move || {
@@ -265,7 +294,11 @@ mod tests {
 
     #[test]
     fn nobody_listening_never_connects() {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let stop = Arc::new(AtomicBool::new(false));
         let r = run(&probe(), port, Duration::from_millis(500), stop);
         assert!(!r.connected && r.error.is_some());

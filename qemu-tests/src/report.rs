@@ -99,22 +99,38 @@ const PHASES: &[(Event, Event, &str)] = &[
 /// Splits events into upgrades (each starts at `frozen`) and times them.
 pub fn timelines(events: &[EventRecord], boots: &[String]) -> Vec<UpgradeTimeline> {
     let mut out = Vec::new();
-    let starts: Vec<usize> = events.iter().enumerate().filter(|(_, e)| e.event == "frozen").map(|(i, _)| i).collect();
+    let starts: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.event == "frozen")
+        .map(|(i, _)| i)
+        .collect();
     for (n, &start) in starts.iter().enumerate() {
         let end = starts.get(n + 1).copied().unwrap_or(events.len());
         // preflight-ok comes just before frozen
-        let begin = events[..start].iter().rposition(|e| e.event == "preflight-ok").unwrap_or(start);
+        let begin = events[..start]
+            .iter()
+            .rposition(|e| e.event == "preflight-ok")
+            .unwrap_or(start);
         let span = &events[begin..end];
-        let at = |e: Event| span.iter().find(|r| r.event == e.name()).map(|r| r.t_real_ns);
+        let at = |e: Event| {
+            span.iter()
+                .find(|r| r.event == e.name())
+                .map(|r| r.t_real_ns)
+        };
         let boot = events[start].boot;
         let mut t = UpgradeTimeline {
             from: boots.get(boot).cloned().unwrap_or_default(),
-            to: boots.get(boot + 1).cloned().unwrap_or_else(|| "(no kexec)".into()),
+            to: boots
+                .get(boot + 1)
+                .cloned()
+                .unwrap_or_else(|| "(no kexec)".into()),
             ..Default::default()
         };
         for (a, b, name) in PHASES {
             if let (Some(x), Some(y)) = (at(*a), at(*b)) {
-                t.phases.push((name.to_string(), (y as f64 - x as f64) / 1e6));
+                t.phases
+                    .push((name.to_string(), (y as f64 - x as f64) / 1e6));
             }
         }
         if let (Some(x), Some(y)) = (at(Event::Frozen), at(Event::Restored)) {
@@ -145,8 +161,18 @@ impl Report {
         }
         for w in &self.workloads {
             let show = |p: Option<i32>| p.map_or("-".to_string(), |p| p.to_string());
-            let same = if w.pid_before.is_some() && w.pid_before == w.pid_after { "same pid" } else { "" };
-            let _ = writeln!(s, "workload {:<12} pid {} -> {} {same}", w.name, show(w.pid_before), show(w.pid_after));
+            let same = if w.pid_before.is_some() && w.pid_before == w.pid_after {
+                "same pid"
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                s,
+                "workload {:<12} pid {} -> {} {same}",
+                w.name,
+                show(w.pid_before),
+                show(w.pid_after)
+            );
         }
         for u in &self.upgrades {
             let _ = writeln!(s, "upgrade {} -> {}:", u.from, u.to);
@@ -158,7 +184,8 @@ impl Report {
             }
         }
         for p in &self.probes {
-            let _ = writeln!(
+            let _ =
+                writeln!(
                 s,
                 "probe {}: {} replies, longest gap {} ms, reset={} eof={} lost={} reordered={}{}",
                 p.name,
@@ -172,14 +199,28 @@ impl Report {
             );
         }
         for c in &self.checks {
-            let _ = writeln!(s, "[{}] {}: {}", if c.ok { " ok " } else { "FAIL" }, c.name, c.detail);
+            let _ = writeln!(
+                s,
+                "[{}] {}: {}",
+                if c.ok { " ok " } else { "FAIL" },
+                c.name,
+                c.detail
+            );
         }
         let _ = writeln!(
             s,
             "verdict: {} ({:.0} s){}",
-            if self.verdict == Verdict::Pass { "PASS" } else { "FAIL" },
+            if self.verdict == Verdict::Pass {
+                "PASS"
+            } else {
+                "FAIL"
+            },
             self.wall_secs,
-            if self.verdict == Verdict::Fail { format!("; artifacts kept in {}", self.artifacts.dir) } else { String::new() }
+            if self.verdict == Verdict::Fail {
+                format!("; artifacts kept in {}", self.artifacts.dir)
+            } else {
+                String::new()
+            }
         );
         s
     }
@@ -190,7 +231,13 @@ mod tests {
     use super::*;
 
     fn ev(event: &str, boot: usize, ms: u64) -> EventRecord {
-        EventRecord { event: event.into(), boot, t_mono_ns: 0, t_real_ns: ms * 1_000_000, fields: vec![] }
+        EventRecord {
+            event: event.into(),
+            boot,
+            t_mono_ns: 0,
+            t_real_ns: ms * 1_000_000,
+            fields: vec![],
+        }
     }
 
     #[test]
@@ -212,7 +259,10 @@ mod tests {
         assert_eq!((t[0].from.as_str(), t[0].to.as_str()), ("a", "b"));
         assert_eq!(t[0].blackout_ms, Some(3000.0));
         assert_eq!(t[0].phases[0], ("freeze".to_string(), 10.0));
-        assert!(t[0].phases.iter().any(|(n, ms)| n == "kexec to new kernel's init" && *ms == 2000.0));
+        assert!(t[0]
+            .phases
+            .iter()
+            .any(|(n, ms)| n == "kexec to new kernel's init" && *ms == 2000.0));
         assert_eq!((t[1].from.as_str(), t[1].to.as_str()), ("b", "c"));
         assert_eq!(t[1].blackout_ms, Some(2000.0));
     }

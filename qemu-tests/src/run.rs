@@ -69,28 +69,52 @@ pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
     releases.dedup();
     let rootfs = assets::ensure_rootfs(
         &cache,
-        &RootfsInputs { releases: &releases, bin_dir: &bin_dir, packages: &scenario.guest.packages },
+        &RootfsInputs {
+            releases: &releases,
+            bin_dir: &bin_dir,
+            packages: &scenario.guest.packages,
+        },
     )?;
     let initrd = assets::build_initramfs(&cache, &bin_dir, &from)?;
-    Ok(Prepared { scenario, from, to, bin_dir, rootfs, initrd })
+    Ok(Prepared {
+        scenario,
+        from,
+        to,
+        bin_dir,
+        rootfs,
+        initrd,
+    })
 }
 
 /// Writes the plan disk: the plan and the scenario's files, in a kupgrade image.
-fn write_plan_disk(path: &Path, plan: &Plan, scenario_dir: &Path, scenario: &Scenario, run_dir: &Path) -> Result<()> {
+fn write_plan_disk(
+    path: &Path,
+    plan: &Plan,
+    scenario_dir: &Path,
+    scenario: &Scenario,
+    run_dir: &Path,
+) -> Result<()> {
     let files_root = run_dir.join("plan-files");
     for w in &scenario.workloads {
         for f in &w.files {
             let dest = files_root.join(f.guest.strip_prefix("/").unwrap_or(&f.guest));
             fs::create_dir_all(dest.parent().context("guest path")?)?;
             let src = scenario_dir.join(&f.host);
-            fs::copy(&src, &dest).with_context(|| format!("cannot copy scenario file {}", src.display()))?;
+            fs::copy(&src, &dest)
+                .with_context(|| format!("cannot copy scenario file {}", src.display()))?;
         }
     }
     fs::create_dir_all(&files_root)?;
     let capacity = 256 << 20;
-    let file = File::options().read(true).write(true).create(true).truncate(true).open(path)?;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
     file.set_len(capacity)?;
-    let mut w = image_format::ImageWriter::create(file, capacity, image_format::WriteOptions::default())?;
+    let mut w =
+        image_format::ImageWriter::create(file, capacity, image_format::WriteOptions::default())?;
     w.add_blob(guest::PLAN_SECTION, &serde_json::to_vec(plan)?)?;
     w.add_tree(guest::FILES_SECTION, &files_root)?;
     w.finish(image_format::Manifest::default())?;
@@ -102,8 +126,14 @@ struct Qemu {
     lines: mpsc::Receiver<String>,
 }
 
-fn start_qemu(p: &Prepared, opts: &Options, disk: &Path, plan_disk: &Path, fwds: &[(u16, u16)], log: &Path)
-    -> Result<Qemu> {
+fn start_qemu(
+    p: &Prepared,
+    opts: &Options,
+    disk: &Path,
+    plan_disk: &Path,
+    fwds: &[(u16, u16)],
+    log: &Path,
+) -> Result<Qemu> {
     let cache = Cache::new(opts.cache.clone())?;
     let g = &p.scenario.guest;
     let cmdline = format!(
@@ -117,22 +147,43 @@ fn start_qemu(p: &Prepared, opts: &Options, disk: &Path, plan_disk: &Path, fwds:
         netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest_port}"));
     }
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", &opts.accel, "-m", &g.memory_mib.to_string(), "-smp", &g.cpus.to_string()])
-        .args(["-nodefaults", "-display", "none", "-no-reboot", "-serial", "stdio", "-rtc", "base=utc"])
-        .arg("-kernel")
-        .arg(cache.vmlinuz(&p.from))
-        .arg("-initrd")
-        .arg(&p.initrd)
-        .args(["-append", &cmdline])
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", disk.display()))
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio,readonly=on", plan_disk.display()))
-        .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("cannot start qemu-system-x86_64: install qemu-system-x86 (scripts/setup does)")?;
+    cmd.args([
+        "-accel",
+        &opts.accel,
+        "-m",
+        &g.memory_mib.to_string(),
+        "-smp",
+        &g.cpus.to_string(),
+    ])
+    .args([
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+        "-rtc",
+        "base=utc",
+    ])
+    .arg("-kernel")
+    .arg(cache.vmlinuz(&p.from))
+    .arg("-initrd")
+    .arg(&p.initrd)
+    .args(["-append", &cmdline])
+    .arg("-drive")
+    .arg(format!("file={},format=raw,if=virtio", disk.display()))
+    .arg("-drive")
+    .arg(format!(
+        "file={},format=raw,if=virtio,readonly=on",
+        plan_disk.display()
+    ))
+    .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .context("cannot start qemu-system-x86_64: install qemu-system-x86 (scripts/setup does)")?;
     let (tx, rx) = mpsc::channel();
     let mut log_file = File::create(log)?;
     let stdout = child.stdout.take().context("qemu stdout")?;
@@ -147,8 +198,14 @@ fn start_qemu(p: &Prepared, opts: &Options, disk: &Path, plan_disk: &Path, fwds:
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stdout);
         let mut buf = Vec::new();
-        while reader.read_until(b'\n', &mut buf).map(|n| n > 0).unwrap_or(false) {
-            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+        while reader
+            .read_until(b'\n', &mut buf)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {
+            let line = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
             let _ = writeln!(log_file, "[{:8.3}] {line}", t0.elapsed().as_secs_f64());
             if tx.send(line).is_err() {
                 break;
@@ -164,16 +221,36 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
     let started = Instant::now();
     let p = prepare(scenario_path, opts)?;
     let sc = &p.scenario;
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let run_dir = opts.cache.join("runs").join(format!("{}-{stamp}", sc.name));
     fs::create_dir_all(&run_dir)?;
     let disk = run_dir.join("disk.img");
-    progress::step(&format!("copying the root image for this run into {}", run_dir.display()));
-    let st = Command::new("cp").arg("--sparse=always").arg(&p.rootfs).arg(&disk).status()?;
+    progress::step(&format!(
+        "copying the root image for this run into {}",
+        run_dir.display()
+    ));
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&p.rootfs)
+        .arg(&disk)
+        .status()?;
     anyhow::ensure!(st.success(), "cannot copy {}", p.rootfs.display());
 
-    let chain: Vec<String> =
-        sc.upgrade.chain.iter().map(|k| if k == "from" { p.from.clone() } else { p.to.clone() }).collect();
+    let chain: Vec<String> = sc
+        .upgrade
+        .chain
+        .iter()
+        .map(|k| {
+            if k == "from" {
+                p.from.clone()
+            } else {
+                p.to.clone()
+            }
+        })
+        .collect();
     let plan = Plan {
         scenario: sc.name.clone(),
         workloads: sc.workloads.clone(),
@@ -194,7 +271,12 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
         fwds.push((free_port()?, pr.guest_port));
     }
     let serial = run_dir.join("serial.log");
-    progress::step(&format!("booting {} under QEMU ({}), serial log {}", p.from, opts.accel, serial.display()));
+    progress::step(&format!(
+        "booting {} under QEMU ({}), serial log {}",
+        p.from,
+        opts.accel,
+        serial.display()
+    ));
     let mut qemu = start_qemu(&p, opts, &disk, &plan_disk, &fwds, &serial)?;
 
     let deadline = Instant::now() + Duration::from_secs(sc.guest.timeout_secs);
@@ -212,7 +294,10 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
     loop {
         if Instant::now() > deadline {
             timed_out = true;
-            progress::step(&format!("deadline of {} s passed: stopping QEMU", sc.guest.timeout_secs));
+            progress::step(&format!(
+                "deadline of {} s passed: stopping QEMU",
+                sc.guest.timeout_secs
+            ));
             let _ = qemu.child.kill();
             break;
         }
@@ -232,7 +317,9 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
             }
             continue;
         }
-        let Some(l) = Line::parse(&line) else { continue };
+        let Some(l) = Line::parse(&line) else {
+            continue;
+        };
         match l.verb.as_str() {
             "boot" => {
                 let k = l.get("kernel").unwrap_or("?").to_string();
@@ -240,23 +327,32 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
                 boots.push(k);
             }
             "workload" => {
-                if let (Some(n), Some(pid)) = (l.get("name"), l.get("pid").and_then(|p| p.parse().ok())) {
+                if let (Some(n), Some(pid)) =
+                    (l.get("name"), l.get("pid").and_then(|p| p.parse().ok()))
+                {
                     pids_before.insert(n.to_string(), pid);
                 }
             }
             "workload-after" => {
-                if let (Some(n), Some(pid)) = (l.get("name"), l.get("pid").and_then(|p| p.parse().ok())) {
+                if let (Some(n), Some(pid)) =
+                    (l.get("name"), l.get("pid").and_then(|p| p.parse().ok()))
+                {
                     pids_after.insert(n.to_string(), pid);
                 }
             }
             "ready" => {
                 for (pr, (host_port, _)) in sc.probes.iter().zip(&fwds) {
                     let (pr, port, stop) = (pr.clone(), *host_port, stop.clone());
-                    probes.push(std::thread::spawn(move || probe::run(&pr, port, Duration::from_secs(60), stop)));
+                    probes.push(std::thread::spawn(move || {
+                        probe::run(&pr, port, Duration::from_secs(60), stop)
+                    }));
                 }
                 progress::step(&format!("guest ready: {} probe(s) started", probes.len()));
             }
-            "go" => progress::step(&format!("guest: kupgrade go -> {}", l.get("target").unwrap_or("?"))),
+            "go" => progress::step(&format!(
+                "guest: kupgrade go -> {}",
+                l.get("target").unwrap_or("?")
+            )),
             "go-failed" => {
                 let d = l.get("detail").unwrap_or("").to_string();
                 progress::step(&format!("guest: kupgrade go failed: {d}"));
@@ -275,7 +371,8 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
     }
     stop.store(true, Ordering::Relaxed);
     let _ = wait_exit(&mut qemu.child, Duration::from_secs(10));
-    let probe_results: Vec<ProbeResult> = probes.into_iter().filter_map(|h| h.join().ok()).collect();
+    let probe_results: Vec<ProbeResult> =
+        probes.into_iter().filter_map(|h| h.join().ok()).collect();
 
     let mut rep = Report {
         scenario: sc.name.clone(),
@@ -351,7 +448,11 @@ fn copy_guest_logs(disk: &Path, dest: &Path) -> Result<()> {
 }
 
 fn check(name: &str, ok: bool, detail: String) -> CheckResult {
-    CheckResult { name: name.to_string(), ok, detail }
+    CheckResult {
+        name: name.to_string(),
+        ok,
+        detail,
+    }
 }
 
 fn builtin_checks(
@@ -427,12 +528,19 @@ fn builtin_checks(
                 pr.lost,
                 pr.reordered,
                 pr.wrong,
-                pr.error.as_ref().map(|e| format!(", {e}")).unwrap_or_default()
+                pr.error
+                    .as_ref()
+                    .map(|e| format!(", {e}"))
+                    .unwrap_or_default()
             ),
         ));
     }
     if sc.probes.len() != rep.probes.len() {
-        out.push(check("probes started", false, "the guest never said it was ready".into()));
+        out.push(check(
+            "probes started",
+            false,
+            "the guest never said it was ready".into(),
+        ));
     }
     out
 }

@@ -84,7 +84,11 @@ fn default_series() -> String {
 
 impl Default for Kernels {
     fn default() -> Self {
-        Kernels { from: "oldest".into(), to: "latest".into(), series: default_series() }
+        Kernels {
+            from: "oldest".into(),
+            to: "latest".into(),
+            series: default_series(),
+        }
     }
 }
 
@@ -103,7 +107,13 @@ pub struct Guest {
 
 impl Default for Guest {
     fn default() -> Self {
-        Guest { memory_mib: 1024, cpus: 1, store_mib: 256, packages: vec![], timeout_secs: 600 }
+        Guest {
+            memory_mib: 1024,
+            cpus: 1,
+            store_mib: 256,
+            packages: vec![],
+            timeout_secs: 600,
+        }
     }
 }
 
@@ -222,9 +232,18 @@ pub struct Check {
 
 impl Scenario {
     pub fn load(path: &Path) -> Result<Scenario, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
-        let s = Scenario::parse(&text).map_err(|message| Error::Parse { path: path.into(), message })?;
-        s.validate().map_err(|message| Error::Invalid { path: path.into(), message })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.into(),
+            source,
+        })?;
+        let s = Scenario::parse(&text).map_err(|message| Error::Parse {
+            path: path.into(),
+            message,
+        })?;
+        s.validate().map_err(|message| Error::Invalid {
+            path: path.into(),
+            message,
+        })?;
         Ok(s)
     }
 
@@ -235,8 +254,16 @@ impl Scenario {
     pub fn validate(&self) -> Result<(), String> {
         let mut names = std::collections::HashSet::new();
         for w in &self.workloads {
-            if w.name.is_empty() || !w.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(format!("workload name {:?}: use letters, digits, - and _", w.name));
+            if w.name.is_empty()
+                || !w
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "workload name {:?}: use letters, digits, - and _",
+                    w.name
+                ));
             }
             if !names.insert(&w.name) {
                 return Err(format!("two workloads are named {:?}", w.name));
@@ -257,7 +284,10 @@ impl Scenario {
             return Err("upgrade.chain is empty: name at least one kernel (\"to\")".into());
         }
         if self.guest.memory_mib < 512 {
-            return Err(format!("guest.memory_mib = {}: the guest needs at least 512", self.guest.memory_mib));
+            return Err(format!(
+                "guest.memory_mib = {}: the guest needs at least 512",
+                self.guest.memory_mib
+            ));
         }
         // The store sits at STORE_ADDR_MIB; above it QEMU puts the initramfs.
         let top = crate::run::STORE_ADDR_MIB + self.guest.store_mib + 128;
@@ -270,7 +300,10 @@ impl Scenario {
         }
         for p in &self.probes {
             if p.mode == ProbeMode::Counter && p.send.is_empty() {
-                return Err(format!("probe {:?}: mode = \"counter\" needs `send`, the request to repeat", p.name));
+                return Err(format!(
+                    "probe {:?}: mode = \"counter\" needs `send`, the request to repeat",
+                    p.name
+                ));
             }
         }
         for c in &self.checks {
@@ -279,7 +312,10 @@ impl Scenario {
             }
         }
         if self.upgrade.expect == Expect::Refused && self.upgrade.refusal_contains.is_none() {
-            return Err("upgrade.expect = \"refused\" needs upgrade.refusal_contains: say which refusal".into());
+            return Err(
+                "upgrade.expect = \"refused\" needs upgrade.refusal_contains: say which refusal"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -315,7 +351,9 @@ command = ["/bin/true"]
 
     #[test]
     fn missing_name_is_refused() {
-        assert!(Scenario::parse("[guest]\nmemory_mib = 1024\n").unwrap_err().contains("name"));
+        assert!(Scenario::parse("[guest]\nmemory_mib = 1024\n")
+            .unwrap_err()
+            .contains("name"));
     }
 
     #[test]

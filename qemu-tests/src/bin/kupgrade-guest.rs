@@ -50,7 +50,10 @@ fn main() {
 /// workloads are re-parented here), power off when the worker is done.
 fn supervise() -> ! {
     mount_basics();
-    let worker = Command::new("/proc/self/exe").arg("worker").env("PATH", PATH).spawn();
+    let worker = Command::new("/proc/self/exe")
+        .arg("worker")
+        .env("PATH", PATH)
+        .spawn();
     let worker_pid = match worker {
         Ok(c) => c.id() as i32,
         Err(e) => {
@@ -60,7 +63,11 @@ fn supervise() -> ! {
     };
     loop {
         match waitpid(Pid::from_raw(-1), None) {
-            Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _)) if pid.as_raw() == worker_pid => break,
+            Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _))
+                if pid.as_raw() == worker_pid =>
+            {
+                break
+            }
             Ok(_) => {}
             Err(nix::Error::ECHILD) => std::thread::sleep(Duration::from_millis(100)),
             Err(_) => {}
@@ -81,8 +88,18 @@ fn power_off() -> ! {
 /// (after a restore, kupgrade-init has mounted some of them).
 fn mount_basics() {
     let mounted = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let has = |p: &str| mounted.lines().any(|l| l.split_whitespace().nth(1) == Some(p));
-    let _ = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT, None::<&str>);
+    let has = |p: &str| {
+        mounted
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(p))
+    };
+    let _ = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT,
+        None::<&str>,
+    );
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     for (fstype, target, data) in [
         ("proc", "/proc", None),
@@ -108,7 +125,9 @@ fn mount_basics() {
 }
 
 fn release() -> String {
-    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn sh(args: &[&str]) -> (bool, String) {
@@ -118,7 +137,13 @@ fn sh(args: &[&str]) -> (bool, String) {
 /// Runs a command with extra `KEY=VALUE` environment; (success, output).
 fn sh_env(args: &[&str], env: &[String]) -> (bool, String) {
     let vars = env.iter().filter_map(|e| e.split_once('='));
-    match Command::new(args[0]).args(&args[1..]).env("PATH", PATH).envs(vars).stdin(Stdio::null()).output() {
+    match Command::new(args[0])
+        .args(&args[1..])
+        .env("PATH", PATH)
+        .envs(vars)
+        .stdin(Stdio::null())
+        .output()
+    {
         Ok(o) => {
             let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
             text.push_str(&String::from_utf8_lossy(&o.stderr));
@@ -129,14 +154,18 @@ fn sh_env(args: &[&str], env: &[String]) -> (bool, String) {
 }
 
 fn read_plan() -> Result<(Plan, Image<fs::File>)> {
-    let dev = fs::File::open(guest::PLAN_DEVICE).with_context(|| format!("no plan disk at {}", guest::PLAN_DEVICE))?;
+    let dev = fs::File::open(guest::PLAN_DEVICE)
+        .with_context(|| format!("no plan disk at {}", guest::PLAN_DEVICE))?;
     let mut img = Image::open(dev).context("the plan disk holds no readable plan")?;
     let plan = serde_json::from_slice(&img.read_blob(guest::PLAN_SECTION)?)?;
     Ok((plan, img))
 }
 
 fn load_progress() -> Progress {
-    fs::read(guest::STATE_FILE).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    fs::read(guest::STATE_FILE)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 fn save_progress(p: &Progress) -> Result<()> {
@@ -172,18 +201,25 @@ fn established_on(port: u16) -> bool {
         let f: Vec<&str> = l.split_whitespace().collect();
         f.len() > 3
             && f[3] == "01"
-            && f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+            && f[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+                == Some(port)
     })
 }
 
 fn worker() -> Result<()> {
     let mut progress = load_progress();
-    say(Line::new("boot").with("n", progress.upgrades_done).with("kernel", release()));
+    say(Line::new("boot")
+        .with("n", progress.upgrades_done)
+        .with("kernel", release()));
     let (plan, mut img) = read_plan()?;
     configure_network();
     let first_boot = progress.upgrades_done == 0 && progress.pids.is_empty();
     if first_boot {
-        img.extract_tree(guest::FILES_SECTION, Path::new("/")).context("cannot unpack the scenario's files")?;
+        img.extract_tree(guest::FILES_SECTION, Path::new("/"))
+            .context("cannot unpack the scenario's files")?;
         for w in &plan.workloads {
             let mut args = vec!["kupgrade", "launch", w.name.as_str()];
             if w.pid_namespace {
@@ -206,11 +242,19 @@ fn worker() -> Result<()> {
         let start = Instant::now();
         for port in &plan.probe_ports {
             while !established_on(*port) {
-                anyhow::ensure!(start.elapsed() < Duration::from_secs(90), "no probe connected to port {port}");
+                anyhow::ensure!(
+                    start.elapsed() < Duration::from_secs(90),
+                    "no probe connected to port {port}"
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        let warmup = plan.workloads.iter().map(|w| w.warmup_secs).max().unwrap_or(0);
+        let warmup = plan
+            .workloads
+            .iter()
+            .map(|w| w.warmup_secs)
+            .max()
+            .unwrap_or(0);
         std::thread::sleep(Duration::from_secs(plan.settle_secs + warmup));
     } else {
         let (_, report) = sh(&["kupgrade", "report"]);
@@ -229,7 +273,9 @@ fn worker() -> Result<()> {
         anyhow::ensure!(ok, "kupgrade stage failed: {out}");
         progress.upgrades_done += 1;
         save_progress(&progress)?;
-        say(Line::new("go").with("n", progress.upgrades_done).with("target", &target));
+        say(Line::new("go")
+            .with("n", progress.upgrades_done)
+            .with("target", &target));
         let mut args = vec!["kupgrade", "go"];
         args.extend(plan.go_args.iter().map(String::as_str));
         let (_, out) = sh_env(&args, &plan.go_env);
@@ -253,19 +299,30 @@ fn finish(plan: &Plan, progress: &Progress) {
         // Alive and still the workload we launched (same cgroup).
         let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         if cgroup.contains(&format!("/kupgrade/{name}")) {
-            say(Line::new("workload-after").with("name", name).with("pid", pid));
+            say(Line::new("workload-after")
+                .with("name", name)
+                .with("pid", pid));
         } else {
-            say(Line::new("check").with("name", format!("workload {name} alive")).with("ok", false).with(
-                "detail",
-                format!("pid {pid} is gone or not in its cgroup (cgroup: {})", cgroup.trim()),
-            ));
+            say(Line::new("check")
+                .with("name", format!("workload {name} alive"))
+                .with("ok", false)
+                .with(
+                    "detail",
+                    format!(
+                        "pid {pid} is gone or not in its cgroup (cgroup: {})",
+                        cgroup.trim()
+                    ),
+                ));
         }
     }
     for c in &plan.checks {
         std::thread::sleep(Duration::from_secs(c.after_secs));
         let args: Vec<&str> = c.command.iter().map(String::as_str).collect();
         let (ok, out) = sh(&args);
-        say(Line::new("check").with("name", &c.name).with("ok", ok).with("detail", &out));
+        say(Line::new("check")
+            .with("name", &c.name)
+            .with("ok", ok)
+            .with("detail", &out));
     }
     say(Line::new("checks-done"));
     std::thread::sleep(Duration::from_secs(1));

@@ -9,7 +9,10 @@ use kupgrade_vm::report::Verdict;
 use kupgrade_vm::run::{self, Options};
 
 #[derive(Parser)]
-#[command(name = "kupgrade-vm", about = "Try live kernel upgrades in a QEMU appliance")]
+#[command(
+    name = "kupgrade-vm",
+    about = "Try live kernel upgrades in a QEMU appliance"
+)]
 struct Cli {
     /// Where kernels, images and runs are kept.
     #[arg(long, global = true, env = "KUPGRADE_VM_CACHE")]
@@ -56,7 +59,9 @@ fn workspace() -> PathBuf {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cache = cli.cache.unwrap_or_else(|| workspace().join("target/kupgrade-vm"));
+    let cache = cli
+        .cache
+        .unwrap_or_else(|| workspace().join("target/kupgrade-vm"));
     match cli.cmd {
         Cmd::Matrix { reports, out } => {
             let result = kupgrade_vm::matrix::load_reports(&reports).and_then(|r| {
@@ -74,8 +79,21 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Run { scenarios, report, accel, keep, verbose } => {
-            let mut opts = Options { cache, workspace: workspace(), bin_dir: cli.bin_dir, accel, keep, verbose };
+        Cmd::Run {
+            scenarios,
+            report,
+            accel,
+            keep,
+            verbose,
+        } => {
+            let mut opts = Options {
+                cache,
+                workspace: workspace(),
+                bin_dir: cli.bin_dir,
+                accel,
+                keep,
+                verbose,
+            };
             let mut failed = Vec::new();
             for (i, s) in scenarios.iter().enumerate() {
                 let rep = match run::run(s, &opts) {
@@ -88,7 +106,8 @@ fn main() -> ExitCode {
                 };
                 // Build the guest binaries once per invocation.
                 if opts.bin_dir.is_none() {
-                    opts.bin_dir = Some(workspace().join("target/static/x86_64-unknown-linux-gnu/release"));
+                    opts.bin_dir =
+                        Some(workspace().join("target/static/x86_64-unknown-linux-gnu/release"));
                 }
                 print!("{}", rep.summary());
                 if let Some(path) = &report {
