@@ -29,6 +29,8 @@ pub struct Plan {
     pub expect: Expect,
     pub go_args: Vec<String>,
     pub go_env: Vec<String>,
+    /// Processes started on the first boot that kupgrade does not preserve.
+    pub background: Vec<Vec<String>>,
     pub checks: Vec<Check>,
     /// How long the checks wait for restored workloads to show they run.
     pub alive_secs: u64,

@@ -260,6 +260,7 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
         expect: sc.upgrade.expect,
         go_args: sc.upgrade.go_args.clone(),
         go_env: sc.upgrade.go_env.clone(),
+        background: sc.background.clone(),
         checks: sc.checks.clone(),
         alive_secs: 3,
     };
@@ -288,7 +289,8 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
     let mut pids_before: HashMap<String, i32> = HashMap::new();
     let mut pids_after: HashMap<String, i32> = HashMap::new();
     let mut checks: Vec<CheckResult> = Vec::new();
-    let mut go_failed: Option<String> = None;
+    let mut go_returned: Option<(bool, String)> = None;
+    let mut restore_reports: Vec<(String, String)> = Vec::new();
     let mut timed_out = false;
     let mut done = false;
     loop {
@@ -353,11 +355,17 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
                 "guest: kupgrade go -> {}",
                 l.get("target").unwrap_or("?")
             )),
-            "go-failed" => {
+            "go-returned" => {
+                let ok = l.get("ok") == Some("true");
                 let d = l.get("detail").unwrap_or("").to_string();
-                progress::step(&format!("guest: kupgrade go failed: {d}"));
-                go_failed = Some(d);
+                let last = d.rsplit(" | ").next().unwrap_or("");
+                progress::step(&format!("guest: kupgrade go returned ({}): {last}", if ok { "ok" } else { "failed" }));
+                go_returned = Some((ok, d));
             }
+            "report" => restore_reports.push((
+                l.get("outcome").unwrap_or("").to_string(),
+                l.get("detail").unwrap_or("").to_string(),
+            )),
             "check" => checks.push(CheckResult {
                 name: l.get("name").unwrap_or("?").to_string(),
                 ok: l.get("ok") == Some("true"),
@@ -395,7 +403,8 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
             pid_after: pids_after.get(&w.name).copied(),
         });
     }
-    rep.checks = builtin_checks(&rep, sc, &p, &chain, go_failed.as_deref(), timed_out, done);
+    let outcome = Outcome { go_returned, restore_reports, timed_out, done };
+    rep.checks = builtin_checks(&rep, sc, &p, &chain, &outcome);
     rep.checks.extend(checks);
     let pass = rep.checks.iter().all(|c| c.ok) && !rep.checks.is_empty();
     rep.verdict = if pass { Verdict::Pass } else { Verdict::Fail };
@@ -455,92 +464,115 @@ fn check(name: &str, ok: bool, detail: String) -> CheckResult {
     }
 }
 
+/// What the guest said about the run as a whole.
+struct Outcome {
+    /// `kupgrade go` came back (no kexec): did it succeed, and its output.
+    go_returned: Option<(bool, String)>,
+    /// (outcome, reason) of `kupgrade report` after each kexec.
+    restore_reports: Vec<(String, String)>,
+    timed_out: bool,
+    done: bool,
+}
+
 fn builtin_checks(
     rep: &Report,
     sc: &Scenario,
     p: &Prepared,
     chain: &[String],
-    go_failed: Option<&str>,
-    timed_out: bool,
-    done: bool,
+    o: &Outcome,
 ) -> Vec<CheckResult> {
     let mut out = Vec::new();
     out.push(check(
         "guest finished in time",
-        done && !timed_out,
-        if timed_out {
+        o.done && !o.timed_out,
+        if o.timed_out {
             format!("deadline of {} s passed", sc.guest.timeout_secs)
-        } else if done {
+        } else if o.done {
             "the guest ran the scenario to its end".into()
         } else {
             "the guest stopped before its end (see the serial log)".into()
         },
     ));
+    let mut planned = vec![p.from.clone()];
+    planned.extend(chain.iter().cloned());
+    let kexec_planned = check(
+        "kernel release changed as planned",
+        rep.boots == planned,
+        format!("booted {:?}, planned {:?}", rep.boots, planned),
+    );
+    let no_kexec = check("no kexec happened", rep.boots.len() == 1, format!("booted {:?}", rep.boots));
+    let go_said = |want_ok: bool, want: &str, what: &str| match &o.go_returned {
+        Some((ok, d)) => check(
+            what,
+            *ok == want_ok && d.contains(want),
+            format!("exit {}: {d} (expected to mention {want:?})", if *ok { "0" } else { "non-zero" }),
+        ),
+        None => check(what, false, "kupgrade go never came back".into()),
+    };
+    let workloads_kept = rep.workloads.iter().map(|w| {
+        check(
+            &format!("workload {} kept its pid", w.name),
+            w.pid_before.is_some() && w.pid_before == w.pid_after,
+            format!("pid {:?} before, {:?} after", w.pid_before, w.pid_after),
+        )
+    });
     match sc.upgrade.expect {
         Expect::Success => {
-            let mut expected = vec![p.from.clone()];
-            expected.extend(chain.iter().cloned());
-            out.push(check(
-                "kernel release changed as planned",
-                rep.boots == expected,
-                format!("booted {:?}, planned {:?}", rep.boots, expected),
-            ));
-            if let Some(why) = go_failed {
-                out.push(check("kupgrade go succeeded", false, why.to_string()));
+            out.push(kexec_planned);
+            if let Some((_, why)) = &o.go_returned {
+                out.push(check("kupgrade go went through", false, why.clone()));
             }
+            let restored = o.restore_reports.iter().filter(|(r, _)| r == "restored").count();
+            out.push(check(
+                "kupgrade report says restored after every upgrade",
+                restored == chain.len() && o.restore_reports.len() == chain.len(),
+                format!("{:?}", o.restore_reports),
+            ));
+            out.extend(workloads_kept);
         }
         Expect::Refused => {
             let want = sc.upgrade.refusal_contains.clone().unwrap_or_default();
-            let ok = go_failed.is_some_and(|d| d.contains(&want));
+            out.push(go_said(false, &want, "kupgrade go refused the upgrade"));
+            out.push(no_kexec);
+            out.extend(workloads_kept);
+        }
+        Expect::DryRun => {
+            out.push(go_said(true, "dry run done", "kupgrade go --dry-run succeeded without a kexec"));
+            out.push(no_kexec);
+            out.extend(workloads_kept);
+        }
+        Expect::RestoreFailed => {
+            out.push(kexec_planned);
+            let want = sc.upgrade.refusal_contains.clone().unwrap_or_default();
+            let last = o.restore_reports.last();
             out.push(check(
-                "kupgrade go refused the upgrade",
-                ok,
-                match go_failed {
-                    Some(d) => format!("refused: {d} (expected to mention {want:?})"),
-                    None => "kupgrade go did not fail".into(),
-                },
-            ));
-            out.push(check(
-                "no kexec happened",
-                rep.boots.len() == 1,
-                format!("booted {:?}", rep.boots),
+                "kupgrade report says the restore failed, and why",
+                last.is_some_and(|(r, why)| r == "failed" && !why.is_empty() && why.contains(&want)),
+                format!("{last:?} (expected to mention {want:?})"),
             ));
         }
     }
-    for w in &rep.workloads {
-        let ok = w.pid_before.is_some() && w.pid_before == w.pid_after;
-        out.push(check(
-            &format!("workload {} kept its pid", w.name),
-            ok,
-            format!("pid {:?} before, {:?} after", w.pid_before, w.pid_after),
-        ));
-    }
-    for pr in &rep.probes {
-        out.push(check(
-            &format!("probe {} kept one clean connection", pr.name),
-            pr.clean(),
-            format!(
-                "{} replies, longest gap {} ms, reset={} eof={} lost={} reordered={} wrong={}{}",
-                pr.replies,
-                pr.max_gap_ms,
-                pr.reset,
-                pr.eof,
-                pr.lost,
-                pr.reordered,
-                pr.wrong,
-                pr.error
-                    .as_ref()
-                    .map(|e| format!(", {e}"))
-                    .unwrap_or_default()
-            ),
-        ));
+    if sc.upgrade.expect != Expect::RestoreFailed {
+        for pr in &rep.probes {
+            out.push(check(
+                &format!("probe {} kept one clean connection", pr.name),
+                pr.clean(),
+                format!(
+                    "{} replies, longest gap {} ms, reset={} eof={} lost={} reordered={} wrong={}{}",
+                    pr.replies,
+                    pr.max_gap_ms,
+                    pr.reset,
+                    pr.eof,
+                    pr.lost,
+                    pr.reordered,
+                    pr.wrong,
+                    pr.error.as_ref().map(|e| format!(", {e}")).unwrap_or_default()
+                ),
+            ));
+        }
     }
     if sc.probes.len() != rep.probes.len() {
-        out.push(check(
-            "probes started",
-            false,
-            "the guest never said it was ready".into(),
-        ));
+        out.push(check("probes started", false, "the guest never said it was ready".into()));
     }
     out
 }

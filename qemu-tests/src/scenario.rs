@@ -60,6 +60,10 @@ pub struct Scenario {
     pub workloads: Vec<Workload>,
     #[serde(default, rename = "probe")]
     pub probes: Vec<Probe>,
+    /// Commands the guest starts that kupgrade does not preserve (a log
+    /// shipper, a load generator): ordinary processes of the old system.
+    #[serde(default)]
+    pub background: Vec<Vec<String>>,
     #[serde(default)]
     pub upgrade: Upgrade,
     #[serde(default, rename = "check")]
@@ -189,7 +193,8 @@ pub struct Upgrade {
     /// `success`: the upgrade must happen. `refused`: `kupgrade go` must
     /// fail and leave the workloads running on the old kernel.
     pub expect: Expect,
-    /// Text the refusal must contain (with `expect = "refused"`).
+    /// Text the refusal (`refused`) or the restore failure's reason
+    /// (`restore-failed`) must contain.
     pub refusal_contains: Option<String>,
     /// Extra arguments for `kupgrade go`.
     pub go_args: Vec<String>,
@@ -213,8 +218,17 @@ impl Default for Upgrade {
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Expect {
+    /// The workloads are restored on the new kernel.
     Success,
+    /// `kupgrade go` refuses and the workloads carry on on the old kernel.
     Refused,
+    /// `kupgrade go --dry-run` does all but the reboot and resumes them.
+    #[serde(rename = "dry-run")]
+    DryRun,
+    /// The kexec happens but the restore fails: the machine still boots
+    /// and `kupgrade report` says why.
+    #[serde(rename = "restore-failed")]
+    RestoreFailed,
 }
 
 /// A check that must hold after the last upgrade; built-ins (kernel changed,
@@ -311,7 +325,9 @@ impl Scenario {
                 return Err(format!("check {:?} has an empty command", c.name));
             }
         }
-        if self.upgrade.expect == Expect::Refused && self.upgrade.refusal_contains.is_none() {
+        if matches!(self.upgrade.expect, Expect::Refused | Expect::RestoreFailed)
+            && self.upgrade.refusal_contains.is_none()
+        {
             return Err(
                 "upgrade.expect = \"refused\" needs upgrade.refusal_contains: say which refusal"
                     .into(),
