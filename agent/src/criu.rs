@@ -54,22 +54,9 @@ pub fn dump_args(w: &Workload, dir: &Path, log: &Path) -> Vec<String> {
     a
 }
 
-/// The `Error` lines of a CRIU log, the last few, for a one-line reason.
+/// The gist of a CRIU log file, for a one-line reason.
 pub fn last_errors(log: &Path) -> String {
-    let text = fs::read_to_string(log).unwrap_or_default();
-    let errs: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("Error"))
-        // Probing noise CRIU logs on every run (see DESIGN.md pitfalls).
-        .filter(|l| !l.contains("tun: Unable to create tun") && !l.contains("veth"))
-        .map(|l| l.split_once(": ").map_or(l, |(_, m)| m).trim())
-        .collect();
-    let tail = &errs[errs.len().saturating_sub(3)..];
-    if tail.is_empty() {
-        "no error logged".into()
-    } else {
-        tail.join("; ")
-    }
+    image_format::report::criu_errors(&fs::read_to_string(log).unwrap_or_default())
 }
 
 pub fn dump(criu: &str, w: &Workload, dir: &Path, log: &Path) -> Result<(), Error> {

@@ -55,3 +55,70 @@ impl UpgradeReport {
         at("restored")?.checked_sub(at("frozen")?)
     }
 }
+
+/// Errors CRIU logs on every run while probing the kernel (see DESIGN.md):
+/// not failures.
+const NOISE: &[&str] = &[
+    "Unable to create tun",
+    "veth",
+    "exited, status=1",
+    "reported by netlink: Operation not supported",
+];
+
+/// The gist of a CRIU log for a one-line reason: its first `Error` lines,
+/// without the probing noise CRIU logs on every run (tun, veth, helpers).
+pub fn criu_errors(log: &str) -> String {
+    let errs: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Error"))
+        .filter(|l| {
+            !l.contains("Unable to create tun")
+                && !l.contains("veth")
+                && !l.contains("exited, status=1")
+        })
+        .map(|l| l.split_once("): ").map_or(l, |(_, m)| m).trim())
+        .collect();
+    if errs.is_empty() {
+        "no error logged".into()
+    } else {
+        errs[..errs.len().min(2)].join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criu_errors_skip_probe_noise_and_keep_the_first_causes() {
+        let log = "(00.01) Error (criu/util.c:642): exited, status=1\n\
+                   (00.02) Error (criu/tun.c:85): tun: Unable to create tun: No such file\n\
+                   (00.03) Error (criu/files-reg.c:2100): File var/log/x has bad size 10 (expect 5)\n\
+                   (00.04) Error (criu/cr-restore.c:1500): Restoring FAILED.\n\
+                   (00.05) Error (criu/cr-restore.c:1600): later\n";
+        assert_eq!(
+            criu_errors(log),
+            "File var/log/x has bad size 10 (expect 5); Restoring FAILED."
+        );
+        assert_eq!(criu_errors("all good\n"), "no error logged");
+    }
+
+    #[test]
+    fn blackout_is_frozen_to_restored() {
+        let ev = |e: &str, t| PhaseTiming {
+            event: e.into(),
+            t_mono_ns: 0,
+            t_real_ns: t,
+        };
+        let r = UpgradeReport {
+            outcome: Outcome::Restored,
+            reason: None,
+            kernel_from: String::new(),
+            kernel_to: String::new(),
+            image_generation: 0,
+            workloads: vec![],
+            events: vec![ev("frozen", 100), ev("kexec", 150), ev("restored", 400)],
+        };
+        assert_eq!(r.blackout_ns(), Some(300));
+    }
+}

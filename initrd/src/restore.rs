@@ -195,20 +195,20 @@ impl Restorer {
         if let Some(old) = scaling {
             let _ = fs::write("/proc/sys/net/ipv4/tcp_window_scaling", old);
         }
-        let failed: Vec<String> = outcomes
-            .iter()
-            .filter(|o| !o.restored)
-            .map(|o| o.name.clone())
-            .collect();
+        let failed: Vec<&WorkloadOutcome> = outcomes.iter().filter(|o| !o.restored).collect();
         self.cleanup();
-        if failed.is_empty() {
-            (Outcome::Restored, None, outcomes)
-        } else {
-            let why = format!(
-                "CRIU could not restore {}: see kupgrade report",
-                failed.join(", ")
-            );
-            (Outcome::Failed, Some(why), outcomes)
+        match failed.first() {
+            None => (Outcome::Restored, None, outcomes),
+            Some(first) => {
+                // The first failure's own reason: the others often follow from it.
+                let names: Vec<&str> = failed.iter().map(|o| o.name.as_str()).collect();
+                let why = format!(
+                    "CRIU could not restore {}: {}",
+                    names.join(", "),
+                    first.error.as_deref().unwrap_or("no reason given")
+                );
+                (Outcome::Failed, Some(why), outcomes)
+            }
         }
     }
 
@@ -403,8 +403,10 @@ impl Restorer {
         let error = match res {
             Ok(s) if s.success() => None,
             Ok(s) => Some(format!(
-                "criu restore exited with {s}; last errors: {}",
-                last_errors(&log_path)
+                "criu restore exited with {s}: {}",
+                image_format::report::criu_errors(
+                    &fs::read_to_string(&log_path).unwrap_or_default()
+                )
             )),
             Err(e) => Some(format!("cannot run criu: {e}")),
         };
@@ -496,17 +498,6 @@ fn mount_support_fs(state: &DeviceState) {
     try_mount("devpts", "/dev/pts", Some("gid=5,mode=620,ptmxmode=666"));
     if !Path::new("/dev/ptmx").exists() {
         let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
-    }
-}
-
-fn last_errors(log: &Path) -> String {
-    let text = fs::read_to_string(log).unwrap_or_default();
-    let errs: Vec<&str> = text.lines().filter(|l| l.contains("Error")).collect();
-    let tail = &errs[errs.len().saturating_sub(3)..];
-    if tail.is_empty() {
-        "none logged".to_string()
-    } else {
-        tail.join(" | ")
     }
 }
 
