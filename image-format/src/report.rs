@@ -71,11 +71,7 @@ pub fn criu_errors(log: &str) -> String {
     let errs: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("Error"))
-        .filter(|l| {
-            !l.contains("Unable to create tun")
-                && !l.contains("veth")
-                && !l.contains("exited, status=1")
-        })
+        .filter(|l| !NOISE.iter().any(|n| l.contains(n)))
         .map(|l| l.split_once("): ").map_or(l, |(_, m)| m).trim())
         .collect();
     if errs.is_empty() {
