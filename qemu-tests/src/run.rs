@@ -32,6 +32,8 @@ pub struct Options {
     /// Prebuilt static binaries; built from the workspace when `None`.
     pub bin_dir: Option<PathBuf>,
     pub accel: String,
+    /// The QEMU binary (a stand-in in the harness's own tests).
+    pub qemu: String,
     pub keep: bool,
     /// Echo the guest's serial console to the terminal.
     pub verbose: bool,
@@ -146,7 +148,7 @@ fn start_qemu(
     for (host, guest_port) in fwds {
         netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest_port}"));
     }
-    let mut cmd = Command::new("qemu-system-x86_64");
+    let mut cmd = Command::new(&opts.qemu);
     cmd.args([
         "-accel",
         &opts.accel,
@@ -220,6 +222,15 @@ fn start_qemu(
 pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
     let started = Instant::now();
     let p = prepare(scenario_path, opts)?;
+    let scenario_dir = scenario_path.parent().unwrap_or(Path::new("."));
+    let mut rep = run_prepared(&p, scenario_dir, opts)?;
+    rep.wall_secs = started.elapsed().as_secs_f64();
+    Ok(rep)
+}
+
+/// Boots the guest of a prepared scenario and judges the run.
+pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result<Report> {
+    let started = Instant::now();
     let sc = &p.scenario;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -265,7 +276,6 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
         alive_secs: 3,
     };
     let plan_disk = run_dir.join("plan.img");
-    let scenario_dir = scenario_path.parent().unwrap_or(Path::new("."));
     write_plan_disk(&plan_disk, &plan, scenario_dir, sc, &run_dir)?;
     let mut fwds = Vec::new();
     for pr in &sc.probes {
@@ -278,7 +288,7 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
         opts.accel,
         serial.display()
     ));
-    let mut qemu = start_qemu(&p, opts, &disk, &plan_disk, &fwds, &serial)?;
+    let mut qemu = start_qemu(p, opts, &disk, &plan_disk, &fwds, &serial)?;
 
     let deadline = Instant::now() + Duration::from_secs(sc.guest.timeout_secs);
     let stop = Arc::new(AtomicBool::new(false));
@@ -359,7 +369,10 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
                 let ok = l.get("ok") == Some("true");
                 let d = l.get("detail").unwrap_or("").to_string();
                 let last = d.rsplit(" | ").next().unwrap_or("");
-                progress::step(&format!("guest: kupgrade go returned ({}): {last}", if ok { "ok" } else { "failed" }));
+                progress::step(&format!(
+                    "guest: kupgrade go returned ({}): {last}",
+                    if ok { "ok" } else { "failed" }
+                ));
                 go_returned = Some((ok, d));
             }
             "report" => restore_reports.push((
@@ -403,8 +416,13 @@ pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
             pid_after: pids_after.get(&w.name).copied(),
         });
     }
-    let outcome = Outcome { go_returned, restore_reports, timed_out, done };
-    rep.checks = builtin_checks(&rep, sc, &p, &chain, &outcome);
+    let outcome = Outcome {
+        go_returned,
+        restore_reports,
+        timed_out,
+        done,
+    };
+    rep.checks = builtin_checks(&rep, sc, p, &chain, &outcome);
     rep.checks.extend(checks);
     let pass = rep.checks.iter().all(|c| c.ok) && !rep.checks.is_empty();
     rep.verdict = if pass { Verdict::Pass } else { Verdict::Fail };
@@ -500,12 +518,19 @@ fn builtin_checks(
         rep.boots == planned,
         format!("booted {:?}, planned {:?}", rep.boots, planned),
     );
-    let no_kexec = check("no kexec happened", rep.boots.len() == 1, format!("booted {:?}", rep.boots));
+    let no_kexec = check(
+        "no kexec happened",
+        rep.boots.len() == 1,
+        format!("booted {:?}", rep.boots),
+    );
     let go_said = |want_ok: bool, want: &str, what: &str| match &o.go_returned {
         Some((ok, d)) => check(
             what,
             *ok == want_ok && d.contains(want),
-            format!("exit {}: {d} (expected to mention {want:?})", if *ok { "0" } else { "non-zero" }),
+            format!(
+                "exit {}: {d} (expected to mention {want:?})",
+                if *ok { "0" } else { "non-zero" }
+            ),
         ),
         None => check(what, false, "kupgrade go never came back".into()),
     };
@@ -522,7 +547,11 @@ fn builtin_checks(
             if let Some((_, why)) = &o.go_returned {
                 out.push(check("kupgrade go went through", false, why.clone()));
             }
-            let restored = o.restore_reports.iter().filter(|(r, _)| r == "restored").count();
+            let restored = o
+                .restore_reports
+                .iter()
+                .filter(|(r, _)| r == "restored")
+                .count();
             out.push(check(
                 "kupgrade report says restored after every upgrade",
                 restored == chain.len() && o.restore_reports.len() == chain.len(),
@@ -537,7 +566,11 @@ fn builtin_checks(
             out.extend(workloads_kept);
         }
         Expect::DryRun => {
-            out.push(go_said(true, "dry run done", "kupgrade go --dry-run succeeded without a kexec"));
+            out.push(go_said(
+                true,
+                "dry run done",
+                "kupgrade go --dry-run succeeded without a kexec",
+            ));
             out.push(no_kexec);
             out.extend(workloads_kept);
         }
@@ -547,7 +580,9 @@ fn builtin_checks(
             let last = o.restore_reports.last();
             out.push(check(
                 "kupgrade report says the restore failed, and why",
-                last.is_some_and(|(r, why)| r == "failed" && !why.is_empty() && why.contains(&want)),
+                last.is_some_and(|(r, why)| {
+                    r == "failed" && !why.is_empty() && why.contains(&want)
+                }),
                 format!("{last:?} (expected to mention {want:?})"),
             ));
         }
@@ -572,7 +607,75 @@ fn builtin_checks(
         }
     }
     if sc.probes.len() != rep.probes.len() {
-        out.push(check("probes started", false, "the guest never said it was ready".into()));
+        out.push(check(
+            "probes started",
+            false,
+            "the guest never said it was ready".into(),
+        ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A guest that never comes up is stopped by the deadline, the run fails
+    /// with that reason, and the serial log is kept.
+    #[test]
+    fn a_hung_guest_is_stopped_by_the_deadline_and_its_log_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake_qemu = dir.path().join("qemu");
+        fs::write(
+            &fake_qemu,
+            "#!/bin/sh\necho 'early boot line'\nexec sleep 600\n",
+        )
+        .unwrap();
+        fs::set_permissions(&fake_qemu, fs::Permissions::from_mode(0o755)).unwrap();
+        for f in ["root.img", "initrd.img"] {
+            fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let mut scenario = Scenario::parse(
+            "name = \"hang\"\n[[workload]]\nname = \"w\"\ncommand = [\"/bin/true\"]\n",
+        )
+        .unwrap();
+        scenario.guest.timeout_secs = 2;
+        let p = Prepared {
+            scenario,
+            from: "a".into(),
+            to: "b".into(),
+            bin_dir: dir.path().into(),
+            rootfs: dir.path().join("root.img"),
+            initrd: dir.path().join("initrd.img"),
+        };
+        let opts = Options {
+            cache: dir.path().join("cache"),
+            workspace: dir.path().into(),
+            bin_dir: None,
+            accel: "tcg".into(),
+            qemu: fake_qemu.display().to_string(),
+            keep: false,
+            verbose: false,
+        };
+        let t0 = Instant::now();
+        let rep = run_prepared(&p, dir.path(), &opts).unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the deadline did not stop it"
+        );
+        assert_eq!(rep.verdict, Verdict::Fail);
+        let c = rep
+            .checks
+            .iter()
+            .find(|c| c.name == "guest finished in time")
+            .unwrap();
+        assert!(!c.ok && c.detail.contains("deadline"), "{c:?}");
+        let log = fs::read_to_string(&rep.artifacts.serial_log).unwrap();
+        assert!(log.contains("early boot line"), "{log}");
+        assert!(
+            rep.artifacts.disk_image.is_some(),
+            "a failed run keeps its disk"
+        );
+    }
 }

@@ -10,9 +10,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use image_format::report::{Outcome, UpgradeReport};
 use image_format::Image;
 use kupgrade_vm::guest::{self, Line, Plan, Progress};
-use image_format::report::{Outcome, UpgradeReport};
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -222,7 +222,11 @@ fn worker() -> Result<()> {
             .context("cannot unpack the scenario's files")?;
         for cmd in &plan.background {
             // Not preserved: an ordinary process of the old system.
-            let child = Command::new(&cmd[0]).args(&cmd[1..]).env("PATH", PATH).stdin(Stdio::null()).spawn();
+            let child = Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .env("PATH", PATH)
+                .stdin(Stdio::null())
+                .spawn();
             if let Err(e) = child {
                 anyhow::bail!("cannot start background {cmd:?}: {e}");
             }
@@ -284,7 +288,9 @@ fn worker() -> Result<()> {
         anyhow::ensure!(ok, "kupgrade stage failed: {out}");
         progress.upgrades_done += 1;
         save_progress(&progress)?;
-        say(Line::new("go").with("n", progress.upgrades_done).with("target", &target));
+        say(Line::new("go")
+            .with("n", progress.upgrades_done)
+            .with("target", &target));
         let mut args = vec!["kupgrade", "go"];
         args.extend(plan.go_args.iter().map(String::as_str));
         let (ok, out) = sh_env(&args, &plan.go_env);
@@ -304,11 +310,23 @@ fn report_last_upgrade() {
         info(l);
     }
     let path = Path::new(image_format::report::DIR).join(image_format::report::FILE);
-    let line = match fs::read(&path).ok().and_then(|b| serde_json::from_slice::<UpgradeReport>(&b).ok()) {
+    let line = match fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<UpgradeReport>(&b).ok())
+    {
         Some(r) => Line::new("report")
-            .with("outcome", if r.outcome == Outcome::Restored { "restored" } else { "failed" })
+            .with(
+                "outcome",
+                if r.outcome == Outcome::Restored {
+                    "restored"
+                } else {
+                    "failed"
+                },
+            )
             .with("detail", r.reason.unwrap_or_default()),
-        None => Line::new("report").with("outcome", "none").with("detail", format!("no {}", path.display())),
+        None => Line::new("report")
+            .with("outcome", "none")
+            .with("detail", format!("no {}", path.display())),
     };
     say(line);
 }
@@ -321,7 +339,9 @@ fn finish(plan: &Plan, progress: &Progress) {
         let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         // The host judges: a workload not reported here is gone.
         if cgroup.contains(&format!("/kupgrade/{name}")) {
-            say(Line::new("workload-after").with("name", name).with("pid", pid));
+            say(Line::new("workload-after")
+                .with("name", name)
+                .with("pid", pid));
         }
     }
     for c in &plan.checks {

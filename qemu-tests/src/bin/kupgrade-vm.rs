@@ -36,6 +36,9 @@ enum Cmd {
         /// QEMU accelerator: tcg works everywhere; kvm where nesting works.
         #[arg(long, default_value = "tcg")]
         accel: String,
+        /// The QEMU system emulator to run.
+        #[arg(long, env = "KUPGRADE_VM_QEMU", default_value = "qemu-system-x86_64")]
+        qemu: String,
         /// Keep the disk image of passing runs too.
         #[arg(long)]
         keep: bool,
@@ -83,6 +86,7 @@ fn main() -> ExitCode {
             scenarios,
             report,
             accel,
+            qemu,
             keep,
             verbose,
         } => {
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
                 workspace: workspace(),
                 bin_dir: cli.bin_dir,
                 accel,
+                qemu,
                 keep,
                 verbose,
             };
