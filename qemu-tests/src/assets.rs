@@ -293,7 +293,13 @@ pub struct RootfsInputs<'a> {
 pub fn ensure_rootfs(cache: &Cache, inputs: &RootfsInputs) -> Result<PathBuf> {
     let key = rootfs_key(inputs)?;
     let dir = cache.root.join("rootfs");
-    let img = dir.join(format!("root-{key}.img"));
+    // Images with other packages are kept: scenarios alternate between them.
+    let flavour = if inputs.packages.is_empty() {
+        "base".to_string()
+    } else {
+        inputs.packages.join("+")
+    };
+    let img = dir.join(format!("root-{flavour}-{key}.img"));
     if img.exists() {
         return Ok(img);
     }
@@ -313,7 +319,11 @@ pub fn ensure_rootfs(cache: &Cache, inputs: &RootfsInputs) -> Result<PathBuf> {
     let _ = fs::remove_dir_all(&tree);
     // Older images only take space.
     for e in fs::read_dir(&dir)?.flatten() {
-        if e.path() != img && e.file_name().to_string_lossy().starts_with("root-") {
+        if e.path() != img
+            && e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("root-{flavour}-"))
+        {
             let _ = fs::remove_file(e.path());
         }
     }

@@ -168,12 +168,20 @@ fn parse_reply(probe: &Probe, line: &str) -> Option<u64> {
 fn handshake(probe: &Probe, port: u16) -> Result<(TcpStream, BufReader<TcpStream>, u64), String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
-    s.write_all(request(probe, 0).as_bytes())
-        .map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(3)))
         .map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(s.try_clone().map_err(|e| e.to_string())?);
     let mut line = String::new();
+    for req in &probe.setup {
+        s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        line.clear();
+        if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("closed by the guest during setup".into());
+        }
+    }
+    line.clear();
+    s.write_all(request(probe, 0).as_bytes())
+        .map_err(|e| e.to_string())?;
     let first = match reader.read_line(&mut line) {
         Ok(0) => return Err("closed by the guest".into()),
         Ok(_) => match parse_reply(probe, line.trim_end()) {
@@ -201,6 +209,7 @@ mod tests {
             reply_prefix: String::new(),
             mode: ProbeMode::Echo,
             send: String::new(),
+            setup: vec![],
         }
     }
 

@@ -166,6 +166,10 @@ pub struct Probe {
     /// The request of `counter` mode, with the line ending the protocol wants.
     #[serde(default)]
     pub send: String,
+    /// Requests sent once after connecting, one reply line each, ignored
+    /// (e.g. memcached's `set` before its `incr`).
+    #[serde(default)]
+    pub setup: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
