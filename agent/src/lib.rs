@@ -15,4 +15,5 @@ pub mod proc;
 pub mod realsys;
 pub mod stage;
 pub mod store;
+pub mod unix_diag;
 pub mod workload;

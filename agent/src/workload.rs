@@ -166,6 +166,41 @@ pub fn refusals(w: &Workload) -> Vec<Refusal> {
         });
     };
     let my_ns = |kind| proc::namespace("self", kind);
+    // Unix sockets: every peer must be inside the workload, or CRIU cannot
+    // dump the connection. Without sock_diag, CRIU itself will say so.
+    let peers = crate::unix_diag::peers().unwrap_or_default();
+    let own: HashSet<u64> = w
+        .pids
+        .iter()
+        .flat_map(|p| proc::fds(*p))
+        .filter_map(|(_, l)| proc::socket_inode(&l))
+        .collect();
+    let mut outside: Vec<(i32, i32, u64)> = Vec::new();
+    for &pid in &w.pids {
+        for (fd, link) in proc::fds(pid) {
+            let Some(ino) = proc::socket_inode(&link) else {
+                continue;
+            };
+            if let Some(peer) = peers.get(&ino).filter(|p| !own.contains(p)) {
+                outside.push((pid, fd, *peer));
+            }
+        }
+    }
+    if !outside.is_empty() {
+        let owners = socket_owners(outside.iter().map(|o| o.2).collect());
+        for (pid, fd, peer) in outside {
+            let who = owners
+                .get(&peer)
+                .map(|p| format!("pid {p} ({})", proc::comm(*p)))
+                .unwrap_or_else(|| "a process outside it".into());
+            refuse(
+                &mut out,
+                pid,
+                format!("fd {fd} is a unix socket connected to {who}"),
+                "CRIU can only checkpoint both ends of a unix connection together: put the peer in the same workload",
+            );
+        }
+    }
     for &pid in &w.pids {
         for tid in proc::threads(pid) {
             let tracer = proc::status_field(tid, "TracerPid")
@@ -213,6 +248,22 @@ pub fn refusals(w: &Workload) -> Vec<Refusal> {
                     format!("{kind} namespace {}", proc::namespace(&pid.to_string(), kind).unwrap_or_default()),
                     "kupgrade restores workloads into the host's namespaces and does not manage this one",
                 );
+            }
+        }
+    }
+    out
+}
+
+/// Which process holds each of `inodes` (the first found), from /proc/*/fd.
+fn socket_owners(inodes: HashSet<u64>) -> std::collections::HashMap<u64, i32> {
+    let mut out = std::collections::HashMap::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        for (_, link) in proc::fds(pid) {
+            if let Some(ino) = proc::socket_inode(&link).filter(|i| inodes.contains(i)) {
+                out.entry(ino).or_insert(pid);
             }
         }
     }

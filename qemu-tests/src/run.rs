@@ -523,10 +523,10 @@ fn builtin_checks(
         rep.boots.len() == 1,
         format!("booted {:?}", rep.boots),
     );
-    let go_said = |want_ok: bool, want: &str, what: &str| match &o.go_returned {
+    let go_said = |want_ok: bool, want: &[String], what: &str| match &o.go_returned {
         Some((ok, d)) => check(
             what,
-            *ok == want_ok && d.contains(want),
+            *ok == want_ok && want.iter().all(|w| d.contains(w.as_str())),
             format!(
                 "exit {}: {d} (expected to mention {want:?})",
                 if *ok { "0" } else { "non-zero" }
@@ -560,15 +560,15 @@ fn builtin_checks(
             out.extend(workloads_kept);
         }
         Expect::Refused => {
-            let want = sc.upgrade.refusal_contains.clone().unwrap_or_default();
-            out.push(go_said(false, &want, "kupgrade go refused the upgrade"));
+            let want = &sc.upgrade.refusal_contains;
+            out.push(go_said(false, want, "kupgrade go refused the upgrade"));
             out.push(no_kexec);
             out.extend(workloads_kept);
         }
         Expect::DryRun => {
             out.push(go_said(
                 true,
-                "dry run done",
+                &["dry run done".to_string()],
                 "kupgrade go --dry-run succeeded without a kexec",
             ));
             out.push(no_kexec);
@@ -576,12 +576,14 @@ fn builtin_checks(
         }
         Expect::RestoreFailed => {
             out.push(kexec_planned);
-            let want = sc.upgrade.refusal_contains.clone().unwrap_or_default();
+            let want = &sc.upgrade.refusal_contains;
             let last = o.restore_reports.last();
             out.push(check(
                 "kupgrade report says the restore failed, and why",
                 last.is_some_and(|(r, why)| {
-                    r == "failed" && !why.is_empty() && why.contains(&want)
+                    r == "failed"
+                        && !why.is_empty()
+                        && want.iter().all(|w| why.contains(w.as_str()))
                 }),
                 format!("{last:?} (expected to mention {want:?})"),
             ));

@@ -82,6 +82,20 @@ pub struct Kernels {
     pub series: String,
 }
 
+/// A string or a list of strings.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
 fn default_series() -> String {
     "6.1.0".to_string()
 }
@@ -199,7 +213,8 @@ pub struct Upgrade {
     pub expect: Expect,
     /// Text the refusal (`refused`) or the restore failure's reason
     /// (`restore-failed`) must contain.
-    pub refusal_contains: Option<String>,
+    #[serde(deserialize_with = "one_or_many")]
+    pub refusal_contains: Vec<String>,
     /// Extra arguments for `kupgrade go`.
     pub go_args: Vec<String>,
     /// Extra environment for `kupgrade go`, `KEY=VALUE` (e.g. a failpoint).
@@ -212,7 +227,7 @@ impl Default for Upgrade {
             chain: vec!["to".into()],
             settle_secs: 2,
             expect: Expect::Success,
-            refusal_contains: None,
+            refusal_contains: vec![],
             go_args: vec![],
             go_env: vec![],
         }
@@ -330,7 +345,7 @@ impl Scenario {
             }
         }
         if matches!(self.upgrade.expect, Expect::Refused | Expect::RestoreFailed)
-            && self.upgrade.refusal_contains.is_none()
+            && self.upgrade.refusal_contains.is_empty()
         {
             return Err(
                 "upgrade.expect = \"refused\" needs upgrade.refusal_contains: say which refusal"
