@@ -12,7 +12,7 @@ use kupgrade_agent::realsys::RealSystem;
 use kupgrade_agent::stage::{self, Staged};
 use kupgrade_agent::store::{self, Store};
 use kupgrade_agent::workload::{self, Workload};
-use kupgrade_agent::{check, launch, proc};
+use kupgrade_agent::{check, criu, launch, proc};
 
 #[derive(Parser)]
 #[command(
@@ -306,8 +306,6 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
         }
     }
 }
-
-use kupgrade_agent::criu;
 
 fn status(cfg: &Config) -> Result<()> {
     println!("kernel: {}", release());

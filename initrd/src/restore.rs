@@ -70,13 +70,14 @@ pub fn run(store_path: &Path, init_events: &mut Vec<PhaseTiming>) -> Restore {
             )))
         }
     };
-    let image = match Image::open(
-        store
-            .try_clone()
-            .unwrap_or_else(|_| store_clone_fallback(store_path)),
-    ) {
+    // One handle reads the image, the other changes its state.
+    let opened = store
+        .try_clone()
+        .map_err(|e| e.to_string())
+        .and_then(|f| Image::open(f).map_err(|e| e.to_string()));
+    let image = match opened {
         Ok(i) => i,
-        Err(e) => return Restore::Skipped(Skip::NoImage(format!("{e}"))),
+        Err(e) => return Restore::Skipped(Skip::NoImage(e)),
     };
     let state = image.superblock().state;
     if state != State::Written {
@@ -130,12 +131,6 @@ pub fn run(store_path: &Path, init_events: &mut Vec<PhaseTiming>) -> Restore {
     };
     write_report(&report);
     Restore::Done(Box::new(report))
-}
-
-fn store_clone_fallback(path: &Path) -> File {
-    // try_clone only fails when out of file descriptors; reopening is the
-    // one thing left to try, and its failure surfaces at the next read.
-    File::open(path).unwrap_or_else(|_| File::open("/dev/null").expect("/dev/null exists"))
 }
 
 fn write_report(report: &UpgradeReport) {
