@@ -29,10 +29,22 @@ pub struct ProbeResult {
     pub reordered: u64,
     pub wrong: u64,
     pub error: Option<String>,
+    #[serde(default)]
+    pub mode: ProbeMode,
+    /// Requests that got no right answer (`connect` and `udp` modes, where
+    /// the service may vanish for the pause).
+    #[serde(default)]
+    pub failures: u64,
+    /// The last request was answered: the service is back.
+    #[serde(default)]
+    pub recovered: bool,
 }
 
 impl ProbeResult {
     pub fn clean(&self) -> bool {
+        if matches!(self.mode, ProbeMode::Connect | ProbeMode::Udp) {
+            return self.replies > 0 && self.recovered && self.wrong == 0;
+        }
         self.connected
             && self.replies > 0
             && !self.reset
@@ -52,6 +64,9 @@ pub fn run(
     connect_deadline: Duration,
     stop: Arc<AtomicBool>,
 ) -> ProbeResult {
+    if matches!(probe.mode, ProbeMode::Connect | ProbeMode::Udp) {
+        return run_requests(probe, port, stop);
+    }
     let mut res = ProbeResult {
         name: probe.name.clone(),
         ..Default::default()
@@ -133,6 +148,87 @@ pub fn run(
     finish(res, &writer)
 }
 
+/// `connect` and `udp` modes: one request per interval, each on a new
+/// connection or as one datagram, until `stop`.
+fn run_requests(probe: &Probe, port: u16, stop: Arc<AtomicBool>) -> ProbeResult {
+    let mut res = ProbeResult {
+        name: probe.name.clone(),
+        mode: probe.mode,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let mut last_ok: Option<Instant> = None;
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        let line = format!("{} {seq}", probe.payload);
+        let answer = if probe.mode == ProbeMode::Udp {
+            udp_once(port, &line)
+        } else {
+            tcp_once(port, &line)
+        };
+        res.sent += 1;
+        match answer {
+            Ok(reply) if reply == format!("{}{line}", probe.reply_prefix) => {
+                let now = Instant::now();
+                if let Some(prev) = last_ok {
+                    let gap = now.duration_since(prev).as_millis() as u64;
+                    if gap > res.max_gap_ms {
+                        res.max_gap_ms = gap;
+                        res.max_gap_end_s = now.duration_since(t0).as_secs_f64();
+                    }
+                }
+                last_ok = Some(now);
+                res.replies += 1;
+                res.connected = true;
+                res.recovered = true;
+            }
+            Ok(_) => {
+                res.wrong += 1;
+                res.recovered = false;
+            }
+            Err(e) => {
+                res.failures += 1;
+                res.recovered = false;
+                res.error = Some(e);
+            }
+        }
+        if res.recovered {
+            res.error = None;
+        }
+        seq += 1;
+        let spent = started.elapsed();
+        std::thread::sleep(Duration::from_millis(probe.interval_ms).saturating_sub(spent));
+    }
+    res
+}
+
+fn tcp_once(port: u16, line: &str) -> Result<String, String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    BufReader::new(&s)
+        .read_line(&mut reply)
+        .map_err(|e| e.to_string())?;
+    Ok(reply.trim_end().to_string())
+}
+
+fn udp_once(port: u16, line: &str) -> Result<String, String> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    s.send_to(line.as_bytes(), ("127.0.0.1", port))
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 2048];
+    let n = s.recv(&mut buf).map_err(|e| e.to_string())?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_string())
+}
+
 fn finish(res: ProbeResult, stream: &TcpStream) -> ProbeResult {
     let _ = stream.shutdown(Shutdown::Both);
     res
@@ -140,8 +236,8 @@ fn finish(res: ProbeResult, stream: &TcpStream) -> ProbeResult {
 
 fn request(probe: &Probe, seq: u64) -> String {
     match probe.mode {
-        ProbeMode::Echo => format!("{} {seq}\n", probe.payload),
         ProbeMode::Counter => probe.send.clone(),
+        _ => format!("{} {seq}\n", probe.payload),
     }
 }
 
@@ -149,15 +245,15 @@ fn request(probe: &Probe, seq: u64) -> String {
 fn parse_reply(probe: &Probe, line: &str) -> Option<u64> {
     let rest = line.strip_prefix(probe.reply_prefix.as_str())?;
     match probe.mode {
-        ProbeMode::Echo => rest
-            .strip_prefix(probe.payload.as_str())?
-            .trim()
-            .parse()
-            .ok(),
         // e.g. Redis `:42`, memcached `42`
         ProbeMode::Counter => rest
             .trim()
             .trim_start_matches(|c: char| !c.is_ascii_digit())
+            .parse()
+            .ok(),
+        _ => rest
+            .strip_prefix(probe.payload.as_str())?
+            .trim()
             .parse()
             .ok(),
     }
@@ -299,6 +395,59 @@ mod tests {
         let r = run_for(server(None, Some(4)), 1000);
         assert!(r.eof, "{r:?}");
         assert!(!r.clean());
+    }
+
+    #[test]
+    fn udp_mode_counts_answers_and_recovery() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = sock.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 100];
+            for i in 0.. {
+                let (n, from) = sock.recv_from(&mut buf).unwrap();
+                // Silent for a while, as a server paused by an upgrade.
+                if !(3..6).contains(&i) {
+                    let mut reply = b"pong:".to_vec();
+                    reply.extend_from_slice(&buf[..n]);
+                    sock.send_to(&reply, from).unwrap();
+                }
+            }
+        });
+        let p = Probe {
+            mode: ProbeMode::Udp,
+            reply_prefix: "pong:".into(),
+            ..probe()
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2500));
+            s2.store(true, Ordering::Relaxed);
+        });
+        let r = run(&p, port, Duration::from_secs(5), stop);
+        assert_eq!(r.failures, 3, "{r:?}");
+        assert!(r.replies >= 5 && r.recovered && r.clean(), "{r:?}");
+    }
+
+    #[test]
+    fn connect_mode_fails_while_nobody_listens() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let p = Probe {
+            mode: ProbeMode::Connect,
+            ..probe()
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            s2.store(true, Ordering::Relaxed);
+        });
+        let r = run(&p, port, Duration::from_secs(5), stop);
+        assert!(r.failures > 0 && r.replies == 0 && !r.clean(), "{r:?}");
     }
 
     #[test]

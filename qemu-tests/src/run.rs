@@ -19,7 +19,7 @@ use crate::guest::{self, Line, Plan};
 use crate::probe::{self, ProbeResult};
 use crate::progress;
 use crate::report::{self, Artifacts, CheckResult, Report, Verdict, WorkloadPids};
-use crate::scenario::{Expect, Scenario};
+use crate::scenario::{Expect, ProbeMode, Scenario};
 
 /// Guest-physical address of the store: clear of the kernel (loaded low) and
 /// of the initramfs (QEMU puts it at the top of RAM).
@@ -145,8 +145,9 @@ fn start_qemu(
         STORE_ADDR_MIB
     );
     let mut netdev = "user,id=n0".to_string();
-    for (host, guest_port) in fwds {
-        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest_port}"));
+    for (pr, (host, guest_port)) in p.scenario.probes.iter().zip(fwds) {
+        let proto = if pr.mode.is_udp() { "udp" } else { "tcp" };
+        netdev.push_str(&format!(",hostfwd={proto}:127.0.0.1:{host}-:{guest_port}"));
     }
     let mut cmd = Command::new(&opts.qemu);
     cmd.args([
@@ -265,7 +266,13 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
     let plan = Plan {
         scenario: sc.name.clone(),
         workloads: sc.workloads.clone(),
-        probe_ports: sc.probes.iter().map(|p| p.guest_port).collect(),
+        // The upgrade waits for the probes that hold a connection open.
+        probe_ports: sc
+            .probes
+            .iter()
+            .filter(|p| matches!(p.mode, ProbeMode::Echo | ProbeMode::Counter))
+            .map(|p| p.guest_port)
+            .collect(),
         chain: chain.clone(),
         settle_secs: sc.upgrade.settle_secs,
         expect: sc.upgrade.expect,

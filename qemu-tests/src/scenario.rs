@@ -189,9 +189,22 @@ pub struct Probe {
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ProbeMode {
+    /// One TCP connection for the whole run; every reply echoes its line.
     #[default]
     Echo,
+    /// One TCP connection; every reply is the server's next counter value.
     Counter,
+    /// A new TCP connection per request (a listening socket must accept
+    /// again after the upgrade).
+    Connect,
+    /// One UDP datagram per request, answered with `reply_prefix` + payload.
+    Udp,
+}
+
+impl ProbeMode {
+    pub fn is_udp(self) -> bool {
+        self == ProbeMode::Udp
+    }
 }
 
 fn default_interval() -> u64 {
