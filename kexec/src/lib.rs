@@ -3,98 +3,247 @@
 //!
 //! This is kupgrade's only foreign-function boundary. Loading and rebooting
 //! are separate calls: between them the agent writes and flushes the image.
+//!
+//! ```text
+//! lib.rs      load, unload, is_loaded, reboot_into_loaded; KexecError and
+//!             the errno mapping (pure, so it is unit-tested)
+//! bzimage.rs  bzImage header checks: parse (bytes) and read (a file)
+//! sys.rs      kernel ABI as data: setup_header, flags, syscall numbers
+//! ffi.rs      the three system calls, the crate's only `unsafe`
+//! ```
 
 pub mod bzimage;
+mod ffi;
 pub mod sys;
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-/// Where the kernel says whether a kexec kernel is loaded.
-pub const KEXEC_LOADED: &str = "/sys/kernel/kexec_loaded";
+pub use bzimage::{BzImage, HeaderError, HeaderErrorKind};
 
+/// How to load a kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LoadFlags {
-    /// Load as the crash kernel (kdump) instead of the reboot kernel.
+    /// Load as the crash (kdump) kernel instead of the reboot kernel.
     pub on_crash: bool,
+}
+
+/// What the kernel's lockdown allows, as far as it bears on an EPERM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Lockdown {
+    /// Not looked at: it does not forbid this operation.
+    NotRelevant,
+    /// Could not be read (no securityfs, or not allowed to look).
+    #[default]
+    Unknown,
+    /// "none": lockdown forbids nothing.
+    Off,
+    /// "integrity" or "confidentiality": only signed kernels load.
+    Active(String),
+}
+
+/// What the system says about why a kexec call got EPERM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PermissionHints {
+    /// Whether this process holds CAP_SYS_BOOT, if known. The kernel checks
+    /// it first, so without it nothing else matters.
+    pub cap_sys_boot: Option<bool>,
+    /// `kernel.kexec_load_disabled`, if known.
+    pub load_disabled: Option<bool>,
+    pub lockdown: Lockdown,
+}
+
+/// The capability bit that kexec_file_load and reboot check.
+const CAP_SYS_BOOT: u32 = 22;
+
+impl PermissionHints {
+    /// Reads the hints under `root` ("/" on a live system): the lockdown
+    /// mode, `kexec_load_disabled` and this process's capabilities.
+    pub fn read_at(root: &Path) -> Self {
+        let rel = |p: &str| root.join(p.trim_start_matches('/'));
+        PermissionHints {
+            cap_sys_boot: read_cap_sys_boot(&rel("/proc/self/status")),
+            load_disabled: read_flag(&rel(sys::KEXEC_LOAD_DISABLED_PATH)),
+            lockdown: read_lockdown(&rel(sys::LOCKDOWN_PATH)),
+        }
+    }
+
+    /// What to tell the user, most specific cause first.
+    fn advice(&self) -> String {
+        let cap = "this needs CAP_SYS_BOOT: run as root";
+        if self.cap_sys_boot == Some(false) {
+            return cap.into();
+        }
+        if self.load_disabled == Some(true) {
+            return "kexec is disabled on this system (kernel.kexec_load_disabled=1, which stays set until the next boot): upgrade with a normal reboot".into();
+        }
+        match &self.lockdown {
+            Lockdown::Active(mode) => format!(
+                "kernel lockdown is active ({mode}, usually because of Secure Boot) and only kernels signed with a trusted key may be loaded: use a signed kernel (on Debian linux-image-*-amd64, not -unsigned)"
+            ),
+            Lockdown::Unknown => format!(
+                "{cap}; as root, kernel lockdown (Secure Boot) may still forbid unsigned kernels: check {}",
+                sys::LOCKDOWN_PATH
+            ),
+            Lockdown::Off | Lockdown::NotRelevant => cap.into(),
+        }
+    }
+}
+
+/// The bracketed word of /sys/kernel/security/lockdown.
+fn read_lockdown(path: &Path) -> Lockdown {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Lockdown::Unknown;
+    };
+    match text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+    {
+        Some("none") => Lockdown::Off,
+        Some(mode) => Lockdown::Active(mode.to_string()),
+        None => Lockdown::Unknown,
+    }
+}
+
+/// A sysctl or sysfs file holding "0" or "1".
+fn read_flag(path: &Path) -> Option<bool> {
+    match std::fs::read_to_string(path).ok()?.trim_end() {
+        "0" => Some(false),
+        "1" => Some(true),
+        _ => None,
+    }
+}
+
+/// CAP_SYS_BOOT in the `CapEff:` line of /proc/self/status.
+fn read_cap_sys_boot(status: &Path) -> Option<bool> {
+    let text = std::fs::read_to_string(status).ok()?;
+    let hex = text.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    let caps = u64::from_str_radix(hex, 16).ok()?;
+    Some(caps & (1 << CAP_SYS_BOOT) != 0)
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum KexecError {
     #[error(transparent)]
-    Header(#[from] bzimage::HeaderError),
+    Header(#[from] HeaderError),
     #[error("cannot open {path}")]
     Open {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("the command line is {len} bytes but this kernel takes at most {max}: shorten it")]
-    CmdlineTooLong { len: usize, max: u32 },
-    #[error("the command line contains a NUL byte")]
-    CmdlineNul,
-    #[error("{context}: permission denied: needs root (CAP_SYS_BOOT){lockdown}")]
-    NotPermitted { context: String, lockdown: String },
-    #[error("{context}: signature verification failed: the kernel is not signed with a key this system trusts (Secure Boot / KEXEC_SIG); stage a signed kernel")]
-    BadSignature { context: String },
-    #[error("{context}: the kernel refused the image as not executable here (wrong architecture or format)")]
-    NotExecutable { context: String },
-    #[error(
-        "{context}: busy: a kexec is already loaded or in progress; run `kupgrade unstage` first"
-    )]
-    Busy { context: String },
-    #[error("{context}: not enough contiguous memory for the kernel and its initramfs; free memory or use a smaller initramfs")]
-    NoMemory { context: String },
-    #[error("{context}: invalid argument (a command line longer than the kernel accepts, or an initramfs it cannot take)")]
-    Invalid { context: String },
-    #[error("{context}: this kernel was built without kexec_file_load (CONFIG_KEXEC_FILE)")]
-    Unsupported { context: String },
-    #[error("{context}: {source}")]
-    Os {
+    #[error("the command line is {len} bytes but kexec_file_load takes at most {max} for this kernel (its cmdline_size is {cmdline_size}): shorten it")]
+    CmdlineTooLong {
+        len: usize,
+        max: usize,
+        cmdline_size: u32,
+    },
+    #[error("the command line holds a NUL byte at offset {at}: remove it")]
+    CmdlineNul { at: usize },
+    #[error("{context}: permission denied: {}", .hints.advice())]
+    NotPermitted {
         context: String,
+        hints: PermissionHints,
+    },
+    #[error("{context}: signature verification failed ({}): the kernel is not signed with a key this system trusts (Secure Boot or KEXEC_SIG_FORCE); use a kernel signed by your distribution", errno_name(*.errno))]
+    BadSignature { context: String, errno: i32 },
+    #[error("{context}: not a kernel this architecture can kexec (ENOEXEC); the kernel log (dmesg) says why")]
+    NotExecutable { context: String },
+    #[error("{context}: a kexec is already loaded or in progress (EBUSY): unload it first, or wait for the other load to end")]
+    Busy { context: String },
+    #[error("{context}: not enough contiguous memory for the kernel and its initramfs (ENOMEM): free memory or use a smaller initramfs")]
+    NoMemory { context: String },
+    #[error("{context}: invalid argument (EINVAL): the kernel refused the command line (too long?), the flags or the initramfs; the kernel log (dmesg) says why")]
+    InvalidArgument { context: String },
+    #[error("{context}: this kernel was built without kexec_file_load (CONFIG_KEXEC_FILE): upgrade it with a normal reboot")]
+    Unsupported { context: String },
+    #[error("{context}: no kexec kernel is loaded: load one first (kupgrade stage)")]
+    NotLoaded { context: String },
+    #[error("{context}: {}", describe_errno(*.errno))]
+    Os { context: String, errno: i32 },
+    #[error("cannot read {path} (a kernel without kexec support?)")]
+    StateUnreadable {
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot read {path}: {detail}")]
-    State { path: PathBuf, detail: String },
+    #[error("{path} holds {content:?}, neither 0 nor 1")]
+    StateGarbled { path: PathBuf, content: String },
 }
 
-/// Describes the active kernel lockdown for an EPERM, if any.
-fn lockdown_note() -> String {
-    let mode = std::fs::read_to_string("/sys/kernel/security/lockdown")
-        .ok()
-        .and_then(|t| {
-            t.split_whitespace()
-                .find(|w| w.starts_with('['))
-                .map(|w| w.trim_matches(['[', ']']).to_string())
-        });
-    match mode {
-        Some(m) if m != "none" => format!(", and kernel lockdown ({m}) only allows signed kernels"),
-        _ => String::new(),
+fn describe_errno(errno: i32) -> String {
+    match errno {
+        0 => "the call returned without doing it and without an error".into(),
+        e => std::io::Error::from_raw_os_error(e).to_string(),
     }
 }
 
-/// Maps an errno from a kexec syscall to an error that says what to do.
+fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        libc::EKEYREJECTED => "EKEYREJECTED, the signature does not match",
+        libc::EBADMSG => "EBADMSG, the signature is malformed",
+        libc::ENOKEY => "ENOKEY, signed with an unknown key",
+        libc::ENODATA => "ENODATA, not signed",
+        _ => "signature error",
+    }
+}
+
+/// Maps an errno from a kexec system call to an error that says what to
+/// do. Pure: an EPERM carries [`Lockdown::Unknown`], which callers refine.
 pub fn error_from_errno(errno: i32, context: &str) -> KexecError {
     let context = context.to_string();
     match errno {
         libc::EPERM => KexecError::NotPermitted {
             context,
-            lockdown: lockdown_note(),
+            hints: PermissionHints::default(),
         },
-        libc::EKEYREJECTED | libc::EBADMSG => KexecError::BadSignature { context },
+        // Signature verification (KEXEC_SIG) fails with these when it is
+        // enforced; under lockdown without enforcement it is EPERM.
+        libc::EKEYREJECTED | libc::EBADMSG | libc::ENOKEY | libc::ENODATA => {
+            KexecError::BadSignature { context, errno }
+        }
         libc::ENOEXEC => KexecError::NotExecutable { context },
         libc::EBUSY => KexecError::Busy { context },
         libc::ENOMEM => KexecError::NoMemory { context },
-        libc::EINVAL => KexecError::Invalid { context },
+        libc::EINVAL => KexecError::InvalidArgument { context },
         libc::ENOSYS => KexecError::Unsupported { context },
-        e => KexecError::Os {
-            context,
-            source: std::io::Error::from_raw_os_error(e),
-        },
+        errno => KexecError::Os { context, errno },
     }
+}
+
+/// [`error_from_errno`] with the EPERM hints filled in.
+fn error_with_hints(
+    errno: i32,
+    context: &str,
+    hints: impl FnOnce() -> PermissionHints,
+) -> KexecError {
+    match error_from_errno(errno, context) {
+        KexecError::NotPermitted { context, .. } => KexecError::NotPermitted {
+            context,
+            hints: hints(),
+        },
+        e => e,
+    }
+}
+
+fn raw_errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+/// Refuses a command line the kernel would reject: longer than
+/// [`bzimage::max_cmdline_len`] for a kernel with this `cmdline_size`.
+pub fn check_cmdline(cmdline: &str, cmdline_size: u32) -> Result<(), KexecError> {
+    let max = bzimage::max_cmdline_len(cmdline_size);
+    if cmdline.len() > max {
+        return Err(KexecError::CmdlineTooLong {
+            len: cmdline.len(),
+            max,
+            cmdline_size,
+        });
+    }
+    Ok(())
 }
 
 fn open(path: &Path) -> Result<File, KexecError> {
@@ -104,128 +253,97 @@ fn open(path: &Path) -> Result<File, KexecError> {
     })
 }
 
-/// Checks the kernel and the command line, then loads them with
-/// `kexec_file_load` for a later [`reboot_into_loaded`].
-#[allow(unsafe_code)]
+/// Checks the kernel's header and the command line, then loads them with
+/// `kexec_file_load` for a later [`reboot_into_loaded`]. A kernel already
+/// loaded is replaced.
 pub fn load(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
     flags: LoadFlags,
 ) -> Result<(), KexecError> {
-    let image = bzimage::read(kernel)?;
-    check_cmdline(cmdline, image.cmdline_size)?;
-    let c_cmdline = CString::new(cmdline).map_err(|_| KexecError::CmdlineNul)?;
+    // The file checked is the file loaded: one open for both.
     let kernel_file = open(kernel)?;
-    let initrd_file = initrd.map(open).transpose()?;
-    let mut sys_flags = 0;
-    if flags.on_crash {
-        sys_flags |= sys::KEXEC_FILE_ON_CRASH;
-    }
-    let initrd_fd = match &initrd_file {
-        Some(f) => f.as_raw_fd(),
-        None => {
-            sys_flags |= sys::KEXEC_FILE_NO_INITRAMFS;
-            -1
-        }
-    };
-    // SAFETY: the fds are open for the whole call (the Files live until the
-    // end of this function); the command line pointer and its length
-    // (including the NUL, as the syscall wants) come from a live CString.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_kexec_file_load,
-            kernel_file.as_raw_fd(),
-            initrd_fd,
-            c_cmdline.as_bytes_with_nul().len() as libc::c_ulong,
-            c_cmdline.as_ptr(),
-            sys_flags,
-        )
-    };
-    if rc != 0 {
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        return Err(error_from_errno(
-            errno,
-            &format!("loading {}", kernel.display()),
-        ));
-    }
-    Ok(())
-}
-
-/// Refuses a command line the kernel would truncate or reject.
-pub fn check_cmdline(cmdline: &str, cmdline_size: u32) -> Result<(), KexecError> {
-    // cmdline_size excludes the terminating NUL.
-    if cmdline.len() > cmdline_size as usize {
-        return Err(KexecError::CmdlineTooLong {
-            len: cmdline.len(),
-            max: cmdline_size,
-        });
-    }
-    Ok(())
-}
-
-/// Unloads the loaded kexec kernel, if any.
-#[allow(unsafe_code)]
-pub fn unload() -> Result<(), KexecError> {
-    // SAFETY: with KEXEC_FILE_UNLOAD the kernel ignores the fds and the
-    // command line; we pass invalid fds and a null pointer of length 0.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_kexec_file_load,
-            -1,
-            -1,
-            0 as libc::c_ulong,
-            std::ptr::null::<libc::c_char>(),
-            sys::KEXEC_FILE_UNLOAD,
-        )
-    };
-    if rc != 0 {
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        return Err(error_from_errno(errno, "unloading the kexec kernel"));
-    }
-    Ok(())
-}
-
-/// Whether a kexec kernel is loaded (`/sys/kernel/kexec_loaded`).
-pub fn is_loaded() -> Result<bool, KexecError> {
-    is_loaded_at(Path::new(KEXEC_LOADED))
-}
-
-pub fn is_loaded_at(path: &Path) -> Result<bool, KexecError> {
-    let text = std::fs::read_to_string(path).map_err(|e| KexecError::State {
-        path: path.to_path_buf(),
-        detail: format!("{e} (no kexec support?)"),
+    let image = bzimage::read_file(&kernel_file, kernel)?;
+    check_cmdline(cmdline, image.cmdline_size)?;
+    let cmdline = CString::new(cmdline).map_err(|e| KexecError::CmdlineNul {
+        at: e.nul_position(),
     })?;
-    match text.trim() {
+    let initrd_file = initrd.map(open).transpose()?;
+    let sys_flags = if flags.on_crash {
+        sys::KEXEC_FILE_ON_CRASH
+    } else {
+        0
+    };
+    ffi::kexec_file_load(
+        kernel_file.as_fd(),
+        initrd_file.as_ref().map(|f| f.as_fd()),
+        &cmdline,
+        sys_flags,
+    )
+    .map_err(|e| {
+        error_with_hints(
+            raw_errno(&e),
+            &format!("loading {} ({})", kernel.display(), image.release),
+            || PermissionHints::read_at(Path::new("/")),
+        )
+    })
+}
+
+/// Unloads the loaded kexec kernel; nothing loaded is not an error.
+pub fn unload() -> Result<(), KexecError> {
+    ffi::kexec_file_unload().map_err(|e| {
+        // Lockdown does not forbid unloading; kexec_load_disabled does.
+        error_with_hints(raw_errno(&e), "unloading the kexec kernel", || {
+            PermissionHints {
+                lockdown: Lockdown::NotRelevant,
+                ..PermissionHints::read_at(Path::new("/"))
+            }
+        })
+    })
+}
+
+/// Whether a kexec kernel is loaded ([`sys::KEXEC_LOADED_PATH`]).
+pub fn is_loaded() -> Result<bool, KexecError> {
+    is_loaded_at(Path::new(sys::KEXEC_LOADED_PATH))
+}
+
+/// [`is_loaded`] from another file, for tests.
+pub fn is_loaded_at(path: &Path) -> Result<bool, KexecError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KexecError::StateUnreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    match text.trim_end() {
         "0" => Ok(false),
         "1" => Ok(true),
-        other => Err(KexecError::State {
+        other => Err(KexecError::StateGarbled {
             path: path.to_path_buf(),
-            detail: format!("unexpected content {other:?}"),
+            content: other.chars().take(40).collect(),
         }),
     }
 }
 
 /// Syncs file systems and reboots into the loaded kernel. Returns only if
 /// the kernel refused (nothing loaded, no permission).
-#[allow(unsafe_code)]
 pub fn reboot_into_loaded() -> Result<std::convert::Infallible, KexecError> {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
-    // SAFETY: reboot(2) with LINUX_REBOOT_CMD_KEXEC takes no pointer; glibc
-    // adds the magic numbers. On success it does not return.
-    let rc = unsafe { libc::reboot(libc::LINUX_REBOOT_CMD_KEXEC) };
-    let errno = if rc != 0 {
-        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-    } else {
-        0
-    };
-    Err(match errno {
-        libc::EINVAL => KexecError::State {
-            path: PathBuf::from(KEXEC_LOADED),
-            detail: "no kexec kernel is loaded: run `kupgrade stage` again".into(),
+    ffi::sync();
+    let e = ffi::reboot_kexec();
+    let context = "rebooting into the loaded kernel";
+    Err(match raw_errno(&e) {
+        // The kernel's answer when no kexec kernel is loaded.
+        libc::EINVAL => KexecError::NotLoaded {
+            context: context.into(),
         },
-        e => error_from_errno(e, "rebooting into the loaded kernel"),
+        0 => KexecError::Os {
+            context: context.into(),
+            errno: 0,
+        },
+        errno => error_with_hints(errno, context, || PermissionHints {
+            lockdown: Lockdown::NotRelevant,
+            load_disabled: None,
+            ..PermissionHints::read_at(Path::new("/"))
+        }),
     })
 }
 
@@ -241,51 +359,162 @@ mod tests {
         assert!(!is_loaded_at(&p).unwrap());
         std::fs::write(&p, "1\n").unwrap();
         assert!(is_loaded_at(&p).unwrap());
-        std::fs::write(&p, "yes\n").unwrap();
-        assert!(matches!(is_loaded_at(&p), Err(KexecError::State { .. })));
-        assert!(is_loaded_at(&d.path().join("missing"))
-            .unwrap_err()
-            .to_string()
-            .contains("no kexec support"));
+        for garbage in ["yes\n", "", "2\n", "01\n", "\u{0}\n"] {
+            std::fs::write(&p, garbage).unwrap();
+            assert!(
+                matches!(is_loaded_at(&p), Err(KexecError::StateGarbled { .. })),
+                "{garbage:?}"
+            );
+        }
+        let e = is_loaded_at(&d.path().join("missing")).unwrap_err();
+        assert!(matches!(e, KexecError::StateUnreadable { .. }));
+        assert!(e.to_string().contains("missing"), "{e}");
     }
 
     #[test]
     fn errnos_map_to_actionable_errors() {
-        let m = |e| error_from_errno(e, "loading k").to_string();
-        assert!(m(libc::EPERM).contains("CAP_SYS_BOOT"));
-        assert!(m(libc::EKEYREJECTED).contains("signature verification failed"));
-        assert!(m(libc::EBADMSG).contains("signature verification failed"));
-        assert!(m(libc::ENOEXEC).contains("architecture"));
-        assert!(m(libc::EBUSY).contains("kupgrade unstage"));
-        assert!(m(libc::ENOMEM).contains("contiguous memory"));
-        assert!(m(libc::EINVAL).contains("command line"));
-        assert!(m(libc::ENOSYS).contains("CONFIG_KEXEC_FILE"));
-        assert!(m(libc::EIO).starts_with("loading k: "));
+        let m = |errno| error_from_errno(errno, "loading k");
+        assert!(matches!(m(libc::EPERM), KexecError::NotPermitted { .. }));
+        for errno in [
+            libc::EKEYREJECTED,
+            libc::EBADMSG,
+            libc::ENOKEY,
+            libc::ENODATA,
+        ] {
+            assert!(
+                matches!(m(errno), KexecError::BadSignature { .. }),
+                "{errno}"
+            );
+        }
+        assert!(matches!(m(libc::ENOEXEC), KexecError::NotExecutable { .. }));
+        assert!(matches!(m(libc::EBUSY), KexecError::Busy { .. }));
+        assert!(matches!(m(libc::ENOMEM), KexecError::NoMemory { .. }));
+        assert!(matches!(
+            m(libc::EINVAL),
+            KexecError::InvalidArgument { .. }
+        ));
+        assert!(matches!(m(libc::ENOSYS), KexecError::Unsupported { .. }));
+        assert!(matches!(
+            m(libc::EIO),
+            KexecError::Os {
+                errno: libc::EIO,
+                ..
+            }
+        ));
+
+        let s = |errno| m(errno).to_string();
+        assert!(s(libc::EPERM).contains("CAP_SYS_BOOT"));
+        assert!(s(libc::EPERM).contains(sys::LOCKDOWN_PATH));
+        assert!(s(libc::EKEYREJECTED).contains("signature verification failed"));
+        assert!(s(libc::EKEYREJECTED).contains("EKEYREJECTED"));
+        assert!(s(libc::EBADMSG).contains("EBADMSG"));
+        assert!(s(libc::ENOEXEC).contains("architecture"));
+        assert!(s(libc::EBUSY).contains("unload it first"));
+        assert!(s(libc::ENOMEM).contains("contiguous memory"));
+        assert!(s(libc::EINVAL).contains("command line"));
+        assert!(s(libc::ENOSYS).contains("CONFIG_KEXEC_FILE"));
+        let other = s(libc::EIO);
+        assert!(other.starts_with("loading k: "), "{other}");
+        assert!(other.contains("os error 5"), "{other}");
+        assert!(s(0).contains("without an error"), "{}", s(0));
     }
 
     #[test]
-    fn cmdline_longer_than_the_kernel_takes_is_refused_before_the_syscall() {
-        check_cmdline(&"x".repeat(2047), 2047).unwrap();
-        let e = check_cmdline(&"x".repeat(2048), 2047).unwrap_err();
+    fn eperm_says_which_restriction_applies() {
+        let advice = |cap_sys_boot, load_disabled, lockdown| {
+            KexecError::NotPermitted {
+                context: "loading k".into(),
+                hints: PermissionHints {
+                    cap_sys_boot,
+                    load_disabled,
+                    lockdown,
+                },
+            }
+            .to_string()
+        };
+        let locked = advice(
+            Some(true),
+            Some(false),
+            Lockdown::Active("integrity".into()),
+        );
+        assert!(locked.contains("lockdown is active (integrity"), "{locked}");
+        assert!(locked.contains("signed"), "{locked}");
+        // Without the capability the kernel never got as far as lockdown.
+        let user = advice(Some(false), None, Lockdown::Active("integrity".into()));
+        assert!(
+            user.contains("CAP_SYS_BOOT") && !user.contains("lockdown"),
+            "{user}"
+        );
+        let root = advice(Some(true), Some(false), Lockdown::Off);
+        assert!(
+            root.contains("CAP_SYS_BOOT") && !root.contains("lockdown"),
+            "{root}"
+        );
+        let disabled = advice(Some(true), Some(true), Lockdown::Off);
+        assert!(disabled.contains("kexec_load_disabled"), "{disabled}");
+        let unknown = advice(None, None, Lockdown::Unknown);
+        assert!(unknown.contains("CAP_SYS_BOOT"), "{unknown}");
+        assert!(unknown.contains(sys::LOCKDOWN_PATH), "{unknown}");
+        let unload = advice(None, None, Lockdown::NotRelevant);
+        assert!(!unload.contains("lockdown"), "{unload}");
+    }
+
+    #[test]
+    fn permission_hints_are_read_from_securityfs_and_procfs() {
+        let root = tempfile::tempdir().unwrap();
+        let hints = || PermissionHints::read_at(root.path());
+        assert_eq!(hints(), PermissionHints::default());
+
+        let write = |path: &str, text: &str| {
+            let p = root.path().join(path.trim_start_matches('/'));
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        };
+        write(sys::LOCKDOWN_PATH, "none [integrity] confidentiality\n");
+        write(sys::KEXEC_LOAD_DISABLED_PATH, "0\n");
+        write(
+            "/proc/self/status",
+            "Name:\tkupgrade\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n",
+        );
+        assert_eq!(
+            hints(),
+            PermissionHints {
+                cap_sys_boot: Some(true),
+                load_disabled: Some(false),
+                lockdown: Lockdown::Active("integrity".into()),
+            }
+        );
+        write(sys::LOCKDOWN_PATH, "[none] integrity confidentiality\n");
+        write(sys::KEXEC_LOAD_DISABLED_PATH, "1\n");
+        // Everything but bit 22.
+        write("/proc/self/status", "CapEff:\t000001ffffbfffff\n");
+        assert_eq!(
+            hints(),
+            PermissionHints {
+                cap_sys_boot: Some(false),
+                load_disabled: Some(true),
+                lockdown: Lockdown::Off,
+            }
+        );
+        write(sys::LOCKDOWN_PATH, "garbage\n");
+        assert_eq!(hints().lockdown, Lockdown::Unknown);
+    }
+
+    #[test]
+    fn cmdline_longer_than_the_kernel_takes_is_refused() {
+        // Debian's kernels say 2047; kexec counts the NUL and keeps 30 bytes.
+        check_cmdline(&"x".repeat(2016), 2047).unwrap();
+        let e = check_cmdline(&"x".repeat(2017), 2047).unwrap_err();
         assert!(matches!(
             e,
             KexecError::CmdlineTooLong {
-                len: 2048,
-                max: 2047
+                len: 2017,
+                max: 2016,
+                cmdline_size: 2047
             }
         ));
-    }
-
-    #[test]
-    fn load_refuses_a_bad_kernel_before_the_syscall() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("vmlinuz");
-        std::fs::write(&p, b"not a kernel at all").unwrap();
-        // An unprivileged or privileged caller alike gets the header error,
-        // never an errno: the syscall is not reached.
-        assert!(matches!(
-            load(&p, None, "", LoadFlags::default()),
-            Err(KexecError::Header(_))
-        ));
+        assert!(e.to_string().contains("at most 2016"), "{e}");
+        check_cmdline("", 0).unwrap();
+        assert!(check_cmdline("x", 0).is_err());
     }
 }
