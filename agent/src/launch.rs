@@ -200,6 +200,9 @@ fn exec(command: &[String]) -> Result<(), String> {
 /// `kupgrade __ns-init -- CMD...`: PID 1 of a workload's PID namespace. Runs
 /// the command, reaps orphans, and exits with the command's status.
 pub fn ns_init(command: &[String]) -> i32 {
+    // A session led from outside the namespace cannot be checkpointed:
+    // lead our own.
+    let _ = nix::unistd::setsid();
     let child = match Command::new(&command[0]).args(&command[1..]).spawn() {
         Ok(c) => c.id() as i32,
         Err(e) => {

@@ -11,6 +11,7 @@ mod boot;
 mod log;
 mod restore;
 mod root;
+mod timers;
 
 use std::path::Path;
 use std::time::Duration;

@@ -372,6 +372,8 @@ impl Restorer {
         let mut args: Vec<String> = [
             "restore",
             "--restore-detached",
+            // Stopped, so that the timers below are fixed before they run.
+            "--leave-stopped",
             "--manage-cgroups",
             "--file-locks",
             "-v4",
@@ -396,7 +398,10 @@ impl Restorer {
             .stderr(Stdio::null())
             .status();
         let error = match res {
-            Ok(s) if s.success() => None,
+            Ok(s) if s.success() => {
+                self.resume_restored(name);
+                None
+            }
             Ok(s) => Some(format!(
                 "criu restore exited with {s}: {}",
                 image_format::report::criu_errors(
@@ -420,6 +425,37 @@ impl Restorer {
             restored: error.is_none(),
             error,
             criu_log: Some(log_path.display().to_string()),
+        }
+    }
+
+    /// Lets the tasks CRIU left stopped run, after fixing their timers.
+    fn resume_restored(&self, name: &str) {
+        let Some(w) = self.manifest.workloads.iter().find(|w| w.name == name) else {
+            return;
+        };
+        // Their cgroup lists them by their pids in this namespace, which a
+        // workload with its own PID namespace may not have kept.
+        let procs =
+            fs::read_to_string(Path::new(&w.cgroup).join("cgroup.procs")).unwrap_or_default();
+        let mut pids: Vec<i32> = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        if pids.is_empty() {
+            pids = w.pids.clone();
+        }
+        match crate::timers::rearm_expired_periodic(&pids) {
+            Ok(0) => {}
+            Ok(n) => {
+                info!("workload {name}: re-armed {n} periodic timer(s) CRIU restored disarmed")
+            }
+            Err(e) => info!("workload {name}: cannot re-arm timers: {e}"),
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
         }
     }
 

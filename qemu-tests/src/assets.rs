@@ -410,6 +410,7 @@ fn populate(cache: &Cache, inputs: &RootfsInputs, root: &Path) -> Result<()> {
         "dev",
         "run",
         "tmp",
+        "var/tmp",
         "var/log",
         "var/lib/kupgrade",
         "var/lib/kupgrade-vm",

@@ -542,6 +542,21 @@ fn builtin_checks(
         None => check(what, false, "kupgrade go never came back".into()),
     };
     let workloads_kept = rep.workloads.iter().map(|w| {
+        let own_pidns = sc
+            .workloads
+            .iter()
+            .any(|s| s.name == w.name && s.pid_namespace);
+        if own_pidns {
+            // Only the pids inside its namespace are kept; its checker says so.
+            return check(
+                &format!("workload {} alive in its cgroup", w.name),
+                w.pid_after.is_some(),
+                format!(
+                    "pid {:?} before, {:?} after (outside its PID namespace)",
+                    w.pid_before, w.pid_after
+                ),
+            );
+        }
         check(
             &format!("workload {} kept its pid", w.name),
             w.pid_before.is_some() && w.pid_before == w.pid_after,

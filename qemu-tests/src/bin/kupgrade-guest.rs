@@ -335,13 +335,28 @@ fn report_last_upgrade() {
 fn finish(plan: &Plan, progress: &Progress) {
     std::thread::sleep(Duration::from_secs(plan.alive_secs));
     for (name, pid) in &progress.pids {
-        // Alive and still the workload we launched (same cgroup).
-        let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        // The host judges: a workload not reported here is gone.
-        if cgroup.contains(&format!("/kupgrade/{name}")) {
+        // The host judges: a workload not reported here is gone. In its own
+        // PID namespace only the pids inside are kept (its checker proves
+        // them); outside, it is found by its cgroup.
+        let procs = fs::read_to_string(format!("/sys/fs/cgroup/kupgrade/{name}/cgroup.procs"))
+            .unwrap_or_default();
+        let procs: Vec<i32> = procs
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        let in_own_pidns = plan
+            .workloads
+            .iter()
+            .any(|w| &w.name == name && w.pid_namespace);
+        let now = if procs.contains(pid) {
+            Some(*pid)
+        } else {
+            procs.first().copied().filter(|_| in_own_pidns)
+        };
+        if let Some(now) = now {
             say(Line::new("workload-after")
                 .with("name", name)
-                .with("pid", pid));
+                .with("pid", now));
         }
     }
     for c in &plan.checks {
