@@ -119,6 +119,20 @@ fn package_of(release: &str) -> String {
     format!("linux-image-{release}-unsigned")
 }
 
+/// The `.deb` of `package` that `apt-get download` left in `debs`
+/// (`NAME_VERSION_ARCH.deb`).
+fn find_deb(debs: &Path, package: &str) -> Option<PathBuf> {
+    let prefix = format!("{package}_");
+    fs::read_dir(debs)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
+}
+
 /// Releases of `series` that Debian has as cloud kernels, oldest first.
 pub fn available_releases(series: &str, cache: &Cache) -> Result<Vec<String>> {
     let pattern = format!(
@@ -181,16 +195,7 @@ pub fn ensure_kernel(cache: &Cache, release: &str) -> Result<()> {
     let debs = cache.root.join("debs");
     fs::create_dir_all(&debs)?;
     let pkg = package_of(release);
-    let find_deb = || -> Option<PathBuf> {
-        fs::read_dir(&debs)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
-            })
-    };
+    let find_deb = || find_deb(&debs, &pkg);
     if find_deb().is_none() {
         run(Command::new("apt-get")
             .arg("download")
@@ -578,16 +583,7 @@ fn install_packages(cache: &Cache, packages: &[String], root: &Path) -> Result<(
         .collect();
     let debs = cache.root.join("debs");
     fs::create_dir_all(&debs)?;
-    let find = |name: &str| -> Option<PathBuf> {
-        fs::read_dir(&debs)
-            .ok()?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|f| f.to_string_lossy().starts_with(&format!("{name}_")))
-            })
-    };
+    let find = |name: &str| find_deb(&debs, name);
     let missing: Vec<&String> = names.iter().filter(|n| find(n).is_none()).collect();
     if !missing.is_empty() {
         run(Command::new("apt-get")
