@@ -155,6 +155,18 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
                 }
             )));
         }
+        let low: Vec<i32> = w
+            .pids
+            .iter()
+            .copied()
+            .filter(|p| *p < crate::launch::PID_FLOOR)
+            .collect();
+        if !w.pid_namespace && !low.is_empty() {
+            out.push(warn(
+                format!("workload {} has low pids {low:?}", w.name),
+                "the new kernel's early boot may take them and CRIU needs them free: restart it with `kupgrade launch` (or --pid-namespace)",
+            ));
+        }
         for r in refusals {
             out.push(fail(
                 r.to_string(),

@@ -22,6 +22,17 @@ pub fn ppid(pid: i32) -> Option<i32> {
     status_field(pid, "PPid")?.parse().ok()
 }
 
+/// (process group, session) from `/proc/PID/stat`.
+pub fn pgrp_and_session(pid: i32) -> Option<(i32, i32)> {
+    parse_stat_ids(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+pub fn parse_stat_ids(stat: &str) -> Option<(i32, i32)> {
+    // "pid (comm) state ppid pgrp session ...": comm may hold spaces and ')'.
+    let mut f = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().skip(2);
+    Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+}
+
 pub fn comm(pid: i32) -> String {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
@@ -150,6 +161,7 @@ mod tests {
         let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 31337 1 0\n   1: 0F02000A:1B58 0202000A:D2A4 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0\n";
         assert_eq!(parse_tcp_table(tcp), vec![(31337, TCP_LISTEN), (4242, 1)]);
         assert_eq!(socket_inode("socket:[99]"), Some(99));
+        assert_eq!(parse_stat_ids("42 (a b) c) S 1 40 39 0 -1"), Some((40, 39)));
         assert_eq!(socket_inode("/dev/null"), None);
     }
 

@@ -201,7 +201,20 @@ pub fn refusals(w: &Workload) -> Vec<Refusal> {
             );
         }
     }
+    let members: HashSet<i32> = w.pids.iter().copied().collect();
     for &pid in &w.pids {
+        if let Some((pgrp, sid)) = proc::pgrp_and_session(pid) {
+            for (what, leader) in [("session", sid), ("process group", pgrp)] {
+                if !members.contains(&leader) {
+                    refuse(
+                        &mut out,
+                        pid,
+                        format!("its {what} is led by pid {leader} ({}) outside the workload", proc::comm(leader)),
+                        "CRIU needs the leader in the checkpoint: start the workload with setsid, or with `kupgrade launch`",
+                    );
+                }
+            }
+        }
         for tid in proc::threads(pid) {
             let tracer = proc::status_field(tid, "TracerPid")
                 .and_then(|t| t.parse::<i32>().ok())

@@ -148,6 +148,10 @@ pub struct Workload {
     /// Seconds to let it run before the upgrade (after the probes connect).
     #[serde(default)]
     pub warmup_secs: u64,
+    /// Started like a service (cgroup `system.slice/NAME.service`) and
+    /// declared in /etc/kupgrade/config.toml, instead of `kupgrade launch`.
+    #[serde(default)]
+    pub declared: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

@@ -232,6 +232,12 @@ fn worker() -> Result<()> {
             }
         }
         for w in &plan.workloads {
+            if w.declared {
+                let pid = start_declared(w)?;
+                say(Line::new("workload").with("name", &w.name).with("pid", pid));
+                progress.pids.push((w.name.clone(), pid));
+                continue;
+            }
             let mut args = vec!["kupgrade", "launch", w.name.as_str()];
             if w.pid_namespace {
                 args.push("--pid-namespace");
@@ -303,6 +309,44 @@ fn worker() -> Result<()> {
     Ok(())
 }
 
+/// Cgroup of a workload started the way a service manager would.
+fn service_cgroup(name: &str) -> String {
+    format!("/sys/fs/cgroup/system.slice/{name}.service")
+}
+
+/// Starts a workload as a service manager would (its own cgroup, not
+/// kupgrade's) and declares that cgroup in /etc/kupgrade/config.toml.
+fn start_declared(w: &kupgrade_vm::scenario::Workload) -> Result<i32> {
+    let cg = service_cgroup(&w.name);
+    fs::create_dir_all(&cg)?;
+    // A long-running system hands out high pids; early boot of the next
+    // kernel takes the low ones.
+    let _ = fs::write("/proc/sys/kernel/ns_last_pid", "20000");
+    let log = fs::File::create(format!("/var/log/{}.out", w.name))?;
+    // Its own session, as a service manager gives it (busybox setsid
+    // execs without forking: the child is not a group leader).
+    let child = Command::new("setsid")
+        .args(&w.command)
+        .env("PATH", PATH)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", w.command))?;
+    let pid = child.id() as i32;
+    fs::write(format!("{cg}/cgroup.procs"), pid.to_string())?;
+    let mut cfg = fs::OpenOptions::new()
+        .append(true)
+        .open("/etc/kupgrade/config.toml")?;
+    use std::io::Write as _;
+    writeln!(
+        cfg,
+        "\n[[workload]]\nname = \"{}\"\ncgroup = \"system.slice/{}.service\"",
+        w.name, w.name
+    )?;
+    Ok(pid)
+}
+
 /// Tells the host what `kupgrade report` says of the upgrade just done.
 fn report_last_upgrade() {
     let (_, text) = sh(&["kupgrade", "report"]);
@@ -338,8 +382,13 @@ fn finish(plan: &Plan, progress: &Progress) {
         // The host judges: a workload not reported here is gone. In its own
         // PID namespace only the pids inside are kept (its checker proves
         // them); outside, it is found by its cgroup.
-        let procs = fs::read_to_string(format!("/sys/fs/cgroup/kupgrade/{name}/cgroup.procs"))
-            .unwrap_or_default();
+        let declared = plan.workloads.iter().any(|w| &w.name == name && w.declared);
+        let cg = if declared {
+            service_cgroup(name)
+        } else {
+            format!("/sys/fs/cgroup/kupgrade/{name}")
+        };
+        let procs = fs::read_to_string(format!("{cg}/cgroup.procs")).unwrap_or_default();
         let procs: Vec<i32> = procs
             .lines()
             .filter_map(|l| l.trim().parse().ok())
