@@ -1,27 +1,31 @@
-//! The writer: sections are cut into chunks, compressed in parallel on all
-//! cores, and written in order; the superblock goes last, after a flush, so
-//! that a crash mid-write never leaves a valid-looking image.
+//! The writer. Each section's stream is cut into chunks that worker threads
+//! compress in parallel while the producer (walking a tree, or slicing a
+//! blob) goes on, and a writer thread stores them in order. The old
+//! superblock is zeroed before the first byte of the body, and the new one
+//! is written last, after a flush: a crash mid-write never leaves a
+//! valid-looking image.
 
-use std::collections::BTreeMap;
-use std::fs;
-use std::io::{self, Read, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io::{self, BufWriter, Read, SeekFrom, Write};
 use std::path::Path;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use zerocopy::IntoBytes;
 
 use crate::format::*;
+use crate::pipeline::{self, Pool};
 use crate::{Error, Manifest, SectionEntry, SectionKind, State, Store};
 
 #[derive(Clone, Debug)]
 pub struct WriteOptions {
-    /// Compression threads; 0 means one per core.
+    /// Compression threads; 0 means one per core. 1 compresses inline, on
+    /// the calling thread.
     pub threads: usize,
+    /// Raw bytes per chunk, between 4 KiB and 16 MiB.
     pub chunk_size: usize,
-    /// zstd level: it sits in the blackout, so speed matters most.
+    /// zstd level. Writing sits in the blackout: speed matters more than
+    /// size, and negative levels are faster still.
     pub zstd_level: i32,
+    /// Recorded in the superblock; the agent uses the creation time.
     pub generation: u64,
 }
 
@@ -38,63 +42,78 @@ impl Default for WriteOptions {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WriteSummary {
+    /// Bytes of the image in the store, superblock included.
     pub total_len: u64,
     /// Bytes before compression, over all sections.
     pub raw_len: u64,
-    /// Bytes of chunks as stored.
+    /// Bytes of the sections as stored, chunk headers included.
     pub stored_len: u64,
+    pub sections: usize,
+    pub chunks: u64,
+    /// Chunks stored as "all zero" (nothing but their header).
+    pub zero_chunks: u64,
+    /// Chunks stored uncompressed (compression did not help).
+    pub raw_chunks: u64,
     pub elapsed: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    chunks: u64,
+    zero: u64,
+    raw: u64,
 }
 
 pub struct ImageWriter<S: Store> {
     store: S,
     capacity: u64,
-    opts: WriteOptions,
+    threads: usize,
+    chunk_size: usize,
+    level: i32,
+    generation: u64,
+    /// Where the next section starts.
     pos: u64,
+    /// Over every byte written after the superblock.
     hasher: blake3::Hasher,
+    counts: Counts,
     sections: Vec<SectionEntry>,
     started: Instant,
 }
 
-fn io_err(what: &str) -> impl FnOnce(io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        what: what.to_string(),
-        source,
-    }
-}
-
 impl<S: Store> ImageWriter<S> {
-    /// Starts an image in `store` of `capacity` bytes. Any earlier image is
-    /// invalidated first.
+    /// Starts an image in `store`, which can hold `capacity` bytes. Any
+    /// earlier image is invalidated (and the store flushed) first.
     pub fn create(mut store: S, capacity: u64, opts: WriteOptions) -> Result<Self, Error> {
-        if capacity < BODY_OFFSET + 4096 {
-            return Err(Error::StoreTooSmall {
-                needed: BODY_OFFSET + 4096,
-                capacity,
-            });
+        // A superblock, a chunk and a small manifest.
+        let needed = BODY_OFFSET + 4096;
+        if capacity < needed {
+            return Err(Error::StoreTooSmall { needed, capacity });
         }
-        crate::state::invalidate(&mut store)?;
-        let threads = if opts.threads == 0 {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        } else {
-            opts.threads
-        };
-        let chunk_size = opts.chunk_size.clamp(4096, MAX_CHUNK as usize);
+        store
+            .seek(SeekFrom::Start(0))
+            .and_then(|_| store.write_all(&[0u8; BODY_OFFSET as usize]))
+            .and_then(|()| store.sync())
+            .map_err(Error::io("invalidate the old image in the store"))?;
         Ok(ImageWriter {
             store,
             capacity,
-            opts: WriteOptions {
-                threads,
-                chunk_size,
-                ..opts
-            },
+            threads: pipeline::threads(opts.threads),
+            chunk_size: opts
+                .chunk_size
+                .clamp(MIN_CHUNK as usize, MAX_CHUNK as usize),
+            level: opts.zstd_level,
+            generation: opts.generation,
             pos: BODY_OFFSET,
             hasher: blake3::Hasher::new(),
+            counts: Counts::default(),
             sections: Vec::new(),
             started: Instant::now(),
         })
+    }
+
+    /// Bytes used so far, superblock included.
+    pub fn position(&self) -> u64 {
+        self.pos
     }
 
     fn check_name(&self, name: &str) -> Result<(), Error> {
@@ -104,119 +123,156 @@ impl<S: Store> ImageWriter<S> {
         Ok(())
     }
 
-    /// A section holding a file tree: regular files (content, mode, mtime),
-    /// directories and symlinks. Other file types are refused.
+    /// A section holding the file tree under `dir`: regular files (content,
+    /// mode, owner, mtime), directories and symlinks. Any other file type is
+    /// refused with an error naming it.
     pub fn add_tree(&mut self, name: &str, dir: &Path) -> Result<(), Error> {
         self.check_name(name)?;
-        let dir = dir.to_path_buf();
-        self.add_section(name, SectionKind::Tree, move |out| write_tree(&dir, out))
+        self.add_section(name, SectionKind::Tree, |sink| {
+            crate::tree::write_tree(dir, sink)
+        })
     }
 
     pub fn add_blob(&mut self, name: &str, bytes: &[u8]) -> Result<(), Error> {
         self.check_name(name)?;
-        self.add_section(name, SectionKind::Blob, |out| {
-            out.write_all(bytes).map_err(io_err("blob"))
+        self.add_section(name, SectionKind::Blob, |sink| sink.write_borrowed(bytes))
+    }
+
+    /// Runs `produce`, which feeds the section's stream to a sink. On error
+    /// the writer is as it was before: the next section overwrites what
+    /// this one left.
+    fn add_section<'a, F>(&mut self, name: &str, kind: SectionKind, produce: F) -> Result<(), Error>
+    where
+        F: FnOnce(&mut ChunkSink<'a, '_>) -> Result<(), Error>,
+    {
+        let (pos, hasher, counts) = (self.pos, self.hasher.clone(), self.counts);
+        let result = if self.threads <= 1 {
+            self.section_inline(produce)
+        } else {
+            self.section_parallel(produce)
+        };
+        match result {
+            Ok((raw_len, chunks, end)) => {
+                self.sections.push(SectionEntry {
+                    name: name.to_string(),
+                    kind,
+                    raw_len,
+                    stored_len: end - pos,
+                    chunks,
+                    offset: pos,
+                });
+                self.pos = end;
+                Ok(())
+            }
+            Err(e) => {
+                (self.pos, self.hasher, self.counts) = (pos, hasher, counts);
+                Err(e)
+            }
+        }
+    }
+
+    fn output(&mut self) -> Result<Output<'_, S>, Error> {
+        self.store
+            .seek(SeekFrom::Start(self.pos))
+            .map_err(Error::io("seek in the store"))?;
+        Ok(Output {
+            w: BufWriter::with_capacity(1 << 20, &mut self.store),
+            pos: self.pos,
+            capacity: self.capacity,
+            hasher: &mut self.hasher,
+            counts: &mut self.counts,
         })
     }
 
-    /// Runs `produce`, which writes the section's raw bytes; they are cut
-    /// into chunks that worker threads compress while the producer goes on,
-    /// and a writer thread stores them in order.
-    fn add_section<F>(&mut self, name: &str, kind: SectionKind, produce: F) -> Result<(), Error>
+    /// One thread: each chunk is compressed and written before the next.
+    fn section_inline<'a, F>(&mut self, produce: F) -> Result<(u64, u32, u64), Error>
     where
-        F: FnOnce(&mut dyn Write) -> Result<(), Error>,
+        F: FnOnce(&mut ChunkSink<'a, '_>) -> Result<(), Error>,
     {
-        let offset = self.pos;
-        let opts = self.opts.clone();
-        let capacity = self.capacity;
-        let store = &mut self.store;
-        let hasher = &mut self.hasher;
-        let start_pos = self.pos;
-        let (raw_len, chunks, end) = std::thread::scope(|s| -> Result<(u64, u32, u64), Error> {
-            let (job_tx, job_rx) = mpsc::sync_channel::<(u32, Vec<u8>)>(opts.threads * 2);
-            let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
-            let (done_tx, done_rx) = mpsc::sync_channel::<(u32, Vec<u8>)>(opts.threads * 2);
-            for _ in 0..opts.threads {
-                let (rx, tx) = (job_rx.clone(), done_tx.clone());
-                let level = opts.zstd_level;
-                s.spawn(move || loop {
-                    let job = match rx.lock() {
-                        Ok(r) => r.recv(),
-                        Err(_) => return,
-                    };
-                    let Ok((index, raw)) = job else { return };
-                    if tx.send((index, encode_chunk(index, &raw, level))).is_err() {
-                        return;
-                    }
-                });
-            }
-            drop(done_tx);
-            // The writer: stores finished chunks in index order.
-            let writer = s.spawn(move || -> Result<u64, Error> {
-                let mut pending = BTreeMap::new();
-                let mut next = 0u32;
-                let mut pos = start_pos;
-                store.seek(SeekFrom::Start(pos)).map_err(io_err("store"))?;
-                let mut out = io::BufWriter::with_capacity(4 << 20, &mut *store);
-                for (index, bytes) in done_rx {
-                    pending.insert(index, bytes);
-                    while let Some(bytes) = pending.remove(&next) {
-                        let end = pos + bytes.len() as u64;
-                        if end > capacity {
-                            return Err(Error::StoreTooSmall {
-                                needed: end,
-                                capacity,
-                            });
-                        }
-                        out.write_all(&bytes).map_err(io_err("store"))?;
-                        hasher.update(&bytes);
-                        pos = end;
-                        next += 1;
-                    }
-                }
-                out.flush().map_err(io_err("store"))?;
-                Ok(pos)
-            });
-            let mut chunker = Chunker {
-                buf: Vec::with_capacity(opts.chunk_size),
-                size: opts.chunk_size,
-                next: 0,
-                raw: 0,
-                tx: job_tx,
-            };
-            let produced =
-                produce(&mut chunker).and_then(|()| chunker.flush_chunk().map_err(io_err("chunk")));
-            let (raw, n) = (chunker.raw, chunker.next);
-            drop(chunker); // closes the job channel: workers and writer finish
-            let end = writer.join().map_err(|_| Error::Io {
-                what: "writer".into(),
-                source: io::Error::other("thread panicked"),
-            })?;
-            // A writer failure (store full) explains a producer failure (channel closed).
-            let end = end?;
-            produced?;
-            Ok((raw, n, end))
-        })?;
-        self.pos = end;
-        self.sections.push(SectionEntry {
-            name: name.to_string(),
-            kind,
-            raw_len,
-            stored_len: end - offset,
-            chunks,
-            offset,
-        });
-        Ok(())
+        let chunk_size = self.chunk_size;
+        let pool = Pool::new(4, chunk_size);
+        let mut enc = Encoder::new(self.level, pool.clone())?;
+        let mut out = self.output()?;
+        let mut emit = |index: u32, data: Data<'a>| -> Result<(), Error> {
+            let raw = data.as_slice();
+            let (header, body) = enc.encode(index, raw);
+            out.put(&header, body.as_slice(raw))?;
+            body.recycle(&enc.pool);
+            data.recycle(&enc.pool);
+            Ok(())
+        };
+        let mut sink = ChunkSink::new(chunk_size, pool, &mut emit);
+        produce(&mut sink)?;
+        sink.finish()?;
+        let (raw, chunks) = (sink.raw_len, sink.next);
+        drop(sink);
+        Ok((raw, chunks, out.finish()?))
     }
 
-    /// Writes the manifest, flushes, then writes the superblock and flushes
-    /// again. Only then is the image valid.
+    /// Workers compress, a writer thread writes in order, and the calling
+    /// thread produces.
+    fn section_parallel<'a, F>(&mut self, produce: F) -> Result<(u64, u32, u64), Error>
+    where
+        F: FnOnce(&mut ChunkSink<'a, '_>) -> Result<(), Error>,
+    {
+        let (threads, level, chunk_size) = (self.threads, self.level, self.chunk_size);
+        let pool = Pool::new(4 * threads + 8, chunk_size);
+        // Check the level once here, so that workers cannot fail to start.
+        Encoder::new(level, pool.clone())?;
+        let mut out = self.output()?;
+        std::thread::scope(|s| {
+            let worker_pool = pool.clone();
+            let (sub, results) = pipeline::start(
+                s,
+                threads,
+                move || Encoder::new(level, worker_pool.clone()),
+                |enc: &mut Result<Encoder, Error>, job: (u32, Data<'a>)| {
+                    let (index, data) = job;
+                    match enc {
+                        Ok(enc) => {
+                            let (header, body) = enc.encode(index, data.as_slice());
+                            Ok(Encoded { header, body, data })
+                        }
+                        Err(_) => Err(Error::Internal("a compression context failed")),
+                    }
+                },
+            );
+            let writer_pool = pool.clone();
+            let writer = s.spawn(move || -> Result<u64, Error> {
+                while let Some(r) = results.next() {
+                    let e = r.map_err(|_| Error::Internal("a compression thread died"))??;
+                    out.put(&e.header, e.body.as_slice(e.data.as_slice()))?;
+                    e.body.recycle(&writer_pool);
+                    e.data.recycle(&writer_pool);
+                }
+                out.finish()
+            });
+            let mut emit = move |index: u32, data: Data<'a>| -> Result<(), Error> {
+                sub.submit((index, data))
+                    .map_err(|_| Error::Internal("the store writer stopped"))
+            };
+            let mut sink = ChunkSink::new(chunk_size, pool, &mut emit);
+            let produced = produce(&mut sink).and_then(|()| sink.finish());
+            let (raw, chunks) = (sink.raw_len, sink.next);
+            drop(sink);
+            drop(emit); // closes the queue: workers and writer finish
+            let end = writer
+                .join()
+                .map_err(|_| Error::Internal("the store writer panicked"))?;
+            // A store error (full, say) explains why the producer stopped.
+            let end = end?;
+            produced?;
+            Ok((raw, chunks, end))
+        })
+    }
+
+    /// Writes the manifest (with the section table) and flushes, then writes
+    /// the superblock and flushes again. Only then is the image valid.
     pub fn finish(mut self, mut manifest: Manifest) -> Result<WriteSummary, Error> {
         manifest.sections = self.sections.clone();
-        let json =
-            serde_json::to_vec(&manifest).map_err(|e| Error::ManifestParse(e.to_string()))?;
+        let json = serde_json::to_vec(&manifest).map_err(Error::ManifestParse)?;
         let end = self.pos + json.len() as u64;
-        if end > self.capacity {
+        if end > self.capacity || json.len() as u64 > MAX_MANIFEST {
             return Err(Error::StoreTooSmall {
                 needed: end,
                 capacity: self.capacity,
@@ -224,199 +280,336 @@ impl<S: Store> ImageWriter<S> {
         }
         self.store
             .seek(SeekFrom::Start(self.pos))
-            .map_err(io_err("store"))?;
-        self.store.write_all(&json).map_err(io_err("store"))?;
+            .and_then(|_| self.store.write_all(&json))
+            .and_then(|()| self.store.flush())
+            .and_then(|()| self.store.sync())
+            .map_err(Error::io("write the manifest to the store"))?;
         self.hasher.update(&json);
-        self.store.sync().map_err(io_err("store"))?;
         let mut sb = RawSuperblock {
             magic: MAGIC,
             major: FORMAT_MAJOR.into(),
             minor: FORMAT_MINOR.into(),
             state: (State::Written as u32).into(),
-            generation: self.opts.generation.into(),
+            generation: self.generation.into(),
             total_len: end.into(),
             manifest_offset: self.pos.into(),
             manifest_len: (json.len() as u64).into(),
             manifest_crc: crc32c::crc32c(&json).into(),
-            reserved: 0.into(),
+            chunk_size: (self.chunk_size as u32).into(),
             digest: *self.hasher.finalize().as_bytes(),
+            reserved: [0; 4004],
             header_crc: 0.into(),
         };
-        sb.header_crc = sb.crc().into();
+        sb.seal();
         crate::state::write_superblock(&mut self.store, &sb)?;
-        let raw_len = self.sections.iter().map(|s| s.raw_len).sum();
-        let stored_len = self.sections.iter().map(|s| s.stored_len).sum();
         Ok(WriteSummary {
             total_len: end,
-            raw_len,
-            stored_len,
+            raw_len: self.sections.iter().map(|s| s.raw_len).sum(),
+            stored_len: self.sections.iter().map(|s| s.stored_len).sum(),
+            sections: self.sections.len(),
+            chunks: self.counts.chunks,
+            zero_chunks: self.counts.zero,
+            raw_chunks: self.counts.raw,
             elapsed: self.started.elapsed(),
         })
     }
 }
 
-/// Header + stored bytes of one chunk.
-fn encode_chunk(index: u32, raw: &[u8], level: i32) -> Vec<u8> {
-    let (kind, stored): (u8, std::borrow::Cow<[u8]>) = if raw.iter().all(|&b| b == 0) {
-        (CHUNK_ZERO, std::borrow::Cow::Borrowed(&[]))
-    } else {
-        match zstd::bulk::compress(raw, level) {
-            Ok(c) if c.len() < raw.len() => (CHUNK_ZSTD, std::borrow::Cow::Owned(c)),
-            _ => (CHUNK_RAW, std::borrow::Cow::Borrowed(raw)),
-        }
-    };
-    let h = ChunkHeader {
-        magic: CHUNK_MAGIC.into(),
-        kind,
-        reserved: [0; 3],
-        index: index.into(),
-        raw_len: (raw.len() as u32).into(),
-        stored_len: (stored.len() as u32).into(),
-        crc: crc32c::crc32c(&stored).into(),
-    };
-    let mut out = Vec::with_capacity(CHUNK_HEADER_LEN as usize + stored.len());
-    out.extend_from_slice(h.as_bytes());
-    out.extend_from_slice(&stored);
-    out
+/// A chunk's raw bytes: copied out of a file, or borrowed from a blob.
+pub(crate) enum Data<'a> {
+    Owned(Vec<u8>),
+    Borrowed(&'a [u8]),
 }
 
-/// Cuts a byte stream into chunk jobs.
-struct Chunker {
+impl Data<'_> {
+    fn recycle(self, pool: &Pool) {
+        if let Data::Owned(v) = self {
+            pool.put(v);
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Data::Owned(v) => v,
+            Data::Borrowed(b) => b,
+        }
+    }
+}
+
+/// What follows a chunk header in the store.
+enum Body {
+    Zero,
+    Raw,
+    Zstd(Vec<u8>),
+}
+
+impl Body {
+    fn recycle(self, pool: &Pool) {
+        if let Body::Zstd(v) = self {
+            pool.put(v);
+        }
+    }
+
+    fn as_slice<'r>(&'r self, raw: &'r [u8]) -> &'r [u8] {
+        match self {
+            Body::Zero => &[],
+            Body::Raw => raw,
+            Body::Zstd(c) => c,
+        }
+    }
+}
+
+struct Encoded<'a> {
+    header: ChunkHeader,
+    body: Body,
+    /// The raw bytes, which a raw body refers to.
+    data: Data<'a>,
+}
+
+struct Encoder {
+    zstd: zstd::bulk::Compressor<'static>,
+    pool: Pool,
+}
+
+impl Encoder {
+    fn new(level: i32, pool: Pool) -> Result<Encoder, Error> {
+        let zstd = zstd::bulk::Compressor::new(level)
+            .map_err(Error::io(format!("set up zstd at level {level}")))?;
+        Ok(Encoder { zstd, pool })
+    }
+
+    fn encode(&mut self, index: u32, raw: &[u8]) -> (ChunkHeader, Body) {
+        let raw_len = raw.len() as u32;
+        if is_zero(raw) {
+            return (
+                ChunkHeader::new(CHUNK_ZERO, index, raw_len, &[]),
+                Body::Zero,
+            );
+        }
+        // Room for no more than the raw bytes: when zstd needs more, it
+        // fails and the chunk is stored raw.
+        let mut out = self.pool.get(raw.len());
+        match self.zstd.compress_to_buffer(raw, &mut out) {
+            Ok(n) if n < raw.len() => {
+                let h = ChunkHeader::new(CHUNK_ZSTD, index, raw_len, &out);
+                (h, Body::Zstd(out))
+            }
+            _ => {
+                self.pool.put(out);
+                (ChunkHeader::new(CHUNK_RAW, index, raw_len, raw), Body::Raw)
+            }
+        }
+    }
+}
+
+/// True when every byte is zero; checks 64 bytes at a time, which the
+/// compiler turns into a few vector instructions.
+pub(crate) fn is_zero(bytes: &[u8]) -> bool {
+    let mut blocks = bytes.chunks_exact(64);
+    for b in &mut blocks {
+        if b.iter().fold(0u8, |acc, &x| acc | x) != 0 {
+            return false;
+        }
+    }
+    blocks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Writes encoded chunks at the end of the image, in order.
+struct Output<'s, S: Store> {
+    w: BufWriter<&'s mut S>,
+    pos: u64,
+    capacity: u64,
+    hasher: &'s mut blake3::Hasher,
+    counts: &'s mut Counts,
+}
+
+impl<S: Store> Output<'_, S> {
+    fn put(&mut self, header: &ChunkHeader, body: &[u8]) -> Result<(), Error> {
+        let end = self.pos + (CHUNK_HEADER_LEN + body.len()) as u64;
+        if end > self.capacity {
+            return Err(Error::StoreTooSmall {
+                needed: end,
+                capacity: self.capacity,
+            });
+        }
+        let io = |source| Error::Io {
+            what: format!("write the store at offset {}", self.pos),
+            source,
+        };
+        self.w.write_all(header.as_bytes()).map_err(io)?;
+        self.w.write_all(body).map_err(io)?;
+        self.hasher.update(header.as_bytes());
+        self.hasher.update(body);
+        self.counts.chunks += 1;
+        match header.kind {
+            CHUNK_ZERO => self.counts.zero += 1,
+            CHUNK_RAW => self.counts.raw += 1,
+            _ => {}
+        }
+        self.pos = end;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<u64, Error> {
+        self.w.flush().map_err(Error::io("write the store"))?;
+        Ok(self.pos)
+    }
+}
+
+type Emit<'a, 'e> = dyn FnMut(u32, Data<'a>) -> Result<(), Error> + 'e;
+
+/// Cuts a section's stream into chunks and hands each to `emit`.
+pub(crate) struct ChunkSink<'a, 'e> {
     buf: Vec<u8>,
     size: usize,
     next: u32,
-    raw: u64,
-    tx: mpsc::SyncSender<(u32, Vec<u8>)>,
+    raw_len: u64,
+    pool: Pool,
+    emit: &'e mut Emit<'a, 'e>,
 }
 
-impl Chunker {
-    fn flush_chunk(&mut self) -> io::Result<()> {
+impl<'a, 'e> ChunkSink<'a, 'e> {
+    fn new(size: usize, pool: Pool, emit: &'e mut Emit<'a, 'e>) -> Self {
+        ChunkSink {
+            buf: Vec::new(),
+            size,
+            next: 0,
+            raw_len: 0,
+            pool,
+            emit,
+        }
+    }
+
+    fn emit(&mut self, data: Data<'a>) -> Result<(), Error> {
+        let index = self.next;
+        self.next = index
+            .checked_add(1)
+            .ok_or(Error::Internal("more than 2^32 chunks in a section"))?;
+        self.raw_len += data.as_slice().len() as u64;
+        (self.emit)(index, data)
+    }
+
+    fn emit_buffered(&mut self) -> Result<(), Error> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.size));
-        self.tx
-            .send((self.next, full))
-            .map_err(|_| io::Error::other("the image writer stopped"))?;
-        self.next += 1;
-        Ok(())
+        let full = std::mem::take(&mut self.buf);
+        self.emit(Data::Owned(full))
     }
-}
 
-impl Write for Chunker {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(self.size - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        self.raw += n as u64;
-        if self.buf.len() == self.size {
-            self.flush_chunk()?;
+    /// The buffer being filled, made once it is needed.
+    fn buffer(&mut self) -> &mut Vec<u8> {
+        if self.buf.capacity() == 0 {
+            self.buf = self.pool.get(self.size);
         }
-        Ok(n)
+        &mut self.buf
     }
 
-    fn flush(&mut self) -> io::Result<()> {
+    pub(crate) fn write(&mut self, mut data: &[u8]) -> Result<(), Error> {
+        while !data.is_empty() {
+            let n = data.len().min(self.size - self.buf.len());
+            self.buffer().extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() == self.size {
+                self.emit_buffered()?;
+            }
+        }
         Ok(())
     }
-}
 
-fn write_record(out: &mut dyn Write, kind: u8, mode: u32, mtime: i64, rel: &str) -> io::Result<()> {
-    out.write_all(&[kind])?;
-    out.write_all(&mode.to_le_bytes())?;
-    out.write_all(&mtime.to_le_bytes())?;
-    out.write_all(&(rel.len() as u16).to_le_bytes())?;
-    out.write_all(rel.as_bytes())
-}
-
-/// Serialises `root` depth first, directories before their content, in name
-/// order so that the same tree gives the same bytes.
-fn write_tree(root: &Path, out: &mut dyn Write) -> Result<(), Error> {
-    let meta = fs::symlink_metadata(root).map_err(|source| Error::Io {
-        what: root.display().to_string(),
-        source,
-    })?;
-    if !meta.is_dir() {
-        return Err(Error::UnsupportedFile {
-            path: root.display().to_string(),
-        });
+    /// Bytes that outlive the section: chunks borrow them, no copy.
+    pub(crate) fn write_borrowed(&mut self, data: &'a [u8]) -> Result<(), Error> {
+        if !self.buf.is_empty() {
+            return self.write(data);
+        }
+        for chunk in data.chunks(self.size) {
+            self.emit(Data::Borrowed(chunk))?;
+        }
+        Ok(())
     }
-    let mut stack = vec![String::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = if rel.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(&rel)
-        };
-        let mut entries: Vec<_> = fs::read_dir(&dir)
-            .map_err(|source| Error::Io {
-                what: dir.display().to_string(),
-                source,
-            })?
-            .collect::<Result<_, _>>()
-            .map_err(|source| Error::Io {
-                what: dir.display().to_string(),
-                source,
-            })?;
-        entries.sort_by_key(|e| e.file_name());
-        let mut subdirs = Vec::new();
-        for e in entries {
-            let name = e
-                .file_name()
-                .into_string()
-                .map_err(|n| Error::UnsupportedFile {
-                    path: format!("{}/{} (not UTF-8)", dir.display(), n.to_string_lossy()),
-                })?;
-            let child = if rel.is_empty() {
-                name
-            } else {
-                format!("{rel}/{name}")
-            };
-            let path = root.join(&child);
-            if child.len() > u16::MAX as usize {
-                return Err(Error::UnsupportedFile {
-                    path: path.display().to_string(),
-                });
-            }
-            let m = fs::symlink_metadata(&path).map_err(|source| Error::Io {
-                what: path.display().to_string(),
-                source,
-            })?;
-            let mode = m.permissions().mode() & 0o7777;
-            let io = |source| Error::Io {
-                what: path.display().to_string(),
-                source,
-            };
-            if m.is_dir() {
-                write_record(out, REC_DIR, mode, m.mtime(), &child).map_err(io)?;
-                subdirs.push(child);
-            } else if m.is_file() {
-                write_record(out, REC_FILE, mode, m.mtime(), &child).map_err(io)?;
-                let mut f = fs::File::open(&path).map_err(io)?;
-                out.write_all(&m.len().to_le_bytes()).map_err(io)?;
-                // Exactly the size announced, even if the file changes.
-                let copied = io::copy(&mut (&mut f).take(m.len()), out).map_err(io)?;
-                if copied != m.len() {
-                    return Err(Error::Io {
-                        what: path.display().to_string(),
-                        source: io::Error::other("the file shrank while it was being written"),
-                    });
+
+    /// Exactly `len` bytes from `r`, read straight into chunk buffers.
+    pub(crate) fn read_from(
+        &mut self,
+        r: &mut dyn Read,
+        mut len: u64,
+        path: &Path,
+    ) -> Result<(), Error> {
+        while len > 0 {
+            let start = self.buf.len();
+            let want = (self.size - start).min(len.min(usize::MAX as u64) as usize);
+            self.buffer().resize(start + want, 0);
+            let mut got = 0;
+            while got < want {
+                match r.read(&mut self.buf[start + got..start + want]) {
+                    Ok(0) => {
+                        return Err(Error::Io {
+                            what: format!("read {}", path.display()),
+                            source: io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the file shrank while it was being read",
+                            ),
+                        })
+                    }
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(source) => {
+                        return Err(Error::Io {
+                            what: format!("read {}", path.display()),
+                            source,
+                        })
+                    }
                 }
-            } else if m.file_type().is_symlink() {
-                let target = fs::read_link(&path).map_err(io)?;
-                let target = target.to_str().ok_or_else(|| Error::UnsupportedFile {
-                    path: path.display().to_string(),
-                })?;
-                write_record(out, REC_SYMLINK, 0o777, m.mtime(), &child).map_err(io)?;
-                out.write_all(&(target.len() as u16).to_le_bytes())
-                    .map_err(io)?;
-                out.write_all(target.as_bytes()).map_err(io)?;
-            } else {
-                return Err(Error::UnsupportedFile {
-                    path: path.display().to_string(),
-                });
+            }
+            len -= want as u64;
+            if self.buf.len() == self.size {
+                self.emit_buffered()?;
             }
         }
-        // Reverse so that the stack pops them in name order.
-        stack.extend(subdirs.into_iter().rev());
+        Ok(())
     }
-    out.write_all(&[REC_END]).map_err(io_err("tree"))
+
+    fn finish(&mut self) -> Result<(), Error> {
+        self.emit_buffered()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection_sees_a_single_set_byte_anywhere() {
+        for len in [0, 1, 63, 64, 65, 4096, 4099] {
+            let mut v = vec![0u8; len];
+            assert!(is_zero(&v));
+            for i in 0..len {
+                v[i] = 1;
+                assert!(!is_zero(&v), "len {len} byte {i}");
+                v[i] = 0;
+            }
+        }
+    }
+
+    #[test]
+    fn encoder_picks_zero_zstd_or_raw() {
+        let mut enc = Encoder::new(1, Pool::new(1, 4096)).unwrap();
+        let (h, b) = enc.encode(0, &[0u8; 8192]);
+        assert_eq!((h.kind, b.as_slice(&[]).len()), (CHUNK_ZERO, 0));
+        let (h, _) = enc.encode(1, &[7u8; 8192]);
+        assert_eq!(h.kind, CHUNK_ZSTD);
+        assert!(h.stored_len.get() < 100);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..8192)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        let (h, _) = enc.encode(2, &random);
+        assert_eq!(h.kind, CHUNK_RAW);
+        assert_eq!(h.stored_len.get(), 8192);
+    }
 }

@@ -1,0 +1,155 @@
+//! Helpers for tests and the fuzzer: not part of the format's API.
+//!
+//! [`reseal`] recomputes every checksum of an image after a test or the
+//! fuzzer changed it, so that the change reaches the code behind the
+//! checksums (section table, chunk headers, decompression, tree records).
+
+use std::io::Cursor;
+use std::path::Path;
+
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::format::*;
+use crate::{Error, Image, Manifest, SectionKind};
+
+fn superblock(bytes: &[u8]) -> Option<RawSuperblock> {
+    RawSuperblock::read_from_bytes(bytes.get(..BODY_OFFSET as usize)?).ok()
+}
+
+fn range(bytes: &[u8], offset: u64, len: u64) -> Option<std::ops::Range<usize>> {
+    let start = usize::try_from(offset).ok()?;
+    let end = start.checked_add(usize::try_from(len).ok()?)?;
+    (end <= bytes.len()).then_some(start..end)
+}
+
+/// Every chunk the section table leads to, as far as it can be followed:
+/// (section, chunk index, offset of its header, stored length).
+pub fn chunks(bytes: &[u8]) -> Vec<(String, u32, u64, u64)> {
+    let mut out = Vec::new();
+    let Some(sb) = superblock(bytes) else {
+        return out;
+    };
+    let Some(m) = range(bytes, sb.manifest_offset.get(), sb.manifest_len.get()) else {
+        return out;
+    };
+    let Ok(manifest) = serde_json::from_slice::<Manifest>(&bytes[m]) else {
+        return out;
+    };
+    for s in &manifest.sections {
+        let mut pos = s.offset;
+        for i in 0..s.chunks {
+            let Some(h) = range(bytes, pos, CHUNK_HEADER_LEN as u64) else {
+                break;
+            };
+            let Ok(h) = ChunkHeader::read_from_bytes(&bytes[h]) else {
+                break;
+            };
+            let stored = u64::from(h.stored_len.get());
+            out.push((s.name.clone(), i, pos, stored));
+            match pos.checked_add(CHUNK_HEADER_LEN as u64 + stored) {
+                Some(p) => pos = p,
+                None => break,
+            }
+        }
+    }
+    out
+}
+
+/// Recomputes the chunk checksums, the manifest checksum, the digest and
+/// the superblock checksum, each where the image's own fields lead.
+pub fn reseal(bytes: &mut [u8]) {
+    for (_, _, pos, stored) in chunks(bytes) {
+        let Some(hr) = range(bytes, pos, CHUNK_HEADER_LEN as u64) else {
+            continue;
+        };
+        let Some(sr) = range(bytes, pos + CHUNK_HEADER_LEN as u64, stored) else {
+            continue;
+        };
+        let Ok(mut h) = ChunkHeader::read_from_bytes(&bytes[hr.clone()]) else {
+            continue;
+        };
+        h.crc = h.crc_with(&bytes[sr]).into();
+        bytes[hr].copy_from_slice(h.as_bytes());
+    }
+    let Some(mut sb) = superblock(bytes) else {
+        return;
+    };
+    if let Some(m) = range(bytes, sb.manifest_offset.get(), sb.manifest_len.get()) {
+        sb.manifest_crc = crc32c::crc32c(&bytes[m]).into();
+    }
+    let total = sb.total_len.get();
+    if let Some(body) = range(bytes, BODY_OFFSET, total.saturating_sub(BODY_OFFSET)) {
+        sb.digest = *blake3::hash(&bytes[body]).as_bytes();
+    }
+    sb.seal();
+    bytes[..BODY_OFFSET as usize].copy_from_slice(sb.as_bytes());
+}
+
+/// Replaces the manifest of the image in `bytes` by what `edit` makes of
+/// it (the image is cut at its end) and reseals.
+pub fn rewrite_manifest(bytes: &mut Vec<u8>, edit: impl FnOnce(&mut Manifest)) {
+    let Some(mut sb) = superblock(bytes) else {
+        return;
+    };
+    let Some(m) = range(bytes, sb.manifest_offset.get(), sb.manifest_len.get()) else {
+        return;
+    };
+    let Ok(mut manifest) = serde_json::from_slice::<Manifest>(&bytes[m.clone()]) else {
+        return;
+    };
+    edit(&mut manifest);
+    let Ok(json) = serde_json::to_vec(&manifest) else {
+        return;
+    };
+    bytes.truncate(m.start);
+    bytes.extend_from_slice(&json);
+    sb.manifest_len = (json.len() as u64).into();
+    sb.total_len = (bytes.len() as u64).into();
+    bytes[..BODY_OFFSET as usize].copy_from_slice(sb.as_bytes());
+    reseal(bytes);
+}
+
+/// Everything a reader does with an image: open, check, read every blob,
+/// extract every tree under `scratch`. Sections claiming more than 64 MiB
+/// are skipped (a few zero chunks can claim gigabytes).
+pub fn exercise(bytes: &[u8], threads: usize, scratch: &Path) -> Result<(), Error> {
+    let mut img = Image::open(Cursor::new(bytes))?;
+    img.set_threads(threads);
+    let report = img.check();
+    let _ = report.is_ok();
+    let mut first = None;
+    for s in img.manifest().sections.clone() {
+        if s.raw_len > 64 << 20 {
+            continue;
+        }
+        let r = match s.kind {
+            SectionKind::Blob => img.read_blob(&s.name).map(|_| ()),
+            SectionKind::Tree => {
+                let _ = std::fs::remove_dir_all(scratch);
+                img.extract_tree(&s.name, scratch)
+            }
+        };
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    }
+    match first {
+        Some(e) => Err(e),
+        None => img.verify().map(|_| ()),
+    }
+}
+
+/// One fuzz input: the first byte picks the mode (bit 0: reseal the
+/// checksums first, so that the input reaches the parsers behind them;
+/// bit 1: two decompression threads), the rest is the store.
+pub fn fuzz_one(data: &[u8], scratch: &Path) {
+    let Some((&mode, store)) = data.split_first() else {
+        return;
+    };
+    let mut bytes = store.to_vec();
+    if mode & 1 == 1 {
+        reseal(&mut bytes);
+    }
+    let threads = if mode & 2 == 2 { 2 } else { 1 };
+    let _ = exercise(&bytes, threads, scratch);
+}

@@ -1,0 +1,103 @@
+//! Inputs the fuzzer found (tests/fixtures/fuzz/) replayed on every run,
+//! and the seeds it starts from (fuzz/seeds/).
+
+// Helpers outside #[test] functions unwrap too.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::{build, image_in_vec, opts, Node, Rng};
+
+fn replay(dir: &Path) -> usize {
+    let scratch = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in entries {
+        let path = e.unwrap().path();
+        if path.extension().is_some_and(|x| x == "md") {
+            continue;
+        }
+        let data = fs::read(&path).unwrap();
+        // Must return, whatever the bytes.
+        image_format::testing::fuzz_one(&data, &scratch.path().join("x"));
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn fuzzer_findings_and_seeds_are_handled() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    replay(&root.join("tests/fixtures/fuzz"));
+    let seeds = replay(&root.join("fuzz/seeds"));
+    assert!(seeds >= 4, "the fuzz seeds are missing");
+}
+
+/// Valid small images to start fuzzing from; each in both modes.
+#[test]
+#[ignore = "writes fuzz/seeds; run by hand"]
+fn write_fuzz_seeds() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = root.join("fuzz/seeds");
+    fs::create_dir_all(&out).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let mut r = Rng(1);
+    let mut mixed = r.bytes(600);
+    mixed.extend([0u8; 4200]);
+    mixed.extend(b"abc".repeat(500));
+    build(
+        &src,
+        &[
+            ("d".into(), Node::Dir { mode: 0o755 }),
+            (
+                "d/f".into(),
+                Node::File {
+                    data: mixed,
+                    mode: 0o644,
+                },
+            ),
+            (
+                "e".into(),
+                Node::File {
+                    data: vec![],
+                    mode: 0o600,
+                },
+            ),
+            (
+                "l".into(),
+                Node::Link {
+                    target: "d/f".into(),
+                },
+            ),
+        ],
+    );
+    let images: Vec<(&str, Vec<u8>)> = vec![
+        ("tree", {
+            let mut b = Vec::new();
+            image_in_vec(&mut b, opts(1, 4096), |w| w.add_tree("t", &src).unwrap());
+            b
+        }),
+        ("blobs", {
+            let mut b = Vec::new();
+            image_in_vec(&mut b, opts(1, 4096), |w| {
+                w.add_blob("z", &[0u8; 5000]).unwrap();
+                w.add_blob("r", &r.bytes(300)).unwrap();
+                w.add_blob("c", &b"x".repeat(5000)).unwrap();
+            });
+            b
+        }),
+    ];
+    for (name, img) in images {
+        for mode in [0u8, 1, 3] {
+            let mut data = vec![mode];
+            data.extend(&img);
+            fs::write(out.join(format!("{name}-mode{mode}")), data).unwrap();
+        }
+    }
+}
