@@ -272,6 +272,26 @@ fn main() {
         });
         drop_file(path);
     }
+    // Zero pages should cost next to nothing: the same size, all zero.
+    {
+        let zeros = vec![0u8; size];
+        let path = &stores[0].1;
+        let o = WriteOptions {
+            threads: 0,
+            generation: 1,
+            ..WriteOptions::default()
+        };
+        let (d, len) = best_of(3, || write_image(path, &zeros, o.clone()));
+        rows.push(Row {
+            what: format!(
+                "image write of all-zero data, {}, {cores} threads (stored {:.3}%)",
+                stores[0].0,
+                100.0 * len as f64 / size as f64
+            ),
+            mbps: mbps(size, d),
+        });
+        drop_file(path);
+    }
     // The restore path: CRIU image files in tmpfs, as a tree, both ways.
     let src = shm.join("kupgrade-bench-src");
     let dst = shm.join("kupgrade-bench-dst");
