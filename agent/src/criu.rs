@@ -239,6 +239,7 @@ mod tests {
             root_pid: 10001,
             pids: vec![10001],
             pid_namespace: false,
+            ipc_namespace: false,
             tcp_established: tcp,
             memory_bytes: 0,
         }

@@ -1,5 +1,5 @@
 //! `kupgrade launch`: start a workload in its own session and in the cgroup
-//! `/sys/fs/cgroup/kupgrade/NAME`, optionally in a new PID namespace.
+//! `/sys/fs/cgroup/kupgrade/NAME`, optionally in new PID and IPC namespaces.
 //!
 //! The work is split over hidden subcommands so that no code runs between
 //! fork and exec: the launcher spawns `kupgrade __exec`, which makes itself a
@@ -63,6 +63,27 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// The namespaces a workload gets of its own. CRIU checkpoints and
+/// restores a namespace only when the whole tree is in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Namespaces {
+    /// Its PIDs can never collide with the next boot's.
+    pub pid: bool,
+    /// Its SysV shared memory, semaphores and message queues are carried.
+    pub ipc: bool,
+}
+
+impl Namespaces {
+    fn args(self) -> impl Iterator<Item = &'static str> {
+        [
+            self.pid.then_some("--pid-namespace"),
+            self.ipc.then_some("--ipc-namespace"),
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
 /// What `launch` started.
 #[derive(Debug)]
 pub struct Launched {
@@ -71,7 +92,7 @@ pub struct Launched {
     pub log: PathBuf,
 }
 
-pub fn launch(name: &str, pid_namespace: bool, command: &[String]) -> Result<Launched, Error> {
+pub fn launch(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched, Error> {
     if !valid_name(name) {
         return Err(Error::BadName(name.into()));
     }
@@ -99,10 +120,7 @@ pub fn launch(name: &str, pid_namespace: bool, command: &[String]) -> Result<Lau
     let err = out.try_clone().map_err(io(&log))?;
     let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("__exec").arg(&cg);
-    if pid_namespace {
-        cmd.arg("--pid-namespace");
-    }
+    cmd.arg("__exec").arg(&cg).args(ns.args());
     let mut child = cmd
         .arg("--")
         .args(command)
@@ -117,7 +135,7 @@ pub fn launch(name: &str, pid_namespace: bool, command: &[String]) -> Result<Lau
     while start.elapsed() < Duration::from_millis(300) {
         if let Ok(Some(status)) = child.try_wait() {
             // With a PID namespace the helper exits once the namespace's init runs.
-            if pid_namespace && status.success() {
+            if ns.pid && status.success() {
                 break;
             }
             return Err(Error::Exited {
@@ -128,7 +146,7 @@ pub fn launch(name: &str, pid_namespace: bool, command: &[String]) -> Result<Lau
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let pid = if pid_namespace {
+    let pid = if ns.pid {
         let _ = child.wait();
         *cgroup::procs(&cg)?.first().ok_or_else(|| Error::Exited {
             command: command.join(" "),
@@ -157,17 +175,18 @@ fn raise_pid_floor() {
     }
 }
 
-/// `kupgrade __exec CGROUP [--pid-namespace] -- CMD...`: runs in the child.
-pub fn exec_in_cgroup(
-    cgroup: &Path,
-    pid_namespace: bool,
-    command: &[String],
-) -> Result<(), String> {
+/// `kupgrade __exec CGROUP [--pid-namespace] [--ipc-namespace] -- CMD...`:
+/// runs in the child.
+pub fn exec_in_cgroup(cgroup: &Path, ns: Namespaces, command: &[String]) -> Result<(), String> {
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     let procs = cgroup.join("cgroup.procs");
     fs::write(&procs, std::process::id().to_string())
         .map_err(|e| format!("cannot join {}: {e}", procs.display()))?;
-    if pid_namespace {
+    if ns.ipc {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWIPC)
+            .map_err(|e| format!("unshare(CLONE_NEWIPC): {e}"))?;
+    }
+    if ns.pid {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
             .map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -233,7 +252,7 @@ mod tests {
         assert!(!valid_name("a/b"));
         assert!(!valid_name("../x"));
         assert!(matches!(
-            launch("a b", false, &["true".into()]),
+            launch("a b", Namespaces::default(), &["true".into()]),
             Err(Error::BadName(_))
         ));
     }

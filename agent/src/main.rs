@@ -65,6 +65,10 @@ enum Cmd {
         /// Run it in a new PID namespace.
         #[arg(long)]
         pid_namespace: bool,
+        /// Run it in a new IPC namespace (needed for SysV shared memory,
+        /// semaphores and message queues).
+        #[arg(long)]
+        ipc_namespace: bool,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -78,6 +82,8 @@ enum Cmd {
         cgroup: PathBuf,
         #[arg(long)]
         pid_namespace: bool,
+        #[arg(long)]
+        ipc_namespace: bool,
         #[arg(last = true)]
         command: Vec<String>,
     },
@@ -127,10 +133,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Exec {
             cgroup,
             pid_namespace,
+            ipc_namespace,
             command,
         } => {
+            let ns = launch::Namespaces {
+                pid: pid_namespace,
+                ipc: ipc_namespace,
+            };
             // Only returns on failure (exec replaced us otherwise).
-            if let Err(e) = launch::exec_in_cgroup(&cgroup, pid_namespace, &command) {
+            if let Err(e) = launch::exec_in_cgroup(&cgroup, ns, &command) {
                 eprintln!("kupgrade: {e}");
                 return Ok(ExitCode::from(127));
             }
@@ -204,10 +215,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Launch {
             name,
             pid_namespace,
+            ipc_namespace,
             command,
         } => {
             require_root("launching a workload")?;
-            let l = launch::launch(&name, pid_namespace, &command)?;
+            let ns = launch::Namespaces {
+                pid: pid_namespace,
+                ipc: ipc_namespace,
+            };
+            let l = launch::launch(&name, ns, &command)?;
             println!("pid {}", l.pid);
             println!("cgroup {}", l.cgroup.display());
             println!("output {}", l.log.display());
@@ -344,10 +360,11 @@ fn status(cfg: &Config) -> Result<()> {
                     } else {
                         format!("NOT dumpable: {}", refusals[0])
                     },
-                    if w.pid_namespace {
-                        ", own PID namespace"
-                    } else {
-                        ""
+                    match (w.pid_namespace, w.ipc_namespace) {
+                        (true, true) => ", own PID and IPC namespaces",
+                        (true, false) => ", own PID namespace",
+                        (false, true) => ", own IPC namespace",
+                        (false, false) => "",
                     }
                 );
             }

@@ -431,6 +431,7 @@ mod tests {
             root_pid: pid,
             pids: vec![pid],
             pid_namespace: false,
+            ipc_namespace: false,
             tcp_established: tcp,
             memory_bytes: 1 << 20,
         }

@@ -67,6 +67,16 @@ pub fn fds(pid: i32) -> Vec<(i32, String)> {
     v
 }
 
+/// Every process on the machine, from /proc.
+pub fn all_pids() -> Vec<i32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
 /// Paths of the files mapped into the process (`/proc/PID/maps`).
 pub fn mapped_files(pid: i32) -> Vec<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();

@@ -19,6 +19,9 @@ pub struct Workload {
     pub pids: Vec<i32>,
     /// The tree runs in its own PID namespace (launched with --pid-namespace).
     pub pid_namespace: bool,
+    /// The tree has an IPC namespace of its own, shared with nothing outside
+    /// it (launched with --ipc-namespace): CRIU carries its SysV objects.
+    pub ipc_namespace: bool,
     /// It holds TCP connections: dump with --tcp-established and a network lock.
     pub tcp_established: bool,
     /// Memory charged to it, or its resident set when the controller is off.
@@ -66,6 +69,9 @@ pub fn inspect(name: &str, cgroup: &Path) -> Result<Workload, Error> {
     let root_pid = roots[0];
     let pid_namespace =
         proc::namespace(&root_pid.to_string(), "pid") != proc::namespace("self", "pid");
+    let ipc_namespace = proc::namespace(&root_pid.to_string(), "ipc")
+        != proc::namespace("self", "ipc")
+        && namespace_outsiders(root_pid, "ipc", &set).is_empty();
     let memory_bytes = cgroup::memory_current(cgroup)
         .unwrap_or_else(|| pids.iter().map(|p| proc::rss_bytes(*p)).sum());
     Ok(Workload {
@@ -75,8 +81,21 @@ pub fn inspect(name: &str, cgroup: &Path) -> Result<Workload, Error> {
         tcp_established: has_tcp_connections(&pids),
         pids,
         pid_namespace,
+        ipc_namespace,
         memory_bytes,
     })
+}
+
+/// Processes outside `members` that share `pid`'s namespace of `kind`.
+fn namespace_outsiders(pid: i32, kind: &str, members: &HashSet<i32>) -> Vec<i32> {
+    let Some(ns) = proc::namespace(&pid.to_string(), kind) else {
+        return Vec::new();
+    };
+    proc::all_pids()
+        .into_iter()
+        .filter(|p| !members.contains(p))
+        .filter(|p| proc::namespace(&p.to_string(), kind).as_ref() == Some(&ns))
+        .collect()
 }
 
 /// A TCP socket in any state but listen/close needs CRIU's --tcp-established.
@@ -253,13 +272,39 @@ pub fn refusals(w: &Workload) -> Vec<Refusal> {
                 );
             }
         }
+        if !w.ipc_namespace {
+            // The kernel names an attached segment `/SYSV<key in hex> (deleted)`.
+            let keys: Vec<String> = proc::mapped_files(pid)
+                .iter()
+                .filter_map(|p| p.strip_prefix("/SYSV"))
+                .map(|k| format!("0x{}", k.split(' ').next().unwrap_or(k)))
+                .collect();
+            if !keys.is_empty() {
+                refuse(
+                    &mut out,
+                    pid,
+                    format!("SysV shared memory (key {}) attached in the host's IPC namespace", keys.join(", ")),
+                    "CRIU carries SysV IPC only in a workload's own IPC namespace: start it with `kupgrade launch --ipc-namespace`",
+                );
+            }
+        }
         for kind in ["net", "mnt", "ipc", "uts", "user", "cgroup"] {
+            if kind == "ipc" && w.ipc_namespace {
+                continue;
+            }
             if proc::namespace(&pid.to_string(), kind) != my_ns(kind) {
                 refuse(
                     &mut out,
                     pid,
-                    format!("{kind} namespace {}", proc::namespace(&pid.to_string(), kind).unwrap_or_default()),
-                    "kupgrade restores workloads into the host's namespaces and does not manage this one",
+                    format!(
+                        "{kind} namespace {}",
+                        proc::namespace(&pid.to_string(), kind).unwrap_or_default()
+                    ),
+                    if kind == "ipc" {
+                        "CRIU carries an IPC namespace only with everything in it: give the workload its own with `kupgrade launch --ipc-namespace`"
+                    } else {
+                        "kupgrade restores workloads into the host's namespaces and does not manage this one"
+                    },
                 );
             }
         }
@@ -270,10 +315,7 @@ pub fn refusals(w: &Workload) -> Vec<Refusal> {
 /// Which process holds each of `inodes` (the first found), from /proc/*/fd.
 fn socket_owners(inodes: HashSet<u64>) -> std::collections::HashMap<u64, i32> {
     let mut out = std::collections::HashMap::new();
-    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
+    for pid in proc::all_pids() {
         for (_, link) in proc::fds(pid) {
             if let Some(ino) = proc::socket_inode(&link).filter(|i| inodes.contains(i)) {
                 out.entry(ino).or_insert(pid);

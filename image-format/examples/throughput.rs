@@ -77,6 +77,15 @@ fn process_like(size: usize) -> (Vec<u8>, usize, usize, usize) {
     (data, zero, rep, rnd)
 }
 
+/// `threads` as WriteOptions takes it: 0 means all cores.
+fn threads_label(threads: usize, cores: usize) -> String {
+    if threads == 1 {
+        "1 thread".to_string()
+    } else {
+        format!("{cores} threads")
+    }
+}
+
 fn mbps(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
@@ -215,11 +224,7 @@ fn main() {
             mbps: mbps(size, d),
         });
         for threads in [1, 0] {
-            let label = if threads == 1 {
-                "1 thread".to_string()
-            } else {
-                format!("{cores} threads")
-            };
+            let label = threads_label(threads, cores);
             let o = WriteOptions {
                 threads,
                 generation: 1,
@@ -235,11 +240,7 @@ fn main() {
             });
         }
         for threads in [1, 0] {
-            let label = if threads == 1 {
-                "1 thread".to_string()
-            } else {
-                format!("{cores} threads")
-            };
+            let label = threads_label(threads, cores);
             let (d, n) = best_of(3, || read_image(path, threads));
             assert_eq!(n, size);
             rows.push(Row {
@@ -302,11 +303,7 @@ fn main() {
         fs::write(src.join(format!("pages-{i}.img")), part).expect("write part");
     }
     for threads in [1, 0] {
-        let label = if threads == 1 {
-            "1 thread".to_string()
-        } else {
-            format!("{cores} threads")
-        };
+        let label = threads_label(threads, cores);
         let (d, _) = best_of(3, || {
             let f = open_store(&img_path);
             let t = Instant::now();
@@ -326,11 +323,7 @@ fn main() {
         });
     }
     for threads in [1, 0] {
-        let label = if threads == 1 {
-            "1 thread".to_string()
-        } else {
-            format!("{cores} threads")
-        };
+        let label = threads_label(threads, cores);
         let (d, _) = best_of(3, || {
             let _ = fs::remove_dir_all(&dst);
             let t = Instant::now();

@@ -142,6 +142,9 @@ pub struct Workload {
     pub command: Vec<String>,
     #[serde(default)]
     pub pid_namespace: bool,
+    /// `kupgrade launch --ipc-namespace`: its SysV IPC objects are carried.
+    #[serde(default)]
+    pub ipc_namespace: bool,
     /// Files copied from the host into the guest before it boots.
     #[serde(default)]
     pub files: Vec<FileCopy>,

@@ -242,6 +242,9 @@ fn worker() -> Result<()> {
             if w.pid_namespace {
                 args.push("--pid-namespace");
             }
+            if w.ipc_namespace {
+                args.push("--ipc-namespace");
+            }
             args.push("--");
             args.extend(w.command.iter().map(String::as_str));
             let (ok, out) = sh(&args);

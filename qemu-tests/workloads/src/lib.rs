@@ -23,6 +23,10 @@ use std::io::{self, Write};
 use std::process::Command;
 use std::str::FromStr;
 
+/// Shared memory and SysV semaphores: the crate's only unsafe code.
+#[allow(unsafe_code)]
+pub mod shared;
+
 /// The running kernel's boot id: changes with every boot, kexec included.
 pub fn boot_id() -> String {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -57,6 +61,17 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// `len` pseudo-random bytes (xorshift words from `seed`, little-endian):
+/// a pattern a workload writes once and a checker recomputes.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v: Vec<u8> = (0..len.div_ceil(8))
+        .flat_map(|_| xorshift(&mut x).to_le_bytes())
+        .collect();
+    v.truncate(len);
+    v
 }
 
 /// A 32-byte numbered message for pipes and sockets: number, send time

@@ -105,33 +105,18 @@ mod tests {
 
     #[test]
     fn damage_fails() {
-        assert!(run(
-            |s| if s == 7 {
-                main_line(s).replace("private=ok", "private=BAD")
-            } else {
-                main_line(s)
-            },
-            |s| s
-        )
-        .is_err());
-        assert!(run(
-            |s| if s == 8 {
-                main_line(s).replace("memfd=ok", "memfd=BAD")
-            } else {
-                main_line(s)
-            },
-            |s| s
-        )
-        .is_err());
-        assert!(run(
-            |s| if s == 8 {
-                main_line(s).replace("file=ok", "file=BAD")
-            } else {
-                main_line(s)
-            },
-            |s| s
-        )
-        .is_err());
+        // One field going bad on one line fails the check.
+        for (line, field) in [(7, "private"), (8, "memfd"), (8, "file")] {
+            let damaged = |s| {
+                let l = main_line(s);
+                if s == line {
+                    l.replace(&format!("{field}=ok"), &format!("{field}=BAD"))
+                } else {
+                    l
+                }
+            };
+            assert!(run(damaged, |s| s).is_err(), "{field}=BAD on line {line}");
+        }
         assert!(run(|s| main_line(s).replace("full=ok", "full=-"), |s| s)
             .unwrap_err()
             .contains("full check"));

@@ -14,16 +14,11 @@
 //! - A file on the root file system, `DIR/wl-memory-PID.dat`, rewritten in
 //!   place (its size never changes: CRIU checks sizes of open files).
 //!
-//! What could not be done as asked, because the crate forbids unsafe code:
-//! mmap is unsafe in nix, so the memfd, the /dev/shm object and the file
-//! are accessed with pread/pwrite at offsets through their descriptors, not
-//! through shared mappings; CRIU still carries the same kernel objects (the
-//! open memfd and its contents, the open shm and root files and their
-//! offsets). nix has no SysV IPC at all (shmat hands out a raw pointer), so
-//! the SysV segment and semaphore shared by two processes are replaced by
-//! the /dev/shm object shared by the two processes, each writing only its
-//! own slot as `(n, !n)` so that a torn read is seen and retried instead of
-//! needing a semaphore.
+//! The memfd, the /dev/shm object and the file are read and written through
+//! their descriptors here (pread/pwrite), so that this program stays free of
+//! unsafe code; shared mappings of each kind, and SysV shared memory with a
+//! semaphore, are `wl-ipc`'s job. The two processes each write only their
+//! own slot as `(n, !n)` so that a torn read is seen and retried.
 //!
 //! Streams: `src=main private_mib=M chunk=I private=ok full=ok|- memfd=ok
 //! shm=ok file=ok mine=N theirs=N` and `src=peer shm=ok mine=N theirs=N`.
