@@ -78,6 +78,12 @@ struct Region {
     shared: bool,
 }
 
+impl Region {
+    fn new(name: &'static str, mem: SharedRegion, shared: bool) -> Region {
+        Region { name, mem, shared }
+    }
+}
+
 /// One of the two processes.
 struct Side {
     src: &'static str,
@@ -279,26 +285,10 @@ fn main_role(log: String, dir: String, tick: u64) {
         .map_err(std::io::Error::from);
     let memfd = map(memfd, "memfd_create", true);
     let regions = [
-        Region {
-            name: "sysv",
-            mem: sysv,
-            shared: true,
-        },
-        Region {
-            name: "file",
-            mem: file,
-            shared: true,
-        },
-        Region {
-            name: "shm",
-            mem: shm,
-            shared: true,
-        },
-        Region {
-            name: "memfd",
-            mem: memfd,
-            shared: false,
-        },
+        Region::new("sysv", sysv, true),
+        Region::new("file", file, true),
+        Region::new("shm", shm, true),
+        Region::new("memfd", memfd, false),
     ];
     for r in &regions {
         r.mem.write_bytes(HEADER, &pat);
@@ -332,25 +322,17 @@ fn peer_role(log: String, shmid: i32, semid: i32, main_pid: u32, dir: String, ti
     let path = file_path(&dir, main_pid);
     let name = shm_name(main_pid);
     let regions = [
-        Region {
-            name: "sysv",
-            mem: sysv,
-            shared: true,
-        },
-        Region {
-            name: "file",
-            mem: map(open_file(&path, false), &path, false),
-            shared: true,
-        },
-        Region {
-            name: "shm",
-            mem: map(
+        Region::new("sysv", sysv, true),
+        Region::new("file", map(open_file(&path, false), &path, false), true),
+        Region::new(
+            "shm",
+            map(
                 open_shm(&name, OFlag::O_RDWR),
                 &format!("shm_open {name}"),
                 false,
             ),
-            shared: true,
-        },
+            true,
+        ),
     ];
     run(&PEER, &log, &regions, &sem, shmid, tick, want)
 }
