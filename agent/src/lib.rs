@@ -9,6 +9,7 @@ pub mod config;
 pub mod criu;
 pub mod initramfs;
 pub mod launch;
+pub mod listen;
 pub mod modules;
 pub mod pipeline;
 pub mod proc;

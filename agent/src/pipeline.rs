@@ -57,6 +57,12 @@ pub struct ImageInput<'a> {
 /// Everything `go` does to the machine.
 pub trait System {
     fn kexec_loaded(&mut self) -> bool;
+    /// Holds back new TCP connections to the workloads' listening sockets
+    /// and waits until the ones already made are accepted: CRIU cannot
+    /// checkpoint a connection still in a listen queue.
+    fn hold_connections(&mut self, ws: &[Workload]) -> Result<(), StepError>;
+    /// Lets new connections in again.
+    fn release_connections(&mut self) -> Result<(), StepError>;
     fn freeze(&mut self, w: &Workload) -> Result<(), StepError>;
     fn thaw(&mut self, w: &Workload) -> Result<(), StepError>;
     fn dump(&mut self, w: &Workload, dir: &Path) -> Result<Dumped, StepError>;
@@ -116,6 +122,7 @@ pub struct Aborted {
 /// What has been done so far, to undo in reverse.
 #[derive(Default)]
 struct Undo {
+    held: bool,
     frozen: Vec<usize>,
     dumped: Vec<(usize, Dumped)>,
     image_written: bool,
@@ -208,6 +215,9 @@ fn run(
     );
     check_signal(sys, "freeze")?;
 
+    undo.held = true;
+    sys.hold_connections(workloads)?;
+    check_signal(sys, "freeze")?;
     for (i, w) in workloads.iter().enumerate() {
         // Recorded first: a freeze that times out may have frozen some tasks.
         undo.frozen.push(i);
@@ -329,6 +339,11 @@ fn resume(sys: &mut dyn System, workloads: &[Workload], undo: &mut Undo) -> Vec<
             errors.push(e.to_string());
         }
     }
+    if std::mem::take(&mut undo.held) {
+        if let Err(e) = sys.release_connections() {
+            errors.push(e.to_string());
+        }
+    }
     errors
 }
 
@@ -362,6 +377,12 @@ mod tests {
     impl System for Fake {
         fn kexec_loaded(&mut self) -> bool {
             self.loaded
+        }
+        fn hold_connections(&mut self, _ws: &[Workload]) -> Result<(), StepError> {
+            self.step("hold".into(), "connections")
+        }
+        fn release_connections(&mut self) -> Result<(), StepError> {
+            self.step("release".into(), "resume")
         }
         fn freeze(&mut self, w: &Workload) -> Result<(), StepError> {
             self.step(format!("freeze {}", w.name), "freeze")
@@ -472,6 +493,7 @@ mod tests {
             upto_reboot,
             [
                 "system state",
+                "hold",
                 "freeze a",
                 "freeze b",
                 "dump a",
@@ -516,7 +538,8 @@ mod tests {
                 "undump b",
                 "undump a",
                 "thaw b",
-                "thaw a"
+                "thaw a",
+                "release"
             ]
         );
         assert_eq!(f.events.last(), Some(&Event::Resumed));
@@ -527,14 +550,25 @@ mod tests {
     fn every_abort_path_undoes_what_was_done() {
         let cases: &[(&str, &[&str])] = &[
             ("system state", &[]),
-            ("freeze a", &["thaw a"]),
-            ("freeze b", &["thaw b", "thaw a"]),
-            ("dump a", &["thaw b", "thaw a"]),
-            ("dump b", &["undump a", "thaw b", "thaw a"]),
-            ("capture", &["undump b", "undump a", "thaw b", "thaw a"]),
+            ("hold", &["release"]),
+            ("freeze a", &["thaw a", "release"]),
+            ("freeze b", &["thaw b", "thaw a", "release"]),
+            ("dump a", &["thaw b", "thaw a", "release"]),
+            ("dump b", &["undump a", "thaw b", "thaw a", "release"]),
+            (
+                "capture",
+                &["undump b", "undump a", "thaw b", "thaw a", "release"],
+            ),
             (
                 "write",
-                &["invalidate", "undump b", "undump a", "thaw b", "thaw a"],
+                &[
+                    "invalidate",
+                    "undump b",
+                    "undump a",
+                    "thaw b",
+                    "thaw a",
+                    "release",
+                ],
             ),
             (
                 "quiesce",
@@ -545,6 +579,7 @@ mod tests {
                     "undump a",
                     "thaw b",
                     "thaw a",
+                    "release",
                 ],
             ),
         ];
@@ -614,7 +649,7 @@ mod tests {
             .skip_while(|c| *c != "dump a")
             .skip(1)
             .collect();
-        assert_eq!(tail, ["undump a", "thaw b", "thaw a"]);
+        assert_eq!(tail, ["undump a", "thaw b", "thaw a", "release"]);
     }
 
     #[test]
@@ -641,7 +676,14 @@ mod tests {
             .collect();
         assert_eq!(
             tail,
-            ["invalidate", "undump b", "undump a", "thaw b", "thaw a"]
+            [
+                "invalidate",
+                "undump b",
+                "undump a",
+                "thaw b",
+                "thaw a",
+                "release"
+            ]
         );
         assert_eq!(f.events.last(), Some(&Event::Resumed));
     }

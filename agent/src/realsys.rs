@@ -18,7 +18,7 @@ use crate::config::{Config, LIB_DIR};
 use crate::pipeline::{Dumped, ImageInput, StepError, System};
 use crate::store::Store;
 use crate::workload::Workload;
-use crate::{capture, cgroup, criu};
+use crate::{capture, cgroup, criu, listen};
 
 /// Environment variable that makes `go` fail on purpose; see `reboot`.
 pub const FAILPOINT: &str = "KUPGRADE_FAILPOINT";
@@ -33,6 +33,8 @@ pub struct RealSystem {
     kmsg: Option<File>,
     /// Mount points `quiesce_filesystems` made read-only.
     remounted: Vec<String>,
+    /// New connections are held back (the nftables table is in place).
+    holding: bool,
 }
 
 impl RealSystem {
@@ -56,6 +58,7 @@ impl RealSystem {
             console: open("/dev/console"),
             kmsg: open("/dev/kmsg"),
             remounted: Vec::new(),
+            holding: false,
         }
     }
 
@@ -76,6 +79,24 @@ fn err(step: &'static str) -> impl Fn(&dyn std::fmt::Display) -> StepError {
 impl System for RealSystem {
     fn kexec_loaded(&mut self) -> bool {
         kexec::is_loaded().unwrap_or(false)
+    }
+
+    fn hold_connections(&mut self, ws: &[Workload]) -> Result<(), StepError> {
+        let ports = listen::listening_ports(ws);
+        if ports.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<u16> = ports.keys().copied().collect();
+        listen::hold(&list).map_err(|e| err("connections")(&e))?;
+        self.holding = true;
+        listen::drain(&ports, listen::DRAIN_TIMEOUT).map_err(|e| err("connections")(&e))
+    }
+
+    fn release_connections(&mut self) -> Result<(), StepError> {
+        if !std::mem::take(&mut self.holding) {
+            return Ok(());
+        }
+        listen::release().map_err(|e| err("resume")(&e))
     }
 
     fn freeze(&mut self, w: &Workload) -> Result<(), StepError> {
