@@ -163,7 +163,7 @@ pub fn repair_off(w: &Workload) -> Result<usize, String> {
     use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
     let tcp: std::collections::HashSet<u64> = crate::proc::tcp_sockets()
         .into_iter()
-        .map(|(ino, _)| ino)
+        .map(|s| s.inode)
         .collect();
     let mut done = std::collections::HashSet::new();
     let mut errors = Vec::new();

@@ -12,8 +12,6 @@
 //! kernel never has the table.
 
 use std::collections::BTreeMap;
-use std::collections::HashSet;
-use std::fs;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,61 +25,15 @@ pub const HOLD_TABLE: &str = "kupgrade-hold";
 /// How long a workload gets to accept the connections already queued.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// One line of `/proc/net/tcp{,6}`, the fields used here.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Entry {
-    port: u16,
-    state: u8,
-    /// For a listening socket: connections waiting to be accepted.
-    rx_queue: u32,
-    inode: u64,
-}
-
-const TCP_SYN_RECV: u8 = 0x03;
-
-fn parse(text: &str) -> Vec<Entry> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
-            let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
-            let rx_queue = u32::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()?;
-            let inode = f.get(9)?.parse().ok()?;
-            Some(Entry {
-                port,
-                state,
-                rx_queue,
-                inode,
-            })
-        })
-        .collect()
-}
-
-fn entries() -> Vec<Entry> {
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .flat_map(|f| parse(&fs::read_to_string(f).unwrap_or_default()))
-        .collect()
-}
-
 /// The TCP ports each workload listens on, as (port, workload name).
 pub fn listening_ports(ws: &[Workload]) -> BTreeMap<u16, String> {
-    listening_ports_in(&entries(), ws)
-}
-
-fn listening_ports_in(table: &[Entry], ws: &[Workload]) -> BTreeMap<u16, String> {
+    let table = proc::tcp_sockets();
     let mut out = BTreeMap::new();
     for w in ws {
-        let inodes: HashSet<u64> = w
-            .pids
-            .iter()
-            .flat_map(|p| proc::fds(*p))
-            .filter_map(|(_, link)| proc::socket_inode(&link))
-            .collect();
-        for e in table {
-            if e.state == proc::TCP_LISTEN && inodes.contains(&e.inode) {
-                out.entry(e.port).or_insert_with(|| w.name.clone());
+        let inodes = proc::socket_inodes(&w.pids);
+        for s in &table {
+            if s.state == proc::TCP_LISTEN && inodes.contains(&s.inode) {
+                out.entry(s.local_port).or_insert_with(|| w.name.clone());
             }
         }
     }
@@ -92,19 +44,19 @@ fn listening_ports_in(table: &[Entry], ws: &[Workload]) -> BTreeMap<u16, String>
 /// or half open (their handshake completes even while the SYNs of new ones
 /// are dropped). Ports with none are left out.
 pub fn waiting(ports: &[u16]) -> BTreeMap<u16, u32> {
-    waiting_in(&entries(), ports)
+    waiting_in(&proc::tcp_sockets(), ports)
 }
 
-fn waiting_in(table: &[Entry], ports: &[u16]) -> BTreeMap<u16, u32> {
+fn waiting_in(table: &[proc::TcpSocket], ports: &[u16]) -> BTreeMap<u16, u32> {
     let mut out = BTreeMap::new();
-    for e in table.iter().filter(|e| ports.contains(&e.port)) {
-        let n = match e.state {
-            proc::TCP_LISTEN => e.rx_queue,
-            TCP_SYN_RECV => 1,
+    for s in table.iter().filter(|s| ports.contains(&s.local_port)) {
+        let n = match s.state {
+            proc::TCP_LISTEN => s.rx_queue,
+            proc::TCP_SYN_RECV => 1,
             _ => 0,
         };
         if n > 0 {
-            *out.entry(e.port).or_insert(0) += n;
+            *out.entry(s.local_port).or_insert(0) += n;
         }
     }
     out
@@ -202,25 +154,24 @@ mod tests {
 ";
 
     #[test]
-    fn proc_net_tcp_lines_give_port_state_queue_and_inode() {
-        let t = parse(TABLE);
+    fn the_listen_queue_is_read_from_proc_net_tcp() {
+        let t = proc::parse_tcp_table(TABLE);
         assert_eq!(t.len(), 4);
         assert_eq!(
             t[0],
-            Entry {
-                port: 7000,
+            proc::TcpSocket {
+                local_port: 7000,
                 state: proc::TCP_LISTEN,
                 rx_queue: 2,
                 inode: 4242
             }
         );
-        assert_eq!(t[1].state, TCP_SYN_RECV);
-        assert_eq!(t[3].port, 22);
+        assert_eq!(t[1].state, proc::TCP_SYN_RECV);
     }
 
     #[test]
     fn queued_and_half_open_connections_count_established_ones_do_not() {
-        let t = parse(TABLE);
+        let t = proc::parse_tcp_table(TABLE);
         // Two in the accept queue, one half open; the established one and
         // the idle port 22 do not count.
         assert_eq!(waiting_in(&t, &[7000, 22]), BTreeMap::from([(7000, 3)]));

@@ -1,6 +1,7 @@
 //! What `/proc` says about a process: parent, tracer, threads, open files,
 //! mappings, namespaces, sockets.
 
+use std::collections::HashSet;
 use std::fs;
 use std::path::PathBuf;
 
@@ -108,9 +109,19 @@ pub fn socket_inode(link: &str) -> Option<u64> {
         .ok()
 }
 
-/// TCP sockets of the system: (inode, state) from `/proc/net/tcp` and `tcp6`.
-/// States are the kernel's: 01 established, 0A listen, ...
-pub fn tcp_sockets() -> Vec<(u64, u8)> {
+/// One line of `/proc/net/tcp` or `tcp6`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub inode: u64,
+    /// The kernel's state: 01 established, 03 SYN_RECV, 0A listen, ...
+    pub state: u8,
+    pub local_port: u16,
+    /// For a listening socket: connections waiting to be accepted.
+    pub rx_queue: u32,
+}
+
+/// TCP sockets of the system (this network namespace), IPv4 and IPv6.
+pub fn tcp_sockets() -> Vec<TcpSocket> {
     let mut out = Vec::new();
     for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
         out.extend(parse_tcp_table(&fs::read_to_string(f).unwrap_or_default()));
@@ -118,18 +129,30 @@ pub fn tcp_sockets() -> Vec<(u64, u8)> {
     out
 }
 
-pub fn parse_tcp_table(text: &str) -> Vec<(u64, u8)> {
+pub fn parse_tcp_table(text: &str) -> Vec<TcpSocket> {
     text.lines()
         .skip(1)
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            let state = u8::from_str_radix(f.get(3)?, 16).ok()?;
-            let inode = f.get(9)?.parse().ok()?;
-            Some((inode, state))
+            Some(TcpSocket {
+                local_port: u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?,
+                state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+                rx_queue: u32::from_str_radix(f.get(4)?.split(':').nth(1)?, 16).ok()?,
+                inode: f.get(9)?.parse().ok()?,
+            })
         })
         .collect()
 }
 
+/// Inodes of the sockets `pids` hold open.
+pub fn socket_inodes(pids: &[i32]) -> HashSet<u64> {
+    pids.iter()
+        .flat_map(|p| fds(*p))
+        .filter_map(|(_, link)| socket_inode(&link))
+        .collect()
+}
+
+pub const TCP_SYN_RECV: u8 = 0x03;
 pub const TCP_LISTEN: u8 = 0x0a;
 pub const TCP_CLOSE: u8 = 0x07;
 
@@ -169,7 +192,12 @@ mod tests {
         );
         assert_eq!(parse_status_field(status, "Tracer"), None);
         let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 31337 1 0\n   1: 0F02000A:1B58 0202000A:D2A4 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0\n";
-        assert_eq!(parse_tcp_table(tcp), vec![(31337, TCP_LISTEN), (4242, 1)]);
+        let t = parse_tcp_table(tcp);
+        assert_eq!(
+            t.iter().map(|s| (s.inode, s.state)).collect::<Vec<_>>(),
+            vec![(31337, TCP_LISTEN), (4242, 1)]
+        );
+        assert_eq!((t[0].local_port, t[1].local_port), (8080, 7000));
         assert_eq!(socket_inode("socket:[99]"), Some(99));
         assert_eq!(parse_stat_ids("42 (a b) c) S 1 40 39 0 -1"), Some((40, 39)));
         assert_eq!(socket_inode("/dev/null"), None);

@@ -100,14 +100,10 @@ fn namespace_outsiders(pid: i32, kind: &str, members: &HashSet<i32>) -> Vec<i32>
 
 /// A TCP socket in any state but listen/close needs CRIU's --tcp-established.
 fn has_tcp_connections(pids: &[i32]) -> bool {
-    let inodes: HashSet<u64> = pids
-        .iter()
-        .flat_map(|p| proc::fds(*p))
-        .filter_map(|(_, link)| proc::socket_inode(&link))
-        .collect();
-    proc::tcp_sockets()
-        .iter()
-        .any(|(ino, st)| inodes.contains(ino) && *st != proc::TCP_LISTEN && *st != proc::TCP_CLOSE)
+    let inodes = proc::socket_inodes(pids);
+    proc::tcp_sockets().iter().any(|s| {
+        inodes.contains(&s.inode) && s.state != proc::TCP_LISTEN && s.state != proc::TCP_CLOSE
+    })
 }
 
 /// Every workload: those `kupgrade launch` started, then those the config
@@ -188,12 +184,7 @@ pub fn refusals(w: &Workload) -> Vec<Refusal> {
     // Unix sockets: every peer must be inside the workload, or CRIU cannot
     // dump the connection. Without sock_diag, CRIU itself will say so.
     let peers = crate::unix_diag::peers().unwrap_or_default();
-    let own: HashSet<u64> = w
-        .pids
-        .iter()
-        .flat_map(|p| proc::fds(*p))
-        .filter_map(|(_, l)| proc::socket_inode(&l))
-        .collect();
+    let own = proc::socket_inodes(&w.pids);
     let mut outside: Vec<(i32, i32, u64)> = Vec::new();
     for &pid in &w.pids {
         for (fd, link) in proc::fds(pid) {
