@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::stage::Staged;
 use crate::store::{self, Store};
 use crate::workload::{self, Workload};
-use crate::{criu, proc};
+use crate::{criu, listen, proc};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
@@ -172,6 +172,28 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
                 r.to_string(),
                 "kupgrade go would refuse it: remove the resource or stop the workload",
             ));
+        }
+    }
+    let ports = listen::listening_ports(&workloads);
+    if !ports.is_empty() || workloads.iter().any(|w| w.tcp_established) {
+        let held: Vec<String> = ports
+            .iter()
+            .map(|(port, name)| format!("{port} ({name})"))
+            .collect();
+        let what = if held.is_empty() {
+            "TCP connections are locked with nftables during the pause".to_string()
+        } else {
+            format!(
+                "TCP connections are locked and new ones to ports {} held back with nftables during the pause",
+                held.join(", ")
+            )
+        };
+        match std::process::Command::new("nft").arg("--version").output() {
+            Ok(o) if o.status.success() => out.push(ok(what)),
+            _ => out.push(fail(
+                format!("{what}, but nft is not available"),
+                "apt-get install nftables",
+            )),
         }
     }
     let need = store::estimate_image_bytes(workloads.iter().map(|w| w.memory_bytes).sum());
