@@ -72,6 +72,33 @@ impl RealSystem {
     }
 }
 
+impl RealSystem {
+    /// Test hook: damages the first chunk of the first workload's section
+    /// after the image was written and read back, as a failing store would,
+    /// to prove that the new kernel refuses it and boots anyway (the
+    /// corrupt-image QEMU scenario).
+    fn corrupt_first_chunk(
+        &mut self,
+        img: &image_format::Image<File>,
+        input: &ImageInput,
+    ) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let name = input.trees.first().map(|t| t.0.as_str()).unwrap_or("");
+        let Some(section) = img.manifest().sections.iter().find(|s| s.name == name) else {
+            return Err(std::io::Error::other(format!(
+                "no section {name:?} to damage"
+            )));
+        };
+        // Past the chunk header, inside its body.
+        let at = section.offset + image_format::format::CHUNK_HEADER_LEN as u64;
+        let f = self.store.open_rw().map_err(std::io::Error::other)?;
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, at)?;
+        f.write_all_at(&[!b[0]], at)?;
+        f.sync_all()
+    }
+}
+
 fn err(step: &'static str) -> impl Fn(&dyn std::fmt::Display) -> StepError {
     move |e| StepError::new(step, e)
 }
@@ -191,8 +218,11 @@ impl System for RealSystem {
         let summary = w.finish(input.manifest.clone()).map_err(|x| e(&x))?;
         // Read back what a new kernel would read first.
         let f = self.store.open_rw().map_err(|x| e(&x))?;
-        image_format::Image::open(f)
+        let img = image_format::Image::open(f)
             .map_err(|x| StepError::new("image write", format!("verification failed: {x}")))?;
+        if std::env::var(FAILPOINT).is_ok_and(|v| v == "corrupt-image") {
+            self.corrupt_first_chunk(&img, input).map_err(|x| e(&x))?;
+        }
         Ok(summary.total_len)
     }
 
