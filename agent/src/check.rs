@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::Path;
 
 use crate::config::Config;
+use crate::leftovers::{self, RunLock};
 use crate::stage::Staged;
 use crate::store::{self, Store};
 use crate::workload::{self, Workload};
@@ -173,6 +174,21 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
                 "kupgrade go would refuse it: remove the resource or stop the workload",
             ));
         }
+    }
+    match RunLock::take() {
+        Ok(_lock) => {
+            let left = leftovers::find(&workloads, Store::locate(cfg).ok().as_ref());
+            if !left.is_empty() {
+                out.push(fail(
+                    format!(
+                        "a previous `kupgrade go` did not finish: {}",
+                        left.describe().join("; ")
+                    ),
+                    "run `kupgrade resume` to undo it",
+                ));
+            }
+        }
+        Err(e) => out.push(warn(e, "check again once it has finished")),
     }
     let ports = listen::listening_ports(&workloads);
     if !ports.is_empty() || workloads.iter().any(|w| w.tcp_established) {

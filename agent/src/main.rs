@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use image_format::report::{Outcome as RestoreOutcome, UpgradeReport};
 use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, RUN_DIR};
+use kupgrade_agent::leftovers::{self, RunLock};
 use kupgrade_agent::pipeline::{self, Outcome};
 use kupgrade_agent::realsys::RealSystem;
 use kupgrade_agent::stage::{self, Staged};
@@ -54,6 +55,10 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Undo what a `kupgrade go` that was killed half-way left behind:
+    /// thaw and continue the workloads, lift the network locks, let new
+    /// connections in, make file systems writable, invalidate the image.
+    Resume,
     /// What the last upgrade did, phase by phase.
     Report {
         #[arg(long)]
@@ -212,6 +217,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Status => status(&cfg)?,
         Cmd::Go { dry_run } => return go(&cfg, dry_run),
+        Cmd::Resume => return resume(&cfg),
         Cmd::Launch {
             name,
             pid_namespace,
@@ -259,7 +265,15 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
     if staged.is_none() && !dry_run {
         bail!("no kernel is staged: run `kupgrade stage /boot/vmlinuz-NEW` first");
     }
+    let _lock = RunLock::take().map_err(anyhow::Error::msg)?;
     let workloads = workloads_or_bail(cfg)?;
+    let left = leftovers::find(&workloads, Store::locate(cfg).ok().as_ref());
+    if !left.is_empty() {
+        bail!(
+            "a previous `kupgrade go` did not finish ({}): run `kupgrade resume` first",
+            left.describe().join("; ")
+        );
+    }
     // Refuse what CRIU cannot checkpoint before anything is frozen.
     let refusals: Vec<String> = workloads
         .iter()
@@ -320,6 +334,42 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             }
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+fn resume(cfg: &Config) -> Result<ExitCode> {
+    require_root("kupgrade resume")?;
+    let _lock = RunLock::take().map_err(anyhow::Error::msg)?;
+    let criu = leftovers::criu_processes();
+    if !criu.is_empty() {
+        bail!("CRIU is still running (pids {criu:?}): wait for it to exit, then run `kupgrade resume` again");
+    }
+    let workloads = workloads_or_bail(cfg)?;
+    let store = Store::locate(cfg).ok();
+    let left = leftovers::find(&workloads, store.as_ref());
+    if left.is_empty() {
+        println!("nothing to resume: no workload is frozen and no lock, hold or image of this boot is left");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for what in left.describe() {
+        println!("found: {what}");
+    }
+    let Some(store) = store else {
+        bail!("the store is gone; cannot run the recovery that needs it");
+    };
+    let mut sys = RealSystem::after_killed_go(cfg.clone(), store, left.read_only.clone());
+    let errors = pipeline::recover(
+        &mut sys,
+        &workloads,
+        left.image_from_this_boot,
+        !left.read_only.is_empty(),
+    );
+    if errors.is_empty() {
+        println!("resumed: every workload runs again on this kernel");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("kupgrade: RESUMING FAILED: {}", errors.join("; "));
+        Ok(ExitCode::FAILURE)
     }
 }
 

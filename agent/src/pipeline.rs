@@ -316,6 +316,33 @@ fn run(
     Err(sys.reboot())
 }
 
+/// What a `go` that was killed half-way may have left: every workload
+/// frozen and dumped (with a network lock where it has TCP connections),
+/// connections held, and, as found, an image and read-only file systems.
+/// Undoes all of it as an abort would. Returns what could not be undone.
+pub fn recover(
+    sys: &mut dyn System,
+    workloads: &[Workload],
+    image_written: bool,
+    quiesced: bool,
+) -> Vec<String> {
+    let mut undo = Undo {
+        held: true,
+        frozen: (0..workloads.len()).collect(),
+        dumped: workloads
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let lock_table = w.tcp_established.then(String::new);
+                (i, Dumped { lock_table })
+            })
+            .collect(),
+        image_written,
+        quiesced,
+    };
+    resume(sys, workloads, &mut undo)
+}
+
 /// Undoes, in reverse order, what was done. Returns what could not be undone.
 fn resume(sys: &mut dyn System, workloads: &[Workload], undo: &mut Undo) -> Vec<String> {
     let mut errors = Vec::new();
@@ -686,6 +713,29 @@ mod tests {
             ]
         );
         assert_eq!(f.events.last(), Some(&Event::Resumed));
+    }
+
+    #[test]
+    fn recovering_from_a_killed_go_undoes_everything_it_may_have_done() {
+        let mut f = Fake::default();
+        let errs = recover(&mut f, &two(), true, true);
+        assert!(errs.is_empty());
+        assert_eq!(
+            f.calls,
+            [
+                "unquiesce",
+                "invalidate",
+                "undump b",
+                "undump a",
+                "thaw b",
+                "thaw a",
+                "release"
+            ]
+        );
+        // Without an image or read-only file systems found, those are left.
+        let mut f = Fake::default();
+        recover(&mut f, &two(), false, false);
+        assert_eq!(f.calls[0], "undump b");
     }
 
     #[test]

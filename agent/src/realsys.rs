@@ -10,15 +10,15 @@ use std::time::Duration;
 use image_format::devstate::{self, DeviceState, TmpfsMount};
 use image_format::events::EventLine;
 use image_format::{ImageWriter, WriteOptions};
-use nix::mount::{mount, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::config::{Config, LIB_DIR};
 use crate::pipeline::{Dumped, ImageInput, StepError, System};
+use crate::remount::{self, Remounted};
 use crate::store::Store;
 use crate::workload::Workload;
-use crate::{capture, cgroup, criu, listen};
+use crate::{capture, cgroup, criu, leftovers, listen};
 
 /// Environment variable that makes `go` fail on purpose; see `reboot`.
 pub const FAILPOINT: &str = "KUPGRADE_FAILPOINT";
@@ -32,7 +32,7 @@ pub struct RealSystem {
     console: Option<File>,
     kmsg: Option<File>,
     /// Mount points `quiesce_filesystems` made read-only.
-    remounted: Vec<String>,
+    remounted: Vec<Remounted>,
     /// New connections are held back (the nftables table is in place).
     holding: bool,
 }
@@ -59,6 +59,16 @@ impl RealSystem {
             kmsg: open("/dev/kmsg"),
             remounted: Vec::new(),
             holding: false,
+        }
+    }
+
+    /// For `kupgrade resume`: a system on which a killed `go` may have
+    /// held connections back and made `remounted` read-only.
+    pub fn after_killed_go(cfg: Config, store: Store, remounted: Vec<Remounted>) -> Self {
+        RealSystem {
+            holding: true,
+            remounted,
+            ..RealSystem::new(cfg, store)
         }
     }
 
@@ -140,6 +150,7 @@ impl System for RealSystem {
         let _ = fs::create_dir_all(LIB_DIR);
         let _ = fs::remove_dir_all(dir);
         criu::dump(&self.cfg.criu, w, dir, &log).map_err(|e| err("checkpoint")(&e))?;
+
         let lock_table = if w.tcp_established {
             Some(criu::save_lock_table(w).ok_or_else(|| {
                 StepError::new(
@@ -234,40 +245,14 @@ impl System for RealSystem {
     fn quiesce_filesystems(&mut self) -> Result<(), StepError> {
         self.save_events();
         nix::unistd::sync();
-        // Read-only where possible; a file system with files open for
-        // writing (the workloads' own) stays writable, synced.
-        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        for line in mounts.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let (Some(dev), Some(target)) = (f.first(), f.get(1)) else {
-                continue;
-            };
-            if dev.starts_with("/dev/")
-                && !f.get(3).is_some_and(|o| o.split(',').any(|x| x == "ro"))
-            {
-                let flags = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-                if mount(None::<&str>, *target, None::<&str>, flags, None::<&str>).is_ok() {
-                    self.remounted.push(target.to_string());
-                }
-            }
-        }
+        self.remounted = remount::make_read_only(&leftovers::remount_journal());
         nix::unistd::sync();
         Ok(())
     }
 
     fn unquiesce_filesystems(&mut self) -> Result<(), StepError> {
-        let mut failed = Vec::new();
-        for target in std::mem::take(&mut self.remounted).into_iter().rev() {
-            if let Err(e) = mount(
-                None::<&str>,
-                target.as_str(),
-                None::<&str>,
-                MsFlags::MS_REMOUNT,
-                None::<&str>,
-            ) {
-                failed.push(format!("{target}: {e}"));
-            }
-        }
+        let list = std::mem::take(&mut self.remounted);
+        let failed = remount::make_writable(&list, &leftovers::remount_journal());
         if failed.is_empty() {
             Ok(())
         } else {
@@ -286,6 +271,12 @@ impl System for RealSystem {
                 "kexec",
                 format!("failpoint {FAILPOINT}=kexec: the reboot was not attempted"),
             );
+        }
+        // Test hook: die as a SIGKILL or a crash would at the last moment,
+        // with everything done and nothing undone (the killed-go scenario).
+        if std::env::var(FAILPOINT).is_ok_and(|v| v == "die-before-kexec") {
+            eprintln!("kupgrade: failpoint {FAILPOINT}=die-before-kexec: aborting");
+            std::process::abort();
         }
         match kexec::reboot_into_loaded() {
             Ok(never) => match never {},
