@@ -29,12 +29,15 @@ pub struct RunLock {
 impl RunLock {
     pub fn take() -> Result<RunLock, String> {
         let _ = fs::create_dir_all(RUN_DIR);
-        let path = Path::new(RUN_DIR).join("go.lock");
+        RunLock::at(&Path::new(RUN_DIR).join("go.lock"))
+    }
+
+    fn at(path: &Path) -> Result<RunLock, String> {
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&path)
+            .open(path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Ok(RunLock { _lock: lock }),
@@ -145,4 +148,34 @@ pub fn criu_processes() -> Vec<i32> {
         .into_iter()
         .filter(|p| crate::proc::comm(*p) == "criu")
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_run_at_a_time_and_the_lock_dies_with_its_holder() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("go.lock");
+        let first = RunLock::at(&path).unwrap();
+        let e = RunLock::at(&path).unwrap_err();
+        assert!(e.contains("is running"), "{e}");
+        drop(first);
+        RunLock::at(&path).unwrap();
+    }
+
+    #[test]
+    fn nothing_found_is_empty_and_says_nothing() {
+        let l = Leftovers::default();
+        assert!(l.is_empty() && l.describe().is_empty());
+        let l = Leftovers {
+            frozen: vec!["web".into()],
+            connections_held: true,
+            ..Leftovers::default()
+        };
+        assert!(!l.is_empty());
+        assert_eq!(l.describe().len(), 2);
+        assert!(l.describe()[0].contains("workload web is frozen"));
+    }
 }
