@@ -150,6 +150,11 @@ impl System for RealSystem {
         let _ = fs::create_dir_all(LIB_DIR);
         let _ = fs::remove_dir_all(dir);
         criu::dump(&self.cfg.criu, w, dir, &log).map_err(|e| err("checkpoint")(&e))?;
+        // Test hook: a real SIGTERM in the middle of the pipeline (the
+        // signal-abort QEMU scenario).
+        if std::env::var(FAILPOINT).is_ok_and(|v| v == "sigterm-after-checkpoint") {
+            let _ = kill(Pid::this(), Signal::SIGTERM);
+        }
 
         let lock_table = if w.tcp_established {
             Some(criu::save_lock_table(w).ok_or_else(|| {
