@@ -175,8 +175,15 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
             ));
         }
     }
-    match RunLock::take() {
-        Ok(_lock) => {
+    // Without root the lock cannot be taken; the first finding says so.
+    let lock = if nix::unistd::geteuid().is_root() {
+        Some(RunLock::take())
+    } else {
+        None
+    };
+    match lock {
+        None => {}
+        Some(Ok(_lock)) => {
             let left = leftovers::find(&workloads, Store::locate(cfg).ok().as_ref());
             if !left.is_empty() {
                 out.push(fail(
@@ -188,7 +195,7 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
                 ));
             }
         }
-        Err(e) => out.push(warn(e, "check again once it has finished")),
+        Some(Err(e)) => out.push(warn(e, "check again once it has finished")),
     }
     let ports = listen::listening_ports(&workloads);
     if !ports.is_empty() || workloads.iter().any(|w| w.tcp_established) {
