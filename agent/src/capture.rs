@@ -7,7 +7,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use image_format::devstate::{Address, DeviceState, Family, Interface, Route, TmpfsMount};
+use contract::devstate::{Address, DeviceState, Family, Interface, Route, TmpfsMount};
 use serde_json::Value;
 
 use crate::proc;

@@ -8,7 +8,7 @@ pub const CONFIG_FILE: &str = "/etc/kupgrade/config.toml";
 /// Volatile state of this boot: what is staged, dump scratch space.
 pub const RUN_DIR: &str = "/run/kupgrade";
 /// Persistent state: reports, CRIU logs, the agent's own event record.
-pub const LIB_DIR: &str = image_format::report::DIR;
+pub const LIB_DIR: &str = contract::report::DIR;
 /// Parent cgroup of the workloads `kupgrade launch` starts.
 pub const CGROUP_PARENT: &str = "/sys/fs/cgroup/kupgrade";
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";

@@ -56,7 +56,7 @@ pub fn dump_args(w: &Workload, dir: &Path, log: &Path) -> Vec<String> {
 
 /// The gist of a CRIU log file, for a one-line reason.
 pub fn last_errors(log: &Path) -> String {
-    image_format::report::criu_errors(&fs::read_to_string(log).unwrap_or_default())
+    contract::report::criu_errors(&fs::read_to_string(log).unwrap_or_default())
 }
 
 pub fn dump(criu: &str, w: &Workload, dir: &Path, log: &Path) -> Result<(), Error> {

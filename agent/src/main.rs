@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use image_format::report::{Outcome as RestoreOutcome, UpgradeReport};
+use contract::report::{Outcome as RestoreOutcome, UpgradeReport};
 use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, RUN_DIR};
 use kupgrade_agent::leftovers::{self, RunLock};
 use kupgrade_agent::pipeline::{self, Outcome};
@@ -197,7 +197,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let s = stage::stage(&cfg, &req)
                 .with_context(|| format!("cannot stage {}", kernel.display()))?;
-            let e = image_format::events::EventLine::now(image_format::events::Event::Staged)
+            let e = contract::events::EventLine::now(contract::events::Event::Staged)
                 .with("release", &s.release);
             println!("{e}");
             println!("staged {} from {}", s.release, s.kernel.display());
@@ -435,7 +435,7 @@ fn status(cfg: &Config) -> Result<()> {
 }
 
 fn report(json: bool) -> Result<ExitCode> {
-    let path = Path::new(LIB_DIR).join(image_format::report::FILE);
+    let path = Path::new(LIB_DIR).join(contract::report::FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

@@ -13,9 +13,10 @@
 
 use std::path::{Path, PathBuf};
 
-use image_format::devstate::{self, DeviceState, TmpfsMount};
-use image_format::events::{Event, EventLine};
-use image_format::{Manifest, PhaseTiming, WorkloadEntry};
+use contract::devstate::{self, DeviceState, TmpfsMount};
+use contract::events::{Event, EventLine};
+use contract::{PhaseTiming, WorkloadEntry};
+use image_format::Manifest;
 
 use crate::workload::Workload;
 
@@ -129,14 +130,6 @@ struct Undo {
     quiesced: bool,
 }
 
-fn phase(e: &EventLine) -> PhaseTiming {
-    PhaseTiming {
-        event: e.event.name().to_string(),
-        t_mono_ns: e.t_mono_ns,
-        t_real_ns: e.t_real_ns,
-    }
-}
-
 pub fn go(
     sys: &mut dyn System,
     workloads: &[Workload],
@@ -177,7 +170,7 @@ pub fn go(
 
 /// Emits an event and records it for the image's manifest.
 fn emit(sys: &mut dyn System, phases: &mut Vec<PhaseTiming>, e: EventLine) {
-    phases.push(phase(&e));
+    phases.push(PhaseTiming::from(&e));
     sys.emit(e);
 }
 
@@ -274,7 +267,7 @@ fn run(
         boot_id: opts.boot_id.clone(),
         machine_id: opts.machine_id.clone(),
         hostname: opts.hostname.clone(),
-        created_unix_ns: image_format::events::now_ns().1,
+        created_unix_ns: contract::events::now_ns().1,
         workloads: entries,
         phases: phases.clone(),
         sections: Vec::new(),

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use image_format::devstate::{self, DeviceState, TmpfsMount};
-use image_format::events::EventLine;
+use contract::devstate::{self, DeviceState, TmpfsMount};
+use contract::events::EventLine;
 use image_format::{ImageWriter, WriteOptions};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;

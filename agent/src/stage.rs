@@ -5,7 +5,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use image_format::cmdline::{self, Cmdline};
+use contract::cmdline::{self, Cmdline};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, RUN_DIR};

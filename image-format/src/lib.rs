@@ -1,5 +1,6 @@
-//! The kupgrade snapshot image and the types that both sides of a kexec
-//! (the agent on the old kernel, `kupgrade-init` on the new one) agree on.
+//! The kupgrade snapshot image: the codec that writes it to a store and
+//! reads it back. What the image carries (workloads, device state) and the
+//! rest of the contract between the two kernels live in `contract`.
 //!
 //! An image is one blob in a store (a `memmap=` RAM range seen as
 //! `/dev/pmemN`, a file, or memory): a checksummed superblock, sections of
@@ -22,25 +23,21 @@
 //! # Ok(()) }
 //! ```
 
-pub mod cmdline;
-pub mod devstate;
-pub mod events;
-pub mod report;
-
 pub mod format;
 pub mod inspect;
-mod pipeline;
 mod read;
 mod state;
 #[doc(hidden)]
 pub mod testing;
 mod tree;
+mod workers;
 mod write;
 
 use std::fmt;
 use std::io::{self, Read, Seek, Write};
 use std::str::FromStr;
 
+use contract::{PhaseTiming, WorkloadEntry};
 use serde::{Deserialize, Serialize};
 
 pub use format::{BODY_OFFSET, FORMAT_MAJOR, FORMAT_MINOR, MAGIC};
@@ -194,25 +191,6 @@ impl Manifest {
     pub fn section(&self, name: &str) -> Option<&SectionEntry> {
         self.sections.iter().find(|s| s.name == name)
     }
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
-pub struct WorkloadEntry {
-    pub name: String,
-    pub cgroup: String,
-    pub root_pid: i32,
-    pub pids: Vec<i32>,
-    /// The section holding its CRIU images.
-    pub section: String,
-    pub tcp_established: bool,
-    pub pid_namespace: bool,
-}
-
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
-pub struct PhaseTiming {
-    pub event: String,
-    pub t_mono_ns: u64,
-    pub t_real_ns: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]

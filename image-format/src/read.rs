@@ -10,7 +10,7 @@ use std::path::Path;
 use zerocopy::FromBytes;
 
 use crate::format::*;
-use crate::pipeline::{self, Pool, Results, Submitter};
+use crate::workers::{self, Pool, Results, Submitter};
 use crate::{Error, Manifest, SectionEntry, SectionKind, State, Superblock};
 
 /// An image opened from a store: its superblock and manifest are checked.
@@ -268,7 +268,7 @@ impl<R: Read + Seek + Send> Image<R> {
             store_len,
             superblock: sb,
             manifest,
-            threads: pipeline::threads(0),
+            threads: workers::threads(0),
         })
     }
 
@@ -288,7 +288,7 @@ impl<R: Read + Seek + Send> Image<R> {
     /// Decompression threads for the reads that follow; 0 (the default)
     /// means one per core, 1 reads everything on the calling thread.
     pub fn set_threads(&mut self, threads: usize) {
-        self.threads = pipeline::threads(threads);
+        self.threads = workers::threads(threads);
     }
 
     pub fn into_store(self) -> R {
@@ -470,7 +470,7 @@ impl<R: Read + Seek + Send> Image<R> {
         let name = s.name.as_str();
         let worker_pool = pool.clone();
         std::thread::scope(|scope| {
-            let (sub, results) = pipeline::start(
+            let (sub, results) = workers::start(
                 scope,
                 self.threads,
                 decoder,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use zerocopy::IntoBytes;
 
 use crate::format::*;
-use crate::pipeline::{self, Pool};
+use crate::workers::{self, Pool};
 use crate::{Error, Manifest, SectionEntry, SectionKind, State, Store};
 
 #[derive(Clone, Debug)]
@@ -97,7 +97,7 @@ impl<S: Store> ImageWriter<S> {
         Ok(ImageWriter {
             store,
             capacity,
-            threads: pipeline::threads(opts.threads),
+            threads: workers::threads(opts.threads),
             chunk_size: opts
                 .chunk_size
                 .clamp(MIN_CHUNK as usize, MAX_CHUNK as usize),
@@ -222,7 +222,7 @@ impl<S: Store> ImageWriter<S> {
         let mut out = self.output()?;
         std::thread::scope(|s| {
             let worker_pool = pool.clone();
-            let (sub, results) = pipeline::start(
+            let (sub, results) = workers::start(
                 s,
                 threads,
                 move || Encoder::new(level, worker_pool.clone()),

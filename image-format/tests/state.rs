@@ -145,7 +145,7 @@ fn inspect_prints_everything_and_verifies() {
     let manifest = image_format::Manifest {
         kernel_from: "6.1.0-1".into(),
         kernel_to: "6.1.0-2".into(),
-        workloads: vec![image_format::WorkloadEntry {
+        workloads: vec![contract::WorkloadEntry {
             name: "db".into(),
             root_pid: 321,
             pids: vec![321, 322],
@@ -154,12 +154,12 @@ fn inspect_prints_everything_and_verifies() {
             ..Default::default()
         }],
         phases: vec![
-            image_format::PhaseTiming {
+            contract::PhaseTiming {
                 event: "frozen".into(),
                 t_mono_ns: 1_000_000,
                 t_real_ns: 0,
             },
-            image_format::PhaseTiming {
+            contract::PhaseTiming {
                 event: "dumped".into(),
                 t_mono_ns: 251_000_000,
                 t_real_ns: 0,

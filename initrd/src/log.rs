@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::Mutex;
 
-use image_format::events::EventLine;
+use contract::events::EventLine;
 
 static KMSG: Mutex<Option<std::fs::File>> = Mutex::new(None);
 

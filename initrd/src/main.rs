@@ -16,17 +16,9 @@ mod timers;
 use std::path::Path;
 use std::time::Duration;
 
-use image_format::cmdline::{self, Cmdline};
-use image_format::events::{Event, EventLine};
-use image_format::PhaseTiming;
-
-fn phase(e: &EventLine) -> PhaseTiming {
-    PhaseTiming {
-        event: e.event.name().to_string(),
-        t_mono_ns: e.t_mono_ns,
-        t_real_ns: e.t_real_ns,
-    }
-}
+use contract::cmdline::{self, Cmdline};
+use contract::events::{Event, EventLine};
+use contract::PhaseTiming;
 
 fn main() {
     if std::process::id() != 1 {
@@ -43,14 +35,14 @@ fn main() {
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
     let resume = cmdline.has(cmdline::RESUME);
-    events.push(phase(&log::event(
+    events.push(PhaseTiming::from(&log::event(
         EventLine::now(Event::InitStart)
             .with("kernel", &release)
             .with("resume", resume),
     )));
 
     let (loaded, failed) = boot::load_modules(&release);
-    events.push(phase(&log::event(
+    events.push(PhaseTiming::from(&log::event(
         EventLine::now(Event::ModulesLoaded)
             .with("loaded", loaded)
             .with("failed", failed.len()),
@@ -70,7 +62,9 @@ fn main() {
     if let Err(e) = boot::switch_root() {
         info!("{e}");
     }
-    events.push(phase(&log::event(EventLine::now(Event::RootMounted))));
+    events.push(PhaseTiming::from(&log::event(EventLine::now(
+        Event::RootMounted,
+    ))));
 
     if resume {
         match cmdline.value(cmdline::STORE) {

@@ -7,10 +7,11 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use image_format::devstate::{self, DeviceState, Family};
-use image_format::events::{Event, EventLine};
-use image_format::report::{self, Outcome, UpgradeReport, WorkloadOutcome};
-use image_format::{Image, Manifest, PhaseTiming, State};
+use contract::devstate::{self, DeviceState, Family};
+use contract::events::{Event, EventLine};
+use contract::report::{self, Outcome, UpgradeReport, WorkloadOutcome};
+use contract::PhaseTiming;
+use image_format::{Image, Manifest, State};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::{info, log};
@@ -33,14 +34,6 @@ pub enum Skip {
 pub enum Restore {
     Skipped(Skip),
     Done(Box<UpgradeReport>),
-}
-
-fn phase(e: &EventLine) -> PhaseTiming {
-    PhaseTiming {
-        event: e.event.name().to_string(),
-        t_mono_ns: e.t_mono_ns,
-        t_real_ns: e.t_real_ns,
-    }
 }
 
 /// Waits for the store to appear: `/dev/pmemN` shows up once nd_pmem probes.
@@ -117,7 +110,7 @@ pub fn run(store_path: &Path, init_events: &mut Vec<PhaseTiming>) -> Restore {
         None => EventLine::now(Event::Restored).with("workloads", workloads.len()),
         Some(why) => EventLine::now(Event::RestoreFailed).with("reason", why),
     });
-    r.events.push(phase(&end));
+    r.events.push(PhaseTiming::from(&end));
     let mut events: Vec<PhaseTiming> = r.manifest.phases.clone();
     events.extend(r.events);
     let report = UpgradeReport {
@@ -157,7 +150,7 @@ struct Restorer {
 impl Restorer {
     fn event(&mut self, e: EventLine) {
         let e = log::event(e);
-        self.events.push(phase(&e));
+        self.events.push(PhaseTiming::from(&e));
     }
 
     /// Returns the outcome, the reason of a failure, and each workload's fate.
@@ -404,9 +397,7 @@ impl Restorer {
             }
             Ok(s) => Some(format!(
                 "criu restore exited with {s}: {}",
-                image_format::report::criu_errors(
-                    &fs::read_to_string(&log_path).unwrap_or_default()
-                )
+                contract::report::criu_errors(&fs::read_to_string(&log_path).unwrap_or_default())
             )),
             Err(e) => Some(format!("cannot run criu: {e}")),
         };

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use image_format::events::{Event, EventLine};
+use contract::events::{Event, EventLine};
 use serde::{Deserialize, Serialize};
 
 use crate::probe::ProbeResult;

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use image_format::events::EventLine;
+use contract::events::EventLine;
 
 use crate::assets::{self, Cache, RootfsInputs};
 use crate::guest::{self, Line, Plan};

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use image_format::report::{Outcome, UpgradeReport};
+use contract::report::{Outcome, UpgradeReport};
 use image_format::Image;
 use kupgrade_vm::guest::{self, Line, Plan, Progress};
 use nix::mount::{mount, MsFlags};
@@ -356,7 +356,7 @@ fn report_last_upgrade() {
     for l in text.lines() {
         info(l);
     }
-    let path = Path::new(image_format::report::DIR).join(image_format::report::FILE);
+    let path = Path::new(contract::report::DIR).join(contract::report::FILE);
     let line = match fs::read(&path)
         .ok()
         .and_then(|b| serde_json::from_slice::<UpgradeReport>(&b).ok())

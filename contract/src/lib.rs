@@ -1,0 +1,44 @@
+//! The contract between the two kernels: what the agent on the old kernel
+//! and `kupgrade-init` on the new one (and the QEMU harness that watches
+//! both) must agree on. The kernel command line keys, the device state, the
+//! lifecycle events, the upgrade report and the workloads recorded in the
+//! image's manifest. Both sides are different builds; everything here is
+//! serialised with names, never by position.
+
+pub mod cmdline;
+pub mod devstate;
+pub mod events;
+pub mod report;
+
+use serde::{Deserialize, Serialize};
+
+/// A preserved workload, as recorded in the image for the restore.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct WorkloadEntry {
+    pub name: String,
+    pub cgroup: String,
+    pub root_pid: i32,
+    pub pids: Vec<i32>,
+    /// The section holding its CRIU images.
+    pub section: String,
+    pub tcp_established: bool,
+    pub pid_namespace: bool,
+}
+
+/// When a lifecycle event happened, as recorded in the manifest and report.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PhaseTiming {
+    pub event: String,
+    pub t_mono_ns: u64,
+    pub t_real_ns: u64,
+}
+
+impl From<&events::EventLine> for PhaseTiming {
+    fn from(e: &events::EventLine) -> Self {
+        PhaseTiming {
+            event: e.event.name().to_string(),
+            t_mono_ns: e.t_mono_ns,
+            t_real_ns: e.t_real_ns,
+        }
+    }
+}
