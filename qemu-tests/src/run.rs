@@ -21,10 +21,6 @@ use crate::progress;
 use crate::report::{self, Artifacts, CheckResult, Report, Verdict, WorkloadPids};
 use crate::scenario::{Expect, ProbeMode, Scenario};
 
-/// Guest-physical address of the store: clear of the kernel (loaded low) and
-/// of the initramfs (QEMU puts it at the top of RAM).
-pub const STORE_ADDR_MIB: u32 = 512;
-
 #[derive(Clone, Debug)]
 pub struct Options {
     pub cache: PathBuf,
@@ -139,10 +135,9 @@ fn start_qemu(
     let cache = Cache::new(opts.cache.clone())?;
     let g = &p.scenario.guest;
     let cmdline = format!(
-        "console=ttyS0,115200 root=LABEL={} rw memmap={}M!{}M panic=-1 loglevel=4",
+        "console=ttyS0,115200 root=LABEL={} rw {} panic=-1 loglevel=4",
         assets::ROOT_LABEL,
-        g.store_mib,
-        STORE_ADDR_MIB
+        g.memmap()
     );
     let mut netdev = "user,id=n0".to_string();
     for (pr, (host, guest_port)) in p.scenario.probes.iter().zip(fwds) {
