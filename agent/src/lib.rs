@@ -1,17 +1,14 @@
 //! The kupgrade agent: everything that runs on the old kernel, from staging
-//! the new one to the kexec, plus the initramfs builder both the agent and
-//! the QEMU harness use.
+//! the new one to the kexec.
 
 pub mod capture;
 pub mod cgroup;
 pub mod check;
 pub mod config;
 pub mod criu;
-pub mod initramfs;
 pub mod launch;
 pub mod leftovers;
 pub mod listen;
-pub mod modules;
 pub mod pipeline;
 pub mod proc;
 pub mod realsys;

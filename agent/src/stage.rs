@@ -6,11 +6,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use contract::cmdline::{self, Cmdline};
+use initramfs::modules::{self, ModuleIndex};
+use initramfs::Compression;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, RUN_DIR};
-use crate::initramfs::{self, Compression};
-use crate::modules::{self, ModuleIndex};
 use crate::store::{Kind, Store};
 
 pub const STAGED_FILE: &str = "staged.json";

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use kupgrade_agent::initramfs;
+use initramfs::modules::ModuleIndex;
 
 use crate::progress;
 
@@ -259,7 +259,7 @@ pub fn build_guest_binaries(workspace: &Path) -> Result<PathBuf> {
 pub fn build_initramfs(cache: &Cache, bin_dir: &Path, release: &str) -> Result<PathBuf> {
     let out = cache.root.join(format!("initrd-{release}.img"));
     let modules_dir = cache.modules_dir(release);
-    let index = kupgrade_agent::modules::ModuleIndex::open(&modules_dir)?;
+    let index = ModuleIndex::open(&modules_dir)?;
     let vm: Vec<String> = VM_MODULES.iter().map(|s| s.to_string()).collect();
     let config = fs::read_to_string(
         cache

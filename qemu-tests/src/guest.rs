@@ -2,6 +2,9 @@
 //! the guest tells the host (one `kupgrade-vm:` line per fact, on the serial
 //! console).
 
+use std::fmt;
+use std::str::FromStr;
+
 use serde::{Deserialize, Serialize};
 
 use crate::scenario::{Check, Expect, Workload};
@@ -44,18 +47,79 @@ pub struct Progress {
     pub pids: Vec<(String, i32)>,
 }
 
+macro_rules! verbs {
+    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
+        /// What a guest line tells the host.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum Verb { $($(#[$doc])* $variant,)* }
+
+        impl Verb {
+            /// Every verb.
+            pub const ALL: &'static [Verb] = &[$(Verb::$variant,)*];
+
+            pub fn name(self) -> &'static str {
+                match self { $(Verb::$variant => $name,)* }
+            }
+        }
+
+        impl FromStr for Verb {
+            type Err = UnknownVerb;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s { $($name => Ok(Verb::$variant),)* _ => Err(UnknownVerb(s.to_string())) }
+            }
+        }
+    };
+}
+
+verbs! {
+    /// The worker runs on a kernel: `n` upgrades done, `kernel` its release.
+    Boot => "boot",
+    /// A workload was started: `name`, `pid`.
+    Workload => "workload",
+    /// The workloads run: the host starts its probes.
+    Ready => "ready",
+    /// `kupgrade go` is about to run: `n`, `target` release.
+    Go => "go",
+    /// `kupgrade go` came back, so no kexec happened: `ok`, `detail` its output.
+    GoReturned => "go-returned",
+    /// What `kupgrade report` says of the upgrade just done: `outcome`, `detail`.
+    Report => "report",
+    /// A workload found running after the last upgrade: `name`, `pid` now.
+    WorkloadAfter => "workload-after",
+    /// One of the scenario's checks ran: `name`, `ok`, `detail`.
+    Check => "check",
+    /// Every check ran: the host stops its probes.
+    ChecksDone => "checks-done",
+    /// The worker is at its end; the guest powers off.
+    Done => "done",
+    /// Free text for the progress display: `detail`.
+    Info => "info",
+    /// The worker failed and stops: `detail`.
+    Error => "error",
+}
+
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown guest verb {0:?}")]
+pub struct UnknownVerb(pub String);
+
 /// One line from the guest: a verb and `key=value` words; the value of the
 /// last key may hold spaces (`detail=...`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Line {
-    pub verb: String,
+    pub verb: Verb,
     pub fields: Vec<(String, String)>,
 }
 
 impl Line {
-    pub fn new(verb: &str) -> Self {
+    pub fn new(verb: Verb) -> Self {
         Line {
-            verb: verb.to_string(),
+            verb,
             fields: vec![],
         }
     }
@@ -86,11 +150,13 @@ impl Line {
         s
     }
 
+    /// Finds a guest line anywhere in `text`; `None` for other text and for
+    /// a verb this harness does not know.
     pub fn parse(text: &str) -> Option<Line> {
         let rest = &text[text.find(PREFIX)? + PREFIX.len()..];
         let rest = rest.trim();
         let (verb, mut rest) = rest.split_once(' ').unwrap_or((rest, ""));
-        let mut line = Line::new(verb);
+        let mut line = Line::new(verb.parse().ok()?);
         while !rest.is_empty() {
             let (word, tail) = rest.split_once(' ').unwrap_or((rest, ""));
             let (k, v) = word.split_once('=')?;
@@ -112,7 +178,7 @@ mod tests {
 
     #[test]
     fn lines_round_trip_and_detail_keeps_spaces() {
-        let l = Line::new("check")
+        let l = Line::new(Verb::Check)
             .with("name", "pid of x")
             .with("ok", true)
             .with("detail", "seq 0..9 ok\nnext");
@@ -122,13 +188,34 @@ mod tests {
             "kupgrade-vm: check name=pid_of_x ok=true detail=seq 0..9 ok | next"
         );
         let back = Line::parse(&format!("[  3.2] {text}\r")).unwrap();
-        assert_eq!(back.verb, "check");
+        assert_eq!(back.verb, Verb::Check);
         assert_eq!(back.get("ok"), Some("true"));
         assert_eq!(back.get("detail"), Some("seq 0..9 ok | next"));
         assert_eq!(
             Line::parse("kupgrade-vm: ready").unwrap(),
-            Line::new("ready")
+            Line::new(Verb::Ready)
         );
         assert!(Line::parse("nothing").is_none());
+    }
+
+    #[test]
+    fn every_verb_prints_and_parses_back() {
+        for v in Verb::ALL {
+            assert_eq!(v.to_string(), v.name());
+            assert_eq!(v.name().parse::<Verb>(), Ok(*v));
+            let line = Line::new(*v).with("n", 1).with("detail", "two words");
+            assert_eq!(Line::parse(&line.render()), Some(line));
+        }
+        let names: std::collections::HashSet<_> = Verb::ALL.iter().map(|v| v.name()).collect();
+        assert_eq!(names.len(), Verb::ALL.len(), "two verbs share a name");
+    }
+
+    #[test]
+    fn an_unknown_verb_is_refused() {
+        assert_eq!(
+            "go-retruned".parse::<Verb>(),
+            Err(UnknownVerb("go-retruned".into()))
+        );
+        assert!(Line::parse("kupgrade-vm: go-retruned ok=true").is_none());
     }
 }

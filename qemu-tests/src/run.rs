@@ -15,15 +15,11 @@ use anyhow::{Context, Result};
 use contract::events::EventLine;
 
 use crate::assets::{self, Cache, RootfsInputs};
-use crate::guest::{self, Line, Plan};
+use crate::guest::{self, Line, Plan, Verb};
 use crate::probe::{self, ProbeResult};
 use crate::progress;
 use crate::report::{self, Artifacts, CheckResult, Report, Verdict, WorkloadPids};
 use crate::scenario::{Expect, ProbeMode, Scenario};
-
-/// Guest-physical address of the store: clear of the kernel (loaded low) and
-/// of the initramfs (QEMU puts it at the top of RAM).
-pub const STORE_ADDR_MIB: u32 = 512;
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -139,10 +135,9 @@ fn start_qemu(
     let cache = Cache::new(opts.cache.clone())?;
     let g = &p.scenario.guest;
     let cmdline = format!(
-        "console=ttyS0,115200 root=LABEL={} rw memmap={}M!{}M panic=-1 loglevel=4",
+        "console=ttyS0,115200 root=LABEL={} rw {} panic=-1 loglevel=4",
         assets::ROOT_LABEL,
-        g.store_mib,
-        STORE_ADDR_MIB
+        g.memmap()
     );
     let mut netdev = "user,id=n0".to_string();
     for (pr, (host, guest_port)) in p.scenario.probes.iter().zip(fwds) {
@@ -339,27 +334,27 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
         let Some(l) = Line::parse(&line) else {
             continue;
         };
-        match l.verb.as_str() {
-            "boot" => {
+        match l.verb {
+            Verb::Boot => {
                 let k = l.get("kernel").unwrap_or("?").to_string();
                 progress::step(&format!("guest booted kernel {k}"));
                 boots.push(k);
             }
-            "workload" => {
+            Verb::Workload => {
                 if let (Some(n), Some(pid)) =
                     (l.get("name"), l.get("pid").and_then(|p| p.parse().ok()))
                 {
                     pids_before.insert(n.to_string(), pid);
                 }
             }
-            "workload-after" => {
+            Verb::WorkloadAfter => {
                 if let (Some(n), Some(pid)) =
                     (l.get("name"), l.get("pid").and_then(|p| p.parse().ok()))
                 {
                     pids_after.insert(n.to_string(), pid);
                 }
             }
-            "ready" => {
+            Verb::Ready => {
                 for (pr, (host_port, _)) in sc.probes.iter().zip(&fwds) {
                     let (pr, port, stop) = (pr.clone(), *host_port, stop.clone());
                     probes.push(std::thread::spawn(move || {
@@ -368,11 +363,11 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
                 }
                 progress::step(&format!("guest ready: {} probe(s) started", probes.len()));
             }
-            "go" => progress::step(&format!(
+            Verb::Go => progress::step(&format!(
                 "guest: kupgrade go -> {}",
                 l.get("target").unwrap_or("?")
             )),
-            "go-returned" => {
+            Verb::GoReturned => {
                 let ok = l.get("ok") == Some("true");
                 let d = l.get("detail").unwrap_or("").to_string();
                 let last = d.rsplit(" | ").next().unwrap_or("");
@@ -382,19 +377,21 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
                 ));
                 go_returned = Some((ok, d));
             }
-            "report" => restore_reports.push((
+            Verb::Report => restore_reports.push((
                 l.get("outcome").unwrap_or("").to_string(),
                 l.get("detail").unwrap_or("").to_string(),
             )),
-            "check" => checks.push(CheckResult {
+            Verb::Check => checks.push(CheckResult {
                 name: l.get("name").unwrap_or("?").to_string(),
                 ok: l.get("ok") == Some("true"),
                 detail: l.get("detail").unwrap_or("").to_string(),
             }),
-            "checks-done" => stop.store(true, Ordering::Relaxed),
-            "done" => done = true,
-            "info" => progress::step(&format!("guest: {}", l.get("detail").unwrap_or(""))),
-            _ => {}
+            Verb::ChecksDone => stop.store(true, Ordering::Relaxed),
+            Verb::Done => done = true,
+            Verb::Info => progress::step(&format!("guest: {}", l.get("detail").unwrap_or(""))),
+            // The serial log keeps it; the worker then stops, and the run
+            // fails for want of `done`.
+            Verb::Error => {}
         }
     }
     stop.store(true, Ordering::Relaxed);

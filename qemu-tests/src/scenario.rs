@@ -25,6 +25,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Guest-physical address of the store (`memmap=SIZE!ADDR`): clear of the
+/// kernel (loaded low) and of the initramfs (QEMU puts it at the top of RAM).
+pub const STORE_ADDR_MIB: u32 = 512;
+/// Room QEMU needs above the store for the initramfs.
+const INITRD_ROOM_MIB: u32 = 128;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read scenario {path}")]
@@ -121,6 +127,13 @@ pub struct Guest {
     pub packages: Vec<String>,
     /// Deadline for the whole run; QEMU is stopped when it passes.
     pub timeout_secs: u64,
+}
+
+impl Guest {
+    /// The kernel parameter that reserves the store.
+    pub fn memmap(&self) -> String {
+        format!("memmap={}M!{STORE_ADDR_MIB}M", self.store_mib)
+    }
 }
 
 impl Default for Guest {
@@ -342,13 +355,11 @@ impl Scenario {
                 self.guest.memory_mib
             ));
         }
-        // The store sits at STORE_ADDR_MIB; above it QEMU puts the initramfs.
-        let top = crate::run::STORE_ADDR_MIB + self.guest.store_mib + 128;
+        let top = STORE_ADDR_MIB + self.guest.store_mib + INITRD_ROOM_MIB;
         if self.guest.store_mib == 0 || top > self.guest.memory_mib {
             return Err(format!(
                 "guest.store_mib = {} does not fit: the store sits at {} MiB, so guest.memory_mib must be at least {top}",
-                self.guest.store_mib,
-                crate::run::STORE_ADDR_MIB
+                self.guest.store_mib, STORE_ADDR_MIB
             ));
         }
         for p in &self.probes {
@@ -394,6 +405,18 @@ command = ["/bin/true"]
         assert_eq!(s.kernels.from, "oldest");
         assert_eq!(s.guest.memory_mib, 1024);
         assert_eq!(s.upgrade.chain, vec!["to"]);
+    }
+
+    #[test]
+    fn the_store_is_reserved_at_its_fixed_address_below_the_initramfs() {
+        let mut s = Scenario::parse(MINIMAL).unwrap();
+        assert_eq!(s.guest.memmap(), "memmap=256M!512M");
+        // 512 MiB store + 128 MiB for the initramfs fill 1152 MiB exactly.
+        s.guest.memory_mib = 1152;
+        s.guest.store_mib = 512;
+        s.validate().unwrap();
+        s.guest.memory_mib = 1151;
+        assert!(s.validate().unwrap_err().contains("at least 1152"));
     }
 
     #[test]

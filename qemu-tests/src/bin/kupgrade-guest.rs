@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use contract::report::{Outcome, UpgradeReport};
 use image_format::Image;
-use kupgrade_vm::guest::{self, Line, Plan, Progress};
+use kupgrade_vm::guest::{self, Line, Plan, Progress, Verb};
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -25,7 +25,7 @@ fn say(line: Line) {
 }
 
 fn info(msg: &str) {
-    say(Line::new("info").with("detail", msg));
+    say(Line::new(Verb::Info).with("detail", msg));
 }
 
 fn main() {
@@ -33,7 +33,7 @@ fn main() {
         let code = match worker() {
             Ok(()) => 0,
             Err(e) => {
-                say(Line::new("error").with("detail", format!("{e:#}")));
+                say(Line::new(Verb::Error).with("detail", format!("{e:#}")));
                 1
             }
         };
@@ -57,7 +57,7 @@ fn supervise() -> ! {
     let worker_pid = match worker {
         Ok(c) => c.id() as i32,
         Err(e) => {
-            say(Line::new("error").with("detail", format!("cannot start the worker: {e}")));
+            say(Line::new(Verb::Error).with("detail", format!("cannot start the worker: {e}")));
             power_off();
         }
     };
@@ -211,7 +211,7 @@ fn established_on(port: u16) -> bool {
 
 fn worker() -> Result<()> {
     let mut progress = load_progress();
-    say(Line::new("boot")
+    say(Line::new(Verb::Boot)
         .with("n", progress.upgrades_done)
         .with("kernel", release()));
     let (plan, mut img) = read_plan()?;
@@ -234,7 +234,9 @@ fn worker() -> Result<()> {
         for w in &plan.workloads {
             if w.declared {
                 let pid = start_declared(w)?;
-                say(Line::new("workload").with("name", &w.name).with("pid", pid));
+                say(Line::new(Verb::Workload)
+                    .with("name", &w.name)
+                    .with("pid", pid));
                 progress.pids.push((w.name.clone(), pid));
                 continue;
             }
@@ -254,11 +256,13 @@ fn worker() -> Result<()> {
                 .find_map(|l| l.strip_prefix("pid "))
                 .and_then(|p| p.trim().parse().ok())
                 .with_context(|| format!("kupgrade launch printed no pid: {out}"))?;
-            say(Line::new("workload").with("name", &w.name).with("pid", pid));
+            say(Line::new(Verb::Workload)
+                .with("name", &w.name)
+                .with("pid", pid));
             progress.pids.push((w.name.clone(), pid));
         }
         save_progress(&progress)?;
-        say(Line::new("ready"));
+        say(Line::new(Verb::Ready));
         let start = Instant::now();
         for port in &plan.probe_ports {
             while !established_on(*port) {
@@ -297,7 +301,7 @@ fn worker() -> Result<()> {
         anyhow::ensure!(ok, "kupgrade stage failed: {out}");
         progress.upgrades_done += 1;
         save_progress(&progress)?;
-        say(Line::new("go")
+        say(Line::new(Verb::Go)
             .with("n", progress.upgrades_done)
             .with("target", &target));
         let mut args = vec!["kupgrade", "go"];
@@ -306,7 +310,9 @@ fn worker() -> Result<()> {
         // Only returns when the upgrade did not happen.
         progress.upgrades_done -= 1;
         save_progress(&progress)?;
-        say(Line::new("go-returned").with("ok", ok).with("detail", &out));
+        say(Line::new(Verb::GoReturned)
+            .with("ok", ok)
+            .with("detail", &out));
     }
     finish(&plan, &progress);
     Ok(())
@@ -361,7 +367,7 @@ fn report_last_upgrade() {
         .ok()
         .and_then(|b| serde_json::from_slice::<UpgradeReport>(&b).ok())
     {
-        Some(r) => Line::new("report")
+        Some(r) => Line::new(Verb::Report)
             .with(
                 "outcome",
                 if r.outcome == Outcome::Restored {
@@ -371,7 +377,7 @@ fn report_last_upgrade() {
                 },
             )
             .with("detail", r.reason.unwrap_or_default()),
-        None => Line::new("report")
+        None => Line::new(Verb::Report)
             .with("outcome", "none")
             .with("detail", format!("no {}", path.display())),
     };
@@ -406,7 +412,7 @@ fn finish(plan: &Plan, progress: &Progress) {
             procs.first().copied().filter(|_| in_own_pidns)
         };
         if let Some(now) = now {
-            say(Line::new("workload-after")
+            say(Line::new(Verb::WorkloadAfter)
                 .with("name", name)
                 .with("pid", now));
         }
@@ -415,12 +421,12 @@ fn finish(plan: &Plan, progress: &Progress) {
         std::thread::sleep(Duration::from_secs(c.after_secs));
         let args: Vec<&str> = c.command.iter().map(String::as_str).collect();
         let (ok, out) = sh(&args);
-        say(Line::new("check")
+        say(Line::new(Verb::Check)
             .with("name", &c.name)
             .with("ok", ok)
             .with("detail", &out));
     }
-    say(Line::new("checks-done"));
+    say(Line::new(Verb::ChecksDone));
     std::thread::sleep(Duration::from_secs(1));
-    say(Line::new("done"));
+    say(Line::new(Verb::Done));
 }
