@@ -26,32 +26,15 @@ pub enum Error {
     Check(String),
 }
 
-/// Flags both sides use: dump here, restore in `kupgrade-init`.
+/// `criu dump` for `w`; its restore counterpart is in the same place
+/// ([`contract::criu`]), so both sides give the options that must match.
 pub fn dump_args(w: &Workload, dir: &Path, log: &Path) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "dump".into(),
-        "--tree".into(),
-        w.root_pid.to_string(),
-        "--images-dir".into(),
-        dir.display().to_string(),
-        "--log-file".into(),
-        log.display().to_string(),
-        "-v4".into(),
-        "--leave-stopped".into(),
-        "--manage-cgroups".into(),
-        "--file-locks".into(),
-        // CRIU seizes the tasks of the (already frozen) cgroup as a whole.
-        "--freeze-cgroup".into(),
-        w.cgroup.display().to_string(),
-    ];
-    if w.tcp_established {
-        a.extend([
-            "--tcp-established".into(),
-            "--network-lock".into(),
-            "nftables".into(),
-        ]);
+    contract::criu::Checkpoint {
+        workload: &w.entry(),
+        images_dir: dir,
+        log,
     }
-    a
+    .dump_args()
 }
 
 /// The gist of a CRIU log file, for a one-line reason.

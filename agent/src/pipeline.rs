@@ -13,9 +13,9 @@
 
 use std::path::{Path, PathBuf};
 
-use contract::devstate::{self, DeviceState, TmpfsMount};
+use contract::devstate::{DeviceState, TmpfsMount};
 use contract::events::{Event, EventLine};
-use contract::{PhaseTiming, WorkloadEntry};
+use contract::PhaseTiming;
 use image_format::Manifest;
 
 use crate::workload::Workload;
@@ -229,17 +229,9 @@ fn run(
         let d = sys.dump(w, &dir)?;
         locks.extend(d.lock_table.clone());
         undo.dumped.push((i, d));
-        let section = devstate::criu_section(&w.name);
-        trees.push((section.clone(), dir));
-        entries.push(WorkloadEntry {
-            name: w.name.clone(),
-            cgroup: w.cgroup.display().to_string(),
-            root_pid: w.root_pid,
-            pids: w.pids.clone(),
-            section,
-            tcp_established: w.tcp_established,
-            pid_namespace: w.pid_namespace,
-        });
+        let entry = w.entry();
+        trees.push((entry.section.clone(), dir));
+        entries.push(entry);
     }
     emit(
         sys,

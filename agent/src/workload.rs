@@ -28,6 +28,21 @@ pub struct Workload {
     pub memory_bytes: u64,
 }
 
+impl Workload {
+    /// How the image records it for the restore.
+    pub fn entry(&self) -> contract::WorkloadEntry {
+        contract::WorkloadEntry {
+            name: self.name.clone(),
+            cgroup: self.cgroup.display().to_string(),
+            root_pid: self.root_pid,
+            pids: self.pids.clone(),
+            section: contract::devstate::criu_section(&self.name),
+            tcp_established: self.tcp_established,
+            pid_namespace: self.pid_namespace,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("workload {name}: cgroup {cgroup} has no processes")]

@@ -3,11 +3,56 @@
 //! on white space, double quotes group, `--` ends the kernel's part).
 
 use std::fmt;
+use std::str::FromStr;
 
 /// Present on the command line of a kernel booted by `kupgrade go`: look for an image.
 pub const RESUME: &str = "kupgrade.resume";
 /// The store holding the image, e.g. `kupgrade.store=/dev/pmem0` or a file path.
 pub const STORE: &str = "kupgrade.store";
+/// Makes `kupgrade-init` fail on purpose, for the fault campaign:
+/// `kupgrade.failpoint=criu-restore` (see [`InitFailpoint`]). Staged with
+/// `kupgrade stage --append`, so it lasts one boot like the other keys.
+pub const FAILPOINT: &str = "kupgrade.failpoint";
+
+/// A fault `kupgrade-init` injects when [`FAILPOINT`] names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitFailpoint {
+    /// Every `criu restore` fails (CRIU is not run).
+    CriuRestore,
+    /// The first module of the initramfs fails to load.
+    ModuleLoad,
+}
+
+impl InitFailpoint {
+    pub const ALL: [InitFailpoint; 2] = [InitFailpoint::CriuRestore, InitFailpoint::ModuleLoad];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            InitFailpoint::CriuRestore => "criu-restore",
+            InitFailpoint::ModuleLoad => "module-load",
+        }
+    }
+}
+
+impl fmt::Display for InitFailpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for InitFailpoint {
+    type Err = UnknownFailpoint;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        InitFailpoint::ALL
+            .into_iter()
+            .find(|f| f.name() == s)
+            .ok_or_else(|| UnknownFailpoint(s.to_string()))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown failpoint {0:?}")]
+pub struct UnknownFailpoint(pub String);
 
 /// One `key` or `key=value` word.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,6 +231,23 @@ mod tests {
         c.remove_one_shot();
         assert_eq!(c.to_string(), "console=ttyS0 memmap=64M!1G x=\"a b\" -- s");
         assert_eq!(Cmdline::parse(&c.to_string()), c);
+    }
+
+    #[test]
+    fn failpoints_parse_back_and_unknown_ones_are_refused() {
+        for f in InitFailpoint::ALL {
+            assert_eq!(f.name().parse::<InitFailpoint>(), Ok(f));
+        }
+        let c = Cmdline::parse("ro kupgrade.failpoint=criu-restore");
+        assert_eq!(
+            c.value(FAILPOINT).map(str::parse),
+            Some(Ok(InitFailpoint::CriuRestore))
+        );
+        assert_eq!(
+            "criu".parse::<InitFailpoint>(),
+            Err(UnknownFailpoint("criu".into()))
+        );
+        assert!(Param::new(FAILPOINT, Some("criu-restore")).is_one_shot());
     }
 
     #[test]

@@ -13,12 +13,13 @@ use nix::unistd::{chdir, chroot, execv};
 
 use crate::info;
 use crate::root::{self, RootSpec};
+use crate::system;
 
 pub const NEWROOT: &str = "/newroot";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot mount {what} on {target}: {source}")]
+    #[error("cannot mount {what} on {target}")]
     Mount {
         what: String,
         target: String,
@@ -30,14 +31,14 @@ pub enum Error {
         "root device {spec} did not appear within {secs} s (modules for its controller missing?)"
     )]
     RootTimeout { spec: String, secs: u64 },
-    #[error("cannot mount the root {dev}: tried {tried}: {source}")]
+    #[error("cannot mount the root {dev} (tried {tried})")]
     RootMount {
         dev: String,
         tried: String,
         source: nix::Error,
     },
-    #[error("cannot switch to the new root: {0}")]
-    SwitchRoot(nix::Error),
+    #[error("cannot switch to the new root")]
+    SwitchRoot(#[source] nix::Error),
 }
 
 fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) -> Result<(), Error> {
@@ -64,27 +65,31 @@ pub fn mount_kernel_fs() -> Result<(), Error> {
     }
 }
 
-/// Loads the modules listed, in order, by the initramfs builder. A module
-/// that fails is reported and skipped: the rest of the boot may not need it.
-pub fn load_modules(release: &str) -> (usize, Vec<String>) {
-    let dir = PathBuf::from(format!("/lib/modules/{release}"));
-    let order = fs::read_to_string(dir.join("kupgrade.load-order")).unwrap_or_default();
-    let (mut loaded, mut failed) = (0, Vec::new());
-    for rel in order.lines().filter(|l| !l.is_empty()) {
-        let path = dir.join(rel);
-        let res = File::open(&path).map_err(|e| e.to_string()).and_then(|f| {
-            finit_module(&f, c"", ModuleInitFlags::empty()).map_err(|e| e.to_string())
-        });
-        match res {
-            Ok(()) => loaded += 1,
-            Err(e) if e.contains("EEXIST") => loaded += 1,
-            Err(e) => {
-                info!("module {rel}: {e}");
-                failed.push(rel.to_string());
-            }
-        }
-    }
-    (loaded, failed)
+fn modules_dir(release: &str) -> PathBuf {
+    PathBuf::from(format!("/lib/modules/{release}"))
+}
+
+/// The modules the initramfs builder listed, in the order to load them,
+/// relative to `/lib/modules/RELEASE`.
+pub fn module_load_order(release: &str) -> Vec<String> {
+    let order =
+        fs::read_to_string(modules_dir(release).join("kupgrade.load-order")).unwrap_or_default();
+    order
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn load_module(release: &str, module: &str) -> Result<(), system::Error> {
+    let path = modules_dir(release).join(module);
+    let f = File::open(&path).map_err(|source| system::Error::Io {
+        what: "open",
+        path: path.clone(),
+        source,
+    })?;
+    finit_module(&f, c"", ModuleInitFlags::empty())
+        .map_err(|source| system::Error::Module { path, source })
 }
 
 /// Waits for the device named by `root=` and mounts it on [`NEWROOT`].

@@ -33,13 +33,40 @@ pub fn line(msg: &str) {
     write(&format!("kupgrade-init: {msg}"));
 }
 
-/// Emits a lifecycle event and returns it, so the caller can record it.
-pub fn event(e: EventLine) -> EventLine {
+pub fn event(e: &EventLine) {
     write(&e.to_string());
-    e
+}
+
+/// An error and its causes on one line, `what: why: root cause`, for the
+/// log and for the report's reasons.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 #[macro_export]
 macro_rules! info {
     ($($arg:tt)*) => { $crate::log::line(&format!($($arg)*)) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn a_chain_names_every_cause_once() {
+        let e = Outer(std::io::Error::other("root cause"));
+        assert_eq!(chain(&e), "outer: root cause");
+        assert_eq!(chain(&std::io::Error::other("alone")), "alone");
+    }
 }

@@ -1,0 +1,177 @@
+//! CRIU's command line for one workload, both sides of the kexec: the agent
+//! dumps with [`Checkpoint::dump_args`], `kupgrade-init` restores with
+//! [`Checkpoint::restore_args`]. Both derive from the same
+//! [`WorkloadEntry`], so an option that records state at dump time and must
+//! be given again to put it back cannot be given on one side only.
+
+use std::path::Path;
+
+use crate::WorkloadEntry;
+
+/// Options that must be given to both the dump and the restore of a
+/// workload, and when: the dump records state under them that only a restore
+/// with the same option puts back.
+fn paired(w: &WorkloadEntry) -> Vec<&'static str> {
+    let mut a = vec![
+        // The tasks' cgroups (the workload's own, and the freezer CRIU used).
+        "--manage-cgroups",
+        // flock/POSIX locks on the files they hold.
+        "--file-locks",
+    ];
+    if w.tcp_established {
+        // Connected sockets, frozen in TCP repair mode.
+        a.push("--tcp-established");
+    }
+    a
+}
+
+/// One workload's checkpoint as CRIU sees it: whose it is, where its image
+/// files are, where CRIU logs.
+#[derive(Clone, Copy, Debug)]
+pub struct Checkpoint<'a> {
+    pub workload: &'a WorkloadEntry,
+    pub images_dir: &'a Path,
+    pub log: &'a Path,
+}
+
+impl Checkpoint<'_> {
+    /// Options both commands take the same way.
+    fn common(&self, command: &str) -> Vec<String> {
+        vec![
+            command.into(),
+            "--images-dir".into(),
+            self.images_dir.display().to_string(),
+            "--log-file".into(),
+            self.log.display().to_string(),
+            "-v4".into(),
+        ]
+    }
+
+    /// `criu dump`, on the old kernel.
+    pub fn dump_args(&self) -> Vec<String> {
+        let w = self.workload;
+        let mut a = self.common("dump");
+        a.extend([
+            "--tree".into(),
+            w.root_pid.to_string(),
+            // Never killed: until the reboot, every failure must be able to
+            // resume them untouched.
+            "--leave-stopped".into(),
+            // CRIU seizes the tasks of the (already frozen) cgroup as a whole.
+            "--freeze-cgroup".into(),
+            w.cgroup.clone(),
+        ]);
+        a.extend(paired(w).into_iter().map(String::from));
+        if w.tcp_established {
+            // Dump side only: the lock table is saved into the image and
+            // kupgrade-init installs and removes it around the restore.
+            a.extend(["--network-lock".into(), "nftables".into()]);
+        }
+        a
+    }
+
+    /// `criu restore`, in `kupgrade-init` on the new kernel.
+    pub fn restore_args(&self) -> Vec<String> {
+        let mut a = self.common("restore");
+        a.extend([
+            // Re-parented to PID 1, which becomes the real init.
+            "--restore-detached".into(),
+            // Stopped, so that kupgrade-init can fix their timers before they run.
+            "--leave-stopped".into(),
+        ]);
+        a.extend(paired(self.workload).into_iter().map(String::from));
+        a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(tcp: bool) -> WorkloadEntry {
+        WorkloadEntry {
+            name: "w".into(),
+            cgroup: "/sys/fs/cgroup/kupgrade/w".into(),
+            root_pid: 10001,
+            pids: vec![10001, 10002],
+            section: "criu/w".into(),
+            tcp_established: tcp,
+            pid_namespace: false,
+        }
+    }
+
+    fn value_of<'a>(args: &'a [String], option: &str) -> Option<&'a str> {
+        args.windows(2)
+            .find(|p| p[0] == option)
+            .map(|p| p[1].as_str())
+    }
+
+    /// Every option that must match does, on both sides, for workloads with
+    /// and without connections; the two sides read and write the same place.
+    #[test]
+    fn dump_and_restore_agree_on_every_paired_option() {
+        for tcp in [false, true] {
+            let w = entry(tcp);
+            let c = Checkpoint {
+                workload: &w,
+                images_dir: Path::new("/images/w"),
+                log: Path::new("/log/w.log"),
+            };
+            let (dump, restore) = (c.dump_args(), c.restore_args());
+            assert_eq!(dump[0], "dump");
+            assert_eq!(restore[0], "restore");
+            for option in ["--manage-cgroups", "--file-locks"] {
+                assert!(dump.iter().any(|a| a == option), "dump lacks {option}");
+                assert!(
+                    restore.iter().any(|a| a == option),
+                    "restore lacks {option}"
+                );
+            }
+            let has = |args: &[String]| args.iter().any(|a| a == "--tcp-established");
+            assert_eq!(has(&dump), tcp, "dump --tcp-established, tcp={tcp}");
+            assert_eq!(has(&restore), tcp, "restore --tcp-established, tcp={tcp}");
+            for args in [&dump, &restore] {
+                assert_eq!(value_of(args, "--images-dir"), Some("/images/w"));
+                assert_eq!(value_of(args, "--log-file"), Some("/log/w.log"));
+            }
+        }
+    }
+
+    #[test]
+    fn the_dump_leaves_the_tree_stopped_and_locks_only_connections() {
+        let w = entry(false);
+        let c = Checkpoint {
+            workload: &w,
+            images_dir: Path::new("/d"),
+            log: Path::new("/l"),
+        };
+        let dump = c.dump_args();
+        assert_eq!(value_of(&dump, "--tree"), Some("10001"));
+        assert_eq!(
+            value_of(&dump, "--freeze-cgroup"),
+            Some("/sys/fs/cgroup/kupgrade/w")
+        );
+        assert!(dump.iter().any(|a| a == "--leave-stopped"));
+        assert_eq!(value_of(&dump, "--network-lock"), None);
+        let w = entry(true);
+        let dump = Checkpoint { workload: &w, ..c }.dump_args();
+        assert_eq!(value_of(&dump, "--network-lock"), Some("nftables"));
+    }
+
+    #[test]
+    fn the_restore_is_detached_and_stopped_and_names_no_tree() {
+        let w = entry(true);
+        let restore = Checkpoint {
+            workload: &w,
+            images_dir: Path::new("/d"),
+            log: Path::new("/l"),
+        }
+        .restore_args();
+        for option in ["--restore-detached", "--leave-stopped"] {
+            assert!(restore.iter().any(|a| a == option), "{option}");
+        }
+        for dump_only in ["--tree", "--freeze-cgroup", "--network-lock"] {
+            assert!(!restore.iter().any(|a| a == dump_only), "{dump_only}");
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! A recording [`System`] for the tests: every call that acts on the
+//! machine is kept as one line (`unpack criu/a`), in order, and the calls
+//! named in `fail_at` fail, once each.
+
+use std::path::Path;
+use std::time::Duration;
+
+use contract::cmdline::Cmdline;
+use contract::criu::Checkpoint;
+use contract::devstate::{self, DeviceState, Family, Interface, Route, TmpfsMount};
+use contract::events::{Event, EventLine};
+use contract::report::UpgradeReport;
+use contract::{PhaseTiming, WorkloadEntry};
+use image_format::{Manifest, SectionEntry, SectionKind, State};
+
+use super::{Error, ImageInfo, SupportMount, System};
+use crate::restore::table_name;
+
+/// A boot that restores [`Fake::resuming`]'s image, when nothing fails.
+pub const FULL_BOOT: &[&str] = &[
+    "mount kernel fs",
+    "load virtio_net.ko",
+    "mount root",
+    "switch root",
+    "open /dev/pmem0",
+    "mark restoring",
+    "read devstate",
+    "mount tmpfs /dev/shm",
+    "mount cgroup2",
+    "mount devpts",
+    "unpack tmpfs",
+    "mount scratch",
+    "unpack criu/a",
+    "unpack criu/b",
+    "lo up",
+    "lock CRIU-10002",
+    "iface eth0",
+    "route default",
+    "hostname vm",
+    "seed rng",
+    "tcp_window_scaling 0",
+    "criu restore a",
+    "resume a",
+    "criu restore b",
+    "resume b",
+    "tcp_window_scaling 1",
+    "remove scratch",
+    "unlock CRIU-10002",
+    "mark restored",
+    "wipe",
+    "write report",
+    "exec /sbin/init",
+];
+
+#[derive(Default)]
+pub struct Fake {
+    pub calls: Vec<String>,
+    pub events: Vec<EventLine>,
+    pub logs: Vec<String>,
+    pub fail_at: Vec<String>,
+    pub cmdline: String,
+    pub modules: Vec<String>,
+    /// Modules the kernel has already (finit_module says EEXIST).
+    pub loaded_already: Vec<String>,
+    /// The image in the store; `None`: there is none.
+    pub image: Option<ImageInfo>,
+    /// What the device state section holds.
+    pub devstate: Vec<u8>,
+    /// Each `criu restore`'s arguments.
+    pub restore_args: Vec<Vec<String>>,
+    /// Every report it was asked to write.
+    pub reports: Vec<UpgradeReport>,
+}
+
+fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
+    WorkloadEntry {
+        name: name.into(),
+        cgroup: format!("/sys/fs/cgroup/kupgrade/{name}"),
+        root_pid: pid,
+        pids: vec![pid],
+        section: devstate::criu_section(name),
+        tcp_established: tcp,
+        pid_namespace: false,
+    }
+}
+
+fn section(name: &str, kind: SectionKind) -> SectionEntry {
+    SectionEntry {
+        name: name.into(),
+        kind,
+        raw_len: 1,
+        stored_len: 1,
+        chunks: 1,
+        offset: 0,
+    }
+}
+
+impl Fake {
+    /// A machine booted by `kupgrade go` with a `written` image of two
+    /// workloads, `a` and `b` (with a TCP connection, so a lock table), a
+    /// tmpfs, one interface and one route.
+    pub fn resuming() -> Fake {
+        let manifest = Manifest {
+            kernel_from: "6.1.0-1".into(),
+            kernel_to: "6.1.0-2".into(),
+            workloads: vec![workload("a", 10001, false), workload("b", 10002, true)],
+            phases: vec![PhaseTiming {
+                event: "frozen".into(),
+                t_mono_ns: 1,
+                t_real_ns: 2,
+            }],
+            sections: vec![
+                section("criu/a", SectionKind::Tree),
+                section("criu/b", SectionKind::Tree),
+                section(devstate::SECTION, SectionKind::Blob),
+                section(devstate::TMPFS_SECTION, SectionKind::Tree),
+            ],
+            ..Manifest::default()
+        };
+        let state = DeviceState {
+            hostname: "vm".into(),
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                mac: Some("52:54:00:12:34:56".into()),
+                mtu: 1500,
+                up: true,
+                addresses: vec![],
+            }],
+            routes: vec![Route {
+                family: Family::Inet,
+                dst: "default".into(),
+                gateway: Some("10.0.2.2".into()),
+                dev: Some("eth0".into()),
+                metric: None,
+                scope: None,
+                prefsrc: None,
+                protocol: None,
+            }],
+            network_locks: vec!["table inet CRIU-10002 {\n}\n".into()],
+            tmpfs_mounts: vec![TmpfsMount {
+                path: "/dev/shm".into(),
+                options: "mode=1777".into(),
+            }],
+            rng_seed: vec![1, 2, 3],
+        };
+        Fake {
+            cmdline: "root=/dev/vda console=ttyS0 kupgrade.resume kupgrade.store=/dev/pmem0".into(),
+            modules: vec!["virtio_net.ko".into()],
+            image: Some(ImageInfo {
+                state: State::Written,
+                generation: 7,
+                manifest,
+            }),
+            devstate: serde_json::to_vec(&state).expect("a DeviceState encodes"),
+            ..Fake::default()
+        }
+    }
+
+    pub fn failing_at(calls: &[&str]) -> Fake {
+        Fake {
+            fail_at: calls.iter().map(|c| c.to_string()).collect(),
+            ..Fake::resuming()
+        }
+    }
+
+    /// How a call named in `fail_at` fails, in the log and the report.
+    pub fn failure(call: &str) -> String {
+        format!("{call} failed: injected")
+    }
+
+    fn step(&mut self, call: String) -> Result<(), Error> {
+        self.calls.push(call.clone());
+        // Once: a retried call then succeeds.
+        let Some(at) = self.fail_at.iter().position(|c| *c == call) else {
+            return Ok(());
+        };
+        self.fail_at.remove(at);
+        Err(Error::Command {
+            command: call,
+            stderr: "injected".into(),
+        })
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.events.iter().map(|e| e.event).collect()
+    }
+
+    /// The last two events: how the restore ended, then the real init.
+    pub fn ending(&self) -> Vec<Event> {
+        let all = self.events();
+        all[all.len().saturating_sub(2)..].to_vec()
+    }
+
+    pub fn logged(&self, text: &str) -> bool {
+        self.logs.iter().any(|l| l.contains(text))
+    }
+
+    /// The calls after the first `call`.
+    pub fn calls_after(&self, call: &str) -> Vec<&str> {
+        let at = self.calls.iter().position(|c| c == call);
+        let at = at.unwrap_or_else(|| panic!("no call {call:?} in {:?}", self.calls));
+        self.calls[at + 1..].iter().map(String::as_str).collect()
+    }
+
+    pub fn report(&self) -> &UpgradeReport {
+        assert_eq!(self.reports.len(), 1, "one report: {:?}", self.calls);
+        &self.reports[0]
+    }
+}
+
+impl System for Fake {
+    fn mount_kernel_fs(&mut self) -> Result<(), Error> {
+        self.step("mount kernel fs".into())
+    }
+    fn cmdline(&mut self) -> String {
+        self.cmdline.clone()
+    }
+    fn kernel_release(&mut self) -> String {
+        "6.1.0-2".into()
+    }
+    fn modules(&mut self, _release: &str) -> Vec<String> {
+        self.modules.clone()
+    }
+    fn load_module(&mut self, _release: &str, module: &str) -> Result<(), Error> {
+        self.step(format!("load {module}"))?;
+        if self.loaded_already.iter().any(|m| m == module) {
+            return Err(Error::Module {
+                path: module.into(),
+                source: nix::Error::EEXIST,
+            });
+        }
+        Ok(())
+    }
+    fn mount_root(&mut self, _cmdline: &Cmdline, _writable: bool) -> Result<(), Error> {
+        self.step("mount root".into())
+    }
+    fn sleep(&mut self, d: Duration) {
+        self.calls.push(format!("sleep {}s", d.as_secs()));
+    }
+    fn switch_root(&mut self) -> Result<(), Error> {
+        self.step("switch root".into())
+    }
+    fn exec_init(&mut self, cmdline: &Cmdline) -> String {
+        let init = cmdline.value("init").unwrap_or("/sbin/init");
+        self.calls.push(format!("exec {init}"));
+        "the fake cannot exec".into()
+    }
+
+    fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error> {
+        self.step(format!("open {}", store.display()))?;
+        self.image
+            .clone()
+            .ok_or(Error::Image(image_format::Error::NoImage))
+    }
+    fn set_image_state(&mut self, state: State) -> Result<(), Error> {
+        self.step(format!("mark {state}"))
+    }
+    fn wipe_image(&mut self) -> Result<(), Error> {
+        self.step("wipe".into())
+    }
+    fn read_section(&mut self, name: &str) -> Result<Vec<u8>, Error> {
+        self.step(format!("read {name}"))?;
+        match name {
+            devstate::SECTION => Ok(self.devstate.clone()),
+            _ => Err(Error::Image(image_format::Error::NoSection(name.into()))),
+        }
+    }
+    fn unpack(&mut self, section: &str, _dest: &Path) -> Result<(), Error> {
+        self.step(format!("unpack {section}"))
+    }
+
+    fn mount_support(&mut self, m: &SupportMount) -> Result<(), Error> {
+        self.step(match m {
+            SupportMount::Tmpfs { path, .. } => format!("mount tmpfs {path}"),
+            SupportMount::Cgroup2 => "mount cgroup2".into(),
+            SupportMount::Devpts => "mount devpts".into(),
+        })
+    }
+    fn mount_scratch(&mut self, _dir: &Path) -> Result<(), Error> {
+        self.step("mount scratch".into())
+    }
+    fn remove_scratch(&mut self, _dir: &Path) {
+        self.calls.push("remove scratch".into());
+    }
+
+    fn loopback_up(&mut self) -> Result<(), Error> {
+        self.step("lo up".into())
+    }
+    fn install_lock_table(&mut self, nft: &str) -> Result<(), Error> {
+        let name = table_name(nft).unwrap_or_default();
+        self.step(format!("lock {name}"))
+    }
+    fn remove_lock_table(&mut self, name: &str) -> Result<(), Error> {
+        self.step(format!("unlock {name}"))
+    }
+    fn configure_interface(&mut self, iface: &Interface) -> Result<(), Error> {
+        self.step(format!("iface {}", iface.name))
+    }
+    fn add_route(&mut self, route: &Route) -> Result<(), Error> {
+        self.step(format!("route {}", route.dst))
+    }
+    fn swap_tcp_window_scaling(&mut self, value: &str) -> Result<String, Error> {
+        self.step(format!("tcp_window_scaling {value}"))?;
+        Ok("1".into())
+    }
+    fn set_hostname(&mut self, name: &str) -> Result<(), Error> {
+        self.step(format!("hostname {name}"))
+    }
+    fn seed_rng(&mut self, _seed: &[u8]) -> Result<(), Error> {
+        self.step("seed rng".into())
+    }
+
+    fn criu_restore(&mut self, c: &Checkpoint) -> Result<(), Error> {
+        self.restore_args.push(c.restore_args());
+        self.step(format!("criu restore {}", c.workload.name))
+    }
+    fn resume_restored(&mut self, w: &WorkloadEntry) -> Result<usize, Error> {
+        self.step(format!("resume {}", w.name))?;
+        Ok(0)
+    }
+
+    fn write_report(&mut self, report: &UpgradeReport) -> Result<(), Error> {
+        self.reports.push(report.clone());
+        self.step("write report".into())
+    }
+    fn emit(&mut self, e: &EventLine) {
+        self.events.push(e.clone());
+    }
+    fn log(&mut self, line: &str) {
+        self.logs.push(line.into());
+    }
+}
