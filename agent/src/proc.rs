@@ -34,6 +34,24 @@ pub fn parse_stat_ids(stat: &str) -> Option<(i32, i32)> {
     Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
 }
 
+/// Whether the process exists and has not exited: a zombie has, and so has
+/// a process with no `/proc` entry.
+pub fn is_running(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| parse_stat_state(&s))
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+/// The state letter of `/proc/PID/stat` (R, S, D, Z, ...).
+pub fn parse_stat_state(stat: &str) -> Option<char> {
+    stat.get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
 pub fn comm(pid: i32) -> String {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
@@ -200,6 +218,7 @@ mod tests {
         assert_eq!((t[0].local_port, t[1].local_port), (8080, 7000));
         assert_eq!(socket_inode("socket:[99]"), Some(99));
         assert_eq!(parse_stat_ids("42 (a b) c) S 1 40 39 0 -1"), Some((40, 39)));
+        assert_eq!(parse_stat_state("42 (a b) c) Z 1 40 39 0 -1"), Some('Z'));
         assert_eq!(socket_inode("/dev/null"), None);
     }
 
@@ -210,6 +229,7 @@ mod tests {
         assert!(threads(me).contains(&me));
         assert!(!fds(me).is_empty());
         assert!(rss_bytes(me) > 0);
+        assert!(is_running(me));
         assert!(namespace("self", "net").unwrap().starts_with("net:["));
     }
 }

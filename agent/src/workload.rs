@@ -45,7 +45,13 @@ pub enum Error {
 
 /// Builds the workload living in `cgroup`.
 pub fn inspect(name: &str, cgroup: &Path) -> Result<Workload, Error> {
-    let pids = cgroup::procs(cgroup)?;
+    // A process that exits while we look is no part of the tree: without
+    // its parent it would read as a second root.
+    let parents: Vec<(i32, i32)> = cgroup::procs(cgroup)?
+        .into_iter()
+        .filter_map(|p| Some((p, proc::ppid(p)?)))
+        .collect();
+    let pids: Vec<i32> = parents.iter().map(|(p, _)| *p).collect();
     if pids.is_empty() {
         return Err(Error::Empty {
             name: name.into(),
@@ -53,10 +59,10 @@ pub fn inspect(name: &str, cgroup: &Path) -> Result<Workload, Error> {
         });
     }
     let set: HashSet<i32> = pids.iter().copied().collect();
-    let roots: Vec<i32> = pids
+    let roots: Vec<i32> = parents
         .iter()
-        .copied()
-        .filter(|p| proc::ppid(*p).is_none_or(|pp| !set.contains(&pp)))
+        .filter(|(_, pp)| !set.contains(pp))
+        .map(|(p, _)| *p)
         .collect();
     if roots.len() != 1 {
         return Err(Error::SeveralTrees {
@@ -183,8 +189,10 @@ pub fn refusals(w: &Workload) -> Vec<Refusal> {
     let my_ns = |kind| proc::namespace("self", kind);
     // Unix sockets: every peer must be inside the workload, or CRIU cannot
     // dump the connection. Without sock_diag, CRIU itself will say so.
-    let peers = crate::unix_diag::peers().unwrap_or_default();
+    // Our own sockets first: a member that exits after this closes its end,
+    // and the peer table read next no longer names it.
     let own = proc::socket_inodes(&w.pids);
+    let peers = crate::unix_diag::peers().unwrap_or_default();
     let mut outside: Vec<(i32, i32, u64)> = Vec::new();
     for &pid in &w.pids {
         for (fd, link) in proc::fds(pid) {
@@ -213,17 +221,32 @@ pub fn refusals(w: &Workload) -> Vec<Refusal> {
     }
     let members: HashSet<i32> = w.pids.iter().copied().collect();
     for &pid in &w.pids {
-        if let Some((pgrp, sid)) = proc::pgrp_and_session(pid) {
-            for (what, leader) in [("session", sid), ("process group", pgrp)] {
-                if !members.contains(&leader) {
-                    refuse(
-                        &mut out,
-                        pid,
-                        format!("its {what} is led by pid {leader} ({}) outside the workload", proc::comm(leader)),
-                        "CRIU needs the leader in the checkpoint: start the workload with setsid, or with `kupgrade launch`",
-                    );
-                }
+        // A process that has exited since discovery holds nothing to refuse.
+        let Some((pgrp, sid)) = proc::pgrp_and_session(pid) else {
+            continue;
+        };
+        for (what, leader) in [("session", sid), ("process group", pgrp)] {
+            if members.contains(&leader) {
+                continue;
             }
+            if proc::is_running(leader) {
+                refuse(
+                    &mut out,
+                    pid,
+                    format!("its {what} is led by pid {leader} ({}) outside the workload", proc::comm(leader)),
+                    "CRIU needs the leader in the checkpoint: start the workload with setsid, or with `kupgrade launch`",
+                );
+            } else if what == "session" && pid == w.root_pid {
+                // CRIU dumps a tree only from a session leader.
+                refuse(
+                    &mut out,
+                    pid,
+                    format!("it does not lead its own session: its leader, pid {leader}, has exited"),
+                    "CRIU checkpoints a process tree only from the leader of its session: start the workload with setsid, or with `kupgrade launch`",
+                );
+            }
+            // Below the root, CRIU restores the ids of a leader that has
+            // exited with a helper task.
         }
         for tid in proc::threads(pid) {
             let tracer = proc::status_field(tid, "TracerPid")
@@ -283,14 +306,15 @@ pub fn refusals(w: &Workload) -> Vec<Refusal> {
             if kind == "ipc" && w.ipc_namespace {
                 continue;
             }
-            if proc::namespace(&pid.to_string(), kind) != my_ns(kind) {
+            // Unreadable: the process has exited while we looked.
+            let Some(ns) = proc::namespace(&pid.to_string(), kind) else {
+                continue;
+            };
+            if Some(&ns) != my_ns(kind).as_ref() {
                 refuse(
                     &mut out,
                     pid,
-                    format!(
-                        "{kind} namespace {}",
-                        proc::namespace(&pid.to_string(), kind).unwrap_or_default()
-                    ),
+                    format!("{kind} namespace {ns}"),
                     if kind == "ipc" {
                         "CRIU carries an IPC namespace only with everything in it: give the workload its own with `kupgrade launch --ipc-namespace`"
                     } else {
@@ -343,6 +367,134 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("cgroup.procs"), "").unwrap();
         assert!(matches!(inspect("w", d.path()), Err(Error::Empty { .. })));
+    }
+
+    /// The pid of a child that has exited and been reaped: no such process.
+    fn vanished_pid() -> i32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id() as i32;
+        c.wait().unwrap();
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        pid
+    }
+
+    /// A `sleep` whose session and process group leader (the shell that
+    /// started it in a new session) has exited. Killed when dropped.
+    struct Orphan(i32);
+    impl Orphan {
+        fn start() -> Self {
+            let out = std::process::Command::new("setsid")
+                .args(["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let pid = String::from_utf8(out.stdout)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            Orphan(pid)
+        }
+    }
+    impl Drop for Orphan {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    fn me_and(others: &[i32]) -> Workload {
+        let me = std::process::id() as i32;
+        Workload {
+            name: "w".into(),
+            cgroup: "/sys/fs/cgroup/kupgrade/w".into(),
+            root_pid: me,
+            pids: [&[me], others].concat(),
+            pid_namespace: false,
+            ipc_namespace: false,
+            tcp_established: false,
+            memory_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn a_member_that_has_exited_is_not_refused() {
+        let gone = vanished_pid();
+        let r = refusals(&me_and(&[gone]));
+        assert!(r.iter().all(|r| r.pid != gone), "{r:?}");
+    }
+
+    #[test]
+    fn leaders_that_have_exited_are_not_refused_below_the_root() {
+        let orphan = Orphan::start();
+        let (pgrp, sid) = proc::pgrp_and_session(orphan.0).unwrap();
+        assert_eq!(pgrp, sid);
+        assert!(!Path::new(&format!("/proc/{sid}")).exists());
+        let r = refusals(&me_and(&[orphan.0]));
+        assert!(r.iter().all(|r| r.pid != orphan.0), "{r:?}");
+    }
+
+    #[test]
+    fn a_root_whose_session_leader_has_exited_is_refused_as_such() {
+        // CRIU dumps a tree only from a session leader (without --shell-job).
+        let orphan = Orphan::start();
+        let (_, sid) = proc::pgrp_and_session(orphan.0).unwrap();
+        let w = Workload {
+            root_pid: orphan.0,
+            pids: vec![orphan.0],
+            ..me_and(&[])
+        };
+        let r = refusals(&w);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(
+            r[0].resource,
+            format!("it does not lead its own session: its leader, pid {sid}, has exited")
+        );
+    }
+
+    #[test]
+    fn leaders_alive_outside_the_workload_are_still_refused() {
+        use std::io::BufRead;
+        // The shell leads a new session, starts a sleep in it, and waits.
+        let mut leader = std::process::Command::new("setsid")
+            .args(["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!; read x"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(leader.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let member = Orphan(line.trim().parse().unwrap());
+        let r = refusals(&me_and(&[member.0]));
+        leader.kill().unwrap();
+        leader.wait().unwrap();
+        let mine: Vec<&str> = r
+            .iter()
+            .filter(|r| r.pid == member.0)
+            .map(|r| r.resource.as_str())
+            .collect();
+        let lead = leader.id();
+        assert_eq!(
+            mine,
+            vec![
+                format!("its session is led by pid {lead} (sh) outside the workload"),
+                format!("its process group is led by pid {lead} (sh) outside the workload"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_member_that_vanished_from_the_cgroup_is_not_a_second_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        let gone = vanished_pid();
+        fs::write(d.path().join("cgroup.procs"), format!("{me}\n{gone}\n")).unwrap();
+        let w = inspect("w", d.path()).unwrap();
+        assert_eq!((w.root_pid, w.pids), (me, vec![me]));
     }
 
     #[test]
