@@ -15,6 +15,7 @@ pub mod modules;
 pub mod pipeline;
 pub mod proc;
 pub mod realsys;
+pub mod refusal;
 pub mod remount;
 pub mod stage;
 pub mod store;
