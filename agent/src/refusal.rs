@@ -21,7 +21,7 @@ use crate::workload::Workload;
 pub trait Host {
     fn proc(&self) -> &Proc;
     /// Every connected unix socket: inode -> its peer's inode.
-    fn unix_peers(&self) -> std::io::Result<HashMap<u64, u64>>;
+    fn unix_peers(&self) -> Result<HashMap<u64, u64>, unix_diag::Error>;
     /// Whether `path` is a character or block device.
     fn is_device(&self, path: &str) -> bool;
 }
@@ -49,7 +49,7 @@ impl Host for LiveHost {
         &self.proc
     }
 
-    fn unix_peers(&self) -> std::io::Result<HashMap<u64, u64>> {
+    fn unix_peers(&self) -> Result<HashMap<u64, u64>, unix_diag::Error> {
         unix_diag::peers()
     }
 
@@ -428,7 +428,7 @@ mod tests {
         fn proc(&self) -> &Proc {
             &self.proc
         }
-        fn unix_peers(&self) -> std::io::Result<HashMap<u64, u64>> {
+        fn unix_peers(&self) -> Result<HashMap<u64, u64>, unix_diag::Error> {
             if let Some(pid) = self.exits_at_peer_lookup.take() {
                 self.fake.remove(pid);
             }
@@ -531,8 +531,11 @@ mod tests {
             fn proc(&self) -> &Proc {
                 self.0.proc()
             }
-            fn unix_peers(&self) -> std::io::Result<HashMap<u64, u64>> {
-                Err(std::io::Error::other("no unix_diag"))
+            fn unix_peers(&self) -> Result<HashMap<u64, u64>, unix_diag::Error> {
+                // ENOENT: no unix_diag module.
+                Err(unix_diag::Error::Kernel(std::io::Error::from_raw_os_error(
+                    2,
+                )))
             }
             fn is_device(&self, path: &str) -> bool {
                 self.0.is_device(path)
