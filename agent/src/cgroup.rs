@@ -6,6 +6,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::proc::Proc;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot access {path}")]
@@ -81,11 +83,9 @@ pub fn thaw(cgroup: &Path) -> Result<(), Error> {
     fs::write(&file, "0").map_err(io(&file))
 }
 
-/// The cgroup of `pid` (the v2 line of `/proc/PID/cgroup`), absolute under `root`.
-pub fn of_pid(pid: i32, root: &Path) -> Option<PathBuf> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    Some(root.join(rel.trim_start_matches('/')))
+/// The cgroup of `pid` as `proc` shows it, absolute under the cgroup2 `root`.
+pub fn of_pid(proc: &Proc, pid: i32, root: &Path) -> Option<PathBuf> {
+    Some(root.join(proc.cgroup(pid)?.trim_start_matches('/')))
 }
 
 #[cfg(test)]
@@ -99,6 +99,23 @@ mod tests {
         fs::create_dir(d.path().join("sub")).unwrap();
         fs::write(d.path().join("sub/cgroup.procs"), "7\n").unwrap();
         assert_eq!(procs(d.path()).unwrap(), vec![5, 7, 12]);
+    }
+
+    #[test]
+    fn the_cgroup_of_a_pid_is_its_v2_line_under_the_root() {
+        let fake = crate::proc::fake::FakeProc::new();
+        fake.add(crate::proc::fake::Process::new(40, "w"));
+        fs::write(
+            fake.path().join("40/cgroup"),
+            "1:name=systemd:/old\n0::/kupgrade/w\n",
+        )
+        .unwrap();
+        let root = Path::new("/sys/fs/cgroup");
+        assert_eq!(
+            of_pid(&fake.proc(), 40, root),
+            Some(PathBuf::from("/sys/fs/cgroup/kupgrade/w"))
+        );
+        assert_eq!(of_pid(&fake.proc(), 41, root), None);
     }
 
     #[test]

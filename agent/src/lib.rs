@@ -12,6 +12,7 @@ pub mod listen;
 pub mod pipeline;
 pub mod proc;
 pub mod realsys;
+pub mod refusal;
 pub mod remount;
 pub mod stage;
 pub mod store;

@@ -3,11 +3,27 @@
 //! whom, and CRIU refuses a socket whose peer is outside the dump.
 
 use std::collections::HashMap;
-use std::io;
 
 use nix::sys::socket::{
     recv, sendto, socket, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
 };
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open a sock_diag netlink socket")]
+    Socket(#[source] nix::Error),
+    #[error("cannot send the unix_diag request")]
+    Send(#[source] nix::Error),
+    #[error("cannot read the unix_diag reply")]
+    Receive(#[source] nix::Error),
+    /// ENOENT when the `unix_diag` module is not loaded.
+    #[error(
+        "the kernel answered the unix_diag request with an error (is the unix_diag module loaded?)"
+    )]
+    Kernel(#[source] std::io::Error),
+    #[error("malformed netlink message in the unix_diag reply")]
+    Malformed,
+}
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -45,18 +61,18 @@ fn u32_at(b: &[u8], o: usize) -> Option<u32> {
 }
 
 /// Parses one datagram of replies into `peers`; false once the dump is done.
-fn parse(mut buf: &[u8], peers: &mut HashMap<u64, u64>) -> io::Result<bool> {
+fn parse(mut buf: &[u8], peers: &mut HashMap<u64, u64>) -> Result<bool, Error> {
     while buf.len() >= NLMSG_HDR {
         let len = u32_at(buf, 0).unwrap_or(0) as usize;
         let kind = u16_at(buf, 4).unwrap_or(0);
         if len < NLMSG_HDR || len > buf.len() {
-            return Err(io::Error::other("malformed netlink message"));
+            return Err(Error::Malformed);
         }
         match kind {
             NLMSG_DONE => return Ok(false),
             NLMSG_ERROR => {
                 let errno = u32_at(buf, NLMSG_HDR).map(|e| -(e as i32)).unwrap_or(0);
-                return Err(io::Error::from_raw_os_error(errno));
+                return Err(Error::Kernel(std::io::Error::from_raw_os_error(errno)));
             }
             _ => {
                 let msg = &buf[NLMSG_HDR..len];
@@ -86,24 +102,26 @@ fn parse(mut buf: &[u8], peers: &mut HashMap<u64, u64>) -> io::Result<bool> {
 
 /// Every connected unix socket of the system: inode -> its peer's inode.
 /// Needs the `unix_diag` module.
-pub fn peers() -> io::Result<HashMap<u64, u64>> {
+pub fn peers() -> Result<HashMap<u64, u64>, Error> {
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC,
         SockProtocol::NetlinkSockDiag,
-    )?;
+    )
+    .map_err(Error::Socket)?;
     use std::os::fd::AsRawFd;
     sendto(
         fd.as_raw_fd(),
         &request(),
         &NetlinkAddr::new(0, 0),
         MsgFlags::empty(),
-    )?;
+    )
+    .map_err(Error::Send)?;
     let mut peers = HashMap::new();
     let mut buf = vec![0u8; 32 * 1024];
     loop {
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(Error::Receive)?;
         if n == 0 || !parse(&buf[..n], &mut peers)? {
             return Ok(peers);
         }
@@ -140,10 +158,19 @@ mod tests {
     #[test]
     fn malformed_replies_are_errors_not_panics() {
         let mut p = HashMap::new();
-        assert!(parse(&[0xff; 20], &mut p).is_err());
+        assert!(matches!(parse(&[0xff; 20], &mut p), Err(Error::Malformed)));
         let mut done = vec![0u8; 16];
         done[0] = 16;
         done[4] = NLMSG_DONE as u8;
         assert!(!parse(&done, &mut p).unwrap());
+        // An error reply carries the kernel's errno, negated.
+        let mut error = vec![0u8; 20];
+        error[0] = 20;
+        error[4] = NLMSG_ERROR as u8;
+        error[16..20].copy_from_slice(&(-2i32).to_ne_bytes());
+        match parse(&error, &mut p) {
+            Err(Error::Kernel(e)) => assert_eq!(e.raw_os_error(), Some(2)),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -1,14 +1,16 @@
-//! Workloads: the process trees kupgrade preserves, one cgroup each, and
-//! what would stop CRIU from checkpointing them, found before anything is
-//! frozen.
+//! Workloads: the process trees kupgrade preserves, one cgroup each, found
+//! in the cgroup2 hierarchy and `/proc`. What would stop CRIU from
+//! checkpointing them is in [`crate::refusal`].
 
 use std::collections::HashSet;
-use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::cgroup;
 use crate::config::{self, Config};
-use crate::{cgroup, proc};
+use crate::proc::{Namespace, Proc, TCP_CLOSE, TCP_LISTEN};
+
+pub use crate::refusal::{refusals, Refusal};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
@@ -58,9 +60,20 @@ pub enum Error {
     Cgroup(#[from] cgroup::Error),
 }
 
-/// Builds the workload living in `cgroup`.
+/// Builds the workload living in `cgroup`, on the running system.
 pub fn inspect(name: &str, cgroup: &Path) -> Result<Workload, Error> {
-    let pids = cgroup::procs(cgroup)?;
+    inspect_in(&Proc::host(), name, cgroup)
+}
+
+/// Builds the workload living in `cgroup`, its processes as `proc` shows them.
+pub fn inspect_in(proc: &Proc, name: &str, cgroup: &Path) -> Result<Workload, Error> {
+    // A process that exits while we look is no part of the tree: without
+    // its parent it would read as a second root.
+    let parents: Vec<(i32, i32)> = cgroup::procs(cgroup)?
+        .into_iter()
+        .filter_map(|p| Some((p, proc.ppid(p)?)))
+        .collect();
+    let pids: Vec<i32> = parents.iter().map(|(p, _)| *p).collect();
     if pids.is_empty() {
         return Err(Error::Empty {
             name: name.into(),
@@ -68,10 +81,10 @@ pub fn inspect(name: &str, cgroup: &Path) -> Result<Workload, Error> {
         });
     }
     let set: HashSet<i32> = pids.iter().copied().collect();
-    let roots: Vec<i32> = pids
+    let roots: Vec<i32> = parents
         .iter()
-        .copied()
-        .filter(|p| proc::ppid(*p).is_none_or(|pp| !set.contains(&pp)))
+        .filter(|(_, pp)| !set.contains(pp))
+        .map(|(p, _)| *p)
         .collect();
     if roots.len() != 1 {
         return Err(Error::SeveralTrees {
@@ -82,18 +95,17 @@ pub fn inspect(name: &str, cgroup: &Path) -> Result<Workload, Error> {
         });
     }
     let root_pid = roots[0];
-    let pid_namespace =
-        proc::namespace(&root_pid.to_string(), "pid") != proc::namespace("self", "pid");
-    let ipc_namespace = proc::namespace(&root_pid.to_string(), "ipc")
-        != proc::namespace("self", "ipc")
-        && namespace_outsiders(root_pid, "ipc", &set).is_empty();
+    let foreign = |ns| proc.namespace(root_pid, ns) != proc.own_namespace(ns);
+    let pid_namespace = foreign(Namespace::Pid);
+    let ipc_namespace = foreign(Namespace::Ipc)
+        && namespace_outsiders(proc, root_pid, Namespace::Ipc, &set).is_empty();
     let memory_bytes = cgroup::memory_current(cgroup)
-        .unwrap_or_else(|| pids.iter().map(|p| proc::rss_bytes(*p)).sum());
+        .unwrap_or_else(|| pids.iter().map(|p| proc.rss_bytes(*p)).sum());
     Ok(Workload {
         name: name.into(),
         cgroup: cgroup.into(),
         root_pid,
-        tcp_established: has_tcp_connections(&pids),
+        tcp_established: has_tcp_connections(proc, &pids),
         pids,
         pid_namespace,
         ipc_namespace,
@@ -101,31 +113,47 @@ pub fn inspect(name: &str, cgroup: &Path) -> Result<Workload, Error> {
     })
 }
 
-/// Processes outside `members` that share `pid`'s namespace of `kind`.
-fn namespace_outsiders(pid: i32, kind: &str, members: &HashSet<i32>) -> Vec<i32> {
-    let Some(ns) = proc::namespace(&pid.to_string(), kind) else {
+/// Processes outside `members` that share `pid`'s namespace `ns`.
+fn namespace_outsiders(proc: &Proc, pid: i32, ns: Namespace, members: &HashSet<i32>) -> Vec<i32> {
+    let Some(link) = proc.namespace(pid, ns) else {
         return Vec::new();
     };
-    proc::all_pids()
+    proc.all_pids()
         .into_iter()
         .filter(|p| !members.contains(p))
-        .filter(|p| proc::namespace(&p.to_string(), kind).as_ref() == Some(&ns))
+        .filter(|p| proc.namespace(*p, ns).as_ref() == Some(&link))
         .collect()
 }
 
 /// A TCP socket in any state but listen/close needs CRIU's --tcp-established.
-fn has_tcp_connections(pids: &[i32]) -> bool {
-    let inodes = proc::socket_inodes(pids);
-    proc::tcp_sockets().iter().any(|s| {
-        inodes.contains(&s.inode) && s.state != proc::TCP_LISTEN && s.state != proc::TCP_CLOSE
-    })
+fn has_tcp_connections(proc: &Proc, pids: &[i32]) -> bool {
+    let inodes = proc.socket_inodes(pids);
+    proc.tcp_sockets()
+        .iter()
+        .any(|s| inodes.contains(&s.inode) && s.state != TCP_LISTEN && s.state != TCP_CLOSE)
 }
 
 /// Every workload: those `kupgrade launch` started, then those the config
 /// declares. A broken one is returned as an error next to the good ones.
 pub fn discover(cfg: &Config) -> Vec<Result<Workload, Error>> {
+    discover_in(
+        &Proc::host(),
+        Path::new(config::CGROUP_ROOT),
+        Path::new(config::CGROUP_PARENT),
+        cfg,
+    )
+}
+
+/// [`discover`] in a cgroup2 hierarchy at `cgroup_root`, with the launched
+/// workloads' cgroups under `launched`, and processes as `proc` shows them.
+pub fn discover_in(
+    proc: &Proc,
+    cgroup_root: &Path,
+    launched: &Path,
+    cfg: &Config,
+) -> Vec<Result<Workload, Error>> {
     let mut out = Vec::new();
-    let mut names: Vec<String> = fs::read_dir(config::CGROUP_PARENT)
+    let mut names: Vec<String> = fs::read_dir(launched)
         .into_iter()
         .flatten()
         .flatten()
@@ -134,212 +162,28 @@ pub fn discover(cfg: &Config) -> Vec<Result<Workload, Error>> {
         .collect();
     names.sort();
     for n in names {
-        let cg = Path::new(config::CGROUP_PARENT).join(&n);
+        let cg = launched.join(&n);
         // An emptied cgroup of a workload that has exited is not a workload.
         if cgroup::procs(&cg).is_ok_and(|p| p.is_empty()) {
             continue;
         }
-        out.push(inspect(&n, &cg));
+        out.push(inspect_in(proc, &n, &cg));
     }
     for d in &cfg.workloads {
         let cg = if d.cgroup.is_absolute() {
             d.cgroup.clone()
         } else {
-            Path::new(config::CGROUP_ROOT).join(&d.cgroup)
+            cgroup_root.join(&d.cgroup)
         };
-        out.push(inspect(&d.name, &cg));
+        out.push(inspect_in(proc, &d.name, &cg));
     }
     out
-}
-
-/// Something CRIU cannot checkpoint, found in a workload.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub workload: String,
-    pub pid: i32,
-    pub resource: String,
-    pub why: String,
-}
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "workload {} (pid {} {}): {}: {}",
-            self.workload,
-            self.pid,
-            proc::comm(self.pid),
-            self.resource,
-            self.why
-        )
-    }
-}
-
-/// Character devices a checkpoint can carry: they hold no state.
-const HARMLESS_DEVICES: &[&str] = &[
-    "/dev/null",
-    "/dev/zero",
-    "/dev/full",
-    "/dev/random",
-    "/dev/urandom",
-];
-
-/// Finds what would make CRIU refuse the workload, before anything is frozen.
-pub fn refusals(w: &Workload) -> Vec<Refusal> {
-    let mut out = Vec::new();
-    let refuse = |out: &mut Vec<Refusal>, pid, resource: String, why: &str| {
-        out.push(Refusal {
-            workload: w.name.clone(),
-            pid,
-            resource,
-            why: why.to_string(),
-        });
-    };
-    let my_ns = |kind| proc::namespace("self", kind);
-    // Unix sockets: every peer must be inside the workload, or CRIU cannot
-    // dump the connection. Without sock_diag, CRIU itself will say so.
-    let peers = crate::unix_diag::peers().unwrap_or_default();
-    let own = proc::socket_inodes(&w.pids);
-    let mut outside: Vec<(i32, i32, u64)> = Vec::new();
-    for &pid in &w.pids {
-        for (fd, link) in proc::fds(pid) {
-            let Some(ino) = proc::socket_inode(&link) else {
-                continue;
-            };
-            if let Some(peer) = peers.get(&ino).filter(|p| !own.contains(p)) {
-                outside.push((pid, fd, *peer));
-            }
-        }
-    }
-    if !outside.is_empty() {
-        let owners = socket_owners(outside.iter().map(|o| o.2).collect());
-        for (pid, fd, peer) in outside {
-            let who = owners
-                .get(&peer)
-                .map(|p| format!("pid {p} ({})", proc::comm(*p)))
-                .unwrap_or_else(|| "a process outside it".into());
-            refuse(
-                &mut out,
-                pid,
-                format!("fd {fd} is a unix socket connected to {who}"),
-                "CRIU can only checkpoint both ends of a unix connection together: put the peer in the same workload",
-            );
-        }
-    }
-    let members: HashSet<i32> = w.pids.iter().copied().collect();
-    for &pid in &w.pids {
-        if let Some((pgrp, sid)) = proc::pgrp_and_session(pid) {
-            for (what, leader) in [("session", sid), ("process group", pgrp)] {
-                if !members.contains(&leader) {
-                    refuse(
-                        &mut out,
-                        pid,
-                        format!("its {what} is led by pid {leader} ({}) outside the workload", proc::comm(leader)),
-                        "CRIU needs the leader in the checkpoint: start the workload with setsid, or with `kupgrade launch`",
-                    );
-                }
-            }
-        }
-        for tid in proc::threads(pid) {
-            let tracer = proc::status_field(tid, "TracerPid")
-                .and_then(|t| t.parse::<i32>().ok())
-                .unwrap_or(0);
-            if tracer != 0 {
-                refuse(
-                    &mut out,
-                    pid,
-                    format!(
-                        "thread {tid} traced by pid {tracer} ({})",
-                        proc::comm(tracer)
-                    ),
-                    "CRIU must ptrace every task itself; detach the debugger or strace first",
-                );
-            }
-        }
-        for (fd, link) in proc::fds(pid) {
-            if link == "anon_inode:[io_uring]" {
-                refuse(
-                    &mut out,
-                    pid,
-                    format!("fd {fd} is an io_uring"),
-                    "CRIU cannot checkpoint io_uring instances",
-                );
-            } else if link.starts_with("/dev/")
-                && !HARMLESS_DEVICES.contains(&link.as_str())
-                && !link.starts_with("/dev/shm/")
-                && !link.starts_with("/dev/pts/")
-                && is_device(&link)
-            {
-                refuse(
-                    &mut out,
-                    pid,
-                    format!("fd {fd} is the device {link}"),
-                    "device state cannot be carried across a kernel; close it or run the workload without it",
-                );
-            }
-        }
-        if !w.ipc_namespace {
-            // The kernel names an attached segment `/SYSV<key in hex> (deleted)`.
-            let keys: Vec<String> = proc::mapped_files(pid)
-                .iter()
-                .filter_map(|p| p.strip_prefix("/SYSV"))
-                .map(|k| format!("0x{}", k.split(' ').next().unwrap_or(k)))
-                .collect();
-            if !keys.is_empty() {
-                refuse(
-                    &mut out,
-                    pid,
-                    format!("SysV shared memory (key {}) attached in the host's IPC namespace", keys.join(", ")),
-                    "CRIU carries SysV IPC only in a workload's own IPC namespace: start it with `kupgrade launch --ipc-namespace`",
-                );
-            }
-        }
-        for kind in ["net", "mnt", "ipc", "uts", "user", "cgroup"] {
-            if kind == "ipc" && w.ipc_namespace {
-                continue;
-            }
-            if proc::namespace(&pid.to_string(), kind) != my_ns(kind) {
-                refuse(
-                    &mut out,
-                    pid,
-                    format!(
-                        "{kind} namespace {}",
-                        proc::namespace(&pid.to_string(), kind).unwrap_or_default()
-                    ),
-                    if kind == "ipc" {
-                        "CRIU carries an IPC namespace only with everything in it: give the workload its own with `kupgrade launch --ipc-namespace`"
-                    } else {
-                        "kupgrade restores workloads into the host's namespaces and does not manage this one"
-                    },
-                );
-            }
-        }
-    }
-    out
-}
-
-/// Which process holds each of `inodes` (the first found), from /proc/*/fd.
-fn socket_owners(inodes: HashSet<u64>) -> std::collections::HashMap<u64, i32> {
-    let mut out = std::collections::HashMap::new();
-    for pid in proc::all_pids() {
-        for (_, link) in proc::fds(pid) {
-            if let Some(ino) = proc::socket_inode(&link).filter(|i| inodes.contains(i)) {
-                out.entry(ino).or_insert(pid);
-            }
-        }
-    }
-    out
-}
-
-fn is_device(path: &str) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    fs::metadata(path)
-        .is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_block_device())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proc::fake::{FakeProc, Process};
 
     #[test]
     fn a_cgroup_with_two_trees_is_refused_with_their_pids() {
@@ -358,6 +202,120 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         fs::write(d.path().join("cgroup.procs"), "").unwrap();
         assert!(matches!(inspect("w", d.path()), Err(Error::Empty { .. })));
+    }
+
+    /// The pid of a child that has exited and been reaped: no such process.
+    fn vanished_pid() -> i32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id() as i32;
+        c.wait().unwrap();
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        pid
+    }
+
+    #[test]
+    fn a_member_that_vanished_from_the_cgroup_is_not_a_second_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        let gone = vanished_pid();
+        fs::write(d.path().join("cgroup.procs"), format!("{me}\n{gone}\n")).unwrap();
+        let w = inspect("w", d.path()).unwrap();
+        assert_eq!((w.root_pid, w.pids), (me, vec![me]));
+    }
+
+    fn cgroup_with(dir: &Path, pids: &str) -> PathBuf {
+        fs::create_dir_all(dir).unwrap();
+        fs::write(dir.join("cgroup.procs"), pids).unwrap();
+        dir.to_path_buf()
+    }
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0F02000A:1B58 0202000A:D2A4 01 00000000:00000000 00:00000000 00000000     0        0 900 1 0\n";
+
+    #[test]
+    fn a_tree_is_read_from_its_cgroup_and_proc() {
+        let fake = FakeProc::new();
+        fake.add(
+            Process::new(100, "sh")
+                .namespace(Namespace::Pid, "pid:[4026532400]")
+                .namespace(Namespace::Ipc, "ipc:[4026532401]"),
+        );
+        fake.add(
+            Process::new(101, "server")
+                .parent(100)
+                .fd(3, "socket:[900]")
+                .namespace(Namespace::Ipc, "ipc:[4026532401]"),
+        );
+        fake.tcp(TCP);
+        let cgroups = tempfile::tempdir().unwrap();
+        // 102 exited after the cgroup was read: it is no second tree.
+        let cg = cgroup_with(cgroups.path(), "100\n101\n102\n");
+        fs::write(cg.join("memory.current"), "8388608\n").unwrap();
+        let w = inspect_in(&fake.proc(), "w", &cg).unwrap();
+        assert_eq!(
+            w,
+            Workload {
+                name: "w".into(),
+                cgroup: cg,
+                root_pid: 100,
+                pids: vec![100, 101],
+                pid_namespace: true,
+                ipc_namespace: true,
+                tcp_established: true,
+                memory_bytes: 8 << 20,
+            }
+        );
+    }
+
+    #[test]
+    fn an_ipc_namespace_shared_outside_the_workload_is_not_its_own() {
+        let fake = FakeProc::new();
+        let ipc = "ipc:[4026532401]";
+        fake.add(Process::new(100, "sh").namespace(Namespace::Ipc, ipc));
+        fake.add(Process::new(50, "other").namespace(Namespace::Ipc, ipc));
+        let cgroups = tempfile::tempdir().unwrap();
+        let cg = cgroup_with(cgroups.path(), "100\n");
+        let w = inspect_in(&fake.proc(), "w", &cg).unwrap();
+        assert!(!w.ipc_namespace && !w.pid_namespace && !w.tcp_established);
+    }
+
+    #[test]
+    fn discovery_finds_launched_and_declared_workloads_and_skips_emptied_ones() {
+        let fake = FakeProc::new();
+        fake.add(Process::new(100, "a"));
+        fake.add(Process::new(200, "redis-server"));
+        let root = tempfile::tempdir().unwrap();
+        let launched = root.path().join("kupgrade");
+        cgroup_with(&launched.join("a"), "100\n");
+        cgroup_with(&launched.join("exited"), "");
+        cgroup_with(&root.path().join("system.slice/redis.service"), "200\n");
+        let cfg = Config {
+            workloads: vec![
+                config::DeclaredWorkload {
+                    name: "redis".into(),
+                    cgroup: "system.slice/redis.service".into(),
+                },
+                config::DeclaredWorkload {
+                    name: "missing".into(),
+                    cgroup: root.path().join("nowhere"),
+                },
+            ],
+            ..Config::default()
+        };
+        let found = discover_in(&fake.proc(), root.path(), &launched, &cfg);
+        let seen: Vec<Result<(String, i32), String>> = found
+            .iter()
+            .map(|r| match r {
+                Ok(w) => Ok((w.name.clone(), w.root_pid)),
+                Err(e) => Err(e.to_string()),
+            })
+            .collect();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(seen[0], Ok(("a".into(), 100)));
+        assert_eq!(seen[1], Ok(("redis".into(), 200)));
+        assert!(matches!(
+            &found[2],
+            Err(Error::Cgroup(cgroup::Error::Io { path, .. })) if path.ends_with("nowhere/cgroup.procs")
+        ));
     }
 
     #[test]

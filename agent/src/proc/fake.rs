@@ -1,0 +1,177 @@
+//! A small `/proc` tree in a temporary directory, shaped like the kernel's
+//! where the probes read it: `PID/stat`, `PID/status`, `PID/comm`,
+//! `PID/task/TID/status`, `PID/fd/N` and `PID/ns/KIND` as symlinks,
+//! `PID/maps`, `net/tcp`, and `self` (pid 1, in the host's namespaces).
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::Path;
+
+use super::{Namespace, Proc};
+
+/// The link of the host's namespace of `ns`, as `/proc/PID/ns/` shows it.
+pub(crate) fn host_namespace(ns: Namespace) -> String {
+    let index = Namespace::ALL.iter().position(|n| *n == ns).unwrap_or(0);
+    format!("{ns}:[{}]", 4026531835 + index)
+}
+
+pub(crate) struct FakeProc {
+    dir: tempfile::TempDir,
+}
+
+/// A process to add: running, its own session and group leader, in the
+/// host's namespaces, with one thread and no open files until told.
+#[derive(Clone, Debug)]
+pub(crate) struct Process {
+    pid: i32,
+    comm: String,
+    state: char,
+    ppid: i32,
+    pgrp: i32,
+    session: i32,
+    threads: Vec<(i32, Option<i32>)>,
+    fds: Vec<(i32, String)>,
+    maps: String,
+    namespaces: Vec<(Namespace, String)>,
+}
+
+impl Process {
+    pub fn new(pid: i32, comm: &str) -> Self {
+        Process {
+            pid,
+            comm: comm.into(),
+            state: 'S',
+            ppid: 1,
+            pgrp: pid,
+            session: pid,
+            threads: vec![(pid, None)],
+            fds: Vec::new(),
+            maps: String::new(),
+            namespaces: Namespace::ALL
+                .iter()
+                .map(|ns| (*ns, host_namespace(*ns)))
+                .collect(),
+        }
+    }
+
+    pub fn parent(mut self, ppid: i32) -> Self {
+        self.ppid = ppid;
+        self
+    }
+
+    pub fn session(mut self, pgrp: i32, session: i32) -> Self {
+        self.pgrp = pgrp;
+        self.session = session;
+        self
+    }
+
+    /// A further thread, traced by `tracer` if given.
+    pub fn thread(mut self, tid: i32, tracer: Option<i32>) -> Self {
+        self.threads.push((tid, tracer));
+        self
+    }
+
+    /// Traces the main thread.
+    pub fn traced_by(mut self, tracer: i32) -> Self {
+        self.threads[0].1 = Some(tracer);
+        self
+    }
+
+    pub fn fd(mut self, fd: i32, target: &str) -> Self {
+        self.fds.push((fd, target.into()));
+        self
+    }
+
+    pub fn maps(mut self, text: &str) -> Self {
+        self.maps = text.into();
+        self
+    }
+
+    pub fn namespace(mut self, ns: Namespace, link: &str) -> Self {
+        for (n, l) in &mut self.namespaces {
+            if *n == ns {
+                *l = link.into();
+            }
+        }
+        self
+    }
+
+    /// Exited, not yet reaped: the kernel has dropped its files and
+    /// namespaces, its stat, status and threads remain.
+    pub fn zombie(mut self) -> Self {
+        self.state = 'Z';
+        self.fds.clear();
+        self.namespaces.clear();
+        self
+    }
+}
+
+impl FakeProc {
+    pub fn new() -> Self {
+        let fake = FakeProc {
+            dir: tempfile::tempdir().expect("a temporary directory"),
+        };
+        fake.add(Process::new(1, "init").parent(0));
+        symlink("1", fake.dir.path().join("self")).expect("self link");
+        fake
+    }
+
+    pub fn proc(&self) -> Proc {
+        Proc::at(self.dir.path())
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn add(&self, p: Process) {
+        let dir = self.dir.path().join(p.pid.to_string());
+        let write = |rel: &str, text: &str| {
+            let path = dir.join(rel);
+            fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+            fs::write(path, text).expect("write");
+        };
+        let status = |tracer: Option<i32>| {
+            format!(
+                "Name:\t{}\nState:\t{}\nTgid:\t{}\nPid:\t{}\nPPid:\t{}\nTracerPid:\t{}\n",
+                p.comm,
+                p.state,
+                p.pid,
+                p.pid,
+                p.ppid,
+                tracer.unwrap_or(0)
+            )
+        };
+        write(
+            "stat",
+            &format!(
+                "{} ({}) {} {} {} {} 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 100 1000 10\n",
+                p.pid, p.comm, p.state, p.ppid, p.pgrp, p.session
+            ),
+        );
+        write("status", &status(p.threads[0].1));
+        write("comm", &format!("{}\n", p.comm));
+        write("maps", &p.maps);
+        for (tid, tracer) in &p.threads {
+            write(&format!("task/{tid}/status"), &status(*tracer));
+        }
+        fs::create_dir_all(dir.join("fd")).expect("mkdir fd");
+        for (fd, target) in &p.fds {
+            symlink(target, dir.join("fd").join(fd.to_string())).expect("fd link");
+        }
+        fs::create_dir_all(dir.join("ns")).expect("mkdir ns");
+        for (ns, link) in &p.namespaces {
+            symlink(link, dir.join("ns").join(ns.name())).expect("ns link");
+        }
+    }
+
+    /// The process exits and is reaped: its entry goes.
+    pub fn remove(&self, pid: i32) {
+        fs::remove_dir_all(self.dir.path().join(pid.to_string())).expect("remove");
+    }
+
+    pub fn tcp(&self, table: &str) {
+        fs::create_dir_all(self.dir.path().join("net")).expect("mkdir net");
+        fs::write(self.dir.path().join("net/tcp"), table).expect("write tcp");
+    }
+}

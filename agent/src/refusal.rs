@@ -1,0 +1,899 @@
+//! What would stop CRIU from checkpointing a workload, found before anything
+//! is frozen: the kinds of refusal, the checks that find them, and the
+//! sentence the user reads for each.
+//!
+//! The checks read a [`Host`]: a `/proc` tree, the kernel's table of unix
+//! socket peers and the file type of `/dev` paths. [`LiveHost`] is the
+//! running system; the tests give a fake `/proc` and fake tables.
+//!
+//! A process that exits while the checks look at it is no finding: nothing
+//! of it is left to checkpoint. Adding a refusal: a [`Kind`], its sentence
+//! in `Kind::resource` and [`Kind::why`], a check in [`check`], a test.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use crate::proc::{socket_inode, Namespace, Proc, Stat};
+use crate::unix_diag;
+use crate::workload::Workload;
+
+/// What the checks read of the machine.
+pub trait Host {
+    fn proc(&self) -> &Proc;
+    /// Every connected unix socket: inode -> its peer's inode.
+    fn unix_peers(&self) -> Result<HashMap<u64, u64>, unix_diag::Error>;
+    /// Whether `path` is a character or block device.
+    fn is_device(&self, path: &str) -> bool;
+}
+
+/// The running system: `/proc`, sock_diag, and `stat` of the path.
+#[derive(Debug)]
+pub struct LiveHost {
+    proc: Proc,
+}
+
+impl LiveHost {
+    pub fn new() -> Self {
+        LiveHost { proc: Proc::host() }
+    }
+}
+
+impl Default for LiveHost {
+    fn default() -> Self {
+        LiveHost::new()
+    }
+}
+
+impl Host for LiveHost {
+    fn proc(&self) -> &Proc {
+        &self.proc
+    }
+
+    fn unix_peers(&self) -> Result<HashMap<u64, u64>, unix_diag::Error> {
+        unix_diag::peers()
+    }
+
+    fn is_device(&self, path: &str) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        std::fs::metadata(path)
+            .is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_block_device())
+    }
+}
+
+/// A group of processes with a leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    Session,
+    ProcessGroup,
+}
+
+impl Group {
+    fn name(self) -> &'static str {
+        match self {
+            Group::Session => "session",
+            Group::ProcessGroup => "process group",
+        }
+    }
+}
+
+/// Why a process of a workload cannot be checkpointed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A unix socket whose peer is outside the workload, held by that
+    /// process if one was found.
+    UnixPeerOutside {
+        fd: i32,
+        holder: Option<i32>,
+    },
+    /// Its session or process group is led by a running process outside.
+    LeaderOutside {
+        group: Group,
+        leader: i32,
+    },
+    /// The tree's root does not lead its session, whose leader has exited.
+    RootNotSessionLeader {
+        leader: i32,
+    },
+    /// One of its threads is ptraced.
+    Traced {
+        tid: i32,
+        tracer: i32,
+    },
+    IoUring {
+        fd: i32,
+    },
+    /// An open device that holds state (not /dev/null and the like).
+    Device {
+        fd: i32,
+        path: String,
+    },
+    /// SysV shared memory attached while in the host's IPC namespace.
+    SysvShmInHostIpc {
+        keys: Vec<String>,
+    },
+    /// A namespace other than the host's (`link` as in `/proc/PID/ns/`).
+    ForeignNamespace {
+        namespace: Namespace,
+        link: String,
+    },
+}
+
+impl Kind {
+    /// What is refused, naming the other processes involved as `proc`
+    /// knows them now.
+    fn resource(&self, proc: &Proc) -> String {
+        match self {
+            Kind::UnixPeerOutside { fd, holder } => {
+                let who = holder
+                    .map(|p| format!("pid {p} ({})", proc.comm(p)))
+                    .unwrap_or_else(|| "a process outside it".into());
+                format!("fd {fd} is a unix socket connected to {who}")
+            }
+            Kind::LeaderOutside { group, leader } => format!(
+                "its {} is led by pid {leader} ({}) outside the workload",
+                group.name(),
+                proc.comm(*leader)
+            ),
+            Kind::RootNotSessionLeader { leader } => {
+                format!("it does not lead its own session: its leader, pid {leader}, has exited")
+            }
+            Kind::Traced { tid, tracer } => {
+                format!(
+                    "thread {tid} traced by pid {tracer} ({})",
+                    proc.comm(*tracer)
+                )
+            }
+            Kind::IoUring { fd } => format!("fd {fd} is an io_uring"),
+            Kind::Device { fd, path } => format!("fd {fd} is the device {path}"),
+            Kind::SysvShmInHostIpc { keys } => format!(
+                "SysV shared memory (key {}) attached in the host's IPC namespace",
+                keys.join(", ")
+            ),
+            Kind::ForeignNamespace { namespace, link } => format!("{namespace} namespace {link}"),
+        }
+    }
+
+    /// Why CRIU cannot carry it, and what to do.
+    pub fn why(&self) -> &'static str {
+        match self {
+            Kind::UnixPeerOutside { .. } => "CRIU can only checkpoint both ends of a unix connection together: put the peer in the same workload",
+            Kind::LeaderOutside { .. } => "CRIU needs the leader in the checkpoint: start the workload with setsid, or with `kupgrade launch`",
+            Kind::RootNotSessionLeader { .. } => "CRIU checkpoints a process tree only from the leader of its session: start the workload with setsid, or with `kupgrade launch`",
+            Kind::Traced { .. } => "CRIU must ptrace every task itself; detach the debugger or strace first",
+            Kind::IoUring { .. } => "CRIU cannot checkpoint io_uring instances",
+            Kind::Device { .. } => "device state cannot be carried across a kernel; close it or run the workload without it",
+            Kind::SysvShmInHostIpc { .. } => "CRIU carries SysV IPC only in a workload's own IPC namespace: start it with `kupgrade launch --ipc-namespace`",
+            Kind::ForeignNamespace { namespace: Namespace::Ipc, .. } => "CRIU carries an IPC namespace only with everything in it: give the workload its own with `kupgrade launch --ipc-namespace`",
+            Kind::ForeignNamespace { .. } => "kupgrade restores workloads into the host's namespaces and does not manage this one",
+        }
+    }
+}
+
+/// Something CRIU cannot checkpoint, found in a workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub workload: String,
+    pub pid: i32,
+    /// The process's command name when the refusal was found.
+    pub comm: String,
+    pub kind: Kind,
+    pub resource: String,
+    pub why: String,
+}
+
+impl Refusal {
+    fn new(proc: &Proc, workload: &str, pid: i32, kind: Kind) -> Self {
+        Refusal {
+            workload: workload.into(),
+            pid,
+            comm: proc.comm(pid),
+            resource: kind.resource(proc),
+            why: kind.why().into(),
+            kind,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "workload {} (pid {} {}): {}: {}",
+            self.workload, self.pid, self.comm, self.resource, self.why
+        )
+    }
+}
+
+/// Character devices a checkpoint can carry: they hold no state.
+const HARMLESS_DEVICES: &[&str] = &[
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+];
+
+/// The namespaces a workload must share with the host (its own PID
+/// namespace is carried by CRIU, its own IPC namespace when declared).
+const HOST_NAMESPACES: [Namespace; 6] = [
+    Namespace::Net,
+    Namespace::Mnt,
+    Namespace::Ipc,
+    Namespace::Uts,
+    Namespace::User,
+    Namespace::Cgroup,
+];
+
+/// What would make CRIU refuse the workload, on the running system.
+pub fn refusals(w: &Workload) -> Vec<Refusal> {
+    check(&LiveHost::new(), w)
+}
+
+/// What would make CRIU refuse the workload, as `host` shows it.
+pub fn check(host: &impl Host, w: &Workload) -> Vec<Refusal> {
+    let proc = host.proc();
+    let members: HashSet<i32> = w.pids.iter().copied().collect();
+    let host_namespaces: Vec<(Namespace, Option<String>)> = HOST_NAMESPACES
+        .into_iter()
+        .filter(|ns| !(*ns == Namespace::Ipc && w.ipc_namespace))
+        .map(|ns| (ns, proc.own_namespace(ns)))
+        .collect();
+    let mut found = unix_peers_outside(host, &w.pids);
+    for &pid in &w.pids {
+        // Gone since discovery: nothing of it is left to refuse.
+        let Some(stat) = proc.stat(pid) else {
+            continue;
+        };
+        let mut add = |kind| found.push((pid, kind));
+        leaders_outside(proc, pid, &stat, w.root_pid, &members).for_each(&mut add);
+        // A zombie has no files, maps or namespaces left (those reads come
+        // back empty), and CRIU does not seize it: a tracer does not matter.
+        if !stat.has_exited() {
+            for tid in proc.threads(pid) {
+                if let Some(tracer) = proc.tracer(pid, tid) {
+                    add(Kind::Traced { tid, tracer });
+                }
+            }
+        }
+        for (fd, link) in proc.fds(pid) {
+            if link == "anon_inode:[io_uring]" {
+                add(Kind::IoUring { fd });
+            } else if holds_state(&link) && host.is_device(&link) {
+                add(Kind::Device { fd, path: link });
+            }
+        }
+        if !w.ipc_namespace {
+            let keys = sysv_keys(&proc.mapped_files(pid));
+            if !keys.is_empty() {
+                add(Kind::SysvShmInHostIpc { keys });
+            }
+        }
+        for (namespace, host_link) in &host_namespaces {
+            // Unreadable: the process has exited while we looked.
+            let Some(link) = proc.namespace(pid, *namespace) else {
+                continue;
+            };
+            if Some(&link) != host_link.as_ref() {
+                add(Kind::ForeignNamespace {
+                    namespace: *namespace,
+                    link,
+                });
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|(pid, kind)| Refusal::new(proc, &w.name, pid, kind))
+        .collect()
+}
+
+/// Unix sockets of `pids` connected to a socket none of them holds.
+fn unix_peers_outside(host: &impl Host, pids: &[i32]) -> Vec<(i32, Kind)> {
+    let proc = host.proc();
+    // Our own sockets before the peer table: a member that exits in between
+    // has closed its end, and the table no longer names it as a peer.
+    let sockets: Vec<(i32, i32, u64)> = pids
+        .iter()
+        .flat_map(|&pid| {
+            proc.fds(pid)
+                .into_iter()
+                .filter_map(move |(fd, link)| Some((pid, fd, socket_inode(&link)?)))
+        })
+        .collect();
+    let own: HashSet<u64> = sockets.iter().map(|s| s.2).collect();
+    // Without sock_diag CRIU itself will say so, at the dump.
+    let peers = host.unix_peers().unwrap_or_default();
+    let outside: Vec<(i32, i32, u64)> = sockets
+        .iter()
+        .filter_map(|&(pid, fd, ino)| {
+            let peer = *peers.get(&ino)?;
+            (!own.contains(&peer)).then_some((pid, fd, peer))
+        })
+        .collect();
+    if outside.is_empty() {
+        return Vec::new();
+    }
+    let holders = socket_holders(proc, outside.iter().map(|o| o.2).collect());
+    outside
+        .into_iter()
+        .map(|(pid, fd, peer)| {
+            let holder = holders.get(&peer).copied();
+            (pid, Kind::UnixPeerOutside { fd, holder })
+        })
+        .collect()
+}
+
+/// Which process holds each of `inodes` (the first found).
+fn socket_holders(proc: &Proc, inodes: HashSet<u64>) -> HashMap<u64, i32> {
+    let mut out = HashMap::new();
+    for pid in proc.all_pids() {
+        for (_, link) in proc.fds(pid) {
+            if let Some(ino) = socket_inode(&link).filter(|i| inodes.contains(i)) {
+                out.entry(ino).or_insert(pid);
+            }
+        }
+    }
+    out
+}
+
+/// Leaders of `pid`'s session and process group that CRIU cannot do
+/// without: running ones outside the workload, and for the root its own
+/// session (CRIU's dump starts only from a session leader). Below the root,
+/// CRIU restores the ids of a leader that has exited with a helper task.
+fn leaders_outside<'a>(
+    proc: &'a Proc,
+    pid: i32,
+    stat: &Stat,
+    root_pid: i32,
+    members: &'a HashSet<i32>,
+) -> impl Iterator<Item = Kind> + 'a {
+    [
+        (Group::Session, stat.session),
+        (Group::ProcessGroup, stat.pgrp),
+    ]
+    .into_iter()
+    .filter(|(_, leader)| !members.contains(leader))
+    .filter_map(move |(group, leader)| {
+        if proc.is_running(leader) {
+            Some(Kind::LeaderOutside { group, leader })
+        } else if group == Group::Session && pid == root_pid {
+            Some(Kind::RootNotSessionLeader { leader })
+        } else {
+            None
+        }
+    })
+}
+
+/// A `/dev` path that may be a device with state of its own.
+fn holds_state(link: &str) -> bool {
+    link.starts_with("/dev/")
+        && !HARMLESS_DEVICES.contains(&link)
+        && !link.starts_with("/dev/shm/")
+        && !link.starts_with("/dev/pts/")
+}
+
+/// Keys of attached SysV segments: the kernel names one
+/// `/SYSV<key in hex> (deleted)` in the maps.
+fn sysv_keys(mapped: &[String]) -> Vec<String> {
+    mapped
+        .iter()
+        .filter_map(|p| p.strip_prefix("/SYSV"))
+        .map(|k| format!("0x{}", k.split(' ').next().unwrap_or(k)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proc::fake::{host_namespace, FakeProc, Process};
+    use std::cell::Cell;
+    use std::path::Path;
+
+    /// A fake /proc with the sock_diag table and the devices a test gives;
+    /// `exits_at_peer_lookup` is reaped when the checks ask for the table.
+    struct FakeHost {
+        fake: FakeProc,
+        proc: Proc,
+        peers: HashMap<u64, u64>,
+        devices: Vec<&'static str>,
+        exits_at_peer_lookup: Cell<Option<i32>>,
+    }
+
+    impl FakeHost {
+        fn new() -> Self {
+            let fake = FakeProc::new();
+            FakeHost {
+                proc: fake.proc(),
+                fake,
+                peers: HashMap::new(),
+                devices: vec!["/dev/kmsg", "/dev/sda", "/dev/null", "/dev/pts/3"],
+                exits_at_peer_lookup: Cell::new(None),
+            }
+        }
+
+        fn with(self, p: Process) -> Self {
+            self.fake.add(p);
+            self
+        }
+
+        /// Connects two sockets (sock_diag lists both directions).
+        fn pair(mut self, a: u64, b: u64) -> Self {
+            self.peers.insert(a, b);
+            self.peers.insert(b, a);
+            self
+        }
+    }
+
+    impl Host for FakeHost {
+        fn proc(&self) -> &Proc {
+            &self.proc
+        }
+        fn unix_peers(&self) -> Result<HashMap<u64, u64>, unix_diag::Error> {
+            if let Some(pid) = self.exits_at_peer_lookup.take() {
+                self.fake.remove(pid);
+            }
+            Ok(self.peers.clone())
+        }
+        fn is_device(&self, path: &str) -> bool {
+            self.devices.contains(&path)
+        }
+    }
+
+    /// Workload "w": root 100 and children 101, 102 in one session.
+    fn workload(pids: &[i32]) -> Workload {
+        Workload {
+            name: "w".into(),
+            cgroup: "/sys/fs/cgroup/kupgrade/w".into(),
+            root_pid: pids[0],
+            pids: pids.to_vec(),
+            pid_namespace: false,
+            ipc_namespace: false,
+            tcp_established: false,
+            memory_bytes: 0,
+        }
+    }
+
+    fn root() -> Process {
+        Process::new(100, "server")
+    }
+
+    fn child(pid: i32) -> Process {
+        Process::new(pid, "worker").parent(100).session(100, 100)
+    }
+
+    fn kinds(r: &[Refusal]) -> Vec<(i32, Kind)> {
+        r.iter().map(|r| (r.pid, r.kind.clone())).collect()
+    }
+
+    #[test]
+    fn a_workload_with_nothing_to_refuse_has_no_refusals() {
+        let host = FakeHost::new()
+            .with(
+                root()
+                    .fd(0, "/dev/null")
+                    .fd(1, "/dev/pts/3")
+                    .fd(2, "pipe:[7]")
+                    .fd(3, "socket:[500]")
+                    .fd(4, "/dev/shm/queue")
+                    .fd(5, "/var/log/server.log")
+                    .fd(6, "anon_inode:[eventpoll]")
+                    .fd(7, "/dev/not-a-device")
+                    .thread(103, None)
+                    .maps("55d0-55e0 r-xp 00000000 08:01 77 /usr/bin/server\n7f00-7f10 rw-s 00000000 00:1a 5 /dev/shm/queue\n"),
+            )
+            .with(child(101).fd(3, "socket:[501]"))
+            .pair(500, 501);
+        assert_eq!(check(&host, &workload(&[100, 101])), vec![]);
+    }
+
+    #[test]
+    fn a_unix_peer_outside_is_refused_with_its_holder() {
+        let host = FakeHost::new()
+            .with(root().fd(3, "socket:[500]").fd(4, "socket:[510]"))
+            .with(Process::new(50, "journald").fd(9, "socket:[501]"))
+            .pair(500, 501)
+            // 511 is held by no process we can see (in flight, say).
+            .pair(510, 511);
+        let r = check(&host, &workload(&[100]));
+        assert_eq!(
+            kinds(&r),
+            vec![
+                (
+                    100,
+                    Kind::UnixPeerOutside {
+                        fd: 3,
+                        holder: Some(50)
+                    }
+                ),
+                (
+                    100,
+                    Kind::UnixPeerOutside {
+                        fd: 4,
+                        holder: None
+                    }
+                ),
+            ]
+        );
+        assert_eq!(
+            r[0].to_string(),
+            "workload w (pid 100 server): fd 3 is a unix socket connected to pid 50 (journald): CRIU can only checkpoint both ends of a unix connection together: put the peer in the same workload"
+        );
+        assert_eq!(
+            r[1].resource,
+            "fd 4 is a unix socket connected to a process outside it"
+        );
+    }
+
+    #[test]
+    fn without_sock_diag_unix_peers_are_left_to_criu() {
+        struct NoDiag(FakeHost);
+        impl Host for NoDiag {
+            fn proc(&self) -> &Proc {
+                self.0.proc()
+            }
+            fn unix_peers(&self) -> Result<HashMap<u64, u64>, unix_diag::Error> {
+                // ENOENT: no unix_diag module.
+                Err(unix_diag::Error::Kernel(std::io::Error::from_raw_os_error(
+                    2,
+                )))
+            }
+            fn is_device(&self, path: &str) -> bool {
+                self.0.is_device(path)
+            }
+        }
+        let host = FakeHost::new()
+            .with(root().fd(3, "socket:[500]"))
+            .with(Process::new(50, "journald").fd(9, "socket:[501]"))
+            .pair(500, 501);
+        assert_eq!(check(&NoDiag(host), &workload(&[100])), vec![]);
+    }
+
+    #[test]
+    fn a_member_exiting_during_the_peer_lookup_does_not_put_its_peer_outside() {
+        // The table still names the exiting member's socket as the peer.
+        let host = FakeHost::new()
+            .with(root().fd(3, "socket:[500]"))
+            .with(child(101).fd(3, "socket:[501]"))
+            .pair(500, 501);
+        host.exits_at_peer_lookup.set(Some(101));
+        assert_eq!(check(&host, &workload(&[100, 101])), vec![]);
+    }
+
+    #[test]
+    fn leaders_running_outside_the_workload_are_refused() {
+        let host = FakeHost::new()
+            .with(Process::new(90, "bash"))
+            .with(root().session(90, 90))
+            .with(child(101).session(90, 90));
+        let r = check(&host, &workload(&[100, 101]));
+        let session = Kind::LeaderOutside {
+            group: Group::Session,
+            leader: 90,
+        };
+        let pgrp = Kind::LeaderOutside {
+            group: Group::ProcessGroup,
+            leader: 90,
+        };
+        assert_eq!(
+            kinds(&r),
+            vec![
+                (100, session.clone()),
+                (100, pgrp.clone()),
+                (101, session),
+                (101, pgrp)
+            ]
+        );
+        assert_eq!(
+            r[0].to_string(),
+            "workload w (pid 100 server): its session is led by pid 90 (bash) outside the workload: CRIU needs the leader in the checkpoint: start the workload with setsid, or with `kupgrade launch`"
+        );
+        assert_eq!(
+            r[1].resource,
+            "its process group is led by pid 90 (bash) outside the workload"
+        );
+    }
+
+    #[test]
+    fn leaders_that_have_exited_are_not_refused_below_the_root() {
+        // 101 made its own session and forked 102, then exited (and was
+        // reaped); 103's process group leader 104 is a zombie.
+        let host = FakeHost::new()
+            .with(root())
+            .with(child(102).session(101, 101))
+            .with(child(103).session(104, 100))
+            .with(Process::new(104, "sh").parent(1).session(104, 100).zombie());
+        assert_eq!(check(&host, &workload(&[100, 102, 103])), vec![]);
+    }
+
+    #[test]
+    fn a_root_whose_session_leader_has_exited_is_refused() {
+        let host = FakeHost::new().with(root().session(100, 99));
+        let r = check(&host, &workload(&[100]));
+        assert_eq!(
+            kinds(&r),
+            vec![(100, Kind::RootNotSessionLeader { leader: 99 })]
+        );
+        assert_eq!(
+            r[0].resource,
+            "it does not lead its own session: its leader, pid 99, has exited"
+        );
+    }
+
+    #[test]
+    fn a_traced_thread_is_refused_with_its_tracer() {
+        let host = FakeHost::new()
+            .with(Process::new(77, "gdb"))
+            .with(root().thread(105, Some(77)))
+            .with(child(101).traced_by(77));
+        let r = check(&host, &workload(&[100, 101]));
+        assert_eq!(
+            kinds(&r),
+            vec![
+                (
+                    100,
+                    Kind::Traced {
+                        tid: 105,
+                        tracer: 77
+                    }
+                ),
+                (
+                    101,
+                    Kind::Traced {
+                        tid: 101,
+                        tracer: 77
+                    }
+                ),
+            ]
+        );
+        assert_eq!(
+            r[0].to_string(),
+            "workload w (pid 100 server): thread 105 traced by pid 77 (gdb): CRIU must ptrace every task itself; detach the debugger or strace first"
+        );
+    }
+
+    #[test]
+    fn an_io_uring_is_refused() {
+        let host = FakeHost::new().with(root().fd(5, "anon_inode:[io_uring]"));
+        let r = check(&host, &workload(&[100]));
+        assert_eq!(kinds(&r), vec![(100, Kind::IoUring { fd: 5 })]);
+        assert_eq!(
+            r[0].to_string(),
+            "workload w (pid 100 server): fd 5 is an io_uring: CRIU cannot checkpoint io_uring instances"
+        );
+    }
+
+    #[test]
+    fn a_device_with_state_is_refused_and_harmless_ones_are_not() {
+        let host = FakeHost::new().with(
+            root()
+                .fd(0, "/dev/null")
+                .fd(1, "/dev/pts/3")
+                .fd(2, "/dev/kmsg")
+                .fd(3, "/dev/shm/x")
+                .fd(4, "/dev/mqueue-not-a-device")
+                .fd(5, "/dev/sda"),
+        );
+        let r = check(&host, &workload(&[100]));
+        assert_eq!(
+            kinds(&r),
+            vec![
+                (
+                    100,
+                    Kind::Device {
+                        fd: 2,
+                        path: "/dev/kmsg".into()
+                    }
+                ),
+                (
+                    100,
+                    Kind::Device {
+                        fd: 5,
+                        path: "/dev/sda".into()
+                    }
+                ),
+            ]
+        );
+        assert_eq!(
+            r[0].to_string(),
+            "workload w (pid 100 server): fd 2 is the device /dev/kmsg: device state cannot be carried across a kernel; close it or run the workload without it"
+        );
+    }
+
+    #[test]
+    fn sysv_shared_memory_is_refused_only_in_the_host_ipc_namespace() {
+        let maps = "7f10-7f20 rw-s 00000000 00:01 0 /SYSV00000000 (deleted)\n7f20-7f30 rw-s 00000000 00:01 1 /SYSV0000abcd (deleted)\n";
+        let host = FakeHost::new().with(root().maps(maps));
+        let r = check(&host, &workload(&[100]));
+        assert_eq!(
+            kinds(&r),
+            vec![(
+                100,
+                Kind::SysvShmInHostIpc {
+                    keys: vec!["0x00000000".into(), "0x0000abcd".into()]
+                }
+            )]
+        );
+        assert_eq!(
+            r[0].to_string(),
+            "workload w (pid 100 server): SysV shared memory (key 0x00000000, 0x0000abcd) attached in the host's IPC namespace: CRIU carries SysV IPC only in a workload's own IPC namespace: start it with `kupgrade launch --ipc-namespace`"
+        );
+        // In its own IPC namespace, CRIU carries the segments and the namespace.
+        let host = FakeHost::new().with(
+            root()
+                .maps(maps)
+                .namespace(Namespace::Ipc, "ipc:[4026532300]"),
+        );
+        let own_ipc = Workload {
+            ipc_namespace: true,
+            ..workload(&[100])
+        };
+        assert_eq!(check(&host, &own_ipc), vec![]);
+    }
+
+    #[test]
+    fn foreign_namespaces_are_refused_each_with_its_link() {
+        let host = FakeHost::new().with(
+            root()
+                .namespace(Namespace::Net, "net:[4026532290]")
+                .namespace(Namespace::Ipc, "ipc:[4026532291]")
+                // Its own PID namespace is CRIU's to carry.
+                .namespace(Namespace::Pid, "pid:[4026532292]"),
+        );
+        let r = check(&host, &workload(&[100]));
+        assert_eq!(
+            kinds(&r),
+            vec![
+                (
+                    100,
+                    Kind::ForeignNamespace {
+                        namespace: Namespace::Net,
+                        link: "net:[4026532290]".into()
+                    }
+                ),
+                (
+                    100,
+                    Kind::ForeignNamespace {
+                        namespace: Namespace::Ipc,
+                        link: "ipc:[4026532291]".into()
+                    }
+                ),
+            ]
+        );
+        assert_eq!(
+            r[0].to_string(),
+            "workload w (pid 100 server): net namespace net:[4026532290]: kupgrade restores workloads into the host's namespaces and does not manage this one"
+        );
+        assert_eq!(
+            r[1].why,
+            "CRIU carries an IPC namespace only with everything in it: give the workload its own with `kupgrade launch --ipc-namespace`"
+        );
+        assert_ne!(host_namespace(Namespace::Net), "net:[4026532290]");
+    }
+
+    #[test]
+    fn members_that_have_exited_are_not_refused() {
+        // 101 is gone (reaped); 102 is a zombie, still reported to the
+        // debugger that traced it: no namespaces, no files, no task to seize.
+        let host = FakeHost::new()
+            .with(Process::new(77, "gdb"))
+            .with(root())
+            .with(child(102).traced_by(77).zombie());
+        assert_eq!(check(&host, &workload(&[100, 101, 102])), vec![]);
+    }
+
+    #[test]
+    fn a_refusal_keeps_the_name_its_process_had_when_found() {
+        let host = FakeHost::new().with(root().fd(5, "anon_inode:[io_uring]"));
+        let r = check(&host, &workload(&[100]));
+        host.fake.remove(100);
+        assert!(r[0]
+            .to_string()
+            .starts_with("workload w (pid 100 server): "));
+    }
+
+    // The same, on real processes of this machine.
+
+    /// The pid of a child that has exited and been reaped: no such process.
+    fn vanished_pid() -> i32 {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id() as i32;
+        c.wait().unwrap();
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        pid
+    }
+
+    /// A `sleep` whose session and process group leader (the shell that
+    /// started it in a new session) has exited. Killed when dropped.
+    struct Orphan(i32);
+    impl Orphan {
+        fn start() -> Self {
+            let out = std::process::Command::new("setsid")
+                .args(["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"])
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let pid = String::from_utf8(out.stdout)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            Orphan(pid)
+        }
+    }
+    impl Drop for Orphan {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.0),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    fn me_and(others: &[i32]) -> Workload {
+        let me = std::process::id() as i32;
+        workload(&[&[me], others].concat())
+    }
+
+    #[test]
+    fn a_member_that_has_exited_is_not_refused() {
+        let gone = vanished_pid();
+        let r = refusals(&me_and(&[gone]));
+        assert!(r.iter().all(|r| r.pid != gone), "{r:?}");
+    }
+
+    #[test]
+    fn live_leaders_that_have_exited_are_not_refused_below_the_root() {
+        let orphan = Orphan::start();
+        let stat = Proc::host().stat(orphan.0).unwrap();
+        assert_eq!(stat.pgrp, stat.session);
+        assert!(!Path::new(&format!("/proc/{}", stat.session)).exists());
+        let r = refusals(&me_and(&[orphan.0]));
+        assert!(r.iter().all(|r| r.pid != orphan.0), "{r:?}");
+    }
+
+    #[test]
+    fn a_live_root_whose_session_leader_has_exited_is_refused_as_such() {
+        // CRIU dumps a tree only from a session leader (without --shell-job).
+        let orphan = Orphan::start();
+        let sid = Proc::host().stat(orphan.0).unwrap().session;
+        let r = refusals(&workload(&[orphan.0]));
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(
+            r[0].resource,
+            format!("it does not lead its own session: its leader, pid {sid}, has exited")
+        );
+    }
+
+    #[test]
+    fn live_leaders_alive_outside_the_workload_are_still_refused() {
+        use std::io::BufRead;
+        // The shell leads a new session, starts a sleep in it, and waits.
+        let mut leader = std::process::Command::new("setsid")
+            .args(["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!; read x"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(leader.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let member = Orphan(line.trim().parse().unwrap());
+        let r = refusals(&me_and(&[member.0]));
+        leader.kill().unwrap();
+        leader.wait().unwrap();
+        let mine: Vec<&str> = r
+            .iter()
+            .filter(|r| r.pid == member.0)
+            .map(|r| r.resource.as_str())
+            .collect();
+        let lead = leader.id();
+        assert_eq!(
+            mine,
+            vec![
+                format!("its session is led by pid {lead} (sh) outside the workload"),
+                format!("its process group is led by pid {lead} (sh) outside the workload"),
+            ]
+        );
+    }
+}
