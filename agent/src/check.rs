@@ -107,11 +107,11 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
             out.push(ok(format!("CRIU {v} found")));
             match criu::check(&cfg.criu) {
                 Ok(()) => out.push(ok("`criu check` passes on this kernel")),
-                // Only a known-fatal mismatch is a failure; `criu check`
-                // also tests features (ptys, ...) few workloads use.
-                Err(e) if e.to_string().contains("CRIU 4.1") => out.push(fail(
+                // Only a CRIU too old for this kernel is a failure; `criu
+                // check` also tests features (ptys, ...) few workloads use.
+                Err(e @ criu::CheckError::NeedsNewer { needed, .. }) => out.push(fail(
                     e.to_string(),
-                    "install a CRIU that supports this kernel",
+                    format!("install CRIU {needed} or newer"),
                 )),
                 Err(e) => out.push(warn(
                     e.to_string(),
@@ -195,7 +195,7 @@ pub fn run(cfg: &Config) -> Vec<Finding> {
                 ));
             }
         }
-        Some(Err(e)) => out.push(warn(e, "check again once it has finished")),
+        Some(Err(e)) => out.push(warn(e.to_string(), "check again once it has finished")),
     }
     let ports = listen::listening_ports(&workloads);
     if !ports.is_empty() || workloads.iter().any(|w| w.tcp_established) {

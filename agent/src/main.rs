@@ -265,7 +265,7 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
     if staged.is_none() && !dry_run {
         bail!("no kernel is staged: run `kupgrade stage /boot/vmlinuz-NEW` first");
     }
-    let _lock = RunLock::take().map_err(anyhow::Error::msg)?;
+    let _lock = RunLock::take()?;
     let workloads = workloads_or_bail(cfg)?;
     let left = leftovers::find(&workloads, Store::locate(cfg).ok().as_ref());
     if !left.is_empty() {
@@ -339,7 +339,7 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
 
 fn resume(cfg: &Config) -> Result<ExitCode> {
     require_root("kupgrade resume")?;
-    let _lock = RunLock::take().map_err(anyhow::Error::msg)?;
+    let _lock = RunLock::take()?;
     let criu = leftovers::criu_processes();
     if !criu.is_empty() {
         bail!("CRIU is still running (pids {criu:?}): wait for it to exit, then run `kupgrade resume` again");
