@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod check;
 pub mod config;
 pub mod criu;
+pub mod faults;
 pub mod initramfs;
 pub mod launch;
 pub mod leftovers;

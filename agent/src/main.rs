@@ -7,8 +7,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use contract::report::{Outcome as RestoreOutcome, UpgradeReport};
 use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, RUN_DIR};
+use kupgrade_agent::faults::{self, FaultPoint, Faulty};
 use kupgrade_agent::leftovers::{self, RunLock};
-use kupgrade_agent::pipeline::{self, Outcome};
+use kupgrade_agent::pipeline::{self, Outcome, System};
 use kupgrade_agent::realsys::RealSystem;
 use kupgrade_agent::stage::{self, Staged};
 use kupgrade_agent::store::{self, Store};
@@ -259,8 +260,27 @@ fn read_trim(p: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Runs `f` on the real system, inside the fault injector when
+/// `KUPGRADE_FAILPOINT` lists faults.
+fn on_system<T>(
+    real: RealSystem,
+    store: &Store,
+    faults: Option<Vec<FaultPoint>>,
+    f: impl FnOnce(&mut dyn System) -> T,
+) -> T {
+    match faults {
+        Some(points) => f(&mut Faulty::new(real, points, store.clone())),
+        None => {
+            let mut real = real;
+            f(&mut real)
+        }
+    }
+}
+
 fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
     require_root("kupgrade go")?;
+    // First: a mistyped fault must not let a real upgrade through.
+    let faults = faults::from_env()?;
     let staged = Staged::load();
     if staged.is_none() && !dry_run {
         bail!("no kernel is staged: run `kupgrade stage /boot/vmlinuz-NEW` first");
@@ -308,8 +328,10 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default(),
     };
-    let mut sys = RealSystem::new(cfg.clone(), store);
-    let result = pipeline::go(&mut sys, &workloads, &opts);
+    let real = RealSystem::new(cfg.clone(), store.clone());
+    let result = on_system(real, &store, faults, |sys| {
+        pipeline::go(sys, &workloads, &opts)
+    });
     let _ = std::fs::remove_dir_all(&work_dir);
     match result {
         Ok(Outcome::DryRun {
@@ -329,7 +351,7 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             } else {
                 eprintln!(
                     "kupgrade: RESUMING FAILED: {}",
-                    aborted.resume_errors.join("; ")
+                    pipeline::join(&aborted.resume_errors)
                 );
             }
             Ok(ExitCode::FAILURE)
@@ -339,6 +361,7 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
 
 fn resume(cfg: &Config) -> Result<ExitCode> {
     require_root("kupgrade resume")?;
+    let faults = faults::from_env()?;
     let _lock = RunLock::take()?;
     let criu = leftovers::criu_processes();
     if !criu.is_empty() {
@@ -357,18 +380,20 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
     let Some(store) = store else {
         bail!("the store is gone; cannot run the recovery that needs it");
     };
-    let mut sys = RealSystem::after_killed_go(cfg.clone(), store, left.read_only.clone());
-    let errors = pipeline::recover(
-        &mut sys,
-        &workloads,
-        left.image_from_this_boot,
-        !left.read_only.is_empty(),
-    );
+    let real = RealSystem::after_killed_go(cfg.clone(), store.clone(), left.read_only.clone());
+    let errors = on_system(real, &store, faults, |sys| {
+        pipeline::recover(
+            sys,
+            &workloads,
+            left.image_from_this_boot,
+            !left.read_only.is_empty(),
+        )
+    });
     if errors.is_empty() {
         println!("resumed: every workload runs again on this kernel");
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("kupgrade: RESUMING FAILED: {}", errors.join("; "));
+        eprintln!("kupgrade: RESUMING FAILED: {}", pipeline::join(&errors));
         Ok(ExitCode::FAILURE)
     }
 }

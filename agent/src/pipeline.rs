@@ -20,16 +20,66 @@ use image_format::Manifest;
 
 use crate::workload::Workload;
 
+/// A step of `go` or of its undo, as errors and the `aborted` event name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Step {
+    Preflight,
+    /// Holding back new connections (and draining accept queues).
+    Connections,
+    Freeze,
+    Checkpoint,
+    DeviceState,
+    ImageWrite,
+    Quiesce,
+    Kexec,
+    /// A dry run that did everything but could not undo it all.
+    DryRun,
+    // The undo, in the order it runs.
+    Unquiesce,
+    Invalidate,
+    Undump,
+    Thaw,
+    Release,
+}
+
+impl Step {
+    /// The `step=` value of an `aborted` event (spaces become `_` there).
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Preflight => "preflight",
+            Step::Connections => "connections",
+            Step::Freeze => "freeze",
+            Step::Checkpoint => "checkpoint",
+            Step::DeviceState => "device state",
+            Step::ImageWrite => "image write",
+            Step::Quiesce => "quiesce",
+            Step::Kexec => "kexec",
+            Step::DryRun => "dry run",
+            Step::Unquiesce => "unquiesce",
+            Step::Invalidate => "invalidate",
+            Step::Undump => "undump",
+            Step::Thaw => "thaw",
+            Step::Release => "release",
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A step that failed, with a reason for the user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{step}: {reason}")]
 pub struct StepError {
-    pub step: &'static str,
+    pub step: Step,
     pub reason: String,
 }
 
 impl StepError {
-    pub fn new(step: &'static str, reason: impl std::fmt::Display) -> Self {
+    pub fn new(step: Step, reason: impl std::fmt::Display) -> Self {
         StepError {
             step,
             reason: reason.to_string(),
@@ -112,12 +162,18 @@ pub enum Outcome {
 /// Why `go` stopped, and whether the workloads were resumed.
 #[derive(Debug, thiserror::Error)]
 #[error("{failure}{}", if self.resume_errors.is_empty() { String::new() } else {
-    format!("; RESUMING FAILED: {}", self.resume_errors.join("; "))
+    format!("; RESUMING FAILED: {}", join(&self.resume_errors))
 })]
 pub struct Aborted {
     pub failure: StepError,
     /// Errors while resuming: a workload may still be stopped.
-    pub resume_errors: Vec<String>,
+    pub resume_errors: Vec<StepError>,
+}
+
+/// `a; b; c`, for one line of errors.
+pub fn join(errors: &[StepError]) -> String {
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    lines.join("; ")
 }
 
 /// What has been done so far, to undo in reverse.
@@ -145,7 +201,7 @@ pub fn go(
                 sys.emit(EventLine::now(Event::Resumed).with("dry_run", true));
                 if !errs.is_empty() {
                     return Err(Aborted {
-                        failure: StepError::new("dry run", "done, but resuming failed"),
+                        failure: StepError::new(Step::DryRun, "done, but resuming failed"),
                         resume_errors: errs,
                     });
                 }
@@ -174,7 +230,7 @@ fn emit(sys: &mut dyn System, phases: &mut Vec<PhaseTiming>, e: EventLine) {
     sys.emit(e);
 }
 
-fn check_signal(sys: &mut dyn System, step: &'static str) -> Result<(), StepError> {
+fn check_signal(sys: &mut dyn System, step: Step) -> Result<(), StepError> {
     if sys.interrupted() {
         return Err(StepError::new(step, "interrupted by a signal"));
     }
@@ -190,13 +246,13 @@ fn run(
 ) -> Result<Outcome, StepError> {
     if workloads.is_empty() {
         return Err(StepError::new(
-            "preflight",
+            Step::Preflight,
             "no workloads to preserve: start one with `kupgrade launch`",
         ));
     }
     if !opts.dry_run && !sys.kexec_loaded() {
         return Err(StepError::new(
-            "preflight",
+            Step::Preflight,
             "no kernel is loaded any more: run `kupgrade stage` again",
         ));
     }
@@ -206,11 +262,11 @@ fn run(
         phases,
         EventLine::now(Event::PreflightOk).with("workloads", workloads.len()),
     );
-    check_signal(sys, "freeze")?;
+    check_signal(sys, Step::Freeze)?;
 
     undo.held = true;
     sys.hold_connections(workloads)?;
-    check_signal(sys, "freeze")?;
+    check_signal(sys, Step::Freeze)?;
     for (i, w) in workloads.iter().enumerate() {
         // Recorded first: a freeze that times out may have frozen some tasks.
         undo.frozen.push(i);
@@ -224,7 +280,7 @@ fn run(
     let mut trees = Vec::new();
     let mut locks = Vec::new();
     for (i, w) in workloads.iter().enumerate() {
-        check_signal(sys, "checkpoint")?;
+        check_signal(sys, Step::Checkpoint)?;
         let dir = opts.work_dir.join("criu").join(&w.name);
         let d = sys.dump(w, &dir)?;
         locks.extend(d.lock_table.clone());
@@ -247,7 +303,7 @@ fn run(
         EventLine::now(Event::Dumped).with("workloads", workloads.len()),
     );
 
-    check_signal(sys, "device state")?;
+    check_signal(sys, Step::DeviceState)?;
     let tmpfs_dir = opts.work_dir.join("tmpfs");
     let (mounts, has_tmpfs) = sys.tmpfs_files(workloads, &tmpfs_dir)?;
     state.tmpfs_mounts = mounts;
@@ -260,7 +316,7 @@ fn run(
             .with("tmpfs_mounts", state.tmpfs_mounts.len()),
     );
 
-    check_signal(sys, "image write")?;
+    check_signal(sys, Step::ImageWrite)?;
     let manifest = Manifest {
         kernel_from: opts.kernel_from.clone(),
         kernel_to: opts.kernel_to.clone(),
@@ -290,10 +346,10 @@ fn run(
             image_bytes: bytes,
         });
     }
-    check_signal(sys, "kexec")?;
+    check_signal(sys, Step::Kexec)?;
     if !sys.kexec_loaded() {
         return Err(StepError::new(
-            "kexec",
+            Step::Kexec,
             "the staged kernel was unloaded meanwhile: run `kupgrade stage` again",
         ));
     }
@@ -318,7 +374,7 @@ pub fn recover(
     workloads: &[Workload],
     image_written: bool,
     quiesced: bool,
-) -> Vec<String> {
+) -> Vec<StepError> {
     let mut undo = Undo {
         held: true,
         frozen: (0..workloads.len()).collect(),
@@ -337,53 +393,60 @@ pub fn recover(
 }
 
 /// Undoes, in reverse order, what was done. Returns what could not be undone.
-fn resume(sys: &mut dyn System, workloads: &[Workload], undo: &mut Undo) -> Vec<String> {
+fn resume(sys: &mut dyn System, workloads: &[Workload], undo: &mut Undo) -> Vec<StepError> {
     let mut errors = Vec::new();
     if std::mem::take(&mut undo.quiesced) {
         if let Err(e) = sys.unquiesce_filesystems() {
-            errors.push(e.to_string());
+            errors.push(e);
         }
     }
     if std::mem::take(&mut undo.image_written) {
         if let Err(e) = sys.invalidate_image() {
-            errors.push(e.to_string());
+            errors.push(e);
         }
     }
     for (i, d) in std::mem::take(&mut undo.dumped).into_iter().rev() {
         if let Err(e) = sys.undump(&workloads[i], &d) {
-            errors.push(e.to_string());
+            errors.push(e);
         }
     }
     for i in std::mem::take(&mut undo.frozen).into_iter().rev() {
         if let Err(e) = sys.thaw(&workloads[i]) {
-            errors.push(e.to_string());
+            errors.push(e);
         }
     }
     if std::mem::take(&mut undo.held) {
         if let Err(e) = sys.release_connections() {
-            errors.push(e.to_string());
+            errors.push(e);
         }
     }
     errors
 }
 
+/// A recording [`System`] for the tests of the pipeline and of the fault
+/// wrapper around it.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fake {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
     use super::*;
 
     /// Records every call; fails the step named in `fail_at`.
     #[derive(Default)]
-    struct Fake {
-        calls: Vec<String>,
-        fail_at: Option<String>,
-        loaded: bool,
-        unload_after_write: bool,
-        interrupt_at: Option<String>,
-        events: Vec<Event>,
+    pub struct Fake {
+        pub calls: Vec<String>,
+        pub fail_at: Option<String>,
+        pub loaded: bool,
+        pub unload_after_write: bool,
+        pub interrupt_at: Option<String>,
+        /// Set where a real signal handler would set its flag.
+        pub signalled: Rc<Cell<bool>>,
+        pub events: Vec<Event>,
     }
 
     impl Fake {
-        fn step(&mut self, call: String, step: &'static str) -> Result<(), StepError> {
+        fn step(&mut self, call: String, step: Step) -> Result<(), StepError> {
             let fail = self.fail_at.as_deref() == Some(call.as_str());
             self.calls.push(call);
             if fail {
@@ -399,19 +462,19 @@ mod tests {
             self.loaded
         }
         fn hold_connections(&mut self, _ws: &[Workload]) -> Result<(), StepError> {
-            self.step("hold".into(), "connections")
+            self.step("hold".into(), Step::Connections)
         }
         fn release_connections(&mut self) -> Result<(), StepError> {
-            self.step("release".into(), "resume")
+            self.step("release".into(), Step::Release)
         }
         fn freeze(&mut self, w: &Workload) -> Result<(), StepError> {
-            self.step(format!("freeze {}", w.name), "freeze")
+            self.step(format!("freeze {}", w.name), Step::Freeze)
         }
         fn thaw(&mut self, w: &Workload) -> Result<(), StepError> {
-            self.step(format!("thaw {}", w.name), "thaw")
+            self.step(format!("thaw {}", w.name), Step::Thaw)
         }
         fn dump(&mut self, w: &Workload, _dir: &Path) -> Result<Dumped, StepError> {
-            self.step(format!("dump {}", w.name), "checkpoint")?;
+            self.step(format!("dump {}", w.name), Step::Checkpoint)?;
             Ok(Dumped {
                 lock_table: w
                     .tcp_established
@@ -419,10 +482,10 @@ mod tests {
             })
         }
         fn undump(&mut self, w: &Workload, _d: &Dumped) -> Result<(), StepError> {
-            self.step(format!("undump {}", w.name), "resume")
+            self.step(format!("undump {}", w.name), Step::Undump)
         }
         fn system_state(&mut self) -> Result<DeviceState, StepError> {
-            self.step("system state".into(), "device state")?;
+            self.step("system state".into(), Step::DeviceState)?;
             Ok(DeviceState::default())
         }
         fn tmpfs_files(
@@ -430,11 +493,11 @@ mod tests {
             _ws: &[Workload],
             _d: &Path,
         ) -> Result<(Vec<TmpfsMount>, bool), StepError> {
-            self.step("capture".into(), "device state")?;
+            self.step("capture".into(), Step::DeviceState)?;
             Ok((vec![], false))
         }
         fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
-            self.step("write".into(), "image write")?;
+            self.step("write".into(), Step::ImageWrite)?;
             assert_eq!(input.trees.len(), input.manifest.workloads.len());
             assert!(input.manifest.phases.iter().any(|p| p.event == "frozen"));
             if self.unload_after_write {
@@ -443,29 +506,31 @@ mod tests {
             Ok(4096)
         }
         fn invalidate_image(&mut self) -> Result<(), StepError> {
-            self.step("invalidate".into(), "invalidate")
+            self.step("invalidate".into(), Step::Invalidate)
         }
         fn quiesce_filesystems(&mut self) -> Result<(), StepError> {
-            self.step("quiesce".into(), "quiesce")
+            self.step("quiesce".into(), Step::Quiesce)
         }
         fn unquiesce_filesystems(&mut self) -> Result<(), StepError> {
-            self.step("unquiesce".into(), "unquiesce")
+            self.step("unquiesce".into(), Step::Unquiesce)
         }
         fn reboot(&mut self) -> StepError {
             self.calls.push("reboot".into());
-            StepError::new("kexec", "refused by the kernel")
+            StepError::new(Step::Kexec, "refused by the kernel")
         }
         fn emit(&mut self, e: EventLine) {
             self.events.push(e.event);
         }
         fn interrupted(&mut self) -> bool {
-            self.interrupt_at
-                .as_deref()
-                .is_some_and(|at| self.calls.last().is_some_and(|c| c == at))
+            self.signalled.get()
+                || self
+                    .interrupt_at
+                    .as_deref()
+                    .is_some_and(|at| self.calls.last().is_some_and(|c| c == at))
         }
     }
 
-    fn wl(name: &str, pid: i32, tcp: bool) -> Workload {
+    pub fn wl(name: &str, pid: i32, tcp: bool) -> Workload {
         Workload {
             name: name.into(),
             cgroup: format!("/sys/fs/cgroup/kupgrade/{name}").into(),
@@ -478,7 +543,7 @@ mod tests {
         }
     }
 
-    fn opts(dry_run: bool) -> Options {
+    pub fn opts(dry_run: bool) -> Options {
         Options {
             dry_run,
             work_dir: "/run/kupgrade/work".into(),
@@ -489,6 +554,17 @@ mod tests {
             hostname: String::new(),
         }
     }
+
+    /// Two workloads, the second with TCP connections (a network lock).
+    pub fn two() -> Vec<Workload> {
+        vec![wl("a", 10001, false), wl("b", 10002, true)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::*;
+    use super::*;
 
     /// Everything `go` undoes for `two()` when its last step fails, in
     /// order; an earlier failure undoes a tail of it.
@@ -504,10 +580,6 @@ mod tests {
 
     fn last(n: usize) -> &'static [&'static str] {
         &UNDO_ALL[UNDO_ALL.len() - n..]
-    }
-
-    fn two() -> Vec<Workload> {
-        vec![wl("a", 10001, false), wl("b", 10002, true)]
     }
 
     #[test]
@@ -627,7 +699,7 @@ mod tests {
             ..Default::default()
         };
         let err = go(&mut f, &two(), &opts(false)).unwrap_err();
-        assert_eq!(err.failure.step, "kexec");
+        assert_eq!(err.failure.step, Step::Kexec);
         assert!(!f.calls.contains(&"reboot".to_string()));
         assert!(!f.calls.contains(&"quiesce".to_string()));
         assert!(f.calls.contains(&"thaw a".to_string()));
@@ -701,7 +773,8 @@ mod tests {
         // the dump of b fails via a second injected failure is not possible
         // with one fail_at, so fail the reboot (always) and the thaw of a.
         let err = go(&mut f, &two(), &opts(false)).unwrap_err();
-        assert_eq!(err.resume_errors, vec!["thaw: injected".to_string()]);
+        assert_eq!(join(&err.resume_errors), "thaw: injected");
+        assert_eq!(err.resume_errors[0].step, Step::Thaw);
         assert!(err.to_string().contains("RESUMING FAILED"));
     }
 }
