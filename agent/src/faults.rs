@@ -453,6 +453,7 @@ mod tests {
     use super::*;
     use crate::pipeline::fake::{opts, two, Fake};
     use crate::pipeline::{self, Aborted, Outcome};
+    use crate::preflight::Cleared;
 
     #[derive(Debug, PartialEq, Eq)]
     enum Did {
@@ -513,7 +514,7 @@ mod tests {
     }
 
     fn go(f: &mut Faulty<Fake, Watch>) -> Result<Outcome, Aborted> {
-        pipeline::go(f, &two(), &opts(false))
+        pipeline::go(f, &Cleared::for_tests(two(), false), &opts())
     }
 
     fn after<'a>(f: &'a Faulty<Fake, Watch>, call: &str) -> Vec<&'a str> {
@@ -615,7 +616,7 @@ mod tests {
             loaded: true,
             ..Fake::default()
         };
-        pipeline::go(&mut plain, &two(), &opts(false)).unwrap_err();
+        pipeline::go(&mut plain, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         assert_eq!(f.inner.calls, plain.calls);
         assert_eq!(f.inner.events, plain.events);
         assert!(f.process.did.is_empty());

@@ -4,7 +4,6 @@
 
 pub mod capture;
 pub mod cgroup;
-pub mod check;
 pub mod config;
 pub mod criu;
 pub mod faults;
@@ -14,6 +13,7 @@ pub mod leftovers;
 pub mod listen;
 pub mod modules;
 pub mod pipeline;
+pub mod preflight;
 pub mod proc;
 pub mod realsys;
 pub mod remount;

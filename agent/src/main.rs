@@ -10,11 +10,12 @@ use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, RUN_DIR};
 use kupgrade_agent::faults::{self, FaultPoint, Faulty};
 use kupgrade_agent::leftovers::{self, RunLock};
 use kupgrade_agent::pipeline::{self, Outcome, System};
+use kupgrade_agent::preflight::{self, RealFacts};
 use kupgrade_agent::realsys::RealSystem;
 use kupgrade_agent::stage::{self, Staged};
 use kupgrade_agent::store::{self, Store};
 use kupgrade_agent::workload::{self, Workload};
-use kupgrade_agent::{check, criu, launch, proc};
+use kupgrade_agent::{launch, proc};
 
 #[derive(Parser)]
 #[command(
@@ -32,7 +33,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Can this machine upgrade live? What would be preserved?
-    Check,
+    Check {
+        /// One JSON object: {"version", "ready", "findings": [{"level",
+        /// "kind", "workload", "what", "fix"}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a kernel, build its initramfs and load it with kexec.
     Stage {
         kernel: PathBuf,
@@ -168,20 +174,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     let cfg = Config::load(&cli.config)?;
     match cli.cmd {
-        Cmd::Check => {
-            let findings = check::run(&cfg);
-            for f in &findings {
-                println!("{f}");
+        Cmd::Check { json } => {
+            let findings = preflight::check(&mut RealFacts::new(&cfg));
+            if json {
+                println!("{}", findings.to_json());
+            } else {
+                for f in &findings.0 {
+                    println!("{f}");
+                }
+                let failed = findings.failures().count();
+                if failed > 0 {
+                    println!("{failed} problem(s) would stop an upgrade");
+                } else {
+                    println!("ready to upgrade");
+                }
             }
-            let failed = findings
-                .iter()
-                .filter(|f| f.level == check::Level::Fail)
-                .count();
-            if failed > 0 {
-                println!("{failed} problem(s) would stop an upgrade");
+            if !findings.ready() {
                 return Ok(ExitCode::FAILURE);
             }
-            println!("ready to upgrade");
         }
         Cmd::Stage {
             kernel,
@@ -278,48 +288,24 @@ fn on_system<T>(
 }
 
 fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
-    require_root("kupgrade go")?;
     // First: a mistyped fault must not let a real upgrade through.
     let faults = faults::from_env()?;
-    let staged = Staged::load();
-    if staged.is_none() && !dry_run {
-        bail!("no kernel is staged: run `kupgrade stage /boot/vmlinuz-NEW` first");
-    }
-    let _lock = RunLock::take()?;
-    let workloads = workloads_or_bail(cfg)?;
-    let left = leftovers::find(&workloads, Store::locate(cfg).ok().as_ref());
-    if !left.is_empty() {
-        bail!(
-            "a previous `kupgrade go` did not finish ({}): run `kupgrade resume` first",
-            left.describe().join("; ")
-        );
-    }
-    // Refuse what CRIU cannot checkpoint before anything is frozen.
-    let refusals: Vec<String> = workloads
-        .iter()
-        .flat_map(workload::refusals)
-        .map(|r| r.to_string())
-        .collect();
-    if !refusals.is_empty() {
-        bail!(
-            "refusing to upgrade, nothing was frozen: {}",
-            refusals.join("; ")
-        );
-    }
-    if !dry_run {
-        criu::version(&cfg.criu)?;
-    }
-    let store = Store::locate(cfg)?;
-    store.ensure_fits(store::estimate_image_bytes(
-        workloads.iter().map(|w| w.memory_bytes).sum(),
-    ))?;
+    let mut facts = RealFacts::new(cfg);
+    let cleared = match preflight::go(&mut facts, dry_run) {
+        Ok(c) => c,
+        Err(refused) => {
+            eprintln!("kupgrade: {refused}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    // Held until go returns: one go or resume at a time.
+    let _lock = facts.into_run_lock();
     let work_dir = Path::new(RUN_DIR).join("work");
     let opts = pipeline::Options {
-        dry_run,
         work_dir: work_dir.clone(),
         kernel_from: release(),
-        kernel_to: staged
-            .as_ref()
+        kernel_to: cleared
+            .staged()
             .map(|s| s.release.clone())
             .unwrap_or_else(|| "(dry run)".into()),
         boot_id: read_trim("/proc/sys/kernel/random/boot_id"),
@@ -328,9 +314,10 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default(),
     };
+    let store = cleared.store().clone();
     let real = RealSystem::new(cfg.clone(), store.clone());
     let result = on_system(real, &store, faults, |sys| {
-        pipeline::go(sys, &workloads, &opts)
+        pipeline::go(sys, &cleared, &opts)
     });
     let _ = std::fs::remove_dir_all(&work_dir);
     match result {

@@ -1,6 +1,9 @@
 //! `kupgrade go`: the upgrade pipeline, written against the [`System`] seam
 //! so that its order and every abort path are tested without root.
 //!
+//! It starts from a [`Cleared`] preflight (see [`crate::preflight`]): the
+//! checks that refuse an upgrade all happen there, before this module runs.
+//!
 //! ```text
 //! preflight -> freeze -> dump -> capture state -> write image -> quiesce fs -> kexec
 //!     |           |        |           |               |              |
@@ -18,12 +21,12 @@ use contract::events::{Event, EventLine};
 use contract::{PhaseTiming, WorkloadEntry};
 use image_format::Manifest;
 
+use crate::preflight::Cleared;
 use crate::workload::Workload;
 
 /// A step of `go` or of its undo, as errors and the `aborted` event name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Step {
-    Preflight,
     /// Holding back new connections (and draining accept queues).
     Connections,
     Freeze,
@@ -46,7 +49,6 @@ impl Step {
     /// The `step=` value of an `aborted` event (spaces become `_` there).
     pub fn name(self) -> &'static str {
         match self {
-            Step::Preflight => "preflight",
             Step::Connections => "connections",
             Step::Freeze => "freeze",
             Step::Checkpoint => "checkpoint",
@@ -143,7 +145,6 @@ pub trait System {
 }
 
 pub struct Options {
-    pub dry_run: bool,
     /// Scratch space for the dump (tmpfs under /run/kupgrade).
     pub work_dir: PathBuf,
     pub kernel_from: String,
@@ -186,16 +187,21 @@ struct Undo {
     quiesced: bool,
 }
 
-pub fn go(
-    sys: &mut dyn System,
-    workloads: &[Workload],
-    opts: &Options,
-) -> Result<Outcome, Aborted> {
+/// Runs the upgrade that `cleared` allows: a dry run or a real one.
+pub fn go(sys: &mut dyn System, cleared: &Cleared, opts: &Options) -> Result<Outcome, Aborted> {
+    let workloads = cleared.workloads();
     let mut undo = Undo::default();
     let mut phases = Vec::new();
-    match run(sys, workloads, opts, &mut undo, &mut phases) {
+    match run(
+        sys,
+        workloads,
+        cleared.dry_run(),
+        opts,
+        &mut undo,
+        &mut phases,
+    ) {
         Ok(outcome) => {
-            if opts.dry_run {
+            if cleared.dry_run() {
                 // Undo what a real run would have left for the new kernel.
                 let errs = resume(sys, workloads, &mut undo);
                 sys.emit(EventLine::now(Event::Resumed).with("dry_run", true));
@@ -240,22 +246,11 @@ fn check_signal(sys: &mut dyn System, step: Step) -> Result<(), StepError> {
 fn run(
     sys: &mut dyn System,
     workloads: &[Workload],
+    dry_run: bool,
     opts: &Options,
     undo: &mut Undo,
     phases: &mut Vec<PhaseTiming>,
 ) -> Result<Outcome, StepError> {
-    if workloads.is_empty() {
-        return Err(StepError::new(
-            Step::Preflight,
-            "no workloads to preserve: start one with `kupgrade launch`",
-        ));
-    }
-    if !opts.dry_run && !sys.kexec_loaded() {
-        return Err(StepError::new(
-            Step::Preflight,
-            "no kernel is loaded any more: run `kupgrade stage` again",
-        ));
-    }
     let mut state = sys.system_state()?;
     emit(
         sys,
@@ -340,7 +335,7 @@ fn run(
     let paused_ms = (written.t_mono_ns.saturating_sub(frozen_at)) as f64 / 1e6;
     emit(sys, phases, written);
 
-    if opts.dry_run {
+    if dry_run {
         return Ok(Outcome::DryRun {
             paused_ms,
             image_bytes: bytes,
@@ -543,9 +538,8 @@ pub(crate) mod fake {
         }
     }
 
-    pub fn opts(dry_run: bool) -> Options {
+    pub fn opts() -> Options {
         Options {
-            dry_run,
             work_dir: "/run/kupgrade/work".into(),
             kernel_from: "a".into(),
             kernel_to: "b".into(),
@@ -565,6 +559,7 @@ pub(crate) mod fake {
 mod tests {
     use super::fake::*;
     use super::*;
+    use crate::preflight::Cleared;
 
     /// Everything `go` undoes for `two()` when its last step fails, in
     /// order; an earlier failure undoes a tail of it.
@@ -588,7 +583,7 @@ mod tests {
             loaded: true,
             ..Default::default()
         };
-        let err = go(&mut f, &two(), &opts(false)).unwrap_err();
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         // The fake's reboot "fails", so go undoes everything after it.
         assert_eq!(err.failure.reason, "refused by the kernel");
         let upto_reboot: Vec<&str> = f
@@ -630,7 +625,7 @@ mod tests {
             loaded: true,
             ..Default::default()
         };
-        go(&mut f, &two(), &opts(false)).unwrap_err();
+        go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         let after: Vec<&str> = f
             .calls
             .iter()
@@ -662,7 +657,7 @@ mod tests {
                 fail_at: Some(at.to_string()),
                 ..Default::default()
             };
-            let err = go(&mut f, &two(), &opts(false)).unwrap_err();
+            let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
             assert_eq!(err.failure.reason, "injected", "{at}");
             assert!(err.resume_errors.is_empty());
             let pos = f.calls.iter().position(|c| c == at).unwrap();
@@ -677,28 +672,13 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_frozen_without_a_loaded_kernel_or_workloads() {
-        let mut f = Fake::default();
-        let err = go(&mut f, &two(), &opts(false)).unwrap_err();
-        assert!(err.failure.reason.contains("kupgrade stage"));
-        assert!(f.calls.is_empty());
-        let mut f = Fake {
-            loaded: true,
-            ..Default::default()
-        };
-        let err = go(&mut f, &[], &opts(false)).unwrap_err();
-        assert!(err.failure.reason.contains("kupgrade launch"));
-        assert!(f.calls.is_empty());
-    }
-
-    #[test]
     fn a_kernel_unloaded_during_the_dump_aborts_before_the_reboot() {
         let mut f = Fake {
             loaded: true,
             unload_after_write: true,
             ..Default::default()
         };
-        let err = go(&mut f, &two(), &opts(false)).unwrap_err();
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         assert_eq!(err.failure.step, Step::Kexec);
         assert!(!f.calls.contains(&"reboot".to_string()));
         assert!(!f.calls.contains(&"quiesce".to_string()));
@@ -712,7 +692,7 @@ mod tests {
             interrupt_at: Some("dump a".into()),
             ..Default::default()
         };
-        let err = go(&mut f, &two(), &opts(false)).unwrap_err();
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         assert_eq!(err.failure.reason, "interrupted by a signal");
         assert!(!f.calls.contains(&"dump b".to_string()));
         let tail: Vec<&str> = f
@@ -731,7 +711,7 @@ mod tests {
             loaded: false,
             ..Default::default()
         };
-        let out = go(&mut f, &two(), &opts(true)).unwrap();
+        let out = go(&mut f, &Cleared::for_tests(two(), true), &opts()).unwrap();
         assert!(matches!(
             out,
             Outcome::DryRun {
@@ -772,7 +752,7 @@ mod tests {
         };
         // the dump of b fails via a second injected failure is not possible
         // with one fail_at, so fail the reboot (always) and the thaw of a.
-        let err = go(&mut f, &two(), &opts(false)).unwrap_err();
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         assert_eq!(join(&err.resume_errors), "thaw: injected");
         assert_eq!(err.resume_errors[0].step, Step::Thaw);
         assert!(err.to_string().contains("RESUMING FAILED"));
