@@ -22,8 +22,6 @@ pub enum Error {
         errors: String,
         log: PathBuf,
     },
-    #[error("`criu check` fails on this kernel: {0}")]
-    Check(String),
 }
 
 /// `criu dump` for `w`; its restore counterpart is in the same place
@@ -91,8 +89,28 @@ pub fn version(criu: &str) -> Result<String, Error> {
         .to_string())
 }
 
+/// Why `criu check` fails on this kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Missing(#[from] Error),
+    /// The installed CRIU predates something this kernel does: nothing can
+    /// be checkpointed until CRIU `needed` or newer is installed.
+    #[error(
+        "`criu check` fails on this kernel: {detail} ({why}: CRIU {needed} or newer is needed)"
+    )]
+    NeedsNewer {
+        detail: String,
+        why: &'static str,
+        needed: &'static str,
+    },
+    /// A feature CRIU tests is missing: only workloads using it are refused.
+    #[error("`criu check` fails on this kernel: {0}")]
+    Feature(String),
+}
+
 /// `criu check`: can CRIU work on this kernel at all?
-pub fn check(criu: &str) -> Result<(), Error> {
+pub fn check(criu: &str) -> Result<(), CheckError> {
     let out = Command::new(criu)
         .arg("check")
         .output()
@@ -103,22 +121,29 @@ pub fn check(criu: &str) -> Result<(), Error> {
     if out.status.success() {
         return Ok(());
     }
-    let text = format!(
+    Err(check_failure(&format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    let mut why = text
+    )))
+}
+
+/// Tells a CRIU too old for this kernel from a missing feature, by what
+/// `criu check` printed.
+fn check_failure(text: &str) -> CheckError {
+    let detail = text
         .lines()
         .rfind(|l| l.contains("Error"))
         .unwrap_or(text.trim())
         .to_string();
     if text.contains("vvar") || text.contains("vclock") {
-        why.push_str(
-            " (this kernel has the [vvar_vclock] mapping, 6.13+: CRIU 4.1 or newer is needed)",
-        );
+        return CheckError::NeedsNewer {
+            detail,
+            why: "this kernel has the [vvar_vclock] mapping, 6.13+",
+            needed: "4.1",
+        };
     }
-    Err(Error::Check(why))
+    CheckError::Feature(detail)
 }
 
 /// Name of the nftables table CRIU's network lock creates for a dump.
@@ -238,6 +263,26 @@ mod tests {
             .windows(2)
             .any(|p| p[0] == "--network-lock" && p[1] == "nftables"));
         assert_eq!(lock_table(&wl(true)), "CRIU-10001");
+    }
+
+    #[test]
+    fn a_kernel_with_vvar_vclock_needs_a_newer_criu_other_failures_are_features() {
+        let e = check_failure(
+            "Warn  (criu/kerndat.c:1)\nError (criu/proc_parse.c:7): Unknown mapping [vvar_vclock]\nLooks bad\n",
+        );
+        match &e {
+            CheckError::NeedsNewer { detail, needed, .. } => {
+                assert_eq!(*needed, "4.1");
+                assert!(detail.contains("Unknown mapping"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(e.to_string().contains("CRIU 4.1 or newer is needed"), "{e}");
+        let e = check_failure("Error (criu/cr-check.c:9): fdinfo doesn't contain the lock field\n");
+        assert!(
+            matches!(&e, CheckError::Feature(d) if d.contains("lock field")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -26,26 +26,47 @@ pub struct RunLock {
     _lock: Flock<File>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("another `kupgrade go` or `kupgrade resume` is running: wait for it to finish")]
+    Busy,
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot lock {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
 impl RunLock {
-    pub fn take() -> Result<RunLock, String> {
+    pub fn take() -> Result<RunLock, LockError> {
         let _ = fs::create_dir_all(RUN_DIR);
         RunLock::at(&Path::new(RUN_DIR).join("go.lock"))
     }
 
-    fn at(path: &Path) -> Result<RunLock, String> {
+    fn at(path: &Path) -> Result<RunLock, LockError> {
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            .map_err(|source| LockError::Open {
+                path: path.into(),
+                source,
+            })?;
         match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Ok(RunLock { _lock: lock }),
-            Err((_, nix::Error::EWOULDBLOCK)) => Err(
-                "another `kupgrade go` or `kupgrade resume` is running: wait for it to finish"
-                    .into(),
-            ),
-            Err((_, e)) => Err(format!("cannot lock {}: {e}", path.display())),
+            Err((_, nix::Error::EWOULDBLOCK)) => Err(LockError::Busy),
+            Err((_, source)) => Err(LockError::Lock {
+                path: path.into(),
+                source,
+            }),
         }
     }
 }
@@ -160,7 +181,8 @@ mod tests {
         let path = d.path().join("go.lock");
         let first = RunLock::at(&path).unwrap();
         let e = RunLock::at(&path).unwrap_err();
-        assert!(e.contains("is running"), "{e}");
+        assert!(matches!(e, LockError::Busy), "{e:?}");
+        assert!(e.to_string().contains("is running"), "{e}");
         drop(first);
         RunLock::at(&path).unwrap();
     }

@@ -3,13 +3,14 @@
 
 pub mod capture;
 pub mod cgroup;
-pub mod check;
 pub mod config;
 pub mod criu;
+pub mod faults;
 pub mod launch;
 pub mod leftovers;
 pub mod listen;
 pub mod pipeline;
+pub mod preflight;
 pub mod proc;
 pub mod realsys;
 pub mod refusal;

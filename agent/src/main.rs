@@ -7,13 +7,15 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use contract::report::{Outcome as RestoreOutcome, UpgradeReport};
 use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, RUN_DIR};
+use kupgrade_agent::faults::{self, FaultPoint, Faulty};
 use kupgrade_agent::leftovers::{self, RunLock};
-use kupgrade_agent::pipeline::{self, Outcome};
+use kupgrade_agent::pipeline::{self, Outcome, System};
+use kupgrade_agent::preflight::{self, RealFacts};
 use kupgrade_agent::realsys::RealSystem;
 use kupgrade_agent::stage::{self, Staged};
 use kupgrade_agent::store::{self, Store};
 use kupgrade_agent::workload::{self, Workload};
-use kupgrade_agent::{check, criu, launch, proc};
+use kupgrade_agent::{launch, proc};
 
 #[derive(Parser)]
 #[command(
@@ -31,7 +33,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Can this machine upgrade live? What would be preserved?
-    Check,
+    Check {
+        /// One JSON object: {"version", "ready", "findings": [{"level",
+        /// "kind", "workload", "what", "fix"}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a kernel, build its initramfs and load it with kexec.
     Stage {
         kernel: PathBuf,
@@ -167,20 +174,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
     let cfg = Config::load(&cli.config)?;
     match cli.cmd {
-        Cmd::Check => {
-            let findings = check::run(&cfg);
-            for f in &findings {
-                println!("{f}");
+        Cmd::Check { json } => {
+            let findings = preflight::check(&mut RealFacts::new(&cfg));
+            if json {
+                println!("{}", findings.to_json());
+            } else {
+                for f in &findings.0 {
+                    println!("{f}");
+                }
+                let failed = findings.failures().count();
+                if failed > 0 {
+                    println!("{failed} problem(s) would stop an upgrade");
+                } else {
+                    println!("ready to upgrade");
+                }
             }
-            let failed = findings
-                .iter()
-                .filter(|f| f.level == check::Level::Fail)
-                .count();
-            if failed > 0 {
-                println!("{failed} problem(s) would stop an upgrade");
+            if !findings.ready() {
                 return Ok(ExitCode::FAILURE);
             }
-            println!("ready to upgrade");
         }
         Cmd::Stage {
             kernel,
@@ -259,47 +270,42 @@ fn read_trim(p: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Runs `f` on the real system, inside the fault injector when
+/// `KUPGRADE_FAILPOINT` lists faults.
+fn on_system<T>(
+    real: RealSystem,
+    store: &Store,
+    faults: Option<Vec<FaultPoint>>,
+    f: impl FnOnce(&mut dyn System) -> T,
+) -> T {
+    match faults {
+        Some(points) => f(&mut Faulty::new(real, points, store.clone())),
+        None => {
+            let mut real = real;
+            f(&mut real)
+        }
+    }
+}
+
 fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
-    require_root("kupgrade go")?;
-    let staged = Staged::load();
-    if staged.is_none() && !dry_run {
-        bail!("no kernel is staged: run `kupgrade stage /boot/vmlinuz-NEW` first");
-    }
-    let _lock = RunLock::take().map_err(anyhow::Error::msg)?;
-    let workloads = workloads_or_bail(cfg)?;
-    let left = leftovers::find(&workloads, Store::locate(cfg).ok().as_ref());
-    if !left.is_empty() {
-        bail!(
-            "a previous `kupgrade go` did not finish ({}): run `kupgrade resume` first",
-            left.describe().join("; ")
-        );
-    }
-    // Refuse what CRIU cannot checkpoint before anything is frozen.
-    let refusals: Vec<String> = workloads
-        .iter()
-        .flat_map(workload::refusals)
-        .map(|r| r.to_string())
-        .collect();
-    if !refusals.is_empty() {
-        bail!(
-            "refusing to upgrade, nothing was frozen: {}",
-            refusals.join("; ")
-        );
-    }
-    if !dry_run {
-        criu::version(&cfg.criu)?;
-    }
-    let store = Store::locate(cfg)?;
-    store.ensure_fits(store::estimate_image_bytes(
-        workloads.iter().map(|w| w.memory_bytes).sum(),
-    ))?;
+    // First: a mistyped fault must not let a real upgrade through.
+    let faults = faults::from_env()?;
+    let mut facts = RealFacts::new(cfg);
+    let cleared = match preflight::go(&mut facts, dry_run) {
+        Ok(c) => c,
+        Err(refused) => {
+            eprintln!("kupgrade: {refused}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    // Held until go returns: one go or resume at a time.
+    let _lock = facts.into_run_lock();
     let work_dir = Path::new(RUN_DIR).join("work");
     let opts = pipeline::Options {
-        dry_run,
         work_dir: work_dir.clone(),
         kernel_from: release(),
-        kernel_to: staged
-            .as_ref()
+        kernel_to: cleared
+            .staged()
             .map(|s| s.release.clone())
             .unwrap_or_else(|| "(dry run)".into()),
         boot_id: read_trim("/proc/sys/kernel/random/boot_id"),
@@ -308,8 +314,11 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default(),
     };
-    let mut sys = RealSystem::new(cfg.clone(), store);
-    let result = pipeline::go(&mut sys, &workloads, &opts);
+    let store = cleared.store().clone();
+    let real = RealSystem::new(cfg.clone(), store.clone());
+    let result = on_system(real, &store, faults, |sys| {
+        pipeline::go(sys, &cleared, &opts)
+    });
     let _ = std::fs::remove_dir_all(&work_dir);
     match result {
         Ok(Outcome::DryRun {
@@ -329,7 +338,7 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             } else {
                 eprintln!(
                     "kupgrade: RESUMING FAILED: {}",
-                    aborted.resume_errors.join("; ")
+                    pipeline::join(&aborted.resume_errors)
                 );
             }
             Ok(ExitCode::FAILURE)
@@ -339,7 +348,8 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
 
 fn resume(cfg: &Config) -> Result<ExitCode> {
     require_root("kupgrade resume")?;
-    let _lock = RunLock::take().map_err(anyhow::Error::msg)?;
+    let faults = faults::from_env()?;
+    let _lock = RunLock::take()?;
     let criu = leftovers::criu_processes();
     if !criu.is_empty() {
         bail!("CRIU is still running (pids {criu:?}): wait for it to exit, then run `kupgrade resume` again");
@@ -357,18 +367,20 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
     let Some(store) = store else {
         bail!("the store is gone; cannot run the recovery that needs it");
     };
-    let mut sys = RealSystem::after_killed_go(cfg.clone(), store, left.read_only.clone());
-    let errors = pipeline::recover(
-        &mut sys,
-        &workloads,
-        left.image_from_this_boot,
-        !left.read_only.is_empty(),
-    );
+    let real = RealSystem::after_killed_go(cfg.clone(), store.clone(), left.read_only.clone());
+    let errors = on_system(real, &store, faults, |sys| {
+        pipeline::recover(
+            sys,
+            &workloads,
+            left.image_from_this_boot,
+            !left.read_only.is_empty(),
+        )
+    });
     if errors.is_empty() {
         println!("resumed: every workload runs again on this kernel");
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("kupgrade: RESUMING FAILED: {}", errors.join("; "));
+        eprintln!("kupgrade: RESUMING FAILED: {}", pipeline::join(&errors));
         Ok(ExitCode::FAILURE)
     }
 }

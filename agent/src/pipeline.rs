@@ -1,6 +1,9 @@
 //! `kupgrade go`: the upgrade pipeline, written against the [`System`] seam
 //! so that its order and every abort path are tested without root.
 //!
+//! It starts from a [`Cleared`] preflight (see [`crate::preflight`]): the
+//! checks that refuse an upgrade all happen there, before this module runs.
+//!
 //! ```text
 //! preflight -> freeze -> dump -> capture state -> write image -> quiesce fs -> kexec
 //!     |           |        |           |               |              |
@@ -18,18 +21,67 @@ use contract::events::{Event, EventLine};
 use contract::PhaseTiming;
 use image_format::Manifest;
 
+use crate::preflight::Cleared;
 use crate::workload::Workload;
+
+/// A step of `go` or of its undo, as errors and the `aborted` event name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// Holding back new connections (and draining accept queues).
+    Connections,
+    Freeze,
+    Checkpoint,
+    DeviceState,
+    ImageWrite,
+    Quiesce,
+    Kexec,
+    /// A dry run that did everything but could not undo it all.
+    DryRun,
+    // The undo, in the order it runs.
+    Unquiesce,
+    Invalidate,
+    Undump,
+    Thaw,
+    Release,
+}
+
+impl Step {
+    /// The `step=` value of an `aborted` event (spaces become `_` there).
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Connections => "connections",
+            Step::Freeze => "freeze",
+            Step::Checkpoint => "checkpoint",
+            Step::DeviceState => "device state",
+            Step::ImageWrite => "image write",
+            Step::Quiesce => "quiesce",
+            Step::Kexec => "kexec",
+            Step::DryRun => "dry run",
+            Step::Unquiesce => "unquiesce",
+            Step::Invalidate => "invalidate",
+            Step::Undump => "undump",
+            Step::Thaw => "thaw",
+            Step::Release => "release",
+        }
+    }
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// A step that failed, with a reason for the user.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{step}: {reason}")]
 pub struct StepError {
-    pub step: &'static str,
+    pub step: Step,
     pub reason: String,
 }
 
 impl StepError {
-    pub fn new(step: &'static str, reason: impl std::fmt::Display) -> Self {
+    pub fn new(step: Step, reason: impl std::fmt::Display) -> Self {
         StepError {
             step,
             reason: reason.to_string(),
@@ -93,7 +145,6 @@ pub trait System {
 }
 
 pub struct Options {
-    pub dry_run: bool,
     /// Scratch space for the dump (tmpfs under /run/kupgrade).
     pub work_dir: PathBuf,
     pub kernel_from: String,
@@ -112,12 +163,18 @@ pub enum Outcome {
 /// Why `go` stopped, and whether the workloads were resumed.
 #[derive(Debug, thiserror::Error)]
 #[error("{failure}{}", if self.resume_errors.is_empty() { String::new() } else {
-    format!("; RESUMING FAILED: {}", self.resume_errors.join("; "))
+    format!("; RESUMING FAILED: {}", join(&self.resume_errors))
 })]
 pub struct Aborted {
     pub failure: StepError,
     /// Errors while resuming: a workload may still be stopped.
-    pub resume_errors: Vec<String>,
+    pub resume_errors: Vec<StepError>,
+}
+
+/// `a; b; c`, for one line of errors.
+pub fn join(errors: &[StepError]) -> String {
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    lines.join("; ")
 }
 
 /// What has been done so far, to undo in reverse.
@@ -130,22 +187,27 @@ struct Undo {
     quiesced: bool,
 }
 
-pub fn go(
-    sys: &mut dyn System,
-    workloads: &[Workload],
-    opts: &Options,
-) -> Result<Outcome, Aborted> {
+/// Runs the upgrade that `cleared` allows: a dry run or a real one.
+pub fn go(sys: &mut dyn System, cleared: &Cleared, opts: &Options) -> Result<Outcome, Aborted> {
+    let workloads = cleared.workloads();
     let mut undo = Undo::default();
     let mut phases = Vec::new();
-    match run(sys, workloads, opts, &mut undo, &mut phases) {
+    match run(
+        sys,
+        workloads,
+        cleared.dry_run(),
+        opts,
+        &mut undo,
+        &mut phases,
+    ) {
         Ok(outcome) => {
-            if opts.dry_run {
+            if cleared.dry_run() {
                 // Undo what a real run would have left for the new kernel.
                 let errs = resume(sys, workloads, &mut undo);
                 sys.emit(EventLine::now(Event::Resumed).with("dry_run", true));
                 if !errs.is_empty() {
                     return Err(Aborted {
-                        failure: StepError::new("dry run", "done, but resuming failed"),
+                        failure: StepError::new(Step::DryRun, "done, but resuming failed"),
                         resume_errors: errs,
                     });
                 }
@@ -174,7 +236,7 @@ fn emit(sys: &mut dyn System, phases: &mut Vec<PhaseTiming>, e: EventLine) {
     sys.emit(e);
 }
 
-fn check_signal(sys: &mut dyn System, step: &'static str) -> Result<(), StepError> {
+fn check_signal(sys: &mut dyn System, step: Step) -> Result<(), StepError> {
     if sys.interrupted() {
         return Err(StepError::new(step, "interrupted by a signal"));
     }
@@ -184,33 +246,22 @@ fn check_signal(sys: &mut dyn System, step: &'static str) -> Result<(), StepErro
 fn run(
     sys: &mut dyn System,
     workloads: &[Workload],
+    dry_run: bool,
     opts: &Options,
     undo: &mut Undo,
     phases: &mut Vec<PhaseTiming>,
 ) -> Result<Outcome, StepError> {
-    if workloads.is_empty() {
-        return Err(StepError::new(
-            "preflight",
-            "no workloads to preserve: start one with `kupgrade launch`",
-        ));
-    }
-    if !opts.dry_run && !sys.kexec_loaded() {
-        return Err(StepError::new(
-            "preflight",
-            "no kernel is loaded any more: run `kupgrade stage` again",
-        ));
-    }
     let mut state = sys.system_state()?;
     emit(
         sys,
         phases,
         EventLine::now(Event::PreflightOk).with("workloads", workloads.len()),
     );
-    check_signal(sys, "freeze")?;
+    check_signal(sys, Step::Freeze)?;
 
     undo.held = true;
     sys.hold_connections(workloads)?;
-    check_signal(sys, "freeze")?;
+    check_signal(sys, Step::Freeze)?;
     for (i, w) in workloads.iter().enumerate() {
         // Recorded first: a freeze that times out may have frozen some tasks.
         undo.frozen.push(i);
@@ -224,7 +275,7 @@ fn run(
     let mut trees = Vec::new();
     let mut locks = Vec::new();
     for (i, w) in workloads.iter().enumerate() {
-        check_signal(sys, "checkpoint")?;
+        check_signal(sys, Step::Checkpoint)?;
         let dir = opts.work_dir.join("criu").join(&w.name);
         let d = sys.dump(w, &dir)?;
         locks.extend(d.lock_table.clone());
@@ -239,7 +290,7 @@ fn run(
         EventLine::now(Event::Dumped).with("workloads", workloads.len()),
     );
 
-    check_signal(sys, "device state")?;
+    check_signal(sys, Step::DeviceState)?;
     let tmpfs_dir = opts.work_dir.join("tmpfs");
     let (mounts, has_tmpfs) = sys.tmpfs_files(workloads, &tmpfs_dir)?;
     state.tmpfs_mounts = mounts;
@@ -252,7 +303,7 @@ fn run(
             .with("tmpfs_mounts", state.tmpfs_mounts.len()),
     );
 
-    check_signal(sys, "image write")?;
+    check_signal(sys, Step::ImageWrite)?;
     let manifest = Manifest {
         kernel_from: opts.kernel_from.clone(),
         kernel_to: opts.kernel_to.clone(),
@@ -276,16 +327,16 @@ fn run(
     let paused_ms = (written.t_mono_ns.saturating_sub(frozen_at)) as f64 / 1e6;
     emit(sys, phases, written);
 
-    if opts.dry_run {
+    if dry_run {
         return Ok(Outcome::DryRun {
             paused_ms,
             image_bytes: bytes,
         });
     }
-    check_signal(sys, "kexec")?;
+    check_signal(sys, Step::Kexec)?;
     if !sys.kexec_loaded() {
         return Err(StepError::new(
-            "kexec",
+            Step::Kexec,
             "the staged kernel was unloaded meanwhile: run `kupgrade stage` again",
         ));
     }
@@ -310,7 +361,7 @@ pub fn recover(
     workloads: &[Workload],
     image_written: bool,
     quiesced: bool,
-) -> Vec<String> {
+) -> Vec<StepError> {
     let mut undo = Undo {
         held: true,
         frozen: (0..workloads.len()).collect(),
@@ -329,53 +380,60 @@ pub fn recover(
 }
 
 /// Undoes, in reverse order, what was done. Returns what could not be undone.
-fn resume(sys: &mut dyn System, workloads: &[Workload], undo: &mut Undo) -> Vec<String> {
+fn resume(sys: &mut dyn System, workloads: &[Workload], undo: &mut Undo) -> Vec<StepError> {
     let mut errors = Vec::new();
     if std::mem::take(&mut undo.quiesced) {
         if let Err(e) = sys.unquiesce_filesystems() {
-            errors.push(e.to_string());
+            errors.push(e);
         }
     }
     if std::mem::take(&mut undo.image_written) {
         if let Err(e) = sys.invalidate_image() {
-            errors.push(e.to_string());
+            errors.push(e);
         }
     }
     for (i, d) in std::mem::take(&mut undo.dumped).into_iter().rev() {
         if let Err(e) = sys.undump(&workloads[i], &d) {
-            errors.push(e.to_string());
+            errors.push(e);
         }
     }
     for i in std::mem::take(&mut undo.frozen).into_iter().rev() {
         if let Err(e) = sys.thaw(&workloads[i]) {
-            errors.push(e.to_string());
+            errors.push(e);
         }
     }
     if std::mem::take(&mut undo.held) {
         if let Err(e) = sys.release_connections() {
-            errors.push(e.to_string());
+            errors.push(e);
         }
     }
     errors
 }
 
+/// A recording [`System`] for the tests of the pipeline and of the fault
+/// wrapper around it.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fake {
+    use std::cell::Cell;
+    use std::rc::Rc;
+
     use super::*;
 
     /// Records every call; fails the step named in `fail_at`.
     #[derive(Default)]
-    struct Fake {
-        calls: Vec<String>,
-        fail_at: Option<String>,
-        loaded: bool,
-        unload_after_write: bool,
-        interrupt_at: Option<String>,
-        events: Vec<Event>,
+    pub struct Fake {
+        pub calls: Vec<String>,
+        pub fail_at: Option<String>,
+        pub loaded: bool,
+        pub unload_after_write: bool,
+        pub interrupt_at: Option<String>,
+        /// Set where a real signal handler would set its flag.
+        pub signalled: Rc<Cell<bool>>,
+        pub events: Vec<Event>,
     }
 
     impl Fake {
-        fn step(&mut self, call: String, step: &'static str) -> Result<(), StepError> {
+        fn step(&mut self, call: String, step: Step) -> Result<(), StepError> {
             let fail = self.fail_at.as_deref() == Some(call.as_str());
             self.calls.push(call);
             if fail {
@@ -391,19 +449,19 @@ mod tests {
             self.loaded
         }
         fn hold_connections(&mut self, _ws: &[Workload]) -> Result<(), StepError> {
-            self.step("hold".into(), "connections")
+            self.step("hold".into(), Step::Connections)
         }
         fn release_connections(&mut self) -> Result<(), StepError> {
-            self.step("release".into(), "resume")
+            self.step("release".into(), Step::Release)
         }
         fn freeze(&mut self, w: &Workload) -> Result<(), StepError> {
-            self.step(format!("freeze {}", w.name), "freeze")
+            self.step(format!("freeze {}", w.name), Step::Freeze)
         }
         fn thaw(&mut self, w: &Workload) -> Result<(), StepError> {
-            self.step(format!("thaw {}", w.name), "thaw")
+            self.step(format!("thaw {}", w.name), Step::Thaw)
         }
         fn dump(&mut self, w: &Workload, _dir: &Path) -> Result<Dumped, StepError> {
-            self.step(format!("dump {}", w.name), "checkpoint")?;
+            self.step(format!("dump {}", w.name), Step::Checkpoint)?;
             Ok(Dumped {
                 lock_table: w
                     .tcp_established
@@ -411,10 +469,10 @@ mod tests {
             })
         }
         fn undump(&mut self, w: &Workload, _d: &Dumped) -> Result<(), StepError> {
-            self.step(format!("undump {}", w.name), "resume")
+            self.step(format!("undump {}", w.name), Step::Undump)
         }
         fn system_state(&mut self) -> Result<DeviceState, StepError> {
-            self.step("system state".into(), "device state")?;
+            self.step("system state".into(), Step::DeviceState)?;
             Ok(DeviceState::default())
         }
         fn tmpfs_files(
@@ -422,11 +480,11 @@ mod tests {
             _ws: &[Workload],
             _d: &Path,
         ) -> Result<(Vec<TmpfsMount>, bool), StepError> {
-            self.step("capture".into(), "device state")?;
+            self.step("capture".into(), Step::DeviceState)?;
             Ok((vec![], false))
         }
         fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
-            self.step("write".into(), "image write")?;
+            self.step("write".into(), Step::ImageWrite)?;
             assert_eq!(input.trees.len(), input.manifest.workloads.len());
             assert!(input.manifest.phases.iter().any(|p| p.event == "frozen"));
             if self.unload_after_write {
@@ -435,29 +493,31 @@ mod tests {
             Ok(4096)
         }
         fn invalidate_image(&mut self) -> Result<(), StepError> {
-            self.step("invalidate".into(), "invalidate")
+            self.step("invalidate".into(), Step::Invalidate)
         }
         fn quiesce_filesystems(&mut self) -> Result<(), StepError> {
-            self.step("quiesce".into(), "quiesce")
+            self.step("quiesce".into(), Step::Quiesce)
         }
         fn unquiesce_filesystems(&mut self) -> Result<(), StepError> {
-            self.step("unquiesce".into(), "unquiesce")
+            self.step("unquiesce".into(), Step::Unquiesce)
         }
         fn reboot(&mut self) -> StepError {
             self.calls.push("reboot".into());
-            StepError::new("kexec", "refused by the kernel")
+            StepError::new(Step::Kexec, "refused by the kernel")
         }
         fn emit(&mut self, e: EventLine) {
             self.events.push(e.event);
         }
         fn interrupted(&mut self) -> bool {
-            self.interrupt_at
-                .as_deref()
-                .is_some_and(|at| self.calls.last().is_some_and(|c| c == at))
+            self.signalled.get()
+                || self
+                    .interrupt_at
+                    .as_deref()
+                    .is_some_and(|at| self.calls.last().is_some_and(|c| c == at))
         }
     }
 
-    fn wl(name: &str, pid: i32, tcp: bool) -> Workload {
+    pub fn wl(name: &str, pid: i32, tcp: bool) -> Workload {
         Workload {
             name: name.into(),
             cgroup: format!("/sys/fs/cgroup/kupgrade/{name}").into(),
@@ -470,9 +530,8 @@ mod tests {
         }
     }
 
-    fn opts(dry_run: bool) -> Options {
+    pub fn opts() -> Options {
         Options {
-            dry_run,
             work_dir: "/run/kupgrade/work".into(),
             kernel_from: "a".into(),
             kernel_to: "b".into(),
@@ -481,6 +540,18 @@ mod tests {
             hostname: String::new(),
         }
     }
+
+    /// Two workloads, the second with TCP connections (a network lock).
+    pub fn two() -> Vec<Workload> {
+        vec![wl("a", 10001, false), wl("b", 10002, true)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::*;
+    use super::*;
+    use crate::preflight::Cleared;
 
     /// Everything `go` undoes for `two()` when its last step fails, in
     /// order; an earlier failure undoes a tail of it.
@@ -498,17 +569,13 @@ mod tests {
         &UNDO_ALL[UNDO_ALL.len() - n..]
     }
 
-    fn two() -> Vec<Workload> {
-        vec![wl("a", 10001, false), wl("b", 10002, true)]
-    }
-
     #[test]
     fn success_runs_every_step_in_order_and_ends_in_the_reboot() {
         let mut f = Fake {
             loaded: true,
             ..Default::default()
         };
-        let err = go(&mut f, &two(), &opts(false)).unwrap_err();
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         // The fake's reboot "fails", so go undoes everything after it.
         assert_eq!(err.failure.reason, "refused by the kernel");
         let upto_reboot: Vec<&str> = f
@@ -550,7 +617,7 @@ mod tests {
             loaded: true,
             ..Default::default()
         };
-        go(&mut f, &two(), &opts(false)).unwrap_err();
+        go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         let after: Vec<&str> = f
             .calls
             .iter()
@@ -582,7 +649,7 @@ mod tests {
                 fail_at: Some(at.to_string()),
                 ..Default::default()
             };
-            let err = go(&mut f, &two(), &opts(false)).unwrap_err();
+            let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
             assert_eq!(err.failure.reason, "injected", "{at}");
             assert!(err.resume_errors.is_empty());
             let pos = f.calls.iter().position(|c| c == at).unwrap();
@@ -597,29 +664,14 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_frozen_without_a_loaded_kernel_or_workloads() {
-        let mut f = Fake::default();
-        let err = go(&mut f, &two(), &opts(false)).unwrap_err();
-        assert!(err.failure.reason.contains("kupgrade stage"));
-        assert!(f.calls.is_empty());
-        let mut f = Fake {
-            loaded: true,
-            ..Default::default()
-        };
-        let err = go(&mut f, &[], &opts(false)).unwrap_err();
-        assert!(err.failure.reason.contains("kupgrade launch"));
-        assert!(f.calls.is_empty());
-    }
-
-    #[test]
     fn a_kernel_unloaded_during_the_dump_aborts_before_the_reboot() {
         let mut f = Fake {
             loaded: true,
             unload_after_write: true,
             ..Default::default()
         };
-        let err = go(&mut f, &two(), &opts(false)).unwrap_err();
-        assert_eq!(err.failure.step, "kexec");
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
+        assert_eq!(err.failure.step, Step::Kexec);
         assert!(!f.calls.contains(&"reboot".to_string()));
         assert!(!f.calls.contains(&"quiesce".to_string()));
         assert!(f.calls.contains(&"thaw a".to_string()));
@@ -632,7 +684,7 @@ mod tests {
             interrupt_at: Some("dump a".into()),
             ..Default::default()
         };
-        let err = go(&mut f, &two(), &opts(false)).unwrap_err();
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         assert_eq!(err.failure.reason, "interrupted by a signal");
         assert!(!f.calls.contains(&"dump b".to_string()));
         let tail: Vec<&str> = f
@@ -651,7 +703,7 @@ mod tests {
             loaded: false,
             ..Default::default()
         };
-        let out = go(&mut f, &two(), &opts(true)).unwrap();
+        let out = go(&mut f, &Cleared::for_tests(two(), true), &opts()).unwrap();
         assert!(matches!(
             out,
             Outcome::DryRun {
@@ -692,8 +744,9 @@ mod tests {
         };
         // the dump of b fails via a second injected failure is not possible
         // with one fail_at, so fail the reboot (always) and the thaw of a.
-        let err = go(&mut f, &two(), &opts(false)).unwrap_err();
-        assert_eq!(err.resume_errors, vec!["thaw: injected".to_string()]);
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
+        assert_eq!(join(&err.resume_errors), "thaw: injected");
+        assert_eq!(err.resume_errors[0].step, Step::Thaw);
         assert!(err.to_string().contains("RESUMING FAILED"));
     }
 }

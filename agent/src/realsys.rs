@@ -14,14 +14,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::config::{Config, LIB_DIR};
-use crate::pipeline::{Dumped, ImageInput, StepError, System};
+use crate::pipeline::{Dumped, ImageInput, Step, StepError, System};
 use crate::remount::{self, Remounted};
 use crate::store::Store;
 use crate::workload::Workload;
 use crate::{capture, cgroup, criu, leftovers, listen};
-
-/// Environment variable that makes `go` fail on purpose; see `reboot`.
-pub const FAILPOINT: &str = "KUPGRADE_FAILPOINT";
 
 pub struct RealSystem {
     cfg: Config,
@@ -82,34 +79,7 @@ impl RealSystem {
     }
 }
 
-impl RealSystem {
-    /// Test hook: damages the first chunk of the first workload's section
-    /// after the image was written and read back, as a failing store would,
-    /// to prove that the new kernel refuses it and boots anyway (the
-    /// corrupt-image QEMU scenario).
-    fn corrupt_first_chunk(
-        &mut self,
-        img: &image_format::Image<File>,
-        input: &ImageInput,
-    ) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let name = input.trees.first().map(|t| t.0.as_str()).unwrap_or("");
-        let Some(section) = img.manifest().sections.iter().find(|s| s.name == name) else {
-            return Err(std::io::Error::other(format!(
-                "no section {name:?} to damage"
-            )));
-        };
-        // Past the chunk header, inside its body.
-        let at = section.offset + image_format::format::CHUNK_HEADER_LEN as u64;
-        let f = self.store.open_rw().map_err(std::io::Error::other)?;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at)?;
-        f.write_all_at(&[!b[0]], at)?;
-        f.sync_all()
-    }
-}
-
-fn err(step: &'static str) -> impl Fn(&dyn std::fmt::Display) -> StepError {
+fn err(step: Step) -> impl Fn(&dyn std::fmt::Display) -> StepError {
     move |e| StepError::new(step, e)
 }
 
@@ -124,42 +94,36 @@ impl System for RealSystem {
             return Ok(());
         }
         let list: Vec<u16> = ports.keys().copied().collect();
-        listen::hold(&list).map_err(|e| err("connections")(&e))?;
+        listen::hold(&list).map_err(|e| err(Step::Connections)(&e))?;
         self.holding = true;
-        listen::drain(&ports, listen::DRAIN_TIMEOUT).map_err(|e| err("connections")(&e))
+        listen::drain(&ports, listen::DRAIN_TIMEOUT).map_err(|e| err(Step::Connections)(&e))
     }
 
     fn release_connections(&mut self) -> Result<(), StepError> {
         if !std::mem::take(&mut self.holding) {
             return Ok(());
         }
-        listen::release().map_err(|e| err("resume")(&e))
+        listen::release().map_err(|e| err(Step::Release)(&e))
     }
 
     fn freeze(&mut self, w: &Workload) -> Result<(), StepError> {
         cgroup::freeze(&w.cgroup, Duration::from_millis(self.cfg.freeze_timeout_ms))
-            .map_err(|e| err("freeze")(&e))
+            .map_err(|e| err(Step::Freeze)(&e))
     }
 
     fn thaw(&mut self, w: &Workload) -> Result<(), StepError> {
-        cgroup::thaw(&w.cgroup).map_err(|e| err("resume")(&e))
+        cgroup::thaw(&w.cgroup).map_err(|e| err(Step::Thaw)(&e))
     }
 
     fn dump(&mut self, w: &Workload, dir: &Path) -> Result<Dumped, StepError> {
         let log = Path::new(LIB_DIR).join(format!("dump-{}.log", w.name));
         let _ = fs::create_dir_all(LIB_DIR);
         let _ = fs::remove_dir_all(dir);
-        criu::dump(&self.cfg.criu, w, dir, &log).map_err(|e| err("checkpoint")(&e))?;
-        // Test hook: a real SIGTERM in the middle of the pipeline (the
-        // signal-abort QEMU scenario).
-        if std::env::var(FAILPOINT).is_ok_and(|v| v == "sigterm-after-checkpoint") {
-            let _ = kill(Pid::this(), Signal::SIGTERM);
-        }
-
+        criu::dump(&self.cfg.criu, w, dir, &log).map_err(|e| err(Step::Checkpoint)(&e))?;
         let lock_table = if w.tcp_established {
             Some(criu::save_lock_table(w).ok_or_else(|| {
                 StepError::new(
-                    "checkpoint",
+                    Step::Checkpoint,
                     format!("CRIU's lock table inet {} is missing", criu::lock_table(w)),
                 )
             })?)
@@ -172,8 +136,8 @@ impl System for RealSystem {
     fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError> {
         if d.lock_table.is_some() {
             // Repair mode off first, while the peers are still held back.
-            criu::repair_off(w).map_err(|e| err("resume")(&e))?;
-            criu::drop_lock_table(w).map_err(|e| err("resume")(&e))?;
+            criu::repair_off(w).map_err(|e| err(Step::Undump)(&e))?;
+            criu::drop_lock_table(w).map_err(|e| err(Step::Undump)(&e))?;
         }
         // CRIU left the tasks stopped (--leave-stopped); the cgroup thaw
         // that follows does not continue a SIGSTOP, this does.
@@ -189,14 +153,14 @@ impl System for RealSystem {
             Ok(())
         } else {
             Err(StepError::new(
-                "resume",
+                Step::Undump,
                 format!("cannot continue {}", failed.join(", ")),
             ))
         }
     }
 
     fn system_state(&mut self) -> Result<DeviceState, StepError> {
-        capture::system_state().map_err(|e| err("device state")(&e))
+        capture::system_state().map_err(|e| err(Step::DeviceState)(&e))
     }
 
     fn tmpfs_files(
@@ -205,9 +169,10 @@ impl System for RealSystem {
         dir: &Path,
     ) -> Result<(Vec<TmpfsMount>, bool), StepError> {
         let _ = fs::remove_dir_all(dir);
-        fs::create_dir_all(dir).map_err(|e| err("device state")(&e))?;
+        fs::create_dir_all(dir).map_err(|e| err(Step::DeviceState)(&e))?;
         let skip = dir.parent().unwrap_or(dir).to_path_buf();
-        let mounts = capture::tmpfs_files(ws, dir, &skip).map_err(|e| err("device state")(&e))?;
+        let mounts =
+            capture::tmpfs_files(ws, dir, &skip).map_err(|e| err(Step::DeviceState)(&e))?;
         let has = fs::read_dir(dir)
             .map(|mut d| d.next().is_some())
             .unwrap_or(false);
@@ -215,7 +180,7 @@ impl System for RealSystem {
     }
 
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
-        let e = err("image write");
+        let e = err(Step::ImageWrite);
         let file = self.store.open_rw().map_err(|x| e(&x))?;
         let opts = WriteOptions {
             generation: input.manifest.created_unix_ns / 1_000_000_000,
@@ -234,17 +199,15 @@ impl System for RealSystem {
         let summary = w.finish(input.manifest.clone()).map_err(|x| e(&x))?;
         // Read back what a new kernel would read first.
         let f = self.store.open_rw().map_err(|x| e(&x))?;
-        let img = image_format::Image::open(f)
-            .map_err(|x| StepError::new("image write", format!("verification failed: {x}")))?;
-        if std::env::var(FAILPOINT).is_ok_and(|v| v == "corrupt-image") {
-            self.corrupt_first_chunk(&img, input).map_err(|x| e(&x))?;
-        }
+        image_format::Image::open(f)
+            .map_err(|x| StepError::new(Step::ImageWrite, format!("verification failed: {x}")))?;
         Ok(summary.total_len)
     }
 
     fn invalidate_image(&mut self) -> Result<(), StepError> {
-        let mut f = self.store.open_rw().map_err(|x| err("resume")(&x))?;
-        image_format::invalidate(&mut f).map_err(|x| err("resume")(&x))
+        let e = err(Step::Invalidate);
+        let mut f = self.store.open_rw().map_err(|x| e(&x))?;
+        image_format::invalidate(&mut f).map_err(|x| e(&x))
     }
 
     fn quiesce_filesystems(&mut self) -> Result<(), StepError> {
@@ -262,30 +225,16 @@ impl System for RealSystem {
             Ok(())
         } else {
             Err(StepError::new(
-                "resume",
+                Step::Unquiesce,
                 format!("cannot make writable again: {}", failed.join(", ")),
             ))
         }
     }
 
     fn reboot(&mut self) -> StepError {
-        // Test hook: stop at the last moment, to prove that even then every
-        // workload is resumed (used by the abort-resume QEMU scenario).
-        if std::env::var(FAILPOINT).is_ok_and(|v| v == "kexec") {
-            return StepError::new(
-                "kexec",
-                format!("failpoint {FAILPOINT}=kexec: the reboot was not attempted"),
-            );
-        }
-        // Test hook: die as a SIGKILL or a crash would at the last moment,
-        // with everything done and nothing undone (the killed-go scenario).
-        if std::env::var(FAILPOINT).is_ok_and(|v| v == "die-before-kexec") {
-            eprintln!("kupgrade: failpoint {FAILPOINT}=die-before-kexec: aborting");
-            std::process::abort();
-        }
         match kexec::reboot_into_loaded() {
             Ok(never) => match never {},
-            Err(e) => StepError::new("kexec", e),
+            Err(e) => StepError::new(Step::Kexec, e),
         }
     }
 
