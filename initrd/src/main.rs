@@ -15,6 +15,7 @@
 //! reported, never fatal, and PID 1 never exits.
 
 mod boot;
+mod child;
 mod log;
 mod restore;
 mod root;
@@ -87,7 +88,8 @@ fn boot(sys: &mut dyn System) -> String {
         match cmdline.value(cmdline::STORE) {
             None => sys.log("kupgrade.resume without kupgrade.store: nothing to restore"),
             Some(store) => {
-                let restore = restore::run(sys, Path::new(store), events);
+                let timeout = restore::timeout(&cmdline);
+                let restore = restore::run(sys, Path::new(store), events, timeout);
                 sys.log(&restore.summary(store));
             }
         }

@@ -12,9 +12,16 @@
 //! Nothing here stops the boot. No image, or one that is not `written`, is
 //! left alone; once the image is marked `restoring`, any failure marks it
 //! `failed` with the reason in the report, and the boot goes on.
+//!
+//! The restore has one time budget (`kupgrade.restore_timeout`, 10 minutes
+//! by default). Each workload's `criu restore` may take a share of what is
+//! left of it, in proportion to its images, so that a hung CRIU is killed
+//! in time for the workloads after it and for the report.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use contract::cmdline::{self, Cmdline};
 
 use contract::criu::Checkpoint;
 use contract::devstate::{self, DeviceState};
@@ -24,11 +31,45 @@ use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, State};
 
 use crate::log::chain;
-use crate::system::{Error, SupportMount, System};
+use crate::system::{CriuRun, Error, SupportMount, System};
 
 /// Private tmpfs the CRIU images are unpacked into (inside the real root, so
 /// CRIU runs in the same file tree as at dump time).
-const UNPACK_DIR: &str = "/run/kupgrade-restore";
+pub const UNPACK_DIR: &str = "/run/kupgrade-restore";
+
+/// How long the whole restore may take unless `kupgrade.restore_timeout`
+/// says otherwise: far more than a restore needs, far less than forever.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// What a workload's images weigh on top of their size when the time is
+/// shared: CRIU's own start and the kernel probes take time too.
+const WEIGHT_FLOOR: u64 = 64 << 20;
+
+/// The restore's time budget: `kupgrade.restore_timeout=SECONDS`, else
+/// [`DEFAULT_TIMEOUT`].
+pub fn timeout(cmdline: &Cmdline) -> Duration {
+    cmdline
+        .value(cmdline::RESTORE_TIMEOUT)
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(DEFAULT_TIMEOUT, Duration::from_secs)
+}
+
+/// Kept back from CRIU for what follows it: the cleanup, marking the image,
+/// the report.
+fn wrap_up(timeout: Duration) -> Duration {
+    (timeout / 4).min(Duration::from_secs(60))
+}
+
+/// The part of `left` that one workload's `criu restore` may take: its
+/// weight's share of its own and the later workloads' (`rest`, its own
+/// included), so that a CRIU that hangs leaves the others their time.
+fn criu_share(left: Duration, weight: u64, rest: u64) -> Duration {
+    if rest == 0 {
+        return left;
+    }
+    let share = left.as_millis() * u128::from(weight) / u128::from(rest);
+    Duration::from_millis(u64::try_from(share).unwrap_or(u64::MAX))
+}
 
 /// Why nothing was restored and the boot just goes on.
 #[derive(Debug)]
@@ -87,9 +128,15 @@ enum Failure {
     Network(Error),
 }
 
-/// Restores the image in `store`, if there is one to restore. `events` are
-/// the init's so far, for the report.
-pub fn run(sys: &mut dyn System, store: &Path, events: Vec<PhaseTiming>) -> Restore {
+/// Restores the image in `store`, if there is one to restore, within
+/// `timeout`. `events` are the init's so far, for the report.
+pub fn run(
+    sys: &mut dyn System,
+    store: &Path,
+    events: Vec<PhaseTiming>,
+    timeout: Duration,
+) -> Restore {
+    let children_until = Instant::now() + timeout.saturating_sub(wrap_up(timeout));
     let image = match sys.open_image(store) {
         Ok(i) => i,
         Err(e) => return Restore::Skipped(Skip::NoImage(e)),
@@ -107,6 +154,7 @@ pub fn run(sys: &mut dyn System, store: &Path, events: Vec<PhaseTiming>) -> Rest
         manifest: &image.manifest,
         events,
         lock_tables: vec![],
+        children_until,
     };
     Restore::Done(Box::new(r.run(image.generation)))
 }
@@ -117,6 +165,8 @@ struct Restorer<'a> {
     events: Vec<PhaseTiming>,
     /// Lock tables installed, to lift whatever happens.
     lock_tables: Vec<String>,
+    /// When the last CRIU must have finished.
+    children_until: Instant,
 }
 
 impl Restorer<'_> {
@@ -184,11 +234,22 @@ impl Restorer<'_> {
             return (Some(why), not_restored);
         }
         let scaling = self.tcp_window_scaling_off();
-        let outcomes: Vec<WorkloadOutcome> = manifest
+        let weights: Vec<u64> = manifest
             .workloads
             .iter()
-            .map(|w| self.restore_workload(w))
+            .map(|w| {
+                let size = manifest.section(&w.section).map_or(0, |s| s.raw_len);
+                size.saturating_add(WEIGHT_FLOOR)
+            })
             .collect();
+        let mut outcomes = Vec::new();
+        for (i, w) in manifest.workloads.iter().enumerate() {
+            let left = self
+                .children_until
+                .saturating_duration_since(Instant::now());
+            let within = criu_share(left, weights[i], weights[i..].iter().sum());
+            outcomes.push(self.restore_workload(w, within));
+        }
         if let Some(old) = scaling {
             if let Err(e) = self.sys.swap_tcp_window_scaling(&old) {
                 self.log(&chain(&e));
@@ -306,16 +367,20 @@ impl Restorer<'_> {
         }
     }
 
-    fn restore_workload(&mut self, w: &WorkloadEntry) -> WorkloadOutcome {
+    fn restore_workload(&mut self, w: &WorkloadEntry, within: Duration) -> WorkloadOutcome {
         let images_dir = Path::new(UNPACK_DIR).join(&w.name);
         let log = Path::new(report::DIR).join(format!("restore-{}.log", w.name));
-        let checkpoint = Checkpoint {
-            workload: w,
-            images_dir: &images_dir,
-            log: &log,
+        let run = CriuRun {
+            checkpoint: Checkpoint {
+                workload: w,
+                images_dir: &images_dir,
+                log: &log,
+            },
+            within,
+            action_scripts: vec![],
         };
         let start = Instant::now();
-        let error = match self.sys.criu_restore(&checkpoint) {
+        let error = match self.sys.criu_restore(&run) {
             Ok(()) => {
                 self.resume(w);
                 None
@@ -580,6 +645,69 @@ mod tests {
             );
             assert_eq!(f.ending(), [Event::Restored, Event::ExecInit], "{at}");
         }
+    }
+
+    /// Each CRIU gets its share of the time left, less what the end of the
+    /// restore needs: of the default 600 s, 60 s are kept back, the first
+    /// of two workloads of one size gets half of the rest, the second what
+    /// is left then.
+    #[test]
+    fn each_criu_restore_gets_a_share_of_the_time_budget() {
+        let mut f = Fake::resuming();
+        boot(&mut f);
+        let secs: Vec<u64> = f.criu_deadlines.iter().map(|d| d.as_secs()).collect();
+        assert_eq!(secs.len(), 2);
+        assert!((268..=270).contains(&secs[0]), "{secs:?}");
+        assert!((537..=540).contains(&secs[1]), "{secs:?}");
+        // kupgrade.restore_timeout=100: 25 s kept back, 37 s for the first.
+        let mut f = Fake::resuming();
+        f.cmdline.push_str(" kupgrade.restore_timeout=100");
+        boot(&mut f);
+        assert!((36..=37).contains(&f.criu_deadlines[0].as_secs()));
+    }
+
+    #[test]
+    fn the_time_is_shared_by_the_size_of_the_images() {
+        let left = Duration::from_secs(100);
+        assert_eq!(criu_share(left, 1, 4), Duration::from_secs(25));
+        assert_eq!(criu_share(left, 3, 3), left);
+        assert_eq!(criu_share(left, 0, 0), left);
+        let big = 1u64 << 40;
+        assert_eq!(criu_share(left, big, big + big), Duration::from_secs(50));
+    }
+
+    #[test]
+    fn the_budget_comes_from_the_command_line_or_is_the_default() {
+        let t = |line: &str| timeout(&Cmdline::parse(line));
+        assert_eq!(t("ro"), DEFAULT_TIMEOUT);
+        assert_eq!(t("kupgrade.restore_timeout=90"), Duration::from_secs(90));
+        // Nonsense does not make the restore unbounded, nor instant.
+        assert_eq!(t("kupgrade.restore_timeout=0"), DEFAULT_TIMEOUT);
+        assert_eq!(t("kupgrade.restore_timeout=soon"), DEFAULT_TIMEOUT);
+    }
+
+    /// A CRIU killed at its deadline fails its workload with that reason;
+    /// the next workload is still restored.
+    #[test]
+    fn a_criu_restore_that_overruns_its_deadline_fails_its_workload_only() {
+        let mut f = Fake::resuming();
+        f.hang_at = vec!["criu restore a".into()];
+        boot(&mut f);
+        assert_eq!(f.calls_after("criu restore a"), CRIU_A_FAILED);
+        let r = f.report();
+        assert_eq!(r.outcome, Outcome::Failed);
+        let fate: Vec<(&str, bool)> = r
+            .workloads
+            .iter()
+            .map(|w| (w.name.as_str(), w.restored))
+            .collect();
+        assert_eq!(fate, [("a", false), ("b", true)]);
+        let why = r.reason.as_deref().unwrap_or_default();
+        assert!(
+            why.starts_with("CRIU could not restore a: criu restore did not finish within 2")
+                && why.ends_with(" s: it and its process group were killed"),
+            "{why}"
+        );
     }
 
     /// Turning window scaling off fails: the restore goes on and does not

@@ -6,14 +6,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use contract::cmdline::Cmdline;
-use contract::criu::Checkpoint;
 use contract::devstate::{self, DeviceState, Family, Interface, Route, TmpfsMount};
 use contract::events::{Event, EventLine};
 use contract::report::UpgradeReport;
 use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, SectionEntry, SectionKind, State};
 
-use super::{Error, ImageInfo, SupportMount, System};
+use super::{CriuRun, Error, ImageInfo, SupportMount, System};
+use crate::child;
 use crate::restore::table_name;
 
 /// A boot that restores [`Fake::resuming`]'s image, when nothing fails.
@@ -68,6 +68,10 @@ pub struct Fake {
     pub devstate: Vec<u8>,
     /// Each `criu restore`'s arguments.
     pub restore_args: Vec<Vec<String>>,
+    /// How long each `criu restore` was given.
+    pub criu_deadlines: Vec<Duration>,
+    /// `criu restore NAME` calls that overrun their deadline, once each.
+    pub hang_at: Vec<String>,
     /// Every report it was asked to write.
     pub reports: Vec<UpgradeReport>,
 }
@@ -310,9 +314,19 @@ impl System for Fake {
         self.step("seed rng".into())
     }
 
-    fn criu_restore(&mut self, c: &Checkpoint) -> Result<(), Error> {
-        self.restore_args.push(c.restore_args());
-        self.step(format!("criu restore {}", c.workload.name))
+    fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error> {
+        self.restore_args.push(run.args());
+        self.criu_deadlines.push(run.within);
+        let call = format!("criu restore {}", run.checkpoint.workload.name);
+        if let Some(at) = self.hang_at.iter().position(|c| *c == call) {
+            self.hang_at.remove(at);
+            self.calls.push(call);
+            return Err(Error::Child(child::Error::Overran {
+                command: "criu restore".into(),
+                within: run.within,
+            }));
+        }
+        self.step(call)
     }
     fn resume_restored(&mut self, w: &WorkloadEntry) -> Result<usize, Error> {
         self.step(format!("resume {}", w.name))?;

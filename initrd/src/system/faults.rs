@@ -1,45 +1,72 @@
 //! Fault injection for the fault campaign: a [`System`] that passes every
-//! call to the one it wraps, except the one that `kupgrade.failpoint=NAME`
-//! on the kernel command line names, which fails as the machine could.
+//! call to the one it wraps, except those that `kupgrade.failpoint=NAME,...`
+//! on the kernel command line names, which fail as the machine could.
 //! The real system has no test branches; `main` always wraps it, and
 //! without the key nothing changes.
 
-use std::path::Path;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use contract::cmdline::{self, Cmdline, InitFailpoint};
-use contract::criu::Checkpoint;
 use contract::devstate::{Interface, Route};
 use contract::events::EventLine;
 use contract::report::UpgradeReport;
 use contract::WorkloadEntry;
 use image_format::State;
 
-use super::{Error, ImageInfo, SupportMount, System};
+use super::{CriuRun, Error, ImageInfo, SupportMount, System};
 use crate::log;
+
+/// The action script of `criu-restore-hang`: it never returns, and what it
+/// waits on is a child of its own, as with a CRIU stuck on a helper.
+const HANG_SCRIPT: &str = "#!/bin/sh\n# kupgrade.failpoint=criu-restore-hang\nsleep 86400\n";
 
 pub struct Faults<S> {
     inner: S,
     /// Armed once the command line is read (the first thing it can be).
-    point: Option<InitFailpoint>,
+    points: Vec<InitFailpoint>,
     /// A module was failed already (only the first one fails).
     module_failed: bool,
+    /// A CRIU was made to hang already (only the first one hangs).
+    criu_hung: bool,
 }
 
 impl<S: System> Faults<S> {
     pub fn new(inner: S) -> Self {
         Faults {
             inner,
-            point: None,
+            points: vec![],
             module_failed: false,
+            criu_hung: false,
         }
     }
 
+    fn armed(&self, point: InitFailpoint) -> bool {
+        self.points.contains(&point)
+    }
+
     fn injected(&self, point: InitFailpoint) -> Result<(), Error> {
-        if self.point == Some(point) {
+        if self.armed(point) {
             return Err(Error::Injected { point });
         }
         Ok(())
+    }
+
+    /// Writes [`HANG_SCRIPT`] next to CRIU's images (a private tmpfs that
+    /// goes with them) and returns its path. A script that cannot be
+    /// written is logged: CRIU then fails to run it, a failure instead of a
+    /// hang.
+    fn hang_script(&mut self, run: &CriuRun) -> PathBuf {
+        let path = run.checkpoint.images_dir.with_file_name("failpoint-hang");
+        let written = fs::write(&path, HANG_SCRIPT)
+            .and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(0o700)));
+        if let Err(e) = written {
+            self.inner
+                .log(&format!("cannot write {}: {e}", path.display()));
+        }
+        path
     }
 }
 
@@ -50,12 +77,16 @@ impl<S: System> System for Faults<S> {
 
     fn cmdline(&mut self) -> String {
         let text = self.inner.cmdline();
-        if let Some(name) = Cmdline::parse(&text).value(cmdline::FAILPOINT) {
+        let names = Cmdline::parse(&text)
+            .value(cmdline::FAILPOINT)
+            .unwrap_or_default()
+            .to_string();
+        for name in names.split(',').filter(|n| !n.is_empty()) {
             match name.parse() {
                 Ok(point) => {
                     self.inner
                         .log(&format!("{}={point}: injecting it", cmdline::FAILPOINT));
-                    self.point = Some(point);
+                    self.points.push(point);
                 }
                 Err(e) => self.inner.log(&format!("{}; ignored", log::chain(&e))),
             }
@@ -72,7 +103,7 @@ impl<S: System> System for Faults<S> {
     }
 
     fn load_module(&mut self, release: &str, module: &str) -> Result<(), Error> {
-        if self.point == Some(InitFailpoint::ModuleLoad) && !self.module_failed {
+        if self.armed(InitFailpoint::ModuleLoad) && !self.module_failed {
             self.module_failed = true;
             self.injected(InitFailpoint::ModuleLoad)?;
         }
@@ -159,9 +190,15 @@ impl<S: System> System for Faults<S> {
         self.inner.seed_rng(seed)
     }
 
-    fn criu_restore(&mut self, checkpoint: &Checkpoint) -> Result<(), Error> {
+    fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error> {
         self.injected(InitFailpoint::CriuRestore)?;
-        self.inner.criu_restore(checkpoint)
+        if self.armed(InitFailpoint::CriuRestoreHang) && !self.criu_hung {
+            self.criu_hung = true;
+            let mut hung = run.clone();
+            hung.action_scripts.push(self.hang_script(run));
+            return self.inner.criu_restore(&hung);
+        }
+        self.inner.criu_restore(run)
     }
 
     fn resume_restored(&mut self, w: &WorkloadEntry) -> Result<usize, Error> {
@@ -249,6 +286,40 @@ mod tests {
             fake.calls.last().map(String::as_str),
             Some("exec /sbin/init")
         );
+    }
+
+    /// The first CRIU runs with the hanging action script and the deadline
+    /// the restore gave it; the others run as usual.
+    #[test]
+    fn a_criu_restore_hang_failpoint_hangs_the_first_criu_only() {
+        let mut sys = with_failpoint("criu-restore-hang");
+        crate::boot(&mut sys);
+        let fake = &sys.inner;
+        let script = |args: &Vec<String>| {
+            args.windows(2)
+                .find(|p| p[0] == "--action-script")
+                .map(|p| p[1].clone())
+        };
+        assert_eq!(
+            script(&fake.restore_args[0]).as_deref(),
+            Some("/run/kupgrade-restore/failpoint-hang")
+        );
+        assert_eq!(script(&fake.restore_args[1]), None);
+        assert_eq!(fake.calls, FULL_BOOT);
+        // The share of the default budget the restore gives the first of
+        // two workloads of one size.
+        let first = fake.criu_deadlines[0].as_secs();
+        assert!((268..=270).contains(&first), "{first}");
+    }
+
+    #[test]
+    fn several_failpoints_are_armed_at_once() {
+        let mut sys = with_failpoint("module-load,criu-restore");
+        crate::boot(&mut sys);
+        let fake = &sys.inner;
+        assert!(!fake.calls.iter().any(|c| c == "load virtio_net.ko"));
+        assert!(fake.restore_args.is_empty(), "CRIU was run");
+        assert_eq!(fake.report().outcome, Outcome::Failed);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use contract::report::UpgradeReport;
 use contract::WorkloadEntry;
 use image_format::{Manifest, State};
 
-use crate::boot;
+use crate::{boot, child};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -57,12 +57,8 @@ pub enum Error {
         #[source]
         source: nix::Error,
     },
-    #[error("cannot run {command}")]
-    Spawn {
-        command: String,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Child(#[from] child::Error),
     #[error("{command} failed: {stderr}")]
     Command { command: String, stderr: String },
     #[error("criu restore exited with {status}: {errors}")]
@@ -87,6 +83,28 @@ pub struct ImageInfo {
     pub state: State,
     pub generation: u64,
     pub manifest: Manifest,
+}
+
+/// One `criu restore`, as the restore decided it.
+#[derive(Clone, Debug)]
+pub struct CriuRun<'a> {
+    pub checkpoint: Checkpoint<'a>,
+    /// CRIU, and everything it started, is killed when this has passed.
+    pub within: Duration,
+    /// Programs CRIU runs at each stage of the restore (`--action-script`);
+    /// a normal restore has none, the fault campaign's hang has one.
+    pub action_scripts: Vec<PathBuf>,
+}
+
+impl CriuRun<'_> {
+    pub fn args(&self) -> Vec<String> {
+        let mut args = self.checkpoint.restore_args();
+        for s in &self.action_scripts {
+            args.push("--action-script".into());
+            args.push(s.display().to_string());
+        }
+        args
+    }
 }
 
 /// A file system the restored tasks expect to find mounted.
@@ -150,7 +168,7 @@ pub trait System {
     fn seed_rng(&mut self, seed: &[u8]) -> Result<(), Error>;
 
     // CRIU.
-    fn criu_restore(&mut self, checkpoint: &Checkpoint) -> Result<(), Error>;
+    fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error>;
     /// Re-arms the periodic timers CRIU restored disarmed, then continues
     /// the tasks it left stopped (whatever the timers did); returns how
     /// many timers were re-armed.

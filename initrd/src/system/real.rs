@@ -7,7 +7,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use contract::cmdline::Cmdline;
-use contract::criu::Checkpoint;
 use contract::devstate::{Family, Interface, Route};
 use contract::events::EventLine;
 use contract::report::{self, UpgradeReport};
@@ -17,10 +16,12 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::{Error, ImageInfo, SupportMount, System};
-use crate::{boot, log, timers};
+use super::{CriuRun, Error, ImageInfo, SupportMount, System};
+use crate::{boot, child, log, timers};
 
 const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+/// `ip` and `nft` take milliseconds; one that takes this long is stuck.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
 const TCP_WINDOW_SCALING: &str = "/proc/sys/net/ipv4/tcp_window_scaling";
 /// How long the store's device may take to appear (nd_pmem probes late).
 const STORE_WAIT: Duration = Duration::from_secs(10);
@@ -259,26 +260,30 @@ impl System for RealSystem {
             })
     }
 
-    fn criu_restore(&mut self, c: &Checkpoint) -> Result<(), Error> {
+    fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error> {
+        let c = &run.checkpoint;
         if let Some(dir) = c.log.parent() {
             let _ = fs::create_dir_all(dir);
         }
-        let status = Command::new("criu")
-            .args(c.restore_args())
+        let mut criu = Command::new("criu");
+        criu.args(run.args())
             .env("PATH", PATH)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|source| Error::Spawn {
-                command: "criu".into(),
-                source,
-            })?;
-        if status.success() {
+            .stderr(Stdio::null());
+        let exited = match child::run("criu restore", &mut criu, &[], run.within) {
+            Ok(e) => e,
+            Err(e @ child::Error::Overran { .. }) => {
+                kill_cgroup(&c.workload.cgroup);
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if exited.status.success() {
             return Ok(());
         }
         Err(Error::CriuExited {
-            status,
+            status: exited.status,
             errors: report::criu_errors(&fs::read_to_string(c.log).unwrap_or_default()),
         })
     }
@@ -384,30 +389,29 @@ fn ip(args: &[&str]) -> Result<(), Error> {
     run_stdin("ip", args, "")
 }
 
+/// A CRIU killed half-way may have left tasks of the workload behind, in
+/// its cgroup (CRIU moves them there early): they must not run half-restored.
+fn kill_cgroup(cgroup: &str) {
+    // No cgroup yet, or an older kernel: nothing to kill, or no way to.
+    let _ = fs::write(Path::new(cgroup).join("cgroup.kill"), "1");
+}
+
 fn run_stdin(cmd: &str, args: &[&str], input: &str) -> Result<(), Error> {
-    let spawn_error = |source| Error::Spawn {
-        command: cmd.into(),
-        source,
-    };
-    let mut child = Command::new(cmd)
+    let command = format!("{cmd} {}", args.join(" "));
+    let mut child = Command::new(cmd);
+    child
         .args(args)
         .env("PATH", PATH)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_error)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A command that does not read its input says so in its status.
-        let _ = stdin.write_all(input.as_bytes());
-    }
-    let out = child.wait_with_output().map_err(spawn_error)?;
-    if out.status.success() {
+        .stderr(Stdio::piped());
+    let exited = child::run(&command, &mut child, input.as_bytes(), COMMAND_DEADLINE)?;
+    if exited.status.success() {
         Ok(())
     } else {
         Err(Error::Command {
-            command: format!("{cmd} {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            command,
+            stderr: exited.stderr,
         })
     }
 }
