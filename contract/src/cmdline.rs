@@ -40,6 +40,11 @@ init_failpoints! {
     /// The first `criu restore` hangs (CRIU runs an action script that never
     /// returns) until its deadline kills it.
     CriuRestoreHang => "criu-restore-hang",
+    /// `kupgrade-init` panics at the last workload's `criu restore` (after
+    /// the network lock went in and the others were restored).
+    RestorePanic => "restore-panic",
+    /// `kupgrade-init` stops there for ever, for its watchdog to end.
+    RestoreHang => "restore-hang",
     /// The first module of the initramfs fails to load.
     ModuleLoad => "module-load",
 }

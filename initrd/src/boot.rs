@@ -204,29 +204,15 @@ fn free_initramfs() {
     }
 }
 
-/// Replaces this process (PID 1) with the real init. Only returns when no
-/// candidate could be executed.
-pub fn exec_init(cmdline: &Cmdline) -> String {
-    let mut candidates: Vec<String> = Vec::new();
-    if let Some(init) = cmdline.value("init") {
-        candidates.push(init.to_string());
-    }
-    candidates.extend(["/sbin/init", "/etc/init", "/bin/init", "/bin/sh"].map(str::to_string));
-    let mut errors = Vec::new();
-    for c in &candidates {
-        let Ok(path) = CString::new(c.as_str()) else {
-            continue;
-        };
-        let mut argv = vec![path.clone()];
-        argv.extend(
-            cmdline
-                .init_args
-                .iter()
-                .filter_map(|a| CString::new(a.as_str()).ok()),
-        );
-        // execv only returns on failure.
-        let Err(e) = execv(&path, &argv);
-        errors.push(format!("{c}: {e}"));
-    }
-    errors.join("; ")
+/// Replaces this process (PID 1) with `init`, giving it `args`. Only
+/// returns when it could not, with why.
+pub fn exec(init: &str, args: &[String]) -> String {
+    let Ok(path) = CString::new(init) else {
+        return format!("{init:?} holds a NUL byte");
+    };
+    let mut argv = vec![path.clone()];
+    argv.extend(args.iter().filter_map(|a| CString::new(a.as_str()).ok()));
+    // execv only returns on failure.
+    let Err(e) = execv(&path, &argv);
+    e.to_string()
 }

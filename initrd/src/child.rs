@@ -4,8 +4,8 @@
 //! from booting.
 //!
 //! The wait polls a pidfd, so it ends the moment the child exits; input is
-//! fed and stderr collected in the same loop, without threads. A child that
-//! exits while something it started still holds its stderr does not keep
+//! fed and output collected in the same loop, without threads. A child that
+//! exits while something it started still holds its output does not keep
 //! the caller waiting for that pipe to close.
 
 use std::io::{self, Read, Write};
@@ -21,8 +21,9 @@ use nix::sys::signal::{killpg, Signal};
 /// How long a killed child may take to die before we stop waiting for it
 /// (a task in uninterruptible sleep dies only when it wakes up).
 const KILL_GRACE: Duration = Duration::from_secs(5);
-/// How much of a child's stderr is kept: its end, where the cause usually is.
-const STDERR_KEEP: usize = 16 << 10;
+/// How much of a child's output is kept: its end (where the cause of a
+/// failure usually is).
+const OUTPUT_KEEP: usize = 64 << 10;
 /// How often to look at a child without a pidfd (kernels before 5.3).
 const TICK: Duration = Duration::from_millis(10);
 
@@ -51,13 +52,15 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Exited {
     pub status: ExitStatus,
+    /// The end of what it wrote to a piped stdout.
+    pub stdout: String,
     /// The end of what it wrote to a piped stderr.
     pub stderr: String,
 }
 
 /// Runs `cmd` (named `command` in errors) and waits for it at most `within`.
 /// The caller sets up stdio: a piped stdin is given `input` and then closed,
-/// a piped stderr is collected.
+/// a piped stdout or stderr is collected.
 pub fn run(
     command: &str,
     cmd: &mut Command,
@@ -79,9 +82,11 @@ pub fn run(
     let pid = rustix::process::Pid::from_child(&child);
     let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok();
     let mut stdin = child.stdin.take().filter(|_| !input.is_empty());
+    let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     for fd in [
         stdin.as_ref().map(|s| s.as_raw_fd()),
+        stdout.as_ref().map(|s| s.as_raw_fd()),
         stderr.as_ref().map(|s| s.as_raw_fd()),
     ]
     .into_iter()
@@ -91,15 +96,20 @@ pub fn run(
         let _ = fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
     }
     let mut input = input;
-    let mut errors = Vec::new();
+    let (mut out, mut errors) = (Vec::new(), Vec::new());
     loop {
         if let Some(status) = child.try_wait().map_err(lost)? {
+            if let Some(o) = stdout.as_mut() {
+                read_available(o, &mut out);
+            }
             if let Some(e) = stderr.as_mut() {
                 read_available(e, &mut errors);
             }
+            let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
             return Ok(Exited {
                 status,
-                stderr: String::from_utf8_lossy(&errors).trim().to_string(),
+                stdout: text(&out),
+                stderr: text(&errors),
             });
         }
         let now = Instant::now();
@@ -114,13 +124,17 @@ pub fn run(
         if pidfd.is_none() {
             wait = wait.min(TICK);
         }
-        let (can_write, can_read) = {
-            let mut fds = Vec::with_capacity(3);
+        let (can_write, can_read_out, can_read_err) = {
+            let mut fds = Vec::with_capacity(4);
             if let Some(p) = &pidfd {
                 fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
             }
             let at_in = stdin.as_ref().map(|s| {
                 fds.push(PollFd::new(s.as_fd(), PollFlags::POLLOUT));
+                fds.len() - 1
+            });
+            let at_out = stdout.as_ref().map(|s| {
+                fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
                 fds.len() - 1
             });
             let at_err = stderr.as_ref().map(|s| {
@@ -134,7 +148,7 @@ pub fn run(
                 at.and_then(|i| fds[i].revents())
                     .is_some_and(|r| !r.is_empty())
             };
-            (ready(at_in), ready(at_err))
+            (ready(at_in), ready(at_out), ready(at_err))
         };
         if can_write {
             if let Some(s) = stdin.as_mut() {
@@ -150,18 +164,21 @@ pub fn run(
                 stdin = None;
             }
         }
-        if can_read {
-            if let Some(e) = stderr.as_mut() {
-                if read_available(e, &mut errors) {
-                    stderr = None;
-                }
-            }
+        if can_read_out && stdout.as_mut().is_some_and(|o| read_available(o, &mut out)) {
+            stdout = None;
+        }
+        if can_read_err
+            && stderr
+                .as_mut()
+                .is_some_and(|e| read_available(e, &mut errors))
+        {
+            stderr = None;
         }
     }
 }
 
 /// Reads what `from` holds now into `into`, keeping its last
-/// [`STDERR_KEEP`] bytes; true at the end of the stream.
+/// [`OUTPUT_KEEP`] bytes; true at the end of the stream.
 fn read_available(from: &mut impl Read, into: &mut Vec<u8>) -> bool {
     let mut buf = [0u8; 4096];
     loop {
@@ -169,8 +186,8 @@ fn read_available(from: &mut impl Read, into: &mut Vec<u8>) -> bool {
             Ok(0) => return true,
             Ok(n) => {
                 into.extend_from_slice(&buf[..n]);
-                if into.len() > 2 * STDERR_KEEP {
-                    into.drain(..into.len() - STDERR_KEEP);
+                if into.len() > 2 * OUTPUT_KEEP {
+                    into.drain(..into.len() - OUTPUT_KEEP);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -220,15 +237,12 @@ mod tests {
     }
 
     #[test]
-    fn a_child_that_exits_gives_its_status_and_stderr() {
-        let out = run(
-            "sh",
-            &mut sh("echo oops >&2; exit 3"),
-            &[],
-            Duration::from_secs(30),
-        )
-        .unwrap();
+    fn a_child_that_exits_gives_its_status_and_output() {
+        let mut c = sh("echo fine; echo oops >&2; exit 3");
+        c.stdout(Stdio::piped());
+        let out = run("sh", &mut c, &[], Duration::from_secs(30)).unwrap();
         assert_eq!(out.status.code(), Some(3));
+        assert_eq!(out.stdout, "fine");
         assert_eq!(out.stderr, "oops");
     }
 

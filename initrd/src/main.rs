@@ -6,13 +6,17 @@
 //! mount /proc /sys /dev, read the command line  -> init-start
 //! load the modules the initramfs carries        -> modules-loaded
 //! mount the real root, switch to it             -> root-mounted
-//! kupgrade.resume: restore (restore.rs)         -> image-verified, net-restored,
-//!   any failure is reported, never fatal           restored | restore-failed
+//! kupgrade.resume: the restore process          -> image-verified, net-restored,
+//!   (restore.rs), watched by PID 1                 restored | restore-failed
 //! exec the real init                            -> exec-init
 //! ```
 //!
 //! Whatever fails, the machine boots: a restore failure is recorded and
-//! reported, never fatal, and PID 1 never exits.
+//! reported, never fatal, and PID 1 never exits. What can go wrong in ways
+//! that would take PID 1 with it (a panic, an allocation that fails, a
+//! thread that cannot start, a hang) happens in the restore process: PID 1
+//! starts it, kills it with its process group once its budget is spent,
+//! and after any end but its own rescues the restore ([`rescue`]).
 
 mod boot;
 mod child;
@@ -22,28 +26,40 @@ mod root;
 mod system;
 mod timers;
 
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::time::Duration;
 
 use contract::cmdline::{self, Cmdline};
 use contract::events::{Event, EventLine};
+use contract::report::{Outcome, UpgradeReport};
 use contract::PhaseTiming;
+use image_format::State;
 
 use crate::log::chain;
 use crate::system::faults::Faults;
 use crate::system::real::RealSystem;
-use crate::system::{Error, System};
+use crate::system::{Error, RestorerRun, System, RESTORER_ARG};
 
 /// How long to wait before trying a root that would not mount again.
 const ROOT_RETRY: Duration = Duration::from_secs(5);
+/// Where the kernel looks for an init when `init=` names none, in its
+/// order (`kernel_init` in the kernel's `init/main.c`).
+const FALLBACK_INITS: [&str; 4] = ["/sbin/init", "/etc/init", "/bin/init", "/bin/sh"];
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(RESTORER_ARG) {
+        std::process::exit(restorer(&args[2..]));
+    }
     if std::process::id() != 1 {
         eprintln!("kupgrade-init is the /init of an initramfs and must run as PID 1; nothing done");
         std::process::exit(2);
     }
+    // A panic's message goes where the log goes (console and kmsg).
+    panic::set_hook(Box::new(|info| log::line(&format!("panic: {info}"))));
     let mut sys = Faults::new(RealSystem::default());
-    let why = boot(&mut sys);
+    let why = boot_whatever_happens(&mut sys).err().unwrap_or_default();
     // Nothing could be executed: PID 1 must not exit (that panics the kernel).
     sys.log(&format!("cannot execute any init ({why}); halting here"));
     loop {
@@ -51,8 +67,21 @@ fn main() {
     }
 }
 
+/// [`boot`], and after a panic in it, the real init all the same.
+fn boot_whatever_happens(sys: &mut dyn System) -> Result<(), String> {
+    match panic::catch_unwind(AssertUnwindSafe(|| boot(sys))) {
+        Ok(booted) => booted,
+        Err(_) => {
+            // The panic's message is in the log already (main's hook).
+            sys.log("kupgrade-init panicked; starting the real init anyway");
+            let cmdline = Cmdline::parse(&sys.cmdline());
+            exec_init(sys, &cmdline)
+        }
+    }
+}
+
 /// The whole boot. Only returns if no init could be executed, with why.
-fn boot(sys: &mut dyn System) -> String {
+fn boot(sys: &mut dyn System) -> Result<(), String> {
     if let Err(e) = sys.mount_kernel_fs() {
         sys.log(&chain(&e));
     }
@@ -88,16 +117,141 @@ fn boot(sys: &mut dyn System) -> String {
         match cmdline.value(cmdline::STORE) {
             None => sys.log("kupgrade.resume without kupgrade.store: nothing to restore"),
             Some(store) => {
-                let timeout = restore::timeout(&cmdline);
-                let restore = restore::run(sys, Path::new(store), events, timeout);
-                sys.log(&restore.summary(store));
+                let run = RestorerRun {
+                    store: store.into(),
+                    events,
+                    timeout: restore::timeout(&cmdline),
+                };
+                if let Err(e) = sys.run_restorer(&run) {
+                    rescue(sys, &run, &release, &chain(&e));
+                }
             }
         }
     }
+    exec_init(sys, &cmdline)
+}
 
-    let init = cmdline.value("init").unwrap_or("/sbin/init");
-    sys.emit(&EventLine::now(Event::ExecInit).with("init", init));
-    sys.exec_init(&cmdline)
+/// The restore process (`kupgrade-init __restore STORE TIMEOUT_MS EVENTS`):
+/// exits 0 once the restore ran to its end, whatever it restored; PID 1
+/// takes any other end for a restore that did not finish.
+fn restorer(args: &[String]) -> i32 {
+    let [store, timeout_ms, events] = args else {
+        eprintln!("usage: kupgrade-init {RESTORER_ARG} STORE TIMEOUT_MS EVENTS_JSON");
+        return 2;
+    };
+    let (Ok(ms), Ok(events)) = (timeout_ms.parse(), serde_json::from_str(events)) else {
+        eprintln!("kupgrade-init {RESTORER_ARG}: bad timeout {timeout_ms:?} or events");
+        return 2;
+    };
+    log::open_kmsg();
+    let mut sys = Faults::new(RealSystem::default());
+    // Arms the failpoints the command line names.
+    sys.cmdline();
+    let run = RestorerRun {
+        store: store.into(),
+        events,
+        timeout: Duration::from_millis(ms),
+    };
+    restore_process(&mut sys, &run);
+    0
+}
+
+/// What the restore process does: the restore, and one line on it.
+pub(crate) fn restore_process(sys: &mut dyn System, run: &RestorerRun) {
+    let restore = restore::run(sys, &run.store, run.events.clone(), run.timeout);
+    sys.log(&restore.summary(&run.store.display().to_string()));
+}
+
+/// The restore process did not run to its end (it died, or it overran its
+/// budget and was killed): lift what it may have left in the way of the
+/// normal boot, make sure the image is never restored again, and say why.
+fn rescue(sys: &mut dyn System, run: &RestorerRun, release: &str, why: &str) {
+    let reason = format!("the restore did not finish: {why}");
+    sys.log(&reason);
+    // A lock left in place keeps the machine off the network.
+    match sys.lock_tables() {
+        Ok(tables) => {
+            for t in tables {
+                if let Err(e) = sys.remove_lock_table(&t) {
+                    sys.log(&format!("lock table {t}: {}", chain(&e)));
+                }
+            }
+        }
+        Err(e) => sys.log(&chain(&e)),
+    }
+    // The unpacked CRIU images hold process memory.
+    sys.remove_scratch(Path::new(restore::UNPACK_DIR));
+    // The restore turns it off while CRIU runs; on is the kernel's default.
+    if let Err(e) = sys.swap_tcp_window_scaling("1") {
+        sys.log(&chain(&e));
+    }
+    // The superblock only: the rest of the image may be what killed it.
+    let generation = match sys.read_superblock(&run.store) {
+        Ok(head) if head.state == State::Restored => {
+            sys.log(
+                "the image is marked restored: the restore was done, its report may be missing",
+            );
+            return;
+        }
+        Ok(head) => {
+            if let Err(e) = sys.set_image_state(State::Failed) {
+                sys.log(&format!("cannot mark the image failed: {}", chain(&e)));
+            }
+            head.generation
+        }
+        Err(e) => {
+            sys.log(&format!("no image to mark failed: {}", chain(&e)));
+            0
+        }
+    };
+    let mut events = run.events.clone();
+    emit(
+        sys,
+        &mut events,
+        EventLine::now(Event::RestoreFailed).with("reason", &reason),
+    );
+    let report = UpgradeReport {
+        outcome: Outcome::Failed,
+        reason: Some(reason),
+        kernel_from: String::new(),
+        kernel_to: release.to_string(),
+        image_generation: generation,
+        workloads: vec![],
+        events,
+    };
+    if let Err(e) = sys.write_report(&report) {
+        sys.log(&chain(&e));
+    }
+}
+
+/// `init=` if given, then where the kernel looks: `init/main.c` tries them
+/// in this order, skipping the missing ones. Unlike the kernel, which
+/// panics when `init=` cannot run, a wrong `init=` falls back to the
+/// others: a machine that boots beats a panic.
+fn init_candidates(cmdline: &Cmdline) -> Vec<&str> {
+    let mut inits: Vec<&str> = cmdline.value("init").into_iter().collect();
+    for i in FALLBACK_INITS {
+        if !inits.contains(&i) {
+            inits.push(i);
+        }
+    }
+    inits
+}
+
+/// Replaces PID 1 with the first init that runs; returns only why none did.
+fn exec_init(sys: &mut dyn System, cmdline: &Cmdline) -> Result<(), String> {
+    let mut failed = Vec::new();
+    for init in init_candidates(cmdline) {
+        sys.emit(&EventLine::now(Event::ExecInit).with("init", init));
+        match sys.exec(init, &cmdline.init_args) {
+            Ok(()) => return Ok(()),
+            Err(why) => {
+                sys.log(&format!("cannot execute {init}: {why}"));
+                failed.push(format!("{init}: {why}"));
+            }
+        }
+    }
+    Err(failed.join("; "))
 }
 
 /// Emits an event and records it for the report.
@@ -141,6 +295,8 @@ fn mount_root(sys: &mut dyn System, cmdline: &Cmdline, writable: bool) {
 mod tests {
     use super::*;
     use crate::system::fake::Fake;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::ExitStatus;
 
     const NORMAL_BOOT: &[&str] = &[
         "mount kernel fs",
@@ -154,7 +310,7 @@ mod tests {
     fn without_resume_the_boot_goes_straight_to_the_real_init() {
         let mut f = Fake::resuming();
         f.cmdline = "root=/dev/vda console=ttyS0".into();
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         assert_eq!(f.calls, NORMAL_BOOT);
         assert_eq!(
             f.events(),
@@ -174,7 +330,7 @@ mod tests {
     fn resume_without_a_store_boots_normally_and_says_so() {
         let mut f = Fake::resuming();
         f.cmdline = "root=/dev/vda kupgrade.resume".into();
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         assert_eq!(f.calls, NORMAL_BOOT);
         assert!(f.logged("without kupgrade.store"));
     }
@@ -183,7 +339,7 @@ mod tests {
     fn init_and_its_arguments_come_from_the_command_line() {
         let mut f = Fake::resuming();
         f.cmdline = "root=/dev/vda init=/lib/systemd/systemd -- single".into();
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         assert_eq!(
             f.calls.last().map(String::as_str),
             Some("exec /lib/systemd/systemd")
@@ -200,12 +356,12 @@ mod tests {
         for at in ["mount kernel fs", "load virtio_net.ko", "switch root"] {
             let mut f = Fake::failing_at(&[at]);
             f.cmdline = "root=/dev/vda".into();
-            boot(&mut f);
+            boot(&mut f).expect("an init runs");
             assert_eq!(f.calls, NORMAL_BOOT, "failing at {at}");
             assert!(f.logged(&Fake::failure(at)), "failing at {at}");
         }
         let mut f = Fake::failing_at(&["load virtio_net.ko"]);
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         let modules = &f.events[1];
         assert_eq!(modules.event, Event::ModulesLoaded);
         assert_eq!(
@@ -219,7 +375,7 @@ mod tests {
         let mut f = Fake::resuming();
         f.modules = vec!["a.ko".into(), "b.ko".into()];
         f.loaded_already = vec!["b.ko".into()];
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         let modules = &f.events[1];
         assert_eq!(
             (modules.field("loaded"), modules.field("failed")),
@@ -232,7 +388,7 @@ mod tests {
     fn a_root_that_will_not_mount_is_retried_until_it_does() {
         let mut f = Fake::failing_at(&["mount root"]);
         f.cmdline = "root=/dev/vda".into();
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         assert_eq!(
             f.calls,
             [
@@ -246,5 +402,185 @@ mod tests {
             ]
         );
         assert!(f.logged(&format!("{}; retrying", Fake::failure("mount root"))));
+    }
+
+    /// A missing init (or `init=`) is skipped for the next in the kernel's
+    /// order, each attempt an `exec-init` event and each failure logged.
+    #[test]
+    fn a_missing_init_falls_back_in_the_kernels_order() {
+        let mut f = Fake::resuming();
+        f.cmdline = "root=/dev/vda init=/lib/systemd/systemd".into();
+        f.missing_inits = vec!["/lib/systemd/systemd".into(), "/sbin/init".into()];
+        boot(&mut f).expect("an init runs");
+        assert_eq!(
+            f.calls_after("switch root"),
+            [
+                "exec /lib/systemd/systemd",
+                "exec /sbin/init",
+                "exec /etc/init"
+            ]
+        );
+        assert!(f.logged("cannot execute /sbin/init: ENOENT"));
+        let tried: Vec<Option<&str>> = f
+            .events
+            .iter()
+            .filter(|e| e.event == Event::ExecInit)
+            .map(|e| e.field("init"))
+            .collect();
+        assert_eq!(
+            tried,
+            [
+                Some("/lib/systemd/systemd"),
+                Some("/sbin/init"),
+                Some("/etc/init")
+            ]
+        );
+    }
+
+    #[test]
+    fn with_no_init_at_all_the_boot_says_why_each_failed() {
+        let mut f = Fake::resuming();
+        f.cmdline = "root=/dev/vda".into();
+        f.missing_inits = FALLBACK_INITS.map(String::from).to_vec();
+        let why = boot(&mut f).unwrap_err();
+        assert_eq!(why.matches(": ENOENT").count(), 4, "{why}");
+        assert!(why.starts_with("/sbin/init: ENOENT") && why.contains("/bin/sh: ENOENT"));
+    }
+
+    #[test]
+    fn init_candidates_follow_the_kernel_without_repeating_one() {
+        let c = |line: &str| init_candidates(&Cmdline::parse(line)).join(" ");
+        assert_eq!(c("ro"), "/sbin/init /etc/init /bin/init /bin/sh");
+        assert_eq!(c("init=/bin/sh"), "/bin/sh /sbin/init /etc/init /bin/init");
+    }
+
+    /// A panic in PID 1's own part of the boot still ends in the real init.
+    #[test]
+    fn a_panic_in_the_boot_still_ends_in_the_real_init() {
+        let mut f = Fake::resuming();
+        f.cmdline = "root=/dev/vda".into();
+        f.panic_at = vec!["switch root".into()];
+        boot_whatever_happens(&mut f).expect("an init runs");
+        assert_eq!(f.calls_after("switch root"), ["exec /sbin/init"]);
+        assert!(f.logged("kupgrade-init panicked; starting the real init anyway"));
+    }
+
+    #[test]
+    fn the_restore_process_gets_the_store_the_events_and_the_budget() {
+        let mut f = Fake::resuming();
+        f.cmdline.push_str(" kupgrade.restore_timeout=90");
+        boot(&mut f).expect("an init runs");
+        let run = &f.restorer_runs[0];
+        assert_eq!(run.store, Path::new("/dev/pmem0"));
+        assert_eq!(run.timeout, Duration::from_secs(90));
+        let names: Vec<&str> = run.events.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(names, ["init-start", "modules-loaded", "root-mounted"]);
+    }
+
+    /// What follows a restore process that did not run to its end.
+    const RESCUE: &[&str] = &[
+        "list lock tables",
+        "remove scratch",
+        "tcp_window_scaling 1",
+        "read superblock /dev/pmem0",
+        "mark failed",
+        "write report",
+        "exec /sbin/init",
+    ];
+
+    fn died() -> Error {
+        Error::RestorerDied {
+            status: ExitStatus::from_raw(6),
+            stderr: "memory allocation of 107374182400 bytes failed\n".into(),
+        }
+    }
+
+    /// A restore process that died (here of an allocation that failed,
+    /// which aborts): the image is marked failed, the report says why, the
+    /// real init runs.
+    #[test]
+    fn a_restore_process_that_dies_is_rescued() {
+        let mut f = Fake::resuming();
+        f.restorer_dies = Some(died());
+        boot(&mut f).expect("an init runs");
+        assert_eq!(f.calls_after("run restore process"), RESCUE);
+        let r = f.report();
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert_eq!(
+            r.reason.as_deref(),
+            Some(
+                "the restore did not finish: kupgrade-init's restore process died \
+                 (signal: 6 (SIGABRT)): memory allocation of 107374182400 bytes failed"
+            )
+        );
+        assert_eq!(r.image_generation, 7);
+        assert_eq!(r.kernel_to, "6.1.0-2");
+        assert_eq!(f.ending(), [Event::RestoreFailed, Event::ExecInit]);
+        let names: Vec<&str> = r.events.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "init-start",
+                "modules-loaded",
+                "root-mounted",
+                "restore-failed"
+            ]
+        );
+        assert_eq!(f.image.as_ref().map(|i| i.state), Some(State::Failed));
+    }
+
+    /// Killed at its deadline with a lock table installed: the lock is
+    /// lifted, so the normal boot has a network.
+    #[test]
+    fn a_restore_process_that_overruns_is_rescued_and_its_locks_lifted() {
+        let mut f = Fake::resuming();
+        f.locked = vec!["CRIU-10002".into()];
+        f.restorer_dies = Some(Error::Child(crate::child::Error::Overran {
+            command: "kupgrade-init's restore process".into(),
+            within: Duration::from_secs(605),
+        }));
+        boot(&mut f).expect("an init runs");
+        let mut expected = RESCUE.to_vec();
+        expected.insert(1, "unlock CRIU-10002");
+        assert_eq!(f.calls_after("run restore process"), expected);
+        assert!(f.locked.is_empty());
+        let why = f.report().reason.clone().unwrap_or_default();
+        assert_eq!(
+            why,
+            "the restore did not finish: kupgrade-init's restore process did not finish \
+             within 605 s: it and its process group were killed"
+        );
+    }
+
+    /// Died after the image was marked restored: nothing to mark, and no
+    /// report that would call a done restore a failure.
+    #[test]
+    fn a_rescue_leaves_an_image_marked_restored_alone() {
+        let mut f = Fake::resuming();
+        if let Some(i) = f.image.as_mut() {
+            i.state = State::Restored;
+        }
+        f.restorer_dies = Some(died());
+        boot(&mut f).expect("an init runs");
+        assert_eq!(
+            f.calls_after("read superblock /dev/pmem0"),
+            ["exec /sbin/init"]
+        );
+        assert!(f.reports.is_empty());
+    }
+
+    /// Failures of the rescue itself are logged; it goes on to the report
+    /// and the real init.
+    #[test]
+    fn a_rescue_goes_on_past_its_own_failures() {
+        let mut f = Fake::failing_at(&["list lock tables", "read superblock /dev/pmem0"]);
+        f.restorer_dies = Some(died());
+        boot(&mut f).expect("an init runs");
+        assert_eq!(
+            f.calls_after("read superblock /dev/pmem0"),
+            ["write report", "exec /sbin/init"]
+        );
+        assert!(f.logged(&Fake::failure("list lock tables")));
+        assert_eq!(f.report().image_generation, 0);
     }
 }

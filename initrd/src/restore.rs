@@ -1,5 +1,6 @@
 //! The restore, written against the [`System`] seam: runs in the real root
-//! (after the switch), as PID 1, before the real init.
+//! (after the switch), in the restore process PID 1 starts, before the real
+//! init.
 //!
 //! ```text
 //! open image -> `written`? -> mark restoring -> device state -> support fs, tmpfs files
@@ -465,7 +466,7 @@ mod tests {
     #[test]
     fn a_restore_runs_every_step_in_order_and_ends_in_the_real_init() {
         let mut f = Fake::resuming();
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         assert_eq!(f.calls, FULL_BOOT);
         assert_eq!(
             f.events(),
@@ -564,7 +565,7 @@ mod tests {
         ];
         for (at, after, reason) in cases {
             let mut f = Fake::failing_at(&[at]);
-            boot(&mut f);
+            boot(&mut f).expect("an init runs");
             assert_eq!(&f.calls_after(at), after, "failing at {at}");
             let r = f.report();
             assert_eq!(r.outcome, Failed, "failing at {at}");
@@ -595,7 +596,7 @@ mod tests {
     #[test]
     fn one_of_two_workloads_failing_still_restores_the_other() {
         let mut f = Fake::failing_at(&["criu restore a"]);
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         let r = f.report();
         let fate: Vec<(&str, bool)> = r
             .workloads
@@ -635,7 +636,7 @@ mod tests {
         ];
         for at in cases {
             let mut f = Fake::failing_at(&[at]);
-            boot(&mut f);
+            boot(&mut f).expect("an init runs");
             assert_eq!(f.calls, FULL_BOOT, "failing at {at}");
             assert_eq!(f.report().outcome, Outcome::Restored, "failing at {at}");
             assert!(
@@ -654,7 +655,7 @@ mod tests {
     #[test]
     fn each_criu_restore_gets_a_share_of_the_time_budget() {
         let mut f = Fake::resuming();
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         let secs: Vec<u64> = f.criu_deadlines.iter().map(|d| d.as_secs()).collect();
         assert_eq!(secs.len(), 2);
         assert!((268..=270).contains(&secs[0]), "{secs:?}");
@@ -662,7 +663,7 @@ mod tests {
         // kupgrade.restore_timeout=100: 25 s kept back, 37 s for the first.
         let mut f = Fake::resuming();
         f.cmdline.push_str(" kupgrade.restore_timeout=100");
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         assert!((36..=37).contains(&f.criu_deadlines[0].as_secs()));
     }
 
@@ -692,7 +693,7 @@ mod tests {
     fn a_criu_restore_that_overruns_its_deadline_fails_its_workload_only() {
         let mut f = Fake::resuming();
         f.hang_at = vec!["criu restore a".into()];
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         assert_eq!(f.calls_after("criu restore a"), CRIU_A_FAILED);
         let r = f.report();
         assert_eq!(r.outcome, Outcome::Failed);
@@ -715,7 +716,7 @@ mod tests {
     #[test]
     fn window_scaling_that_cannot_be_turned_off_is_not_turned_back_on() {
         let mut f = Fake::failing_at(&["tcp_window_scaling 0"]);
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         let expected: Vec<&str> = FULL_BOOT
             .iter()
             .copied()
@@ -729,7 +730,7 @@ mod tests {
     fn device_state_that_does_not_parse_fails_the_restore_before_any_change() {
         let mut f = Fake::resuming();
         f.devstate = b"{not json".to_vec();
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         assert_eq!(f.calls_after("read devstate"), FAILED_BEFORE_LOCK);
         let why = f.report().reason.clone().unwrap_or_default();
         assert!(why.starts_with("device state does not parse: "), "{why}");
@@ -739,7 +740,7 @@ mod tests {
     #[test]
     fn a_failure_to_mark_the_image_failed_is_logged_and_the_report_written() {
         let mut f = Fake::failing_at(&["lo up", "mark failed"]);
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         assert_eq!(f.calls_after("lo up"), FAILED_BEFORE_LOCK);
         assert!(f.logged(&format!(
             "cannot mark the image failed: {}",
@@ -784,7 +785,7 @@ mod tests {
             cases.push((f, open, says));
         }
         for (mut f, last, says) in cases {
-            boot(&mut f);
+            boot(&mut f).expect("an init runs");
             assert_eq!(f.calls_after(last), [EXEC], "{says}");
             assert!(f.reports.is_empty(), "{says}");
             assert!(f.logged(&says), "{says}: {:?}", f.logs);

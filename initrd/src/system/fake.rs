@@ -2,7 +2,10 @@
 //! machine is kept as one line (`unpack criu/a`), in order, and the calls
 //! named in `fail_at` fail, once each.
 
+use std::os::unix::process::ExitStatusExt;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use contract::cmdline::Cmdline;
@@ -12,7 +15,8 @@ use contract::report::UpgradeReport;
 use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, SectionEntry, SectionKind, State};
 
-use super::{CriuRun, Error, ImageInfo, SupportMount, System};
+use super::faults::Faults;
+use super::{CriuRun, Error, ImageHead, ImageInfo, RestorerRun, SupportMount, System};
 use crate::child;
 use crate::restore::table_name;
 
@@ -22,6 +26,7 @@ pub const FULL_BOOT: &[&str] = &[
     "load virtio_net.ko",
     "mount root",
     "switch root",
+    "run restore process",
     "open /dev/pmem0",
     "mark restoring",
     "read devstate",
@@ -58,6 +63,8 @@ pub struct Fake {
     pub events: Vec<EventLine>,
     pub logs: Vec<String>,
     pub fail_at: Vec<String>,
+    /// Calls that panic.
+    pub panic_at: Vec<String>,
     pub cmdline: String,
     pub modules: Vec<String>,
     /// Modules the kernel has already (finit_module says EEXIST).
@@ -74,6 +81,14 @@ pub struct Fake {
     pub hang_at: Vec<String>,
     /// Every report it was asked to write.
     pub reports: Vec<UpgradeReport>,
+    /// How the restore process was started.
+    pub restorer_runs: Vec<RestorerRun>,
+    /// The restore process dies (or overruns) with this instead of running.
+    pub restorer_dies: Option<Error>,
+    /// Inits that are not there.
+    pub missing_inits: Vec<String>,
+    /// Lock tables installed and not removed.
+    pub locked: Vec<String>,
 }
 
 fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
@@ -174,6 +189,9 @@ impl Fake {
 
     fn step(&mut self, call: String) -> Result<(), Error> {
         self.calls.push(call.clone());
+        if self.panic_at.contains(&call) {
+            panic!("{call} panicked: injected");
+        }
         // Once: a retried call then succeeds.
         let Some(at) = self.fail_at.iter().position(|c| *c == call) else {
             return Ok(());
@@ -244,10 +262,39 @@ impl System for Fake {
     fn switch_root(&mut self) -> Result<(), Error> {
         self.step("switch root".into())
     }
-    fn exec_init(&mut self, cmdline: &Cmdline) -> String {
-        let init = cmdline.value("init").unwrap_or("/sbin/init");
+    fn exec(&mut self, init: &str, _args: &[String]) -> Result<(), String> {
         self.calls.push(format!("exec {init}"));
-        "the fake cannot exec".into()
+        if self.missing_inits.iter().any(|m| m == init) {
+            return Err("ENOENT: No such file or directory".into());
+        }
+        Ok(())
+    }
+    /// Does what the restore process does, in this process: wraps the
+    /// system in the failpoints of the command line and restores; a panic
+    /// ends it as it ends the real one.
+    fn run_restorer(&mut self, run: &RestorerRun) -> Result<(), Error> {
+        self.calls.push("run restore process".into());
+        self.restorer_runs.push(run.clone());
+        if let Some(e) = self.restorer_dies.take() {
+            return Err(e);
+        }
+        let mut restorer = Faults::new(std::mem::take(self));
+        restorer.cmdline();
+        let ran = panic::catch_unwind(AssertUnwindSafe(|| {
+            crate::restore_process(&mut restorer, run)
+        }));
+        *self = restorer.into_inner();
+        ran.map_err(|p| {
+            let message = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Error::RestorerDied {
+                status: ExitStatus::from_raw(101 << 8),
+                stderr: format!("thread 'main' panicked at the fake:\n{message}"),
+            }
+        })
     }
 
     fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error> {
@@ -256,8 +303,23 @@ impl System for Fake {
             .clone()
             .ok_or(Error::Image(image_format::Error::NoImage))
     }
+    fn read_superblock(&mut self, store: &Path) -> Result<ImageHead, Error> {
+        self.step(format!("read superblock {}", store.display()))?;
+        let i = self
+            .image
+            .as_ref()
+            .ok_or(Error::Image(image_format::Error::NoImage))?;
+        Ok(ImageHead {
+            state: i.state,
+            generation: i.generation,
+        })
+    }
     fn set_image_state(&mut self, state: State) -> Result<(), Error> {
-        self.step(format!("mark {state}"))
+        self.step(format!("mark {state}"))?;
+        if let Some(i) = self.image.as_mut() {
+            i.state = state;
+        }
+        Ok(())
     }
     fn wipe_image(&mut self) -> Result<(), Error> {
         self.step("wipe".into())
@@ -292,10 +354,18 @@ impl System for Fake {
     }
     fn install_lock_table(&mut self, nft: &str) -> Result<(), Error> {
         let name = table_name(nft).unwrap_or_default();
-        self.step(format!("lock {name}"))
+        self.step(format!("lock {name}"))?;
+        self.locked.push(name);
+        Ok(())
     }
     fn remove_lock_table(&mut self, name: &str) -> Result<(), Error> {
-        self.step(format!("unlock {name}"))
+        self.step(format!("unlock {name}"))?;
+        self.locked.retain(|l| l != name);
+        Ok(())
+    }
+    fn lock_tables(&mut self) -> Result<Vec<String>, Error> {
+        self.step("list lock tables".into())?;
+        Ok(self.locked.clone())
     }
     fn configure_interface(&mut self, iface: &Interface) -> Result<(), Error> {
         self.step(format!("iface {}", iface.name))

@@ -16,7 +16,7 @@ use contract::report::UpgradeReport;
 use contract::WorkloadEntry;
 use image_format::State;
 
-use super::{CriuRun, Error, ImageInfo, SupportMount, System};
+use super::{CriuRun, Error, ImageHead, ImageInfo, RestorerRun, SupportMount, System};
 use crate::log;
 
 /// The action script of `criu-restore-hang`: it never returns, and what it
@@ -31,6 +31,9 @@ pub struct Faults<S> {
     module_failed: bool,
     /// A CRIU was made to hang already (only the first one hangs).
     criu_hung: bool,
+    /// Workloads in the image, and CRIU restores asked for so far.
+    workloads: usize,
+    criu_runs: usize,
 }
 
 impl<S: System> Faults<S> {
@@ -40,7 +43,14 @@ impl<S: System> Faults<S> {
             points: vec![],
             module_failed: false,
             criu_hung: false,
+            workloads: 0,
+            criu_runs: 0,
         }
+    }
+
+    #[cfg(test)]
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 
     fn armed(&self, point: InitFailpoint) -> bool {
@@ -122,12 +132,22 @@ impl<S: System> System for Faults<S> {
         self.inner.switch_root()
     }
 
-    fn exec_init(&mut self, cmdline: &Cmdline) -> String {
-        self.inner.exec_init(cmdline)
+    fn exec(&mut self, init: &str, args: &[String]) -> Result<(), String> {
+        self.inner.exec(init, args)
+    }
+
+    fn run_restorer(&mut self, run: &RestorerRun) -> Result<(), Error> {
+        self.inner.run_restorer(run)
     }
 
     fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error> {
-        self.inner.open_image(store)
+        let info = self.inner.open_image(store)?;
+        self.workloads = info.manifest.workloads.len();
+        Ok(info)
+    }
+
+    fn read_superblock(&mut self, store: &Path) -> Result<ImageHead, Error> {
+        self.inner.read_superblock(store)
     }
 
     fn set_image_state(&mut self, state: State) -> Result<(), Error> {
@@ -170,6 +190,10 @@ impl<S: System> System for Faults<S> {
         self.inner.remove_lock_table(name)
     }
 
+    fn lock_tables(&mut self) -> Result<Vec<String>, Error> {
+        self.inner.lock_tables()
+    }
+
     fn configure_interface(&mut self, iface: &Interface) -> Result<(), Error> {
         self.inner.configure_interface(iface)
     }
@@ -191,6 +215,22 @@ impl<S: System> System for Faults<S> {
     }
 
     fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error> {
+        self.criu_runs += 1;
+        if self.criu_runs >= self.workloads {
+            let at = format!(
+                "{}: at the last workload's criu restore",
+                cmdline::FAILPOINT
+            );
+            if self.armed(InitFailpoint::RestorePanic) {
+                panic!("{at}: restore-panic");
+            }
+            if self.armed(InitFailpoint::RestoreHang) {
+                self.inner.log(&format!("{at}: restore-hang: hanging"));
+                loop {
+                    std::thread::sleep(Duration::from_secs(3600));
+                }
+            }
+        }
         self.injected(InitFailpoint::CriuRestore)?;
         if self.armed(InitFailpoint::CriuRestoreHang) && !self.criu_hung {
             self.criu_hung = true;
@@ -237,7 +277,7 @@ mod tests {
     #[test]
     fn a_criu_restore_failpoint_fails_every_workload_and_boots() {
         let mut sys = with_failpoint("criu-restore");
-        crate::boot(&mut sys);
+        crate::boot(&mut sys).expect("an init runs");
         let fake = &sys.inner;
         assert!(fake.restore_args.is_empty(), "CRIU was run");
         let expected: Vec<&str> = FULL_BOOT
@@ -270,7 +310,7 @@ mod tests {
     fn a_module_failpoint_fails_the_first_module_only() {
         let mut sys = with_failpoint("module-load");
         sys.inner.modules = vec!["a.ko".into(), "b.ko".into()];
-        crate::boot(&mut sys);
+        crate::boot(&mut sys).expect("an init runs");
         let fake = &sys.inner;
         // a.ko was never given to the machine; b.ko was; the boot went on.
         assert!(!fake.calls.iter().any(|c| c == "load a.ko"));
@@ -293,7 +333,7 @@ mod tests {
     #[test]
     fn a_criu_restore_hang_failpoint_hangs_the_first_criu_only() {
         let mut sys = with_failpoint("criu-restore-hang");
-        crate::boot(&mut sys);
+        crate::boot(&mut sys).expect("an init runs");
         let fake = &sys.inner;
         let script = |args: &Vec<String>| {
             args.windows(2)
@@ -312,10 +352,42 @@ mod tests {
         assert!((268..=270).contains(&first), "{first}");
     }
 
+    /// The restore process panics at the last workload's CRIU, with the
+    /// first restored and the network locked: PID 1 lifts the lock, marks
+    /// the image failed and says why.
+    #[test]
+    fn a_restore_panic_failpoint_ends_the_restore_process_and_pid_1_rescues() {
+        let mut sys = with_failpoint("restore-panic");
+        crate::boot(&mut sys).expect("an init runs");
+        let fake = &sys.inner;
+        assert_eq!(
+            fake.calls_after("resume a"),
+            [
+                "list lock tables",
+                "unlock CRIU-10002",
+                "remove scratch",
+                "tcp_window_scaling 1",
+                "read superblock /dev/pmem0",
+                "mark failed",
+                "write report",
+                "exec /sbin/init"
+            ]
+        );
+        let why = fake.report().reason.clone().unwrap_or_default();
+        assert!(
+            why.starts_with("the restore did not finish: kupgrade-init's restore process died")
+                && why.ends_with(
+                    "kupgrade.failpoint: at the last workload's criu restore: restore-panic"
+                ),
+            "{why}"
+        );
+        assert_eq!(fake.ending(), [Event::RestoreFailed, Event::ExecInit]);
+    }
+
     #[test]
     fn several_failpoints_are_armed_at_once() {
         let mut sys = with_failpoint("module-load,criu-restore");
-        crate::boot(&mut sys);
+        crate::boot(&mut sys).expect("an init runs");
         let fake = &sys.inner;
         assert!(!fake.calls.iter().any(|c| c == "load virtio_net.ko"));
         assert!(fake.restore_args.is_empty(), "CRIU was run");
@@ -325,10 +397,10 @@ mod tests {
     #[test]
     fn without_the_key_or_with_an_unknown_name_nothing_is_injected() {
         let mut sys = Faults::new(Fake::resuming());
-        crate::boot(&mut sys);
+        crate::boot(&mut sys).expect("an init runs");
         assert_eq!(&sys.inner.calls, FULL_BOOT);
         let mut sys = with_failpoint("no-such-fault");
-        crate::boot(&mut sys);
+        crate::boot(&mut sys).expect("an init runs");
         assert_eq!(&sys.inner.calls, FULL_BOOT);
         assert!(sys
             .inner

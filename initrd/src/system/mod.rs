@@ -2,6 +2,10 @@
 //! the boot and the restore (`main.rs`, `restore.rs`) are written against it
 //! and tested with a recording fake: [`real`] is the machine, [`faults`]
 //! injects the fault the kernel command line names, `fake` records calls.
+//!
+//! Two processes use it: PID 1, which boots, starts the restore process
+//! and hands over to the real init, and the restore process, which does
+//! everything that touches the image and CRIU.
 
 #[cfg(test)]
 pub mod fake;
@@ -18,7 +22,7 @@ use contract::criu::Checkpoint;
 use contract::devstate::{Interface, Route};
 use contract::events::EventLine;
 use contract::report::UpgradeReport;
-use contract::WorkloadEntry;
+use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, State};
 
 use crate::{boot, child};
@@ -61,6 +65,8 @@ pub enum Error {
     Child(#[from] child::Error),
     #[error("{command} failed: {stderr}")]
     Command { command: String, stderr: String },
+    #[error("kupgrade-init's restore process died ({status}){}", last_words(.stderr))]
+    RestorerDied { status: ExitStatus, stderr: String },
     #[error("criu restore exited with {status}: {errors}")]
     CriuExited { status: ExitStatus, errors: String },
     #[error("cannot set hostname {name}")]
@@ -75,6 +81,44 @@ pub enum Error {
     EncodeReport(#[source] serde_json::Error),
     #[error("failpoint {}={point}", cmdline::FAILPOINT)]
     Injected { point: InitFailpoint },
+}
+
+/// `argv[1]` of the restore process: `kupgrade-init __restore STORE
+/// TIMEOUT_MS EVENTS_JSON`.
+pub const RESTORER_ARG: &str = "__restore";
+
+/// What the restore process is started with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RestorerRun {
+    pub store: PathBuf,
+    /// The init's events so far, for the report.
+    pub events: Vec<PhaseTiming>,
+    /// The restore's budget: the process keeps to it, and is killed with
+    /// its process group a little after it.
+    pub timeout: Duration,
+}
+
+/// The gist of what a dying process wrote to stderr, for one line: a Rust
+/// panic's message without the hint about backtraces.
+fn last_words(stderr: &str) -> String {
+    let words: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+        .collect();
+    let text = words.join(": ");
+    match text.char_indices().rev().nth(499) {
+        None if text.is_empty() => String::new(),
+        None => format!(": {text}"),
+        Some((at, _)) => format!(": ...{}", &text[at..]),
+    }
+}
+
+/// What the superblock alone says of the image in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageHead {
+    pub state: State,
+    pub generation: u64,
 }
 
 /// What the superblock and manifest of the image in the store say.
@@ -133,12 +177,20 @@ pub trait System {
     fn sleep(&mut self, d: Duration);
     /// Makes the mounted root `/`; PID 1 goes on running.
     fn switch_root(&mut self) -> Result<(), Error>;
-    /// Replaces PID 1 with the real init; returns only why none could run.
-    fn exec_init(&mut self, cmdline: &Cmdline) -> String;
+    /// Replaces PID 1 with `init`, giving it `args`; returns only why it
+    /// could not (the fake says `Ok` for an init it pretends to run).
+    fn exec(&mut self, init: &str, args: &[String]) -> Result<(), String>;
+    /// Runs the restore in a process of its own and waits for it, killing
+    /// it and its process group a little after its budget: `Ok` when it
+    /// ran to its end, whatever it restored.
+    fn run_restorer(&mut self, run: &RestorerRun) -> Result<(), Error>;
 
     // The image in the store.
     /// Opens the store (waiting a little for its device) and the image.
     fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error>;
+    /// Opens the store and reads its superblock only: what PID 1 does after
+    /// a restore process that died, which may have died of the rest.
+    fn read_superblock(&mut self, store: &Path) -> Result<ImageHead, Error>;
     fn set_image_state(&mut self, state: State) -> Result<(), Error>;
     /// Zeroes the image: it holds process memory.
     fn wipe_image(&mut self) -> Result<(), Error>;
@@ -158,6 +210,8 @@ pub trait System {
     fn install_lock_table(&mut self, nft: &str) -> Result<(), Error>;
     /// Deletes `inet NAME`; one already gone is not an error.
     fn remove_lock_table(&mut self, name: &str) -> Result<(), Error>;
+    /// The names of CRIU's lock tables installed now (`inet CRIU-*`).
+    fn lock_tables(&mut self) -> Result<Vec<String>, Error>;
     /// Name (found by MAC), MTU, addresses, link state.
     fn configure_interface(&mut self, iface: &Interface) -> Result<(), Error>;
     fn add_route(&mut self, route: &Route) -> Result<(), Error>;

@@ -2,6 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,12 +17,17 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::{CriuRun, Error, ImageInfo, SupportMount, System};
+use super::{
+    CriuRun, Error, ImageHead, ImageInfo, RestorerRun, SupportMount, System, RESTORER_ARG,
+};
 use crate::{boot, child, log, timers};
 
 const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 /// `ip` and `nft` take milliseconds; one that takes this long is stuck.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
+/// How long past its budget the restore process may take before it is
+/// killed: it keeps to the budget by itself, this is for when it cannot.
+const RESTORER_GRACE: Duration = Duration::from_secs(5);
 const TCP_WINDOW_SCALING: &str = "/proc/sys/net/ipv4/tcp_window_scaling";
 /// How long the store's device may take to appear (nd_pmem probes late).
 const STORE_WAIT: Duration = Duration::from_secs(10);
@@ -83,8 +89,39 @@ impl System for RealSystem {
         Ok(boot::switch_root()?)
     }
 
-    fn exec_init(&mut self, cmdline: &Cmdline) -> String {
-        boot::exec_init(cmdline)
+    fn exec(&mut self, init: &str, args: &[String]) -> Result<(), String> {
+        Err(boot::exec(init, args))
+    }
+
+    fn run_restorer(&mut self, run: &RestorerRun) -> Result<(), Error> {
+        let events = serde_json::to_string(&run.events).map_err(Error::EncodeReport)?;
+        // This binary, deleted from the initramfs but still there for exec.
+        let mut restorer = Command::new("/proc/self/exe");
+        restorer
+            .arg0("kupgrade-init")
+            .arg(RESTORER_ARG)
+            .arg(&run.store)
+            .arg(run.timeout.as_millis().to_string())
+            .arg(events)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        let exited = child::run(
+            "kupgrade-init's restore process",
+            &mut restorer,
+            &[],
+            run.timeout + RESTORER_GRACE,
+        )?;
+        // What it said on its way out (a panic's message) goes to the log too.
+        for line in exited.stderr.lines() {
+            log::line(&format!("restore process: {line}"));
+        }
+        if exited.status.success() {
+            return Ok(());
+        }
+        Err(Error::RestorerDied {
+            status: exited.status,
+            stderr: exited.stderr,
+        })
     }
 
     fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error> {
@@ -107,6 +144,19 @@ impl System for RealSystem {
         self.store = Some(file);
         self.image = Some(image);
         Ok(info)
+    }
+
+    fn read_superblock(&mut self, store: &Path) -> Result<ImageHead, Error> {
+        let mut file = open_store(store).map_err(|source| Error::OpenStore {
+            path: store.into(),
+            source,
+        })?;
+        let sb = image_format::read_superblock(&mut file)?;
+        self.store = Some(file);
+        Ok(ImageHead {
+            state: sb.state,
+            generation: sb.generation,
+        })
     }
 
     fn set_image_state(&mut self, state: State) -> Result<(), Error> {
@@ -174,6 +224,23 @@ impl System for RealSystem {
             Err(Error::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
             r => r,
         }
+    }
+
+    fn lock_tables(&mut self) -> Result<Vec<String>, Error> {
+        let mut nft = Command::new("nft");
+        nft.args(["list", "tables"])
+            .env("PATH", PATH)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let listed = child::run("nft list tables", &mut nft, &[], COMMAND_DEADLINE)?;
+        if !listed.status.success() {
+            return Err(Error::Command {
+                command: "nft list tables".into(),
+                stderr: listed.stderr,
+            });
+        }
+        Ok(criu_lock_tables(&listed.stdout))
     }
 
     fn configure_interface(&mut self, iface: &Interface) -> Result<(), Error> {
@@ -389,6 +456,17 @@ fn ip(args: &[&str]) -> Result<(), Error> {
     run_stdin("ip", args, "")
 }
 
+/// `table inet CRIU-123` lines of `nft list tables` -> `CRIU-123`.
+fn criu_lock_tables(listed: &str) -> Vec<String> {
+    listed
+        .lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            ["table", "inet", name] if name.starts_with("CRIU-") => Some(name.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A CRIU killed half-way may have left tasks of the workload behind, in
 /// its cgroup (CRIU moves them there early): they must not run half-restored.
 fn kill_cgroup(cgroup: &str) {
@@ -413,5 +491,18 @@ fn run_stdin(cmd: &str, args: &[&str], input: &str) -> Result<(), Error> {
             command,
             stderr: exited.stderr,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criu_lock_tables_are_found_among_the_others() {
+        let listed =
+            "table inet filter\ntable inet CRIU-10002\ntable ip CRIU-1\ntable inet CRIU-7\n";
+        assert_eq!(criu_lock_tables(listed), ["CRIU-10002", "CRIU-7"]);
+        assert!(criu_lock_tables("").is_empty());
     }
 }
