@@ -45,6 +45,9 @@ init_failpoints! {
     RestorePanic => "restore-panic",
     /// `kupgrade-init` stops there for ever, for its watchdog to end.
     RestoreHang => "restore-hang",
+    /// Every report `kupgrade-init` writes fails to be written, as on a full
+    /// or read-only root.
+    ReportWrite => "report-write",
     /// The first module of the initramfs fails to load.
     ModuleLoad => "module-load",
 }

@@ -39,7 +39,7 @@ use image_format::State;
 use crate::log::chain;
 use crate::system::faults::Faults;
 use crate::system::real::RealSystem;
-use crate::system::{Error, RestorerRun, System, RESTORER_ARG};
+use crate::system::{Durability, Error, RestorerRun, System, RESTORER_ARG};
 
 /// How long to wait before trying a root that would not mount again.
 const ROOT_RETRY: Duration = Duration::from_secs(5);
@@ -197,29 +197,50 @@ fn rescue(sys: &mut dyn System, run: &RestorerRun, release: &str, why: &str) {
             if let Err(e) = sys.set_image_state(State::Failed) {
                 sys.log(&format!("cannot mark the image failed: {}", chain(&e)));
             }
-            head.generation
+            Some(head.generation)
         }
         Err(e) => {
             sys.log(&format!("no image to mark failed: {}", chain(&e)));
-            0
+            None
         }
     };
-    let mut events = run.events.clone();
-    emit(
-        sys,
-        &mut events,
-        EventLine::now(Event::RestoreFailed).with("reason", &reason),
-    );
-    let report = UpgradeReport {
-        outcome: Outcome::Failed,
-        reason: Some(reason),
+    // What the restore process recorded of this restore, if it got so far.
+    let on_disk = sys
+        .read_report()
+        .filter(|r| generation.is_none_or(|g| g == r.image_generation));
+    if on_disk
+        .as_ref()
+        .is_some_and(|r| r.outcome != Outcome::Restoring)
+    {
+        sys.log("the restore process died after its report: keeping it");
+        return;
+    }
+    let record = on_disk;
+    let mut report = record.unwrap_or_else(|| UpgradeReport {
+        outcome: Outcome::Restoring,
+        reason: None,
         kernel_from: String::new(),
         kernel_to: release.to_string(),
-        image_generation: generation,
+        image_generation: generation.unwrap_or(0),
         workloads: vec![],
-        events,
-    };
-    if let Err(e) = sys.write_report(&report) {
+        events: run.events.clone(),
+        store: Some(run.store.display().to_string()),
+    });
+    for w in report
+        .workloads
+        .iter_mut()
+        .filter(|w| !w.restored && w.error.is_none())
+    {
+        w.error = Some("the restore did not finish before it".into());
+    }
+    emit(
+        sys,
+        &mut report.events,
+        EventLine::now(Event::RestoreFailed).with("reason", &reason),
+    );
+    report.outcome = Outcome::Failed;
+    report.reason = Some(reason);
+    if let Err(e) = sys.write_report(&report, Durability::Synced) {
         sys.log(&chain(&e));
     }
 }
@@ -567,6 +588,23 @@ mod tests {
             ["exec /sbin/init"]
         );
         assert!(f.reports.is_empty());
+    }
+
+    /// Died after it wrote its report: the report stands.
+    #[test]
+    fn a_rescue_keeps_the_report_the_restore_process_wrote() {
+        let mut f = Fake::resuming();
+        let mut done = f.record_for_test();
+        done.outcome = Outcome::Failed;
+        done.reason = Some("CRIU could not restore a: it said no".into());
+        f.written = Some(done.clone());
+        f.restorer_dies = Some(died());
+        boot(&mut f).expect("an init runs");
+        assert_eq!(
+            f.calls_after("read superblock /dev/pmem0"),
+            ["mark failed", "exec /sbin/init"]
+        );
+        assert_eq!(f.written, Some(done));
     }
 
     /// Failures of the rescue itself are logged; it goes on to the report

@@ -32,7 +32,7 @@ use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, State};
 
 use crate::log::chain;
-use crate::system::{CriuRun, Error, SupportMount, System};
+use crate::system::{CriuRun, Durability, Error, SupportMount, System};
 
 /// Private tmpfs the CRIU images are unpacked into (inside the real root, so
 /// CRIU runs in the same file tree as at dump time).
@@ -150,14 +150,36 @@ pub fn run(
     if let Err(e) = sys.set_image_state(State::Restoring) {
         return Restore::Skipped(Skip::CannotMark(e));
     }
+    let manifest = &image.manifest;
+    let record = UpgradeReport {
+        outcome: Outcome::Restoring,
+        reason: None,
+        kernel_from: manifest.kernel_from.clone(),
+        kernel_to: manifest.kernel_to.clone(),
+        image_generation: image.generation,
+        workloads: manifest
+            .workloads
+            .iter()
+            .map(|w| WorkloadOutcome {
+                name: w.name.clone(),
+                root_pid: w.root_pid,
+                restored: false,
+                error: None,
+                criu_log: None,
+            })
+            .collect(),
+        events: vec![],
+        store: Some(store.display().to_string()),
+    };
     let r = Restorer {
         sys,
-        manifest: &image.manifest,
+        manifest,
         events,
         lock_tables: vec![],
         children_until,
+        record,
     };
-    Restore::Done(Box::new(r.run(image.generation)))
+    Restore::Done(Box::new(r.run()))
 }
 
 struct Restorer<'a> {
@@ -168,6 +190,8 @@ struct Restorer<'a> {
     lock_tables: Vec<String>,
     /// When the last CRIU must have finished.
     children_until: Instant,
+    /// The report while the restore runs: `restoring`, and what is known.
+    record: UpgradeReport,
 }
 
 impl Restorer<'_> {
@@ -179,7 +203,21 @@ impl Restorer<'_> {
         self.sys.log(line);
     }
 
-    fn run(mut self, generation: u64) -> UpgradeReport {
+    /// Writes the record as it stands.
+    fn note(&mut self, how: Durability) {
+        let mut events = self.manifest.phases.clone();
+        events.extend(self.events.iter().cloned());
+        self.record.events = events;
+        if let Err(e) = self.sys.write_report(&self.record, how) {
+            self.log(&format!("cannot record the restore: {}", chain(&e)));
+        }
+    }
+
+    fn run(mut self) -> UpgradeReport {
+        // Before anything else, and on the disk: from here on, a reset or a
+        // crash leaves a report that says this restore began and never
+        // ended, not an older upgrade's report standing for this one.
+        self.note(Durability::Synced);
         let (reason, workloads) = self.restore();
         let (outcome, state) = match reason {
             None => (Outcome::Restored, State::Restored),
@@ -203,13 +241,11 @@ impl Restorer<'_> {
         let report = UpgradeReport {
             outcome,
             reason,
-            kernel_from: self.manifest.kernel_from.clone(),
-            kernel_to: self.manifest.kernel_to.clone(),
-            image_generation: generation,
             workloads,
             events,
+            ..self.record.clone()
         };
-        if let Err(e) = self.sys.write_report(&report) {
+        if let Err(e) = self.sys.write_report(&report, Durability::Synced) {
             self.log(&chain(&e));
         }
         report
@@ -249,7 +285,11 @@ impl Restorer<'_> {
                 .children_until
                 .saturating_duration_since(Instant::now());
             let within = criu_share(left, weights[i], weights[i..].iter().sum());
-            outcomes.push(self.restore_workload(w, within));
+            let outcome = self.restore_workload(w, within);
+            // For a rescue by PID 1, should the restore process die later.
+            self.record.workloads[i] = outcome.clone();
+            self.note(Durability::Cached);
+            outcomes.push(outcome);
         }
         if let Some(old) = scaling {
             if let Err(e) = self.sys.swap_tcp_window_scaling(&old) {
@@ -529,8 +569,10 @@ mod tests {
     ];
     /// After `criu restore a`, when it failed.
     const CRIU_A_FAILED: &[&str] = &[
+        "note progress",
         "criu restore b",
         "resume b",
+        "note progress",
         "tcp_window_scaling 1",
         "remove scratch",
         "unlock CRIU-10002",
@@ -559,7 +601,7 @@ mod tests {
             ),
             (
                 "criu restore b",
-                &CRIU_A_FAILED[2..],
+                &CRIU_A_FAILED[3..],
                 "CRIU could not restore b: ",
             ),
         ];
@@ -646,6 +688,45 @@ mod tests {
             );
             assert_eq!(f.ending(), [Event::Restored, Event::ExecInit], "{at}");
         }
+    }
+
+    /// Right after the image is marked, before anything else, the restore is
+    /// recorded on the disk as `restoring`; each workload's fate is noted as
+    /// it is known; the report at the end is on the disk too.
+    #[test]
+    fn the_restore_is_recorded_before_it_begins_and_as_it_goes() {
+        let mut f = Fake::failing_at(&["criu restore b"]);
+        boot(&mut f).expect("an init runs");
+        assert_eq!(
+            f.calls_after("mark restoring")[..2],
+            ["write record", "read devstate"]
+        );
+        let r = f.record();
+        assert_eq!(r.image_generation, 7);
+        assert_eq!(r.store.as_deref(), Some("/dev/pmem0"));
+        assert_eq!(
+            (r.kernel_from.as_str(), r.kernel_to.as_str()),
+            ("6.1.0-1", "6.1.0-2")
+        );
+        assert!(r.workloads.iter().all(|w| !w.restored && w.error.is_none()));
+        let names: Vec<&str> = r.events.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(
+            names,
+            ["frozen", "init-start", "modules-loaded", "root-mounted"]
+        );
+        // After a: a restored, b not yet; after b: b failed.
+        let fate = |r: &UpgradeReport| -> Vec<(bool, bool)> {
+            r.workloads
+                .iter()
+                .map(|w| (w.restored, w.error.is_some()))
+                .collect()
+        };
+        assert_eq!(f.reports[1].outcome, Outcome::Restoring);
+        assert_eq!(fate(&f.reports[1]), [(true, false), (false, false)]);
+        assert_eq!(fate(&f.reports[2]), [(true, false), (false, true)]);
+        assert_eq!(f.report().outcome, Outcome::Failed);
+        assert_eq!(f.report().store.as_deref(), Some("/dev/pmem0"));
+        assert!(!f.calls.iter().any(|c| c == "write report unsynced"));
     }
 
     /// Each CRIU gets its share of the time left, less what the end of the

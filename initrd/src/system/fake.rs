@@ -11,12 +11,12 @@ use std::time::Duration;
 use contract::cmdline::Cmdline;
 use contract::devstate::{self, DeviceState, Family, Interface, Route, TmpfsMount};
 use contract::events::{Event, EventLine};
-use contract::report::UpgradeReport;
+use contract::report::{Outcome, UpgradeReport};
 use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, SectionEntry, SectionKind, State};
 
 use super::faults::Faults;
-use super::{CriuRun, Error, ImageHead, ImageInfo, RestorerRun, SupportMount, System};
+use super::{CriuRun, Durability, Error, ImageHead, ImageInfo, RestorerRun, SupportMount, System};
 use crate::child;
 use crate::restore::table_name;
 
@@ -29,6 +29,7 @@ pub const FULL_BOOT: &[&str] = &[
     "run restore process",
     "open /dev/pmem0",
     "mark restoring",
+    "write record",
     "read devstate",
     "mount tmpfs /dev/shm",
     "mount cgroup2",
@@ -46,8 +47,10 @@ pub const FULL_BOOT: &[&str] = &[
     "tcp_window_scaling 0",
     "criu restore a",
     "resume a",
+    "note progress",
     "criu restore b",
     "resume b",
+    "note progress",
     "tcp_window_scaling 1",
     "remove scratch",
     "unlock CRIU-10002",
@@ -81,6 +84,8 @@ pub struct Fake {
     pub hang_at: Vec<String>,
     /// Every report it was asked to write.
     pub reports: Vec<UpgradeReport>,
+    /// The report on the disk: the last one written.
+    pub written: Option<UpgradeReport>,
     /// How the restore process was started.
     pub restorer_runs: Vec<RestorerRun>,
     /// The restore process dies (or overruns) with this instead of running.
@@ -224,9 +229,32 @@ impl Fake {
         self.calls[at + 1..].iter().map(String::as_str).collect()
     }
 
+    /// The report as it was left: the last one written.
     pub fn report(&self) -> &UpgradeReport {
-        assert_eq!(self.reports.len(), 1, "one report: {:?}", self.calls);
-        &self.reports[0]
+        let last = self.reports.last();
+        last.unwrap_or_else(|| panic!("no report: {:?}", self.calls))
+    }
+
+    /// A report of the fake's image, as the restore process would write it.
+    pub fn record_for_test(&self) -> UpgradeReport {
+        UpgradeReport {
+            outcome: Outcome::Restoring,
+            reason: None,
+            kernel_from: "6.1.0-1".into(),
+            kernel_to: "6.1.0-2".into(),
+            image_generation: 7,
+            workloads: vec![],
+            events: vec![],
+            store: Some("/dev/pmem0".into()),
+        }
+    }
+
+    /// The record written as the restore began.
+    pub fn record(&self) -> &UpgradeReport {
+        let first = self.reports.first();
+        let first = first.unwrap_or_else(|| panic!("no record: {:?}", self.calls));
+        assert_eq!(first.outcome, Outcome::Restoring);
+        first
     }
 }
 
@@ -403,9 +431,20 @@ impl System for Fake {
         Ok(0)
     }
 
-    fn write_report(&mut self, report: &UpgradeReport) -> Result<(), Error> {
+    fn write_report(&mut self, report: &UpgradeReport, how: Durability) -> Result<(), Error> {
+        let call = match (report.outcome, how) {
+            (Outcome::Restoring, Durability::Synced) => "write record",
+            (Outcome::Restoring, Durability::Cached) => "note progress",
+            (_, Durability::Synced) => "write report",
+            (_, Durability::Cached) => "write report unsynced",
+        };
         self.reports.push(report.clone());
-        self.step("write report".into())
+        self.step(call.into())?;
+        self.written = Some(report.clone());
+        Ok(())
+    }
+    fn read_report(&mut self) -> Option<UpgradeReport> {
+        self.written.clone()
     }
     fn emit(&mut self, e: &EventLine) {
         self.events.push(e.clone());

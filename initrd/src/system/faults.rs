@@ -16,7 +16,7 @@ use contract::report::UpgradeReport;
 use contract::WorkloadEntry;
 use image_format::State;
 
-use super::{CriuRun, Error, ImageHead, ImageInfo, RestorerRun, SupportMount, System};
+use super::{CriuRun, Durability, Error, ImageHead, ImageInfo, RestorerRun, SupportMount, System};
 use crate::log;
 
 /// The action script of `criu-restore-hang`: it never returns, and what it
@@ -245,8 +245,13 @@ impl<S: System> System for Faults<S> {
         self.inner.resume_restored(w)
     }
 
-    fn write_report(&mut self, report: &UpgradeReport) -> Result<(), Error> {
-        self.inner.write_report(report)
+    fn write_report(&mut self, report: &UpgradeReport, how: Durability) -> Result<(), Error> {
+        self.injected(InitFailpoint::ReportWrite)?;
+        self.inner.write_report(report, how)
+    }
+
+    fn read_report(&mut self) -> Option<UpgradeReport> {
+        self.inner.read_report()
     }
 
     fn emit(&mut self, e: &EventLine) {
@@ -363,6 +368,7 @@ mod tests {
         assert_eq!(
             fake.calls_after("resume a"),
             [
+                "note progress",
                 "list lock tables",
                 "unlock CRIU-10002",
                 "remove scratch",
@@ -382,6 +388,43 @@ mod tests {
             "{why}"
         );
         assert_eq!(fake.ending(), [Event::RestoreFailed, Event::ExecInit]);
+        // The report is the record's, with what it knew of each workload.
+        let r = fake.report();
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert_eq!(r.kernel_from, "6.1.0-1");
+        let fate: Vec<(bool, Option<&str>)> = r
+            .workloads
+            .iter()
+            .map(|w| (w.restored, w.error.as_deref()))
+            .collect();
+        assert_eq!(
+            fate,
+            [
+                (true, None),
+                (false, Some("the restore did not finish before it"))
+            ]
+        );
+        let last: Vec<&str> = r
+            .events
+            .iter()
+            .rev()
+            .take(2)
+            .map(|e| e.event.as_str())
+            .collect();
+        assert_eq!(last, ["restore-failed", "net-restored"]);
+    }
+
+    /// No report can be written: the restore goes on all the same, and says so.
+    #[test]
+    fn a_report_write_failpoint_does_not_stop_the_restore() {
+        let mut sys = with_failpoint("report-write");
+        crate::boot(&mut sys).expect("an init runs");
+        let fake = &sys.inner;
+        assert!(fake.reports.is_empty());
+        assert!(fake.calls.iter().any(|c| c == "wipe"));
+        assert!(fake.logged("cannot record the restore: failpoint kupgrade.failpoint=report-write"));
+        assert!(fake.logged("restored 2 workload(s)"));
+        assert_eq!(fake.ending(), [Event::Restored, Event::ExecInit]);
     }
 
     #[test]

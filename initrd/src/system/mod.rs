@@ -151,6 +151,15 @@ impl CriuRun<'_> {
     }
 }
 
+/// How far a report must have got when `write_report` returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// On the disk: it must outlive a reset.
+    Synced,
+    /// Written: it must outlive the restore process, not the machine.
+    Cached,
+}
+
 /// A file system the restored tasks expect to find mounted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SupportMount {
@@ -229,7 +238,10 @@ pub trait System {
     fn resume_restored(&mut self, w: &WorkloadEntry) -> Result<usize, Error>;
 
     // Telling.
-    fn write_report(&mut self, report: &UpgradeReport) -> Result<(), Error>;
+    /// Replaces the report, whole (a new file renamed over the old one).
+    fn write_report(&mut self, report: &UpgradeReport, how: Durability) -> Result<(), Error>;
+    /// The report as it is now, if there is one that reads.
+    fn read_report(&mut self) -> Option<UpgradeReport>;
     fn emit(&mut self, e: &EventLine);
     fn log(&mut self, line: &str);
 }

@@ -18,7 +18,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::{
-    CriuRun, Error, ImageHead, ImageInfo, RestorerRun, SupportMount, System, RESTORER_ARG,
+    CriuRun, Durability, Error, ImageHead, ImageInfo, RestorerRun, SupportMount, System,
+    RESTORER_ARG,
 };
 use crate::{boot, child, log, timers};
 
@@ -375,16 +376,35 @@ impl System for RealSystem {
         rearmed
     }
 
-    fn write_report(&mut self, r: &UpgradeReport) -> Result<(), Error> {
+    fn write_report(&mut self, r: &UpgradeReport, how: Durability) -> Result<(), Error> {
         let dir = Path::new(report::DIR);
         let _ = fs::create_dir_all(dir);
         let path = dir.join(report::FILE);
+        let new = dir.join(format!("{}.new", report::FILE));
         let json = serde_json::to_vec_pretty(r).map_err(Error::EncodeReport)?;
-        fs::write(&path, json).map_err(|source| Error::Io {
-            what: "write the report",
-            path,
-            source,
-        })
+        let io = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { what, path, source }
+        };
+        let mut file = File::create(&new).map_err(io("create", &new))?;
+        file.write_all(&json)
+            .map_err(io("write the report to", &new))?;
+        if how == Durability::Synced {
+            file.sync_all().map_err(io("flush the report to", &new))?;
+        }
+        // Whole or not at all: a reader never sees half of one.
+        fs::rename(&new, &path).map_err(io("rename the report to", &path))?;
+        if how == Durability::Synced {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("flush the directory", dir))?;
+        }
+        Ok(())
+    }
+
+    fn read_report(&mut self) -> Option<UpgradeReport> {
+        let bytes = fs::read(Path::new(report::DIR).join(report::FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     fn emit(&mut self, e: &EventLine) {
