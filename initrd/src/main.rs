@@ -212,7 +212,9 @@ fn rescue(sys: &mut dyn System, run: &RestorerRun, release: &str, why: &str) {
         .as_ref()
         .is_some_and(|r| r.outcome != Outcome::Restoring)
     {
+        // Not restored (that returned above): failed, and reported.
         sys.log("the restore process died after its report: keeping it");
+        wipe(sys);
         return;
     }
     let record = on_disk;
@@ -240,8 +242,20 @@ fn rescue(sys: &mut dyn System, run: &RestorerRun, release: &str, why: &str) {
     );
     report.outcome = Outcome::Failed;
     report.reason = Some(reason);
-    if let Err(e) = sys.write_report(&report, Durability::Synced) {
-        sys.log(&chain(&e));
+    match sys.write_report(&report, Durability::Synced) {
+        // The report keeps the reason; the image held process memory.
+        Ok(()) if generation.is_some() => wipe(sys),
+        Ok(()) => {}
+        Err(e) => {
+            sys.log(&chain(&e));
+            sys.log("keeping the failed image: its report could not be written");
+        }
+    }
+}
+
+fn wipe(sys: &mut dyn System) {
+    if let Err(e) = sys.wipe_image() {
+        sys.log(&format!("cannot wipe the image: {}", chain(&e)));
     }
 }
 
@@ -506,6 +520,7 @@ mod tests {
         "read superblock /dev/pmem0",
         "mark failed",
         "write report",
+        "wipe",
         "exec /sbin/init",
     ];
 
@@ -602,9 +617,23 @@ mod tests {
         boot(&mut f).expect("an init runs");
         assert_eq!(
             f.calls_after("read superblock /dev/pmem0"),
-            ["mark failed", "exec /sbin/init"]
+            ["mark failed", "wipe", "exec /sbin/init"]
         );
         assert_eq!(f.written, Some(done));
+    }
+
+    /// The report cannot be written: the image, marked failed, is all that
+    /// is left of the restore, and is kept.
+    #[test]
+    fn a_rescue_that_cannot_report_keeps_the_image() {
+        let mut f = Fake::failing_at(&["write report"]);
+        f.restorer_dies = Some(died());
+        boot(&mut f).expect("an init runs");
+        assert_eq!(
+            f.calls_after("mark failed"),
+            ["write report", "exec /sbin/init"]
+        );
+        assert!(f.logged("keeping the failed image: its report could not be written"));
     }
 
     /// Failures of the rescue itself are logged; it goes on to the report

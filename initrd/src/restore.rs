@@ -203,6 +203,12 @@ impl Restorer<'_> {
         self.sys.log(line);
     }
 
+    fn wipe(&mut self) {
+        if let Err(e) = self.sys.wipe_image() {
+            self.log(&format!("cannot wipe the image: {}", chain(&e)));
+        }
+    }
+
     /// Writes the record as it stands.
     fn note(&mut self, how: Durability) {
         let mut events = self.manifest.phases.clone();
@@ -228,9 +234,7 @@ impl Restorer<'_> {
         }
         if outcome == Outcome::Restored {
             // The image holds process memory: do not leave it lying in RAM.
-            if let Err(e) = self.sys.wipe_image() {
-                self.log(&format!("cannot wipe the image: {}", chain(&e)));
-            }
+            self.wipe();
         }
         self.emit(match &reason {
             None => EventLine::now(Event::Restored).with("workloads", workloads.len()),
@@ -245,8 +249,17 @@ impl Restorer<'_> {
             events,
             ..self.record.clone()
         };
-        if let Err(e) = self.sys.write_report(&report, Durability::Synced) {
-            self.log(&chain(&e));
+        let reported = self.sys.write_report(&report, Durability::Synced);
+        if let Err(e) = &reported {
+            self.log(&chain(e));
+        }
+        if outcome == Outcome::Failed {
+            // It holds the workloads' memory, and nothing restores it again:
+            // once the report keeps the reason, it goes.
+            match reported {
+                Ok(()) => self.wipe(),
+                Err(_) => self.log("keeping the failed image: its report could not be written"),
+            }
         }
         report
     }
@@ -559,12 +572,19 @@ mod tests {
     /// What follows a failure before CRIU ran: the images (and the lock
     /// table, once installed) are removed, the image is marked failed, the
     /// report written, and the real init runs.
-    const FAILED_BEFORE_LOCK: &[&str] = &["remove scratch", "mark failed", "write report", EXEC];
+    const FAILED_BEFORE_LOCK: &[&str] = &[
+        "remove scratch",
+        "mark failed",
+        "write report",
+        "wipe",
+        EXEC,
+    ];
     const FAILED_AFTER_LOCK: &[&str] = &[
         "remove scratch",
         "unlock CRIU-10002",
         "mark failed",
         "write report",
+        "wipe",
         EXEC,
     ];
     /// After `criu restore a`, when it failed.
@@ -578,6 +598,7 @@ mod tests {
         "unlock CRIU-10002",
         "mark failed",
         "write report",
+        "wipe",
         EXEC,
     ];
 
@@ -655,7 +676,9 @@ mod tests {
             Some("/var/lib/kupgrade/restore-a.log")
         );
         assert!(f.calls.iter().any(|c| c == "resume b"));
-        assert!(!f.calls.iter().any(|c| c == "resume a" || c == "wipe"));
+        assert!(!f.calls.iter().any(|c| c == "resume a"));
+        // Failed: wiped only once the report keeps the reason.
+        assert_eq!(f.calls_after("write report"), ["wipe", EXEC]);
     }
 
     /// Failures that do not stop the restore: logged, and everything else
@@ -727,6 +750,20 @@ mod tests {
         assert_eq!(f.report().outcome, Outcome::Failed);
         assert_eq!(f.report().store.as_deref(), Some("/dev/pmem0"));
         assert!(!f.calls.iter().any(|c| c == "write report unsynced"));
+    }
+
+    /// A failed restore's image holds the workloads' memory and is of no
+    /// more use once the report keeps the reason: wiped then, and only then.
+    #[test]
+    fn a_failed_restores_image_is_wiped_once_its_report_is_written() {
+        let mut f = Fake::failing_at(&["criu restore a"]);
+        boot(&mut f).expect("an init runs");
+        assert_eq!(f.calls_after("mark failed"), ["write report", "wipe", EXEC]);
+        // No report: the image is all that is left of the restore.
+        let mut f = Fake::failing_at(&["criu restore a", "write report"]);
+        boot(&mut f).expect("an init runs");
+        assert_eq!(f.calls_after("mark failed"), ["write report", EXEC]);
+        assert!(f.logged("keeping the failed image: its report could not be written"));
     }
 
     /// Each CRIU gets its share of the time left, less what the end of the

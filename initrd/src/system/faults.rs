@@ -285,7 +285,7 @@ mod tests {
         crate::boot(&mut sys).expect("an init runs");
         let fake = &sys.inner;
         assert!(fake.restore_args.is_empty(), "CRIU was run");
-        let expected: Vec<&str> = FULL_BOOT
+        let mut expected: Vec<&str> = FULL_BOOT
             .iter()
             .copied()
             .filter(|c| !c.starts_with("criu restore") && !c.starts_with("resume") && *c != "wipe")
@@ -297,6 +297,9 @@ mod tests {
                 }
             })
             .collect();
+        // A failed image is wiped after its report, not before.
+        let reported = expected.iter().position(|c| *c == "write report");
+        expected.insert(reported.expect("a report") + 1, "wipe");
         assert_eq!(fake.calls, expected);
         let report = fake.report();
         assert_eq!(report.outcome, Outcome::Failed);
@@ -376,6 +379,7 @@ mod tests {
                 "read superblock /dev/pmem0",
                 "mark failed",
                 "write report",
+                "wipe",
                 "exec /sbin/init"
             ]
         );
