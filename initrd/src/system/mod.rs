@@ -101,12 +101,17 @@ pub struct RestorerRun {
 /// The gist of what a dying process wrote to stderr, for one line: a Rust
 /// panic's message without the hint about backtraces.
 fn last_words(stderr: &str) -> String {
-    let words: Vec<&str> = stderr
+    let mut text = String::new();
+    for line in stderr
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
-        .collect();
-    let text = words.join(": ");
+    {
+        if !text.is_empty() {
+            text.push_str(if text.ends_with(':') { " " } else { ": " });
+        }
+        text.push_str(line);
+    }
     match text.char_indices().rev().nth(499) {
         None if text.is_empty() => String::new(),
         None => format!(": {text}"),
@@ -244,4 +249,28 @@ pub trait System {
     fn read_report(&mut self) -> Option<UpgradeReport>;
     fn emit(&mut self, e: &EventLine);
     fn log(&mut self, line: &str);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dying_process_last_words_are_one_line() {
+        let panic = "thread 'main' (82) panicked at src/x.rs:1:2:\nboom\n\
+                     note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(
+            last_words(panic),
+            ": thread 'main' (82) panicked at src/x.rs:1:2: boom"
+        );
+        assert_eq!(last_words("a\nb\n"), ": a: b");
+        assert_eq!(last_words("\n"), "");
+        let long = "x".repeat(2000);
+        let said = last_words(&long);
+        assert!(
+            said.starts_with(": ...") && said.len() == 505,
+            "{}",
+            said.len()
+        );
+    }
 }
