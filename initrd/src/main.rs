@@ -204,11 +204,13 @@ fn rescue(sys: &mut dyn System, run: &RestorerRun, release: &str, why: &str) {
             None
         }
     };
-    // What the restore process recorded of this restore, if it got so far.
-    let on_disk = sys
-        .read_report()
-        .filter(|r| generation.is_none_or(|g| g == r.image_generation));
-    if on_disk
+    // What the restore process wrote of this restore, if it got so far.
+    // Without a superblock to say which restore it is, only a record.
+    let written = sys.read_report().filter(|r| match generation {
+        Some(g) => r.image_generation == g,
+        None => r.outcome == Outcome::Restoring,
+    });
+    if written
         .as_ref()
         .is_some_and(|r| r.outcome != Outcome::Restoring)
     {
@@ -217,8 +219,7 @@ fn rescue(sys: &mut dyn System, run: &RestorerRun, release: &str, why: &str) {
         wipe(sys);
         return;
     }
-    let record = on_disk;
-    let mut report = record.unwrap_or_else(|| UpgradeReport {
+    let mut report = written.unwrap_or_else(|| UpgradeReport {
         outcome: Outcome::Restoring,
         reason: None,
         kernel_from: String::new(),
@@ -233,7 +234,7 @@ fn rescue(sys: &mut dyn System, run: &RestorerRun, release: &str, why: &str) {
         .iter_mut()
         .filter(|w| !w.restored && w.error.is_none())
     {
-        w.error = Some("the restore did not finish before it".into());
+        w.error = Some("the restore stopped before this workload".into());
     }
     emit(
         sys,
@@ -634,6 +635,22 @@ mod tests {
             ["write report", "exec /sbin/init"]
         );
         assert!(f.logged("keeping the failed image: its report could not be written"));
+    }
+
+    /// With no superblock to say which restore it was, the report of an
+    /// older upgrade is not taken for this one's.
+    #[test]
+    fn a_rescue_without_a_superblock_does_not_take_an_old_report_for_its_own() {
+        let mut f = Fake::failing_at(&["read superblock /dev/pmem0"]);
+        let mut old = f.record_for_test();
+        old.outcome = Outcome::Restored;
+        old.image_generation = 3;
+        f.written = Some(old);
+        f.restorer_dies = Some(died());
+        boot(&mut f).expect("an init runs");
+        let r = f.report();
+        assert_eq!((r.outcome, r.image_generation), (Outcome::Failed, 0));
+        assert!(r.reason.as_deref().unwrap_or_default().contains("SIGABRT"));
     }
 
     /// Failures of the rescue itself are logged; it goes on to the report

@@ -3,16 +3,20 @@
 //! init.
 //!
 //! ```text
-//! open image -> `written`? -> mark restoring -> device state -> support fs, tmpfs files
+//! open image -> `written`? -> mark restoring -> record it (`restoring`, synced)
+//!   -> device state -> support fs, tmpfs files
 //!   -> unpack the CRIU images (image-verified)
 //!   -> loopback, lock tables, interfaces, routes (net-restored) -> hostname, RNG seed
-//!   -> criu restore and resume, each workload -> remove the images and the locks
-//!   -> mark restored and wipe | mark failed -> restored | restore-failed -> report
+//!   -> criu restore and resume, each workload (its fate noted) -> remove the images and the locks
+//!   -> mark restored, wipe -> restored -> report
+//!    | mark failed -> restore-failed -> report -> wipe
 //! ```
 //!
 //! Nothing here stops the boot. No image, or one that is not `written`, is
 //! left alone; once the image is marked `restoring`, any failure marks it
-//! `failed` with the reason in the report, and the boot goes on.
+//! `failed` with the reason in the report, and the boot goes on. Should the
+//! restore process die or hang, PID 1 finishes the job from the record
+//! (`main.rs`, `rescue`).
 //!
 //! The restore has one time budget (`kupgrade.restore_timeout`, 10 minutes
 //! by default). Each workload's `criu restore` may take a share of what is

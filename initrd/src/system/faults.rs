@@ -405,7 +405,7 @@ mod tests {
             fate,
             [
                 (true, None),
-                (false, Some("the restore did not finish before it"))
+                (false, Some("the restore stopped before this workload"))
             ]
         );
         let last: Vec<&str> = r
