@@ -23,6 +23,11 @@
 //!                                read up to EOF, read up to total_len
 //! ```
 //!
+//! Which module handles what (see the crate docs): the superblock
+//! `superblock` (read, checked, rewritten in place), chunks `encode` and
+//! `decode`, tree records `tree`, the manifest and its section table
+//! `manifest`, checked against the superblock by `read` on open.
+//!
 //! The superblock, byte by byte (see [`RawSuperblock`]):
 //!
 //! ```text

@@ -9,8 +9,10 @@ use std::path::Path;
 
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::error::Error;
 use crate::format::*;
-use crate::{Error, Image, Manifest, SectionKind};
+use crate::manifest::{Manifest, SectionKind};
+use crate::read::Image;
 
 fn superblock(bytes: &[u8]) -> Option<RawSuperblock> {
     RawSuperblock::read_from_bytes(bytes.get(..BODY_OFFSET as usize)?).ok()
