@@ -22,6 +22,11 @@ impl<T: Read + Send> ReadSend for T {}
 /// hold at most `chunk_size` raw bytes, decompressing on `threads` threads
 /// (1: on the calling one). With `hasher`, every stored byte of the section
 /// goes into it, even past a damaged chunk.
+///
+/// `s` must have passed the section table check (its chunk count is what
+/// its raw length and `chunk_size` make): each chunk's sizes are then
+/// checked against the table before its bytes are read, so the stream
+/// never runs past the table's raw length and no buffer exceeds a chunk.
 pub(crate) fn read_section<R, T>(
     store: &mut R,
     s: &SectionEntry,
@@ -40,13 +45,17 @@ where
     let pool = Pool::new(4 * threads + 8, chunk_size as usize);
     let frames = FrameReader {
         pool: pool.clone(),
-        src: BufReader::with_capacity(1 << 20, store.take(s.stored_len)),
+        // No bigger than the section: a table of many small sections must
+        // not cost a large buffer each.
+        src: BufReader::with_capacity(
+            (1 << 20).min(s.stored_len) as usize,
+            store.take(s.stored_len),
+        ),
         section: &s.name,
         table: s,
         chunk_size,
         next: 0,
         pos: 0,
-        raw: 0,
         hasher,
     };
     let decoder = || zstd::bulk::Decompressor::new().map_err(|e| e.to_string());
@@ -100,8 +109,6 @@ struct FrameReader<'x> {
     next: u32,
     /// Stored bytes read so far.
     pos: u64,
-    /// Raw bytes announced by the chunks read so far.
-    raw: u64,
     hasher: Option<&'x mut blake3::Hasher>,
     pool: Pool,
 }
@@ -135,12 +142,20 @@ impl FrameReader<'_> {
         Ok(())
     }
 
+    /// The raw length the table gives chunk `next`: the chunk size, but for
+    /// the last chunk, which holds the rest.
+    fn expected_raw_len(&self) -> u64 {
+        let before = u64::from(self.next) * u64::from(self.chunk_size);
+        let rest = self.table.raw_len.saturating_sub(before);
+        rest.min(u64::from(self.chunk_size))
+    }
+
     /// The next chunk, `None` after the last one (once the section's sizes
     /// are found to match the table).
     fn next(&mut self) -> Result<Option<Frame>, Error> {
         let t = self.table;
         if self.next == t.chunks {
-            if self.pos != t.stored_len || self.raw != t.raw_len {
+            if self.pos != t.stored_len {
                 return Err(Error::SectionSize {
                     section: t.name.clone(),
                 });
@@ -160,7 +175,14 @@ impl FrameReader<'_> {
                 "its {stored_len} stored bytes run past the end of its section"
             )));
         }
-        // Bounded by the section, itself bounded by the store.
+        // Checked before the checksum, which needs the bytes read: no chunk
+        // stores more than its raw length, at most the chunk size.
+        if stored_len > u64::from(self.chunk_size) {
+            return Err(self.bad_header(format!(
+                "its {stored_len} stored bytes are more than the chunk size {}",
+                self.chunk_size
+            )));
+        }
         let mut stored = self.pool.get(stored_len as usize);
         stored.resize(stored_len as usize, 0);
         self.read(&mut stored)?;
@@ -194,9 +216,13 @@ impl FrameReader<'_> {
                 "{stored_len} stored bytes do not fit kind {kind} with {raw_len} raw bytes"
             )));
         }
+        if u64::from(raw_len) != self.expected_raw_len() {
+            return Err(Error::SectionSize {
+                section: t.name.clone(),
+            });
+        }
         let index = self.next;
         self.next += 1;
-        self.raw += u64::from(raw_len);
         Ok(Some(Frame {
             index,
             kind,

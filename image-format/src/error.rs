@@ -87,6 +87,12 @@ pub enum Error {
         chunk: u32,
         detail: String,
     },
+    #[error("section {section} holds {}, more than the {} a blob may hold", Size(*raw_len), Size(*limit))]
+    BlobTooLarge {
+        section: String,
+        raw_len: u64,
+        limit: u64,
+    },
     #[error("section {section}: its chunks do not add up to the section table's sizes")]
     SectionSize { section: String },
     #[error("section {section}: damaged tree record at byte {offset}: {detail}")]

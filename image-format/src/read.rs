@@ -3,12 +3,13 @@
 //! trusted; each read then streams one section through the decoder
 //! ([`crate::decode`]), checking every chunk as it goes.
 
+use std::collections::HashSet;
 use std::io::{Cursor, Read, Seek, Write};
 use std::path::Path;
 
 use crate::decode::{self, Piece, SectionStream};
 use crate::error::Error;
-use crate::format::{BODY_OFFSET, CHUNK_HEADER_LEN};
+use crate::format::{BODY_OFFSET, CHUNK_HEADER_LEN, MAX_BLOB};
 use crate::manifest::{Manifest, SectionEntry, SectionKind};
 use crate::store::{read_exact_at, store_len};
 use crate::superblock::{load_superblock, Superblock};
@@ -54,17 +55,22 @@ impl VerifyReport {
     }
 }
 
-/// Checks the section table against the image: sections follow each other
-/// from the end of the superblock to the manifest, and each can hold what
-/// it claims.
+/// Checks the section table against the image: names are unique,
+/// sections follow each other from the end of the superblock to the
+/// manifest, and each one's lengths agree with its chunk count and the
+/// chunk size (see the limits in [`format`](mod@crate::format)). Linear in
+/// the number of sections.
 fn check_sections(sb: &Superblock, m: &Manifest) -> Result<(), Error> {
     let outside = |s: &SectionEntry, detail: String| Error::SectionOutside {
         section: s.name.clone(),
         detail,
     };
+    let chunk_size = u64::from(sb.chunk_size);
+    let header = CHUNK_HEADER_LEN as u64;
+    let mut names = HashSet::with_capacity(m.sections.len());
     let mut expected = BODY_OFFSET;
-    for (i, s) in m.sections.iter().enumerate() {
-        if s.name.is_empty() || m.sections[..i].iter().any(|o| o.name == s.name) {
+    for s in &m.sections {
+        if s.name.is_empty() || !names.insert(s.name.as_str()) {
             return Err(outside(s, "has an empty or repeated name".into()));
         }
         if s.offset != expected {
@@ -83,18 +89,22 @@ fn check_sections(sb: &Superblock, m: &Manifest) -> Result<(), Error> {
                 ),
             ));
         }
-        let headers = u64::from(s.chunks) * CHUNK_HEADER_LEN as u64;
-        if headers > s.stored_len {
+        // Every chunk but the last holds the chunk size.
+        let chunks = u64::from(s.chunks);
+        if s.raw_len.div_ceil(chunk_size) != chunks {
+            return Err(outside(
+                s,
+                format!(
+                    "claims {} raw bytes in {} chunks of {chunk_size}",
+                    s.raw_len, s.chunks
+                ),
+            ));
+        }
+        // Each chunk stores a header and at most the chunk size.
+        if s.stored_len < chunks * header || s.stored_len > chunks * (header + chunk_size) {
             return Err(outside(
                 s,
                 format!("claims {} chunks in {} bytes", s.chunks, s.stored_len),
-            ));
-        }
-        let most = u64::from(s.chunks) * u64::from(sb.chunk_size);
-        if s.raw_len > most || s.raw_len < u64::from(s.chunks) {
-            return Err(outside(
-                s,
-                format!("claims {} raw bytes in {} chunks", s.raw_len, s.chunks),
             ));
         }
         expected = s.offset + s.stored_len;
@@ -196,12 +206,20 @@ impl<R: Read + Seek + Send> Image<R> {
         Ok(s.clone())
     }
 
-    /// The bytes of a blob section, every chunk checked.
+    /// The bytes of a blob section, every chunk checked. A section table
+    /// claiming more than [`MAX_BLOB`] is refused before anything is read.
     pub fn read_blob(&mut self, name: &str) -> Result<Vec<u8>, Error> {
         let s = self.section(name, SectionKind::Blob)?;
+        if s.raw_len > MAX_BLOB {
+            return Err(Error::BlobTooLarge {
+                section: s.name,
+                raw_len: s.raw_len,
+                limit: MAX_BLOB,
+            });
+        }
         self.with_section(&s, None, |st| {
-            // The table's length is checked against the chunks as they come.
-            let mut out = Vec::with_capacity(st.remaining().min(64 << 20) as usize);
+            // The decoder never hands out more than the table's length.
+            let mut out = Vec::with_capacity(st.remaining() as usize);
             st.for_each(|piece| match piece {
                 Piece::Data(d) => out.extend_from_slice(d),
                 Piece::Zeros(n) => out.resize(out.len() + *n as usize, 0),

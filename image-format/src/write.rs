@@ -127,8 +127,17 @@ impl<S: Store> ImageWriter<S> {
         self.add_section(name, SectionKind::Tree, |sink| tree::write_tree(dir, sink))
     }
 
+    /// A section holding `bytes`, at most [`MAX_BLOB`] of them (a reader
+    /// holds a blob in memory).
     pub fn add_blob(&mut self, name: &str, bytes: &[u8]) -> Result<(), Error> {
         self.check_name(name)?;
+        if bytes.len() as u64 > MAX_BLOB {
+            return Err(Error::BlobTooLarge {
+                section: name.to_string(),
+                raw_len: bytes.len() as u64,
+                limit: MAX_BLOB,
+            });
+        }
         self.add_section(name, SectionKind::Blob, |sink| sink.write_borrowed(bytes))
     }
 
