@@ -384,15 +384,18 @@ impl<'a, 'e> ChunkSink<'a, 'e> {
         Ok(())
     }
 
-    /// Bytes that outlive the section: chunks borrow them, no copy.
+    /// Bytes that outlive the section: full chunks borrow them, no copy.
+    /// A short tail is buffered like any write, so that every chunk but
+    /// the section's last is full (which the reader checks).
     pub(crate) fn write_borrowed(&mut self, data: &'a [u8]) -> Result<(), Error> {
         if !self.buf.is_empty() {
             return self.write(data);
         }
-        for chunk in data.chunks(self.size) {
+        let mut full = data.chunks_exact(self.size);
+        for chunk in &mut full {
             self.emit(Data::Borrowed(chunk))?;
         }
-        Ok(())
+        self.write(full.remainder())
     }
 
     /// Exactly `len` bytes from `r`, read straight into chunk buffers.
@@ -444,6 +447,23 @@ impl<'a, 'e> ChunkSink<'a, 'e> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_chunk_but_the_last_is_full_whatever_the_writes() {
+        let data = vec![1u8; 5000];
+        let mut lens = Vec::new();
+        let mut emit = |_: u32, d: Data<'_>| -> Result<(), Error> {
+            lens.push(d.as_slice().len());
+            Ok(())
+        };
+        let mut sink = ChunkSink::new(4096, Pool::new(2, 4096), &mut emit);
+        sink.write_borrowed(&data).unwrap();
+        sink.write(&[2u8; 3000]).unwrap();
+        sink.write_borrowed(&data).unwrap();
+        sink.finish().unwrap();
+        drop(sink);
+        assert_eq!(lens, [4096, 4096, 4096, 13_000 - 3 * 4096]);
+    }
 
     #[test]
     fn zero_detection_sees_a_single_set_byte_anywhere() {
