@@ -183,7 +183,12 @@ impl FrameReader<'_> {
                 self.chunk_size
             )));
         }
-        let mut stored = self.pool.get(stored_len as usize);
+        // A zero chunk stores nothing: no chunk-sized buffer for it.
+        let mut stored = if stored_len == 0 {
+            Vec::new()
+        } else {
+            self.pool.get(stored_len as usize)
+        };
         stored.resize(stored_len as usize, 0);
         self.read(&mut stored)?;
         if h.crc.get() != h.crc_with(&stored) {
