@@ -65,7 +65,7 @@ pub use error::{Error, Size};
 pub use format::{BODY_OFFSET, FORMAT_MAJOR, FORMAT_MINOR, MAGIC};
 pub use manifest::{Manifest, SectionEntry, SectionKind};
 pub use read::{Image, SectionReport, VerifyReport};
-pub use state::State;
+pub use state::{State, UnknownStateName};
 pub use store::Store;
 pub use superblock::{invalidate, read_superblock, set_state, wipe, Superblock};
 pub use write::{ImageWriter, WriteOptions, WriteSummary};

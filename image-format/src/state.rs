@@ -56,13 +56,18 @@ impl fmt::Display for State {
     }
 }
 
+/// A name that is none of the states' (see [`State::name`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown image state {0:?}")]
+pub struct UnknownStateName(pub String);
+
 impl FromStr for State {
-    type Err = String;
+    type Err = UnknownStateName;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         State::ALL
             .into_iter()
             .find(|st| st.name() == s)
-            .ok_or_else(|| format!("unknown image state {s:?}"))
+            .ok_or_else(|| UnknownStateName(s.into()))
     }
 }
 
@@ -88,5 +93,8 @@ mod tests {
         assert!(!State::Failed.can_become(State::Restored));
         assert_eq!(State::from_u32(0), None);
         assert_eq!(State::from_u32(5), None);
+        let e = "resumed".parse::<State>().unwrap_err();
+        assert_eq!(e, UnknownStateName("resumed".into()));
+        assert_eq!(e.to_string(), "unknown image state \"resumed\"");
     }
 }
