@@ -1,11 +1,12 @@
 //! `kupgrade-vm run SCENARIO.toml [--report FILE.json]`: boot, upgrade live,
 //! check, report. Exits 0 only if every check passed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kupgrade_vm::report::Verdict;
+use kupgrade_vm::floor::Floors;
+use kupgrade_vm::report::{Report, Verdict};
 use kupgrade_vm::run::{self, Options};
 
 #[derive(Parser)]
@@ -60,6 +61,24 @@ fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Writes the JSON report to `path` and its timeline picture next to it.
+fn write_report(rep: &Report, path: &Path) {
+    match serde_json::to_vec_pretty(rep) {
+        Ok(json) => {
+            if let Err(e) = std::fs::write(path, json) {
+                eprintln!("kupgrade-vm: cannot write {}: {e}", path.display());
+            }
+        }
+        Err(e) => eprintln!("kupgrade-vm: cannot encode the report: {e}"),
+    }
+    if !rep.upgrades.is_empty() {
+        let svg = path.with_extension("svg");
+        if let Err(e) = std::fs::write(&svg, rep.timeline_svg()) {
+            eprintln!("kupgrade-vm: cannot write {}: {e}", svg.display());
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cache = cli
@@ -100,8 +119,9 @@ fn main() -> ExitCode {
                 verbose,
             };
             let mut failed = Vec::new();
-            for (i, s) in scenarios.iter().enumerate() {
-                let rep = match run::run(s, &opts) {
+            let mut floors = Floors::new();
+            for s in &scenarios {
+                let rep = match run::run(s, &opts, &mut floors) {
                     Ok(r) => r,
                     Err(e) => {
                         eprintln!("kupgrade-vm: {}: {e:#}", s.display());
@@ -122,19 +142,11 @@ fn main() -> ExitCode {
                     } else {
                         path.clone()
                     };
-                    match serde_json::to_vec_pretty(&rep) {
-                        Ok(json) => {
-                            if let Err(e) = std::fs::write(&path, json) {
-                                eprintln!("kupgrade-vm: cannot write {}: {e}", path.display());
-                            }
-                        }
-                        Err(e) => eprintln!("kupgrade-vm: cannot encode the report: {e}"),
-                    }
+                    write_report(&rep, &path);
                 }
                 if rep.verdict != Verdict::Pass {
                     failed.push(rep.scenario.clone());
                 }
-                let _ = i;
             }
             if failed.is_empty() {
                 ExitCode::SUCCESS
