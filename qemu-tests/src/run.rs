@@ -18,9 +18,9 @@ use crate::assets::{self, Cache, RootfsInputs};
 use crate::floor::Floors;
 use crate::guest::{self, Line, Plan, Verb};
 use crate::probe::{self, ProbeResult};
-use crate::progress;
 use crate::report::{self, Artifacts, CheckResult, Report, Verdict, WorkloadPids};
 use crate::scenario::{Expect, ProbeMode, Scenario};
+use crate::{progress, stop};
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -129,6 +129,7 @@ struct SerialLine {
 }
 
 struct Qemu {
+    /// Shared with the handler that stops the guests on a signal.
     child: Arc<Mutex<Child>>,
     lines: mpsc::Receiver<SerialLine>,
 }
@@ -197,6 +198,7 @@ fn start_qemu(
     let stdout = child.stdout.take().context("qemu stdout")?;
     let stderr = child.stderr.take().context("qemu stderr")?;
     let child = Arc::new(Mutex::new(child));
+    stop::register(&child);
     let tx2 = tx.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -241,7 +243,7 @@ pub fn run(scenario_path: &Path, opts: &Options, floors: &mut Floors) -> Result<
     let p = prepare(scenario_path, opts)?;
     let scenario_dir = scenario_path.parent().unwrap_or(Path::new("."));
     let mut rep = run_prepared(&p, scenario_dir, opts)?;
-    if p.scenario.upgrade.expect == Expect::Success {
+    if p.scenario.upgrade.expect == Expect::Success && stop::stopped().is_none() {
         floors.apply(&p, opts, &mut rep);
     }
     if !rep.upgrades.is_empty() {
@@ -295,6 +297,9 @@ pub fn run_bare(p: &Prepared, opts: &Options) -> Result<Report> {
 
 fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result<Report> {
     let started = Instant::now();
+    if let Some(sig) = stop::stopped() {
+        anyhow::bail!("stopped by {}", stop::name(sig));
+    }
     let sc = &p.scenario;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -362,6 +367,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
     let mut go_returned: Option<(bool, String)> = None;
     let mut restore_reports: Vec<(String, String)> = Vec::new();
     let mut timed_out = false;
+    let mut stopped_by = None;
     let mut done = false;
     loop {
         if Instant::now() > deadline {
@@ -373,6 +379,12 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
             if let Ok(mut c) = qemu.child.lock() {
                 let _ = c.kill();
             }
+            break;
+        }
+        // The signal handler stops QEMU; what it printed so far is logged.
+        if let Some(sig) = stop::stopped() {
+            stopped_by = Some(sig);
+            progress::step(&format!("stopped by {}: stopping QEMU", stop::name(sig)));
             break;
         }
         let SerialLine { at_ms, text: line } =
@@ -456,6 +468,10 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
             Verb::Error => {}
         }
     }
+    if !done && stopped_by.is_none() {
+        // QEMU stopped by the handler ends the loop before it looks.
+        stopped_by = stop::stopped();
+    }
     stop.store(true, Ordering::Relaxed);
     let _ = wait_exit(&qemu.child, Duration::from_secs(10));
     let probe_results: Vec<ProbeResult> =
@@ -487,6 +503,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
         go_returned,
         restore_reports,
         timed_out,
+        stopped_by,
         done,
     };
     rep.checks = if bare {
@@ -562,14 +579,21 @@ struct Outcome {
     /// (outcome, reason) of `kupgrade report` after each kexec.
     restore_reports: Vec<(String, String)>,
     timed_out: bool,
+    /// The harness was stopped by this signal.
+    stopped_by: Option<i32>,
     done: bool,
 }
 
 fn finished_in_time(sc: &Scenario, o: &Outcome) -> CheckResult {
     check(
         "guest finished in time",
-        o.done && !o.timed_out,
-        if o.timed_out {
+        o.done && !o.timed_out && o.stopped_by.is_none(),
+        if let Some(sig) = o.stopped_by {
+            format!(
+                "the harness was stopped by {}: QEMU was stopped, the serial log kept",
+                stop::name(sig)
+            )
+        } else if o.timed_out {
             format!("deadline of {} s passed", sc.guest.timeout_secs)
         } else if o.done {
             "the guest ran the scenario to its end".into()

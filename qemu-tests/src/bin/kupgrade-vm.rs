@@ -3,11 +3,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use kupgrade_vm::floor::Floors;
 use kupgrade_vm::report::{Report, Verdict};
 use kupgrade_vm::run::{self, Options};
+use kupgrade_vm::stop;
 
 #[derive(Parser)]
 #[command(
@@ -109,6 +111,12 @@ fn main() -> ExitCode {
             keep,
             verbose,
         } => {
+            // A stopped harness stops its guests; 30 s is enough for the run
+            // in progress to write its report.
+            if let Err(e) = stop::install(Duration::from_secs(30)) {
+                eprintln!("kupgrade-vm: cannot handle signals: {e}");
+                return ExitCode::FAILURE;
+            }
             let mut opts = Options {
                 cache,
                 workspace: workspace(),
@@ -121,6 +129,9 @@ fn main() -> ExitCode {
             let mut failed = Vec::new();
             let mut floors = Floors::new();
             for s in &scenarios {
+                if stop::stopped().is_some() {
+                    break;
+                }
                 let rep = match run::run(s, &opts, &mut floors) {
                     Ok(r) => r,
                     Err(e) => {
@@ -147,6 +158,14 @@ fn main() -> ExitCode {
                 if rep.verdict != Verdict::Pass {
                     failed.push(rep.scenario.clone());
                 }
+            }
+            if let (Some(sig), Some(code)) = (stop::stopped(), stop::exit_status()) {
+                eprintln!(
+                    "kupgrade-vm: stopped by {}; its guest was stopped, logs are under {}",
+                    stop::name(sig),
+                    opts.cache.join("runs").display()
+                );
+                return ExitCode::from(code);
             }
             if failed.is_empty() {
                 ExitCode::SUCCESS
