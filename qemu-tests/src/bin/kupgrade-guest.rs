@@ -398,6 +398,16 @@ fn report_last_upgrade() {
     for l in text.lines() {
         info(l);
     }
+    // The picture a user draws on a real machine, from the guest's clocks.
+    let svg = "/var/lib/kupgrade-vm/timeline.svg";
+    let (_, out) = sh(&["kupgrade", "report", "--svg", svg]);
+    match fs::read_to_string(svg) {
+        Ok(t) => info(&format!(
+            "kupgrade report --svg drew {} phases into {svg}",
+            t.matches("class=\"phase\"").count()
+        )),
+        Err(e) => info(&format!("kupgrade report --svg wrote nothing ({e}): {out}")),
+    }
     let path = Path::new(contract::report::DIR).join(contract::report::FILE);
     let line = match fs::read(&path)
         .ok()
