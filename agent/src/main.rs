@@ -70,6 +70,9 @@ enum Cmd {
     Report {
         #[arg(long)]
         json: bool,
+        /// Also draw the timeline of its phases as SVG into this file.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
     },
     /// Start a workload that kupgrade will preserve.
     Launch {
@@ -169,7 +172,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("cannot inspect {}", path.display()))?;
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::Report { json } => return report(json),
+        Cmd::Report { json, svg } => return report(json, svg.as_deref()),
         _ => {}
     }
     let cfg = Config::load(&cli.config)?;
@@ -446,7 +449,7 @@ fn status(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-fn report(json: bool) -> Result<ExitCode> {
+fn report(json: bool, svg: Option<&Path>) -> Result<ExitCode> {
     let path = Path::new(LIB_DIR).join(contract::report::FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -456,6 +459,14 @@ fn report(json: bool) -> Result<ExitCode> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
+    if let Some(out) = svg {
+        let r: UpgradeReport = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} does not parse", path.display()))?;
+        let agent_log = std::fs::read_to_string(kupgrade_agent::realsys::last_go_log()).ok();
+        std::fs::write(out, r.timeline_svg(agent_log.as_deref()))
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        eprintln!("timeline written to {}", out.display());
+    }
     if json {
         println!("{}", String::from_utf8_lossy(&bytes));
         return Ok(ExitCode::SUCCESS);

@@ -4,6 +4,7 @@
 //! workloads from the host, and reports what happened.
 
 pub mod assets;
+pub mod floor;
 pub mod guest;
 pub mod matrix;
 pub mod probe;
@@ -11,3 +12,4 @@ pub mod progress;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod stop;
