@@ -4,6 +4,7 @@
 //! workloads from the host, and reports what happened.
 
 pub mod assets;
+pub mod debian;
 pub mod floor;
 pub mod guest;
 pub mod matrix;

@@ -15,11 +15,12 @@ use anyhow::{Context, Result};
 use contract::events::EventLine;
 
 use crate::assets::{self, Cache, RootfsInputs};
+use crate::debian;
 use crate::floor::Floors;
 use crate::guest::{self, Line, Plan, Verb};
 use crate::probe::{self, ProbeResult};
 use crate::report::{self, Artifacts, CheckResult, Report, Verdict, WorkloadPids};
-use crate::scenario::{Expect, ProbeMode, Scenario};
+use crate::scenario::{Expect, Flavour, ProbeMode, Scenario};
 use crate::{progress, stop};
 
 #[derive(Clone, Debug)]
@@ -48,6 +49,7 @@ pub struct Prepared {
     pub to: String,
     pub bin_dir: PathBuf,
     pub rootfs: PathBuf,
+    pub kernel: PathBuf,
     pub initrd: PathBuf,
 }
 
@@ -57,8 +59,11 @@ pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
     let cache = Cache::new(opts.cache.clone())?;
     let from = assets::resolve_release(&scenario.kernels.from, &scenario.kernels.series, &cache)?;
     let to = assets::resolve_release(&scenario.kernels.to, &scenario.kernels.series, &cache)?;
-    for r in [&from, &to] {
-        assets::ensure_kernel(&cache, r)?;
+    // The Debian guest installs its kernels itself.
+    if scenario.guest.flavour == Flavour::Appliance {
+        for r in [&from, &to] {
+            assets::ensure_kernel(&cache, r)?;
+        }
     }
     let bin_dir = match &opts.bin_dir {
         Some(d) => d.clone(),
@@ -67,21 +72,38 @@ pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
     let mut releases = vec![from.clone(), to.clone()];
     releases.sort();
     releases.dedup();
-    let rootfs = assets::ensure_rootfs(
-        &cache,
-        &RootfsInputs {
-            releases: &releases,
-            bin_dir: &bin_dir,
-            packages: &scenario.guest.packages,
-        },
-    )?;
-    let initrd = assets::build_initramfs(&cache, &bin_dir, &from)?;
+    let (rootfs, kernel, initrd) = match scenario.guest.flavour {
+        Flavour::Appliance => {
+            let rootfs = assets::ensure_rootfs(
+                &cache,
+                &RootfsInputs {
+                    releases: &releases,
+                    bin_dir: &bin_dir,
+                    packages: &scenario.guest.packages,
+                },
+            )?;
+            let initrd = assets::build_initramfs(&cache, &bin_dir, &from)?;
+            (rootfs, cache.vmlinuz(&from), initrd)
+        }
+        Flavour::Debian => {
+            let inputs = debian::Inputs {
+                releases: &releases,
+                bin_dir: &bin_dir,
+                packages: &scenario.guest.packages,
+                qemu: &opts.qemu,
+                accel: &opts.accel,
+            };
+            let g = debian::ensure(&cache, &inputs, &from)?;
+            (g.disk, g.kernel, g.initrd)
+        }
+    };
     Ok(Prepared {
         scenario,
         from,
         to,
         bin_dir,
         rootfs,
+        kernel,
         initrd,
     })
 }
@@ -142,11 +164,13 @@ fn start_qemu(
     fwds: &[(u16, u16)],
     log: &Path,
 ) -> Result<Qemu> {
-    let cache = Cache::new(opts.cache.clone())?;
     let g = &p.scenario.guest;
+    let root = match g.flavour {
+        Flavour::Appliance => format!("root=LABEL={} rw", assets::ROOT_LABEL),
+        Flavour::Debian => debian::KERNEL_ARGS.to_string(),
+    };
     let cmdline = format!(
-        "console=ttyS0,115200 root=LABEL={} rw {} panic=-1 loglevel=4",
-        assets::ROOT_LABEL,
+        "console=ttyS0,115200 {root} {} panic=-1 loglevel=4",
         g.memmap()
     );
     let mut netdev = "user,id=n0".to_string();
@@ -174,7 +198,7 @@ fn start_qemu(
         "base=utc",
     ])
     .arg("-kernel")
-    .arg(cache.vmlinuz(&p.from))
+    .arg(&p.kernel)
     .arg("-initrd")
     .arg(&p.initrd)
     .args(["-append", &cmdline])
@@ -527,7 +551,11 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
     } else {
         rep.artifacts.disk_image = Some(disk.display().to_string());
         let logs = run_dir.join("guest-logs");
-        if copy_guest_logs(&disk, &logs).is_ok() {
+        let root_fs = match sc.guest.flavour {
+            Flavour::Appliance => disk.clone(),
+            Flavour::Debian => debian::root_fs(&disk),
+        };
+        if copy_guest_logs(&root_fs, &logs).is_ok() {
             rep.artifacts.guest_logs = Some(logs.display().to_string());
         }
     }
@@ -549,7 +577,8 @@ fn wait_exit(child: &Mutex<Child>, within: Duration) -> Option<std::process::Exi
     child.wait().ok()
 }
 
-/// Copies kupgrade's and CRIU's logs out of the guest disk with debugfs (no mount).
+/// Copies kupgrade's and CRIU's logs out of the guest's root file system
+/// with debugfs (no mount).
 fn copy_guest_logs(disk: &Path, dest: &Path) -> Result<()> {
     fs::create_dir_all(dest)?;
     for dir in ["/var/lib/kupgrade", "/var/log/kupgrade", "/var/log"] {
@@ -778,6 +807,7 @@ mod tests {
             to: "b".into(),
             bin_dir: dir.path().into(),
             rootfs: dir.path().join("root.img"),
+            kernel: dir.path().join("vmlinuz"),
             initrd: dir.path().join("initrd.img"),
         };
         let opts = Options {

@@ -127,6 +127,19 @@ pub struct Guest {
     pub packages: Vec<String>,
     /// Deadline for the whole run; QEMU is stopped when it passes.
     pub timeout_secs: u64,
+    /// Which guest boots: the minimal appliance or a Debian server.
+    pub flavour: Flavour,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    /// busybox, the agent as PID 1, a plain ext4 root, kupgrade's initramfs.
+    #[default]
+    Appliance,
+    /// Debian 12 with systemd, its root on LVM, kernels installed by dpkg,
+    /// booted through initramfs-tools (see `debian.rs`).
+    Debian,
 }
 
 impl Guest {
@@ -144,6 +157,7 @@ impl Default for Guest {
             store_mib: 256,
             packages: vec![],
             timeout_secs: 600,
+            flavour: Flavour::Appliance,
         }
     }
 }
@@ -417,6 +431,19 @@ command = ["/bin/true"]
         s.validate().unwrap();
         s.guest.memory_mib = 1151;
         assert!(s.validate().unwrap_err().contains("at least 1152"));
+    }
+
+    #[test]
+    fn the_appliance_is_the_default_guest_and_debian_is_chosen_by_name() {
+        assert_eq!(
+            Scenario::parse(MINIMAL).unwrap().guest.flavour,
+            Flavour::Appliance
+        );
+        let s = Scenario::parse(&format!("{MINIMAL}\n[guest]\nflavour = \"debian\"\n")).unwrap();
+        assert_eq!(s.guest.flavour, Flavour::Debian);
+        let err =
+            Scenario::parse(&format!("{MINIMAL}\n[guest]\nflavour = \"fedora\"\n")).unwrap_err();
+        assert!(err.contains("fedora"), "{err}");
     }
 
     #[test]

@@ -51,6 +51,7 @@ fn harness(dir: &Path) -> ! {
         to: "b".into(),
         bin_dir: dir.into(),
         rootfs: dir.join("root.img"),
+        kernel: dir.join("vmlinuz"),
         initrd: dir.join("initrd.img"),
     };
     let opts = Options {

@@ -3,6 +3,8 @@
 //! run by a worker (itself, started with `worker`) that launches the
 //! workloads, drives `kupgrade stage` and `kupgrade go`, and after each kexec
 //! checks and reports on the serial console, one `kupgrade-vm:` line a fact.
+//! On the Debian guest systemd is PID 1 and runs the worker alone, as the
+//! unit `qemu-tests/guest/debian/kupgrade-guest.service`.
 
 use std::fs;
 use std::path::Path;
