@@ -16,7 +16,6 @@ use contract::events::EventLine;
 
 use crate::assets::{self, Cache, RootfsInputs};
 use crate::debian;
-use crate::floor::Floors;
 use crate::guest::{self, Line, Plan, Verb};
 use crate::probe::{self, ProbeResult};
 use crate::report::{self, Artifacts, CheckResult, Report, Verdict, WorkloadPids};
@@ -257,28 +256,6 @@ fn start_qemu(
         }
     });
     Ok(Qemu { child, lines: rx })
-}
-
-/// Runs one scenario and returns its report; the verdict says whether it
-/// passed. An upgrade is compared with the bare kexec of the same kernels,
-/// from `floors` or measured now.
-pub fn run(scenario_path: &Path, opts: &Options, floors: &mut Floors) -> Result<Report> {
-    let started = Instant::now();
-    let p = prepare(scenario_path, opts)?;
-    let scenario_dir = scenario_path.parent().unwrap_or(Path::new("."));
-    let mut rep = run_prepared(&p, scenario_dir, opts)?;
-    if p.scenario.upgrade.expect == Expect::Success && stop::stopped().is_none() {
-        floors.apply(&p, opts, &mut rep);
-    }
-    if !rep.upgrades.is_empty() {
-        let svg = Path::new(&rep.artifacts.dir).join("timeline.svg");
-        match fs::write(&svg, rep.timeline_svg()) {
-            Ok(()) => rep.artifacts.timeline_svg = Some(svg.display().to_string()),
-            Err(e) => progress::step(&format!("cannot write {}: {e}", svg.display())),
-        }
-    }
-    rep.wall_secs = started.elapsed().as_secs_f64();
-    Ok(rep)
 }
 
 /// The kernels a prepared scenario upgrades to, in turn.

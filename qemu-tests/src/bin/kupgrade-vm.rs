@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use kupgrade_vm::floor::Floors;
 use kupgrade_vm::report::{Report, Verdict};
-use kupgrade_vm::run::{self, Options};
-use kupgrade_vm::stop;
+use kupgrade_vm::run::Options;
+use kupgrade_vm::{stop, suite};
 
 #[derive(Parser)]
 #[command(
@@ -132,7 +132,7 @@ fn main() -> ExitCode {
                 if stop::stopped().is_some() {
                     break;
                 }
-                let rep = match run::run(s, &opts, &mut floors) {
+                let rep = match suite::run(s, &opts, &mut floors) {
                     Ok(r) => r,
                     Err(e) => {
                         eprintln!("kupgrade-vm: {}: {e:#}", s.display());
