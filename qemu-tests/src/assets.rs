@@ -73,7 +73,8 @@ impl Cache {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd` and returns its stdout; a failure says what ran and its stderr.
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| {
         format!("cannot run {cmd:?}: is it installed? (scripts/setup installs it)")
     })?;

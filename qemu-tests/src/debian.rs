@@ -366,7 +366,7 @@ fn ensure_base(shared: &Path, inputs: &Inputs) -> Result<Base> {
         check_initramfs(r, &lists.join(r))?;
     }
     let manifest = shared.join(format!("base-{flavour}-{key}.packages"));
-    let versions = output(
+    let versions = assets::run(
         Command::new("dpkg-query")
             .arg(format!(
                 "--admindir={}",
@@ -380,7 +380,7 @@ fn ensure_base(shared: &Path, inputs: &Inputs) -> Result<Base> {
     let size_mib = (used / (1 << 20) * 5 / 4 + 512).div_ceil(4) * 4;
     let uuid = uuid_of(&key);
     let tmp = image.with_extension("partial");
-    output(
+    assets::run(
         Command::new("mkfs.ext4")
             .env("E2FSPROGS_FAKE_TIME", SOURCE_DATE_EPOCH.to_string())
             .args(["-q", "-F", "-L", "kupgrade-debian", "-U", &uuid])
@@ -454,20 +454,6 @@ fn write_file(path: &Path, mode: u32, text: &str) -> Result<()> {
     fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
     Ok(())
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| {
-        format!("cannot run {cmd:?}: is it installed? (scripts/setup installs it)")
-    })?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Runs a long command with its output in `log`; on failure, its tail.
@@ -550,7 +536,7 @@ fn build_layer(dir: &Path, bin_dir: &Path) -> Result<PathBuf> {
     install_kupgrade(&layer, bin_dir, &mut setup)?;
     write_file(&layer.join(".kupgrade-vm-setup"), 0o644, &setup)?;
     let tar = dir.join("layer.tar");
-    output(
+    assets::run(
         Command::new("tar")
             .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner"])
             .arg(format!("--mtime=@{SOURCE_DATE_EPOCH}"))
@@ -703,7 +689,7 @@ fn run_with_deadline(cmd: &mut Command, log: &Path, within: Duration) -> Result<
 /// Copies one file out of an ext4 image with debugfs (no mount).
 fn debugfs_dump(fs_image: &Path, guest: &str, dest: &Path) -> Result<()> {
     let _ = fs::remove_file(dest);
-    output(
+    assets::run(
         Command::new("debugfs")
             .arg("-R")
             .arg(format!("dump {guest} {}", dest.display()))
