@@ -131,6 +131,7 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
                 init_binary: cfg.init_binary.clone(),
                 modules: wanted,
                 compression: Compression::for_kernel_config(config.as_deref()),
+                kernel_decompresses: initramfs::format::in_kernel_decompression(config.as_deref()),
             };
             fs::create_dir_all(RUN_DIR).map_err(Error::Record)?;
             let out = Path::new(RUN_DIR).join(format!("initrd-{release}.img"));
