@@ -500,6 +500,9 @@ fn report(json: bool, svg: Option<&Path>) -> Result<ExitCode> {
             println!("    CRIU log: {log}");
         }
     }
+    for m in &r.modules_failed {
+        println!("  module {} did not load: {}", m.name, m.error);
+    }
     let t0 = r.events.first().map(|e| e.t_real_ns).unwrap_or(0);
     for e in &r.events {
         println!(
