@@ -215,6 +215,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with("release", &s.release);
             println!("{e}");
             println!("staged {} from {}", s.release, s.kernel.display());
+            for note in &s.notes {
+                println!("{note}");
+            }
             println!(
                 "initramfs {} ({} KiB, {} modules)",
                 s.initrd.display(),
