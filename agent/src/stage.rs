@@ -117,6 +117,7 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
         None => Needs {
             pmem: store.kind == Kind::Pmem,
             root_storage: target::root_storage_modules(),
+            network: target::network_modules(),
             tcp: workload::discover(cfg)
                 .into_iter()
                 .flatten()

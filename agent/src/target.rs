@@ -90,6 +90,8 @@ pub struct Needs {
     pub pmem: bool,
     /// The modules that drive the root's device, from the running kernel.
     pub root_storage: Vec<String>,
+    /// The modules that drive the network interfaces the restore configures.
+    pub network: Vec<String>,
     /// Workloads hold TCP connections: CRIU's network lock needs nf_tables.
     pub tcp: bool,
 }
@@ -157,6 +159,11 @@ fn missing_modules(target: &Kernel, needs: &Needs) -> Vec<Finding> {
     }
     for m in &needs.root_storage {
         required.push((m, "the root's storage"));
+    }
+    for m in &needs.network {
+        if !needs.root_storage.contains(m) {
+            required.push((m, "the network interfaces"));
+        }
     }
     if needs.tcp {
         required.push(("nf_tables", "CRIU's lock of the workloads' TCP connections"));
@@ -255,23 +262,53 @@ fn criu_support(release: &str, criu_version: Option<&str>) -> Finding {
 }
 
 /// The modules that drive the device holding `/` (the disk's driver, then
-/// its bus's), from sysfs: each ancestor of the block device with a
-/// `driver/module` link. Empty when the root is not a block device.
+/// its bus's), from sysfs. Empty when the root is not a block device.
 pub fn root_storage_modules() -> Vec<String> {
+    let sys = Path::new("/sys");
     match fs::metadata("/") {
-        Ok(m) => storage_modules_of(Path::new("/sys"), m.dev()),
+        Ok(m) => {
+            let (major, minor) = (
+                nix::sys::stat::major(m.dev()),
+                nix::sys::stat::minor(m.dev()),
+            );
+            drivers_of(sys, &sys.join(format!("dev/block/{major}:{minor}")))
+        }
         Err(_) => Vec::new(),
     }
 }
 
-/// [`root_storage_modules`] of block device `dev` in the sysfs at `sys`.
-pub fn storage_modules_of(sys: &Path, dev: u64) -> Vec<String> {
-    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    let Ok(mut dir) = fs::canonicalize(sys.join(format!("dev/block/{major}:{minor}"))) else {
+/// The modules that drive the network interfaces backed by a device (not
+/// loopback, bridges or other virtual ones), with their buses', from sysfs.
+pub fn network_modules() -> Vec<String> {
+    network_modules_in(Path::new("/sys"))
+}
+
+fn network_modules_in(sys: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(sys.join("class/net"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for m in drivers_of(sys, &e.path().join("device")) {
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+    }
+    out
+}
+
+/// The module of each driver bound to `device` or one of its ancestors in
+/// the sysfs at `sys` (a `driver/module` link), nearest first. Built-in
+/// drivers have the link too, which is what tells a 6.12 `virtio_pci`
+/// (built in) is needed as a module on 6.1.
+fn drivers_of(sys: &Path, device: &Path) -> Vec<String> {
+    let Ok(mut dir) = fs::canonicalize(device) else {
         return Vec::new();
     };
     let mut out = Vec::new();
-    loop {
+    while dir.starts_with(sys) && dir != sys {
         if let Ok(module) = fs::read_link(dir.join("driver/module")) {
             if let Some(name) = module.file_name() {
                 let name = modules::normalise(&name.to_string_lossy());
@@ -280,7 +317,7 @@ pub fn storage_modules_of(sys: &Path, dev: u64) -> Vec<String> {
                 }
             }
         }
-        if !dir.pop() || dir == sys || !dir.starts_with(sys) {
+        if !dir.pop() {
             break;
         }
     }
@@ -296,7 +333,12 @@ pub fn running_release() -> String {
 
 /// The module names the restore needs, for the initramfs.
 pub fn needed_names(needs: &Needs) -> BTreeSet<String> {
-    let mut names: BTreeSet<String> = needs.root_storage.iter().cloned().collect();
+    let mut names: BTreeSet<String> = needs
+        .root_storage
+        .iter()
+        .chain(&needs.network)
+        .cloned()
+        .collect();
     if needs.pmem {
         names.extend(modules::PMEM_MODULES.iter().map(|s| s.to_string()));
     }
@@ -346,6 +388,7 @@ mod tests {
         "nd_pmem",
         "nd_e820",
         "virtio_blk",
+        "virtio_net",
         "nf_tables",
         "inet_diag",
         "tcp_diag",
@@ -360,6 +403,7 @@ mod tests {
         Needs {
             pmem: true,
             root_storage: vec!["virtio_blk".into(), "virtio_pci".into()],
+            network: vec!["virtio_net".into(), "virtio_pci".into()],
             tcp: true,
         }
     }
@@ -436,6 +480,7 @@ mod tests {
         for (gone, why) in [
             ("nd_pmem", "the image's pmem store"),
             ("virtio_blk", "the root's storage"),
+            ("virtio_net", "the network interfaces"),
             ("nf_tables", "CRIU's lock of the workloads' TCP connections"),
         ] {
             let rest: Vec<&str> = ALL.iter().copied().filter(|m| *m != gone).collect();
@@ -512,28 +557,38 @@ mod tests {
         assert_eq!(criu_support("vmlinuz", Some("3.17.1")).level, Level::Warn);
     }
 
-    /// The root on virtio-blk over virtio-pci: both drivers, disk first.
+    /// The root on virtio-blk and eth0 on virtio-net, both over virtio-pci:
+    /// each device's drivers, nearest first; virtual interfaces have none.
     #[test]
-    fn the_roots_storage_modules_are_read_from_sysfs() {
+    fn the_drivers_of_the_root_and_the_interfaces_are_read_from_sysfs() {
         let d = tempfile::tempdir().unwrap();
-        let sys = d.path();
-        let pci = sys.join("devices/pci0000:00/0000:00:04.0");
-        let disk = pci.join("virtio2/block/vda");
-        fs::create_dir_all(&disk).unwrap();
-        for (dev, driver) in [
-            (pci.clone(), "virtio_pci"),
-            (pci.join("virtio2"), "virtio_blk"),
-        ] {
+        let sys = &fs::canonicalize(d.path()).unwrap();
+        let pci = sys.join("devices/pci0000:00");
+        let bind = |dev: &Path, driver: &str| {
             let drv = sys.join(format!("bus/x/drivers/{driver}"));
             fs::create_dir_all(&drv).unwrap();
             fs::create_dir_all(sys.join(format!("module/{driver}"))).unwrap();
-            symlink(sys.join(format!("module/{driver}")), drv.join("module")).unwrap();
+            let _ = symlink(sys.join(format!("module/{driver}")), drv.join("module"));
+            fs::create_dir_all(dev).unwrap();
             symlink(&drv, dev.join("driver")).unwrap();
-        }
+        };
+        bind(&pci.join("0000:00:04.0"), "virtio_pci");
+        bind(&pci.join("0000:00:04.0/virtio2"), "virtio_blk");
+        bind(&pci.join("0000:00:03.0"), "virtio_pci");
+        bind(&pci.join("0000:00:03.0/virtio1"), "virtio_net");
+        let disk = pci.join("0000:00:04.0/virtio2/block/vda");
+        fs::create_dir_all(disk.join("vda1")).unwrap();
         fs::create_dir_all(sys.join("dev/block")).unwrap();
-        symlink(&disk, sys.join("dev/block/254:0")).unwrap();
-        let dev = nix::sys::stat::makedev(254, 0);
-        assert_eq!(storage_modules_of(sys, dev), ["virtio_blk", "virtio_pci"]);
-        assert!(storage_modules_of(sys, nix::sys::stat::makedev(8, 1)).is_empty());
+        symlink(disk.join("vda1"), sys.join("dev/block/254:1")).unwrap();
+        assert_eq!(
+            drivers_of(sys, &sys.join("dev/block/254:1")),
+            ["virtio_blk", "virtio_pci"]
+        );
+        assert!(drivers_of(sys, &sys.join("dev/block/8:1")).is_empty());
+        let net = sys.join("class/net");
+        fs::create_dir_all(net.join("lo")).unwrap();
+        fs::create_dir_all(net.join("eth0")).unwrap();
+        symlink(pci.join("0000:00:03.0/virtio1"), net.join("eth0/device")).unwrap();
+        assert_eq!(network_modules_in(sys), ["virtio_net", "virtio_pci"]);
     }
 }
