@@ -215,8 +215,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with("release", &s.release);
             println!("{e}");
             println!("staged {} from {}", s.release, s.kernel.display());
-            for note in &s.notes {
-                println!("{note}");
+            for d in &s.differences {
+                println!("{d}");
             }
             println!(
                 "initramfs {} ({} KiB, {} modules)",

@@ -28,9 +28,10 @@ pub struct Staged {
     pub initrd_bytes: u64,
     pub modules: usize,
     pub staged_unix: u64,
-    /// What differs from the running kernel, as `kupgrade stage` said it.
+    /// What differs from the running kernel, as `kupgrade stage` found it
+    /// (nothing refused). Records from before this field read as none.
     #[serde(default)]
-    pub notes: Vec<String>,
+    pub differences: Vec<target::Finding>,
 }
 
 impl Staged {
@@ -135,7 +136,7 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
     if !refused.is_empty() {
         return Err(Error::Refused {
             release,
-            reasons: refused.iter().map(|f| f.text.clone()).collect(),
+            reasons: refused.iter().map(|f| f.sentence()).collect(),
         });
     }
     let (initrd, initrd_bytes, n_modules) = match req.initrd {
@@ -199,7 +200,7 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        notes: notes.iter().map(|f| f.to_string()).collect(),
+        differences: notes.into_iter().cloned().collect(),
     };
     staged.save().map_err(Error::Record)?;
     Ok(staged)

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use initramfs::format::{self, ModuleFormat};
 use initramfs::modules::{self, ModuleIndex};
+use serde::{Deserialize, Serialize};
 
 /// The first kernel series with the `[vvar_vclock]` mapping, and the first
 /// CRIU release that knows it: older CRIU fails `criu check` there.
@@ -96,7 +97,8 @@ pub struct Needs {
     pub tcp: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Level {
     /// Said, for the record.
     Note,
@@ -106,10 +108,22 @@ pub enum Level {
     Refuse,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Finding {
     pub level: Level,
     pub text: String,
+    /// What to do about it (a warning or a refusal).
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    /// The finding and its fix, for one line.
+    pub fn sentence(&self) -> String {
+        match &self.fix {
+            Some(fix) => format!("{}: {fix}", self.text),
+            None => self.text.clone(),
+        }
+    }
 }
 
 impl fmt::Display for Finding {
@@ -119,12 +133,24 @@ impl fmt::Display for Finding {
             Level::Warn => "warn",
             Level::Refuse => "REFUSED",
         };
-        write!(f, "{tag}: {}", self.text)
+        write!(f, "{tag}: {}", self.sentence())
     }
 }
 
-fn finding(level: Level, text: String) -> Finding {
-    Finding { level, text }
+fn note(text: String) -> Finding {
+    Finding {
+        level: Level::Note,
+        text,
+        fix: None,
+    }
+}
+
+fn finding(level: Level, text: String, fix: &str) -> Finding {
+    Finding {
+        level,
+        text,
+        fix: Some(fix.to_string()),
+    }
 }
 
 /// Compares `running` with `target` for a restore that `needs` what it
@@ -135,16 +161,13 @@ pub fn compare(
     needs: &Needs,
     criu_version: Option<&str>,
 ) -> Vec<Finding> {
-    let mut out = vec![finding(
-        Level::Note,
-        format!(
-            "modules of {}: {}; of {}: {}",
-            running.release,
-            running.module_format(),
-            target.release,
-            target.module_format()
-        ),
-    )];
+    let mut out = vec![note(format!(
+        "modules of {}: {}; of {}: {}",
+        running.release,
+        running.module_format(),
+        target.release,
+        target.module_format()
+    ))];
     out.extend(missing_modules(target, needs));
     out.push(criu_support(&target.release, criu_version));
     out
@@ -175,18 +198,19 @@ fn missing_modules(target: &Kernel, needs: &Needs) -> Vec<Finding> {
             Some(false) => out.push(finding(
                 Level::Refuse,
                 format!(
-                    "{} has no {m} module, which {why} needs: the restore would fail after the kexec; \
-                     stage a kernel that has it (or build it in)",
+                    "{} has no {m} module, which {why} needs: the restore would fail after the kexec",
                     target.release
                 ),
+                "stage a kernel that has it (or has it built in)",
             )),
             None => {
                 out.push(finding(
                     Level::Refuse,
                     format!(
-                        "{} has no modules installed (/lib/modules/{}): install its package completely",
+                        "{} has no modules installed (/lib/modules/{})",
                         target.release, target.release
                     ),
+                    "install its package completely",
                 ));
                 return out;
             }
@@ -203,10 +227,11 @@ fn missing_modules(target: &Kernel, needs: &Needs) -> Vec<Finding> {
         out.push(finding(
             Level::Warn,
             format!(
-                "{} lacks {}: CRIU cannot dump such sockets on it, so a later upgrade away from it may refuse",
+                "{} lacks {}: CRIU cannot dump such sockets on it",
                 target.release,
                 optional.join(", ")
             ),
+            "a later upgrade away from it refuses workloads that hold them; stage a kernel that has them if that matters",
         ));
     }
     out
@@ -225,6 +250,7 @@ fn criu_support(release: &str, criu_version: Option<&str>) -> Finding {
         return finding(
             Level::Warn,
             format!("cannot tell the version of {release}: CRIU support on it is not checked"),
+            "make sure the installed CRIU supports it",
         );
     };
     let Some(criu) = criu_version.and_then(major_minor) else {
@@ -234,31 +260,27 @@ fn criu_support(release: &str, criu_version: Option<&str>) -> Finding {
                 "CRIU {}: cannot tell whether it supports {release}",
                 criu_version.unwrap_or("not found")
             ),
+            "install CRIU (apt-get install criu)",
         );
     };
     let criu_text = criu_version.unwrap_or_default();
     if kernel >= VVAR_VCLOCK_KERNEL && criu < VVAR_VCLOCK_CRIU {
-        return finding(
-            Level::Refuse,
-            format!(
+        return Finding {
+            level: Level::Refuse,
+            text: format!(
                 "CRIU {criu_text} cannot restore on {release}: kernels from {}.{} on have the \
-                 [vvar_vclock] mapping, which CRIU knows from {}.{} on. Install CRIU {}.{} or \
-                 newer, or stage a kernel older than {}.{}",
-                VVAR_VCLOCK_KERNEL.0,
-                VVAR_VCLOCK_KERNEL.1,
-                VVAR_VCLOCK_CRIU.0,
-                VVAR_VCLOCK_CRIU.1,
-                VVAR_VCLOCK_CRIU.0,
-                VVAR_VCLOCK_CRIU.1,
-                VVAR_VCLOCK_KERNEL.0,
-                VVAR_VCLOCK_KERNEL.1,
+                 [vvar_vclock] mapping, which CRIU knows from {}.{} on",
+                VVAR_VCLOCK_KERNEL.0, VVAR_VCLOCK_KERNEL.1, VVAR_VCLOCK_CRIU.0, VVAR_VCLOCK_CRIU.1,
             ),
-        );
+            fix: Some(format!(
+                "install CRIU {}.{} or newer, or stage a kernel older than {}.{}",
+                VVAR_VCLOCK_CRIU.0, VVAR_VCLOCK_CRIU.1, VVAR_VCLOCK_KERNEL.0, VVAR_VCLOCK_KERNEL.1,
+            )),
+        };
     }
-    finding(
-        Level::Note,
-        format!("CRIU {criu_text} supports {release} as far as kupgrade knows"),
-    )
+    note(format!(
+        "CRIU {criu_text} supports {release} as far as kupgrade knows"
+    ))
 }
 
 /// The modules that drive the device holding `/` (the disk's driver, then
@@ -526,7 +548,12 @@ mod tests {
         let r = compare(&old, &bare, &needs(), Some("3.17.1"));
         assert_eq!(
             refusals(&r),
-            ["bare has no modules installed (/lib/modules/bare): install its package completely"]
+            ["bare has no modules installed (/lib/modules/bare)"]
+        );
+        let bare = r.iter().find(|f| f.level == Level::Refuse).unwrap();
+        assert_eq!(
+            bare.to_string(),
+            "REFUSED: bare has no modules installed (/lib/modules/bare): install its package completely"
         );
     }
 
@@ -547,10 +574,9 @@ mod tests {
         }
         let f = criu_support("6.13.2-amd64", Some("3.17.1"));
         assert!(f.text.contains("[vvar_vclock]"), "{f}");
-        assert!(
-            f.text
-                .ends_with("Install CRIU 4.1 or newer, or stage a kernel older than 6.13"),
-            "{f}"
+        assert_eq!(
+            f.fix.as_deref(),
+            Some("install CRIU 4.1 or newer, or stage a kernel older than 6.13")
         );
         assert_eq!(criu_support("6.13.2", None).level, Level::Warn);
         assert_eq!(criu_support("6.13.2", Some("unknown")).level, Level::Warn);
