@@ -20,8 +20,7 @@ use std::time::Duration;
 
 use contract::cmdline::Cmdline;
 
-use crate::log::chain;
-use crate::system::{Reboot, System};
+use crate::system::{Error, Reboot, System};
 
 /// What `panic=` asks for.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,11 +80,11 @@ impl Ending {
     }
 }
 
-/// Says why the boot cannot go on and stops the machine as `panic=` asks.
-/// Returns only if the machine could not be stopped, with why.
-pub fn give_up(sys: &mut dyn System, cmdline: &Cmdline, why: &str) -> String {
+/// Stops the machine as `panic=` asks, saying how. Returns only if it
+/// could not, with why.
+pub fn stop(sys: &mut dyn System, cmdline: &Cmdline) -> Error {
     let ending = Ending::from_cmdline(cmdline);
-    sys.log(&format!("{why}; {}", ending.describe()));
+    sys.log(&ending.describe());
     let how = match ending {
         Ending::Restart { after } => {
             if !after.is_zero() {
@@ -95,8 +94,7 @@ pub fn give_up(sys: &mut dyn System, cmdline: &Cmdline, why: &str) -> String {
         }
         Ending::Halt { .. } => Reboot::Halt,
     };
-    let e = sys.reboot(how);
-    format!("{why}; {}", chain(&e))
+    sys.reboot(how)
 }
 
 #[cfg(test)]
@@ -131,7 +129,7 @@ mod tests {
     }
 
     #[test]
-    fn giving_up_stops_the_machine_as_asked() {
+    fn the_machine_stops_as_asked() {
         let cases: &[(&str, &[&str], &str)] = &[
             ("panic=-1", &["restart"], "restarting now"),
             ("panic=7", &["sleep 7s", "restart"], "restarting in 7 s"),
@@ -144,15 +142,11 @@ mod tests {
         ];
         for (cmdline, calls, says) in cases {
             let mut f = Fake::default();
-            let left = give_up(&mut f, &Cmdline::parse(cmdline), "no root");
+            let e = stop(&mut f, &Cmdline::parse(cmdline));
             assert_eq!(&f.calls, calls, "{cmdline}");
-            assert!(
-                f.logged(&format!("no root; {says}")),
-                "{cmdline}: {:?}",
-                f.logs
-            );
+            assert!(f.logs[0].starts_with(says), "{cmdline}: {:?}", f.logs);
             // The fake cannot stop a machine: the boot learns why.
-            assert!(left.starts_with("no root; cannot "), "{left}");
+            assert!(matches!(e, Error::Reboot { .. }), "{e}");
         }
     }
 }

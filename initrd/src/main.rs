@@ -171,12 +171,14 @@ fn mount_root(
             names(failed_modules)
         ));
     }
+    sys.log(&why);
     if resume {
         if let Some(store) = cmdline.value(cmdline::STORE) {
             restore::abandon(sys, Path::new(store), &why, events);
         }
     }
-    Err(ending::give_up(sys, cmdline, &why))
+    let e = ending::stop(sys, cmdline);
+    Err(format!("{why}; {}", chain(&e)))
 }
 
 #[cfg(test)]
@@ -315,10 +317,9 @@ mod tests {
             ]
         );
         assert_eq!(f.root_waits, [Duration::from_secs(45)]);
-        assert!(f.logged(&format!(
-            "gave up on the root: {}; halting: this initramfs has no shell",
-            Fake::failure("mount root")
-        )));
+        let why = format!("gave up on the root: {}", Fake::failure("mount root"));
+        assert_eq!(f.logs[0], why);
+        assert!(f.logs[1].starts_with("halting: this initramfs has no shell"));
         assert!(f.reports.is_empty());
     }
 
@@ -344,6 +345,13 @@ mod tests {
             "{why}"
         );
         assert!(f.reports.is_empty(), "no root to write a report to");
+        // Said in order: why, then how the machine stops.
+        let at = |text: &str| f.logs.iter().position(|l| l.starts_with(text));
+        assert!(
+            at("gave up on the root") < at("restarting in 10 s"),
+            "{:?}",
+            f.logs
+        );
     }
 
     /// An image that is not `written` is not the boot's to fail, and one
