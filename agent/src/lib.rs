@@ -17,5 +17,6 @@ pub mod refusal;
 pub mod remount;
 pub mod stage;
 pub mod store;
+pub mod target;
 pub mod unix_diag;
 pub mod workload;

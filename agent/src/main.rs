@@ -215,6 +215,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with("release", &s.release);
             println!("{e}");
             println!("staged {} from {}", s.release, s.kernel.display());
+            for d in &s.differences {
+                println!("{d}");
+            }
             println!(
                 "initramfs {} ({} KiB, {} modules)",
                 s.initrd.display(),
@@ -499,6 +502,9 @@ fn report(json: bool, svg: Option<&Path>) -> Result<ExitCode> {
         if let Some(log) = &w.criu_log {
             println!("    CRIU log: {log}");
         }
+    }
+    for m in &r.modules_failed {
+        println!("  module {} did not load: {}", m.name, m.error);
     }
     let t0 = r.events.first().map(|e| e.t_real_ns).unwrap_or(0);
     for e in &r.events {

@@ -31,6 +31,15 @@ pub struct WorkloadOutcome {
     pub criu_log: Option<String>,
 }
 
+/// A module `kupgrade-init` could not load on the new kernel.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ModuleFailure {
+    /// Its name, e.g. `virtio_blk`.
+    pub name: String,
+    /// Why, as the kernel said it (e.g. `ENOEXEC: Exec format error`).
+    pub error: String,
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct UpgradeReport {
     pub outcome: Outcome,
@@ -42,6 +51,10 @@ pub struct UpgradeReport {
     pub workloads: Vec<WorkloadOutcome>,
     /// Every lifecycle event: the agent's (from the manifest), then the init's.
     pub events: Vec<PhaseTiming>,
+    /// Modules that did not load on the new kernel. Reports written before
+    /// this field existed read as none.
+    #[serde(default)]
+    pub modules_failed: Vec<ModuleFailure>,
 }
 
 impl UpgradeReport {
@@ -189,6 +202,7 @@ mod tests {
             image_generation: 0,
             workloads: vec![],
             events: vec![ev("frozen", 100), ev("kexec", 150), ev("restored", 400)],
+            modules_failed: vec![],
         };
         assert_eq!(r.blackout_ns(), Some(300));
     }
@@ -215,6 +229,7 @@ mod tests {
                 ev("init-start", 3_000, 1_000_005_000),
                 ev("restored", 5_500, 1_000_007_000),
             ],
+            modules_failed: vec![],
         };
         let log = "kupgrade: event=frozen t_mono_ns=50100000000 t_real_ns=1\n\
                    kupgrade: event=image-written t_mono_ns=51000000000 t_real_ns=2\n\
@@ -231,5 +246,26 @@ mod tests {
         let other = log.replace("50100000000", "1");
         assert!(timeline::at(&r.marks(Some(&other)), Event::Kexec).is_none());
         assert!(r.timeline_svg(Some(log)).contains("class=\"phase\""));
+    }
+
+    /// A report written by an older kupgrade-init (no `modules_failed`)
+    /// still reads, and a new one keeps the failed modules by name.
+    #[test]
+    fn older_reports_read_and_failed_modules_round_trip() {
+        let old = r#"{"outcome":"restored","reason":null,"kernel_from":"a","kernel_to":"b",
+                      "image_generation":3,"workloads":[],"events":[]}"#;
+        let r: UpgradeReport = serde_json::from_str(old).unwrap();
+        assert_eq!((r.image_generation, r.modules_failed.len()), (3, 0));
+        let failed = ModuleFailure {
+            name: "virtio_blk".into(),
+            error: "ENOEXEC: Exec format error".into(),
+        };
+        let new = UpgradeReport {
+            modules_failed: vec![failed.clone()],
+            ..r
+        };
+        let back: UpgradeReport =
+            serde_json::from_str(&serde_json::to_string(&new).unwrap()).unwrap();
+        assert_eq!(back.modules_failed, [failed]);
     }
 }

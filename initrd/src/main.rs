@@ -6,15 +6,18 @@
 //! mount /proc /sys /dev, read the command line  -> init-start
 //! load the modules the initramfs carries        -> modules-loaded
 //! mount the real root, switch to it             -> root-mounted
+//!   no root within the wait: mark a due image      restore-failed,
+//!   failed, stop as panic= says (ending.rs)        then halt or restart
 //! kupgrade.resume: restore (restore.rs)         -> image-verified, net-restored,
 //!   any failure is reported, never fatal           restored | restore-failed
 //! exec the real init                            -> exec-init
 //! ```
 //!
-//! Whatever fails, the machine boots: a restore failure is recorded and
-//! reported, never fatal, and PID 1 never exits.
+//! Whatever fails after the root is mounted, the machine boots: a restore
+//! failure is recorded and reported, never fatal, and PID 1 never exits.
 
 mod boot;
+mod ending;
 mod log;
 mod restore;
 mod root;
@@ -26,15 +29,13 @@ use std::time::Duration;
 
 use contract::cmdline::{self, Cmdline};
 use contract::events::{Event, EventLine};
+use contract::report::ModuleFailure;
 use contract::PhaseTiming;
 
 use crate::log::chain;
 use crate::system::faults::Faults;
 use crate::system::real::RealSystem;
 use crate::system::{Error, System};
-
-/// How long to wait before trying a root that would not mount again.
-const ROOT_RETRY: Duration = Duration::from_secs(5);
 
 fn main() {
     if std::process::id() != 1 {
@@ -43,14 +44,16 @@ fn main() {
     }
     let mut sys = Faults::new(RealSystem::default());
     let why = boot(&mut sys);
-    // Nothing could be executed: PID 1 must not exit (that panics the kernel).
-    sys.log(&format!("cannot execute any init ({why}); halting here"));
+    // Nothing could be executed, or the machine would not stop: PID 1 must
+    // not exit (that panics the kernel).
+    sys.log(&format!("{why}; halting here"));
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
 }
 
-/// The whole boot. Only returns if no init could be executed, with why.
+/// The whole boot. Only returns if no init could be executed, or the
+/// machine could not be stopped after the root never came, with why.
 fn boot(sys: &mut dyn System) -> String {
     if let Err(e) = sys.mount_kernel_fs() {
         sys.log(&chain(&e));
@@ -68,16 +71,17 @@ fn boot(sys: &mut dyn System) -> String {
     );
 
     let (loaded, failed) = load_modules(sys, &release);
-    emit(
-        sys,
-        &mut events,
-        EventLine::now(Event::ModulesLoaded)
-            .with("loaded", loaded)
-            .with("failed", failed),
-    );
+    let mut modules = EventLine::now(Event::ModulesLoaded)
+        .with("loaded", loaded)
+        .with("failed", failed.len());
+    if !failed.is_empty() {
+        modules = modules.with("failed_modules", names(&failed));
+    }
+    emit(sys, &mut events, modules);
 
-    // A restore writes to the root.
-    mount_root(sys, &cmdline, resume);
+    if let Err(why) = mount_root(sys, &cmdline, resume, &failed, &mut events) {
+        return why;
+    }
     if let Err(e) = sys.switch_root() {
         sys.log(&chain(&e));
     }
@@ -87,7 +91,7 @@ fn boot(sys: &mut dyn System) -> String {
         match cmdline.value(cmdline::STORE) {
             None => sys.log("kupgrade.resume without kupgrade.store: nothing to restore"),
             Some(store) => {
-                let restore = restore::run(sys, Path::new(store), events);
+                let restore = restore::run(sys, Path::new(store), events, failed);
                 sys.log(&restore.summary(store));
             }
         }
@@ -95,7 +99,7 @@ fn boot(sys: &mut dyn System) -> String {
 
     let init = cmdline.value("init").unwrap_or("/sbin/init");
     sys.emit(&EventLine::now(Event::ExecInit).with("init", init));
-    sys.exec_init(&cmdline)
+    format!("cannot execute any init ({})", sys.exec_init(&cmdline))
 }
 
 /// Emits an event and records it for the report.
@@ -106,9 +110,9 @@ fn emit(sys: &mut dyn System, events: &mut Vec<PhaseTiming>, e: EventLine) {
 
 /// Loads the modules the initramfs carries, in order. One that fails is
 /// logged and skipped: the rest of the boot may not need it. Returns how
-/// many loaded and how many failed.
-fn load_modules(sys: &mut dyn System, release: &str) -> (usize, usize) {
-    let (mut loaded, mut failed) = (0, 0);
+/// many loaded, and which failed and why.
+fn load_modules(sys: &mut dyn System, release: &str) -> (usize, Vec<ModuleFailure>) {
+    let (mut loaded, mut failed) = (0, Vec::new());
     for module in sys.modules(release) {
         match sys.load_module(release, &module) {
             Ok(()) => loaded += 1,
@@ -119,26 +123,69 @@ fn load_modules(sys: &mut dyn System, release: &str) -> (usize, usize) {
             }) => loaded += 1,
             Err(e) => {
                 sys.log(&chain(&e));
-                failed += 1;
+                let error = match &e {
+                    Error::Module { source, .. } => source.to_string(),
+                    other => chain(other),
+                };
+                failed.push(ModuleFailure {
+                    name: boot::module_name(&module),
+                    error,
+                });
             }
         }
+    }
+    if !failed.is_empty() {
+        sys.log(&format!(
+            "{} module(s) did not load: {}",
+            failed.len(),
+            names(&failed)
+        ));
     }
     (loaded, failed)
 }
 
-/// A root that cannot be mounted leaves nothing to boot: say why, keep
-/// trying (a slow controller may still come), and never exit PID 1.
-fn mount_root(sys: &mut dyn System, cmdline: &Cmdline, writable: bool) {
-    while let Err(e) = sys.mount_root(cmdline, writable) {
-        sys.log(&format!("{}; retrying", chain(&e)));
-        sys.sleep(ROOT_RETRY);
+fn names(failed: &[ModuleFailure]) -> String {
+    let names: Vec<&str> = failed.iter().map(|m| m.name.as_str()).collect();
+    names.join(",")
+}
+
+/// Mounts the real root (read-write for a restore, which writes to it),
+/// waiting for its device as long as the command line allows. A root that
+/// never comes ends the boot as initramfs-tools ends it ([`ending`]); an
+/// image that was to be restored is marked failed first, with the reason.
+/// `Err` only if the machine could not be stopped, with why.
+fn mount_root(
+    sys: &mut dyn System,
+    cmdline: &Cmdline,
+    resume: bool,
+    failed_modules: &[ModuleFailure],
+    events: &mut Vec<PhaseTiming>,
+) -> Result<(), String> {
+    let Err(e) = sys.mount_root(cmdline, resume, root::wait(cmdline)) else {
+        return Ok(());
+    };
+    let mut why = format!("gave up on the root: {}", chain(&e));
+    if !failed_modules.is_empty() {
+        why.push_str(&format!(
+            "; these modules did not load: {}",
+            names(failed_modules)
+        ));
     }
+    sys.log(&why);
+    if resume {
+        if let Some(store) = cmdline.value(cmdline::STORE) {
+            restore::abandon(sys, Path::new(store), &why, events);
+        }
+    }
+    let e = ending::stop(sys, cmdline);
+    Err(format!("{why}; {}", chain(&e)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::system::fake::Fake;
+    use image_format::State;
 
     const NORMAL_BOOT: &[&str] = &[
         "mount kernel fs",
@@ -226,10 +273,39 @@ mod tests {
         assert!(!f.logged("b.ko"), "{:?}", f.logs);
     }
 
+    /// No root within the wait: the boot stops as `panic=` says, at once
+    /// and for good (no retry, no real init), having said why.
     #[test]
-    fn a_root_that_will_not_mount_is_retried_until_it_does() {
+    fn a_root_that_never_appears_ends_the_boot_as_panic_says() {
+        let mut f = Fake::resuming();
+        f.cmdline = "root=LABEL=kupgrade-root panic=-1".into();
+        f.root_never_appears = true;
+        let why = boot(&mut f);
+        assert_eq!(
+            f.calls,
+            [
+                "mount kernel fs",
+                "load virtio_net.ko",
+                "mount root",
+                "restart"
+            ]
+        );
+        assert_eq!(f.root_waits, [Duration::from_secs(30)]);
+        assert_eq!(f.events(), [Event::InitStart, Event::ModulesLoaded]);
+        let gave_up =
+            "gave up on the root: root device LABEL=kupgrade-root did not appear within 30 s";
+        assert!(f.logged(&format!("{gave_up} (modules")), "{:?}", f.logs);
+        assert!(f.logged("restarting now (panic= on the command line)"));
+        assert!(why.starts_with(gave_up), "{why}");
+        assert!(why.ends_with("cannot restart the machine: EPERM: Operation not permitted"));
+    }
+
+    /// A root device that is there but does not mount is not retried
+    /// either; without panic= the machine halts.
+    #[test]
+    fn a_root_that_will_not_mount_halts_without_panic() {
         let mut f = Fake::failing_at(&["mount root"]);
-        f.cmdline = "root=/dev/vda".into();
+        f.cmdline = "root=/dev/vda rootdelay=45".into();
         boot(&mut f);
         assert_eq!(
             f.calls,
@@ -237,12 +313,119 @@ mod tests {
                 "mount kernel fs",
                 "load virtio_net.ko",
                 "mount root",
-                "sleep 5s",
-                "mount root",
-                "switch root",
-                "exec /sbin/init"
+                "halt"
             ]
         );
-        assert!(f.logged(&format!("{}; retrying", Fake::failure("mount root"))));
+        assert_eq!(f.root_waits, [Duration::from_secs(45)]);
+        let why = format!("gave up on the root: {}", Fake::failure("mount root"));
+        assert_eq!(f.logs[0], why);
+        assert!(f.logs[1].starts_with("halting: this initramfs has no shell"));
+        assert!(f.reports.is_empty());
+    }
+
+    /// The image that was to be restored is marked failed, and why is said
+    /// (restore-failed), before the machine stops: no later boot restores
+    /// it, and the console tells what went wrong.
+    #[test]
+    fn a_due_restore_is_marked_failed_before_the_machine_stops() {
+        let mut f = Fake::resuming();
+        f.cmdline.push_str(" rootdelay=60 panic=10");
+        f.root_never_appears = true;
+        boot(&mut f);
+        assert_eq!(
+            f.calls_after("mount root"),
+            ["open /dev/pmem0", "mark failed", "sleep 10s", "restart"]
+        );
+        assert_eq!(f.ending(), [Event::ModulesLoaded, Event::RestoreFailed]);
+        let why = f.events[2].field("reason").unwrap_or_default();
+        assert!(
+            why.starts_with(
+                "gave up on the root: root device LABEL=kupgrade-root did not appear within 60 s"
+            ),
+            "{why}"
+        );
+        assert!(f.reports.is_empty(), "no root to write a report to");
+        // Said in order: why, then how the machine stops.
+        let at = |text: &str| f.logs.iter().position(|l| l.starts_with(text));
+        assert!(
+            at("gave up on the root") < at("restarting in 10 s"),
+            "{:?}",
+            f.logs
+        );
+    }
+
+    /// An image that is not `written` is not the boot's to fail, and one
+    /// that cannot be marked does not keep the machine from stopping.
+    #[test]
+    fn giving_up_leaves_a_used_image_alone_and_survives_a_failed_mark() {
+        let mut used = Fake::resuming();
+        used.root_never_appears = true;
+        if let Some(i) = used.image.as_mut() {
+            i.state = State::Restored;
+        }
+        boot(&mut used);
+        assert_eq!(used.calls_after("mount root"), ["open /dev/pmem0", "halt"]);
+        assert!(used.logged("the image in /dev/pmem0 is restored: left as it is"));
+        assert_eq!(used.ending(), [Event::InitStart, Event::ModulesLoaded]);
+
+        let mut unmarkable = Fake::failing_at(&["mark failed"]);
+        unmarkable.root_never_appears = true;
+        boot(&mut unmarkable);
+        assert_eq!(
+            unmarkable.calls_after("mount root"),
+            ["open /dev/pmem0", "mark failed", "halt"]
+        );
+        assert!(unmarkable.logged(&format!(
+            "cannot mark the image failed: {}",
+            Fake::failure("mark failed")
+        )));
+    }
+
+    /// Modules the kernel refuses (ENOEXEC: a compressed module it cannot
+    /// unpack) are named in the log, the modules-loaded event, the report,
+    /// and the reason the root was given up on.
+    #[test]
+    fn a_module_that_fails_is_named_everywhere_it_matters() {
+        let mut f = Fake::resuming();
+        f.modules = vec![
+            "kernel/drivers/block/virtio_blk.ko.xz".into(),
+            "kernel/drivers/nvdimm/nd-pmem.ko.xz".into(),
+            "kernel/drivers/net/virtio_net.ko".into(),
+        ];
+        f.refused = f.modules[..2].to_vec();
+        boot(&mut f);
+        assert!(f.logged(
+            "cannot load module /lib/modules/6.1.0-2/kernel/drivers/block/virtio_blk.ko.xz: ENOEXEC"
+        ));
+        assert!(f.logged("2 module(s) did not load: virtio_blk,nd_pmem"));
+        let modules = &f.events[1];
+        assert_eq!(
+            (modules.field("loaded"), modules.field("failed")),
+            (Some("1"), Some("2"))
+        );
+        assert_eq!(modules.field("failed_modules"), Some("virtio_blk,nd_pmem"));
+        let failed: Vec<(&str, &str)> = f
+            .report()
+            .modules_failed
+            .iter()
+            .map(|m| (m.name.as_str(), m.error.as_str()))
+            .collect();
+        let enoexec = "ENOEXEC: Exec format error";
+        assert_eq!(failed, [("virtio_blk", enoexec), ("nd_pmem", enoexec)]);
+
+        f = Fake::resuming();
+        f.modules = vec!["virtio_blk.ko.xz".into()];
+        f.refused = f.modules.clone();
+        f.root_never_appears = true;
+        boot(&mut f);
+        let why = f
+            .events
+            .last()
+            .and_then(|e| e.field("reason"))
+            .unwrap_or_default();
+        assert!(
+            why.ends_with("; these modules did not load: virtio_blk"),
+            "{why}"
+        );
     }
 }

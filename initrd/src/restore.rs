@@ -19,7 +19,7 @@ use std::time::Instant;
 use contract::criu::Checkpoint;
 use contract::devstate::{self, DeviceState};
 use contract::events::{Event, EventLine};
-use contract::report::{self, Outcome, UpgradeReport, WorkloadOutcome};
+use contract::report::{self, ModuleFailure, Outcome, UpgradeReport, WorkloadOutcome};
 use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, State};
 
@@ -88,8 +88,14 @@ enum Failure {
 }
 
 /// Restores the image in `store`, if there is one to restore. `events` are
-/// the init's so far, for the report.
-pub fn run(sys: &mut dyn System, store: &Path, events: Vec<PhaseTiming>) -> Restore {
+/// the init's so far, and `modules_failed` the modules that did not load,
+/// for the report.
+pub fn run(
+    sys: &mut dyn System,
+    store: &Path,
+    events: Vec<PhaseTiming>,
+    modules_failed: Vec<ModuleFailure>,
+) -> Restore {
     let image = match sys.open_image(store) {
         Ok(i) => i,
         Err(e) => return Restore::Skipped(Skip::NoImage(e)),
@@ -108,7 +114,37 @@ pub fn run(sys: &mut dyn System, store: &Path, events: Vec<PhaseTiming>) -> Rest
         events,
         lock_tables: vec![],
     };
-    Restore::Done(Box::new(r.run(image.generation)))
+    Restore::Done(Box::new(r.run(image.generation, modules_failed)))
+}
+
+/// The restore cannot happen (the root never came): a `written` image is
+/// marked failed, so that no later boot restores it onto a root that has
+/// moved on, and why goes to the console and kmsg (`restore-failed`). With
+/// no root there is nowhere to write the report.
+pub fn abandon(sys: &mut dyn System, store: &Path, why: &str, events: &mut Vec<PhaseTiming>) {
+    match sys.open_image(store) {
+        Err(e) => {
+            sys.log(&format!("no image to mark failed: {}", chain(&e)));
+            return;
+        }
+        Ok(image) if image.state != State::Written => {
+            sys.log(&format!(
+                "the image in {} is {}: left as it is",
+                store.display(),
+                image.state
+            ));
+            return;
+        }
+        Ok(_) => {}
+    }
+    if let Err(e) = sys.set_image_state(State::Failed) {
+        sys.log(&format!("cannot mark the image failed: {}", chain(&e)));
+    }
+    crate::emit(
+        sys,
+        events,
+        EventLine::now(Event::RestoreFailed).with("reason", why),
+    );
 }
 
 struct Restorer<'a> {
@@ -128,7 +164,7 @@ impl Restorer<'_> {
         self.sys.log(line);
     }
 
-    fn run(mut self, generation: u64) -> UpgradeReport {
+    fn run(mut self, generation: u64, modules_failed: Vec<ModuleFailure>) -> UpgradeReport {
         let (reason, workloads) = self.restore();
         let (outcome, state) = match reason {
             None => (Outcome::Restored, State::Restored),
@@ -157,6 +193,7 @@ impl Restorer<'_> {
             image_generation: generation,
             workloads,
             events,
+            modules_failed,
         };
         if let Err(e) = self.sys.write_report(&report) {
             self.log(&chain(&e));

@@ -277,6 +277,7 @@ pub fn build_initramfs(cache: &Cache, bin_dir: &Path, release: &str) -> Result<P
             .chain(vm.clone())
             .collect(),
         compression: initramfs::Compression::for_kernel_config(config.as_deref()),
+        kernel_decompresses: initramfs::format::in_kernel_decompression(config.as_deref()),
     };
     let built = initramfs::build(&spec, &out)?;
     if !built.modules.missing.is_empty() {

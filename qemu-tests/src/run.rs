@@ -56,8 +56,10 @@ pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
     let scenario = Scenario::load(scenario_path)?;
     assets::check_packages(&scenario.guest.packages)?;
     let cache = Cache::new(opts.cache.clone())?;
-    let from = assets::resolve_release(&scenario.kernels.from, &scenario.kernels.series, &cache)?;
-    let to = assets::resolve_release(&scenario.kernels.to, &scenario.kernels.series, &cache)?;
+    let (from, from_series) = scenario.kernels.from();
+    let from = assets::resolve_release(from, from_series, &cache)?;
+    let (to, to_series) = scenario.kernels.to();
+    let to = assets::resolve_release(to, to_series, &cache)?;
     // The Debian guest installs its kernels itself.
     if scenario.guest.flavour == Flavour::Appliance {
         for r in [&from, &to] {

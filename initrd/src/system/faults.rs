@@ -15,7 +15,7 @@ use contract::report::UpgradeReport;
 use contract::WorkloadEntry;
 use image_format::State;
 
-use super::{Error, ImageInfo, SupportMount, System};
+use super::{Error, ImageInfo, Reboot, SupportMount, System};
 use crate::log;
 
 pub struct Faults<S> {
@@ -79,8 +79,13 @@ impl<S: System> System for Faults<S> {
         self.inner.load_module(release, module)
     }
 
-    fn mount_root(&mut self, cmdline: &Cmdline, writable: bool) -> Result<(), Error> {
-        self.inner.mount_root(cmdline, writable)
+    fn mount_root(
+        &mut self,
+        cmdline: &Cmdline,
+        writable: bool,
+        wait: Duration,
+    ) -> Result<(), Error> {
+        self.inner.mount_root(cmdline, writable, wait)
     }
 
     fn sleep(&mut self, d: Duration) {
@@ -93,6 +98,10 @@ impl<S: System> System for Faults<S> {
 
     fn exec_init(&mut self, cmdline: &Cmdline) -> String {
         self.inner.exec_init(cmdline)
+    }
+
+    fn reboot(&mut self, how: Reboot) -> Error {
+        self.inner.reboot(how)
     }
 
     fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error> {

@@ -8,6 +8,7 @@ pub mod fake;
 pub mod faults;
 pub mod real;
 
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -79,6 +80,30 @@ pub enum Error {
     EncodeReport(#[source] serde_json::Error),
     #[error("failpoint {}={point}", cmdline::FAILPOINT)]
     Injected { point: InitFailpoint },
+    #[error("cannot {how} the machine")]
+    Reboot {
+        how: Reboot,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// How a boot that cannot go on stops the machine (`reboot(2)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reboot {
+    /// Stop, with the console showing why.
+    Halt,
+    /// Start again through the firmware and the boot loader.
+    Restart,
+}
+
+impl fmt::Display for Reboot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reboot::Halt => "halt",
+            Reboot::Restart => "restart",
+        })
+    }
 }
 
 /// What the superblock and manifest of the image in the store say.
@@ -110,13 +135,21 @@ pub trait System {
     /// The modules the initramfs builder listed, in load order.
     fn modules(&mut self, release: &str) -> Vec<String>;
     fn load_module(&mut self, release: &str, module: &str) -> Result<(), Error>;
-    /// `writable` forces a read-write mount (a restore writes to the root).
-    fn mount_root(&mut self, cmdline: &Cmdline, writable: bool) -> Result<(), Error>;
+    /// Waits up to `wait` for the root device and mounts it; `writable`
+    /// forces a read-write mount (a restore writes to the root).
+    fn mount_root(
+        &mut self,
+        cmdline: &Cmdline,
+        writable: bool,
+        wait: Duration,
+    ) -> Result<(), Error>;
     fn sleep(&mut self, d: Duration);
     /// Makes the mounted root `/`; PID 1 goes on running.
     fn switch_root(&mut self) -> Result<(), Error>;
     /// Replaces PID 1 with the real init; returns only why none could run.
     fn exec_init(&mut self, cmdline: &Cmdline) -> String;
+    /// Halts or restarts the machine; returns only why it could not.
+    fn reboot(&mut self, how: Reboot) -> Error;
 
     // The image in the store.
     /// Opens the store (waiting a little for its device) and the image.

@@ -17,7 +17,7 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::{Error, ImageInfo, SupportMount, System};
+use super::{Error, ImageInfo, Reboot, SupportMount, System};
 use crate::{boot, log, timers};
 
 const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
@@ -69,8 +69,13 @@ impl System for RealSystem {
         boot::load_module(release, module)
     }
 
-    fn mount_root(&mut self, cmdline: &Cmdline, writable: bool) -> Result<(), Error> {
-        boot::mount_root(cmdline, writable)?;
+    fn mount_root(
+        &mut self,
+        cmdline: &Cmdline,
+        writable: bool,
+        wait: Duration,
+    ) -> Result<(), Error> {
+        boot::mount_root(cmdline, writable, wait)?;
         Ok(())
     }
 
@@ -84,6 +89,10 @@ impl System for RealSystem {
 
     fn exec_init(&mut self, cmdline: &Cmdline) -> String {
         boot::exec_init(cmdline)
+    }
+
+    fn reboot(&mut self, how: Reboot) -> Error {
+        boot::reboot(how)
     }
 
     fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error> {
