@@ -18,5 +18,6 @@ pub mod remount;
 pub mod report;
 pub mod stage;
 pub mod store;
+pub mod target;
 pub mod unix_diag;
 pub mod workload;

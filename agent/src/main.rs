@@ -71,6 +71,9 @@ enum Cmd {
     Report {
         #[arg(long)]
         json: bool,
+        /// Also draw the timeline of its phases as SVG into this file.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
     },
     /// Start a workload that kupgrade will preserve.
     Launch {
@@ -170,7 +173,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("cannot inspect {}", path.display()))?;
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::Report { json } => return report(json),
+        Cmd::Report { json, svg } => return report(json, svg.as_deref()),
         _ => {}
     }
     let cfg = Config::load(&cli.config)?;
@@ -213,6 +216,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with("release", &s.release);
             println!("{e}");
             println!("staged {} from {}", s.release, s.kernel.display());
+            for d in &s.differences {
+                println!("{d}");
+            }
             println!(
                 "initramfs {} ({} KiB, {} modules)",
                 s.initrd.display(),
@@ -447,7 +453,7 @@ fn status(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-fn report(json: bool) -> Result<ExitCode> {
+fn report(json: bool, svg: Option<&Path>) -> Result<ExitCode> {
     let path = Path::new(LIB_DIR).join(contract::report::FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -457,6 +463,14 @@ fn report(json: bool) -> Result<ExitCode> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
+    if let Some(out) = svg {
+        let r: UpgradeReport = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} does not parse", path.display()))?;
+        let agent_log = std::fs::read_to_string(kupgrade_agent::realsys::last_go_log()).ok();
+        std::fs::write(out, r.timeline_svg(agent_log.as_deref()))
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        eprintln!("timeline written to {}", out.display());
+    }
     if json {
         println!("{}", String::from_utf8_lossy(&bytes));
         return Ok(ExitCode::SUCCESS);
@@ -500,6 +514,9 @@ fn report(json: bool) -> Result<ExitCode> {
         if let Some(log) = &w.criu_log {
             println!("    CRIU log: {log}");
         }
+    }
+    for m in &r.modules_failed {
+        println!("  module {} did not load: {}", m.name, m.error);
     }
     let t0 = r.events.first().map(|e| e.t_real_ns).unwrap_or(0);
     for e in &r.events {

@@ -19,6 +19,7 @@
 //! | another `go` or `resume` runs         | warn  | fail | fail         |
 //! | the init binary is missing            | fail  | not looked at (it is in the staged initramfs) | as go |
 //! | `criu check`                          | run   | not run: it probes the whole kernel, the dump says what it needs | as go |
+//! | how the staged kernel differs         | said, as `stage` found it | not looked at (`stage` refused what matters) | as go |
 //!
 //! To add a refusal: a fact in [`Facts`] and its reading in [`RealFacts`],
 //! a [`Kind`], its judgement in `judge`, and a test with the fake below.
@@ -58,7 +59,7 @@ use crate::leftovers::{self, Leftovers, LockError, RunLock};
 use crate::stage::Staged;
 use crate::store::{self, Store};
 use crate::workload::{self, Workload};
-use crate::{criu, launch, listen, proc};
+use crate::{criu, launch, listen, proc, target};
 
 /// Which command the preflight decides for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,6 +143,9 @@ kinds! {
     StoreSize => "store-size",
     /// The staged kernel, and whether it is still loaded.
     Staged => "staged",
+    /// What differs between the running kernel and the staged one (module
+    /// format, missing modules, CRIU support), as `kupgrade stage` found it.
+    TargetKernel => "target-kernel",
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -654,6 +658,20 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
             ),
         });
     }
+    if mode == Mode::Check && loaded {
+        let differences = staged.iter().flat_map(|s| &s.differences);
+        out.extend(differences.map(|d| Finding {
+            level: match d.level {
+                target::Level::Note => Level::Ok,
+                target::Level::Warn => Level::Warn,
+                target::Level::Refuse => Level::Fail,
+            },
+            kind: Kind::TargetKernel,
+            workload: None,
+            what: d.text.clone(),
+            fix: d.fix.clone(),
+        }));
+    }
     Judged {
         findings: Findings(out),
         workloads,
@@ -799,6 +817,8 @@ mod tests {
         nft: bool,
         store_mib: Option<u64>,
         staged: bool,
+        /// What `stage` found different in the staged kernel.
+        differences: Vec<target::Finding>,
         /// Facts asked for, in order.
         asked: Vec<&'static str>,
     }
@@ -823,6 +843,7 @@ mod tests {
                 nft: true,
                 store_mib: Some(1024),
                 staged: true,
+                differences: vec![],
                 asked: vec![],
             }
         }
@@ -956,6 +977,7 @@ mod tests {
                 initrd_bytes: 1 << 20,
                 modules: 10,
                 staged_unix: 0,
+                differences: self.differences.clone(),
             })
         }
     }
@@ -1376,6 +1398,42 @@ mod tests {
             let cleared = go(&mut m(), true).unwrap();
             assert!(cleared.dry_run());
         }
+    }
+
+    /// `check` says how the staged kernel differs from the running one, as
+    /// `stage` found it; `go` does not look (stage refused what matters).
+    #[test]
+    fn check_says_what_differs_in_the_staged_kernel() {
+        let differs = |level, text: &str, fix: Option<&str>| target::Finding {
+            level,
+            text: text.into(),
+            fix: fix.map(str::to_string),
+        };
+        let mut m = Machine {
+            differences: vec![
+                differs(target::Level::Note, "modules of a: plain; of b: xz", None),
+                differs(
+                    target::Level::Warn,
+                    "b lacks unix_diag",
+                    Some("stage another"),
+                ),
+            ],
+            ..Machine::default()
+        };
+        assert_eq!(
+            of(&mut m, Mode::Check, Kind::TargetKernel),
+            [
+                (Level::Ok, "modules of a: plain; of b: xz -> ".to_string()),
+                (
+                    Level::Warn,
+                    "b lacks unix_diag -> stage another".to_string()
+                )
+            ]
+        );
+        assert_eq!(level(&mut m, Mode::Go, Kind::TargetKernel), None);
+        // Not loaded any more: what it was is beside the point.
+        m.loaded = false;
+        assert!(of(&mut m, Mode::Check, Kind::TargetKernel).is_empty());
     }
 
     /// Moved from the pipeline, whose own check it replaces: `go` gets no

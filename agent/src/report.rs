@@ -98,6 +98,7 @@ mod tests {
             workloads: vec![],
             events: vec![],
             store: Some("/dev/pmem0".into()),
+            modules_failed: vec![],
         }
     }
 

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, RUN_DIR};
 use crate::store::{Kind, Store};
+use crate::target::{self, Kernel, Level, Needs};
+use crate::{criu, workload};
 
 pub const STAGED_FILE: &str = "staged.json";
 
@@ -26,6 +28,10 @@ pub struct Staged {
     pub initrd_bytes: u64,
     pub modules: usize,
     pub staged_unix: u64,
+    /// What differs from the running kernel, as `kupgrade stage` found it
+    /// (nothing refused). Records from before this field read as none.
+    #[serde(default)]
+    pub differences: Vec<target::Finding>,
 }
 
 impl Staged {
@@ -57,10 +63,10 @@ pub enum Error {
     NoInit(PathBuf),
     #[error("building the initramfs failed")]
     Initramfs(#[from] initramfs::Error),
-    #[error("release {release} lacks modules the restore needs: {missing:?}")]
-    MissingModules {
+    #[error("refusing to stage {release}: {}", reasons.join("; "))]
+    Refused {
         release: String,
-        missing: Vec<String>,
+        reasons: Vec<String>,
     },
     #[error(transparent)]
     Store(#[from] crate::store::Error),
@@ -105,6 +111,34 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
     let release = image.release.clone();
     let store = Store::locate(cfg)?;
     let modules_dir = PathBuf::from(format!("/lib/modules/{release}"));
+    // What kupgrade's initramfs must bring up; a user's initramfs brings
+    // what it brings.
+    let needs = match req.initrd {
+        Some(_) => Needs::default(),
+        None => Needs {
+            pmem: store.kind == Kind::Pmem,
+            root_storage: target::root_storage_modules(),
+            network: target::network_modules(),
+            tcp: workload::discover(cfg)
+                .into_iter()
+                .flatten()
+                .any(|w| w.tcp_established),
+        },
+    };
+    let findings = target::compare(
+        &Kernel::installed(&target::running_release()),
+        &Kernel::installed(&release),
+        &needs,
+        criu::version(&cfg.criu).ok().as_deref(),
+    );
+    let (refused, notes): (Vec<_>, Vec<_>) =
+        findings.iter().partition(|f| f.level == Level::Refuse);
+    if !refused.is_empty() {
+        return Err(Error::Refused {
+            release,
+            reasons: refused.iter().map(|f| f.sentence()).collect(),
+        });
+    }
     let (initrd, initrd_bytes, n_modules) = match req.initrd {
         Some(p) => (
             p.to_path_buf(),
@@ -123,7 +157,10 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
             }
             let index = ModuleIndex::open(&modules_dir).map_err(initramfs::Error::from)?;
             let loaded = modules::loaded(Path::new("/proc/modules")).unwrap_or_default();
-            let wanted = initramfs::wanted_modules(&loaded, &index, store.kind == Kind::Pmem);
+            let mut wanted = initramfs::wanted_modules(&loaded, &index, store.kind == Kind::Pmem);
+            wanted.extend(target::needed_names(&needs));
+            wanted.sort();
+            wanted.dedup();
             let config = fs::read_to_string(format!("/boot/config-{release}")).ok();
             let spec = initramfs::Spec {
                 release: release.clone(),
@@ -131,25 +168,11 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
                 init_binary: cfg.init_binary.clone(),
                 modules: wanted,
                 compression: Compression::for_kernel_config(config.as_deref()),
+                kernel_decompresses: initramfs::format::in_kernel_decompression(config.as_deref()),
             };
             fs::create_dir_all(RUN_DIR).map_err(Error::Record)?;
             let out = Path::new(RUN_DIR).join(format!("initrd-{release}.img"));
             let built = initramfs::build(&spec, &out)?;
-            // The restore cannot work without these; others are best effort.
-            let mut required: Vec<&str> = modules::CRIU_MODULES.to_vec();
-            if store.kind == Kind::Pmem {
-                required.extend(modules::PMEM_MODULES);
-            }
-            let missing: Vec<String> = built
-                .modules
-                .missing
-                .iter()
-                .filter(|m| required.contains(&m.as_str()))
-                .cloned()
-                .collect();
-            if !missing.is_empty() {
-                return Err(Error::MissingModules { release, missing });
-            }
             (out, built.bytes, built.modules.load_order.len())
         }
     };
@@ -177,6 +200,7 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        differences: notes.into_iter().cloned().collect(),
     };
     staged.save().map_err(Error::Record)?;
     Ok(staged)

@@ -29,7 +29,7 @@ pub enum Error {
     #[error("no root= on the kernel command line")]
     NoRoot,
     #[error(
-        "root device {spec} did not appear within {secs} s (modules for its controller missing?)"
+        "root device {spec} did not appear within {secs} s (modules for its controller missing? rootdelay=N waits longer)"
     )]
     RootTimeout { spec: String, secs: u64 },
     #[error("cannot mount the root {dev} (tried {tried})")]
@@ -82,6 +82,37 @@ pub fn module_load_order(release: &str) -> Vec<String> {
         .collect()
 }
 
+/// `finit_module` flag (include/uapi/linux/module.h, Linux 5.17+): the file
+/// is compressed and the kernel unpacks it (`CONFIG_MODULE_DECOMPRESS`).
+/// nix does not name it.
+const MODULE_INIT_COMPRESSED_FILE: nix::libc::c_uint = 4;
+
+/// Endings of the compressed modules `initramfs::format` knows.
+const COMPRESSED: [&str; 3] = [".ko.xz", ".ko.zst", ".ko.gz"];
+
+/// The flags to load `module` with. The initramfs builder leaves a module
+/// compressed only when the kernel unpacks that format itself, so a
+/// compressed file in the initramfs is one to hand over as it is.
+pub fn finit_flags(module: &str) -> ModuleInitFlags {
+    if COMPRESSED.iter().any(|c| module.ends_with(c)) {
+        ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE)
+    } else {
+        ModuleInitFlags::empty()
+    }
+}
+
+/// The module name of a file: `kernel/drivers/block/virtio_blk.ko.xz` ->
+/// `virtio_blk` (`-` and `_` are the same to the kernel).
+pub fn module_name(file: &str) -> String {
+    let base = file.rsplit('/').next().unwrap_or(file);
+    let stem = COMPRESSED
+        .iter()
+        .chain(&[".ko"])
+        .find_map(|suffix| base.strip_suffix(suffix))
+        .unwrap_or(base);
+    stem.replace('-', "_")
+}
+
 pub fn load_module(release: &str, module: &str) -> Result<(), system::Error> {
     let path = modules_dir(release).join(module);
     let f = File::open(&path).map_err(|source| system::Error::Io {
@@ -89,22 +120,16 @@ pub fn load_module(release: &str, module: &str) -> Result<(), system::Error> {
         path: path.clone(),
         source,
     })?;
-    finit_module(&f, c"", ModuleInitFlags::empty())
+    finit_module(&f, c"", finit_flags(module))
         .map_err(|source| system::Error::Module { path, source })
 }
 
-/// Waits for the device named by `root=` and mounts it on [`NEWROOT`].
-/// `writable` forces a read-write mount (a restore writes to the root).
-pub fn mount_root(cmdline: &Cmdline, writable: bool) -> Result<PathBuf, Error> {
+/// Waits up to `wait` for the device named by `root=` and mounts it on
+/// [`NEWROOT`]. `writable` forces a read-write mount (a restore writes to
+/// the root).
+pub fn mount_root(cmdline: &Cmdline, writable: bool, wait: Duration) -> Result<PathBuf, Error> {
     let value = cmdline.value("root").ok_or(Error::NoRoot)?;
     let spec = RootSpec::parse(value);
-    // Without rootwait the kernel itself gives up quickly; we always wait a
-    // while, because module-driven controllers probe asynchronously.
-    let wait = if cmdline.has("rootwait") {
-        Duration::from_secs(120)
-    } else {
-        Duration::from_secs(30)
-    };
     let start = Instant::now();
     let dev = loop {
         if let Some(dev) = root::find(&spec, Path::new("/sys/class/block"), Path::new("/dev")) {
@@ -205,6 +230,18 @@ fn free_initramfs() {
     }
 }
 
+/// Halts or restarts the machine; returns only if the kernel refused.
+pub fn reboot(how: system::Reboot) -> system::Error {
+    use nix::sys::reboot::RebootMode;
+    nix::unistd::sync();
+    let mode = match how {
+        system::Reboot::Halt => RebootMode::RB_HALT_SYSTEM,
+        system::Reboot::Restart => RebootMode::RB_AUTOBOOT,
+    };
+    let Err(source) = nix::sys::reboot::reboot(mode);
+    system::Error::Reboot { how, source }
+}
+
 /// Replaces this process (PID 1) with `init`, giving it `args`. Only
 /// returns when it could not, with why.
 ///
@@ -264,5 +301,30 @@ mod tests {
             (1..=64).all(|s| !has_signal(&status, "SigBlk:", s)),
             "{status}"
         );
+    }
+
+    #[test]
+    fn only_compressed_modules_are_handed_over_compressed() {
+        assert_eq!(
+            finit_flags("kernel/drivers/block/virtio_blk.ko"),
+            ModuleInitFlags::empty()
+        );
+        for m in ["a.ko.xz", "kernel/x/b.ko.zst", "c.ko.gz"] {
+            assert_eq!(finit_flags(m).bits(), 4, "{m}");
+        }
+    }
+
+    #[test]
+    fn module_names_lose_their_directory_and_endings() {
+        assert_eq!(
+            module_name("kernel/drivers/block/virtio_blk.ko.xz"),
+            "virtio_blk"
+        );
+        assert_eq!(
+            module_name("kernel/net/af-packet-diag.ko.zst"),
+            "af_packet_diag"
+        );
+        assert_eq!(module_name("nd_pmem.ko"), "nd_pmem");
+        assert_eq!(module_name("x.ko.gz"), "x");
     }
 }

@@ -6,20 +6,25 @@
 //! mount /proc /sys /dev, read the command line  -> init-start
 //! load the modules the initramfs carries        -> modules-loaded
 //! mount the real root, switch to it             -> root-mounted
+//!   no root within the wait: mark a due image      restore-failed,
+//!   failed, stop as panic= says (ending.rs)        then halt or restart
 //! kupgrade.resume: the restore process          -> image-verified, net-restored,
 //!   (restore.rs), watched by PID 1                 restored | restore-failed
 //! exec the real init                            -> exec-init
 //! ```
 //!
-//! Whatever fails, the machine boots: a restore failure is recorded and
-//! reported, never fatal, and PID 1 never exits. What can go wrong in ways
-//! that would take PID 1 with it (a panic, an allocation that fails, a
-//! thread that cannot start, a hang) happens in the restore process: PID 1
-//! starts it, kills it with its process group once its budget is spent,
-//! and after any end but its own rescues the restore ([`rescue`]).
+//! Whatever fails after the root is mounted, the machine boots: a restore
+//! failure is recorded and reported, never fatal, and PID 1 never exits.
+//! What can go wrong in ways that would take PID 1 with it (a panic, an
+//! allocation that fails, a thread that cannot start, a hang) happens in
+//! the restore process: PID 1 starts it, kills it with its process group
+//! once its budget is spent, and after any end but its own rescues the
+//! restore ([`rescue`]). A root that never comes ends the boot as
+//! initramfs-tools ends it: by `panic=`, never in a loop.
 
 mod boot;
 mod child;
+mod ending;
 mod log;
 mod restore;
 mod root;
@@ -32,7 +37,7 @@ use std::time::Duration;
 
 use contract::cmdline::{self, Cmdline};
 use contract::events::{Event, EventLine};
-use contract::report::{Outcome, UpgradeReport};
+use contract::report::{ModuleFailure, Outcome, UpgradeReport};
 use contract::PhaseTiming;
 use image_format::State;
 
@@ -41,8 +46,6 @@ use crate::system::faults::Faults;
 use crate::system::real::RealSystem;
 use crate::system::{Durability, Error, RestorerRun, System, RESTORER_ARG};
 
-/// How long to wait before trying a root that would not mount again.
-const ROOT_RETRY: Duration = Duration::from_secs(5);
 /// Where the kernel looks for an init when `init=` names none, in its
 /// order (`kernel_init` in the kernel's `init/main.c`).
 const FALLBACK_INITS: [&str; 4] = ["/sbin/init", "/etc/init", "/bin/init", "/bin/sh"];
@@ -60,14 +63,17 @@ fn main() {
     panic::set_hook(Box::new(|info| log::line(&format!("panic: {info}"))));
     let mut sys = Faults::new(RealSystem::default());
     let why = boot_whatever_happens(&mut sys).err().unwrap_or_default();
-    // Nothing could be executed: PID 1 must not exit (that panics the kernel).
-    sys.log(&format!("cannot execute any init ({why}); halting here"));
+    // Nothing could be executed, or the machine would not stop: PID 1 must
+    // not exit (that panics the kernel).
+    sys.log(&format!("{why}; halting here"));
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
 }
 
-/// [`boot`], and after a panic in it, the real init all the same.
+/// [`boot`], and after a panic in it, the real init all the same. With no
+/// init to start (the panic came before the root was mounted), the boot
+/// ends as `panic=` says, as it does when the root never comes.
 fn boot_whatever_happens(sys: &mut dyn System) -> Result<(), String> {
     match panic::catch_unwind(AssertUnwindSafe(|| boot(sys))) {
         Ok(booted) => booted,
@@ -75,12 +81,17 @@ fn boot_whatever_happens(sys: &mut dyn System) -> Result<(), String> {
             // The panic's message is in the log already (main's hook).
             sys.log("kupgrade-init panicked; starting the real init anyway");
             let cmdline = Cmdline::parse(&sys.cmdline());
-            exec_init(sys, &cmdline)
+            exec_init(sys, &cmdline).map_err(|why| {
+                sys.log(&why);
+                let e = ending::stop(sys, &cmdline);
+                format!("{why}; {}", chain(&e))
+            })
         }
     }
 }
 
-/// The whole boot. Only returns if no init could be executed, with why.
+/// The whole boot. Only returns if no init could be executed, or the
+/// machine could not be stopped after the root never came, with why.
 fn boot(sys: &mut dyn System) -> Result<(), String> {
     if let Err(e) = sys.mount_kernel_fs() {
         sys.log(&chain(&e));
@@ -98,16 +109,16 @@ fn boot(sys: &mut dyn System) -> Result<(), String> {
     );
 
     let (loaded, failed) = load_modules(sys, &release);
-    emit(
-        sys,
-        &mut events,
-        EventLine::now(Event::ModulesLoaded)
-            .with("loaded", loaded)
-            .with("failed", failed),
-    );
+    let mut modules = EventLine::now(Event::ModulesLoaded)
+        .with("loaded", loaded)
+        .with("failed", failed.len());
+    if !failed.is_empty() {
+        modules = modules.with("failed_modules", names(&failed));
+    }
+    emit(sys, &mut events, modules);
 
-    // A restore writes to the root.
-    mount_root(sys, &cmdline, resume);
+    // Returns only if the root never came and the machine would not stop.
+    mount_root(sys, &cmdline, resume, &failed, &mut events)?;
     if let Err(e) = sys.switch_root() {
         sys.log(&chain(&e));
     }
@@ -120,6 +131,7 @@ fn boot(sys: &mut dyn System) -> Result<(), String> {
                 let run = RestorerRun {
                     store: store.into(),
                     events,
+                    modules_failed: failed,
                     timeout: restore::timeout(&cmdline),
                 };
                 if let Err(e) = sys.run_restorer(&run) {
@@ -131,16 +143,22 @@ fn boot(sys: &mut dyn System) -> Result<(), String> {
     exec_init(sys, &cmdline)
 }
 
-/// The restore process (`kupgrade-init __restore STORE TIMEOUT_MS EVENTS`):
-/// exits 0 once the restore ran to its end, whatever it restored; PID 1
-/// takes any other end for a restore that did not finish.
+/// The restore process (`kupgrade-init __restore STORE TIMEOUT_MS EVENTS
+/// MODULES_FAILED`): exits 0 once the restore ran to its end, whatever it
+/// restored; PID 1 takes any other end for a restore that did not finish.
 fn restorer(args: &[String]) -> i32 {
-    let [store, timeout_ms, events] = args else {
-        eprintln!("usage: kupgrade-init {RESTORER_ARG} STORE TIMEOUT_MS EVENTS_JSON");
+    let [store, timeout_ms, events, modules_failed] = args else {
+        eprintln!(
+            "usage: kupgrade-init {RESTORER_ARG} STORE TIMEOUT_MS EVENTS_JSON MODULES_FAILED_JSON"
+        );
         return 2;
     };
-    let (Ok(ms), Ok(events)) = (timeout_ms.parse(), serde_json::from_str(events)) else {
-        eprintln!("kupgrade-init {RESTORER_ARG}: bad timeout {timeout_ms:?} or events");
+    let (Ok(ms), Ok(events), Ok(modules_failed)) = (
+        timeout_ms.parse(),
+        serde_json::from_str(events),
+        serde_json::from_str(modules_failed),
+    ) else {
+        eprintln!("kupgrade-init {RESTORER_ARG}: bad timeout {timeout_ms:?}, events or modules");
         return 2;
     };
     log::open_kmsg();
@@ -150,6 +168,7 @@ fn restorer(args: &[String]) -> i32 {
     let run = RestorerRun {
         store: store.into(),
         events,
+        modules_failed,
         timeout: Duration::from_millis(ms),
     };
     restore_process(&mut sys, &run);
@@ -158,7 +177,13 @@ fn restorer(args: &[String]) -> i32 {
 
 /// What the restore process does: the restore, and one line on it.
 pub(crate) fn restore_process(sys: &mut dyn System, run: &RestorerRun) {
-    let restore = restore::run(sys, &run.store, run.events.clone(), run.timeout);
+    let restore = restore::run(
+        sys,
+        &run.store,
+        run.events.clone(),
+        run.modules_failed.clone(),
+        run.timeout,
+    );
     sys.log(&restore.summary(&run.store.display().to_string()));
 }
 
@@ -228,6 +253,7 @@ fn rescue(sys: &mut dyn System, run: &RestorerRun, release: &str, why: &str) {
         workloads: vec![],
         events: run.events.clone(),
         store: Some(run.store.display().to_string()),
+        modules_failed: run.modules_failed.clone(),
     });
     for w in report
         .workloads
@@ -287,7 +313,7 @@ fn exec_init(sys: &mut dyn System, cmdline: &Cmdline) -> Result<(), String> {
             }
         }
     }
-    Err(failed.join("; "))
+    Err(format!("cannot execute any init ({})", failed.join("; ")))
 }
 
 /// Emits an event and records it for the report.
@@ -298,9 +324,9 @@ fn emit(sys: &mut dyn System, events: &mut Vec<PhaseTiming>, e: EventLine) {
 
 /// Loads the modules the initramfs carries, in order. One that fails is
 /// logged and skipped: the rest of the boot may not need it. Returns how
-/// many loaded and how many failed.
-fn load_modules(sys: &mut dyn System, release: &str) -> (usize, usize) {
-    let (mut loaded, mut failed) = (0, 0);
+/// many loaded, and which failed and why.
+fn load_modules(sys: &mut dyn System, release: &str) -> (usize, Vec<ModuleFailure>) {
+    let (mut loaded, mut failed) = (0, Vec::new());
     for module in sys.modules(release) {
         match sys.load_module(release, &module) {
             Ok(()) => loaded += 1,
@@ -311,20 +337,62 @@ fn load_modules(sys: &mut dyn System, release: &str) -> (usize, usize) {
             }) => loaded += 1,
             Err(e) => {
                 sys.log(&chain(&e));
-                failed += 1;
+                let error = match &e {
+                    Error::Module { source, .. } => source.to_string(),
+                    other => chain(other),
+                };
+                failed.push(ModuleFailure {
+                    name: boot::module_name(&module),
+                    error,
+                });
             }
         }
+    }
+    if !failed.is_empty() {
+        sys.log(&format!(
+            "{} module(s) did not load: {}",
+            failed.len(),
+            names(&failed)
+        ));
     }
     (loaded, failed)
 }
 
-/// A root that cannot be mounted leaves nothing to boot: say why, keep
-/// trying (a slow controller may still come), and never exit PID 1.
-fn mount_root(sys: &mut dyn System, cmdline: &Cmdline, writable: bool) {
-    while let Err(e) = sys.mount_root(cmdline, writable) {
-        sys.log(&format!("{}; retrying", chain(&e)));
-        sys.sleep(ROOT_RETRY);
+fn names(failed: &[ModuleFailure]) -> String {
+    let names: Vec<&str> = failed.iter().map(|m| m.name.as_str()).collect();
+    names.join(",")
+}
+
+/// Mounts the real root (read-write for a restore, which writes to it),
+/// waiting for its device as long as the command line allows. A root that
+/// never comes ends the boot as initramfs-tools ends it ([`ending`]); an
+/// image that was to be restored is marked failed first, with the reason.
+/// `Err` only if the machine could not be stopped, with why.
+fn mount_root(
+    sys: &mut dyn System,
+    cmdline: &Cmdline,
+    resume: bool,
+    failed_modules: &[ModuleFailure],
+    events: &mut Vec<PhaseTiming>,
+) -> Result<(), String> {
+    let Err(e) = sys.mount_root(cmdline, resume, root::wait(cmdline)) else {
+        return Ok(());
+    };
+    let mut why = format!("gave up on the root: {}", chain(&e));
+    if !failed_modules.is_empty() {
+        why.push_str(&format!(
+            "; these modules did not load: {}",
+            names(failed_modules)
+        ));
     }
+    sys.log(&why);
+    if resume {
+        if let Some(store) = cmdline.value(cmdline::STORE) {
+            restore::abandon(sys, Path::new(store), &why, events);
+        }
+    }
+    let e = ending::stop(sys, cmdline);
+    Err(format!("{why}; {}", chain(&e)))
 }
 
 #[cfg(test)]
@@ -420,24 +488,168 @@ mod tests {
         assert!(!f.logged("b.ko"), "{:?}", f.logs);
     }
 
+    /// No root within the wait: the boot stops as `panic=` says, at once
+    /// and for good (no retry, no real init), having said why.
     #[test]
-    fn a_root_that_will_not_mount_is_retried_until_it_does() {
-        let mut f = Fake::failing_at(&["mount root"]);
-        f.cmdline = "root=/dev/vda".into();
-        boot(&mut f).expect("an init runs");
+    fn a_root_that_never_appears_ends_the_boot_as_panic_says() {
+        let mut f = Fake::resuming();
+        f.cmdline = "root=LABEL=kupgrade-root panic=-1".into();
+        f.root_never_appears = true;
+        let why = boot(&mut f).unwrap_err();
         assert_eq!(
             f.calls,
             [
                 "mount kernel fs",
                 "load virtio_net.ko",
                 "mount root",
-                "sleep 5s",
-                "mount root",
-                "switch root",
-                "exec /sbin/init"
+                "restart"
             ]
         );
-        assert!(f.logged(&format!("{}; retrying", Fake::failure("mount root"))));
+        assert_eq!(f.root_waits, [Duration::from_secs(30)]);
+        assert_eq!(f.events(), [Event::InitStart, Event::ModulesLoaded]);
+        let gave_up =
+            "gave up on the root: root device LABEL=kupgrade-root did not appear within 30 s";
+        assert!(f.logged(&format!("{gave_up} (modules")), "{:?}", f.logs);
+        assert!(f.logged("restarting now (panic= on the command line)"));
+        assert!(why.starts_with(gave_up), "{why}");
+        assert!(why.ends_with("cannot restart the machine: EPERM: Operation not permitted"));
+    }
+
+    /// A root device that is there but does not mount is not retried
+    /// either; without panic= the machine halts.
+    #[test]
+    fn a_root_that_will_not_mount_halts_without_panic() {
+        let mut f = Fake::failing_at(&["mount root"]);
+        f.cmdline = "root=/dev/vda rootdelay=45".into();
+        boot(&mut f).expect_err("the fake cannot halt");
+        assert_eq!(
+            f.calls,
+            [
+                "mount kernel fs",
+                "load virtio_net.ko",
+                "mount root",
+                "halt"
+            ]
+        );
+        assert_eq!(f.root_waits, [Duration::from_secs(45)]);
+        let why = format!("gave up on the root: {}", Fake::failure("mount root"));
+        assert_eq!(f.logs[0], why);
+        assert!(f.logs[1].starts_with("halting: this initramfs has no shell"));
+        assert!(f.reports.is_empty());
+    }
+
+    /// The image that was to be restored is marked failed, and why is said
+    /// (restore-failed), before the machine stops: no later boot restores
+    /// it, and the console tells what went wrong.
+    #[test]
+    fn a_due_restore_is_marked_failed_before_the_machine_stops() {
+        let mut f = Fake::resuming();
+        f.cmdline.push_str(" rootdelay=60 panic=10");
+        f.root_never_appears = true;
+        boot(&mut f).expect_err("the fake cannot restart");
+        assert_eq!(
+            f.calls_after("mount root"),
+            [
+                "read superblock /dev/pmem0",
+                "mark failed",
+                "sleep 10s",
+                "restart"
+            ]
+        );
+        assert_eq!(f.ending(), [Event::ModulesLoaded, Event::RestoreFailed]);
+        let why = f.events[2].field("reason").unwrap_or_default();
+        assert!(
+            why.starts_with(
+                "gave up on the root: root device LABEL=kupgrade-root did not appear within 60 s"
+            ),
+            "{why}"
+        );
+        assert!(f.reports.is_empty(), "no root to write a report to");
+        // Said in order: why, then how the machine stops.
+        let at = |text: &str| f.logs.iter().position(|l| l.starts_with(text));
+        assert!(
+            at("gave up on the root") < at("restarting in 10 s"),
+            "{:?}",
+            f.logs
+        );
+    }
+
+    /// An image that is not `written` is not the boot's to fail, and one
+    /// that cannot be marked does not keep the machine from stopping.
+    #[test]
+    fn giving_up_leaves_a_used_image_alone_and_survives_a_failed_mark() {
+        let mut used = Fake::resuming();
+        used.root_never_appears = true;
+        if let Some(i) = used.image.as_mut() {
+            i.state = State::Restored;
+        }
+        boot(&mut used).expect_err("the fake cannot halt");
+        assert_eq!(
+            used.calls_after("mount root"),
+            ["read superblock /dev/pmem0", "halt"]
+        );
+        assert!(used.logged("the image in /dev/pmem0 is restored: left as it is"));
+        assert_eq!(used.ending(), [Event::InitStart, Event::ModulesLoaded]);
+
+        let mut unmarkable = Fake::failing_at(&["mark failed"]);
+        unmarkable.root_never_appears = true;
+        boot(&mut unmarkable).expect_err("the fake cannot halt");
+        assert_eq!(
+            unmarkable.calls_after("mount root"),
+            ["read superblock /dev/pmem0", "mark failed", "halt"]
+        );
+        assert!(unmarkable.logged(&format!(
+            "cannot mark the image failed: {}",
+            Fake::failure("mark failed")
+        )));
+    }
+
+    /// Modules the kernel refuses (ENOEXEC: a compressed module it cannot
+    /// unpack) are named in the log, the modules-loaded event, the report,
+    /// and the reason the root was given up on.
+    #[test]
+    fn a_module_that_fails_is_named_everywhere_it_matters() {
+        let mut f = Fake::resuming();
+        f.modules = vec![
+            "kernel/drivers/block/virtio_blk.ko.xz".into(),
+            "kernel/drivers/nvdimm/nd-pmem.ko.xz".into(),
+            "kernel/drivers/net/virtio_net.ko".into(),
+        ];
+        f.refused = f.modules[..2].to_vec();
+        boot(&mut f).expect("an init runs");
+        assert!(f.logged(
+            "cannot load module /lib/modules/6.1.0-2/kernel/drivers/block/virtio_blk.ko.xz: ENOEXEC"
+        ));
+        assert!(f.logged("2 module(s) did not load: virtio_blk,nd_pmem"));
+        let modules = &f.events[1];
+        assert_eq!(
+            (modules.field("loaded"), modules.field("failed")),
+            (Some("1"), Some("2"))
+        );
+        assert_eq!(modules.field("failed_modules"), Some("virtio_blk,nd_pmem"));
+        let failed: Vec<(&str, &str)> = f
+            .report()
+            .modules_failed
+            .iter()
+            .map(|m| (m.name.as_str(), m.error.as_str()))
+            .collect();
+        let enoexec = "ENOEXEC: Exec format error";
+        assert_eq!(failed, [("virtio_blk", enoexec), ("nd_pmem", enoexec)]);
+
+        f = Fake::resuming();
+        f.modules = vec!["virtio_blk.ko.xz".into()];
+        f.refused = f.modules.clone();
+        f.root_never_appears = true;
+        boot(&mut f).expect_err("the fake cannot halt");
+        let why = f
+            .events
+            .last()
+            .and_then(|e| e.field("reason"))
+            .unwrap_or_default();
+        assert!(
+            why.ends_with("; these modules did not load: virtio_blk"),
+            "{why}"
+        );
     }
 
     /// A missing init (or `init=`) is skipped for the next in the kernel's
@@ -480,7 +692,10 @@ mod tests {
         f.missing_inits = FALLBACK_INITS.map(String::from).to_vec();
         let why = boot(&mut f).unwrap_err();
         assert_eq!(why.matches(": ENOENT").count(), 4, "{why}");
-        assert!(why.starts_with("/sbin/init: ENOENT") && why.contains("/bin/sh: ENOENT"));
+        assert!(
+            why.starts_with("cannot execute any init (/sbin/init: ENOENT")
+                && why.contains("/bin/sh: ENOENT")
+        );
     }
 
     #[test]
@@ -511,6 +726,53 @@ mod tests {
         assert_eq!(run.timeout, Duration::from_secs(90));
         let names: Vec<&str> = run.events.iter().map(|e| e.event.as_str()).collect();
         assert_eq!(names, ["init-start", "modules-loaded", "root-mounted"]);
+    }
+
+    /// A panic before the root is mounted leaves no init to start: the
+    /// boot ends as panic= says, as it does when the root never comes.
+    #[test]
+    fn a_panic_before_the_root_ends_the_boot_as_panic_says() {
+        let mut f = Fake::resuming();
+        f.cmdline = "root=/dev/vda panic=-1".into();
+        f.panic_at = vec!["mount root".into()];
+        f.missing_inits = FALLBACK_INITS.map(String::from).to_vec();
+        let why = boot_whatever_happens(&mut f).unwrap_err();
+        assert_eq!(
+            f.calls_after("mount root"),
+            [
+                "exec /sbin/init",
+                "exec /etc/init",
+                "exec /bin/init",
+                "exec /bin/sh",
+                "restart"
+            ]
+        );
+        assert!(f.logged("restarting now (panic= on the command line)"));
+        assert!(
+            why.starts_with("cannot execute any init (/sbin/init: ENOENT")
+                && why.ends_with("cannot restart the machine: EPERM: Operation not permitted"),
+            "{why}"
+        );
+    }
+
+    /// The modules that did not load reach the restore process, its record
+    /// and report, and the report of a rescue that has no record to go by.
+    #[test]
+    fn failed_modules_reach_the_restore_process_and_a_rescue_report() {
+        let named = |m: &[ModuleFailure]| m.iter().map(|m| m.name.clone()).collect::<Vec<_>>();
+        let mut f = Fake::resuming();
+        f.refused = f.modules.clone();
+        boot(&mut f).expect("an init runs");
+        assert_eq!(named(&f.restorer_runs[0].modules_failed), ["virtio_net"]);
+        assert_eq!(named(&f.record().modules_failed), ["virtio_net"]);
+        assert_eq!(named(&f.report().modules_failed), ["virtio_net"]);
+
+        let mut f = Fake::resuming();
+        f.refused = f.modules.clone();
+        f.restorer_dies = Some(died());
+        boot(&mut f).expect("an init runs");
+        assert_eq!(f.reports.len(), 1, "the rescue's report only");
+        assert_eq!(named(&f.report().modules_failed), ["virtio_net"]);
     }
 
     /// What follows a restore process that did not run to its end.

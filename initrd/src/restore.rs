@@ -31,7 +31,7 @@ use contract::cmdline::{self, Cmdline};
 use contract::criu::Checkpoint;
 use contract::devstate::{self, DeviceState};
 use contract::events::{Event, EventLine};
-use contract::report::{self, Outcome, UpgradeReport, WorkloadOutcome};
+use contract::report::{self, ModuleFailure, Outcome, UpgradeReport, WorkloadOutcome};
 use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, State};
 
@@ -134,11 +134,13 @@ enum Failure {
 }
 
 /// Restores the image in `store`, if there is one to restore, within
-/// `timeout`. `events` are the init's so far, for the report.
+/// `timeout`. `events` are the init's so far, and `modules_failed` the
+/// modules that did not load, for the report.
 pub fn run(
     sys: &mut dyn System,
     store: &Path,
     events: Vec<PhaseTiming>,
+    modules_failed: Vec<ModuleFailure>,
     timeout: Duration,
 ) -> Restore {
     let children_until = Instant::now() + timeout.saturating_sub(wrap_up(timeout));
@@ -174,6 +176,7 @@ pub fn run(
             .collect(),
         events: vec![],
         store: Some(store.display().to_string()),
+        modules_failed,
     };
     let r = Restorer {
         sys,
@@ -184,6 +187,40 @@ pub fn run(
         record,
     };
     Restore::Done(Box::new(r.run()))
+}
+
+/// The restore cannot happen (the root never came): a `written` image is
+/// marked failed, so that no later boot restores it onto a root that has
+/// moved on, and why goes to the console and kmsg (`restore-failed`). With
+/// no root there is nowhere to write the report, so the image is kept.
+///
+/// PID 1 does this itself, no restore process is started: it reads the
+/// superblock only, as [`crate::rescue`] does, and leaves the rest of the
+/// image unread.
+pub fn abandon(sys: &mut dyn System, store: &Path, why: &str, events: &mut Vec<PhaseTiming>) {
+    match sys.read_superblock(store) {
+        Err(e) => {
+            sys.log(&format!("no image to mark failed: {}", chain(&e)));
+            return;
+        }
+        Ok(head) if head.state != State::Written => {
+            sys.log(&format!(
+                "the image in {} is {}: left as it is",
+                store.display(),
+                head.state
+            ));
+            return;
+        }
+        Ok(_) => {}
+    }
+    if let Err(e) = sys.set_image_state(State::Failed) {
+        sys.log(&format!("cannot mark the image failed: {}", chain(&e)));
+    }
+    crate::emit(
+        sys,
+        events,
+        EventLine::now(Event::RestoreFailed).with("reason", why),
+    );
 }
 
 struct Restorer<'a> {

@@ -36,7 +36,7 @@ pub const VM_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net"];
 pub const GUEST_BINARIES: &[&str] = &["kupgrade", "kupgrade-init", "kupgrade-guest"];
 
 /// The test workloads and checkers built into `bin_dir`, sorted.
-fn workload_binaries(bin_dir: &Path) -> Result<Vec<String>> {
+pub(crate) fn workload_binaries(bin_dir: &Path) -> Result<Vec<String>> {
     let mut v: Vec<String> = fs::read_dir(bin_dir)
         .with_context(|| format!("no guest binaries in {}", bin_dir.display()))?
         .flatten()
@@ -73,7 +73,8 @@ impl Cache {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd` and returns its stdout; a failure says what ran and its stderr.
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| {
         format!("cannot run {cmd:?}: is it installed? (scripts/setup installs it)")
     })?;
@@ -276,6 +277,7 @@ pub fn build_initramfs(cache: &Cache, bin_dir: &Path, release: &str) -> Result<P
             .chain(vm.clone())
             .collect(),
         compression: initramfs::Compression::for_kernel_config(config.as_deref()),
+        kernel_decompresses: initramfs::format::in_kernel_decompression(config.as_deref()),
     };
     let built = initramfs::build(&spec, &out)?;
     if !built.modules.missing.is_empty() {
@@ -363,7 +365,7 @@ fn rootfs_key(inputs: &RootfsInputs) -> Result<String> {
     Ok(h.finalize().to_hex()[..16].to_string())
 }
 
-fn dir_size(dir: &Path) -> u64 {
+pub(crate) fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -513,11 +515,15 @@ fn populate(cache: &Cache, inputs: &RootfsInputs, root: &Path) -> Result<()> {
         "127.0.0.1 localhost\n10.0.2.15 kupgrade-guest\n",
     )?;
     fs::create_dir_all(etc.join("kupgrade"))?;
-    fs::write(
-        etc.join("kupgrade/config.toml"),
-        format!("# written by kupgrade-vm\nstore = \"/dev/pmem0\"\ninit_binary = \"{GUEST_INIT_BINARY}\"\n"),
-    )?;
+    fs::write(etc.join("kupgrade/config.toml"), guest_config())?;
     Ok(())
+}
+
+/// The guest's /etc/kupgrade/config.toml: the store the scenario reserves.
+pub(crate) fn guest_config() -> String {
+    format!(
+        "# written by kupgrade-vm\nstore = \"/dev/pmem0\"\ninit_binary = \"{GUEST_INIT_BINARY}\"\n"
+    )
 }
 
 /// Packages only their maintainer scripts need; nothing runs those here.

@@ -40,6 +40,10 @@ pub struct Plan {
     pub checks: Vec<Check>,
     /// How long the checks wait for restored workloads to show they run.
     pub alive_secs: u64,
+    /// Only kexec through the chain, bare (no workloads, no `kupgrade go`),
+    /// for the host to time the floor of the blackout.
+    #[serde(default)]
+    pub bare_kexec: bool,
 }
 
 /// Progress, kept on the guest's disk: how many upgrades are done.

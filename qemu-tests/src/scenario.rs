@@ -7,6 +7,8 @@
 //! [kernels]
 //! from = "oldest"            # oldest | previous | latest | an exact release
 //! to = "latest"
+//! series = "6.1.0"           # the package series the keywords pick from
+//! # a kernel of another series names it: to = { series = "6.12", release = "latest" }
 //! [guest]
 //! memory_mib = 1024
 //! store_mib = 256
@@ -80,12 +82,68 @@ pub struct Scenario {
 #[serde(deny_unknown_fields)]
 pub struct Kernels {
     /// Release to boot first: `oldest`, `previous`, `latest` or an exact
-    /// release such as `6.1.0-47-cloud-amd64`.
-    pub from: String,
-    pub to: String,
+    /// release such as `6.1.0-47-cloud-amd64`, of `series`; or a table that
+    /// names its own series (`{ series = "6.12", release = "latest" }`).
+    pub from: Kernel,
+    pub to: Kernel,
     /// Package series the keywords pick from.
     #[serde(default = "default_series")]
     pub series: String,
+}
+
+impl Kernels {
+    /// (release or keyword, series) of `from`.
+    pub fn from(&self) -> (&str, &str) {
+        self.from.pick(&self.series)
+    }
+
+    /// (release or keyword, series) of `to`.
+    pub fn to(&self) -> (&str, &str) {
+        self.to.pick(&self.series)
+    }
+}
+
+/// One kernel of a scenario: a release (or keyword) of the scenario's
+/// series, or of a series of its own (an upgrade across series, such as
+/// Debian 12's 6.1 to its 6.12).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(
+    untagged,
+    expecting = "a release (\"oldest\", \"previous\", \"latest\" or an exact one) or a table { series = \"6.12\", release = \"latest\" }"
+)]
+pub enum Kernel {
+    Release(String),
+    OfSeries(KernelOfSeries),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KernelOfSeries {
+    /// Package series, e.g. `6.12` for `linux-image-6.12.*-cloud-amd64`.
+    pub series: String,
+    /// `oldest`, `previous`, `latest` or an exact release.
+    #[serde(default = "latest")]
+    pub release: String,
+}
+
+fn latest() -> String {
+    "latest".into()
+}
+
+impl Kernel {
+    /// (release or keyword, series), `series` being the scenario's.
+    pub fn pick<'a>(&'a self, series: &'a str) -> (&'a str, &'a str) {
+        match self {
+            Kernel::Release(r) => (r, series),
+            Kernel::OfSeries(k) => (&k.release, &k.series),
+        }
+    }
+}
+
+impl From<&str> for Kernel {
+    fn from(release: &str) -> Self {
+        Kernel::Release(release.to_string())
+    }
 }
 
 /// A string or a list of strings.
@@ -127,6 +185,19 @@ pub struct Guest {
     pub packages: Vec<String>,
     /// Deadline for the whole run; QEMU is stopped when it passes.
     pub timeout_secs: u64,
+    /// Which guest boots: the minimal appliance or a Debian server.
+    pub flavour: Flavour,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    /// busybox, the agent as PID 1, a plain ext4 root, kupgrade's initramfs.
+    #[default]
+    Appliance,
+    /// Debian 12 with systemd, its root on LVM, kernels installed by dpkg,
+    /// booted through initramfs-tools (see `debian.rs`).
+    Debian,
 }
 
 impl Guest {
@@ -144,6 +215,7 @@ impl Default for Guest {
             store_mib: 256,
             packages: vec![],
             timeout_secs: 600,
+            flavour: Flavour::Appliance,
         }
     }
 }
@@ -406,7 +478,7 @@ command = ["/bin/true"]
     fn minimal_scenario_gets_defaults() {
         let s = Scenario::parse(MINIMAL).unwrap();
         s.validate().unwrap();
-        assert_eq!(s.kernels.from, "oldest");
+        assert_eq!(s.kernels.from(), ("oldest", "6.1.0"));
         assert_eq!(s.guest.memory_mib, 1024);
         assert_eq!(s.upgrade.chain, vec!["to"]);
     }
@@ -421,6 +493,42 @@ command = ["/bin/true"]
         s.validate().unwrap();
         s.guest.memory_mib = 1151;
         assert!(s.validate().unwrap_err().contains("at least 1152"));
+    }
+
+    /// A kernel of another series names it; the others keep the
+    /// scenario's series, and a plain string still works.
+    #[test]
+    fn a_kernel_may_name_its_own_series() {
+        let s = Scenario::parse(&format!(
+            "{MINIMAL}\n[kernels]\nfrom = \"latest\"\nto = {{ series = \"6.12\", release = \"oldest\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(s.kernels.from(), ("latest", "6.1.0"));
+        assert_eq!(s.kernels.to(), ("oldest", "6.12"));
+        let s = Scenario::parse(&format!(
+            "{MINIMAL}\n[kernels]\nseries = \"6.12\"\nfrom = {{ series = \"6.1.0\" }}\nto = \"6.12.117+deb12-cloud-amd64\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.kernels.from(), ("latest", "6.1.0"));
+        assert_eq!(s.kernels.to(), ("6.12.117+deb12-cloud-amd64", "6.12"));
+        let err = Scenario::parse(&format!(
+            "{MINIMAL}\n[kernels]\nfrom = \"oldest\"\nto = {{ serie = \"6.12\" }}\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("or a table { series = "), "{err}");
+    }
+
+    #[test]
+    fn the_appliance_is_the_default_guest_and_debian_is_chosen_by_name() {
+        assert_eq!(
+            Scenario::parse(MINIMAL).unwrap().guest.flavour,
+            Flavour::Appliance
+        );
+        let s = Scenario::parse(&format!("{MINIMAL}\n[guest]\nflavour = \"debian\"\n")).unwrap();
+        assert_eq!(s.guest.flavour, Flavour::Debian);
+        let err =
+            Scenario::parse(&format!("{MINIMAL}\n[guest]\nflavour = \"fedora\"\n")).unwrap_err();
+        assert!(err.contains("fedora"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,9 @@ use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, SectionEntry, SectionKind, State};
 
 use super::faults::Faults;
-use super::{CriuRun, Durability, Error, ImageHead, ImageInfo, RestorerRun, SupportMount, System};
+use super::{
+    CriuRun, Durability, Error, ImageHead, ImageInfo, Reboot, RestorerRun, SupportMount, System,
+};
 use crate::child;
 use crate::restore::table_name;
 
@@ -72,6 +74,12 @@ pub struct Fake {
     pub modules: Vec<String>,
     /// Modules the kernel has already (finit_module says EEXIST).
     pub loaded_already: Vec<String>,
+    /// Modules the kernel refuses (finit_module says ENOEXEC).
+    pub refused: Vec<String>,
+    /// The root device never shows up, however long the wait.
+    pub root_never_appears: bool,
+    /// How long each root mount was allowed to wait for its device.
+    pub root_waits: Vec<Duration>,
     /// The image in the store; `None`: there is none.
     pub image: Option<ImageInfo>,
     /// What the device state section holds.
@@ -246,6 +254,7 @@ impl Fake {
             workloads: vec![],
             events: vec![],
             store: Some("/dev/pmem0".into()),
+            modules_failed: vec![],
         }
     }
 
@@ -273,15 +282,32 @@ impl System for Fake {
     }
     fn load_module(&mut self, _release: &str, module: &str) -> Result<(), Error> {
         self.step(format!("load {module}"))?;
-        if self.loaded_already.iter().any(|m| m == module) {
-            return Err(Error::Module {
-                path: module.into(),
-                source: nix::Error::EEXIST,
-            });
-        }
-        Ok(())
+        let errno = if self.loaded_already.iter().any(|m| m == module) {
+            nix::Error::EEXIST
+        } else if self.refused.iter().any(|m| m == module) {
+            nix::Error::ENOEXEC
+        } else {
+            return Ok(());
+        };
+        Err(Error::Module {
+            path: format!("/lib/modules/6.1.0-2/{module}").into(),
+            source: errno,
+        })
     }
-    fn mount_root(&mut self, _cmdline: &Cmdline, _writable: bool) -> Result<(), Error> {
+    fn mount_root(
+        &mut self,
+        _cmdline: &Cmdline,
+        _writable: bool,
+        wait: Duration,
+    ) -> Result<(), Error> {
+        self.root_waits.push(wait);
+        if self.root_never_appears {
+            self.calls.push("mount root".into());
+            return Err(Error::Boot(crate::boot::Error::RootTimeout {
+                spec: "LABEL=kupgrade-root".into(),
+                secs: wait.as_secs(),
+            }));
+        }
         self.step("mount root".into())
     }
     fn sleep(&mut self, d: Duration) {
@@ -323,6 +349,13 @@ impl System for Fake {
                 stderr: format!("thread 'main' panicked at the fake:\n{message}"),
             }
         })
+    }
+    fn reboot(&mut self, how: Reboot) -> Error {
+        self.calls.push(how.to_string());
+        Error::Reboot {
+            how,
+            source: nix::Error::EPERM,
+        }
     }
 
     fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error> {

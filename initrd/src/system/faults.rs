@@ -16,7 +16,9 @@ use contract::report::UpgradeReport;
 use contract::WorkloadEntry;
 use image_format::State;
 
-use super::{CriuRun, Durability, Error, ImageHead, ImageInfo, RestorerRun, SupportMount, System};
+use super::{
+    CriuRun, Durability, Error, ImageHead, ImageInfo, Reboot, RestorerRun, SupportMount, System,
+};
 use crate::log;
 
 /// The action script of `criu-restore-hang`: it never returns, and what it
@@ -120,8 +122,13 @@ impl<S: System> System for Faults<S> {
         self.inner.load_module(release, module)
     }
 
-    fn mount_root(&mut self, cmdline: &Cmdline, writable: bool) -> Result<(), Error> {
-        self.inner.mount_root(cmdline, writable)
+    fn mount_root(
+        &mut self,
+        cmdline: &Cmdline,
+        writable: bool,
+        wait: Duration,
+    ) -> Result<(), Error> {
+        self.inner.mount_root(cmdline, writable, wait)
     }
 
     fn sleep(&mut self, d: Duration) {
@@ -138,6 +145,10 @@ impl<S: System> System for Faults<S> {
 
     fn run_restorer(&mut self, run: &RestorerRun) -> Result<(), Error> {
         self.inner.run_restorer(run)
+    }
+
+    fn reboot(&mut self, how: Reboot) -> Error {
+        self.inner.reboot(how)
     }
 
     fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error> {

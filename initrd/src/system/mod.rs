@@ -12,6 +12,7 @@ pub mod fake;
 pub mod faults;
 pub mod real;
 
+use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -21,7 +22,7 @@ use contract::cmdline::{self, Cmdline, InitFailpoint};
 use contract::criu::Checkpoint;
 use contract::devstate::{Interface, Route};
 use contract::events::EventLine;
-use contract::report::UpgradeReport;
+use contract::report::{ModuleFailure, UpgradeReport};
 use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, State};
 
@@ -81,10 +82,34 @@ pub enum Error {
     EncodeReport(#[source] serde_json::Error),
     #[error("failpoint {}={point}", cmdline::FAILPOINT)]
     Injected { point: InitFailpoint },
+    #[error("cannot {how} the machine")]
+    Reboot {
+        how: Reboot,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// How a boot that cannot go on stops the machine (`reboot(2)`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reboot {
+    /// Stop, with the console showing why.
+    Halt,
+    /// Start again through the firmware and the boot loader.
+    Restart,
+}
+
+impl fmt::Display for Reboot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Reboot::Halt => "halt",
+            Reboot::Restart => "restart",
+        })
+    }
 }
 
 /// `argv[1]` of the restore process: `kupgrade-init __restore STORE
-/// TIMEOUT_MS EVENTS_JSON`.
+/// TIMEOUT_MS EVENTS_JSON MODULES_FAILED_JSON`.
 pub const RESTORER_ARG: &str = "__restore";
 
 /// What the restore process is started with.
@@ -93,6 +118,8 @@ pub struct RestorerRun {
     pub store: PathBuf,
     /// The init's events so far, for the report.
     pub events: Vec<PhaseTiming>,
+    /// The modules that did not load, for the report.
+    pub modules_failed: Vec<ModuleFailure>,
     /// The restore's budget: the process keeps to it, and is killed with
     /// its process group a little after it.
     pub timeout: Duration,
@@ -186,14 +213,22 @@ pub trait System {
     /// The modules the initramfs builder listed, in load order.
     fn modules(&mut self, release: &str) -> Vec<String>;
     fn load_module(&mut self, release: &str, module: &str) -> Result<(), Error>;
-    /// `writable` forces a read-write mount (a restore writes to the root).
-    fn mount_root(&mut self, cmdline: &Cmdline, writable: bool) -> Result<(), Error>;
+    /// Waits up to `wait` for the root device and mounts it; `writable`
+    /// forces a read-write mount (a restore writes to the root).
+    fn mount_root(
+        &mut self,
+        cmdline: &Cmdline,
+        writable: bool,
+        wait: Duration,
+    ) -> Result<(), Error>;
     fn sleep(&mut self, d: Duration);
     /// Makes the mounted root `/`; PID 1 goes on running.
     fn switch_root(&mut self) -> Result<(), Error>;
     /// Replaces PID 1 with `init`, giving it `args`; returns only why it
     /// could not (the fake says `Ok` for an init it pretends to run).
     fn exec(&mut self, init: &str, args: &[String]) -> Result<(), String>;
+    /// Halts or restarts the machine; returns only why it could not.
+    fn reboot(&mut self, how: Reboot) -> Error;
     /// Runs the restore in a process of its own and waits for it, killing
     /// it and its process group a little after its budget: `Ok` when it
     /// ran to its end, whatever it restored.

@@ -18,7 +18,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::{
-    CriuRun, Durability, Error, ImageHead, ImageInfo, RestorerRun, SupportMount, System,
+    CriuRun, Durability, Error, ImageHead, ImageInfo, Reboot, RestorerRun, SupportMount, System,
     RESTORER_ARG,
 };
 use crate::{boot, child, log, timers};
@@ -77,8 +77,13 @@ impl System for RealSystem {
         boot::load_module(release, module)
     }
 
-    fn mount_root(&mut self, cmdline: &Cmdline, writable: bool) -> Result<(), Error> {
-        boot::mount_root(cmdline, writable)?;
+    fn mount_root(
+        &mut self,
+        cmdline: &Cmdline,
+        writable: bool,
+        wait: Duration,
+    ) -> Result<(), Error> {
+        boot::mount_root(cmdline, writable, wait)?;
         Ok(())
     }
 
@@ -96,6 +101,8 @@ impl System for RealSystem {
 
     fn run_restorer(&mut self, run: &RestorerRun) -> Result<(), Error> {
         let events = serde_json::to_string(&run.events).map_err(Error::EncodeReport)?;
+        let modules_failed =
+            serde_json::to_string(&run.modules_failed).map_err(Error::EncodeReport)?;
         // This binary, deleted from the initramfs but still there for exec.
         let mut restorer = Command::new("/proc/self/exe");
         restorer
@@ -104,6 +111,7 @@ impl System for RealSystem {
             .arg(&run.store)
             .arg(run.timeout.as_millis().to_string())
             .arg(events)
+            .arg(modules_failed)
             .stdin(Stdio::null())
             .stderr(Stdio::piped());
         let exited = child::run(
@@ -123,6 +131,10 @@ impl System for RealSystem {
             status: exited.status,
             stderr: exited.stderr,
         })
+    }
+
+    fn reboot(&mut self, how: Reboot) -> Error {
+        boot::reboot(how)
     }
 
     fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error> {

@@ -3,6 +3,8 @@
 //! run by a worker (itself, started with `worker`) that launches the
 //! workloads, drives `kupgrade stage` and `kupgrade go`, and after each kexec
 //! checks and reports on the serial console, one `kupgrade-vm:` line a fact.
+//! On the Debian guest systemd is PID 1 and runs the worker alone, as the
+//! unit `qemu-tests/guest/debian/kupgrade-guest.service`.
 
 use std::fs;
 use std::path::Path;
@@ -10,6 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use contract::events::{Event, EventLine};
 use contract::report::{Outcome, UpgradeReport};
 use image_format::Image;
 use kupgrade_vm::guest::{self, Line, Plan, Progress, Verb};
@@ -216,6 +219,9 @@ fn worker() -> Result<()> {
         .with("kernel", release()));
     let (plan, mut img) = read_plan()?;
     configure_network();
+    if plan.bare_kexec {
+        return bare_kexec(&plan, &mut progress);
+    }
     let first_boot = progress.upgrades_done == 0 && progress.pids.is_empty();
     if first_boot {
         img.extract_tree(guest::FILES_SECTION, Path::new("/"))
@@ -323,6 +329,38 @@ fn worker() -> Result<()> {
     Ok(())
 }
 
+/// The floor of the blackout: kexec into the next kernel of the chain with
+/// no workloads, as `kupgrade go` would at its end (staged by `kupgrade
+/// stage`, the same event, sync and read-only root, the same reboot call),
+/// so that the host times the reboot alone.
+fn bare_kexec(plan: &Plan, progress: &mut Progress) -> Result<()> {
+    let Some(target) = plan.chain.get(progress.upgrades_done).cloned() else {
+        say(Line::new(Verb::ChecksDone));
+        say(Line::new(Verb::Done));
+        return Ok(());
+    };
+    let (ok, out) = sh(&["kupgrade", "stage", &format!("/boot/vmlinuz-{target}")]);
+    anyhow::ensure!(ok, "kupgrade stage failed: {out}");
+    progress.upgrades_done += 1;
+    save_progress(progress)?;
+    info(&format!("bare kexec into {target}"));
+    println!("{}", EventLine::now(Event::Kexec).with("to", &target));
+    // The host must see the line before the old kernel goes.
+    let _ = nix::sys::termios::tcdrain(std::io::stdout());
+    nix::unistd::sync();
+    let _ = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
+    match kexec::reboot_into_loaded() {
+        Ok(never) => match never {},
+        Err(e) => anyhow::bail!("the bare kexec into {target} failed: {e}"),
+    }
+}
+
 /// Cgroup of a workload started the way a service manager would.
 fn service_cgroup(name: &str) -> String {
     format!("/sys/fs/cgroup/system.slice/{name}.service")
@@ -366,6 +404,16 @@ fn report_last_upgrade() {
     let (_, text) = sh(&["kupgrade", "report"]);
     for l in text.lines() {
         info(l);
+    }
+    // The picture a user draws on a real machine, from the guest's clocks.
+    let svg = "/var/lib/kupgrade-vm/timeline.svg";
+    let (_, out) = sh(&["kupgrade", "report", "--svg", svg]);
+    match fs::read_to_string(svg) {
+        Ok(t) => info(&format!(
+            "kupgrade report --svg drew {} phases into {svg}",
+            t.matches("class=\"phase\"").count()
+        )),
+        Err(e) => info(&format!("kupgrade report --svg wrote nothing ({e}): {out}")),
     }
     let path = Path::new(contract::report::DIR).join(contract::report::FILE);
     let line = match fs::read(&path)
