@@ -15,6 +15,7 @@ pub mod proc;
 pub mod realsys;
 pub mod refusal;
 pub mod remount;
+pub mod report;
 pub mod stage;
 pub mod store;
 pub mod target;

@@ -12,6 +12,7 @@ use kupgrade_agent::leftovers::{self, RunLock};
 use kupgrade_agent::pipeline::{self, Outcome, System};
 use kupgrade_agent::preflight::{self, RealFacts};
 use kupgrade_agent::realsys::RealSystem;
+use kupgrade_agent::report;
 use kupgrade_agent::stage::{self, Staged};
 use kupgrade_agent::store::{self, Store};
 use kupgrade_agent::workload::{self, Workload};
@@ -479,10 +480,21 @@ fn report(json: bool, svg: Option<&Path>) -> Result<ExitCode> {
     let outcome = match r.outcome {
         RestoreOutcome::Restored => "restored",
         RestoreOutcome::Failed => "FAILED",
+        RestoreOutcome::Restoring => "DID NOT FINISH",
     };
     println!("upgrade {} -> {}: {outcome}", r.kernel_from, r.kernel_to);
     if let Some(why) = &r.reason {
         println!("  reason: {why}");
+    }
+    // Checked against what the store holds now: a restore that never ended
+    // leaves a report that cannot be taken at its word.
+    let store = r.store.as_deref().map(|s| report::store_says(Path::new(s)));
+    let doubt = store.as_ref().and_then(|s| report::doubt(&r, s));
+    if let Some(d) = &doubt {
+        println!("  WARNING: {d}");
+    }
+    if let Some(report::StoreSays::Unreadable(why)) = &store {
+        println!("  (not checked against the store: {why})");
     }
     for w in &r.workloads {
         println!(
@@ -517,9 +529,11 @@ fn report(json: bool, svg: Option<&Path>) -> Result<ExitCode> {
     if let Some(b) = r.blackout_ns() {
         println!("  workloads paused for {:.1} ms", b as f64 / 1e6);
     }
-    Ok(if r.outcome == RestoreOutcome::Restored {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if r.outcome == RestoreOutcome::Restored && doubt.is_none() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }

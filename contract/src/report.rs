@@ -1,5 +1,8 @@
-//! The record of one upgrade, written by `kupgrade-init` after a restore (or
-//! a failed one) and shown by `kupgrade report`.
+//! The record of one upgrade, written by `kupgrade-init` and shown by
+//! `kupgrade report`: first, durably, as `restoring` when the restore begins
+//! (so that a reset, a crash or a hang cannot leave the report of an older
+//! upgrade standing as if it were this one's), with each workload's fate as
+//! it is known, and at the end with the outcome.
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +22,9 @@ pub enum Outcome {
     Restored,
     /// Some or all workloads could not be restored; the machine booted anyway.
     Failed,
+    /// The restore began and had not ended when this was written: a report
+    /// that still says so is of a restore that never finished.
+    Restoring,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -51,6 +57,10 @@ pub struct UpgradeReport {
     pub workloads: Vec<WorkloadOutcome>,
     /// Every lifecycle event: the agent's (from the manifest), then the init's.
     pub events: Vec<PhaseTiming>,
+    /// The store the image was in (`kupgrade.store`), for `kupgrade report`
+    /// to check what it holds now.
+    #[serde(default)]
+    pub store: Option<String>,
     /// Modules that did not load on the new kernel. Reports written before
     /// this field existed read as none.
     #[serde(default)]
@@ -187,6 +197,15 @@ mod tests {
         assert_eq!(criu_errors("all good\n"), "no error logged");
     }
 
+    /// A report written before the store was recorded still reads.
+    #[test]
+    fn a_report_without_a_store_reads_and_restoring_is_an_outcome() {
+        let json = r#"{"outcome":"restoring","reason":null,"kernel_from":"a","kernel_to":"b",
+            "image_generation":3,"workloads":[],"events":[]}"#;
+        let r: UpgradeReport = serde_json::from_str(json).unwrap();
+        assert_eq!((r.outcome, r.store), (Outcome::Restoring, None));
+    }
+
     #[test]
     fn blackout_is_frozen_to_restored() {
         let ev = |e: &str, t| PhaseTiming {
@@ -202,6 +221,7 @@ mod tests {
             image_generation: 0,
             workloads: vec![],
             events: vec![ev("frozen", 100), ev("kexec", 150), ev("restored", 400)],
+            store: None,
             modules_failed: vec![],
         };
         assert_eq!(r.blackout_ns(), Some(300));
@@ -229,6 +249,7 @@ mod tests {
                 ev("init-start", 3_000, 1_000_005_000),
                 ev("restored", 5_500, 1_000_007_000),
             ],
+            store: None,
             modules_failed: vec![],
         };
         let log = "kupgrade: event=frozen t_mono_ns=50100000000 t_real_ns=1\n\

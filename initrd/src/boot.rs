@@ -1,15 +1,16 @@
 //! The normal boot path: kernel file systems, modules, the real root, and
 //! the hand-over to the real init.
 
-use std::ffi::CString;
 use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use contract::cmdline::Cmdline;
 use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
-use nix::unistd::{chdir, chroot, execv};
+use nix::unistd::{chdir, chroot};
 
 use crate::info;
 use crate::root::{self, RootSpec};
@@ -241,36 +242,66 @@ pub fn reboot(how: system::Reboot) -> system::Error {
     system::Error::Reboot { how, source }
 }
 
-/// Replaces this process (PID 1) with the real init. Only returns when no
-/// candidate could be executed.
-pub fn exec_init(cmdline: &Cmdline) -> String {
-    let mut candidates: Vec<String> = Vec::new();
-    if let Some(init) = cmdline.value("init") {
-        candidates.push(init.to_string());
-    }
-    candidates.extend(["/sbin/init", "/etc/init", "/bin/init", "/bin/sh"].map(str::to_string));
-    let mut errors = Vec::new();
-    for c in &candidates {
-        let Ok(path) = CString::new(c.as_str()) else {
-            continue;
-        };
-        let mut argv = vec![path.clone()];
-        argv.extend(
-            cmdline
-                .init_args
-                .iter()
-                .filter_map(|a| CString::new(a.as_str()).ok()),
-        );
-        // execv only returns on failure.
-        let Err(e) = execv(&path, &argv);
-        errors.push(format!("{c}: {e}"));
-    }
-    errors.join("; ")
+/// Replaces this process (PID 1) with `init`, giving it `args`. Only
+/// returns when it could not, with why.
+///
+/// Through `Command::exec`, which first puts back what a Rust process
+/// changed and an exec would hand on: SIGPIPE ignored (Rust's runtime
+/// ignores it; the real init and everything it starts would inherit that)
+/// and the signal mask. The rest is as the kernel starts an init:
+/// `argv[0]` its path, the environment the kernel gave us.
+pub fn exec(init: &str, args: &[String]) -> String {
+    Command::new(init).arg0(init).args(args).exec().to_string()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const AS_INIT: &str = "KUPGRADE_TEST_EXEC_AS_INIT";
+
+    /// A bit of a signal mask line of `/proc/self/status` (`SigIgn: 0...1000`).
+    fn has_signal(status: &str, field: &str, signal: i32) -> bool {
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("no {field} in {status}"));
+        mask & (1 << (signal - 1)) != 0
+    }
+
+    /// The init starts as the kernel starts one: no signal ignored or
+    /// blocked. Rust ignores SIGPIPE in its own processes (this test's too);
+    /// the exec must not hand that on. Runs the exec in a child of the test.
+    #[test]
+    fn the_init_starts_with_no_signal_ignored_or_blocked() {
+        if std::env::var_os(AS_INIT).is_some() {
+            let script = "grep -E '^Sig(Ign|Blk):' /proc/self/status".to_string();
+            let why = exec("/bin/sh", &["-c".into(), script]);
+            panic!("cannot exec /bin/sh: {why}");
+        }
+        let me = std::env::current_exe().unwrap();
+        let out = Command::new(me)
+            .args([
+                "--exact",
+                "boot::tests::the_init_starts_with_no_signal_ignored_or_blocked",
+                "--nocapture",
+            ])
+            .env(AS_INIT, "1")
+            .output()
+            .unwrap();
+        let status = String::from_utf8_lossy(&out.stdout);
+        assert!(status.contains("SigIgn:"), "{status}");
+        let sigpipe = nix::sys::signal::Signal::SIGPIPE as i32;
+        assert!(
+            !has_signal(&status, "SigIgn:", sigpipe),
+            "SIGPIPE ignored: {status}"
+        );
+        assert!(
+            (1..=64).all(|s| !has_signal(&status, "SigBlk:", s)),
+            "{status}"
+        );
+    }
 
     #[test]
     fn only_compressed_modules_are_handed_over_compressed() {

@@ -32,6 +32,9 @@ pub struct Plan {
     pub expect: Expect,
     pub go_args: Vec<String>,
     pub go_env: Vec<String>,
+    /// `kupgrade stage --append` this.
+    #[serde(default)]
+    pub stage_append: String,
     /// Processes started on the first boot that kupgrade does not preserve.
     pub background: Vec<Vec<String>>,
     pub checks: Vec<Check>,

@@ -338,6 +338,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
         expect: sc.upgrade.expect,
         go_args: sc.upgrade.go_args.clone(),
         go_env: sc.upgrade.go_env.clone(),
+        stage_append: sc.upgrade.stage_append.clone(),
         background: sc.background.clone(),
         checks: sc.checks.clone(),
         alive_secs: 3,

@@ -324,6 +324,9 @@ pub struct Upgrade {
     pub go_args: Vec<String>,
     /// Extra environment for `kupgrade go`, `KEY=VALUE` (e.g. a failpoint).
     pub go_env: Vec<String>,
+    /// Extra parameters for the new kernel's command line (`kupgrade stage
+    /// --append`), e.g. a failpoint of kupgrade-init.
+    pub stage_append: String,
 }
 
 impl Default for Upgrade {
@@ -335,6 +338,7 @@ impl Default for Upgrade {
             refusal_contains: vec![],
             go_args: vec![],
             go_env: vec![],
+            stage_append: String::new(),
         }
     }
 }

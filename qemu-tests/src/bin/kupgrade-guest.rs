@@ -300,7 +300,12 @@ fn worker() -> Result<()> {
                 info(l);
             }
         }
-        let (ok, out) = sh(&["kupgrade", "stage", &format!("/boot/vmlinuz-{target}")]);
+        let kernel = format!("/boot/vmlinuz-{target}");
+        let mut stage = vec!["kupgrade", "stage", kernel.as_str()];
+        if !plan.stage_append.is_empty() {
+            stage.extend(["--append", plan.stage_append.as_str()]);
+        }
+        let (ok, out) = sh(&stage);
         for l in out.lines() {
             info(l);
         }
