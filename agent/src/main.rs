@@ -17,6 +17,24 @@ use kupgrade_agent::store::{self, Store};
 use kupgrade_agent::workload::{self, Workload};
 use kupgrade_agent::{launch, proc};
 
+/// `println!` that cannot panic: it does when stdout is gone (`kupgrade go
+/// | tee log` then Ctrl-C, a dropped ssh session), and what kupgrade says
+/// last matters less than finishing what it does.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that cannot panic.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "kupgrade",
@@ -123,11 +141,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // The whole chain once: what failed, then why.
-            eprint!("kupgrade: {e}");
+            let mut line = format!("kupgrade: {e}");
             for cause in e.chain().skip(1) {
-                eprint!(": {cause}");
+                line.push_str(&format!(": {cause}"));
             }
-            eprintln!();
+            err!("{line}");
             ExitCode::FAILURE
         }
     }
@@ -294,7 +312,7 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
     let cleared = match preflight::go(&mut facts, dry_run) {
         Ok(c) => c,
         Err(refused) => {
-            eprintln!("kupgrade: {refused}");
+            err!("kupgrade: {refused}");
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -325,18 +343,18 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             paused_ms,
             image_bytes,
         }) => {
-            println!(
+            out!(
                 "dry run done: the workloads were paused {paused_ms:.0} ms up to the reboot, image {} KiB; all resumed",
                 image_bytes >> 10
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(aborted) => {
-            eprintln!("kupgrade: upgrade aborted at {}", aborted.failure);
+            err!("kupgrade: upgrade aborted at {}", aborted.failure);
             if aborted.resume_errors.is_empty() {
-                eprintln!("kupgrade: every workload was resumed on this kernel; nothing was lost");
+                err!("kupgrade: every workload was resumed on this kernel; nothing was lost");
             } else {
-                eprintln!(
+                err!(
                     "kupgrade: RESUMING FAILED: {}",
                     pipeline::join(&aborted.resume_errors)
                 );
@@ -358,11 +376,11 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
     let store = Store::locate(cfg).ok();
     let left = leftovers::find(&workloads, store.as_ref());
     if left.is_empty() {
-        println!("nothing to resume: no workload is frozen and no lock, hold or image of this boot is left");
+        out!("nothing to resume: no workload is frozen and no lock, hold or image of this boot is left");
         return Ok(ExitCode::SUCCESS);
     }
     for what in left.describe() {
-        println!("found: {what}");
+        out!("found: {what}");
     }
     let Some(store) = store else {
         bail!("the store is gone; cannot run the recovery that needs it");
@@ -377,10 +395,10 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
         )
     });
     if errors.is_empty() {
-        println!("resumed: every workload runs again on this kernel");
+        out!("resumed: every workload runs again on this kernel");
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("kupgrade: RESUMING FAILED: {}", pipeline::join(&errors));
+        err!("kupgrade: RESUMING FAILED: {}", pipeline::join(&errors));
         Ok(ExitCode::FAILURE)
     }
 }

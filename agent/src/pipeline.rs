@@ -14,6 +14,7 @@
 //!
 //! The reboot is the point of no return; before it, nothing is lost.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use contract::devstate::{DeviceState, TmpfsMount};
@@ -178,8 +179,9 @@ pub fn join(errors: &[StepError]) -> String {
 }
 
 /// What has been done so far, to undo in reverse.
-#[derive(Default)]
 struct Undo {
+    /// The step running, to name a panic's.
+    at: Step,
     held: bool,
     frozen: Vec<usize>,
     dumped: Vec<(usize, Dumped)>,
@@ -187,24 +189,46 @@ struct Undo {
     quiesced: bool,
 }
 
+impl Default for Undo {
+    fn default() -> Self {
+        Undo {
+            at: Step::DeviceState,
+            held: false,
+            frozen: Vec::new(),
+            dumped: Vec::new(),
+            image_written: false,
+            quiesced: false,
+        }
+    }
+}
+
 /// Runs the upgrade that `cleared` allows: a dry run or a real one.
+///
+/// Never panics, and every way out of it runs the undo: a step that fails,
+/// a signal, and a panic (a bug, or output that failed: `println!` panics
+/// on a closed pipe) in a step, in an event or in the undo itself. This
+/// relies on panics unwinding, the default (`panic = "abort"` would lose it).
 pub fn go(sys: &mut dyn System, cleared: &Cleared, opts: &Options) -> Result<Outcome, Aborted> {
     let workloads = cleared.workloads();
     let mut undo = Undo::default();
     let mut phases = Vec::new();
-    match run(
-        sys,
-        workloads,
-        cleared.dry_run(),
-        opts,
-        &mut undo,
-        &mut phases,
-    ) {
+    let ran = catch_unwind(AssertUnwindSafe(|| {
+        run(
+            sys,
+            workloads,
+            cleared.dry_run(),
+            opts,
+            &mut undo,
+            &mut phases,
+        )
+    }))
+    .unwrap_or_else(|panic| Err(StepError::new(undo.at, panicked(panic.as_ref()))));
+    match ran {
         Ok(outcome) => {
             if cleared.dry_run() {
                 // Undo what a real run would have left for the new kernel.
                 let errs = resume(sys, workloads, &mut undo);
-                sys.emit(EventLine::now(Event::Resumed).with("dry_run", true));
+                notify(sys, EventLine::now(Event::Resumed).with("dry_run", true));
                 if !errs.is_empty() {
                     return Err(Aborted {
                         failure: StepError::new(Step::DryRun, "done, but resuming failed"),
@@ -215,13 +239,17 @@ pub fn go(sys: &mut dyn System, cleared: &Cleared, opts: &Options) -> Result<Out
             Ok(outcome)
         }
         Err(failure) => {
-            sys.emit(
+            notify(
+                sys,
                 EventLine::now(Event::Aborted)
                     .with("step", failure.step)
                     .with("reason", &failure.reason),
             );
             let resume_errors = resume(sys, workloads, &mut undo);
-            sys.emit(EventLine::now(Event::Resumed).with("ok", resume_errors.is_empty()));
+            notify(
+                sys,
+                EventLine::now(Event::Resumed).with("ok", resume_errors.is_empty()),
+            );
             Err(Aborted {
                 failure,
                 resume_errors,
@@ -230,13 +258,36 @@ pub fn go(sys: &mut dyn System, cleared: &Cleared, opts: &Options) -> Result<Out
     }
 }
 
+/// What a caught panic said, for a step's reason.
+fn panicked(payload: &(dyn std::any::Any + Send)) -> String {
+    let what = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message");
+    format!("kupgrade panicked: {what}")
+}
+
+/// `call`, with a panic turned into a failure of `step`.
+fn shielded<T>(step: Step, call: impl FnOnce() -> Result<T, StepError>) -> Result<T, StepError> {
+    catch_unwind(AssertUnwindSafe(call))
+        .unwrap_or_else(|panic| Err(StepError::new(step, panicked(panic.as_ref()))))
+}
+
+/// Emits an event on the way out; output that fails is no reason to stop.
+fn notify(sys: &mut dyn System, e: EventLine) {
+    let _ = catch_unwind(AssertUnwindSafe(|| sys.emit(e)));
+}
+
 /// Emits an event and records it for the image's manifest.
 fn emit(sys: &mut dyn System, phases: &mut Vec<PhaseTiming>, e: EventLine) {
     phases.push(PhaseTiming::from(&e));
     sys.emit(e);
 }
 
-fn check_signal(sys: &mut dyn System, step: Step) -> Result<(), StepError> {
+/// Starts `step`, unless a signal asked to stop.
+fn begin(sys: &mut dyn System, undo: &mut Undo, step: Step) -> Result<(), StepError> {
+    undo.at = step;
     if sys.interrupted() {
         return Err(StepError::new(step, "interrupted by a signal"));
     }
@@ -257,11 +308,12 @@ fn run(
         phases,
         EventLine::now(Event::PreflightOk).with("workloads", workloads.len()),
     );
-    check_signal(sys, Step::Freeze)?;
+    begin(sys, undo, Step::Freeze)?;
 
+    undo.at = Step::Connections;
     undo.held = true;
     sys.hold_connections(workloads)?;
-    check_signal(sys, Step::Freeze)?;
+    begin(sys, undo, Step::Freeze)?;
     for (i, w) in workloads.iter().enumerate() {
         // Recorded first: a freeze that times out may have frozen some tasks.
         undo.frozen.push(i);
@@ -275,7 +327,7 @@ fn run(
     let mut trees = Vec::new();
     let mut locks = Vec::new();
     for (i, w) in workloads.iter().enumerate() {
-        check_signal(sys, Step::Checkpoint)?;
+        begin(sys, undo, Step::Checkpoint)?;
         let dir = opts.work_dir.join("criu").join(&w.name);
         let d = sys.dump(w, &dir)?;
         locks.extend(d.lock_table.clone());
@@ -290,7 +342,7 @@ fn run(
         EventLine::now(Event::Dumped).with("workloads", workloads.len()),
     );
 
-    check_signal(sys, Step::DeviceState)?;
+    begin(sys, undo, Step::DeviceState)?;
     let tmpfs_dir = opts.work_dir.join("tmpfs");
     let (mounts, has_tmpfs) = sys.tmpfs_files(workloads, &tmpfs_dir)?;
     state.tmpfs_mounts = mounts;
@@ -303,7 +355,7 @@ fn run(
             .with("tmpfs_mounts", state.tmpfs_mounts.len()),
     );
 
-    check_signal(sys, Step::ImageWrite)?;
+    begin(sys, undo, Step::ImageWrite)?;
     let manifest = Manifest {
         kernel_from: opts.kernel_from.clone(),
         kernel_to: opts.kernel_to.clone(),
@@ -333,7 +385,7 @@ fn run(
             image_bytes: bytes,
         });
     }
-    check_signal(sys, Step::Kexec)?;
+    begin(sys, undo, Step::Kexec)?;
     if !sys.kexec_loaded() {
         return Err(StepError::new(
             Step::Kexec,
@@ -346,8 +398,10 @@ fn run(
         phases,
         EventLine::now(Event::Kexec).with("to", &opts.kernel_to),
     );
+    undo.at = Step::Quiesce;
     undo.quiesced = true;
     sys.quiesce_filesystems()?;
+    undo.at = Step::Kexec;
     // The point of no return: only comes back if the kernel refused.
     Err(sys.reboot())
 }
@@ -375,37 +429,34 @@ pub fn recover(
             .collect(),
         image_written,
         quiesced,
+        ..Undo::default()
     };
     resume(sys, workloads, &mut undo)
 }
 
 /// Undoes, in reverse order, what was done. Returns what could not be undone.
+/// Every step runs whatever the others did, a panic included.
 fn resume(sys: &mut dyn System, workloads: &[Workload], undo: &mut Undo) -> Vec<StepError> {
     let mut errors = Vec::new();
-    if std::mem::take(&mut undo.quiesced) {
-        if let Err(e) = sys.unquiesce_filesystems() {
+    let mut undo_step = |step, call: &mut dyn FnMut() -> Result<(), StepError>| {
+        if let Err(e) = shielded(step, call) {
             errors.push(e);
         }
+    };
+    if std::mem::take(&mut undo.quiesced) {
+        undo_step(Step::Unquiesce, &mut || sys.unquiesce_filesystems());
     }
     if std::mem::take(&mut undo.image_written) {
-        if let Err(e) = sys.invalidate_image() {
-            errors.push(e);
-        }
+        undo_step(Step::Invalidate, &mut || sys.invalidate_image());
     }
     for (i, d) in std::mem::take(&mut undo.dumped).into_iter().rev() {
-        if let Err(e) = sys.undump(&workloads[i], &d) {
-            errors.push(e);
-        }
+        undo_step(Step::Undump, &mut || sys.undump(&workloads[i], &d));
     }
     for i in std::mem::take(&mut undo.frozen).into_iter().rev() {
-        if let Err(e) = sys.thaw(&workloads[i]) {
-            errors.push(e);
-        }
+        undo_step(Step::Thaw, &mut || sys.thaw(&workloads[i]));
     }
     if std::mem::take(&mut undo.held) {
-        if let Err(e) = sys.release_connections() {
-            errors.push(e);
-        }
+        undo_step(Step::Release, &mut || sys.release_connections());
     }
     errors
 }
@@ -430,10 +481,20 @@ pub(crate) mod fake {
         /// Set where a real signal handler would set its flag.
         pub signalled: Rc<Cell<bool>>,
         pub events: Vec<Event>,
+        /// Emitting this event panics, as `println!` does on a closed pipe.
+        pub emit_panics_at: Option<Event>,
+        /// Set when a fault "killed" kupgrade: a dead process does nothing
+        /// more, so nothing more is recorded (the tests of the fault wrapper
+        /// stand in for `abort()` and SIGKILL with a panic, which `go` would
+        /// otherwise answer with the undo).
+        pub dead: Rc<Cell<bool>>,
     }
 
     impl Fake {
         fn step(&mut self, call: String, step: Step) -> Result<(), StepError> {
+            if self.dead.get() {
+                return Err(StepError::new(step, "dead"));
+            }
             let fail = self.fail_at.as_deref() == Some(call.as_str());
             self.calls.push(call);
             if fail {
@@ -502,11 +563,20 @@ pub(crate) mod fake {
             self.step("unquiesce".into(), Step::Unquiesce)
         }
         fn reboot(&mut self) -> StepError {
+            if self.dead.get() {
+                return StepError::new(Step::Kexec, "dead");
+            }
             self.calls.push("reboot".into());
             StepError::new(Step::Kexec, "refused by the kernel")
         }
         fn emit(&mut self, e: EventLine) {
+            if self.dead.get() {
+                return;
+            }
             self.events.push(e.event);
+            if self.emit_panics_at == Some(e.event) {
+                panic!("failed printing to stdout: Broken pipe (os error 32)");
+            }
         }
         fn interrupted(&mut self) -> bool {
             self.signalled.get()
@@ -660,6 +730,46 @@ mod tests {
                 f.events.iter().rev().take(2).collect::<Vec<_>>(),
                 [&Event::Resumed, &Event::Aborted]
             );
+        }
+    }
+
+    /// `kupgrade go | tee log` and Ctrl-C on tee, or a dropped ssh session:
+    /// printing fails (and `println!` panics). Wherever that happens, the
+    /// workloads are given back and `go` returns the abort.
+    #[test]
+    fn output_that_panics_never_stops_the_undo() {
+        let cases: &[(Event, &str, &[&str])] = &[
+            // Mid-run: the step fails, everything done so far is undone.
+            (Event::Dumped, "dump b", last(5)),
+            (Event::ImageWritten, "write", last(6)),
+            // In the abort path, before and after the undo.
+            (Event::Aborted, "quiesce", last(7)),
+            (Event::Resumed, "quiesce", last(7)),
+        ];
+        for (event, after, undo) in cases {
+            let mut f = Fake {
+                loaded: true,
+                emit_panics_at: Some(*event),
+                ..Default::default()
+            };
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                go(&mut f, &Cleared::for_tests(two(), false), &opts())
+            }));
+            let Ok(Err(err)) = res else {
+                panic!("{event:?}: go did not return its abort");
+            };
+            let pos = f.calls.iter().position(|c| c == after).unwrap();
+            let rest: Vec<&str> = f.calls[pos + 1..].iter().map(String::as_str).collect();
+            let rest: Vec<&str> = rest.into_iter().filter(|c| *c != "reboot").collect();
+            assert_eq!(&rest, undo, "output panicking at {event:?}");
+            assert!(err.resume_errors.is_empty(), "{event:?}: {err}");
+            if matches!(event, Event::Dumped | Event::ImageWritten) {
+                assert!(
+                    err.failure.reason.contains("Broken pipe"),
+                    "{event:?}: {}",
+                    err.failure
+                );
+            }
         }
     }
 

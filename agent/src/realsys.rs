@@ -240,7 +240,12 @@ impl System for RealSystem {
 
     fn emit(&mut self, e: EventLine) {
         let text = e.to_string();
-        println!("{text}");
+        // Not println!, which panics when stdout is gone (a closed pipe, a
+        // dropped ssh session): the event is also on the console, in the
+        // kernel log and in last-go.log.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+        drop(out);
         if let Some(c) = self.console.as_mut() {
             let _ = writeln!(c, "{text}");
         }
