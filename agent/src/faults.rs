@@ -719,10 +719,10 @@ mod tests {
         );
         assert!(f.inner.calls.contains(&"dump a".to_string()));
         assert!(!f.inner.calls.contains(&"dump b".to_string()));
-        // The undo of the dump that "failed" is issue 10's defect 2; the
-        // thaws and the release happen either way.
+        // The dump that "failed" is undone with the rest.
         let undo = after(&f, "dump a");
         assert!(undo.ends_with(&["thaw b", "thaw a", "release"]), "{undo:?}");
+        assert_eq!(undo, ["undump a", "thaw b", "thaw a", "release"]);
     }
 
     #[test]

@@ -97,6 +97,19 @@ pub struct Dumped {
     pub lock_table: Option<String>,
 }
 
+impl Dumped {
+    /// What a dump that was attempted may have left, as far as its undo is
+    /// concerned: CRIU killed half-way or failing (or a step after it, such
+    /// as saving the lock table) leaves the tasks stopped and, for a
+    /// workload with connections, maybe the network lock and repair mode.
+    /// An empty table stands for "look for it".
+    pub fn attempted(w: &Workload) -> Dumped {
+        Dumped {
+            lock_table: w.tcp_established.then(String::new),
+        }
+    }
+}
+
 /// What goes into the image.
 #[derive(Debug)]
 pub struct ImageInput<'a> {
@@ -329,9 +342,13 @@ fn run(
     for (i, w) in workloads.iter().enumerate() {
         begin(sys, undo, Step::Checkpoint)?;
         let dir = opts.work_dir.join("criu").join(&w.name);
+        // Recorded first: a dump that fails is undone too.
+        undo.dumped.push((i, Dumped::attempted(w)));
         let d = sys.dump(w, &dir)?;
         locks.extend(d.lock_table.clone());
-        undo.dumped.push((i, d));
+        if let Some(last) = undo.dumped.last_mut() {
+            last.1 = d;
+        }
         let entry = w.entry();
         trees.push((entry.section.clone(), dir));
         entries.push(entry);
@@ -422,10 +439,7 @@ pub fn recover(
         dumped: workloads
             .iter()
             .enumerate()
-            .map(|(i, w)| {
-                let lock_table = w.tcp_established.then(String::new);
-                (i, Dumped { lock_table })
-            })
+            .map(|(i, w)| (i, Dumped::attempted(w)))
             .collect(),
         image_written,
         quiesced,
@@ -488,6 +502,8 @@ pub(crate) mod fake {
         /// stand in for `abort()` and SIGKILL with a panic, which `go` would
         /// otherwise answer with the undo).
         pub dead: Rc<Cell<bool>>,
+        /// What each undump was given.
+        pub undumped: Vec<(String, Dumped)>,
     }
 
     impl Fake {
@@ -529,7 +545,8 @@ pub(crate) mod fake {
                     .then(|| format!("table inet CRIU-{}", w.root_pid)),
             })
         }
-        fn undump(&mut self, w: &Workload, _d: &Dumped) -> Result<(), StepError> {
+        fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError> {
+            self.undumped.push((w.name.clone(), d.clone()));
             self.step(format!("undump {}", w.name), Step::Undump)
         }
         fn system_state(&mut self) -> Result<DeviceState, StepError> {
@@ -707,8 +724,10 @@ mod tests {
             ("hold", last(1)),
             ("freeze a", &["thaw a", "release"]),
             ("freeze b", last(3)),
-            ("dump a", last(3)),
-            ("dump b", &["undump a", "thaw b", "thaw a", "release"]),
+            // A dump that fails may have stopped the tasks, locked the
+            // network and put sockets in repair mode: it is undone too.
+            ("dump a", &["undump a", "thaw b", "thaw a", "release"]),
+            ("dump b", last(5)),
             ("capture", last(5)),
             ("write", last(6)),
             ("quiesce", last(7)),
@@ -771,6 +790,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// CRIU killed half-way, or `nft list table` failing after CRIU
+    /// succeeded: the network may be locked, so the undo looks for the lock.
+    #[test]
+    fn a_failed_dump_of_a_workload_with_connections_is_undone_as_locked() {
+        let mut f = Fake {
+            loaded: true,
+            fail_at: Some("dump b".into()),
+            ..Default::default()
+        };
+        go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
+        let b = f.undumped.iter().find(|(n, _)| n == "b").map(|(_, d)| d);
+        assert!(b.is_some_and(|d| d.lock_table.is_some()), "{b:?}");
+        // a has no connections: no lock to look for.
+        let a = f.undumped.iter().find(|(n, _)| n == "a").map(|(_, d)| d);
+        assert_eq!(a, Some(&Dumped { lock_table: None }));
     }
 
     #[test]
