@@ -10,8 +10,6 @@ use std::time::Duration;
 use contract::devstate::{self, DeviceState, TmpfsMount};
 use contract::events::EventLine;
 use image_format::{ImageWriter, WriteOptions};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
 use crate::config::{Config, LIB_DIR};
 use crate::pipeline::{Dumped, ImageInput, Step, StepError, System};
@@ -134,29 +132,12 @@ impl System for RealSystem {
     }
 
     fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError> {
-        if d.lock_table.is_some() {
-            // Repair mode off first, while the peers are still held back.
-            criu::repair_off(w).map_err(|e| err(Step::Undump)(&e))?;
-            criu::drop_lock_table(w).map_err(|e| err(Step::Undump)(&e))?;
-        }
-        // CRIU left the tasks stopped (--leave-stopped); the cgroup thaw
-        // that follows does not continue a SIGSTOP, this does.
-        let mut failed = Vec::new();
-        for pid in cgroup::procs(&w.cgroup).unwrap_or_else(|_| w.pids.clone()) {
-            if let Err(e) = kill(Pid::from_raw(pid), Signal::SIGCONT) {
-                if e != nix::Error::ESRCH {
-                    failed.push(format!("pid {pid}: {e}"));
-                }
-            }
-        }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(StepError::new(
+        criu::undump(&mut criu::RealTasks::default(), w, d.lock_table.is_some()).map_err(|failed| {
+            StepError::new(
                 Step::Undump,
-                format!("cannot continue {}", failed.join(", ")),
-            ))
-        }
+                format!("workload {}: {}", w.name, failed.join("; ")),
+            )
+        })
     }
 
     fn system_state(&mut self) -> Result<DeviceState, StepError> {
