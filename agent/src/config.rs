@@ -7,6 +7,8 @@ use serde::Deserialize;
 pub const CONFIG_FILE: &str = "/etc/kupgrade/config.toml";
 /// Volatile state of this boot: what is staged, dump scratch space.
 pub const RUN_DIR: &str = "/run/kupgrade";
+/// `go`'s scratch space under [`RUN_DIR`]: CRIU's images, tmpfs copies.
+pub const WORK_DIR: &str = "/run/kupgrade/work";
 /// Persistent state: reports, CRIU logs, the agent's own event record.
 pub const LIB_DIR: &str = contract::report::DIR;
 /// Parent cgroup of the workloads `kupgrade launch` starts.
@@ -23,6 +25,9 @@ pub struct Config {
     pub init_binary: PathBuf,
     pub criu: String,
     pub freeze_timeout_ms: u64,
+    /// How long one workload's `criu dump` may take before it is killed and
+    /// the upgrade aborted: the workloads are frozen meanwhile.
+    pub dump_timeout_s: u64,
     /// Workloads started by other means, named by their cgroup.
     #[serde(rename = "workload")]
     pub workloads: Vec<DeclaredWorkload>,
@@ -44,6 +49,7 @@ impl Default for Config {
             init_binary: PathBuf::from("/usr/lib/kupgrade/kupgrade-init"),
             criu: "criu".into(),
             freeze_timeout_ms: 5000,
+            dump_timeout_s: 300,
             workloads: Vec::new(),
         }
     }

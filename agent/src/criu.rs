@@ -4,9 +4,14 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::time::Duration;
 
+use crate::child::{self, Limits, TOOL_DEADLINE};
 use crate::workload::Workload;
+
+/// `criu check` probes the whole kernel: seconds under emulation.
+const CHECK_DEADLINE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -22,6 +27,37 @@ pub enum Error {
         errors: String,
         log: PathBuf,
     },
+    #[error("CRIU's checkpoint of workload {workload} (log: {log})")]
+    DumpStopped {
+        workload: String,
+        log: PathBuf,
+        #[source]
+        source: child::Error,
+    },
+    #[error("{criu} {what}")]
+    Stopped {
+        criu: String,
+        what: &'static str,
+        #[source]
+        source: child::Error,
+    },
+}
+
+impl Error {
+    /// The error of a CRIU run that did not end by itself.
+    fn of_run(criu: &str, what: &'static str, e: child::Error) -> Error {
+        match e {
+            child::Error::Spawn { source, .. } => Error::Missing {
+                criu: criu.into(),
+                source,
+            },
+            e => Error::Stopped {
+                criu: criu.into(),
+                what,
+                source: e,
+            },
+        }
+    }
 }
 
 /// `criu dump` for `w`; its restore counterpart is in the same place
@@ -40,25 +76,27 @@ pub fn last_errors(log: &Path) -> String {
     contract::report::criu_errors(&fs::read_to_string(log).unwrap_or_default())
 }
 
-pub fn dump(criu: &str, w: &Workload, dir: &Path, log: &Path) -> Result<(), Error> {
+/// `criu dump` of `w` into `dir`, within `limits`: a CRIU that hangs is
+/// killed, and its dump fails.
+pub fn dump(criu: &str, w: &Workload, dir: &Path, log: &Path, limits: Limits) -> Result<(), Error> {
     fs::create_dir_all(dir).map_err(|source| Error::Missing {
         criu: criu.into(),
         source,
     })?;
-    let status = Command::new(criu)
-        .args(dump_args(w, dir, log))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        // Its own process group: a Ctrl-C meant for kupgrade must not reach
-        // CRIU half-way; kupgrade decides how to stop.
-        .process_group(0)
-        .status()
-        .map_err(|source| Error::Missing {
-            criu: criu.into(),
+    let out = child::run(
+        Command::new(criu).args(dump_args(w, dir, log)),
+        None,
+        limits,
+    )
+    .map_err(|e| match e {
+        e @ child::Error::Spawn { .. } => Error::of_run(criu, "dump", e),
+        source => Error::DumpStopped {
+            workload: w.name.clone(),
+            log: log.into(),
             source,
-        })?;
-    if status.success() {
+        },
+    })?;
+    if out.status.success() {
         Ok(())
     } else {
         Err(Error::Dump {
@@ -69,19 +107,16 @@ pub fn dump(criu: &str, w: &Workload, dir: &Path, log: &Path) -> Result<(), Erro
     }
 }
 
-use std::os::unix::process::CommandExt;
-
 /// `criu --version`, e.g. `3.17.1`.
 pub fn version(criu: &str) -> Result<String, Error> {
-    let out = Command::new(criu)
-        .arg("--version")
-        .output()
-        .map_err(|source| Error::Missing {
-            criu: criu.into(),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text
+    let out = child::run(
+        Command::new(criu).arg("--version"),
+        None,
+        Limits::deadline(TOOL_DEADLINE),
+    )
+    .map_err(|e| Error::of_run(criu, "--version", e))?;
+    Ok(out
+        .stdout()
         .lines()
         .find_map(|l| l.strip_prefix("Version:"))
         .unwrap_or("unknown")
@@ -111,21 +146,16 @@ pub enum CheckError {
 
 /// `criu check`: can CRIU work on this kernel at all?
 pub fn check(criu: &str) -> Result<(), CheckError> {
-    let out = Command::new(criu)
-        .arg("check")
-        .output()
-        .map_err(|source| Error::Missing {
-            criu: criu.into(),
-            source,
-        })?;
+    let out = child::run(
+        Command::new(criu).arg("check"),
+        None,
+        Limits::deadline(CHECK_DEADLINE),
+    )
+    .map_err(|e| Error::of_run(criu, "check", e))?;
     if out.status.success() {
         return Ok(());
     }
-    Err(check_failure(&format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )))
+    Err(check_failure(&format!("{}{}", out.stdout(), out.stderr())))
 }
 
 /// Tells a CRIU too old for this kernel from a missing feature, by what
@@ -152,14 +182,14 @@ pub fn lock_table(w: &Workload) -> String {
 }
 
 /// `nft list table inet CRIU-<pid>`, to re-install it in the new kernel.
-pub fn save_lock_table(w: &Workload) -> Option<String> {
-    let out = Command::new("nft")
-        .args(["list", "table", "inet", &lock_table(w)])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+pub fn save_lock_table(w: &Workload, limits: Limits) -> Option<String> {
+    let out = child::run(
+        Command::new("nft").args(["list", "table", "inet", &lock_table(w)]),
+        None,
+        limits,
+    )
+    .ok()?;
+    out.status.success().then(|| out.stdout())
 }
 
 /// Why one step of undoing a dump failed for one task.
@@ -308,11 +338,13 @@ impl Tasks for RealTasks {
 
 /// Lifts CRIU's network lock for a dump we abandon.
 pub fn drop_lock_table(w: &Workload) -> Result<(), String> {
-    let out = Command::new("nft")
-        .args(["delete", "table", "inet", &lock_table(w)])
-        .output()
-        .map_err(|e| format!("cannot run nft: {e}"))?;
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = child::run(
+        Command::new("nft").args(["delete", "table", "inet", &lock_table(w)]),
+        None,
+        Limits::deadline(TOOL_DEADLINE),
+    )
+    .map_err(|e| crate::child::chain(&e))?;
+    let err = out.stderr();
     // Already gone is what we want.
     if out.status.success() || err.contains("No such file") {
         Ok(())
@@ -478,6 +510,34 @@ mod tests {
             m.did,
             ["repair off 10001", "drop lock", "cont 10001"],
             "10002 has vanished"
+        );
+    }
+
+    /// A CRIU that never returns (here: one that sleeps) is killed at the
+    /// dump's deadline and the dump fails, so that the undo runs.
+    #[test]
+    fn a_hung_criu_dump_is_killed_at_its_deadline() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let criu = d.path().join("criu");
+        fs::write(&criu, "#!/bin/sh\nexec sleep 100\n").unwrap();
+        fs::set_permissions(&criu, fs::Permissions::from_mode(0o755)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = d.path().join("images");
+        let log = d.path().join("dump.log");
+        let criu = criu.display().to_string();
+        std::thread::spawn(move || {
+            let limits = crate::child::Limits::deadline(std::time::Duration::from_millis(300));
+            let _ =
+                tx.send(dump(&criu, &wl(true), &dir, &log, limits).map_err(|e| child::chain(&e)));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("criu dump still waited for after 10 s");
+        let e = got.unwrap_err();
+        assert!(
+            e.contains("workload w") && e.contains("did not finish within 0.3 s"),
+            "{e}"
         );
     }
 

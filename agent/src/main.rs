@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use contract::report::{Outcome as RestoreOutcome, UpgradeReport};
-use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, RUN_DIR};
+use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, WORK_DIR};
 use kupgrade_agent::faults::{self, FaultPoint, Faulty};
 use kupgrade_agent::leftovers::{self, RunLock};
 use kupgrade_agent::pipeline::{self, Outcome, System};
@@ -318,7 +318,7 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
     };
     // Held until go returns: one go or resume at a time.
     let _lock = facts.into_run_lock();
-    let work_dir = Path::new(RUN_DIR).join("work");
+    let work_dir = PathBuf::from(WORK_DIR);
     let opts = pipeline::Options {
         work_dir: work_dir.clone(),
         kernel_from: release(),
@@ -369,8 +369,21 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
     let faults = faults::from_env()?;
     let _lock = RunLock::take()?;
     let criu = leftovers::criu_processes();
-    if !criu.is_empty() {
-        bail!("CRIU is still running (pids {criu:?}): wait for it to exit, then run `kupgrade resume` again");
+    if !criu.others.is_empty() {
+        bail!(
+            "CRIU is still running (pids {:?}): wait for it to exit, then run `kupgrade resume` again",
+            criu.others
+        );
+    }
+    if !criu.ours.is_empty() {
+        out!(
+            "stopping CRIU left running by a `kupgrade go` that died (pids {:?})",
+            criu.ours
+        );
+        let left = leftovers::stop_criu(&criu.ours);
+        if !left.is_empty() {
+            bail!("CRIU (pids {left:?}) did not exit after SIGKILL: in uninterruptible sleep? run `kupgrade resume` again later");
+        }
     }
     let workloads = workloads_or_bail(cfg)?;
     let store = Store::locate(cfg).ok();

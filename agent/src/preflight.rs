@@ -58,7 +58,7 @@ use crate::leftovers::{self, Leftovers, LockError, RunLock};
 use crate::stage::Staged;
 use crate::store::{self, Store};
 use crate::workload::{self, Workload};
-use crate::{criu, launch, listen, proc};
+use crate::{child, criu, launch, listen, proc};
 
 /// Which command the preflight decides for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -662,16 +662,7 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
     }
 }
 
-/// An error and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    s
-}
+use crate::child::chain as error_chain;
 
 /// The machine, as the preflight sees it.
 pub struct RealFacts<'a> {
@@ -757,10 +748,12 @@ impl Facts for RealFacts<'_> {
     }
 
     fn nft_available(&mut self) -> bool {
-        std::process::Command::new("nft")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
+        child::run(
+            std::process::Command::new("nft").arg("--version"),
+            None,
+            child::Limits::deadline(child::TOOL_DEADLINE),
+        )
+        .is_ok_and(|o| o.status.success())
     }
 
     fn store(&mut self) -> Result<Store, store::Error> {

@@ -11,6 +11,7 @@ use contract::devstate::{self, DeviceState, TmpfsMount};
 use contract::events::EventLine;
 use image_format::{ImageWriter, WriteOptions};
 
+use crate::child::{self, Limits};
 use crate::config::{Config, LIB_DIR};
 use crate::pipeline::{Dumped, ImageInput, Step, StepError, System};
 use crate::remount::{self, Remounted};
@@ -92,8 +93,9 @@ impl System for RealSystem {
             return Ok(());
         }
         let list: Vec<u16> = ports.keys().copied().collect();
-        listen::hold(&list).map_err(|e| err(Step::Connections)(&e))?;
+        // First: an nft killed at its deadline may have made the table.
         self.holding = true;
+        listen::hold(&list, &self.interrupted).map_err(|e| err(Step::Connections)(&e))?;
         listen::drain(&ports, listen::DRAIN_TIMEOUT).map_err(|e| err(Step::Connections)(&e))
     }
 
@@ -117,9 +119,13 @@ impl System for RealSystem {
         let log = Path::new(LIB_DIR).join(format!("dump-{}.log", w.name));
         let _ = fs::create_dir_all(LIB_DIR);
         let _ = fs::remove_dir_all(dir);
-        criu::dump(&self.cfg.criu, w, dir, &log).map_err(|e| err(Step::Checkpoint)(&e))?;
+        let deadline = Duration::from_secs(self.cfg.dump_timeout_s);
+        let limits = Limits::deadline(deadline).stopped_by(&self.interrupted);
+        criu::dump(&self.cfg.criu, w, dir, &log, limits)
+            .map_err(|e| StepError::new(Step::Checkpoint, child::chain(&e)))?;
         let lock_table = if w.tcp_established {
-            Some(criu::save_lock_table(w).ok_or_else(|| {
+            let limits = Limits::deadline(child::TOOL_DEADLINE).stopped_by(&self.interrupted);
+            Some(criu::save_lock_table(w, limits).ok_or_else(|| {
                 StepError::new(
                     Step::Checkpoint,
                     format!("CRIU's lock table inet {} is missing", criu::lock_table(w)),
