@@ -17,7 +17,7 @@
 //! - POINT: one call of the seam: `hold`, `freeze`, `checkpoint`,
 //!   `system-state`, `tmpfs`, `image-write`, `quiesce`, `kexec` (only
 //!   `before`: a kexec that works does not return), and the undo:
-//!   `unquiesce`, `invalidate`, `undump`, `thaw`, `release`.
+//!   `unquiesce`, `invalidate`, `undump`, `thaw`, `release`, `wipe`.
 //! - WORKLOAD: only at that workload's `freeze`, `checkpoint`, `undump` or
 //!   `thaw`; without it a fault fires for each workload.
 //!
@@ -85,6 +85,7 @@ points! {
     Kexec => "kexec", Kexec, false;
     Unquiesce => "unquiesce", Unquiesce, false;
     Invalidate => "invalidate", Invalidate, false;
+    Wipe => "wipe", Wipe, false;
     Undump => "undump", Undump, true;
     Thaw => "thaw", Thaw, true;
     Release => "release", Release, false;
@@ -149,7 +150,7 @@ pub enum ParseError {
     Shape(String),
     #[error("{FAILPOINT}: {given:?}: no fault {fault:?} (error, die, kill, sigterm, sigint, sighup, hang, corrupt)")]
     Fault { given: String, fault: String },
-    #[error("{FAILPOINT}: {given:?}: no point {point:?} (hold, freeze, checkpoint, system-state, tmpfs, image-write, quiesce, kexec, unquiesce, invalidate, undump, thaw, release)")]
+    #[error("{FAILPOINT}: {given:?}: no point {point:?} (hold, freeze, checkpoint, system-state, tmpfs, image-write, quiesce, kexec, unquiesce, invalidate, undump, thaw, release, wipe)")]
     Point { given: String, point: String },
     #[error("{FAILPOINT}: {given:?}: {point} is not called per workload")]
     Workload { given: String, point: Point },
@@ -428,6 +429,10 @@ impl<S: System, P: Process> System for Faulty<S, P> {
         self.around(Point::Invalidate, None, |s| s.invalidate_image())
     }
 
+    fn wipe_image(&mut self) -> Result<(), StepError> {
+        self.around(Point::Wipe, None, |s| s.wipe_image())
+    }
+
     fn quiesce_filesystems(&mut self) -> Result<(), StepError> {
         self.around(Point::Quiesce, None, |s| s.quiesce_filesystems())
     }
@@ -657,7 +662,8 @@ mod tests {
                 "undump a",
                 "thaw b",
                 "thaw a",
-                "release"
+                "release",
+                "wipe"
             ]
         );
         assert!(err.resume_errors.is_empty());

@@ -319,6 +319,18 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
     // Held until go returns: one go or resume at a time.
     let _lock = facts.into_run_lock();
     let work_dir = PathBuf::from(WORK_DIR);
+    // CRIU's images and the tmpfs copies are process memory: root's alone.
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&work_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(&work_dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .with_context(|| format!("cannot make {}", work_dir.display()))?;
+    }
     let opts = pipeline::Options {
         work_dir: work_dir.clone(),
         kernel_from: release(),
@@ -389,6 +401,20 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
     let store = Store::locate(cfg).ok();
     let left = leftovers::find(&workloads, store.as_ref());
     if left.is_empty() {
+        // An abort whose wipe failed, or an image a restore left.
+        if let Some(s) = store
+            .as_ref()
+            .filter(|s| s.holds_image_data(Path::new(LIB_DIR)))
+        {
+            let zeroed = s
+                .wipe(Path::new(LIB_DIR))
+                .with_context(|| "the store holds image data of an earlier upgrade")?;
+            out!(
+                "wiped the store {}: {} MiB of image data zeroed",
+                s.path.display(),
+                zeroed >> 20
+            );
+        }
         out!("nothing to resume: no workload is frozen and no lock, hold or image of this boot is left");
         return Ok(ExitCode::SUCCESS);
     }

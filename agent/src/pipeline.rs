@@ -9,7 +9,9 @@
 //!     |           |        |           |               |              |
 //!     +-----------+--------+-----------+---------------+--------------+--> abort:
 //!        invalidate the image, drop the network locks, thaw and continue
-//!        every task, in reverse order of what was done; exit non-zero
+//!        every task, in reverse order of what was done; then wipe the
+//!        store if an image was written (it holds process memory); exit
+//!        non-zero
 //! ```
 //!
 //! The reboot is the point of no return; before it, nothing is lost.
@@ -44,6 +46,8 @@ pub enum Step {
     Undump,
     Thaw,
     Release,
+    /// Zeroing the store once the workloads run again.
+    Wipe,
 }
 
 impl Step {
@@ -63,6 +67,7 @@ impl Step {
             Step::Undump => "undump",
             Step::Thaw => "thaw",
             Step::Release => "release",
+            Step::Wipe => "wipe",
         }
     }
 }
@@ -147,6 +152,8 @@ pub trait System {
     ) -> Result<(Vec<TmpfsMount>, bool), StepError>;
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError>;
     fn invalidate_image(&mut self) -> Result<(), StepError>;
+    /// Zeroes the store as far as it may hold image data (process memory).
+    fn wipe_image(&mut self) -> Result<(), StepError>;
     /// sync, then remount file systems read-only where possible.
     fn quiesce_filesystems(&mut self) -> Result<(), StepError>;
     /// Makes writable again what `quiesce_filesystems` made read-only.
@@ -200,6 +207,8 @@ struct Undo {
     dumped: Vec<(usize, Dumped)>,
     image_written: bool,
     quiesced: bool,
+    /// The store may hold image data: wipe it, last.
+    scrub: bool,
 }
 
 impl Default for Undo {
@@ -211,6 +220,7 @@ impl Default for Undo {
             dumped: Vec::new(),
             image_written: false,
             quiesced: false,
+            scrub: false,
         }
     }
 }
@@ -391,6 +401,7 @@ fn run(
         tmpfs: has_tmpfs.then(|| tmpfs_dir.clone()),
     };
     undo.image_written = true;
+    undo.scrub = true;
     let bytes = sys.write_image(&input)?;
     let written = EventLine::now(Event::ImageWritten).with("bytes", bytes);
     let paused_ms = (written.t_mono_ns.saturating_sub(frozen_at)) as f64 / 1e6;
@@ -426,7 +437,9 @@ fn run(
 /// What a `go` that was killed half-way may have left: every workload
 /// frozen and dumped (with a network lock where it has TCP connections),
 /// connections held, and, as found, an image and read-only file systems.
-/// Undoes all of it as an abort would. Returns what could not be undone.
+/// Undoes all of it as an abort would, and wipes the store (a `go` killed
+/// while writing leaves image data but no image). Returns what could not be
+/// undone.
 pub fn recover(
     sys: &mut dyn System,
     workloads: &[Workload],
@@ -443,6 +456,7 @@ pub fn recover(
             .collect(),
         image_written,
         quiesced,
+        scrub: true,
         ..Undo::default()
     };
     resume(sys, workloads, &mut undo)
@@ -471,6 +485,11 @@ fn resume(sys: &mut dyn System, workloads: &[Workload], undo: &mut Undo) -> Vec<
     }
     if std::mem::take(&mut undo.held) {
         undo_step(Step::Release, &mut || sys.release_connections());
+    }
+    // Last: it takes as long as writing the image did, and needs nothing
+    // from the workloads, which run again by now.
+    if std::mem::take(&mut undo.scrub) {
+        undo_step(Step::Wipe, &mut || sys.wipe_image());
     }
     errors
 }
@@ -573,6 +592,9 @@ pub(crate) mod fake {
         fn invalidate_image(&mut self) -> Result<(), StepError> {
             self.step("invalidate".into(), Step::Invalidate)
         }
+        fn wipe_image(&mut self) -> Result<(), StepError> {
+            self.step("wipe".into(), Step::Wipe)
+        }
         fn quiesce_filesystems(&mut self) -> Result<(), StepError> {
             self.step("quiesce".into(), Step::Quiesce)
         }
@@ -656,6 +678,14 @@ mod tests {
         &UNDO_ALL[UNDO_ALL.len() - n..]
     }
 
+    /// Once the image write was attempted, the store is wiped last, after
+    /// the workloads run again: it holds process memory.
+    fn and_wipe(undo: &[&'static str]) -> Vec<&'static str> {
+        let mut v = undo.to_vec();
+        v.push("wipe");
+        v
+    }
+
     #[test]
     fn success_runs_every_step_in_order_and_ends_in_the_reboot() {
         let mut f = Fake {
@@ -712,7 +742,7 @@ mod tests {
             .skip_while(|c| *c != "reboot")
             .skip(1)
             .collect();
-        assert_eq!(after, UNDO_ALL);
+        assert_eq!(after, and_wipe(&UNDO_ALL));
         assert_eq!(f.events.last(), Some(&Event::Resumed));
     }
 
@@ -729,8 +759,9 @@ mod tests {
             ("dump a", &["undump a", "thaw b", "thaw a", "release"]),
             ("dump b", last(5)),
             ("capture", last(5)),
-            ("write", last(6)),
-            ("quiesce", last(7)),
+            // A write that fails may have written part of the image.
+            ("write", &and_wipe(last(6))),
+            ("quiesce", &and_wipe(last(7))),
         ];
         for (at, undo) in cases {
             let mut f = Fake {
@@ -760,10 +791,10 @@ mod tests {
         let cases: &[(Event, &str, &[&str])] = &[
             // Mid-run: the step fails, everything done so far is undone.
             (Event::Dumped, "dump b", last(5)),
-            (Event::ImageWritten, "write", last(6)),
+            (Event::ImageWritten, "write", &and_wipe(last(6))),
             // In the abort path, before and after the undo.
-            (Event::Aborted, "quiesce", last(7)),
-            (Event::Resumed, "quiesce", last(7)),
+            (Event::Aborted, "quiesce", &and_wipe(last(7))),
+            (Event::Resumed, "quiesce", &and_wipe(last(7))),
         ];
         for (event, after, undo) in cases {
             let mut f = Fake {
@@ -865,7 +896,7 @@ mod tests {
             .skip_while(|c| *c != "write")
             .skip(1)
             .collect();
-        assert_eq!(tail, last(6));
+        assert_eq!(tail, and_wipe(last(6)));
         assert_eq!(f.events.last(), Some(&Event::Resumed));
     }
 
@@ -874,11 +905,13 @@ mod tests {
         let mut f = Fake::default();
         let errs = recover(&mut f, &two(), true, true);
         assert!(errs.is_empty());
-        assert_eq!(f.calls, UNDO_ALL);
-        // Without an image or read-only file systems found, those are left.
+        assert_eq!(f.calls, and_wipe(&UNDO_ALL));
+        // Without an image or read-only file systems found, those are left;
+        // the store is wiped anyway: a go killed mid-write leaves no image.
         let mut f = Fake::default();
         recover(&mut f, &two(), false, false);
         assert_eq!(f.calls[0], "undump b");
+        assert_eq!(f.calls.last().map(String::as_str), Some("wipe"));
     }
 
     #[test]

@@ -168,6 +168,9 @@ impl System for RealSystem {
 
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
         let e = err(Step::ImageWrite);
+        let record = Path::new(LIB_DIR);
+        // From here until it is recorded, a wipe zeroes the whole store.
+        let before = self.store.writing(record).map_err(|x| e(&x))?;
         let file = self.store.open_rw().map_err(|x| e(&x))?;
         let opts = WriteOptions {
             generation: input.manifest.created_unix_ns / 1_000_000_000,
@@ -188,6 +191,9 @@ impl System for RealSystem {
         let f = self.store.open_rw().map_err(|x| e(&x))?;
         image_format::Image::open(f)
             .map_err(|x| StepError::new(Step::ImageWrite, format!("verification failed: {x}")))?;
+        self.store
+            .written(record, before, summary.total_len)
+            .map_err(|x| e(&x))?;
         Ok(summary.total_len)
     }
 
@@ -195,6 +201,23 @@ impl System for RealSystem {
         let e = err(Step::Invalidate);
         let mut f = self.store.open_rw().map_err(|x| e(&x))?;
         image_format::invalidate(&mut f).map_err(|x| e(&x))
+    }
+
+    fn wipe_image(&mut self) -> Result<(), StepError> {
+        let start = std::time::Instant::now();
+        let zeroed = self
+            .store
+            .wipe(Path::new(LIB_DIR))
+            .map_err(|x| StepError::new(Step::Wipe, child::chain(&x)))?;
+        // What it cost, for people tuning the store's size.
+        let _ = writeln!(
+            std::io::stderr(),
+            "kupgrade: wiped the store {}: {} MiB zeroed in {} ms",
+            self.store.path.display(),
+            zeroed >> 20,
+            start.elapsed().as_millis()
+        );
+        Ok(())
     }
 
     fn quiesce_filesystems(&mut self) -> Result<(), StepError> {

@@ -9,6 +9,7 @@ pub mod cmdline;
 pub mod criu;
 pub mod devstate;
 pub mod events;
+pub mod extent;
 pub mod report;
 
 use serde::{Deserialize, Serialize};

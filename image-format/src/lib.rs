@@ -26,6 +26,7 @@
 pub mod format;
 pub mod inspect;
 mod read;
+mod scrub;
 mod state;
 #[doc(hidden)]
 pub mod testing;
@@ -42,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 pub use format::{BODY_OFFSET, FORMAT_MAJOR, FORMAT_MINOR, MAGIC};
 pub use read::{read_superblock, Image, SectionReport, VerifyReport};
+pub use scrub::wipe_to;
 pub use state::{invalidate, set_state, wipe};
 pub use write::{ImageWriter, WriteOptions, WriteSummary};
 
