@@ -253,19 +253,64 @@ fn open(path: &Path) -> Result<File, KexecError> {
     })
 }
 
-/// Checks the kernel's header and the command line, then loads them with
-/// `kexec_file_load` for a later [`reboot_into_loaded`]. A kernel already
-/// loaded is replaced.
+/// A kernel file, open and checked: what [`load_kernel`] gives the kernel
+/// is this open file, so a file replaced at its path after the check (by a
+/// package upgrade, say) is never what loads.
+#[derive(Debug)]
+pub struct Kernel {
+    file: File,
+    path: PathBuf,
+    image: BzImage,
+}
+
+impl Kernel {
+    /// Opens `path` once and checks its header.
+    pub fn open(path: &Path) -> Result<Kernel, KexecError> {
+        let file = open(path)?;
+        let image = bzimage::read_file(&file, path)?;
+        Ok(Kernel {
+            file,
+            path: path.to_path_buf(),
+            image,
+        })
+    }
+
+    /// What its header says (release, command line size, ...).
+    pub fn image(&self) -> &BzImage {
+        &self.image
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file, to read what will be loaded (e.g. to fingerprint it).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+/// Opens and checks `kernel`, then loads it: [`Kernel::open`] and
+/// [`load_kernel`].
 pub fn load(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
     flags: LoadFlags,
 ) -> Result<(), KexecError> {
-    // The file checked is the file loaded: one open for both.
-    let kernel_file = open(kernel)?;
-    let image = bzimage::read_file(&kernel_file, kernel)?;
-    check_cmdline(cmdline, image.cmdline_size)?;
+    load_kernel(&Kernel::open(kernel)?, initrd, cmdline, flags)
+}
+
+/// Checks the command line against the kernel's header, then loads them
+/// with `kexec_file_load` for a later [`reboot_into_loaded`]. A kernel
+/// already loaded is replaced.
+pub fn load_kernel(
+    kernel: &Kernel,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    flags: LoadFlags,
+) -> Result<(), KexecError> {
+    check_cmdline(cmdline, kernel.image.cmdline_size)?;
     let cmdline = CString::new(cmdline).map_err(|e| KexecError::CmdlineNul {
         at: e.nul_position(),
     })?;
@@ -276,7 +321,7 @@ pub fn load(
         0
     };
     ffi::kexec_file_load(
-        kernel_file.as_fd(),
+        kernel.file.as_fd(),
         initrd_file.as_ref().map(|f| f.as_fd()),
         &cmdline,
         sys_flags,
@@ -284,7 +329,11 @@ pub fn load(
     .map_err(|e| {
         error_with_hints(
             raw_errno(&e),
-            &format!("loading {} ({})", kernel.display(), image.release),
+            &format!(
+                "loading {} ({})",
+                kernel.path.display(),
+                kernel.image.release
+            ),
             || PermissionHints::read_at(Path::new("/")),
         )
     })
