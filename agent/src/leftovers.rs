@@ -54,15 +54,25 @@ impl RunLock {
     }
 
     fn at(path: &Path) -> Result<RunLock, LockError> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+        let open = |source| LockError::Open {
+            path: path.into(),
+            source,
+        };
+        // flock needs no write access: anyone who can open it could hold it
+        // and keep `resume` out.
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(path)
-            .map_err(|source| LockError::Open {
-                path: path.into(),
-                source,
-            })?;
+            .map_err(open)?;
+        if f.metadata().map_err(open)?.mode() & 0o077 != 0 {
+            f.set_permissions(fs::Permissions::from_mode(0o600))
+                .map_err(open)?;
+        }
         match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Ok(RunLock { _lock: lock }),
             Err((_, nix::Error::EWOULDBLOCK)) => Err(LockError::Busy),
@@ -239,6 +249,21 @@ mod tests {
         assert!(e.to_string().contains("is running"), "{e}");
         drop(first);
         RunLock::at(&path).unwrap();
+    }
+
+    /// flock needs no write access: a lock others can open, others can hold.
+    #[test]
+    fn only_root_can_open_the_run_lock() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("go.lock");
+        let mode = || fs::metadata(&path).unwrap().mode() & 0o777;
+        drop(RunLock::at(&path).unwrap());
+        assert_eq!(mode(), 0o600);
+        // One an older kupgrade left 0644 is tightened.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        drop(RunLock::at(&path).unwrap());
+        assert_eq!(mode(), 0o600);
     }
 
     #[test]

@@ -128,6 +128,8 @@ kinds! {
     NoWorkloads => "no-workloads",
     /// Pids that early boot of the new kernel may take.
     LowPids => "low-pids",
+    /// A workload's cgroup holds kupgrade itself: freezing it freezes `go`.
+    HoldsKupgrade => "holds-kupgrade",
     /// Something in a workload CRIU cannot checkpoint.
     Refusal => "refusal",
     /// Another `go` or `resume` is running.
@@ -317,6 +319,8 @@ pub trait Facts {
     fn refusals(&mut self, w: &Workload) -> Vec<String>;
     /// A process's name, for people.
     fn comm(&mut self, pid: i32) -> String;
+    /// kupgrade's own cgroup (absolute), if it can be read.
+    fn own_cgroup(&mut self) -> Option<PathBuf>;
     /// Takes the lock `go` and `resume` hold, for as long as the facts live
     /// (see [`RealFacts::into_run_lock`]).
     fn take_run_lock(&mut self) -> Result<(), LockError>;
@@ -480,6 +484,25 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
                 e.to_string(),
                 "fix the workload's cgroup",
             )),
+        }
+    }
+    out.extend(clashes(&workloads));
+    if let Some(own) = facts.own_cgroup() {
+        for w in workloads.iter().filter(|w| own.starts_with(&w.cgroup)) {
+            out.push(
+                Finding::fail(
+                    Kind::HoldsKupgrade,
+                    format!(
+                        "workload {}'s cgroup {} contains kupgrade itself (pid {}, in {}): freezing it would freeze `kupgrade go` while it holds the run lock",
+                        w.name,
+                        w.cgroup.display(),
+                        std::process::id(),
+                        own.display()
+                    ),
+                    "run kupgrade from outside that cgroup (another login, or systemd-run --scope kupgrade ...)",
+                )
+                .about(&w.name),
+            );
         }
     }
     if workloads.is_empty() && out.iter().all(|f| f.kind != Kind::WorkloadBroken) {
@@ -664,6 +687,49 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
 
 use crate::child::chain as error_chain;
 
+/// Workloads that cannot be checkpointed side by side: two of one name
+/// (their images would share a directory and a section), or one whose
+/// cgroup lies inside another's (its processes would be dumped twice).
+fn clashes(ws: &[Workload]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (i, a) in ws.iter().enumerate() {
+        for b in &ws[i + 1..] {
+            let what = if a.name == b.name {
+                format!(
+                    "two workloads are named {} ({} and {}): their checkpoints would share a directory",
+                    a.name,
+                    a.cgroup.display(),
+                    b.cgroup.display()
+                )
+            } else if b.cgroup.starts_with(&a.cgroup) || a.cgroup.starts_with(&b.cgroup) {
+                let (inner, outer) = if b.cgroup.starts_with(&a.cgroup) {
+                    (b, a)
+                } else {
+                    (a, b)
+                };
+                format!(
+                    "workload {}'s cgroup {} is inside workload {}'s {}: its processes would be checkpointed twice",
+                    inner.name,
+                    inner.cgroup.display(),
+                    outer.name,
+                    outer.cgroup.display()
+                )
+            } else {
+                continue;
+            };
+            out.push(
+                Finding::fail(
+                    Kind::WorkloadBroken,
+                    what,
+                    "rename or undeclare one of them in /etc/kupgrade/config.toml",
+                )
+                .about(&a.name),
+            );
+        }
+    }
+    out
+}
+
 /// The machine, as the preflight sees it.
 pub struct RealFacts<'a> {
     cfg: &'a Config,
@@ -732,6 +798,14 @@ impl Facts for RealFacts<'_> {
         proc::comm(pid)
     }
 
+    fn own_cgroup(&mut self) -> Option<PathBuf> {
+        crate::cgroup::of_pid(
+            &proc::Proc::host(),
+            std::process::id() as i32,
+            Path::new(config::CGROUP_ROOT),
+        )
+    }
+
     fn take_run_lock(&mut self) -> Result<(), LockError> {
         if self.lock.is_none() {
             self.lock = Some(RunLock::take()?);
@@ -792,6 +866,7 @@ mod tests {
         nft: bool,
         store_mib: Option<u64>,
         staged: bool,
+        own_cgroup: Option<PathBuf>,
         /// Facts asked for, in order.
         asked: Vec<&'static str>,
     }
@@ -816,6 +891,7 @@ mod tests {
                 nft: true,
                 store_mib: Some(1024),
                 staged: true,
+                own_cgroup: Some("/sys/fs/cgroup/user.slice/user-0.slice/session-1.scope".into()),
                 asked: vec![],
             }
         }
@@ -902,6 +978,9 @@ mod tests {
         }
         fn comm(&mut self, _pid: i32) -> String {
             "server".into()
+        }
+        fn own_cgroup(&mut self) -> Option<PathBuf> {
+            self.own_cgroup.clone()
         }
         fn take_run_lock(&mut self) -> Result<(), LockError> {
             self.asked.push("run lock");
@@ -1209,6 +1288,56 @@ mod tests {
             "{refused}"
         );
         assert!(refused.contains("is the device /dev/kmsg"), "{refused}");
+    }
+
+    /// Freezing it would freeze `go` itself, with the run lock held.
+    #[test]
+    fn a_workload_whose_cgroup_holds_kupgrade_itself_fails_everywhere() {
+        for mode in MODES {
+            let mut m = Machine {
+                own_cgroup: Some("/sys/fs/cgroup/kupgrade/web/shell".into()),
+                ..Machine::default()
+            };
+            let f = of(&mut m, mode, Kind::HoldsKupgrade);
+            assert_eq!(f.len(), 1, "{mode:?}");
+            assert_eq!(f[0].0, Level::Fail);
+            assert!(
+                f[0].1.contains("workload web") && f[0].1.contains("kupgrade itself"),
+                "{f:?}"
+            );
+            assert!(f[0].1.contains("from outside"), "{f:?}");
+        }
+        // A sibling merely named alike is not it.
+        let mut m = Machine {
+            own_cgroup: Some("/sys/fs/cgroup/kupgrade/web2".into()),
+            ..Machine::default()
+        };
+        assert_eq!(level(&mut m, Mode::Go, Kind::HoldsKupgrade), None);
+    }
+
+    #[test]
+    fn two_workloads_of_one_name_or_one_inside_another_fail() {
+        let mut db = wl("db", 20002, false);
+        db.cgroup = "/sys/fs/cgroup/system.slice/db.service".into();
+        let mut same_name = db.clone();
+        same_name.cgroup = "/sys/fs/cgroup/kupgrade/db".into();
+        let mut inner = wl("child", 20003, false);
+        inner.cgroup = "/sys/fs/cgroup/system.slice/db.service/worker".into();
+        for (ws, says) in [
+            (vec![db.clone(), same_name], "two workloads are named db"),
+            (vec![db.clone(), inner], "inside workload db"),
+        ] {
+            for mode in MODES {
+                let mut m = Machine {
+                    workloads: ws.clone(),
+                    ..Machine::default()
+                };
+                let f = of(&mut m, mode, Kind::WorkloadBroken);
+                assert_eq!(f.len(), 1, "{mode:?} {f:?}");
+                assert_eq!(f[0].0, Level::Fail);
+                assert!(f[0].1.contains(says), "{f:?}");
+            }
+        }
     }
 
     #[test]

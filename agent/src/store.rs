@@ -72,7 +72,8 @@ impl Store {
     pub fn locate(cfg: &Config) -> Result<Store, Error> {
         if let Some(file) = cfg.store.strip_prefix("file:") {
             let path = PathBuf::from(file);
-            let capacity = cfg.store_file_mib << 20;
+            // Config::parse refuses sizes that overflow.
+            let capacity = cfg.store_file_mib.saturating_mul(1 << 20);
             return Ok(Store {
                 path,
                 kind: Kind::File,
