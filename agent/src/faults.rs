@@ -372,8 +372,8 @@ impl<S: System, P: Process> Faulty<S, P> {
 }
 
 impl<S: System, P: Process> System for Faulty<S, P> {
-    fn kexec_loaded(&mut self) -> bool {
-        self.inner.kexec_loaded()
+    fn staged_still_loaded(&mut self) -> Result<(), String> {
+        self.inner.staged_still_loaded()
     }
 
     fn hold_connections(&mut self, ws: &[Workload]) -> Result<(), StepError> {

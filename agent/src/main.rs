@@ -345,7 +345,7 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             .unwrap_or_default(),
     };
     let store = cleared.store().clone();
-    let real = RealSystem::new(cfg.clone(), store.clone());
+    let real = RealSystem::new(cfg.clone(), store.clone()).with_staged(cleared.staged().cloned());
     let result = on_system(real, &store, faults, |sys| {
         pipeline::go(sys, &cleared, &opts)
     });

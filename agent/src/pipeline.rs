@@ -128,7 +128,8 @@ pub struct ImageInput<'a> {
 
 /// Everything `go` does to the machine.
 pub trait System {
-    fn kexec_loaded(&mut self) -> bool;
+    /// Whether the staged kernel is still the one loaded; if not, why.
+    fn staged_still_loaded(&mut self) -> Result<(), String>;
     /// Holds back new TCP connections to the workloads' listening sockets
     /// and waits until the ones already made are accepted: CRIU cannot
     /// checkpoint a connection still in a listen queue.
@@ -414,10 +415,10 @@ fn run(
         });
     }
     begin(sys, undo, Step::Kexec)?;
-    if !sys.kexec_loaded() {
+    if let Err(why) = sys.staged_still_loaded() {
         return Err(StepError::new(
             Step::Kexec,
-            "the staged kernel was unloaded meanwhile: run `kupgrade stage` again",
+            format!("{why}: run `kupgrade stage` again"),
         ));
     }
     // Emitted before the file systems go read-only, so that it is recorded.
@@ -541,8 +542,12 @@ pub(crate) mod fake {
     }
 
     impl System for Fake {
-        fn kexec_loaded(&mut self) -> bool {
-            self.loaded
+        fn staged_still_loaded(&mut self) -> Result<(), String> {
+            if self.loaded {
+                Ok(())
+            } else {
+                Err("the staged kernel was unloaded meanwhile".into())
+            }
         }
         fn hold_connections(&mut self, _ws: &[Workload]) -> Result<(), StepError> {
             self.step("hold".into(), Step::Connections)
@@ -849,6 +854,11 @@ mod tests {
         };
         let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         assert_eq!(err.failure.step, Step::Kexec);
+        assert!(
+            err.failure.reason.contains("kupgrade stage"),
+            "{}",
+            err.failure
+        );
         assert!(!f.calls.contains(&"reboot".to_string()));
         assert!(!f.calls.contains(&"quiesce".to_string()));
         assert!(f.calls.contains(&"thaw a".to_string()));

@@ -333,6 +333,10 @@ pub trait Facts {
     /// A `memmap=` reserving at least `need` bytes on this machine.
     fn suggest_memmap(&mut self, need: u64) -> String;
     fn staged(&mut self) -> Option<Staged>;
+    /// This boot's id (`/proc/sys/kernel/random/boot_id`).
+    fn boot_id(&mut self) -> String;
+    /// [`kexec::load_calls_left`].
+    fn load_calls_left(&mut self) -> Option<i64>;
 }
 
 /// `kupgrade check`: every finding.
@@ -658,18 +662,19 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
         } else {
             Level::Warn
         };
-        out.push(match &staged {
-            Some(s) if loaded => Finding::ok(
+        let doubt = staged.as_ref().and_then(|s| {
+            let (boot, calls) = (facts.boot_id(), facts.load_calls_left());
+            s.doubt(loaded, &boot, calls)
+        });
+        out.push(match (&staged, doubt) {
+            (Some(s), None) => Finding::ok(
                 Kind::Staged,
                 format!("staged: {} ({})", s.release, s.kernel.display()),
             ),
-            Some(s) => Finding::new(
-                level,
-                Kind::Staged,
-                format!("{} was staged but no kernel is loaded any more", s.release),
-                "run `kupgrade stage` again",
-            ),
-            None => Finding::new(
+            (Some(_), Some(why)) => {
+                Finding::new(level, Kind::Staged, why, "run `kupgrade stage` again")
+            }
+            (None, _) => Finding::new(
                 level,
                 Kind::Staged,
                 "no kernel is staged",
@@ -841,6 +846,16 @@ impl Facts for RealFacts<'_> {
     fn staged(&mut self) -> Option<Staged> {
         Staged::load()
     }
+
+    fn boot_id(&mut self) -> String {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    fn load_calls_left(&mut self) -> Option<i64> {
+        kexec::load_calls_left()
+    }
 }
 
 #[cfg(test)]
@@ -866,6 +881,12 @@ mod tests {
         nft: bool,
         store_mib: Option<u64>,
         staged: bool,
+        /// What the record says of the boot and of the kernel's count of
+        /// kexec load calls after staging.
+        staged_boot: String,
+        staged_calls: Option<i64>,
+        boot_id: String,
+        load_calls_left: Option<i64>,
         own_cgroup: Option<PathBuf>,
         /// Facts asked for, in order.
         asked: Vec<&'static str>,
@@ -891,6 +912,10 @@ mod tests {
                 nft: true,
                 store_mib: Some(1024),
                 staged: true,
+                staged_boot: "boot-1".into(),
+                staged_calls: Some(2147483645),
+                boot_id: "boot-1".into(),
+                load_calls_left: Some(2147483645),
                 own_cgroup: Some("/sys/fs/cgroup/user.slice/user-0.slice/session-1.scope".into()),
                 asked: vec![],
             }
@@ -1028,7 +1053,15 @@ mod tests {
                 initrd_bytes: 1 << 20,
                 modules: 10,
                 staged_unix: 0,
+                boot_id: self.staged_boot.clone(),
+                load_calls_left: self.staged_calls,
             })
+        }
+        fn boot_id(&mut self) -> String {
+            self.boot_id.clone()
+        }
+        fn load_calls_left(&mut self) -> Option<i64> {
+            self.load_calls_left
         }
     }
 
@@ -1497,6 +1530,57 @@ mod tests {
             assert_eq!(level(&mut m(), Mode::DryRun, Kind::Staged), None);
             let cleared = go(&mut m(), true).unwrap();
             assert!(cleared.dry_run());
+        }
+    }
+
+    /// Linux says whether a kexec kernel is loaded, not which: a load or
+    /// unload by anyone after `kupgrade stage` shows only in the kernel's
+    /// count of load calls, and a record of another boot is no record of
+    /// what is loaded now.
+    #[test]
+    fn a_kernel_loaded_since_the_stage_or_in_another_boot_is_not_the_staged_one() {
+        let moved = || Machine {
+            load_calls_left: Some(2147483643),
+            ..Machine::default()
+        };
+        let other_boot = || Machine {
+            boot_id: "boot-2".into(),
+            ..Machine::default()
+        };
+        for (m, says) in [
+            (
+                moved as fn() -> Machine,
+                "kexec_load_limit_reboot went from 2147483645 to 2147483643",
+            ),
+            (other_boot, "staged in another boot"),
+        ] {
+            let f = of(&mut m(), Mode::Check, Kind::Staged);
+            assert_eq!(f[0].0, Level::Warn);
+            assert!(
+                f[0].1.contains(says) && f[0].1.contains("kupgrade stage"),
+                "{f:?}"
+            );
+            let refused = go(&mut m(), false).unwrap_err();
+            assert_eq!(refused.0.len(), 1, "{refused}");
+            assert_eq!(refused.0[0].kind, Kind::Staged);
+            assert!(go(&mut m(), true).is_ok(), "a dry run does not kexec");
+        }
+        // A kernel before 6.7 counts nothing, a record from before this
+        // check holds no boot: the loaded flag is all there is.
+        for m in [
+            Machine {
+                staged_calls: None,
+                load_calls_left: None,
+                ..Machine::default()
+            },
+            Machine {
+                staged_boot: String::new(),
+                staged_calls: None,
+                ..Machine::default()
+            },
+        ] {
+            let mut m = m;
+            assert_eq!(level(&mut m, Mode::Go, Kind::Staged), Some(Level::Ok));
         }
     }
 

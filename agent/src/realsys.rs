@@ -15,6 +15,7 @@ use crate::child::{self, Limits};
 use crate::config::{Config, LIB_DIR};
 use crate::pipeline::{Dumped, ImageInput, Step, StepError, System};
 use crate::remount::{self, Remounted};
+use crate::stage::Staged;
 use crate::store::Store;
 use crate::workload::Workload;
 use crate::{capture, cgroup, criu, leftovers, listen};
@@ -31,6 +32,9 @@ pub struct RealSystem {
     remounted: Vec<Remounted>,
     /// New connections are held back (the nftables table is in place).
     holding: bool,
+    /// What `kupgrade stage` recorded, to check before the kexec that it is
+    /// still what is loaded.
+    staged: Option<Staged>,
 }
 
 impl RealSystem {
@@ -55,7 +59,13 @@ impl RealSystem {
             kmsg: open("/dev/kmsg"),
             remounted: Vec::new(),
             holding: false,
+            staged: None,
         }
+    }
+
+    /// The kernel `go` is to boot, as staged.
+    pub fn with_staged(self, staged: Option<Staged>) -> Self {
+        RealSystem { staged, ..self }
     }
 
     /// For `kupgrade resume`: a system on which a killed `go` may have
@@ -83,8 +93,20 @@ fn err(step: Step) -> impl Fn(&dyn std::fmt::Display) -> StepError {
 }
 
 impl System for RealSystem {
-    fn kexec_loaded(&mut self) -> bool {
-        kexec::is_loaded().unwrap_or(false)
+    fn staged_still_loaded(&mut self) -> Result<(), String> {
+        let loaded = kexec::is_loaded().unwrap_or(false);
+        let Some(staged) = &self.staged else {
+            return if loaded {
+                Ok(())
+            } else {
+                Err("the staged kernel was unloaded meanwhile".into())
+            };
+        };
+        let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        match staged.doubt(loaded, boot_id.trim(), kexec::load_calls_left()) {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
     }
 
     fn hold_connections(&mut self, ws: &[Workload]) -> Result<(), StepError> {

@@ -3,7 +3,21 @@
 //! never sits inside the blackout.
 //!
 //! The kernel file is opened once: the file whose header was checked (and
-//! whose release picks the modules) is the file loaded. The command line is
+//! whose release picks the modules) is the file loaded.
+//!
+//! Is what is loaded at `go` still what was staged? Linux says only
+//! whether a kexec kernel is loaded (`/sys/kernel/kexec_loaded`), never
+//! which: no interface reads the loaded image back. The best evidence is
+//! the count of kexec load calls the kernel still allows
+//! (`kernel.kexec_load_limit_reboot`, Linux 6.7+), which every load and
+//! unload by anyone decrements: stage turns an unlimited count (-1) into
+//! `i32::MAX` (it can only go down until the next boot, so this lasts until
+//! then) and records it right after its own load, with the boot id; `go`
+//! refuses when the kernel is unloaded, the record is of another boot, or
+//! the count moved (checked again right before the kexec). Without the
+//! count (older kernels) a kernel that another program loaded after
+//! `kupgrade stage` cannot be told apart: only the loaded flag and the boot
+//! are checked. The command line is
 //! refused when it would lose the image: without `kupgrade.resume`, without
 //! the store, or without the `memmap=` that keeps the store's RAM out of the
 //! new kernel's hands.
@@ -32,9 +46,40 @@ pub struct Staged {
     pub initrd_bytes: u64,
     pub modules: usize,
     pub staged_unix: u64,
+    /// The boot it was loaded in.
+    #[serde(default)]
+    pub boot_id: String,
+    /// The kernel's count of kexec load calls left right after the load
+    /// ([`kexec::load_calls_left`]), when it counts.
+    #[serde(default)]
+    pub load_calls_left: Option<i64>,
 }
 
 impl Staged {
+    /// Why what is loaded may not be this kernel, judged by all Linux
+    /// offers (see the module docs); `None` when nothing says so.
+    pub fn doubt(&self, loaded: bool, boot_id: &str, calls_left: Option<i64>) -> Option<String> {
+        if !loaded {
+            return Some(format!(
+                "{} was staged but no kernel is loaded any more",
+                self.release
+            ));
+        }
+        if !self.boot_id.is_empty() && self.boot_id != boot_id {
+            return Some(format!(
+                "{} was staged in another boot ({}): the kernel loaded now is not it",
+                self.release, self.boot_id
+            ));
+        }
+        match (self.load_calls_left, calls_left) {
+            (Some(then), Some(now)) if then != now => Some(format!(
+                "a kexec kernel was loaded or unloaded after {} was staged (kernel.kexec_load_limit_reboot went from {then} to {now}): another program may have replaced it",
+                self.release
+            )),
+            _ => None,
+        }
+    }
+
     pub fn load() -> Option<Staged> {
         Staged::load_from(Path::new(RUN_DIR))
     }
@@ -100,6 +145,11 @@ pub trait Machine {
     ) -> Result<(), kexec::KexecError>;
     /// Where the record goes: [`RUN_DIR`].
     fn run_dir(&self) -> PathBuf;
+    fn boot_id(&mut self) -> String;
+    /// [`kexec::count_load_calls`].
+    fn count_load_calls(&mut self);
+    /// [`kexec::load_calls_left`].
+    fn load_calls_left(&mut self) -> Option<i64>;
 }
 
 /// The running system.
@@ -147,6 +197,20 @@ impl Machine for RealMachine {
 
     fn run_dir(&self) -> PathBuf {
         PathBuf::from(RUN_DIR)
+    }
+
+    fn boot_id(&mut self) -> String {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    fn count_load_calls(&mut self) {
+        kexec::count_load_calls()
+    }
+
+    fn load_calls_left(&mut self) -> Option<i64> {
+        kexec::load_calls_left()
     }
 }
 
@@ -359,11 +423,14 @@ pub fn stage_on(machine: &mut dyn Machine, cfg: &Config, req: &Request) -> Resul
     let cmdline = compose_cmdline(running, req.cmdline, req.append, &store.path);
     let store_range = machine.store_range(&store);
     check_next_cmdline(running, &cmdline, &store, store_range)?;
+    // From here on every load and unload is counted, ours included.
+    machine.count_load_calls();
     // Replace whatever was staged before.
     if machine.kexec_loaded() {
         machine.unload()?;
     }
     machine.load(&kernel, &initrd, &cmdline)?;
+    let load_calls_left = machine.load_calls_left();
     let staged = Staged {
         kernel: req.kernel.to_path_buf(),
         release,
@@ -376,6 +443,8 @@ pub fn stage_on(machine: &mut dyn Machine, cfg: &Config, req: &Request) -> Resul
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        boot_id: machine.boot_id(),
+        load_calls_left,
     };
     staged.save_in(&machine.run_dir()).map_err(Error::Record)?;
     Ok(staged)
@@ -414,6 +483,8 @@ mod tests {
         path: PathBuf,
         run_dir: PathBuf,
         loaded: Vec<(String, String)>,
+        /// The kernel's count of load calls, once started.
+        calls_left: Option<i64>,
     }
 
     impl Machine for Swapping {
@@ -427,6 +498,7 @@ mod tests {
             true
         }
         fn unload(&mut self) -> Result<(), kexec::KexecError> {
+            self.calls_left = self.calls_left.map(|n| n - 1);
             let tmp = self.path.with_extension("new");
             fs::write(&tmp, kernel_bytes("6.1.0-56-cloud-amd64")).unwrap();
             fs::rename(&tmp, &self.path).unwrap();
@@ -441,10 +513,20 @@ mod tests {
             // What the kernel would read: the open file.
             let image = kexec::bzimage::read_file(kernel.file(), kernel.path())?;
             self.loaded.push((image.release, cmdline.to_string()));
+            self.calls_left = self.calls_left.map(|n| n - 1);
             Ok(())
         }
         fn run_dir(&self) -> PathBuf {
             self.run_dir.clone()
+        }
+        fn boot_id(&mut self) -> String {
+            "boot-1".into()
+        }
+        fn count_load_calls(&mut self) {
+            self.calls_left = Some(100);
+        }
+        fn load_calls_left(&mut self) -> Option<i64> {
+            self.calls_left
         }
     }
 
@@ -464,6 +546,7 @@ mod tests {
             path: path.clone(),
             run_dir: d.path().join("run"),
             loaded: vec![],
+            calls_left: None,
         };
         let req = Request {
             kernel: &path,
@@ -476,7 +559,12 @@ mod tests {
         assert_eq!(m.loaded.len(), 1);
         assert_eq!(m.loaded[0].0, staged.release, "another file was loaded");
         assert!(m.loaded[0].1.contains("kupgrade.resume kupgrade.store="));
-        assert!(Staged::load_from(&d.path().join("run")).is_some());
+        let record = Staged::load_from(&d.path().join("run")).unwrap();
+        // Counted from before the unload; recorded after the load.
+        assert_eq!(record.load_calls_left, Some(98));
+        assert_eq!(record.boot_id, "boot-1");
+        assert_eq!(record.doubt(true, "boot-1", Some(98)), None);
+        assert!(record.doubt(true, "boot-1", Some(97)).is_some());
     }
 
     fn pmem() -> Store {
