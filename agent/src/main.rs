@@ -397,6 +397,12 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
             bail!("CRIU (pids {left:?}) did not exit after SIGKILL: in uninterruptible sleep? run `kupgrade resume` again later");
         }
     }
+    // A go that died left its dump behind: process memory, of no use now.
+    match std::fs::remove_dir_all(WORK_DIR) {
+        Ok(()) => out!("removed the checkpoint a `kupgrade go` left in {WORK_DIR}"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => err!("kupgrade: cannot remove {WORK_DIR}: {e}"),
+    }
     let workloads = workloads_or_bail(cfg)?;
     let store = Store::locate(cfg).ok();
     let left = leftovers::find(&workloads, store.as_ref());
