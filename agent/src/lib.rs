@@ -3,6 +3,7 @@
 
 pub mod capture;
 pub mod cgroup;
+pub mod child;
 pub mod config;
 pub mod criu;
 pub mod faults;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use contract::report::{Outcome as RestoreOutcome, UpgradeReport};
-use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, RUN_DIR};
+use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, WORK_DIR};
 use kupgrade_agent::faults::{self, FaultPoint, Faulty};
 use kupgrade_agent::leftovers::{self, RunLock};
 use kupgrade_agent::pipeline::{self, Outcome, System};
@@ -17,6 +17,24 @@ use kupgrade_agent::stage::{self, Staged};
 use kupgrade_agent::store::{self, Store};
 use kupgrade_agent::workload::{self, Workload};
 use kupgrade_agent::{launch, proc};
+
+/// `println!` that cannot panic: it does when stdout is gone (`kupgrade go
+/// | tee log` then Ctrl-C, a dropped ssh session), and what kupgrade says
+/// last matters less than finishing what it does.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that cannot panic.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 #[derive(Parser)]
 #[command(
@@ -127,11 +145,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // The whole chain once: what failed, then why.
-            eprint!("kupgrade: {e}");
+            let mut line = format!("kupgrade: {e}");
             for cause in e.chain().skip(1) {
-                eprint!(": {cause}");
+                line.push_str(&format!(": {cause}"));
             }
-            eprintln!();
+            err!("{line}");
             ExitCode::FAILURE
         }
     }
@@ -301,13 +319,25 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
     let cleared = match preflight::go(&mut facts, dry_run) {
         Ok(c) => c,
         Err(refused) => {
-            eprintln!("kupgrade: {refused}");
+            err!("kupgrade: {refused}");
             return Ok(ExitCode::FAILURE);
         }
     };
     // Held until go returns: one go or resume at a time.
     let _lock = facts.into_run_lock();
-    let work_dir = Path::new(RUN_DIR).join("work");
+    let work_dir = PathBuf::from(WORK_DIR);
+    // CRIU's images and the tmpfs copies are process memory: root's alone.
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&work_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(&work_dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .with_context(|| format!("cannot make {}", work_dir.display()))?;
+    }
     let opts = pipeline::Options {
         work_dir: work_dir.clone(),
         kernel_from: release(),
@@ -322,7 +352,7 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             .unwrap_or_default(),
     };
     let store = cleared.store().clone();
-    let real = RealSystem::new(cfg.clone(), store.clone());
+    let real = RealSystem::new(cfg.clone(), store.clone()).with_staged(cleared.staged().cloned());
     let result = on_system(real, &store, faults, |sys| {
         pipeline::go(sys, &cleared, &opts)
     });
@@ -332,18 +362,18 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             paused_ms,
             image_bytes,
         }) => {
-            println!(
+            out!(
                 "dry run done: the workloads were paused {paused_ms:.0} ms up to the reboot, image {} KiB; all resumed",
                 image_bytes >> 10
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(aborted) => {
-            eprintln!("kupgrade: upgrade aborted at {}", aborted.failure);
+            err!("kupgrade: upgrade aborted at {}", aborted.failure);
             if aborted.resume_errors.is_empty() {
-                eprintln!("kupgrade: every workload was resumed on this kernel; nothing was lost");
+                err!("kupgrade: every workload was resumed on this kernel; nothing was lost");
             } else {
-                eprintln!(
+                err!(
                     "kupgrade: RESUMING FAILED: {}",
                     pipeline::join(&aborted.resume_errors)
                 );
@@ -358,18 +388,51 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
     let faults = faults::from_env()?;
     let _lock = RunLock::take()?;
     let criu = leftovers::criu_processes();
-    if !criu.is_empty() {
-        bail!("CRIU is still running (pids {criu:?}): wait for it to exit, then run `kupgrade resume` again");
+    if !criu.others.is_empty() {
+        bail!(
+            "CRIU is still running (pids {:?}): wait for it to exit, then run `kupgrade resume` again",
+            criu.others
+        );
+    }
+    if !criu.ours.is_empty() {
+        out!(
+            "stopping CRIU left running by a `kupgrade go` that died (pids {:?})",
+            criu.ours
+        );
+        let left = leftovers::stop_criu(&criu.ours);
+        if !left.is_empty() {
+            bail!("CRIU (pids {left:?}) did not exit after SIGKILL: in uninterruptible sleep? run `kupgrade resume` again later");
+        }
+    }
+    // A go that died left its dump behind: process memory, of no use now.
+    match std::fs::remove_dir_all(WORK_DIR) {
+        Ok(()) => out!("removed the checkpoint a `kupgrade go` left in {WORK_DIR}"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => err!("kupgrade: cannot remove {WORK_DIR}: {e}"),
     }
     let workloads = workloads_or_bail(cfg)?;
     let store = Store::locate(cfg).ok();
     let left = leftovers::find(&workloads, store.as_ref());
     if left.is_empty() {
-        println!("nothing to resume: no workload is frozen and no lock, hold or image of this boot is left");
+        // An abort whose wipe failed, or an image a restore left.
+        if let Some(s) = store
+            .as_ref()
+            .filter(|s| s.holds_image_data(Path::new(LIB_DIR)))
+        {
+            let zeroed = s
+                .wipe(Path::new(LIB_DIR))
+                .with_context(|| "the store holds image data of an earlier upgrade")?;
+            out!(
+                "wiped the store {}: {} MiB of image data zeroed",
+                s.path.display(),
+                zeroed >> 20
+            );
+        }
+        out!("nothing to resume: no workload is frozen and no lock, hold or image of this boot is left");
         return Ok(ExitCode::SUCCESS);
     }
     for what in left.describe() {
-        println!("found: {what}");
+        out!("found: {what}");
     }
     let Some(store) = store else {
         bail!("the store is gone; cannot run the recovery that needs it");
@@ -384,10 +447,10 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
         )
     });
     if errors.is_empty() {
-        println!("resumed: every workload runs again on this kernel");
+        out!("resumed: every workload runs again on this kernel");
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("kupgrade: RESUMING FAILED: {}", pipeline::join(&errors));
+        err!("kupgrade: RESUMING FAILED: {}", pipeline::join(&errors));
         Ok(ExitCode::FAILURE)
     }
 }

@@ -10,6 +10,7 @@ pub mod cmdline;
 pub mod criu;
 pub mod devstate;
 pub mod events;
+pub mod extent;
 pub mod report;
 pub mod timeline;
 
