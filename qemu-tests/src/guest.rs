@@ -3,6 +3,7 @@
 //! console).
 
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -176,6 +177,28 @@ impl Line {
     }
 }
 
+/// The kernel's TCP states, as `/proc/net/tcp` shows them.
+pub const TCP_ESTABLISHED: u8 = 0x01;
+pub const TCP_LISTEN: u8 = 0x0a;
+
+/// True when a TCP socket on local port `port` is in `state`, IPv4 or IPv6
+/// (a server listening on `::` takes IPv4 peers as mapped addresses: they
+/// show in `tcp6` only). `proc_net` is `/proc/net` in the guest.
+pub fn tcp_port_in_state(proc_net: &Path, port: u16, state: u8) -> bool {
+    ["tcp", "tcp6"].iter().any(|table| {
+        let text = std::fs::read_to_string(proc_net.join(table)).unwrap_or_default();
+        text.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let port_of = |addr: &str| {
+                addr.rsplit(':')
+                    .next()
+                    .and_then(|p| u16::from_str_radix(p, 16).ok())
+            };
+            f.len() > 3 && u8::from_str_radix(f[3], 16) == Ok(state) && port_of(f[1]) == Some(port)
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +235,37 @@ mod tests {
         }
         let names: std::collections::HashSet<_> = Verb::ALL.iter().map(|v| v.name()).collect();
         assert_eq!(names.len(), Verb::ALL.len(), "two verbs share a name");
+    }
+
+    const TCP_HEADER: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+
+    #[test]
+    fn connections_and_listeners_are_found_in_tcp_and_tcp6() {
+        let dir = tempfile::tempdir().unwrap();
+        let net = dir.path();
+        // An IPv4 listener on 7000 with one connection from the host.
+        std::fs::write(
+            net.join("tcp"),
+            format!(
+                "{TCP_HEADER}   0: 00000000:1B58 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 101 1\n   1: 0F02000A:1B58 0202000A:D431 01 00000000:00000000 00:00000000 00000000     0        0 102 1\n"
+            ),
+        )
+        .unwrap();
+        // A server on `::`, port 80, with an IPv4 peer (a mapped address).
+        std::fs::write(
+            net.join("tcp6"),
+            format!(
+                "{TCP_HEADER}   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 201 1\n   1: 0000000000000000FFFF00000F02000A:0050 0000000000000000FFFF00000202000A:D432 01 00000000:00000000 00:00000000 00000000     0        0 202 1\n"
+            ),
+        )
+        .unwrap();
+        for port in [7000, 80] {
+            assert!(tcp_port_in_state(net, port, TCP_ESTABLISHED), "{port}");
+            assert!(tcp_port_in_state(net, port, TCP_LISTEN), "{port}");
+        }
+        assert!(!tcp_port_in_state(net, 8080, TCP_LISTEN));
+        // The peer's port is not a local port.
+        assert!(!tcp_port_in_state(net, 0xd432, TCP_ESTABLISHED));
     }
 
     #[test]

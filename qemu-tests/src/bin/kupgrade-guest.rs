@@ -195,21 +195,6 @@ fn configure_network() {
     }
 }
 
-/// True when a connection to `port` is established (from /proc/net/tcp).
-fn established_on(port: u16) -> bool {
-    let text = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    text.lines().skip(1).any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() > 3
-            && f[3] == "01"
-            && f[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok())
-                == Some(port)
-    })
-}
-
 fn worker() -> Result<()> {
     let mut progress = load_progress();
     say(Line::new(Verb::Boot)
@@ -269,7 +254,7 @@ fn worker() -> Result<()> {
         say(Line::new(Verb::Ready));
         let start = Instant::now();
         for port in &plan.probe_ports {
-            while !established_on(*port) {
+            while !guest::tcp_port_in_state(Path::new("/proc/net"), *port, guest::TCP_ESTABLISHED) {
                 anyhow::ensure!(
                     start.elapsed() < Duration::from_secs(90),
                     "no probe connected to port {port}"
