@@ -141,14 +141,16 @@ impl Line {
             .map(|(_, v)| v.as_str())
     }
 
-    /// `kupgrade-vm: check name=x ok=true detail=free text`
+    /// `kupgrade-vm: check name="two words" ok=true detail=free text`: a
+    /// value with spaces, quotes or backslashes is quoted (`\"`, `\\`,
+    /// `\n` inside), so that it parses back as it was.
     pub fn render(&self) -> String {
         let mut s = format!("{PREFIX} {}", self.verb);
         for (k, v) in &self.fields {
             let v = if k == "detail" {
                 v.replace('\n', " | ")
             } else {
-                v.replace(char::is_whitespace, "_")
+                quote(v)
             };
             s.push_str(&format!(" {k}={v}"));
         }
@@ -163,18 +165,64 @@ impl Line {
         let (verb, mut rest) = rest.split_once(' ').unwrap_or((rest, ""));
         let mut line = Line::new(verb.parse().ok()?);
         while !rest.is_empty() {
-            let (word, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-            let (k, v) = word.split_once('=')?;
+            let (k, after) = rest.split_once('=')?;
+            if k.contains(' ') {
+                return None;
+            }
             if k == "detail" {
-                line.fields
-                    .push((k.into(), format!("{v} {tail}").trim().to_string()));
+                line.fields.push((k.into(), after.trim().to_string()));
                 break;
             }
-            line.fields.push((k.into(), v.into()));
+            let (v, tail) = if after.starts_with('"') {
+                unquote(after)?
+            } else {
+                let (v, tail) = after.split_once(' ').unwrap_or((after, ""));
+                (v.to_string(), tail)
+            };
+            line.fields.push((k.into(), v));
             rest = tail.trim_start();
         }
         Some(line)
     }
+}
+
+/// A value as one word: as it is when it is one, else quoted.
+fn quote(v: &str) -> String {
+    if !v.is_empty() && !v.contains(|c: char| c.is_whitespace() || c == '"' || c == '\\') {
+        return v.to_string();
+    }
+    let mut out = String::from("\"");
+    for c in v.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The quoted value at the start of `s` and the text after it.
+fn unquote(s: &str) -> Option<(String, &str)> {
+    let mut out = String::new();
+    let mut chars = s.char_indices().skip(1);
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((out, &s[i + 1..])),
+            '\\' => match chars.next()?.1 {
+                'n' => out.push('\n'),
+                'r' => out.push('\r'),
+                't' => out.push('\t'),
+                c => out.push(c),
+            },
+            c => out.push(c),
+        }
+    }
+    None
 }
 
 /// The kernel's TCP states, as `/proc/net/tcp` shows them.
@@ -212,10 +260,11 @@ mod tests {
         let text = l.render();
         assert_eq!(
             text,
-            "kupgrade-vm: check name=pid_of_x ok=true detail=seq 0..9 ok | next"
+            "kupgrade-vm: check name=\"pid of x\" ok=true detail=seq 0..9 ok | next"
         );
         let back = Line::parse(&format!("[  3.2] {text}\r")).unwrap();
         assert_eq!(back.verb, Verb::Check);
+        assert_eq!(back.get("name"), Some("pid of x"));
         assert_eq!(back.get("ok"), Some("true"));
         assert_eq!(back.get("detail"), Some("seq 0..9 ok | next"));
         assert_eq!(
@@ -223,6 +272,31 @@ mod tests {
             Line::new(Verb::Ready)
         );
         assert!(Line::parse("nothing").is_none());
+    }
+
+    #[test]
+    fn names_come_back_as_they_were_written() {
+        for name in [
+            "redis answers a new client",
+            "say \"hi\" = twice",
+            "back\\slash\tand tab",
+            "two\nlines",
+            "",
+            "\"",
+            "plain",
+            "a=b",
+        ] {
+            let l = Line::new(Verb::Check)
+                .with("name", name)
+                .with("ok", false)
+                .with("detail", "why");
+            let back = Line::parse(&l.render()).unwrap_or_else(|| panic!("{}", l.render()));
+            assert_eq!(back, l, "{}", l.render());
+        }
+        // Lines of an older guest: words without quotes.
+        let old = Line::parse("kupgrade-vm: workload name=echo pid=10042").unwrap();
+        assert_eq!(old.get("name"), Some("echo"));
+        assert_eq!(old.get("pid"), Some("10042"));
     }
 
     #[test]
