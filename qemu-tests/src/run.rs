@@ -549,18 +549,42 @@ fn wait_exit(child: &Mutex<Child>, within: Duration) -> Option<std::process::Exi
     child.wait().ok()
 }
 
-/// Copies kupgrade's and CRIU's logs out of the guest disk with debugfs (no mount).
+/// Copies kupgrade's and CRIU's logs out of the guest disk with debugfs (no
+/// mount). A guest stopped hard leaves the last writes in the ext4 journal
+/// (file sizes among them): the journal is replayed first, on a copy, so
+/// that the kept disk stays as the guest left it.
 fn copy_guest_logs(disk: &Path, dest: &Path) -> Result<()> {
     fs::create_dir_all(dest)?;
+    let replayed = dest.with_extension("replayed.img");
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(disk)
+        .arg(&replayed)
+        .status()?;
+    anyhow::ensure!(st.success(), "cannot copy {}", disk.display());
+    // 0-3: clean or repaired; worse still leaves what it could read.
+    let fsck = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&replayed)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !fsck.as_ref().is_ok_and(|s| s.code().is_some_and(|c| c < 4)) {
+        progress::step(&format!(
+            "e2fsck on a copy of {} did not finish cleanly ({fsck:?}): the guest logs may be incomplete",
+            disk.display()
+        ));
+    }
     for dir in ["/var/lib/kupgrade", "/var/log/kupgrade", "/var/log"] {
         let _ = Command::new("debugfs")
             .arg("-R")
             .arg(format!("rdump {dir} {}", dest.display()))
-            .arg(disk)
+            .arg(&replayed)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
     }
+    let _ = fs::remove_file(&replayed);
     Ok(())
 }
 
@@ -751,6 +775,78 @@ fn builtin_checks(
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    fn debugfs(img: &Path, cmd: &str) -> String {
+        let out = Command::new("debugfs")
+            .args(["-R", cmd])
+            .arg(img)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The guest's last write to a log sits in the ext4 journal only (as
+    /// when QEMU is stopped before the guest's journal is checkpointed):
+    /// the copied log has it, and the kept disk is not changed.
+    #[test]
+    fn guest_logs_are_read_after_replaying_the_journal_on_a_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir_all(tree.join("var/log/kupgrade")).unwrap();
+        fs::write(tree.join("var/log/kupgrade/agent.log"), "old line\n").unwrap();
+        let img = dir.path().join("disk.img");
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "1024", "-d"])
+            .arg(&tree)
+            .arg(&img)
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let block = debugfs(&img, "bmap /var/log/kupgrade/agent.log 0");
+        let block = block.trim();
+        assert!(block.parse::<u64>().is_ok(), "{block:?}");
+        // A transaction rewriting the log's block, written to the journal
+        // and not replayed.
+        let mut content = b"new line\n".to_vec();
+        content.resize(1024, 0);
+        fs::write(dir.path().join("block"), &content).unwrap();
+        // debugfs -R takes one command: write them through -f.
+        let cmds = dir.path().join("cmds");
+        fs::write(
+            &cmds,
+            format!(
+                "jo\njw -b {block} {}\njc\n",
+                dir.path().join("block").display()
+            ),
+        )
+        .unwrap();
+        let st = Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(&cmds)
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(st.status.success());
+        assert_eq!(
+            debugfs(&img, "cat /var/log/kupgrade/agent.log"),
+            "old line\n"
+        );
+
+        let logs = dir.path().join("guest-logs");
+        copy_guest_logs(&img, &logs).unwrap();
+        assert_eq!(
+            fs::read_to_string(logs.join("kupgrade/agent.log")).unwrap(),
+            "new line\n"
+        );
+        assert_eq!(
+            debugfs(&img, "cat /var/log/kupgrade/agent.log"),
+            "old line\n",
+            "the kept disk was changed"
+        );
+        assert!(!logs.with_extension("replayed.img").exists());
+    }
 
     /// A guest that never comes up is stopped by the deadline, the run fails
     /// with that reason, and the serial log is kept.
