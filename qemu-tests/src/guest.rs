@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::scenario::{Check, Expect, Workload};
+use crate::scenario::{Check, Expect, Setup, Workload};
 
 /// Prefix of every line the guest runner prints for the host.
 pub const PREFIX: &str = "kupgrade-vm:";
@@ -24,6 +24,9 @@ pub const PLAN_DEVICE: &str = "/dev/vdb";
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Plan {
     pub scenario: String,
+    /// Run on the first boot before the background and the workloads.
+    #[serde(default)]
+    pub setup: Vec<Setup>,
     pub workloads: Vec<Workload>,
     /// Guest ports the host probes connect to; the upgrade waits for them.
     pub probe_ports: Vec<u16>,

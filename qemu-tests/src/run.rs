@@ -19,7 +19,7 @@ use crate::floor::Floors;
 use crate::guest::{self, Line, Plan, Verb};
 use crate::probe::{self, ProbeResult};
 use crate::report::{self, Artifacts, CheckResult, Report, Verdict, WorkloadPids};
-use crate::scenario::{Expect, ProbeMode, Scenario};
+use crate::scenario::{Expect, Scenario};
 use crate::{progress, stop};
 
 #[derive(Clone, Debug)]
@@ -284,6 +284,7 @@ pub fn run_bare(p: &Prepared, opts: &Options) -> Result<Report> {
     let mut bare = p.clone();
     let sc = &mut bare.scenario;
     sc.name = format!("{}-floor", sc.name);
+    sc.setup.clear();
     sc.workloads.clear();
     sc.probes.clear();
     sc.background.clear();
@@ -322,12 +323,13 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
     let chain = chain_releases(p);
     let plan = Plan {
         scenario: sc.name.clone(),
+        setup: sc.setup.clone(),
         workloads: sc.workloads.clone(),
         // The upgrade waits for the probes that hold a connection open.
         probe_ports: sc
             .probes
             .iter()
-            .filter(|p| matches!(p.mode, ProbeMode::Echo | ProbeMode::Counter))
+            .filter(|p| p.mode.holds_connection())
             .map(|p| p.guest_port)
             .collect(),
         chain: chain.clone(),
@@ -366,6 +368,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
     let mut checks: Vec<CheckResult> = Vec::new();
     let mut go_returned: Option<(bool, String)> = None;
     let mut restore_reports: Vec<(String, String)> = Vec::new();
+    let mut guest_error = None;
     let mut timed_out = false;
     let mut stopped_by = None;
     let mut done = false;
@@ -463,9 +466,12 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
             Verb::ChecksDone => stop.store(true, Ordering::Relaxed),
             Verb::Done => done = true,
             Verb::Info => progress::step(&format!("guest: {}", l.get("detail").unwrap_or(""))),
-            // The serial log keeps it; the worker then stops, and the run
-            // fails for want of `done`.
-            Verb::Error => {}
+            // The worker then stops, and the run fails for want of `done`.
+            Verb::Error => {
+                let d = l.get("detail").unwrap_or("").to_string();
+                progress::step(&format!("guest: error: {d}"));
+                guest_error = Some(d);
+            }
         }
     }
     if !done && stopped_by.is_none() {
@@ -502,6 +508,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
     let outcome = Outcome {
         go_returned,
         restore_reports,
+        guest_error,
         timed_out,
         stopped_by,
         done,
@@ -602,6 +609,8 @@ struct Outcome {
     go_returned: Option<(bool, String)>,
     /// (outcome, reason) of `kupgrade report` after each kexec.
     restore_reports: Vec<(String, String)>,
+    /// Why the guest's worker stopped, when it said.
+    guest_error: Option<String>,
     timed_out: bool,
     /// The harness was stopped by this signal.
     stopped_by: Option<i32>,
@@ -621,6 +630,8 @@ fn finished_in_time(sc: &Scenario, o: &Outcome) -> CheckResult {
             format!("deadline of {} s passed", sc.guest.timeout_secs)
         } else if o.done {
             "the guest ran the scenario to its end".into()
+        } else if let Some(e) = &o.guest_error {
+            format!("the guest stopped before its end: {e}")
         } else {
             "the guest stopped before its end (see the serial log)".into()
         },
