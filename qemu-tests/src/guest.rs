@@ -250,6 +250,39 @@ pub fn tcp_port_in_state(proc_net: &Path, port: u16, state: u8) -> bool {
     })
 }
 
+/// Names that every shell runs as its own builtin, whatever PATH holds.
+const SHELL_BUILTINS: &[&str] = &[
+    "[", "[[", "echo", "false", "kill", "printf", "pwd", "test", "true",
+];
+
+/// Busybox's shell, built "standalone" (busybox-static), runs its own
+/// applet for a command name even when PATH finds another program first: in
+/// a scenario's `shell` line, `ps` would be busybox's after procps was
+/// installed. For each applet name whose first PATH match is not busybox,
+/// this gives a shell function running that program instead, as dash or
+/// bash would. `applets`: busybox's applet names; `path`: the PATH
+/// directories in order; `busybox`: the busybox binary.
+pub fn path_programs_prelude(applets: &[&str], path: &[&Path], busybox: &Path) -> String {
+    let busybox = std::fs::canonicalize(busybox).unwrap_or_else(|_| busybox.to_path_buf());
+    let mut out = String::new();
+    for name in applets {
+        // Only names a shell function can have.
+        if SHELL_BUILTINS.contains(name)
+            || name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            continue;
+        }
+        let Some(found) = path.iter().map(|d| d.join(name)).find(|p| p.is_file()) else {
+            continue;
+        };
+        if std::fs::canonicalize(&found).is_ok_and(|real| real != busybox) {
+            out.push_str(&format!("{name}() {{ '{}' \"$@\"; }}\n", found.display()));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,6 +376,47 @@ mod tests {
         assert!(!tcp_port_in_state(net, 8080, TCP_LISTEN));
         // The peer's port is not a local port.
         assert!(!tcp_port_in_state(net, 0xd432, TCP_ESTABLISHED));
+    }
+
+    #[test]
+    fn shell_lines_run_the_programs_path_finds_before_busybox_applets() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let (sbin, bin) = (dir.path().join("usr/sbin"), dir.path().join("usr/bin"));
+        std::fs::create_dir_all(&sbin).unwrap();
+        std::fs::create_dir_all(&bin).unwrap();
+        let busybox = bin.join("busybox");
+        std::fs::write(&busybox, "").unwrap();
+        for applet in ["sh", "ls", "kill", "run-parts", "ps"] {
+            symlink("busybox", bin.join(applet)).unwrap();
+        }
+        // procps replaced two links; the appliance's ip comes first in PATH.
+        for (d, prog) in [(&bin, "ps"), (&bin, "kill"), (&sbin, "ip")] {
+            let _ = std::fs::remove_file(d.join(prog));
+            std::fs::write(d.join(prog), "").unwrap();
+        }
+        symlink("busybox", bin.join("ip")).unwrap();
+        let applets = ["sh", "ls", "kill", "run-parts", "ps", "ip", "nc"];
+        let prelude = path_programs_prelude(&applets, &[&sbin, &bin], &busybox);
+        assert_eq!(
+            prelude,
+            format!(
+                "ps() {{ '{}' \"$@\"; }}\nip() {{ '{}' \"$@\"; }}\n",
+                bin.join("ps").display(),
+                sbin.join("ip").display()
+            )
+        );
+        // The shell runs the prelude: ps is the file's, ls stays busybox's.
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(format!("{prelude}type ps; type ls"))
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.contains("ps is a function") || out.contains("ps is a shell function"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -205,10 +205,10 @@ pub struct Ready {
 }
 
 impl Ready {
-    /// The command to retry, if any.
-    pub fn argv(&self) -> Option<Vec<String>> {
+    /// The command to retry, if any (`prelude`: see [`guest_argv`]).
+    pub fn argv(&self, prelude: &str) -> Option<Vec<String>> {
         (!self.command.is_empty() || self.shell.is_some())
-            .then(|| guest_argv(&self.command, &self.shell))
+            .then(|| guest_argv(&self.command, &self.shell, prelude))
     }
 }
 
@@ -231,15 +231,17 @@ pub struct Setup {
 }
 
 impl Setup {
-    pub fn argv(&self) -> Vec<String> {
-        guest_argv(&self.command, &self.shell)
+    pub fn argv(&self, prelude: &str) -> Vec<String> {
+        guest_argv(&self.command, &self.shell, prelude)
     }
 }
 
-/// A guest command given as `command = [...]` or as `shell = "..."`.
-pub fn guest_argv(command: &[String], shell: &Option<String>) -> Vec<String> {
+/// A guest command given as `command = [...]` or as `shell = "..."`;
+/// `prelude` is shell text run before a `shell` line (the guest's
+/// [`crate::guest::path_programs_prelude`]).
+pub fn guest_argv(command: &[String], shell: &Option<String>, prelude: &str) -> Vec<String> {
     match shell {
-        Some(line) => vec!["/bin/sh".into(), "-c".into(), line.clone()],
+        Some(line) => vec!["/bin/sh".into(), "-c".into(), format!("{prelude}{line}")],
         None => command.to_vec(),
     }
 }
@@ -411,8 +413,8 @@ pub struct Check {
 }
 
 impl Check {
-    pub fn argv(&self) -> Vec<String> {
-        guest_argv(&self.command, &self.shell)
+    pub fn argv(&self, prelude: &str) -> Vec<String> {
+        guest_argv(&self.command, &self.shell, prelude)
     }
 }
 
@@ -459,12 +461,12 @@ impl Scenario {
             }
             if let Some(r) = &w.ready {
                 let what = format!("workload {:?}: ready", w.name);
-                if r.port.is_none() && r.file.is_none() && r.argv().is_none() {
+                if r.port.is_none() && r.file.is_none() && r.argv("").is_none() {
                     return Err(format!(
                         "{what} says nothing to wait for: give `port`, `file`, `command` or `shell`"
                     ));
                 }
-                if r.argv().is_some() {
+                if r.argv("").is_some() {
                     one_command(&what, &r.command, &r.shell)?;
                 }
                 if r.timeout_secs == 0 {
@@ -643,14 +645,24 @@ shell = "ps | grep -q nginx"
         )
         .unwrap();
         s.validate().unwrap();
-        assert_eq!(s.setup[0].argv(), ["/bin/sh", "-c", "adduser -S www-data"]);
-        assert_eq!(s.setup[1].argv(), ["mkdir", "-p", "/var/www"]);
+        assert_eq!(
+            s.setup[0].argv(""),
+            ["/bin/sh", "-c", "adduser -S www-data"]
+        );
+        assert_eq!(s.setup[1].argv(""), ["mkdir", "-p", "/var/www"]);
         let r = s.workloads[0].ready.as_ref().unwrap();
         assert_eq!(r.port, Some(80));
         assert_eq!(r.file.as_deref(), Some(Path::new("/run/nginx.pid")));
         assert_eq!(r.timeout_secs, 30);
-        assert_eq!(r.argv().unwrap()[..2], ["/bin/sh", "-c"]);
-        assert_eq!(s.checks[0].argv(), ["/bin/sh", "-c", "ps | grep -q nginx"]);
+        assert_eq!(r.argv("").unwrap()[..2], ["/bin/sh", "-c"]);
+        assert_eq!(
+            s.checks[0].argv(""),
+            ["/bin/sh", "-c", "ps | grep -q nginx"]
+        );
+        assert_eq!(
+            s.checks[0].argv("f() { :; }\n")[2],
+            "f() { :; }\nps | grep -q nginx"
+        );
         assert_eq!(s.probes[0].mode, ProbeMode::Http);
         assert!(s.probes[0].mode.holds_connection() && !s.probes[0].mode.is_udp());
         assert!(s.probes[1].mode.is_udp() && !s.probes[1].mode.holds_connection());
@@ -661,7 +673,7 @@ shell = "ps | grep -q nginx"
         .unwrap();
         assert_eq!(s.probes[0].path, "/");
         assert_eq!(s.workloads[0].ready.as_ref().unwrap().timeout_secs, 60);
-        assert_eq!(s.workloads[0].ready.as_ref().unwrap().argv(), None);
+        assert_eq!(s.workloads[0].ready.as_ref().unwrap().argv(""), None);
     }
 
     #[test]
@@ -684,6 +696,20 @@ shell = "ps | grep -q nginx"
         assert!(e.contains("`expect` is for"), "{e}");
         let e = bad("[[probe]]\nname = \"h\"\nguest_port = 80\nmode = \"http\"\npath = \"x\"\n");
         assert!(e.contains("must start with /"), "{e}");
+    }
+
+    #[test]
+    fn the_readme_example_is_a_valid_scenario() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+                .unwrap();
+        let section = &readme[readme.find("## Trying your own workloads").unwrap()..];
+        let block = section.split("```toml\n").nth(1).unwrap();
+        let example = &block[..block.find("```").unwrap()];
+        let s = Scenario::parse(example).unwrap_or_else(|e| panic!("{e}\n{example}"));
+        s.validate().unwrap();
+        assert_eq!(s.probes[0].mode, ProbeMode::Http);
+        assert!(s.setup[0].argv("")[2].contains("sites-enabled"));
     }
 
     #[test]

@@ -208,6 +208,7 @@ fn worker() -> Result<()> {
     }
     let first_boot = progress.upgrades_done == 0 && progress.pids.is_empty();
     if first_boot {
+        let plan_prelude = shell_prelude();
         img.extract_tree(guest::FILES_SECTION, Path::new("/"))
             .context("cannot unpack the scenario's files")?;
         for (i, step) in plan.setup.iter().enumerate() {
@@ -216,7 +217,7 @@ fn worker() -> Result<()> {
             } else {
                 format!("setup step {:?}", step.name)
             };
-            let argv = step.argv();
+            let argv = step.argv(&plan_prelude);
             let args: Vec<&str> = argv.iter().map(String::as_str).collect();
             let (ok, out) = sh(&args);
             anyhow::ensure!(ok, "{what} failed: {out}");
@@ -240,7 +241,7 @@ fn worker() -> Result<()> {
                     .with("name", &w.name)
                     .with("pid", pid));
                 progress.pids.push((w.name.clone(), pid));
-                wait_ready(w)?;
+                wait_ready(w, &plan_prelude)?;
                 continue;
             }
             let mut args = vec!["kupgrade", "launch", w.name.as_str()];
@@ -263,7 +264,7 @@ fn worker() -> Result<()> {
                 .with("name", &w.name)
                 .with("pid", pid));
             progress.pids.push((w.name.clone(), pid));
-            wait_ready(w)?;
+            wait_ready(w, &plan_prelude)?;
         }
         save_progress(&progress)?;
         say(Line::new(Verb::Ready));
@@ -354,6 +355,15 @@ fn bare_kexec(plan: &Plan, progress: &mut Progress) -> Result<()> {
     }
 }
 
+/// Shell functions that make a scenario's `shell` lines run the programs
+/// PATH finds (a package's `ps`) rather than busybox's applets.
+fn shell_prelude() -> String {
+    let (_, list) = sh(&["busybox", "--list"]);
+    let applets: Vec<&str> = list.lines().map(str::trim).collect();
+    let dirs: Vec<&Path> = PATH.split(':').map(Path::new).collect();
+    guest::path_programs_prelude(&applets, &dirs, Path::new("/usr/bin/busybox"))
+}
+
 /// The cgroup a workload runs in.
 fn workload_cgroup(w: &Workload) -> String {
     if w.declared {
@@ -375,12 +385,12 @@ fn workload_log(w: &Workload) -> String {
 /// Waits until the workload's `ready` conditions all hold. Fails at the
 /// deadline, or at once when the workload has exited, with what did not
 /// hold and the end of its output.
-fn wait_ready(w: &Workload) -> Result<()> {
+fn wait_ready(w: &Workload, prelude: &str) -> Result<()> {
     let Some(r) = &w.ready else {
         return Ok(());
     };
     let start = Instant::now();
-    let argv = r.argv();
+    let argv = r.argv(prelude);
     loop {
         let mut missing = Vec::new();
         if let Some(port) = r.port {
@@ -544,7 +554,7 @@ fn finish(plan: &Plan, progress: &Progress) {
     }
     for c in &plan.checks {
         std::thread::sleep(Duration::from_secs(c.after_secs));
-        let argv = c.argv();
+        let argv = c.argv(&shell_prelude());
         let args: Vec<&str> = argv.iter().map(String::as_str).collect();
         let (ok, out) = sh(&args);
         say(Line::new(Verb::Check)
