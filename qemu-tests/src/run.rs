@@ -19,7 +19,7 @@ use crate::debian;
 use crate::guest::{self, Line, Plan, Verb};
 use crate::probe::{self, ProbeResult};
 use crate::report::{self, Artifacts, CheckResult, Report, Verdict, WorkloadPids};
-use crate::scenario::{Expect, Flavour, ProbeMode, Scenario};
+use crate::scenario::{Expect, Flavour, Scenario};
 use crate::{progress, stop};
 
 #[derive(Clone, Debug)]
@@ -287,6 +287,7 @@ pub fn run_bare(p: &Prepared, opts: &Options) -> Result<Report> {
     let mut bare = p.clone();
     let sc = &mut bare.scenario;
     sc.name = format!("{}-floor", sc.name);
+    sc.setup.clear();
     sc.workloads.clear();
     sc.probes.clear();
     sc.background.clear();
@@ -325,12 +326,13 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
     let chain = chain_releases(p);
     let plan = Plan {
         scenario: sc.name.clone(),
+        setup: sc.setup.clone(),
         workloads: sc.workloads.clone(),
         // The upgrade waits for the probes that hold a connection open.
         probe_ports: sc
             .probes
             .iter()
-            .filter(|p| matches!(p.mode, ProbeMode::Echo | ProbeMode::Counter))
+            .filter(|p| p.mode.holds_connection())
             .map(|p| p.guest_port)
             .collect(),
         chain: chain.clone(),
@@ -370,6 +372,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
     let mut checks: Vec<CheckResult> = Vec::new();
     let mut go_returned: Option<(bool, String)> = None;
     let mut restore_reports: Vec<(String, String)> = Vec::new();
+    let mut guest_error = None;
     let mut timed_out = false;
     let mut stopped_by = None;
     let mut done = false;
@@ -467,9 +470,12 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
             Verb::ChecksDone => stop.store(true, Ordering::Relaxed),
             Verb::Done => done = true,
             Verb::Info => progress::step(&format!("guest: {}", l.get("detail").unwrap_or(""))),
-            // The serial log keeps it; the worker then stops, and the run
-            // fails for want of `done`.
-            Verb::Error => {}
+            // The worker then stops, and the run fails for want of `done`.
+            Verb::Error => {
+                let d = l.get("detail").unwrap_or("").to_string();
+                progress::step(&format!("guest: error: {d}"));
+                guest_error = Some(d);
+            }
         }
     }
     if !done && stopped_by.is_none() {
@@ -506,6 +512,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
     let outcome = Outcome {
         go_returned,
         restore_reports,
+        guest_error,
         timed_out,
         stopped_by,
         done,
@@ -558,18 +565,41 @@ fn wait_exit(child: &Mutex<Child>, within: Duration) -> Option<std::process::Exi
 }
 
 /// Copies kupgrade's and CRIU's logs out of the guest's root file system
-/// with debugfs (no mount).
+/// with debugfs (no mount). A guest stopped hard leaves the last writes in
+/// the ext4 journal (file sizes among them): the journal is replayed first,
+/// on a copy, so that the kept disk stays as the guest left it.
 fn copy_guest_logs(disk: &Path, dest: &Path) -> Result<()> {
     fs::create_dir_all(dest)?;
+    let replayed = dest.with_extension("replayed.img");
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(disk)
+        .arg(&replayed)
+        .status()?;
+    anyhow::ensure!(st.success(), "cannot copy {}", disk.display());
+    // 0-3: clean or repaired; worse still leaves what it could read.
+    let fsck = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&replayed)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !fsck.as_ref().is_ok_and(|s| s.code().is_some_and(|c| c < 4)) {
+        progress::step(&format!(
+            "e2fsck on a copy of {} did not finish cleanly ({fsck:?}): the guest logs may be incomplete",
+            disk.display()
+        ));
+    }
     for dir in ["/var/lib/kupgrade", "/var/log/kupgrade", "/var/log"] {
         let _ = Command::new("debugfs")
             .arg("-R")
             .arg(format!("rdump {dir} {}", dest.display()))
-            .arg(disk)
+            .arg(&replayed)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
     }
+    let _ = fs::remove_file(&replayed);
     Ok(())
 }
 
@@ -587,6 +617,8 @@ struct Outcome {
     go_returned: Option<(bool, String)>,
     /// (outcome, reason) of `kupgrade report` after each kexec.
     restore_reports: Vec<(String, String)>,
+    /// Why the guest's worker stopped, when it said.
+    guest_error: Option<String>,
     timed_out: bool,
     /// The harness was stopped by this signal.
     stopped_by: Option<i32>,
@@ -606,6 +638,8 @@ fn finished_in_time(sc: &Scenario, o: &Outcome) -> CheckResult {
             format!("deadline of {} s passed", sc.guest.timeout_secs)
         } else if o.done {
             "the guest ran the scenario to its end".into()
+        } else if let Some(e) = &o.guest_error {
+            format!("the guest stopped before its end: {e}")
         } else {
             "the guest stopped before its end (see the serial log)".into()
         },
@@ -760,6 +794,78 @@ fn builtin_checks(
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    fn debugfs(img: &Path, cmd: &str) -> String {
+        let out = Command::new("debugfs")
+            .args(["-R", cmd])
+            .arg(img)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The guest's last write to a log sits in the ext4 journal only (as
+    /// when QEMU is stopped before the guest's journal is checkpointed):
+    /// the copied log has it, and the kept disk is not changed.
+    #[test]
+    fn guest_logs_are_read_after_replaying_the_journal_on_a_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir_all(tree.join("var/log/kupgrade")).unwrap();
+        fs::write(tree.join("var/log/kupgrade/agent.log"), "old line\n").unwrap();
+        let img = dir.path().join("disk.img");
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "1024", "-d"])
+            .arg(&tree)
+            .arg(&img)
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let block = debugfs(&img, "bmap /var/log/kupgrade/agent.log 0");
+        let block = block.trim();
+        assert!(block.parse::<u64>().is_ok(), "{block:?}");
+        // A transaction rewriting the log's block, written to the journal
+        // and not replayed.
+        let mut content = b"new line\n".to_vec();
+        content.resize(1024, 0);
+        fs::write(dir.path().join("block"), &content).unwrap();
+        // debugfs -R takes one command: write them through -f.
+        let cmds = dir.path().join("cmds");
+        fs::write(
+            &cmds,
+            format!(
+                "jo\njw -b {block} {}\njc\n",
+                dir.path().join("block").display()
+            ),
+        )
+        .unwrap();
+        let st = Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(&cmds)
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(st.status.success());
+        assert_eq!(
+            debugfs(&img, "cat /var/log/kupgrade/agent.log"),
+            "old line\n"
+        );
+
+        let logs = dir.path().join("guest-logs");
+        copy_guest_logs(&img, &logs).unwrap();
+        assert_eq!(
+            fs::read_to_string(logs.join("kupgrade/agent.log")).unwrap(),
+            "new line\n"
+        );
+        assert_eq!(
+            debugfs(&img, "cat /var/log/kupgrade/agent.log"),
+            "old line\n",
+            "the kept disk was changed"
+        );
+        assert!(!logs.with_extension("replayed.img").exists());
+    }
 
     /// A guest that never comes up is stopped by the deadline, the run fails
     /// with that reason, and the serial log is kept.
