@@ -16,6 +16,20 @@ pub fn criu_section(workload: &str) -> String {
     format!("{CRIU_SECTION_PREFIX}{workload}")
 }
 
+/// The name of a lock table in `nft list table` output, as
+/// `table inet CRIU-123 {` -> `CRIU-123`; None when no line names a table.
+pub fn lock_table_name(nft: &str) -> Option<String> {
+    let line = nft.lines().find(|l| l.trim_start().starts_with("table "))?;
+    let mut words = line.split_whitespace().skip(1);
+    let first = words.next()?;
+    let name = if ["ip", "ip6", "inet", "arp", "bridge", "netdev"].contains(&first) {
+        words.next()?
+    } else {
+        first
+    };
+    Some(name.trim_end_matches('{').trim().to_string())
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct DeviceState {
     pub hostname: String,
@@ -73,4 +87,19 @@ pub struct Route {
 pub struct TmpfsMount {
     pub path: String,
     pub options: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_table_names_are_read_from_nft_output() {
+        assert_eq!(
+            lock_table_name("table inet CRIU-4242 {\n chain x {}\n}\n").as_deref(),
+            Some("CRIU-4242")
+        );
+        assert_eq!(lock_table_name("table CRIU-1 {").as_deref(), Some("CRIU-1"));
+        assert_eq!(lock_table_name("nothing"), None);
+    }
 }

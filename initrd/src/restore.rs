@@ -429,7 +429,7 @@ impl Restorer<'_> {
         // the sockets, the new kernel must not answer their peers with resets.
         for table in &state.network_locks {
             self.sys.install_lock_table(table)?;
-            if let Some(name) = table_name(table) {
+            if let Some(name) = devstate::lock_table_name(table) {
                 self.lock_tables.push(name);
             }
         }
@@ -526,19 +526,6 @@ impl Restorer<'_> {
     }
 }
 
-/// `table inet CRIU-123 {` -> `CRIU-123`
-pub(crate) fn table_name(nft: &str) -> Option<String> {
-    let line = nft.lines().find(|l| l.trim_start().starts_with("table "))?;
-    let mut words = line.split_whitespace().skip(1);
-    let first = words.next()?;
-    let name = if ["ip", "ip6", "inet", "arp", "bridge", "netdev"].contains(&first) {
-        words.next()?
-    } else {
-        first
-    };
-    Some(name.trim_end_matches('{').trim().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,16 +533,6 @@ mod tests {
     use crate::system::fake::{Fake, FULL_BOOT};
 
     const EXEC: &str = "exec /sbin/init";
-
-    #[test]
-    fn lock_table_names_are_read_from_nft_output() {
-        assert_eq!(
-            table_name("table inet CRIU-4242 {\n chain x {}\n}\n").as_deref(),
-            Some("CRIU-4242")
-        );
-        assert_eq!(table_name("table CRIU-1 {").as_deref(), Some("CRIU-1"));
-        assert_eq!(table_name("nothing"), None);
-    }
 
     #[test]
     fn a_restore_runs_every_step_in_order_and_ends_in_the_real_init() {

@@ -42,6 +42,9 @@ pub struct Report {
     pub upgrades: Vec<UpgradeTimeline>,
     pub probes: Vec<ProbeResult>,
     pub checks: Vec<CheckResult>,
+    /// The faults injected, each judged by its check.
+    #[serde(default)]
+    pub faults: Vec<FaultResult>,
     pub artifacts: Artifacts,
     pub wall_secs: f64,
 }
@@ -80,6 +83,40 @@ pub struct CheckResult {
     pub name: String,
     pub ok: bool,
     pub detail: String,
+}
+
+/// A row of `docs/reliability.md`: a fault, what was promised, and what the
+/// check that judges it saw.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FaultResult {
+    pub point: String,
+    pub expected: String,
+    pub check: String,
+    pub observed: String,
+    pub ok: bool,
+}
+
+impl FaultResult {
+    /// Judges each of `faults` by the check it names among `checks`; a
+    /// check that did not run fails its fault.
+    pub fn judge(faults: &[crate::scenario::Fault], checks: &[CheckResult]) -> Vec<FaultResult> {
+        faults
+            .iter()
+            .map(|f| {
+                let ran = checks.iter().find(|c| c.name == f.check);
+                FaultResult {
+                    point: f.point.clone(),
+                    expected: f.expected.clone(),
+                    check: f.check.clone(),
+                    observed: ran.map_or_else(
+                        || "the check did not run".to_string(),
+                        |c| c.detail.clone(),
+                    ),
+                    ok: ran.is_some_and(|c| c.ok),
+                }
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -523,6 +523,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
         builtin_checks(&rep, sc, p, &chain, &outcome)
     };
     rep.checks.extend(checks);
+    rep.faults = report::FaultResult::judge(&sc.faults, &rep.checks);
     let pass = rep.checks.iter().all(|c| c.ok) && !rep.checks.is_empty();
     rep.verdict = if pass { Verdict::Pass } else { Verdict::Fail };
     rep.artifacts = Artifacts {

@@ -85,6 +85,22 @@ pub struct Scenario {
     pub upgrade: Upgrade,
     #[serde(default, rename = "check")]
     pub checks: Vec<Check>,
+    /// The faults it injects, rows of `docs/reliability.md`.
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<Fault>,
+}
+
+/// A fault a scenario injects: where it strikes, what kupgrade promises
+/// then, and the scenario's check that shows the promise kept.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Where it strikes (`criu dump hangs past dump_timeout_s`).
+    pub point: String,
+    /// What must happen then (`workloads resumed, store wiped`).
+    pub expected: String,
+    /// Name of one of the scenario's `[[check]]`s.
+    pub check: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -550,6 +566,14 @@ impl Scenario {
                 }
             }
         }
+        for f in &self.faults {
+            if !self.checks.iter().any(|c| c.name == f.check) {
+                return Err(format!(
+                    "fault {:?} names the check {:?}, which is not one of this scenario's [[check]]s",
+                    f.point, f.check
+                ));
+            }
+        }
         for (i, st) in self.setup.iter().enumerate() {
             let what = if st.name.is_empty() {
                 format!("setup step {}", i + 1)
@@ -822,6 +846,22 @@ shell = "ps | grep -q nginx"
         s.validate().unwrap();
         assert_eq!(s.probes[0].mode, ProbeMode::Http);
         assert!(s.setup[0].argv("")[2].contains("sites-enabled"));
+    }
+
+    #[test]
+    fn a_fault_must_be_judged_by_one_of_the_scenarios_checks() {
+        let text = |check: &str| {
+            format!(
+                "name = \"f\"\n[[check]]\nname = \"resumed\"\nshell = \"true\"\n\
+                 [[fault]]\npoint = \"dump hangs\"\nexpected = \"resumed\"\ncheck = \"{check}\"\n"
+            )
+        };
+        Scenario::parse(&text("resumed")).unwrap().validate().unwrap();
+        let e = Scenario::parse(&text("resume"))
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("\"resume\"") && e.contains("[[check]]"), "{e}");
     }
 
     #[test]

@@ -20,7 +20,6 @@ use super::{
     CriuRun, Durability, Error, ImageHead, ImageInfo, Reboot, RestorerRun, SupportMount, System,
 };
 use crate::child;
-use crate::restore::table_name;
 
 /// A boot that restores [`Fake::resuming`]'s image, when nothing fails.
 pub const FULL_BOOT: &[&str] = &[
@@ -414,7 +413,7 @@ impl System for Fake {
         self.step("lo up".into())
     }
     fn install_lock_table(&mut self, nft: &str) -> Result<(), Error> {
-        let name = table_name(nft).unwrap_or_default();
+        let name = contract::devstate::lock_table_name(nft).unwrap_or_default();
         self.step(format!("lock {name}"))?;
         self.locked.push(name);
         Ok(())

@@ -57,6 +57,14 @@ enum Cmd {
         #[arg(long, default_value = "docs/compatibility.md")]
         out: PathBuf,
     },
+    /// Write the fault table (docs/reliability.md) from run reports.
+    Reliability {
+        /// Directory of JSON reports (`run --report DIR`).
+        #[arg(long, default_value = "target/kupgrade-vm/reports")]
+        reports: PathBuf,
+        #[arg(long, default_value = "docs/reliability.md")]
+        out: PathBuf,
+    },
 }
 
 fn workspace() -> PathBuf {
@@ -81,27 +89,37 @@ fn write_report(rep: &Report, path: &Path) {
     }
 }
 
+/// Writes `out` from the reports in `dir`, drawn by `render`.
+fn write_table(
+    dir: &Path,
+    out: &Path,
+    render: fn(&[kupgrade_vm::report::Report]) -> String,
+) -> ExitCode {
+    let result = kupgrade_vm::matrix::load_reports(dir).and_then(|r| {
+        std::fs::write(out, render(&r))?;
+        Ok(r.len())
+    });
+    match result {
+        Ok(n) => {
+            println!("wrote {} from {n} reports", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kupgrade-vm: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cache = cli
         .cache
         .unwrap_or_else(|| workspace().join("target/kupgrade-vm"));
     match cli.cmd {
-        Cmd::Matrix { reports, out } => {
-            let result = kupgrade_vm::matrix::load_reports(&reports).and_then(|r| {
-                std::fs::write(&out, kupgrade_vm::matrix::render(&r))?;
-                Ok(r.len())
-            });
-            match result {
-                Ok(n) => {
-                    println!("wrote {} from {n} reports", out.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("kupgrade-vm: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+        Cmd::Matrix { reports, out } => write_table(&reports, &out, kupgrade_vm::matrix::render),
+        Cmd::Reliability { reports, out } => {
+            write_table(&reports, &out, kupgrade_vm::reliability::render)
         }
         Cmd::Run {
             scenarios,
