@@ -1,5 +1,5 @@
 //! Inputs the fuzzer found (tests/fixtures/fuzz/) replayed on every run,
-//! and the seeds it starts from (fuzz/seeds/).
+//! and the seeds it starts from (../fuzz/seeds/read_image/).
 
 // Helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -37,7 +37,7 @@ fn replay(dir: &Path) -> usize {
 fn fuzzer_findings_and_seeds_are_handled() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     replay(&root.join("tests/fixtures/fuzz"));
-    let seeds = replay(&root.join("fuzz/seeds"));
+    let seeds = replay(&root.join("../fuzz/seeds/read_image"));
     assert!(seeds >= 4, "the fuzz seeds are missing");
 }
 
@@ -68,10 +68,10 @@ fn the_harness_reads_large_sections_under_the_production_caps() {
 /// claiming more than MAX_BLOB, a tree holding a 100 MiB sparse file); each
 /// in every mode.
 #[test]
-#[ignore = "writes fuzz/seeds; run by hand"]
+#[ignore = "writes ../fuzz/seeds/read_image; run by hand"]
 fn write_fuzz_seeds() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = root.join("fuzz/seeds");
+    let out = root.join("../fuzz/seeds/read_image");
     fs::create_dir_all(&out).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");

@@ -21,7 +21,10 @@ pub fn render(reports: &[Report]) -> String {
          of a failed restore. Each row is judged by one of its scenario's checks, run in the \
          guest after the fault; `observed` is what that check saw.\n"
     );
-    let _ = writeln!(s, "| fault point | scenario | expected | observed | result |");
+    let _ = writeln!(
+        s,
+        "| fault point | scenario | expected | observed | result |"
+    );
     let _ = writeln!(s, "| --- | --- | --- | --- | --- |");
     let mut rows = 0;
     let mut failed = Vec::new();
@@ -116,7 +119,12 @@ mod tests {
         let md = render(&[r]);
         assert!(md.contains("| dump hangs | `hung-dump` | workloads resumed | kupgrade: every workload was resumed \\| on this kernel | pass |"), "{md}");
         assert!(md.contains("| stdout closed | `hung-dump` | workloads resumed | image still valid | **FAIL** |"), "{md}");
-        assert!(md.contains("3 fault points, 2 failed: stdout closed (hung-dump); kexec refused (hung-dump)."), "{md}");
+        assert!(
+            md.contains(
+                "3 fault points, 2 failed: stdout closed (hung-dump); kexec refused (hung-dump)."
+            ),
+            "{md}"
+        );
     }
 
     #[test]

@@ -108,10 +108,8 @@ impl FaultResult {
                     point: f.point.clone(),
                     expected: f.expected.clone(),
                     check: f.check.clone(),
-                    observed: ran.map_or_else(
-                        || "the check did not run".to_string(),
-                        |c| c.detail.clone(),
-                    ),
+                    observed: ran
+                        .map_or_else(|| "the check did not run".to_string(), |c| c.detail.clone()),
                     ok: ran.is_some_and(|c| c.ok),
                 }
             })

@@ -856,7 +856,10 @@ shell = "ps | grep -q nginx"
                  [[fault]]\npoint = \"dump hangs\"\nexpected = \"resumed\"\ncheck = \"{check}\"\n"
             )
         };
-        Scenario::parse(&text("resumed")).unwrap().validate().unwrap();
+        Scenario::parse(&text("resumed"))
+            .unwrap()
+            .validate()
+            .unwrap();
         let e = Scenario::parse(&text("resume"))
             .unwrap()
             .validate()
