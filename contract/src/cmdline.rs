@@ -97,15 +97,24 @@ impl Param {
 }
 
 impl fmt::Display for Param {
+    /// As the kernel reads it back: a key that is empty or holds white space
+    /// quotes the whole word, a value that does quotes itself.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.value {
+            _ if needs_quotes(&self.key) => match &self.value {
+                None => write!(f, "\"{}\"", self.key),
+                Some(v) => write!(f, "\"{}={v}\"", self.key),
+            },
             None => f.write_str(&self.key),
-            Some(v) if v.contains(char::is_whitespace) || v.is_empty() => {
-                write!(f, "{}=\"{}\"", self.key, v)
-            }
-            Some(v) => write!(f, "{}={}", self.key, v),
+            Some(v) if needs_quotes(v) => write!(f, "{}=\"{v}\"", self.key),
+            Some(v) => write!(f, "{}={v}", self.key),
         }
     }
+}
+
+/// A word that splits or vanishes unless quoted.
+fn needs_quotes(word: &str) -> bool {
+    word.is_empty() || word.contains(char::is_whitespace)
 }
 
 /// A parsed command line: the kernel's parameters, and what follows `--`
@@ -181,7 +190,11 @@ impl fmt::Display for Cmdline {
             sep(f)?;
             f.write_str("--")?;
             for a in &self.init_args {
-                write!(f, " {a}")?;
+                if needs_quotes(a) {
+                    write!(f, " \"{a}\"")?;
+                } else {
+                    write!(f, " {a}")?;
+                }
             }
         }
         Ok(())
@@ -274,5 +287,24 @@ mod tests {
     fn empty_and_blank_lines_have_no_params() {
         assert_eq!(Cmdline::parse(""), Cmdline::default());
         assert_eq!(Cmdline::parse(" \n\t "), Cmdline::default());
+    }
+
+    /// Found by the `cmdline` fuzz target: `kupgrade stage` prints what it
+    /// parsed, so every word must come back as it was.
+    #[test]
+    fn printing_and_parsing_again_keeps_every_word() {
+        for text in [
+            "BOBOngle \"",
+            "\"\" root=/dev/vda",
+            "\"a b\" \"c d=e f\" x=\"\"",
+            "quiet -- \"two words\" \"\" single",
+        ] {
+            let once = Cmdline::parse(text);
+            assert_eq!(Cmdline::parse(&once.to_string()), once, "from {text:?}");
+        }
+        assert_eq!(
+            Cmdline::parse("\"a b=c\" -- \"d e\"").to_string(),
+            "\"a b=c\" -- \"d e\""
+        );
     }
 }

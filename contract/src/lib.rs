@@ -13,6 +13,8 @@ pub mod events;
 pub mod extent;
 pub mod report;
 pub mod timeline;
+#[doc(hidden)]
+pub mod testing;
 
 use serde::{Deserialize, Serialize};
 
