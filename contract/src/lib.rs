@@ -12,9 +12,9 @@ pub mod devstate;
 pub mod events;
 pub mod extent;
 pub mod report;
-pub mod timeline;
 #[doc(hidden)]
 pub mod testing;
+pub mod timeline;
 
 use serde::{Deserialize, Serialize};
 

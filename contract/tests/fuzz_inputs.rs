@@ -30,7 +30,10 @@ fn device_states_round_trip_and_the_seeds_are_valid() {
     let seeds = inputs("seeds", "device_state");
     assert!(!seeds.is_empty(), "the device_state seeds are missing");
     for data in &seeds {
-        assert!(contract::testing::device_state_one(data), "a seed must parse");
+        assert!(
+            contract::testing::device_state_one(data),
+            "a seed must parse"
+        );
     }
     for data in inputs("regressions", "device_state") {
         contract::testing::device_state_one(&data);
