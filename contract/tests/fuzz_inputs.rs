@@ -1,6 +1,8 @@
 //! The fuzz targets' seeds and findings (`fuzz/seeds`, `fuzz/regressions`),
 //! replayed through the checks the targets make.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 
 fn inputs(kind: &str, target: &str) -> Vec<Vec<u8>> {
