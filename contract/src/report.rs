@@ -37,6 +37,19 @@ pub struct WorkloadOutcome {
     pub criu_log: Option<String>,
 }
 
+impl WorkloadOutcome {
+    /// `w` not restored (yet, when `error` is None), no CRIU log.
+    pub fn not_restored(w: &crate::WorkloadEntry, error: Option<String>) -> Self {
+        WorkloadOutcome {
+            name: w.name.clone(),
+            root_pid: w.root_pid,
+            restored: false,
+            error,
+            criu_log: None,
+        }
+    }
+}
+
 /// A module `kupgrade-init` could not load on the new kernel.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ModuleFailure {

@@ -166,13 +166,7 @@ pub fn run(
         workloads: manifest
             .workloads
             .iter()
-            .map(|w| WorkloadOutcome {
-                name: w.name.clone(),
-                root_pid: w.root_pid,
-                restored: false,
-                error: None,
-                criu_log: None,
-            })
+            .map(|w| WorkloadOutcome::not_restored(w, None))
             .collect(),
         events: vec![],
         store: Some(store.display().to_string()),
@@ -314,13 +308,7 @@ impl Restorer<'_> {
             let not_restored = manifest
                 .workloads
                 .iter()
-                .map(|w| WorkloadOutcome {
-                    name: w.name.clone(),
-                    root_pid: w.root_pid,
-                    restored: false,
-                    error: Some(why.clone()),
-                    criu_log: None,
-                })
+                .map(|w| WorkloadOutcome::not_restored(w, Some(why.clone())))
                 .collect();
             return (Some(why), not_restored);
         }

@@ -654,16 +654,17 @@ fn appliance_paths() -> Vec<PathBuf> {
 /// would: symbolic links are followed within `root` (an absolute target
 /// starts again at `root`, `..` stops there), never into the host's tree.
 fn resolve_in_root(root: &Path, guest: &Path) -> Option<PathBuf> {
-    use std::path::Component;
-    let mut resolved: Vec<std::ffi::OsString> = Vec::new();
-    let mut pending: std::collections::VecDeque<std::ffi::OsString> = guest
-        .components()
-        .filter_map(|c| match c {
+    // Names and `..`, in order; `/` and `.` say nothing here.
+    fn steps(p: &Path) -> impl Iterator<Item = std::ffi::OsString> + '_ {
+        p.components().filter_map(|c| match c {
             Component::Normal(n) => Some(n.to_os_string()),
             Component::ParentDir => Some("..".into()),
             _ => None,
         })
-        .collect();
+    }
+    use std::path::Component;
+    let mut resolved: Vec<std::ffi::OsString> = Vec::new();
+    let mut pending: std::collections::VecDeque<std::ffi::OsString> = steps(guest).collect();
     let mut hops = 0;
     while let Some(c) = pending.pop_front() {
         if c == ".." {
@@ -685,14 +686,7 @@ fn resolve_in_root(root: &Path, guest: &Path) -> Option<PathBuf> {
             if target.is_absolute() {
                 resolved.clear();
             }
-            let mut parts: Vec<std::ffi::OsString> = target
-                .components()
-                .filter_map(|c| match c {
-                    Component::Normal(n) => Some(n.to_os_string()),
-                    Component::ParentDir => Some("..".into()),
-                    _ => None,
-                })
-                .collect();
+            let mut parts: Vec<std::ffi::OsString> = steps(&target).collect();
             parts.extend(pending.drain(..));
             pending = parts.into();
         } else {

@@ -83,24 +83,11 @@ pub fn run(
         name: probe.name.clone(),
         ..Default::default()
     };
-    let start = Instant::now();
-    let (stream, mut reader, first) = loop {
-        match handshake(probe, port) {
-            Ok(pair) => break pair,
-            Err(e) if start.elapsed() < connect_deadline && !stop.load(Ordering::Relaxed) => {
-                res.error = Some(e);
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            Err(e) => {
-                res.error = Some(format!("never connected: {e}"));
-                return res;
-            }
-        }
+    let Some((stream, mut reader, first)) =
+        connect_retrying(&mut res, connect_deadline, &stop, || handshake(probe, port))
+    else {
+        return res;
     };
-    res.connected = true;
-    res.error = None;
-    res.sent = 1;
-    res.replies = 1;
     let t0 = Instant::now();
     let mut last_reply = Instant::now();
     let mut next_expected = first + 1;
@@ -346,6 +333,36 @@ fn read_response(
 
 /// Connects and gets one right response, so we know the guest's server,
 /// not just QEMU's forwarder, is there.
+/// Retries `handshake` (its first request and reply included) until it
+/// works or `deadline` passes; records the outcome in `res`.
+fn connect_retrying<T>(
+    res: &mut ProbeResult,
+    deadline: Duration,
+    stop: &AtomicBool,
+    mut handshake: impl FnMut() -> Result<T, String>,
+) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        match handshake() {
+            Ok(done) => {
+                res.connected = true;
+                res.error = None;
+                res.sent = 1;
+                res.replies = 1;
+                return Some(done);
+            }
+            Err(e) if start.elapsed() < deadline && !stop.load(Ordering::Relaxed) => {
+                res.error = Some(e);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => {
+                res.error = Some(format!("never connected: {e}"));
+                return None;
+            }
+        }
+    }
+}
+
 fn http_handshake(probe: &Probe, port: u16, stop: &AtomicBool) -> Result<TcpStream, String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
@@ -378,24 +395,11 @@ fn run_http(
         mode: probe.mode,
         ..Default::default()
     };
-    let start = Instant::now();
-    let mut s = loop {
-        match http_handshake(probe, port, &stop) {
-            Ok(s) => break s,
-            Err(e) if start.elapsed() < connect_deadline && !stop.load(Ordering::Relaxed) => {
-                res.error = Some(e);
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            Err(e) => {
-                res.error = Some(format!("never connected: {e}"));
-                return res;
-            }
-        }
+    let Some(mut s) = connect_retrying(&mut res, connect_deadline, &stop, || {
+        http_handshake(probe, port, &stop)
+    }) else {
+        return res;
     };
-    res.connected = true;
-    res.error = None;
-    res.sent = 1;
-    res.replies = 1;
     let t0 = Instant::now();
     let mut last_reply = Instant::now();
     let mut buf = Vec::new();
