@@ -14,6 +14,7 @@ pub mod proc;
 pub mod realsys;
 pub mod refusal;
 pub mod remount;
+pub mod runstate;
 pub mod stage;
 pub mod store;
 pub mod unix_diag;

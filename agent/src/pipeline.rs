@@ -467,6 +467,7 @@ mod tests {
             ipc_namespace: false,
             tcp_established: tcp,
             memory_bytes: 1 << 20,
+            ..Workload::default()
         }
     }
 

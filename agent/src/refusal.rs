@@ -450,6 +450,7 @@ mod tests {
             ipc_namespace: false,
             tcp_established: false,
             memory_bytes: 0,
+            ..Workload::default()
         }
     }
 

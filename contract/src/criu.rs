@@ -97,6 +97,7 @@ mod tests {
             section: "criu/w".into(),
             tcp_established: tcp,
             pid_namespace: false,
+            shell_job: false,
         }
     }
 

@@ -24,6 +24,10 @@ pub struct WorkloadEntry {
     pub section: String,
     pub tcp_established: bool,
     pub pid_namespace: bool,
+    /// Its root does not lead its session (the leader has exited): CRIU
+    /// dumps and restores it with `--shell-job`. Absent in older images.
+    #[serde(default)]
+    pub shell_job: bool,
 }
 
 /// When a lifecycle event happened, as recorded in the manifest and report.

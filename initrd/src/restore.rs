@@ -256,9 +256,10 @@ impl Restorer<'_> {
             path: m.path.clone(),
             options: m.options.clone(),
         });
-        let all: Vec<SupportMount> = tmpfs
-            .chain([SupportMount::Cgroup2, SupportMount::Devpts])
-            .collect();
+        let devpts = SupportMount::Devpts {
+            options: state.devpts_options.clone(),
+        };
+        let all: Vec<SupportMount> = tmpfs.chain([SupportMount::Cgroup2, devpts]).collect();
         for m in &all {
             if let Err(e) = self.sys.mount_support(m) {
                 self.log(&chain(&e));
@@ -580,6 +581,36 @@ mod tests {
             );
             assert_eq!(f.ending(), [Event::Restored, Event::ExecInit], "{at}");
         }
+    }
+
+    /// The runtime state comes back before CRIU runs: the tmpfs mounts in
+    /// the order the image gives (a parent before what is mounted in it),
+    /// devpts with the old boot's options, then the files on them.
+    #[test]
+    fn runtime_state_is_mounted_and_unpacked_before_criu_runs() {
+        let mut f = Fake::resuming().with_state(|s| {
+            s.tmpfs_mounts = ["/run", "/run/user/1000", "/dev/shm"]
+                .map(|p| contract::devstate::TmpfsMount {
+                    path: p.into(),
+                    options: "mode=755".into(),
+                })
+                .to_vec();
+            s.devpts_options = Some("gid=5,mode=600,ptmxmode=000".into());
+        });
+        boot(&mut f);
+        let at = |call: &str| f.calls.iter().position(|c| c == call).unwrap();
+        let order = [
+            "mount tmpfs /run",
+            "mount tmpfs /run/user/1000",
+            "mount tmpfs /dev/shm",
+            "mount devpts gid=5,mode=600,ptmxmode=000",
+            "unpack tmpfs",
+            "criu restore a",
+        ];
+        for pair in order.windows(2) {
+            assert!(at(pair[0]) < at(pair[1]), "{pair:?} in {:?}", f.calls);
+        }
+        assert_eq!(f.report().outcome, Outcome::Restored);
     }
 
     /// Turning window scaling off fails: the restore goes on and does not

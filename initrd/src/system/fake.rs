@@ -81,6 +81,7 @@ fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
         section: devstate::criu_section(name),
         tcp_established: tcp,
         pid_namespace: false,
+        shell_job: false,
     }
 }
 
@@ -141,6 +142,7 @@ impl Fake {
                 path: "/dev/shm".into(),
                 options: "mode=1777".into(),
             }],
+            devpts_options: None,
             rng_seed: vec![1, 2, 3],
         };
         Fake {
@@ -154,6 +156,15 @@ impl Fake {
             devstate: serde_json::to_vec(&state).expect("a DeviceState encodes"),
             ..Fake::default()
         }
+    }
+
+    /// Changes the device state the image holds.
+    pub fn with_state(mut self, change: impl FnOnce(&mut DeviceState)) -> Fake {
+        let mut state: DeviceState =
+            serde_json::from_slice(&self.devstate).expect("the fake's DeviceState decodes");
+        change(&mut state);
+        self.devstate = serde_json::to_vec(&state).expect("a DeviceState encodes");
+        self
     }
 
     pub fn failing_at(calls: &[&str]) -> Fake {
@@ -273,7 +284,10 @@ impl System for Fake {
         self.step(match m {
             SupportMount::Tmpfs { path, .. } => format!("mount tmpfs {path}"),
             SupportMount::Cgroup2 => "mount cgroup2".into(),
-            SupportMount::Devpts => "mount devpts".into(),
+            SupportMount::Devpts { options: None } => "mount devpts".into(),
+            SupportMount::Devpts {
+                options: Some(options),
+            } => format!("mount devpts {options}"),
         })
     }
     fn mount_scratch(&mut self, _dir: &Path) -> Result<(), Error> {

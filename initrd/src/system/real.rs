@@ -128,8 +128,9 @@ impl System for RealSystem {
         match m {
             SupportMount::Tmpfs { path, options } => mount_once("tmpfs", path, Some(options)),
             SupportMount::Cgroup2 => mount_once("cgroup2", "/sys/fs/cgroup", None),
-            SupportMount::Devpts => {
-                let mounted = mount_once("devpts", "/dev/pts", Some("gid=5,mode=620,ptmxmode=666"));
+            SupportMount::Devpts { options } => {
+                let options = options.as_deref().unwrap_or("gid=5,mode=620,ptmxmode=666");
+                let mounted = mount_once("devpts", "/dev/pts", Some(options));
                 if !Path::new("/dev/ptmx").exists() {
                     let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
                 }
