@@ -613,6 +613,22 @@ mod tests {
         assert_eq!(f.report().outcome, Outcome::Restored);
     }
 
+    /// A workload whose root does not lead its session is restored as a
+    /// shell job, running (not left stopped, or its orphaned group would
+    /// get SIGHUP), and resumed like the others.
+    #[test]
+    fn a_shell_job_is_restored_as_one_and_resumed() {
+        let mut f = Fake::resuming().with_workloads(|w| w[0].shell_job = true);
+        boot(&mut f);
+        assert_eq!(f.calls, FULL_BOOT);
+        let has = |args: &Vec<String>, option: &str| args.iter().any(|a| a == option);
+        assert!(has(&f.restore_args[0], "--shell-job"));
+        assert!(!has(&f.restore_args[0], "--leave-stopped"));
+        assert!(!has(&f.restore_args[1], "--shell-job"));
+        assert!(has(&f.restore_args[1], "--leave-stopped"));
+        assert_eq!(f.report().outcome, Outcome::Restored);
+    }
+
     /// Turning window scaling off fails: the restore goes on and does not
     /// write back a value it never read.
     #[test]

@@ -167,6 +167,14 @@ impl Fake {
         self
     }
 
+    /// Changes the workloads the image holds.
+    pub fn with_workloads(mut self, change: impl FnOnce(&mut Vec<WorkloadEntry>)) -> Fake {
+        if let Some(image) = self.image.as_mut() {
+            change(&mut image.manifest.workloads);
+        }
+        self
+    }
+
     pub fn failing_at(calls: &[&str]) -> Fake {
         Fake {
             fail_at: calls.iter().map(|c| c.to_string()).collect(),

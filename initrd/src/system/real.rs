@@ -2,6 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -267,6 +268,9 @@ impl System for RealSystem {
         let status = Command::new("criu")
             .args(c.restore_args())
             .env("PATH", PATH)
+            // A shell job's tree joins CRIU's process group (and PID 1's
+            // session): let that be a group of its own, not init's.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
