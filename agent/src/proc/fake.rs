@@ -89,6 +89,24 @@ impl Process {
         self
     }
 
+    /// The master of pseudo-terminal `index`, open as `fd`.
+    pub fn pty_master(mut self, fd: i32, index: u32) -> Self {
+        self.fds.push((fd, "/dev/ptmx".into()));
+        self.fdinfo.push((
+            fd,
+            format!("pos:\t0\nflags:\t02\nmnt_id:\t25\nino:\t2\ntty-index:\t{index}\n"),
+        ));
+        self
+    }
+
+    /// Its controlling terminal is `/dev/pts/index`.
+    pub fn controlling_pty(mut self, index: u32) -> Self {
+        // Major 136 + index / 256, minor index % 256, as the kernel packs it.
+        let (major, minor) = (136 + index / 256, index % 256);
+        self.tty_nr = (major << 8) | (minor & 0xff) | ((minor & !0xff) << 12);
+        self
+    }
+
     pub fn exe(mut self, path: &str) -> Self {
         self.exe = Some(path.into());
         self
