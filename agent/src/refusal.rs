@@ -551,7 +551,8 @@ fn files_not_carried(host: &impl Host, pid: i32, mounts: &[Mount]) -> Vec<Kind> 
         .filter_map(|(fd, path)| {
             let kind = host.file_kind(&path)?;
             let on = runstate::mount_of(&path, mounts)?;
-            let in_memory = VOLATILE_FS.contains(&on.fstype.as_str());
+            // Its mount point, at least, is there in the new boot.
+            let in_memory = VOLATILE_FS.contains(&on.fstype.as_str()) && on.path != path;
             match (kind, fd) {
                 (FileKind::Fifo, Some(fd)) if on.is_tmpfs() => Some(Kind::NamedFifo { fd, path }),
                 (FileKind::File | FileKind::Dir | FileKind::Fifo, fd) if in_memory => {
@@ -945,6 +946,7 @@ mod tests {
                     .fd(7, "/dev/stash")
                     .fd(8, "/dev/null")
                     .fd(9, "/run/app.d")
+                    .fd(10, "/dev")
                     .maps("7f00-7f10 r-xp 00000000 00:17 5 /mnt/ram/lib.so\n"),
             )
             .file("/dev/shm/seg", FileKind::File)
@@ -954,7 +956,8 @@ mod tests {
             .file("/mnt/ram/lib.so", FileKind::File)
             .file("/dev/stash", FileKind::File)
             .file("/dev/null", FileKind::Other)
-            .file("/run/app.d", FileKind::Dir);
+            .file("/run/app.d", FileKind::Dir)
+            .file("/dev", FileKind::Dir);
         host.fake.mountinfo(MOUNTS);
         let r = check(&host, &workload(&[100]));
         let not_carried = |fd, path: &str, fstype: &str| Kind::NotCarried {

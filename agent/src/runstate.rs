@@ -49,9 +49,14 @@ pub const SYSTEM_RUN_DIRS: &[&str] = &[
     "user",
 ];
 
-/// Never carried: CRIU's cache of this kernel's features, which it trusts
-/// on magic numbers alone and would take for the new kernel's.
-const NEVER_CARRIED: &[&str] = &["/run/criu.kdat"];
+/// Never carried, nor anything below: CRIU's cache of this kernel's
+/// features, which it trusts on magic numbers alone and would take for the
+/// new kernel's, and kupgrade's own state of this boot.
+const NEVER_CARRIED: &[&str] = &[
+    "/run/criu.kdat",
+    crate::config::RUN_DIR,
+    "/run/kupgrade-restore",
+];
 
 /// A pid file holds a pid and a newline, maybe some blanks.
 const PID_FILE_MAX: u64 = 32;
@@ -188,10 +193,9 @@ pub struct Places<'a> {
 pub fn plan(proc: &Proc, workloads: &[Workload], places: &Places) -> Plan {
     let all = mounts(&proc.mountinfo());
     let carried = |p: &Path| -> bool {
-        let s = p.to_string_lossy();
         !p.starts_with(places.skip)
-            && !NEVER_CARRIED.contains(&s.as_ref())
-            && mount_of(&s, &all).is_some_and(Mount::is_tmpfs)
+            && !NEVER_CARRIED.iter().any(|n| p.starts_with(n))
+            && mount_of(&p.to_string_lossy(), &all).is_some_and(Mount::is_tmpfs)
     };
     let mut items = Vec::new();
     let mut add = |path: PathBuf, source: Source, tree: bool| {
