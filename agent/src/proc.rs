@@ -75,6 +75,8 @@ pub struct Stat {
     pub session: i32,
     /// The controlling terminal's device number, 0 for none.
     pub tty_nr: u32,
+    /// The process group in the foreground of that terminal, -1 for none.
+    pub tpgid: i32,
 }
 
 impl Stat {
@@ -94,6 +96,7 @@ pub fn parse_stat(stat: &str) -> Option<Stat> {
         session: f.next()?.parse().ok()?,
         // Printed as a signed int; the bits are the device number.
         tty_nr: f.next()?.parse::<i32>().ok()? as u32,
+        tpgid: f.next()?.parse().ok()?,
     })
 }
 
@@ -417,8 +420,8 @@ mod tests {
         );
         assert_eq!((t[0].local_port, t[1].local_port), (8080, 7000));
         assert_eq!(socket_inode("socket:[99]"), Some(99));
-        let stat = parse_stat("42 (a b) c) S 1 40 39 34816 -1").unwrap();
-        assert_eq!((stat.pgrp, stat.session), (40, 39));
+        let stat = parse_stat("42 (a b) c) S 1 40 39 34816 41").unwrap();
+        assert_eq!((stat.pgrp, stat.session, stat.tpgid), (40, 39, 41));
         // 34816 = major 136, minor 0: /dev/pts/0.
         assert_eq!(pts_index(stat.tty_nr), Some(0));
         assert_eq!((stat.state, stat.ppid), ('S', 1));
@@ -477,7 +480,8 @@ mod tests {
                 ppid: 7,
                 pgrp: 39,
                 session: 38,
-                tty_nr: 0
+                tty_nr: 0,
+                tpgid: -1
             })
         );
         assert_eq!(p.comm(40), "daemon");

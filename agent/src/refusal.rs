@@ -146,6 +146,21 @@ pub enum Kind {
         pty: Option<u32>,
         holder: Option<i32>,
     },
+    /// `/dev/tty` while a job other than the session leader's group holds
+    /// the foreground of its terminal (CRIU 3.17 then finds no terminal
+    /// to give the session).
+    CttyForegroundJob {
+        fd: i32,
+        pty: u32,
+        foreground: i32,
+    },
+    /// `/dev/tty` of a process that is not the first of the tree, in
+    /// CRIU's order, to hold its terminal: `first` is.
+    CttyNotFirst {
+        fd: i32,
+        pty: u32,
+        first: i32,
+    },
     /// A file open (`fd`) or mapped (no fd) on an in-memory file system
     /// other than tmpfs, which the new boot will not have.
     NotCarried {
@@ -220,6 +235,17 @@ impl Kind {
                     .unwrap_or_else(|| "outside the workload".into());
                 format!("fd {fd} is {what}, whose other end is {other}")
             }
+            Kind::CttyForegroundJob {
+                fd,
+                pty,
+                foreground,
+            } => format!(
+                "fd {fd} is /dev/tty, and process group {foreground} holds the foreground of its terminal /dev/pts/{pty}"
+            ),
+            Kind::CttyNotFirst { fd, pty, first } => format!(
+                "fd {fd} is /dev/tty, but pid {first} ({}) holds its terminal /dev/pts/{pty} before it in the tree",
+                proc.comm(*first)
+            ),
             Kind::NotCarried {
                 fd: Some(fd),
                 path,
@@ -251,6 +277,8 @@ impl Kind {
             Kind::IoUring { .. } => "CRIU cannot checkpoint io_uring instances",
             Kind::Device { .. } => "device state cannot be carried across a kernel; close it or run the workload without it",
             Kind::TerminalOutside { .. } => "CRIU carries a pseudo-terminal only with both its ends: run the program under a terminal of its own inside the workload (script, screen, tmux), or without one (`kupgrade launch`)",
+            Kind::CttyForegroundJob { .. } => "CRIU 3.17 restores /dev/tty only while the session's leader is in the foreground of its terminal: upgrade while the shell waits at its prompt",
+            Kind::CttyNotFirst { .. } => "CRIU 3.17 restores /dev/tty only in the first process of the tree to hold its terminal (the root first, then each child in turn): let the shell be the root with its terminal program below it, or close /dev/tty",
             Kind::NotCarried { .. } => "the new boot will not have it (kupgrade carries the files of tmpfs mounts only) and CRIU reopens it by its path: keep it on a tmpfs or on disk",
             Kind::NamedFifo { .. } => "CRIU reopens a named FIFO by its path, and kupgrade carries only the regular files and directories of a tmpfs: keep the FIFO on disk, or use a pipe",
             Kind::SocketDirNotCarried { .. } => "CRIU binds the socket at its path again, and the new boot will not have that directory (kupgrade carries tmpfs mounts only): bind it on a tmpfs such as /run, or on disk",
@@ -332,6 +360,7 @@ pub fn check(host: &impl Host, w: &Workload) -> Vec<Refusal> {
         .collect();
     let mounts = runstate::mounts(&proc.mountinfo());
     let masters = pty_masters(proc, &w.pids);
+    let first_holders = first_pty_holders(proc, w);
     let bound: HashMap<u64, String> = proc
         .unix_socket_paths()
         .into_iter()
@@ -347,6 +376,9 @@ pub fn check(host: &impl Host, w: &Workload) -> Vec<Refusal> {
         leaders_outside(proc, &stat, &members).for_each(&mut add);
         if let Some(masters) = &masters {
             terminals_outside(proc, pid, &stat, masters)
+                .into_iter()
+                .for_each(&mut add);
+            ctty_criu_refuses(proc, pid, &stat, masters, &first_holders)
                 .into_iter()
                 .for_each(&mut add);
         }
@@ -535,6 +567,83 @@ fn terminals_outside(proc: &Proc, pid: i32, stat: &Stat, masters: &HashSet<u32>)
                 return None;
             }
             Some(outside(fd, &link, pty))
+        })
+        .collect()
+}
+
+/// The members in the order CRIU dumps them: the root, then the subtree
+/// of each of its children in turn, children by pid.
+fn dump_order(proc: &Proc, w: &Workload) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for &pid in &w.pids {
+        if let Some(stat) = proc.stat(pid) {
+            children.entry(stat.ppid).or_default().push(pid);
+        }
+    }
+    for c in children.values_mut() {
+        c.sort_unstable();
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![w.root_pid];
+    while let Some(pid) = stack.pop() {
+        out.push(pid);
+        if let Some(c) = children.get(&pid) {
+            stack.extend(c.iter().rev());
+        }
+    }
+    out
+}
+
+/// For each pseudo-terminal, the first member in dump order that holds it
+/// in a way that tells CRIU its session: its master, or the slave as its
+/// own controlling terminal.
+fn first_pty_holders(proc: &Proc, w: &Workload) -> HashMap<u32, i32> {
+    let mut first = HashMap::new();
+    for pid in dump_order(proc, w) {
+        let ctty = proc.stat(pid).and_then(|s| pts_index(s.tty_nr));
+        for (fd, link) in proc.fds(pid) {
+            let pty = if PTY_MASTERS.contains(&link.as_str()) {
+                proc.pty_index(pid, fd)
+            } else {
+                link.strip_prefix("/dev/pts/")
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| Some(*n) == ctty)
+            };
+            if let Some(n) = pty {
+                first.entry(n).or_insert(pid);
+            }
+        }
+    }
+    first
+}
+
+/// `/dev/tty` of `pid` on a pseudo-terminal of the workload that CRIU 3.17
+/// cannot restore: its dump wants the session's leader in the foreground,
+/// and the process holding `/dev/tty` to be the first to hold its terminal
+/// ("ctty inheritance detected").
+fn ctty_criu_refuses(
+    proc: &Proc,
+    pid: i32,
+    stat: &Stat,
+    masters: &HashSet<u32>,
+    first: &HashMap<u32, i32>,
+) -> Vec<Kind> {
+    let Some(pty) = pts_index(stat.tty_nr).filter(|n| masters.contains(n)) else {
+        return Vec::new();
+    };
+    proc.fds(pid)
+        .into_iter()
+        .filter(|(_, link)| link == "/dev/tty")
+        .filter_map(|(fd, _)| {
+            if stat.tpgid != stat.session {
+                return Some(Kind::CttyForegroundJob {
+                    fd,
+                    pty,
+                    foreground: stat.tpgid,
+                });
+            }
+            let by = *first.get(&pty)?;
+            (by != pid).then_some(Kind::CttyNotFirst { fd, pty, first: by })
         })
         .collect()
 }
@@ -899,26 +1008,87 @@ mod tests {
 
     #[test]
     fn a_pseudo_terminal_with_both_ends_in_the_workload_is_not_refused() {
-        // A terminal program holds the master; the shell in its own session
-        // has the terminal as its controlling one, and a job of its own.
+        // The shell leads the tree on its terminal, with /dev/tty open and a
+        // job of its own; the terminal program below it holds the master.
         let host = FakeHost::new()
-            .with(root().pty_master(5, 2).fd(6, "/dev/pts/ptmx"))
             .with(
-                Process::new(101, "sh")
-                    .parent(100)
+                root()
                     .fd(0, "/dev/pts/2")
                     .fd(1, "/dev/pts/2")
-                    .fd(3, "/dev/tty")
+                    .fd(10, "/dev/tty")
                     .controlling_pty(2),
             )
+            .with(child(101).pty_master(0, 2).fd(6, "/dev/pts/ptmx"))
             .with(
                 Process::new(102, "sleep")
-                    .parent(101)
-                    .session(102, 101)
+                    .parent(100)
+                    .session(102, 100)
                     .fd(2, "/dev/pts/2")
-                    .controlling_pty(2),
+                    .controlling_pty(2)
+                    .foreground(100),
             );
         assert_eq!(check(&host, &workload(&[100, 101, 102])), vec![]);
+    }
+
+    /// CRIU 3.17's dump gives /dev/tty a terminal only from the first
+    /// process, in its order, to hold that terminal, and only with the
+    /// session's leader in the foreground.
+    #[test]
+    fn a_controlling_terminal_criu_cannot_restore_is_refused() {
+        // A terminal program at the root holds the master; the shell below
+        // it has /dev/tty open (as `script` or sshd and a login shell).
+        let shell = || {
+            Process::new(101, "sh")
+                .parent(100)
+                .fd(0, "/dev/pts/2")
+                .fd(10, "/dev/tty")
+                .controlling_pty(2)
+        };
+        let host = FakeHost::new().with(root().pty_master(5, 2)).with(shell());
+        let r = check(&host, &workload(&[100, 101]));
+        assert_eq!(
+            kinds(&r),
+            vec![(
+                101,
+                Kind::CttyNotFirst {
+                    fd: 10,
+                    pty: 2,
+                    first: 100
+                }
+            )]
+        );
+        assert_eq!(
+            r[0].to_string(),
+            "workload w (pid 101 sh): fd 10 is /dev/tty, but pid 100 (server) holds its terminal /dev/pts/2 before it in the tree: CRIU 3.17 restores /dev/tty only in the first process of the tree to hold its terminal (the root first, then each child in turn): let the shell be the root with its terminal program below it, or close /dev/tty"
+        );
+        // The shell running a command in the foreground.
+        let host = FakeHost::new()
+            .with(root().pty_master(5, 2))
+            .with(shell().foreground(103))
+            .with(
+                Process::new(103, "make")
+                    .parent(101)
+                    .session(103, 101)
+                    .fd(1, "/dev/pts/2")
+                    .controlling_pty(2)
+                    .foreground(103),
+            );
+        let r = check(&host, &workload(&[100, 101, 103]));
+        assert_eq!(
+            kinds(&r),
+            vec![(
+                101,
+                Kind::CttyForegroundJob {
+                    fd: 10,
+                    pty: 2,
+                    foreground: 103
+                }
+            )]
+        );
+        assert_eq!(
+            r[0].resource,
+            "fd 10 is /dev/tty, and process group 103 holds the foreground of its terminal /dev/pts/2"
+        );
     }
 
     #[test]

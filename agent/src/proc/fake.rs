@@ -31,6 +31,7 @@ pub(crate) struct Process {
     pgrp: i32,
     session: i32,
     tty_nr: u32,
+    tpgid: i32,
     exe: Option<String>,
     threads: Vec<(i32, Option<i32>)>,
     fds: Vec<(i32, String)>,
@@ -49,6 +50,7 @@ impl Process {
             pgrp: pid,
             session: pid,
             tty_nr: 0,
+            tpgid: -1,
             exe: None,
             threads: vec![(pid, None)],
             fds: Vec::new(),
@@ -99,11 +101,19 @@ impl Process {
         self
     }
 
-    /// Its controlling terminal is `/dev/pts/index`.
+    /// Its controlling terminal is `/dev/pts/index`, its session's leader
+    /// in the foreground (call `session` first).
     pub fn controlling_pty(mut self, index: u32) -> Self {
         // Major 136 + index / 256, minor index % 256, as the kernel packs it.
         let (major, minor) = (136 + index / 256, index % 256);
         self.tty_nr = (major << 8) | (minor & 0xff) | ((minor & !0xff) << 12);
+        self.tpgid = self.session;
+        self
+    }
+
+    /// The process group in the foreground of its terminal.
+    pub fn foreground(mut self, pgrp: i32) -> Self {
+        self.tpgid = pgrp;
         self
     }
 
@@ -175,8 +185,8 @@ impl FakeProc {
         write(
             "stat",
             &format!(
-                "{} ({}) {} {} {} {} {} -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 100 1000 10\n",
-                p.pid, p.comm, p.state, p.ppid, p.pgrp, p.session, p.tty_nr as i32
+                "{} ({}) {} {} {} {} {} {} 4194560 0 0 0 0 0 0 0 0 20 0 1 0 100 1000 10\n",
+                p.pid, p.comm, p.state, p.ppid, p.pgrp, p.session, p.tty_nr as i32, p.tpgid
             ),
         );
         write("status", &status(p.threads[0].1));
