@@ -610,8 +610,10 @@ fn install_packages(cache: &Cache, packages: &[String], root: &Path) -> Result<(
                 fs::remove_dir_all(&top)?;
             }
         }
+        // Replacing what is there (busybox's applet links above all) rather
+        // than writing through it into busybox itself.
         run(Command::new("cp")
-            .arg("-a")
+            .args(["-a", "--remove-destination"])
             .arg(format!("{}/.", tmp.display()))
             .arg(root))?;
         fs::remove_dir_all(&tmp)?;

@@ -168,6 +168,15 @@ pub struct Workload {
     /// declared in /etc/kupgrade/config.toml, instead of `kupgrade launch`.
     #[serde(default)]
     pub declared: bool,
+    /// For a daemon that forks and lets the started process exit: the file
+    /// it writes its pid into. That pid, once the file names it, is the one
+    /// the upgrade must keep (as a service manager's PIDFile= says).
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+    /// With `declared`: its `runtime_paths` in config.toml, the runtime
+    /// state on tmpfs it needs and kupgrade cannot find by itself.
+    #[serde(default)]
+    pub runtime_paths: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -337,6 +346,18 @@ impl Scenario {
             if w.command.is_empty() {
                 return Err(format!("workload {:?} has an empty command", w.name));
             }
+            if w.pid_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(format!(
+                    "workload {:?}: pid_file must be an absolute path",
+                    w.name
+                ));
+            }
+            if !w.runtime_paths.is_empty() && !w.declared {
+                return Err(format!(
+                    "workload {:?}: runtime_paths go into config.toml with declared = true",
+                    w.name
+                ));
+            }
         }
         for c in &self.upgrade.chain {
             if c != "from" && c != "to" {
@@ -448,6 +469,12 @@ command = ["/bin/true"]
         let mut s = Scenario::parse(MINIMAL).unwrap();
         s.upgrade.expect = Expect::Refused;
         assert!(s.validate().unwrap_err().contains("refusal_contains"));
+        let mut s = Scenario::parse(MINIMAL).unwrap();
+        s.workloads[0].pid_file = Some("run/x.pid".into());
+        assert!(s.validate().unwrap_err().contains("pid_file"));
+        let mut s = Scenario::parse(MINIMAL).unwrap();
+        s.workloads[0].runtime_paths = vec!["/run/x".into()];
+        assert!(s.validate().unwrap_err().contains("declared = true"));
     }
 
     #[test]
