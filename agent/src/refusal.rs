@@ -161,6 +161,10 @@ pub enum Kind {
         pty: u32,
         first: i32,
     },
+    /// `/dev/tty` open more than once in one process.
+    CttyTwice {
+        fds: Vec<i32>,
+    },
     /// A file open (`fd`) or mapped (no fd) on an in-memory file system
     /// other than tmpfs, which the new boot will not have.
     NotCarried {
@@ -246,6 +250,10 @@ impl Kind {
                 "fd {fd} is /dev/tty, but pid {first} ({}) holds its terminal /dev/pts/{pty} before it in the tree",
                 proc.comm(*first)
             ),
+            Kind::CttyTwice { fds } => format!(
+                "fds {} are all /dev/tty",
+                fds.iter().map(i32::to_string).collect::<Vec<_>>().join(", ")
+            ),
             Kind::NotCarried {
                 fd: Some(fd),
                 path,
@@ -279,6 +287,7 @@ impl Kind {
             Kind::TerminalOutside { .. } => "CRIU carries a pseudo-terminal only with both its ends: run the program under a terminal of its own inside the workload (script, screen, tmux), or without one (`kupgrade launch`)",
             Kind::CttyForegroundJob { .. } => "CRIU 3.17 restores /dev/tty only while the session's leader is in the foreground of its terminal: upgrade while the shell waits at its prompt",
             Kind::CttyNotFirst { .. } => "CRIU 3.17 restores /dev/tty only in the first process of the tree to hold its terminal (the root first, then each child in turn): let the shell be the root with its terminal program below it, or close /dev/tty",
+            Kind::CttyTwice { .. } => "CRIU 3.17's restore waits for ever on a process with /dev/tty open more than once (each of the files waits for the other, after the kexec): keep one open (kupgrade cannot tell copies of one file made by dup from two opens, and refuses both)",
             Kind::NotCarried { .. } => "the new boot will not have it (kupgrade carries the files of tmpfs mounts only) and CRIU reopens it by its path: keep it on a tmpfs or on disk",
             Kind::NamedFifo { .. } => "CRIU reopens a named FIFO by its path, and kupgrade carries only the regular files and directories of a tmpfs: keep the FIFO on disk, or use a pipe",
             Kind::SocketDirNotCarried { .. } => "CRIU binds the socket at its path again, and the new boot will not have that directory (kupgrade carries tmpfs mounts only): bind it on a tmpfs such as /run, or on disk",
@@ -620,7 +629,8 @@ fn first_pty_holders(proc: &Proc, w: &Workload) -> HashMap<u32, i32> {
 /// `/dev/tty` of `pid` on a pseudo-terminal of the workload that CRIU 3.17
 /// cannot restore: its dump wants the session's leader in the foreground,
 /// and the process holding `/dev/tty` to be the first to hold its terminal
-/// ("ctty inheritance detected").
+/// ("ctty inheritance detected"); its restore deadlocks on two `/dev/tty`
+/// files in one process (each waits for every other tty file first).
 fn ctty_criu_refuses(
     proc: &Proc,
     pid: i32,
@@ -631,21 +641,27 @@ fn ctty_criu_refuses(
     let Some(pty) = pts_index(stat.tty_nr).filter(|n| masters.contains(n)) else {
         return Vec::new();
     };
-    proc.fds(pid)
+    let ctty_fds: Vec<i32> = proc
+        .fds(pid)
         .into_iter()
         .filter(|(_, link)| link == "/dev/tty")
-        .filter_map(|(fd, _)| {
-            if stat.tpgid != stat.session {
-                return Some(Kind::CttyForegroundJob {
-                    fd,
-                    pty,
-                    foreground: stat.tpgid,
-                });
-            }
-            let by = *first.get(&pty)?;
-            (by != pid).then_some(Kind::CttyNotFirst { fd, pty, first: by })
-        })
-        .collect()
+        .map(|(fd, _)| fd)
+        .collect();
+    let twice = (ctty_fds.len() > 1).then(|| Kind::CttyTwice {
+        fds: ctty_fds.clone(),
+    });
+    let each = ctty_fds.into_iter().filter_map(|fd| {
+        if stat.tpgid != stat.session {
+            return Some(Kind::CttyForegroundJob {
+                fd,
+                pty,
+                foreground: stat.tpgid,
+            });
+        }
+        let by = *first.get(&pty)?;
+        (by != pid).then_some(Kind::CttyNotFirst { fd, pty, first: by })
+    });
+    twice.into_iter().chain(each).collect()
 }
 
 /// Files of `pid`, open or mapped, that the new boot will not have: on an
@@ -1089,6 +1105,21 @@ mod tests {
             r[0].resource,
             "fd 10 is /dev/tty, and process group 103 holds the foreground of its terminal /dev/pts/2"
         );
+        // The shell as the root, but with /dev/tty open twice.
+        let host = FakeHost::new()
+            .with(
+                root()
+                    .fd(0, "/dev/pts/2")
+                    .fd(3, "/dev/tty")
+                    .fd(10, "/dev/tty")
+                    .controlling_pty(2),
+            )
+            .with(child(101).pty_master(0, 2));
+        let r = check(&host, &workload(&[100, 101]));
+        assert_eq!(kinds(&r), vec![(100, Kind::CttyTwice { fds: vec![3, 10] })]);
+        assert!(r[0]
+            .to_string()
+            .starts_with("workload w (pid 100 server): fds 3, 10 are all /dev/tty: CRIU 3.17's restore waits for ever"));
     }
 
     #[test]
