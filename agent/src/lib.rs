@@ -3,19 +3,23 @@
 
 pub mod capture;
 pub mod cgroup;
-pub mod check;
+pub mod child;
 pub mod config;
 pub mod criu;
+pub mod faults;
 pub mod launch;
 pub mod leftovers;
 pub mod listen;
 pub mod pipeline;
+pub mod preflight;
 pub mod proc;
 pub mod realsys;
 pub mod refusal;
 pub mod remount;
+pub mod report;
 pub mod runstate;
 pub mod stage;
 pub mod store;
+pub mod target;
 pub mod unix_diag;
 pub mod workload;

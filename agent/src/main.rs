@@ -6,14 +6,35 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use contract::report::{Outcome as RestoreOutcome, UpgradeReport};
-use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, RUN_DIR};
+use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, WORK_DIR};
+use kupgrade_agent::faults::{self, FaultPoint, Faulty};
 use kupgrade_agent::leftovers::{self, RunLock};
-use kupgrade_agent::pipeline::{self, Outcome};
+use kupgrade_agent::pipeline::{self, Outcome, System};
+use kupgrade_agent::preflight::{self, RealFacts};
 use kupgrade_agent::realsys::RealSystem;
+use kupgrade_agent::report;
 use kupgrade_agent::stage::{self, Staged};
 use kupgrade_agent::store::{self, Store};
 use kupgrade_agent::workload::{self, Workload};
-use kupgrade_agent::{check, criu, launch, proc};
+use kupgrade_agent::{launch, proc};
+
+/// `println!` that cannot panic: it does when stdout is gone (`kupgrade go
+/// | tee log` then Ctrl-C, a dropped ssh session), and what kupgrade says
+/// last matters less than finishing what it does.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that cannot panic.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 #[derive(Parser)]
 #[command(
@@ -31,7 +52,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Can this machine upgrade live? What would be preserved?
-    Check,
+    Check {
+        /// One JSON object: {"version", "ready", "findings": [{"level",
+        /// "kind", "workload", "what", "fix"}]}.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a kernel, build its initramfs and load it with kexec.
     Stage {
         kernel: PathBuf,
@@ -63,6 +89,9 @@ enum Cmd {
     Report {
         #[arg(long)]
         json: bool,
+        /// Also draw the timeline of its phases as SVG into this file.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
     },
     /// Start a workload that kupgrade will preserve.
     Launch {
@@ -116,11 +145,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // The whole chain once: what failed, then why.
-            eprint!("kupgrade: {e}");
+            let mut line = format!("kupgrade: {e}");
             for cause in e.chain().skip(1) {
-                eprint!(": {cause}");
+                line.push_str(&format!(": {cause}"));
             }
-            eprintln!();
+            err!("{line}");
             ExitCode::FAILURE
         }
     }
@@ -162,25 +191,29 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("cannot inspect {}", path.display()))?;
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::Report { json } => return report(json),
+        Cmd::Report { json, svg } => return report(json, svg.as_deref()),
         _ => {}
     }
     let cfg = Config::load(&cli.config)?;
     match cli.cmd {
-        Cmd::Check => {
-            let findings = check::run(&cfg);
-            for f in &findings {
-                println!("{f}");
+        Cmd::Check { json } => {
+            let findings = preflight::check(&mut RealFacts::new(&cfg));
+            if json {
+                println!("{}", findings.to_json());
+            } else {
+                for f in &findings.0 {
+                    println!("{f}");
+                }
+                let failed = findings.failures().count();
+                if failed > 0 {
+                    println!("{failed} problem(s) would stop an upgrade");
+                } else {
+                    println!("ready to upgrade");
+                }
             }
-            let failed = findings
-                .iter()
-                .filter(|f| f.level == check::Level::Fail)
-                .count();
-            if failed > 0 {
-                println!("{failed} problem(s) would stop an upgrade");
+            if !findings.ready() {
                 return Ok(ExitCode::FAILURE);
             }
-            println!("ready to upgrade");
         }
         Cmd::Stage {
             kernel,
@@ -201,6 +234,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with("release", &s.release);
             println!("{e}");
             println!("staged {} from {}", s.release, s.kernel.display());
+            for d in &s.differences {
+                println!("{d}");
+            }
             println!(
                 "initramfs {} ({} KiB, {} modules)",
                 s.initrd.display(),
@@ -259,47 +295,54 @@ fn read_trim(p: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Runs `f` on the real system, inside the fault injector when
+/// `KUPGRADE_FAILPOINT` lists faults.
+fn on_system<T>(
+    real: RealSystem,
+    store: &Store,
+    faults: Option<Vec<FaultPoint>>,
+    f: impl FnOnce(&mut dyn System) -> T,
+) -> T {
+    match faults {
+        Some(points) => f(&mut Faulty::new(real, points, store.clone())),
+        None => {
+            let mut real = real;
+            f(&mut real)
+        }
+    }
+}
+
 fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
-    require_root("kupgrade go")?;
-    let staged = Staged::load();
-    if staged.is_none() && !dry_run {
-        bail!("no kernel is staged: run `kupgrade stage /boot/vmlinuz-NEW` first");
+    // First: a mistyped fault must not let a real upgrade through.
+    let faults = faults::from_env()?;
+    let mut facts = RealFacts::new(cfg);
+    let cleared = match preflight::go(&mut facts, dry_run) {
+        Ok(c) => c,
+        Err(refused) => {
+            err!("kupgrade: {refused}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    // Held until go returns: one go or resume at a time.
+    let _lock = facts.into_run_lock();
+    let work_dir = PathBuf::from(WORK_DIR);
+    // CRIU's images and the tmpfs copies are process memory: root's alone.
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&work_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(&work_dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .with_context(|| format!("cannot make {}", work_dir.display()))?;
     }
-    let _lock = RunLock::take().map_err(anyhow::Error::msg)?;
-    let workloads = workloads_or_bail(cfg)?;
-    let left = leftovers::find(&workloads, Store::locate(cfg).ok().as_ref());
-    if !left.is_empty() {
-        bail!(
-            "a previous `kupgrade go` did not finish ({}): run `kupgrade resume` first",
-            left.describe().join("; ")
-        );
-    }
-    // Refuse what CRIU cannot checkpoint before anything is frozen.
-    let refusals: Vec<String> = workloads
-        .iter()
-        .flat_map(workload::refusals)
-        .map(|r| r.to_string())
-        .collect();
-    if !refusals.is_empty() {
-        bail!(
-            "refusing to upgrade, nothing was frozen: {}",
-            refusals.join("; ")
-        );
-    }
-    if !dry_run {
-        criu::version(&cfg.criu)?;
-    }
-    let store = Store::locate(cfg)?;
-    store.ensure_fits(store::estimate_image_bytes(
-        workloads.iter().map(|w| w.memory_bytes).sum(),
-    ))?;
-    let work_dir = Path::new(RUN_DIR).join("work");
     let opts = pipeline::Options {
-        dry_run,
         work_dir: work_dir.clone(),
         kernel_from: release(),
-        kernel_to: staged
-            .as_ref()
+        kernel_to: cleared
+            .staged()
             .map(|s| s.release.clone())
             .unwrap_or_else(|| "(dry run)".into()),
         boot_id: read_trim("/proc/sys/kernel/random/boot_id"),
@@ -308,28 +351,31 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_default(),
     };
-    let mut sys = RealSystem::new(cfg.clone(), store);
-    let result = pipeline::go(&mut sys, &workloads, &opts);
+    let store = cleared.store().clone();
+    let real = RealSystem::new(cfg.clone(), store.clone()).with_staged(cleared.staged().cloned());
+    let result = on_system(real, &store, faults, |sys| {
+        pipeline::go(sys, &cleared, &opts)
+    });
     let _ = std::fs::remove_dir_all(&work_dir);
     match result {
         Ok(Outcome::DryRun {
             paused_ms,
             image_bytes,
         }) => {
-            println!(
+            out!(
                 "dry run done: the workloads were paused {paused_ms:.0} ms up to the reboot, image {} KiB; all resumed",
                 image_bytes >> 10
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(aborted) => {
-            eprintln!("kupgrade: upgrade aborted at {}", aborted.failure);
+            err!("kupgrade: upgrade aborted at {}", aborted.failure);
             if aborted.resume_errors.is_empty() {
-                eprintln!("kupgrade: every workload was resumed on this kernel; nothing was lost");
+                err!("kupgrade: every workload was resumed on this kernel; nothing was lost");
             } else {
-                eprintln!(
+                err!(
                     "kupgrade: RESUMING FAILED: {}",
-                    aborted.resume_errors.join("; ")
+                    pipeline::join(&aborted.resume_errors)
                 );
             }
             Ok(ExitCode::FAILURE)
@@ -339,36 +385,72 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
 
 fn resume(cfg: &Config) -> Result<ExitCode> {
     require_root("kupgrade resume")?;
-    let _lock = RunLock::take().map_err(anyhow::Error::msg)?;
+    let faults = faults::from_env()?;
+    let _lock = RunLock::take()?;
     let criu = leftovers::criu_processes();
-    if !criu.is_empty() {
-        bail!("CRIU is still running (pids {criu:?}): wait for it to exit, then run `kupgrade resume` again");
+    if !criu.others.is_empty() {
+        bail!(
+            "CRIU is still running (pids {:?}): wait for it to exit, then run `kupgrade resume` again",
+            criu.others
+        );
+    }
+    if !criu.ours.is_empty() {
+        out!(
+            "stopping CRIU left running by a `kupgrade go` that died (pids {:?})",
+            criu.ours
+        );
+        let left = leftovers::stop_criu(&criu.ours);
+        if !left.is_empty() {
+            bail!("CRIU (pids {left:?}) did not exit after SIGKILL: in uninterruptible sleep? run `kupgrade resume` again later");
+        }
+    }
+    // A go that died left its dump behind: process memory, of no use now.
+    match std::fs::remove_dir_all(WORK_DIR) {
+        Ok(()) => out!("removed the checkpoint a `kupgrade go` left in {WORK_DIR}"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => err!("kupgrade: cannot remove {WORK_DIR}: {e}"),
     }
     let workloads = workloads_or_bail(cfg)?;
     let store = Store::locate(cfg).ok();
     let left = leftovers::find(&workloads, store.as_ref());
     if left.is_empty() {
-        println!("nothing to resume: no workload is frozen and no lock, hold or image of this boot is left");
+        // An abort whose wipe failed, or an image a restore left.
+        if let Some(s) = store
+            .as_ref()
+            .filter(|s| s.holds_image_data(Path::new(LIB_DIR)))
+        {
+            let zeroed = s
+                .wipe(Path::new(LIB_DIR))
+                .with_context(|| "the store holds image data of an earlier upgrade")?;
+            out!(
+                "wiped the store {}: {} MiB of image data zeroed",
+                s.path.display(),
+                zeroed >> 20
+            );
+        }
+        out!("nothing to resume: no workload is frozen and no lock, hold or image of this boot is left");
         return Ok(ExitCode::SUCCESS);
     }
     for what in left.describe() {
-        println!("found: {what}");
+        out!("found: {what}");
     }
     let Some(store) = store else {
         bail!("the store is gone; cannot run the recovery that needs it");
     };
-    let mut sys = RealSystem::after_killed_go(cfg.clone(), store, left.read_only.clone());
-    let errors = pipeline::recover(
-        &mut sys,
-        &workloads,
-        left.image_from_this_boot,
-        !left.read_only.is_empty(),
-    );
+    let real = RealSystem::after_killed_go(cfg.clone(), store.clone(), left.read_only.clone());
+    let errors = on_system(real, &store, faults, |sys| {
+        pipeline::recover(
+            sys,
+            &workloads,
+            left.image_from_this_boot,
+            !left.read_only.is_empty(),
+        )
+    });
     if errors.is_empty() {
-        println!("resumed: every workload runs again on this kernel");
+        out!("resumed: every workload runs again on this kernel");
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("kupgrade: RESUMING FAILED: {}", errors.join("; "));
+        err!("kupgrade: RESUMING FAILED: {}", pipeline::join(&errors));
         Ok(ExitCode::FAILURE)
     }
 }
@@ -434,7 +516,7 @@ fn status(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-fn report(json: bool) -> Result<ExitCode> {
+fn report(json: bool, svg: Option<&Path>) -> Result<ExitCode> {
     let path = Path::new(LIB_DIR).join(contract::report::FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -444,6 +526,14 @@ fn report(json: bool) -> Result<ExitCode> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
+    if let Some(out) = svg {
+        let r: UpgradeReport = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} does not parse", path.display()))?;
+        let agent_log = std::fs::read_to_string(kupgrade_agent::realsys::last_go_log()).ok();
+        std::fs::write(out, r.timeline_svg(agent_log.as_deref()))
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        eprintln!("timeline written to {}", out.display());
+    }
     if json {
         println!("{}", String::from_utf8_lossy(&bytes));
         return Ok(ExitCode::SUCCESS);
@@ -453,10 +543,21 @@ fn report(json: bool) -> Result<ExitCode> {
     let outcome = match r.outcome {
         RestoreOutcome::Restored => "restored",
         RestoreOutcome::Failed => "FAILED",
+        RestoreOutcome::Restoring => "DID NOT FINISH",
     };
     println!("upgrade {} -> {}: {outcome}", r.kernel_from, r.kernel_to);
     if let Some(why) = &r.reason {
         println!("  reason: {why}");
+    }
+    // Checked against what the store holds now: a restore that never ended
+    // leaves a report that cannot be taken at its word.
+    let store = r.store.as_deref().map(|s| report::store_says(Path::new(s)));
+    let doubt = store.as_ref().and_then(|s| report::doubt(&r, s));
+    if let Some(d) = &doubt {
+        println!("  WARNING: {d}");
+    }
+    if let Some(report::StoreSays::Unreadable(why)) = &store {
+        println!("  (not checked against the store: {why})");
     }
     for w in &r.workloads {
         println!(
@@ -477,6 +578,9 @@ fn report(json: bool) -> Result<ExitCode> {
             println!("    CRIU log: {log}");
         }
     }
+    for m in &r.modules_failed {
+        println!("  module {} did not load: {}", m.name, m.error);
+    }
     let t0 = r.events.first().map(|e| e.t_real_ns).unwrap_or(0);
     for e in &r.events {
         println!(
@@ -488,9 +592,11 @@ fn report(json: bool) -> Result<ExitCode> {
     if let Some(b) = r.blackout_ns() {
         println!("  workloads paused for {:.1} ms", b as f64 / 1e6);
     }
-    Ok(if r.outcome == RestoreOutcome::Restored {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if r.outcome == RestoreOutcome::Restored && doubt.is_none() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }

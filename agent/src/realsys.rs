@@ -10,18 +10,15 @@ use std::time::Duration;
 use contract::devstate::{self, DeviceState, TmpfsMount};
 use contract::events::EventLine;
 use image_format::{ImageWriter, WriteOptions};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
+use crate::child::{self, Limits};
 use crate::config::{Config, LIB_DIR};
-use crate::pipeline::{Dumped, ImageInput, StepError, System};
+use crate::pipeline::{Dumped, ImageInput, Step, StepError, System};
 use crate::remount::{self, Remounted};
+use crate::stage::Staged;
 use crate::store::Store;
 use crate::workload::Workload;
 use crate::{capture, cgroup, criu, leftovers, listen};
-
-/// Environment variable that makes `go` fail on purpose; see `reboot`.
-pub const FAILPOINT: &str = "KUPGRADE_FAILPOINT";
 
 pub struct RealSystem {
     cfg: Config,
@@ -35,6 +32,9 @@ pub struct RealSystem {
     remounted: Vec<Remounted>,
     /// New connections are held back (the nftables table is in place).
     holding: bool,
+    /// What `kupgrade stage` recorded, to check before the kexec that it is
+    /// still what is loaded.
+    staged: Option<Staged>,
 }
 
 impl RealSystem {
@@ -59,7 +59,13 @@ impl RealSystem {
             kmsg: open("/dev/kmsg"),
             remounted: Vec::new(),
             holding: false,
+            staged: None,
         }
+    }
+
+    /// The kernel `go` is to boot, as staged.
+    pub fn with_staged(self, staged: Option<Staged>) -> Self {
+        RealSystem { staged, ..self }
     }
 
     /// For `kupgrade resume`: a system on which a killed `go` may have
@@ -82,40 +88,25 @@ impl RealSystem {
     }
 }
 
-impl RealSystem {
-    /// Test hook: damages the first chunk of the first workload's section
-    /// after the image was written and read back, as a failing store would,
-    /// to prove that the new kernel refuses it and boots anyway (the
-    /// corrupt-image QEMU scenario).
-    fn corrupt_first_chunk(
-        &mut self,
-        img: &image_format::Image<File>,
-        input: &ImageInput,
-    ) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let name = input.trees.first().map(|t| t.0.as_str()).unwrap_or("");
-        let Some(section) = img.manifest().sections.iter().find(|s| s.name == name) else {
-            return Err(std::io::Error::other(format!(
-                "no section {name:?} to damage"
-            )));
-        };
-        // Past the chunk header, inside its body.
-        let at = section.offset + image_format::format::CHUNK_HEADER_LEN as u64;
-        let f = self.store.open_rw().map_err(std::io::Error::other)?;
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, at)?;
-        f.write_all_at(&[!b[0]], at)?;
-        f.sync_all()
-    }
-}
-
-fn err(step: &'static str) -> impl Fn(&dyn std::fmt::Display) -> StepError {
+fn err(step: Step) -> impl Fn(&dyn std::fmt::Display) -> StepError {
     move |e| StepError::new(step, e)
 }
 
 impl System for RealSystem {
-    fn kexec_loaded(&mut self) -> bool {
-        kexec::is_loaded().unwrap_or(false)
+    fn staged_still_loaded(&mut self) -> Result<(), String> {
+        let loaded = kexec::is_loaded().unwrap_or(false);
+        let Some(staged) = &self.staged else {
+            return if loaded {
+                Ok(())
+            } else {
+                Err("the staged kernel was unloaded meanwhile".into())
+            };
+        };
+        let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        match staged.doubt(loaded, boot_id.trim(), kexec::load_calls_left()) {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
     }
 
     fn hold_connections(&mut self, ws: &[Workload]) -> Result<(), StepError> {
@@ -124,42 +115,41 @@ impl System for RealSystem {
             return Ok(());
         }
         let list: Vec<u16> = ports.keys().copied().collect();
-        listen::hold(&list).map_err(|e| err("connections")(&e))?;
+        // First: an nft killed at its deadline may have made the table.
         self.holding = true;
-        listen::drain(&ports, listen::DRAIN_TIMEOUT).map_err(|e| err("connections")(&e))
+        listen::hold(&list, &self.interrupted).map_err(|e| err(Step::Connections)(&e))?;
+        listen::drain(&ports, listen::DRAIN_TIMEOUT).map_err(|e| err(Step::Connections)(&e))
     }
 
     fn release_connections(&mut self) -> Result<(), StepError> {
         if !std::mem::take(&mut self.holding) {
             return Ok(());
         }
-        listen::release().map_err(|e| err("resume")(&e))
+        listen::release().map_err(|e| err(Step::Release)(&e))
     }
 
     fn freeze(&mut self, w: &Workload) -> Result<(), StepError> {
         cgroup::freeze(&w.cgroup, Duration::from_millis(self.cfg.freeze_timeout_ms))
-            .map_err(|e| err("freeze")(&e))
+            .map_err(|e| err(Step::Freeze)(&e))
     }
 
     fn thaw(&mut self, w: &Workload) -> Result<(), StepError> {
-        cgroup::thaw(&w.cgroup).map_err(|e| err("resume")(&e))
+        cgroup::thaw(&w.cgroup).map_err(|e| err(Step::Thaw)(&e))
     }
 
     fn dump(&mut self, w: &Workload, dir: &Path) -> Result<Dumped, StepError> {
         let log = Path::new(LIB_DIR).join(format!("dump-{}.log", w.name));
         let _ = fs::create_dir_all(LIB_DIR);
         let _ = fs::remove_dir_all(dir);
-        criu::dump(&self.cfg.criu, w, dir, &log).map_err(|e| err("checkpoint")(&e))?;
-        // Test hook: a real SIGTERM in the middle of the pipeline (the
-        // signal-abort QEMU scenario).
-        if std::env::var(FAILPOINT).is_ok_and(|v| v == "sigterm-after-checkpoint") {
-            let _ = kill(Pid::this(), Signal::SIGTERM);
-        }
-
+        let deadline = Duration::from_secs(self.cfg.dump_timeout_s);
+        let limits = Limits::deadline(deadline).stopped_by(&self.interrupted);
+        criu::dump(&self.cfg.criu, w, dir, &log, limits)
+            .map_err(|e| StepError::new(Step::Checkpoint, child::chain(&e)))?;
         let lock_table = if w.tcp_established {
-            Some(criu::save_lock_table(w).ok_or_else(|| {
+            let limits = Limits::deadline(child::TOOL_DEADLINE).stopped_by(&self.interrupted);
+            Some(criu::save_lock_table(w, limits).ok_or_else(|| {
                 StepError::new(
-                    "checkpoint",
+                    Step::Checkpoint,
                     format!("CRIU's lock table inet {} is missing", criu::lock_table(w)),
                 )
             })?)
@@ -170,33 +160,16 @@ impl System for RealSystem {
     }
 
     fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError> {
-        if d.lock_table.is_some() {
-            // Repair mode off first, while the peers are still held back.
-            criu::repair_off(w).map_err(|e| err("resume")(&e))?;
-            criu::drop_lock_table(w).map_err(|e| err("resume")(&e))?;
-        }
-        // CRIU left the tasks stopped (--leave-stopped); the cgroup thaw
-        // that follows does not continue a SIGSTOP, this does.
-        let mut failed = Vec::new();
-        for pid in cgroup::procs(&w.cgroup).unwrap_or_else(|_| w.pids.clone()) {
-            if let Err(e) = kill(Pid::from_raw(pid), Signal::SIGCONT) {
-                if e != nix::Error::ESRCH {
-                    failed.push(format!("pid {pid}: {e}"));
-                }
-            }
-        }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(StepError::new(
-                "resume",
-                format!("cannot continue {}", failed.join(", ")),
-            ))
-        }
+        criu::undump(&mut criu::RealTasks::default(), w, d.lock_table.is_some()).map_err(|failed| {
+            StepError::new(
+                Step::Undump,
+                format!("workload {}: {}", w.name, failed.join("; ")),
+            )
+        })
     }
 
     fn system_state(&mut self) -> Result<DeviceState, StepError> {
-        capture::system_state().map_err(|e| err("device state")(&e))
+        capture::system_state().map_err(|e| err(Step::DeviceState)(&e))
     }
 
     fn tmpfs_files(
@@ -205,9 +178,10 @@ impl System for RealSystem {
         dir: &Path,
     ) -> Result<(Vec<TmpfsMount>, bool), StepError> {
         let _ = fs::remove_dir_all(dir);
-        fs::create_dir_all(dir).map_err(|e| err("device state")(&e))?;
+        fs::create_dir_all(dir).map_err(|e| err(Step::DeviceState)(&e))?;
         let skip = dir.parent().unwrap_or(dir).to_path_buf();
-        let mounts = capture::tmpfs_files(ws, dir, &skip).map_err(|e| err("device state")(&e))?;
+        let mounts =
+            capture::tmpfs_files(ws, dir, &skip).map_err(|e| err(Step::DeviceState)(&e))?;
         let has = fs::read_dir(dir)
             .map(|mut d| d.next().is_some())
             .unwrap_or(false);
@@ -215,7 +189,10 @@ impl System for RealSystem {
     }
 
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
-        let e = err("image write");
+        let e = err(Step::ImageWrite);
+        let record = Path::new(LIB_DIR);
+        // From here until it is recorded, a wipe zeroes the whole store.
+        let before = self.store.writing(record).map_err(|x| e(&x))?;
         let file = self.store.open_rw().map_err(|x| e(&x))?;
         let opts = WriteOptions {
             generation: input.manifest.created_unix_ns / 1_000_000_000,
@@ -234,17 +211,35 @@ impl System for RealSystem {
         let summary = w.finish(input.manifest.clone()).map_err(|x| e(&x))?;
         // Read back what a new kernel would read first.
         let f = self.store.open_rw().map_err(|x| e(&x))?;
-        let img = image_format::Image::open(f)
-            .map_err(|x| StepError::new("image write", format!("verification failed: {x}")))?;
-        if std::env::var(FAILPOINT).is_ok_and(|v| v == "corrupt-image") {
-            self.corrupt_first_chunk(&img, input).map_err(|x| e(&x))?;
-        }
+        image_format::Image::open(f)
+            .map_err(|x| StepError::new(Step::ImageWrite, format!("verification failed: {x}")))?;
+        self.store
+            .written(record, before, summary.total_len)
+            .map_err(|x| e(&x))?;
         Ok(summary.total_len)
     }
 
     fn invalidate_image(&mut self) -> Result<(), StepError> {
-        let mut f = self.store.open_rw().map_err(|x| err("resume")(&x))?;
-        image_format::invalidate(&mut f).map_err(|x| err("resume")(&x))
+        let e = err(Step::Invalidate);
+        let mut f = self.store.open_rw().map_err(|x| e(&x))?;
+        image_format::invalidate(&mut f).map_err(|x| e(&x))
+    }
+
+    fn wipe_image(&mut self) -> Result<(), StepError> {
+        let start = std::time::Instant::now();
+        let zeroed = self
+            .store
+            .wipe(Path::new(LIB_DIR))
+            .map_err(|x| StepError::new(Step::Wipe, child::chain(&x)))?;
+        // What it cost, for people tuning the store's size.
+        let _ = writeln!(
+            std::io::stderr(),
+            "kupgrade: wiped the store {}: {} MiB zeroed in {} ms",
+            self.store.path.display(),
+            zeroed >> 20,
+            start.elapsed().as_millis()
+        );
+        Ok(())
     }
 
     fn quiesce_filesystems(&mut self) -> Result<(), StepError> {
@@ -262,36 +257,27 @@ impl System for RealSystem {
             Ok(())
         } else {
             Err(StepError::new(
-                "resume",
+                Step::Unquiesce,
                 format!("cannot make writable again: {}", failed.join(", ")),
             ))
         }
     }
 
     fn reboot(&mut self) -> StepError {
-        // Test hook: stop at the last moment, to prove that even then every
-        // workload is resumed (used by the abort-resume QEMU scenario).
-        if std::env::var(FAILPOINT).is_ok_and(|v| v == "kexec") {
-            return StepError::new(
-                "kexec",
-                format!("failpoint {FAILPOINT}=kexec: the reboot was not attempted"),
-            );
-        }
-        // Test hook: die as a SIGKILL or a crash would at the last moment,
-        // with everything done and nothing undone (the killed-go scenario).
-        if std::env::var(FAILPOINT).is_ok_and(|v| v == "die-before-kexec") {
-            eprintln!("kupgrade: failpoint {FAILPOINT}=die-before-kexec: aborting");
-            std::process::abort();
-        }
         match kexec::reboot_into_loaded() {
             Ok(never) => match never {},
-            Err(e) => StepError::new("kexec", e),
+            Err(e) => StepError::new(Step::Kexec, e),
         }
     }
 
     fn emit(&mut self, e: EventLine) {
         let text = e.to_string();
-        println!("{text}");
+        // Not println!, which panics when stdout is gone (a closed pipe, a
+        // dropped ssh session): the event is also on the console, in the
+        // kernel log and in last-go.log.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+        drop(out);
         if let Some(c) = self.console.as_mut() {
             let _ = writeln!(c, "{text}");
         }

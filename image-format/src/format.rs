@@ -23,6 +23,11 @@
 //!                                read up to EOF, read up to total_len
 //! ```
 //!
+//! Which module handles what (see the crate docs): the superblock
+//! `superblock` (read, checked, rewritten in place), chunks `encode` and
+//! `decode`, tree records `tree`, the manifest and its section table
+//! `manifest`, checked against the superblock by `read` on open.
+//!
 //! The superblock, byte by byte (see [`RawSuperblock`]):
 //!
 //! ```text
@@ -60,6 +65,36 @@
 //! crc32c (every read of its section), and the blake3 digest over the whole
 //! body (`verify`). Together they cover every byte of `[0, total_len)`.
 //!
+//! ## Limits
+//!
+//! A reader checks every size against these before it allocates or reads
+//! what the size covers, so that an image with valid checksums but crafted
+//! sizes cannot make it allocate more than a bounded amount beyond the
+//! store's own size:
+//!
+//! - Superblock: `0 < chunk_size <= MAX_CHUNK` (16 MiB), `0 < manifest_len
+//!   <= MAX_MANIFEST` (64 MiB), the manifest ends the image and `total_len`
+//!   fits in the store.
+//! - Section table (checked on open, in linear time): names are non-empty
+//!   and unique; sections tile `[BODY_OFFSET, manifest_offset)` in order;
+//!   every chunk but the last of a section holds exactly `chunk_size` raw
+//!   bytes, so `chunks = ceil(raw_len / chunk_size)`; and
+//!   `chunks * 24 <= stored_len <= chunks * (24 + chunk_size)`.
+//! - Chunk (checked as the section is read, before its stored bytes are
+//!   read): its stored bytes fit in what is left of its section and in the
+//!   chunk size; once its checksum holds, its raw length is the one the
+//!   table gives it (the chunk size, or the rest for the last chunk). A
+//!   section's stream therefore never runs past its table's `raw_len`, and
+//!   no chunk buffer exceeds `chunk_size`.
+//! - Blob: at most `MAX_BLOB` (64 MiB), which the writer refuses to exceed
+//!   and `read_blob`, which holds a blob in memory, checks before reading.
+//!   Tree sections stream into files (runs of zero chunks become holes);
+//!   their size is bounded by the destination, not by the reader's memory.
+//!
+//! A reader's memory is then the manifest, a read buffer of at most 1 MiB,
+//! the chunks in flight (a few per decompression thread, each at most
+//! `chunk_size`) and a blob it returns. Nothing else scales with the image.
+//!
 //! Versions: the major must match; a reader takes any minor up to its own
 //! (a minor only adds things an older reader may ignore, such as manifest
 //! fields or superblock fields in the reserved area).
@@ -91,12 +126,16 @@ pub const FORMAT_MINOR: u16 = 0;
 pub const BODY_OFFSET: u64 = 4096;
 /// "CHNK" in a little-endian u32.
 pub const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"CHNK");
-/// The largest chunk a writer makes and a reader accepts.
+/// The largest chunk a writer makes and a reader accepts (see Limits).
 pub const MAX_CHUNK: u32 = 16 << 20;
 /// The smallest chunk a writer makes.
 pub const MIN_CHUNK: u32 = 4 << 10;
 /// No manifest is larger than this; a reader refuses larger claims.
 pub const MAX_MANIFEST: u64 = 64 << 20;
+/// The largest blob section: the writer refuses a larger blob, and
+/// [`Image::read_blob`](crate::Image::read_blob), which holds a blob in
+/// memory, refuses a larger claim before reading any of it.
+pub const MAX_BLOB: u64 = 64 << 20;
 
 /// The superblock as stored: one 4 KiB block at offset 0.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned, Clone, Copy, Debug)]

@@ -6,7 +6,8 @@ use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::Path;
 
-use crate::{Error, Image, Size};
+use crate::error::{Error, Size};
+use crate::read::Image;
 
 /// Prints what the store at `store` holds. With `verify`, checks every
 /// chunk and the digest too, printing each section's result, and fails

@@ -1,86 +1,100 @@
-//! Changes made in place: state transitions touch only the superblock; a new
-//! image first invalidates the old one; a wipe zeroes the used extent.
+//! The life of an image, as its superblock records it.
 
-use std::io::SeekFrom;
+use std::fmt;
+use std::str::FromStr;
 
-use zerocopy::IntoBytes;
+use serde::{Deserialize, Serialize};
 
-use crate::format::{RawSuperblock, BODY_OFFSET};
-use crate::read::load_superblock;
-use crate::{Error, State, Store};
-
-pub(crate) fn write_superblock<S: Store>(store: &mut S, sb: &RawSuperblock) -> Result<(), Error> {
-    store
-        .seek(SeekFrom::Start(0))
-        .and_then(|_| store.write_all(sb.as_bytes()))
-        .and_then(|()| store.flush())
-        .and_then(|()| store.sync())
-        .map_err(Error::io("write the superblock"))
+/// The life of an image: only a `Written` one is ever restored.
+/// `written -> restoring -> restored | failed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Written = 1,
+    Restoring = 2,
+    Restored = 3,
+    Failed = 4,
 }
 
-fn len<S: Store>(store: &mut S) -> Result<u64, Error> {
-    store
-        .seek(SeekFrom::End(0))
-        .map_err(Error::io("find the size of the store"))
-}
+impl State {
+    pub const ALL: [State; 4] = [
+        State::Written,
+        State::Restoring,
+        State::Restored,
+        State::Failed,
+    ];
 
-/// Moves the image to `state` (`written -> restoring -> restored|failed`),
-/// touching only the superblock, and flushes. Refuses a store with no valid
-/// superblock, and any move back (see [`State::can_become`]).
-pub fn set_state<S: Store>(store: &mut S, state: State) -> Result<(), Error> {
-    let store_len = len(store)?;
-    let (mut raw, sb) = load_superblock(store, store_len)?;
-    if !sb.state.can_become(state) {
-        return Err(Error::BadTransition {
-            from: sb.state,
-            to: state,
-        });
+    pub fn from_u32(v: u32) -> Option<State> {
+        State::ALL.into_iter().find(|s| *s as u32 == v)
     }
-    raw.state = (state as u32).into();
-    raw.seal();
-    write_superblock(store, &raw)
-}
 
-/// Makes whatever image is in the store unreadable by zeroing its
-/// superblock (magic included), and flushes. Harmless on a store that holds
-/// no image; an empty store stays empty.
-pub fn invalidate<S: Store>(store: &mut S) -> Result<(), Error> {
-    let n = len(store)?.min(BODY_OFFSET) as usize;
-    store
-        .seek(SeekFrom::Start(0))
-        .and_then(|_| store.write_all(&[0u8; BODY_OFFSET as usize][..n]))
-        .and_then(|()| store.flush())
-        .and_then(|()| store.sync())
-        .map_err(Error::io("invalidate the image in the store"))
-}
-
-/// Zeroes the image's whole extent (it holds process memory), then its
-/// superblock, flushing after each. Without a valid superblock only the
-/// superblock's block is zeroed: nothing says how far an image went.
-pub fn wipe<S: Store>(store: &mut S) -> Result<(), Error> {
-    let store_len = len(store)?;
-    let end = match load_superblock(store, store_len) {
-        Ok((_, sb)) => sb.total_len.min(store_len),
-        Err(_) => BODY_OFFSET,
-    };
-    if end > BODY_OFFSET {
-        let zeros = vec![0u8; 1 << 20];
-        let mut pos = BODY_OFFSET;
-        store
-            .seek(SeekFrom::Start(pos))
-            .map_err(Error::io("seek in the store"))?;
-        while pos < end {
-            let n = (end - pos).min(zeros.len() as u64) as usize;
-            store.write_all(&zeros[..n]).map_err(|source| Error::Io {
-                what: format!("wipe the store at offset {pos}"),
-                source,
-            })?;
-            pos += n as u64;
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Written => "written",
+            State::Restoring => "restoring",
+            State::Restored => "restored",
+            State::Failed => "failed",
         }
-        store
-            .flush()
-            .and_then(|()| store.sync())
-            .map_err(Error::io("flush the wiped store"))?;
     }
-    invalidate(store)
+
+    /// Whether an image may move from `self` to `to`. Nothing goes back to
+    /// `written`: an image that a restore has started on is never restored
+    /// a second time. Setting the state it already has is allowed.
+    pub fn can_become(self, to: State) -> bool {
+        use State::*;
+        self == to
+            || matches!(
+                (self, to),
+                (Written, Restoring) | (Written, Failed) | (Restoring, Restored | Failed)
+            )
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A name that is none of the states' (see [`State::name`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown image state {0:?}")]
+pub struct UnknownStateName(pub String);
+
+impl FromStr for State {
+    type Err = UnknownStateName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        State::ALL
+            .into_iter()
+            .find(|st| st.name() == s)
+            .ok_or_else(|| UnknownStateName(s.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_print_parse_and_only_move_forward() {
+        for s in State::ALL {
+            assert_eq!(s.to_string().parse::<State>().unwrap(), s);
+            assert_eq!(State::from_u32(s as u32), Some(s));
+            assert!(s.can_become(s));
+            if s != State::Written {
+                assert!(!s.can_become(State::Written), "{s} -> written");
+            }
+        }
+        assert_eq!(State::Restoring.to_string(), "restoring");
+        assert!(State::Written.can_become(State::Restoring));
+        assert!(State::Restoring.can_become(State::Restored));
+        assert!(State::Restoring.can_become(State::Failed));
+        assert!(!State::Restored.can_become(State::Restoring));
+        assert!(!State::Failed.can_become(State::Restored));
+        assert_eq!(State::from_u32(0), None);
+        assert_eq!(State::from_u32(5), None);
+        let e = "resumed".parse::<State>().unwrap_err();
+        assert_eq!(e, UnknownStateName("resumed".into()));
+        assert_eq!(e.to_string(), "unknown image state \"resumed\"");
+    }
 }

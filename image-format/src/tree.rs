@@ -15,10 +15,10 @@ use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::decode::SectionStream;
+use crate::encode::ChunkSink;
+use crate::error::Error;
 use crate::format::*;
-use crate::read::SectionStream;
-use crate::write::ChunkSink;
-use crate::Error;
 
 fn kind_name(ft: &fs::FileType) -> &'static str {
     if ft.is_socket() {

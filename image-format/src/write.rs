@@ -1,19 +1,22 @@
-//! The writer. Each section's stream is cut into chunks that worker threads
-//! compress in parallel while the producer (walking a tree, or slicing a
-//! blob) goes on, and a writer thread stores them in order. The old
-//! superblock is zeroed before the first byte of the body, and the new one
-//! is written last, after a flush: a crash mid-write never leaves a
-//! valid-looking image.
+//! [`ImageWriter`], the writer's API: sections one after the other (each
+//! encoded into chunks by [`crate::encode`]), then the manifest, then the
+//! superblock. The old superblock is zeroed before the first byte of the
+//! body, and the new one is written last, after a flush: a crash mid-write
+//! never leaves a valid-looking image.
 
-use std::io::{self, BufWriter, Read, SeekFrom, Write};
+use std::io::SeekFrom;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use zerocopy::IntoBytes;
-
+use crate::encode::{self, ChunkSink, Counts, EncodedSection, Output, Settings};
+use crate::error::Error;
 use crate::format::*;
-use crate::workers::{self, Pool};
-use crate::{Error, Manifest, SectionEntry, SectionKind, State, Store};
+use crate::manifest::{Manifest, SectionEntry, SectionKind};
+use crate::state::State;
+use crate::store::Store;
+use crate::superblock::write_superblock;
+use crate::tree;
+use crate::workers;
 
 #[derive(Clone, Debug)]
 pub struct WriteOptions {
@@ -57,19 +60,10 @@ pub struct WriteSummary {
     pub elapsed: Duration,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Counts {
-    chunks: u64,
-    zero: u64,
-    raw: u64,
-}
-
 pub struct ImageWriter<S: Store> {
     store: S,
     capacity: u64,
-    threads: usize,
-    chunk_size: usize,
-    level: i32,
+    encoding: Settings,
     generation: u64,
     /// Where the next section starts.
     pos: u64,
@@ -97,11 +91,13 @@ impl<S: Store> ImageWriter<S> {
         Ok(ImageWriter {
             store,
             capacity,
-            threads: workers::threads(opts.threads),
-            chunk_size: opts
-                .chunk_size
-                .clamp(MIN_CHUNK as usize, MAX_CHUNK as usize),
-            level: opts.zstd_level,
+            encoding: Settings {
+                threads: workers::threads(opts.threads),
+                level: opts.zstd_level,
+                chunk_size: opts
+                    .chunk_size
+                    .clamp(MIN_CHUNK as usize, MAX_CHUNK as usize),
+            },
             generation: opts.generation,
             pos: BODY_OFFSET,
             hasher: blake3::Hasher::new(),
@@ -128,13 +124,20 @@ impl<S: Store> ImageWriter<S> {
     /// refused with an error naming it.
     pub fn add_tree(&mut self, name: &str, dir: &Path) -> Result<(), Error> {
         self.check_name(name)?;
-        self.add_section(name, SectionKind::Tree, |sink| {
-            crate::tree::write_tree(dir, sink)
-        })
+        self.add_section(name, SectionKind::Tree, |sink| tree::write_tree(dir, sink))
     }
 
+    /// A section holding `bytes`, at most [`MAX_BLOB`] of them (a reader
+    /// holds a blob in memory).
     pub fn add_blob(&mut self, name: &str, bytes: &[u8]) -> Result<(), Error> {
         self.check_name(name)?;
+        if bytes.len() as u64 > MAX_BLOB {
+            return Err(Error::BlobTooLarge {
+                section: name.to_string(),
+                raw_len: bytes.len() as u64,
+                limit: MAX_BLOB,
+            });
+        }
         self.add_section(name, SectionKind::Blob, |sink| sink.write_borrowed(bytes))
     }
 
@@ -146,13 +149,26 @@ impl<S: Store> ImageWriter<S> {
         F: FnOnce(&mut ChunkSink<'a, '_>) -> Result<(), Error>,
     {
         let (pos, hasher, counts) = (self.pos, self.hasher.clone(), self.counts);
-        let result = if self.threads <= 1 {
-            self.section_inline(produce)
-        } else {
-            self.section_parallel(produce)
-        };
+        let result = self
+            .store
+            .seek(SeekFrom::Start(pos))
+            .map_err(Error::io("seek in the store"))
+            .and_then(|_| {
+                let out = Output::new(
+                    &mut self.store,
+                    pos,
+                    self.capacity,
+                    &mut self.hasher,
+                    &mut self.counts,
+                );
+                encode::encode_section(out, self.encoding, produce)
+            });
         match result {
-            Ok((raw_len, chunks, end)) => {
+            Ok(EncodedSection {
+                raw_len,
+                chunks,
+                end,
+            }) => {
                 self.sections.push(SectionEntry {
                     name: name.to_string(),
                     kind,
@@ -169,101 +185,6 @@ impl<S: Store> ImageWriter<S> {
                 Err(e)
             }
         }
-    }
-
-    fn output(&mut self) -> Result<Output<'_, S>, Error> {
-        self.store
-            .seek(SeekFrom::Start(self.pos))
-            .map_err(Error::io("seek in the store"))?;
-        Ok(Output {
-            w: BufWriter::with_capacity(1 << 20, &mut self.store),
-            pos: self.pos,
-            capacity: self.capacity,
-            hasher: &mut self.hasher,
-            counts: &mut self.counts,
-        })
-    }
-
-    /// One thread: each chunk is compressed and written before the next.
-    fn section_inline<'a, F>(&mut self, produce: F) -> Result<(u64, u32, u64), Error>
-    where
-        F: FnOnce(&mut ChunkSink<'a, '_>) -> Result<(), Error>,
-    {
-        let chunk_size = self.chunk_size;
-        let pool = Pool::new(4, chunk_size);
-        let mut enc = Encoder::new(self.level, pool.clone())?;
-        let mut out = self.output()?;
-        let mut emit = |index: u32, data: Data<'a>| -> Result<(), Error> {
-            let raw = data.as_slice();
-            let (header, body) = enc.encode(index, raw);
-            out.put(&header, body.as_slice(raw))?;
-            body.recycle(&enc.pool);
-            data.recycle(&enc.pool);
-            Ok(())
-        };
-        let mut sink = ChunkSink::new(chunk_size, pool, &mut emit);
-        produce(&mut sink)?;
-        sink.finish()?;
-        let (raw, chunks) = (sink.raw_len, sink.next);
-        drop(sink);
-        Ok((raw, chunks, out.finish()?))
-    }
-
-    /// Workers compress, a writer thread writes in order, and the calling
-    /// thread produces.
-    fn section_parallel<'a, F>(&mut self, produce: F) -> Result<(u64, u32, u64), Error>
-    where
-        F: FnOnce(&mut ChunkSink<'a, '_>) -> Result<(), Error>,
-    {
-        let (threads, level, chunk_size) = (self.threads, self.level, self.chunk_size);
-        let pool = Pool::new(4 * threads + 8, chunk_size);
-        // Check the level once here, so that workers cannot fail to start.
-        Encoder::new(level, pool.clone())?;
-        let mut out = self.output()?;
-        std::thread::scope(|s| {
-            let worker_pool = pool.clone();
-            let (sub, results) = workers::start(
-                s,
-                threads,
-                move || Encoder::new(level, worker_pool.clone()),
-                |enc: &mut Result<Encoder, Error>, job: (u32, Data<'a>)| {
-                    let (index, data) = job;
-                    match enc {
-                        Ok(enc) => {
-                            let (header, body) = enc.encode(index, data.as_slice());
-                            Ok(Encoded { header, body, data })
-                        }
-                        Err(_) => Err(Error::Internal("a compression context failed")),
-                    }
-                },
-            );
-            let writer_pool = pool.clone();
-            let writer = s.spawn(move || -> Result<u64, Error> {
-                while let Some(r) = results.next() {
-                    let e = r.map_err(|_| Error::Internal("a compression thread died"))??;
-                    out.put(&e.header, e.body.as_slice(e.data.as_slice()))?;
-                    e.body.recycle(&writer_pool);
-                    e.data.recycle(&writer_pool);
-                }
-                out.finish()
-            });
-            let mut emit = move |index: u32, data: Data<'a>| -> Result<(), Error> {
-                sub.submit((index, data))
-                    .map_err(|_| Error::Internal("the store writer stopped"))
-            };
-            let mut sink = ChunkSink::new(chunk_size, pool, &mut emit);
-            let produced = produce(&mut sink).and_then(|()| sink.finish());
-            let (raw, chunks) = (sink.raw_len, sink.next);
-            drop(sink);
-            drop(emit); // closes the queue: workers and writer finish
-            let end = writer
-                .join()
-                .map_err(|_| Error::Internal("the store writer panicked"))?;
-            // A store error (full, say) explains why the producer stopped.
-            let end = end?;
-            produced?;
-            Ok((raw, chunks, end))
-        })
     }
 
     /// Writes the manifest (with the section table) and flushes, then writes
@@ -295,13 +216,13 @@ impl<S: Store> ImageWriter<S> {
             manifest_offset: self.pos.into(),
             manifest_len: (json.len() as u64).into(),
             manifest_crc: crc32c::crc32c(&json).into(),
-            chunk_size: (self.chunk_size as u32).into(),
+            chunk_size: (self.encoding.chunk_size as u32).into(),
             digest: *self.hasher.finalize().as_bytes(),
             reserved: [0; 4004],
             header_crc: 0.into(),
         };
         sb.seal();
-        crate::state::write_superblock(&mut self.store, &sb)?;
+        write_superblock(&mut self.store, &sb)?;
         Ok(WriteSummary {
             total_len: end,
             raw_len: self.sections.iter().map(|s| s.raw_len).sum(),
@@ -312,304 +233,5 @@ impl<S: Store> ImageWriter<S> {
             raw_chunks: self.counts.raw,
             elapsed: self.started.elapsed(),
         })
-    }
-}
-
-/// A chunk's raw bytes: copied out of a file, or borrowed from a blob.
-pub(crate) enum Data<'a> {
-    Owned(Vec<u8>),
-    Borrowed(&'a [u8]),
-}
-
-impl Data<'_> {
-    fn recycle(self, pool: &Pool) {
-        if let Data::Owned(v) = self {
-            pool.put(v);
-        }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Data::Owned(v) => v,
-            Data::Borrowed(b) => b,
-        }
-    }
-}
-
-/// What follows a chunk header in the store.
-enum Body {
-    Zero,
-    Raw,
-    Zstd(Vec<u8>),
-}
-
-impl Body {
-    fn recycle(self, pool: &Pool) {
-        if let Body::Zstd(v) = self {
-            pool.put(v);
-        }
-    }
-
-    fn as_slice<'r>(&'r self, raw: &'r [u8]) -> &'r [u8] {
-        match self {
-            Body::Zero => &[],
-            Body::Raw => raw,
-            Body::Zstd(c) => c,
-        }
-    }
-}
-
-struct Encoded<'a> {
-    header: ChunkHeader,
-    body: Body,
-    /// The raw bytes, which a raw body refers to.
-    data: Data<'a>,
-}
-
-struct Encoder {
-    zstd: zstd::bulk::Compressor<'static>,
-    pool: Pool,
-}
-
-impl Encoder {
-    fn new(level: i32, pool: Pool) -> Result<Encoder, Error> {
-        let zstd = zstd::bulk::Compressor::new(level)
-            .map_err(Error::io(format!("set up zstd at level {level}")))?;
-        Ok(Encoder { zstd, pool })
-    }
-
-    fn encode(&mut self, index: u32, raw: &[u8]) -> (ChunkHeader, Body) {
-        let raw_len = raw.len() as u32;
-        if is_zero(raw) {
-            return (
-                ChunkHeader::new(CHUNK_ZERO, index, raw_len, &[]),
-                Body::Zero,
-            );
-        }
-        // Room for no more than the raw bytes: when zstd needs more, it
-        // fails and the chunk is stored raw.
-        let mut out = self.pool.get(raw.len());
-        match self.zstd.compress_to_buffer(raw, &mut out) {
-            Ok(n) if n < raw.len() => {
-                let h = ChunkHeader::new(CHUNK_ZSTD, index, raw_len, &out);
-                (h, Body::Zstd(out))
-            }
-            _ => {
-                self.pool.put(out);
-                (ChunkHeader::new(CHUNK_RAW, index, raw_len, raw), Body::Raw)
-            }
-        }
-    }
-}
-
-/// True when every byte is zero; checks 64 bytes at a time, which the
-/// compiler turns into a few vector instructions.
-pub(crate) fn is_zero(bytes: &[u8]) -> bool {
-    let mut blocks = bytes.chunks_exact(64);
-    for b in &mut blocks {
-        if b.iter().fold(0u8, |acc, &x| acc | x) != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|&b| b == 0)
-}
-
-/// Writes encoded chunks at the end of the image, in order.
-struct Output<'s, S: Store> {
-    w: BufWriter<&'s mut S>,
-    pos: u64,
-    capacity: u64,
-    hasher: &'s mut blake3::Hasher,
-    counts: &'s mut Counts,
-}
-
-impl<S: Store> Output<'_, S> {
-    fn put(&mut self, header: &ChunkHeader, body: &[u8]) -> Result<(), Error> {
-        let end = self.pos + (CHUNK_HEADER_LEN + body.len()) as u64;
-        if end > self.capacity {
-            return Err(Error::StoreTooSmall {
-                needed: end,
-                capacity: self.capacity,
-            });
-        }
-        let io = |source| Error::Io {
-            what: format!("write the store at offset {}", self.pos),
-            source,
-        };
-        self.w.write_all(header.as_bytes()).map_err(io)?;
-        self.w.write_all(body).map_err(io)?;
-        self.hasher.update(header.as_bytes());
-        self.hasher.update(body);
-        self.counts.chunks += 1;
-        match header.kind {
-            CHUNK_ZERO => self.counts.zero += 1,
-            CHUNK_RAW => self.counts.raw += 1,
-            _ => {}
-        }
-        self.pos = end;
-        Ok(())
-    }
-
-    fn finish(mut self) -> Result<u64, Error> {
-        self.w.flush().map_err(Error::io("write the store"))?;
-        Ok(self.pos)
-    }
-}
-
-type Emit<'a, 'e> = dyn FnMut(u32, Data<'a>) -> Result<(), Error> + 'e;
-
-/// Cuts a section's stream into chunks and hands each to `emit`.
-pub(crate) struct ChunkSink<'a, 'e> {
-    buf: Vec<u8>,
-    size: usize,
-    next: u32,
-    raw_len: u64,
-    pool: Pool,
-    emit: &'e mut Emit<'a, 'e>,
-}
-
-impl<'a, 'e> ChunkSink<'a, 'e> {
-    fn new(size: usize, pool: Pool, emit: &'e mut Emit<'a, 'e>) -> Self {
-        ChunkSink {
-            buf: Vec::new(),
-            size,
-            next: 0,
-            raw_len: 0,
-            pool,
-            emit,
-        }
-    }
-
-    fn emit(&mut self, data: Data<'a>) -> Result<(), Error> {
-        let index = self.next;
-        self.next = index
-            .checked_add(1)
-            .ok_or(Error::Internal("more than 2^32 chunks in a section"))?;
-        self.raw_len += data.as_slice().len() as u64;
-        (self.emit)(index, data)
-    }
-
-    fn emit_buffered(&mut self) -> Result<(), Error> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let full = std::mem::take(&mut self.buf);
-        self.emit(Data::Owned(full))
-    }
-
-    /// The buffer being filled, made once it is needed.
-    fn buffer(&mut self) -> &mut Vec<u8> {
-        if self.buf.capacity() == 0 {
-            self.buf = self.pool.get(self.size);
-        }
-        &mut self.buf
-    }
-
-    pub(crate) fn write(&mut self, mut data: &[u8]) -> Result<(), Error> {
-        while !data.is_empty() {
-            let n = data.len().min(self.size - self.buf.len());
-            self.buffer().extend_from_slice(&data[..n]);
-            data = &data[n..];
-            if self.buf.len() == self.size {
-                self.emit_buffered()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Bytes that outlive the section: chunks borrow them, no copy.
-    pub(crate) fn write_borrowed(&mut self, data: &'a [u8]) -> Result<(), Error> {
-        if !self.buf.is_empty() {
-            return self.write(data);
-        }
-        for chunk in data.chunks(self.size) {
-            self.emit(Data::Borrowed(chunk))?;
-        }
-        Ok(())
-    }
-
-    /// Exactly `len` bytes from `r`, read straight into chunk buffers.
-    pub(crate) fn read_from(
-        &mut self,
-        r: &mut dyn Read,
-        mut len: u64,
-        path: &Path,
-    ) -> Result<(), Error> {
-        while len > 0 {
-            let start = self.buf.len();
-            let want = (self.size - start).min(len.min(usize::MAX as u64) as usize);
-            self.buffer().resize(start + want, 0);
-            let mut got = 0;
-            while got < want {
-                match r.read(&mut self.buf[start + got..start + want]) {
-                    Ok(0) => {
-                        return Err(Error::Io {
-                            what: format!("read {}", path.display()),
-                            source: io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "the file shrank while it was being read",
-                            ),
-                        })
-                    }
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(source) => {
-                        return Err(Error::Io {
-                            what: format!("read {}", path.display()),
-                            source,
-                        })
-                    }
-                }
-            }
-            len -= want as u64;
-            if self.buf.len() == self.size {
-                self.emit_buffered()?;
-            }
-        }
-        Ok(())
-    }
-
-    fn finish(&mut self) -> Result<(), Error> {
-        self.emit_buffered()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zero_detection_sees_a_single_set_byte_anywhere() {
-        for len in [0, 1, 63, 64, 65, 4096, 4099] {
-            let mut v = vec![0u8; len];
-            assert!(is_zero(&v));
-            for i in 0..len {
-                v[i] = 1;
-                assert!(!is_zero(&v), "len {len} byte {i}");
-                v[i] = 0;
-            }
-        }
-    }
-
-    #[test]
-    fn encoder_picks_zero_zstd_or_raw() {
-        let mut enc = Encoder::new(1, Pool::new(1, 4096)).unwrap();
-        let (h, b) = enc.encode(0, &[0u8; 8192]);
-        assert_eq!((h.kind, b.as_slice(&[]).len()), (CHUNK_ZERO, 0));
-        let (h, _) = enc.encode(1, &[7u8; 8192]);
-        assert_eq!(h.kind, CHUNK_ZSTD);
-        assert!(h.stored_len.get() < 100);
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let random: Vec<u8> = (0..8192)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x >> 24) as u8
-            })
-            .collect();
-        let (h, _) = enc.encode(2, &random);
-        assert_eq!(h.kind, CHUNK_RAW);
-        assert_eq!(h.stored_len.get(), 8192);
     }
 }

@@ -555,6 +555,12 @@ fn every_error_message_is_distinct() {
             section: "s".into(),
         }
         .to_string(),
+        Error::BlobTooLarge {
+            section: "s".into(),
+            raw_len: 2,
+            limit: 1,
+        }
+        .to_string(),
     ];
     let unique: std::collections::BTreeSet<_> = errors.iter().collect();
     assert_eq!(unique.len(), errors.len());

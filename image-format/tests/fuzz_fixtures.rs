@@ -10,6 +10,9 @@ use std::fs;
 use std::path::Path;
 
 use common::{build, image_in_vec, opts, Node, Rng};
+use image_format::format::{MAX_BLOB, MAX_CHUNK};
+use image_format::testing::{exercise, zero_blob_image};
+use image_format::Error;
 
 fn replay(dir: &Path) -> usize {
     let scratch = tempfile::tempdir().unwrap();
@@ -38,7 +41,32 @@ fn fuzzer_findings_and_seeds_are_handled() {
     assert!(seeds >= 4, "the fuzz seeds are missing");
 }
 
-/// Valid small images to start fuzzing from; each in both modes.
+#[test]
+fn the_harness_reads_large_sections_under_the_production_caps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let scratch = tmp.path().join("x");
+    // A blob above the cap: read_blob itself refuses it.
+    let bytes = zero_blob_image("big", MAX_CHUNK, MAX_BLOB + 1);
+    let e = exercise(&bytes, 1, &scratch).unwrap_err();
+    assert!(matches!(e, Error::BlobTooLarge { .. }), "{e}");
+    // A tree holding a (sparse) file well above 64 MiB is extracted.
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    fs::File::create(src.join("big"))
+        .unwrap()
+        .set_len(100 << 20)
+        .unwrap();
+    let mut bytes = Vec::new();
+    image_in_vec(&mut bytes, opts(2, 1 << 20), |w| {
+        w.add_tree("t", &src).unwrap()
+    });
+    exercise(&bytes, 2, &scratch).unwrap();
+    assert_eq!(fs::metadata(scratch.join("big")).unwrap().len(), 100 << 20);
+}
+
+/// Valid small images to start fuzzing from, and two large ones (a blob
+/// claiming more than MAX_BLOB, a tree holding a 100 MiB sparse file); each
+/// in every mode.
 #[test]
 #[ignore = "writes fuzz/seeds; run by hand"]
 fn write_fuzz_seeds() {
@@ -89,6 +117,21 @@ fn write_fuzz_seeds() {
                 w.add_blob("z", &[0u8; 5000]).unwrap();
                 w.add_blob("r", &r.bytes(300)).unwrap();
                 w.add_blob("c", &b"x".repeat(5000)).unwrap();
+            });
+            b
+        }),
+        ("bigblob", zero_blob_image("big", MAX_CHUNK, MAX_BLOB + 1)),
+        ("bigtree", {
+            let sparse = tmp.path().join("sparse");
+            fs::create_dir(&sparse).unwrap();
+            fs::File::create(sparse.join("big"))
+                .unwrap()
+                .set_len(100 << 20)
+                .unwrap();
+            let mut b = Vec::new();
+            // 1 MiB chunks: mostly zero chunks, two small zstd ones.
+            image_in_vec(&mut b, opts(1, 1 << 20), |w| {
+                w.add_tree("t", &sparse).unwrap()
             });
             b
         }),

@@ -178,8 +178,10 @@ fn main_role(log: String, mib: usize, dir: String, tick: u64) {
             put_slot(&file, 0, n) && get_slot(&file, 0) == Some(n) && pattern_ok(&file, want);
         let shm_ok = put_slot(&shm, 0, n) && pattern_ok(&shm, want);
         let theirs = get_slot(&shm, 1).map_or("BAD".into(), |v| v.to_string());
+        // The line is stamped with the boot it is written in, which a kexec
+        // between here and the write makes newer than `checked_in`.
         out.tick_or_die(&format!(
-            "private_mib={mib} chunk={i} private={} full={} memfd={} shm={} file={} mine={n} theirs={theirs} shm_name={name} file_path={path}",
+            "private_mib={mib} chunk={i} private={} full={} checked_in={last_boot} memfd={} shm={} file={} mine={n} theirs={theirs} shm_name={name} file_path={path}",
             ok(private),
             if full { ok(private) } else { "-" },
             ok(memfd_ok),
