@@ -954,6 +954,7 @@ mod tests {
             tcp_established: tcp,
             memory_bytes: 100 << 20,
             shell_job: false,
+            job_control: false,
             runtime_paths: vec![],
         }
     }

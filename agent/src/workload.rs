@@ -31,6 +31,9 @@ pub struct Workload {
     /// Its root does not lead its session, whose leader has exited (a
     /// daemon that forked after `setsid`): CRIU takes it as a shell job.
     pub shell_job: bool,
+    /// A process of it has a controlling terminal: restored running (see
+    /// [`contract::WorkloadEntry::job_control`]).
+    pub job_control: bool,
     /// Runtime state on tmpfs mounts that the config declares for it.
     pub runtime_paths: Vec<PathBuf>,
 }
@@ -47,6 +50,7 @@ impl Workload {
             tcp_established: self.tcp_established,
             pid_namespace: self.pid_namespace,
             shell_job: self.shell_job,
+            job_control: self.job_control,
         }
     }
 }
@@ -108,6 +112,9 @@ pub fn inspect_in(proc: &Proc, name: &str, cgroup: &Path) -> Result<Workload, Er
     let memory_bytes = cgroup::memory_current(cgroup)
         .unwrap_or_else(|| pids.iter().map(|p| proc.rss_bytes(*p)).sum());
     let shell_job = proc.stat(root_pid).is_some_and(|s| s.session != root_pid);
+    let job_control = pids
+        .iter()
+        .any(|p| proc.stat(*p).is_some_and(|s| s.tty_nr != 0));
     Ok(Workload {
         name: name.into(),
         cgroup: cgroup.into(),
@@ -118,6 +125,7 @@ pub fn inspect_in(proc: &Proc, name: &str, cgroup: &Path) -> Result<Workload, Er
         ipc_namespace,
         memory_bytes,
         shell_job,
+        job_control,
         runtime_paths: Vec::new(),
     })
 }
@@ -282,6 +290,7 @@ mod tests {
                 tcp_established: true,
                 memory_bytes: 8 << 20,
                 shell_job: false,
+                job_control: false,
                 runtime_paths: vec![],
             }
         );
@@ -305,6 +314,25 @@ mod tests {
         fake.add(Process::new(101, "daemon"));
         let w = inspect_in(&fake.proc(), "w", &cg).unwrap();
         assert!(!w.shell_job && !w.entry().shell_job);
+    }
+
+    #[test]
+    fn a_tree_with_a_controlling_terminal_has_job_control() {
+        // A shell leading its session on /dev/pts/0, and its terminal
+        // program (the master's holder) without one.
+        let fake = FakeProc::new();
+        fake.add(Process::new(101, "sh").controlling_pty(0));
+        fake.add(Process::new(102, "term").parent(101).pty_master(3, 0));
+        let cgroups = tempfile::tempdir().unwrap();
+        let cg = cgroup_with(cgroups.path(), "101\n102\n");
+        let w = inspect_in(&fake.proc(), "w", &cg).unwrap();
+        assert!(w.job_control && w.entry().job_control);
+        // No process with a controlling terminal: none.
+        let fake = FakeProc::new();
+        fake.add(Process::new(101, "sh"));
+        fake.add(Process::new(102, "term").parent(101).pty_master(3, 0));
+        let w = inspect_in(&fake.proc(), "w", &cg).unwrap();
+        assert!(!w.job_control && !w.entry().job_control);
     }
 
     #[test]

@@ -82,11 +82,14 @@ impl Checkpoint<'_> {
         let mut a = self.common("restore");
         // Re-parented to PID 1, which becomes the real init.
         a.push("--restore-detached".into());
-        if !self.workload.shell_job {
+        if !self.workload.shell_job && !self.workload.job_control {
             // Stopped, so that kupgrade-init can fix their timers before
             // they run; but never a shell job: its process group is
             // orphaned once CRIU exits (init becomes the parent), and the
             // kernel sends an orphaned group with stopped members SIGHUP.
+            // Nor a tree on a terminal: a job-control shell is told of its
+            // jobs' stop and continue, and an interactive busybox sh then
+            // ends its session.
             a.push("--leave-stopped".into());
         }
         a.extend(paired(self.workload).into_iter().map(String::from));
@@ -108,6 +111,7 @@ mod tests {
             tcp_established: tcp,
             pid_namespace: false,
             shell_job: false,
+            job_control: false,
         }
     }
 
@@ -193,6 +197,29 @@ mod tests {
         let c = Checkpoint { workload: &w, ..c };
         assert!(!c.dump_args().iter().any(|a| a == "--shell-job"));
         assert!(!c.restore_args().iter().any(|a| a == "--shell-job"));
+    }
+
+    /// A tree on a terminal is restored running (a job-control shell would
+    /// see its jobs stop and continue), and is no shell job for it.
+    #[test]
+    fn a_tree_on_a_terminal_is_not_left_stopped_by_the_restore() {
+        let w = WorkloadEntry {
+            job_control: true,
+            ..entry(false)
+        };
+        let c = Checkpoint {
+            workload: &w,
+            images_dir: Path::new("/d"),
+            log: Path::new("/l"),
+        };
+        let (dump, restore) = (c.dump_args(), c.restore_args());
+        assert!(!restore.iter().any(|a| a == "--leave-stopped"));
+        assert!(!restore.iter().any(|a| a == "--shell-job"));
+        assert!(!dump.iter().any(|a| a == "--shell-job"));
+        assert!(dump.iter().any(|a| a == "--leave-stopped"));
+        let w = entry(false);
+        let restore = Checkpoint { workload: &w, ..c }.restore_args();
+        assert!(restore.iter().any(|a| a == "--leave-stopped"));
     }
 
     #[test]

@@ -114,6 +114,7 @@ fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
         tcp_established: tcp,
         pid_namespace: false,
         shell_job: false,
+        job_control: false,
     }
 }
 
