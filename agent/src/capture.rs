@@ -1,16 +1,17 @@
 //! Captures the device and system state CRIU does not carry by itself:
 //! interfaces and routes (from `ip -json`), the hostname, an RNG seed, and
-//! the tmpfs files the workloads hold open or mapped.
+//! the workloads' runtime state on tmpfs mounts ([`runstate`]).
 
 use std::fs;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use contract::devstate::{Address, DeviceState, Family, Interface, Route, TmpfsMount};
 use serde_json::Value;
 
-use crate::proc;
+use crate::proc::Proc;
+use crate::runstate;
 use crate::workload::Workload;
 
 #[derive(Debug, thiserror::Error)]
@@ -23,12 +24,8 @@ pub enum Error {
     },
     #[error("`ip {args}` failed or printed no JSON: {message}")]
     IpOutput { args: String, message: String },
-    #[error("cannot copy tmpfs file {path}")]
-    Copy {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("runtime state on tmpfs")]
+    Runtime(#[from] runstate::Error),
 }
 
 fn ip_json(args: &[&str]) -> Result<Value, Error> {
@@ -126,94 +123,30 @@ pub fn parse_routes(v: &Value, family: Family) -> Vec<Route> {
         .collect()
 }
 
-/// tmpfs mount points and their options, from `/proc/self/mountinfo`.
-pub fn tmpfs_mounts(mountinfo: &str) -> Vec<TmpfsMount> {
-    mountinfo
-        .lines()
-        .filter_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            let mut r = right.split_whitespace();
-            let fstype = r.next()?;
-            let _source = r.next()?;
-            let super_opts = r.next().unwrap_or("");
-            let path = left.split_whitespace().nth(4)?;
-            (fstype == "tmpfs").then(|| TmpfsMount {
-                path: unescape_mount_path(path),
-                options: super_opts
-                    .split(',')
-                    .filter(|o| *o != "rw" && *o != "ro")
-                    .collect::<Vec<_>>()
-                    .join(","),
-            })
-        })
-        .collect()
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mount_path(p: &str) -> String {
-    p.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
-}
-
-/// The tmpfs mount holding `path`, the deepest one.
-fn tmpfs_of<'a>(path: &str, mounts: &'a [TmpfsMount]) -> Option<&'a TmpfsMount> {
-    mounts
-        .iter()
-        .filter(|m| {
-            path == m.path || path.starts_with(&format!("{}/", m.path.trim_end_matches('/')))
-        })
-        .max_by_key(|m| m.path.len())
-}
-
-/// Copies the tmpfs files the workloads have open or mapped into `dest`
-/// (at their absolute path below it) and returns the tmpfs mounts involved.
-/// `skip` is kupgrade's own scratch space.
+/// Copies the workloads' runtime state on tmpfs mounts into `dest` (at
+/// its absolute path below it) and returns the tmpfs mounts it needs (see
+/// [`runstate`]). `skip` is kupgrade's own scratch space.
 pub fn tmpfs_files(
     workloads: &[Workload],
     dest: &Path,
     skip: &Path,
 ) -> Result<Vec<TmpfsMount>, Error> {
-    let mounts = tmpfs_mounts(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
-    let mut used: Vec<TmpfsMount> = Vec::new();
-    let mut paths: Vec<String> = Vec::new();
-    for w in workloads {
-        for &pid in &w.pids {
-            paths.extend(proc::fds(pid).into_iter().map(|(_, l)| l));
-            paths.extend(proc::mapped_files(pid));
-        }
-    }
-    paths.sort();
-    paths.dedup();
-    for p in paths {
-        // Deleted files are CRIU's business (it keeps their content itself).
-        if !p.starts_with('/') || p.ends_with(" (deleted)") || Path::new(&p).starts_with(skip) {
-            continue;
-        }
-        let Some(m) = tmpfs_of(&p, &mounts) else {
-            continue;
-        };
-        let src = Path::new(&p);
-        if !src.is_file() {
-            continue;
-        }
-        let to = dest.join(p.trim_start_matches('/'));
-        if let Some(parent) = to.parent() {
-            fs::create_dir_all(parent).map_err(|source| Error::Copy {
-                path: src.into(),
-                source,
-            })?;
-        }
-        fs::copy(src, &to).map_err(|source| Error::Copy {
-            path: src.into(),
-            source,
-        })?;
-        if !used.contains(m) {
-            used.push(m.clone());
-        }
-    }
-    Ok(used)
+    let proc = Proc::host();
+    let places = runstate::Places {
+        run_dir: Path::new("/run"),
+        skip,
+    };
+    let plan = runstate::plan(&proc, workloads, &places);
+    runstate::copy(&proc, &plan, dest)?;
+    Ok(plan.mounts)
+}
+
+/// The options of the devpts the terminals live on, `/dev/pts`.
+pub fn devpts_options(mountinfo: &str) -> Option<String> {
+    let mounts = runstate::mounts(mountinfo);
+    runstate::mount_of("/dev/pts/0", &mounts)
+        .filter(|m| m.fstype == "devpts")
+        .map(|m| m.options.clone())
 }
 
 pub fn rng_seed() -> Vec<u8> {
@@ -244,6 +177,7 @@ pub fn system_state() -> Result<DeviceState, Error> {
         routes,
         network_locks: Vec::new(),
         tmpfs_mounts: Vec::new(),
+        devpts_options: devpts_options(&Proc::host().mountinfo()),
         rng_seed: rng_seed(),
     })
 }
@@ -272,6 +206,21 @@ mod tests {
     }
 
     #[test]
+    fn devpts_options_are_those_of_the_visible_devpts() {
+        let mi = "24 27 0:6 / /dev rw - devtmpfs devtmpfs rw,mode=755\n\
+                  26 24 0:24 / /dev/pts rw - devpts devpts rw,mode=600,ptmxmode=000\n\
+                  29 26 0:26 / /dev/pts rw - devpts devpts rw,gid=5,mode=620,ptmxmode=666\n";
+        assert_eq!(
+            devpts_options(mi).as_deref(),
+            Some("gid=5,mode=620,ptmxmode=666")
+        );
+        assert_eq!(
+            devpts_options("24 27 0:6 / /dev rw - devtmpfs devtmpfs rw\n"),
+            None
+        );
+    }
+
+    #[test]
     fn routes_skip_kernel_made_ones() {
         let v: Value = serde_json::from_str(r#"[
           {"dst":"default","gateway":"10.0.2.2","dev":"eth0","flags":[]},
@@ -281,25 +230,5 @@ mod tests {
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].dst, "default");
         assert_eq!(r[0].gateway.as_deref(), Some("10.0.2.2"));
-    }
-
-    #[test]
-    fn tmpfs_mounts_come_from_mountinfo_with_their_options() {
-        let mi = "22 1 254:0 / / rw,relatime - ext4 /dev/vda rw\n\
-                  25 22 0:21 / /run rw,nosuid,nodev - tmpfs tmpfs rw,size=100k,mode=755\n\
-                  26 25 0:22 / /run/my\\040dir rw - tmpfs tmpfs rw,mode=700\n";
-        let m = tmpfs_mounts(mi);
-        assert_eq!(m.len(), 2);
-        assert_eq!(
-            m[0],
-            TmpfsMount {
-                path: "/run".into(),
-                options: "size=100k,mode=755".into()
-            }
-        );
-        assert_eq!(m[1].path, "/run/my dir");
-        assert_eq!(tmpfs_of("/run/my dir/x", &m).unwrap().path, "/run/my dir");
-        assert_eq!(tmpfs_of("/run/x", &m).unwrap().path, "/run");
-        assert!(tmpfs_of("/running", &m).is_none());
     }
 }

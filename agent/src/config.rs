@@ -28,17 +28,48 @@ pub struct Config {
     /// How long one workload's `criu dump` may take before it is killed and
     /// the upgrade aborted: the workloads are frozen meanwhile.
     pub dump_timeout_s: u64,
-    /// Workloads started by other means, named by their cgroup.
+    /// Workloads started by other means, named by their cgroup, and what
+    /// the config adds to those `kupgrade launch` started.
     #[serde(rename = "workload")]
     pub workloads: Vec<DeclaredWorkload>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DeclaredWorkload {
     pub name: String,
-    /// Absolute (`/sys/fs/cgroup/...`) or relative to the cgroup2 root.
-    pub cgroup: PathBuf,
+    /// Absolute (`/sys/fs/cgroup/...`) or relative to the cgroup2 root;
+    /// without it, the entry is about the workload `kupgrade launch NAME`
+    /// started.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// Files and directories on tmpfs mounts that belong to the workload and
+    /// that kupgrade cannot find by itself (it finds what the workload holds
+    /// open, its pid files, `/run/NAME` and its unix sockets' directories):
+    /// carried across the upgrade with their owner, group and mode.
+    #[serde(default)]
+    pub runtime_paths: Vec<PathBuf>,
+}
+
+impl DeclaredWorkload {
+    /// Why a runtime path is refused: absolute, plain names, not `/`.
+    fn check_runtime_paths(&self) -> Result<(), String> {
+        for p in &self.runtime_paths {
+            let text = p.to_string_lossy();
+            let plain = text.strip_prefix('/').is_some_and(|rest| {
+                rest.split('/')
+                    .all(|name| !name.is_empty() && name != "." && name != "..")
+            });
+            if !plain {
+                return Err(format!(
+                    "workload {}: runtime path {} must be an absolute path below / without `.` or `..`",
+                    self.name,
+                    p.display()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -94,6 +125,13 @@ impl Config {
         }
     }
 
+    /// The config's entry for the workload `kupgrade launch` started as `name`.
+    pub fn launched(&self, name: &str) -> Option<&DeclaredWorkload> {
+        self.workloads
+            .iter()
+            .find(|w| w.cgroup.is_none() && w.name == name)
+    }
+
     /// What is wrong with the values, each as a sentence for the user.
     fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -129,24 +167,28 @@ impl Config {
             out.push("dump_timeout_s = 0: give CRIU time to dump, e.g. 300".into());
         }
         let mut seen: Vec<(&str, PathBuf)> = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
         for w in &self.workloads {
+            if let Err(why) = w.check_runtime_paths() {
+                out.push(why);
+            }
             if !crate::launch::valid_name(&w.name) {
                 out.push(format!(
                     "workload name {:?}: use letters, digits, '-' and '_' (at most 64): it names files and directories",
                     w.name
                 ));
             }
-            if seen.iter().any(|(n, _)| *n == w.name) {
+            if names.contains(&w.name.as_str()) {
                 out.push(format!(
                     "two workloads are named {:?}: their checkpoints would share a directory; rename one",
                     w.name
                 ));
             }
-            match declared_cgroup(&w.cgroup) {
-                Err(why) => out.push(format!(
-                    "workload {:?}: cgroup {:?} {why}",
-                    w.name, w.cgroup
-                )),
+            names.push(&w.name);
+            // Without a cgroup, the entry adds to a launched workload.
+            let Some(cgroup) = &w.cgroup else { continue };
+            match declared_cgroup(cgroup) {
+                Err(why) => out.push(format!("workload {:?}: cgroup {:?} {why}", w.name, cgroup)),
                 Ok(cg) => {
                     for (other, other_cg) in &seen {
                         let (inner, outer) = if cg.starts_with(other_cg) {
@@ -227,8 +269,42 @@ mod tests {
         assert_eq!(c.store, "file:/var/img");
         assert_eq!(
             c.workloads[0].cgroup,
-            PathBuf::from("system.slice/pg.service")
+            Some(PathBuf::from("system.slice/pg.service"))
         );
+        assert!(c.workloads[0].runtime_paths.is_empty());
+    }
+
+    #[test]
+    fn runtime_paths_parse_for_declared_and_launched_workloads() {
+        let c = Config::parse(
+            "[[workload]]\nname = \"db\"\ncgroup = \"system.slice/pg.service\"\nruntime_paths = [\"/run/postgresql\", \"/dev/shm/PostgreSQL.1\"]\n\
+             [[workload]]\nname = \"web\"\nruntime_paths = [\"/run/web\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.workloads[0].runtime_paths,
+            [
+                PathBuf::from("/run/postgresql"),
+                PathBuf::from("/dev/shm/PostgreSQL.1")
+            ]
+        );
+        assert_eq!(
+            c.launched("web").map(|w| &w.runtime_paths),
+            Some(&vec![PathBuf::from("/run/web")])
+        );
+        // A declared workload is not a launched one of the same name.
+        assert_eq!(c.launched("db"), None);
+    }
+
+    #[test]
+    fn runtime_paths_must_be_absolute_and_plain() {
+        for bad in ["run/x", "/run/../etc", "/run/./x", "/", "/run//x/.."] {
+            let text = format!("[[workload]]\nname = \"w\"\nruntime_paths = [\"{bad}\"]\n");
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.contains("runtime path"), "{bad}: {err}");
+        }
+        let ok = "[[workload]]\nname = \"w\"\nruntime_paths = [\"/run/w/sub dir\"]\n";
+        assert!(Config::parse(ok).is_ok());
     }
 
     /// The config with `line` added, refused: the message says what is

@@ -371,6 +371,7 @@ mod tests {
             ipc_namespace: false,
             tcp_established: tcp,
             memory_bytes: 0,
+            ..Workload::default()
         }
     }
 

@@ -17,6 +17,7 @@ pub mod realsys;
 pub mod refusal;
 pub mod remount;
 pub mod report;
+pub mod runstate;
 pub mod stage;
 pub mod store;
 pub mod target;

@@ -198,6 +198,7 @@ mod tests {
             ipc_namespace: false,
             tcp_established: false,
             memory_bytes: 0,
+            ..Workload::default()
         };
         let ports = listening_ports(std::slice::from_ref(&me));
         assert_eq!(ports.get(&port), Some(&"me".to_string()));

@@ -641,6 +641,7 @@ pub(crate) mod fake {
             ipc_namespace: false,
             tcp_established: tcp,
             memory_bytes: 1 << 20,
+            ..Workload::default()
         }
     }
 

@@ -953,6 +953,9 @@ mod tests {
             ipc_namespace: false,
             tcp_established: tcp,
             memory_bytes: 100 << 20,
+            shell_job: false,
+            job_control: false,
+            runtime_paths: vec![],
         }
     }
 

@@ -73,6 +73,10 @@ pub struct Stat {
     pub ppid: i32,
     pub pgrp: i32,
     pub session: i32,
+    /// The controlling terminal's device number, 0 for none.
+    pub tty_nr: u32,
+    /// The process group in the foreground of that terminal, -1 for none.
+    pub tpgid: i32,
 }
 
 impl Stat {
@@ -90,7 +94,23 @@ pub fn parse_stat(stat: &str) -> Option<Stat> {
         ppid: f.next()?.parse().ok()?,
         pgrp: f.next()?.parse().ok()?,
         session: f.next()?.parse().ok()?,
+        // Printed as a signed int; the bits are the device number.
+        tty_nr: f.next()?.parse::<i32>().ok()? as u32,
+        tpgid: f.next()?.parse().ok()?,
     })
+}
+
+/// Majors of the pseudo-terminal slaves `/dev/pts/N` (UNIX98_PTY_SLAVE_MAJOR
+/// and the seven after it).
+const PTS_MAJORS: std::ops::Range<u32> = 136..144;
+
+/// The index N of `/dev/pts/N` if `dev` (as `stat` gives `tty_nr`) is one.
+pub fn pts_index(dev: u32) -> Option<u32> {
+    let major = (dev >> 8) & 0xfff;
+    let minor = (dev & 0xff) | ((dev >> 12) & 0xfff00);
+    PTS_MAJORS
+        .contains(&major)
+        .then(|| (major - PTS_MAJORS.start) * 256 + minor)
 }
 
 pub fn parse_status_field(status: &str, key: &str) -> Option<String> {
@@ -222,6 +242,25 @@ impl Proc {
             .collect()
     }
 
+    /// Where the file open as `fd` can be read, whatever its path has become
+    /// since (a magic link in the kernel's `/proc`, followed by no path).
+    pub fn fd_path(&self, pid: i32, fd: i32) -> PathBuf {
+        self.of(pid, &format!("fd/{fd}"))
+    }
+
+    /// `/proc/PID/fdinfo/FD`.
+    pub fn fdinfo(&self, pid: i32, fd: i32) -> Option<String> {
+        fs::read_to_string(self.of(pid, &format!("fdinfo/{fd}"))).ok()
+    }
+
+    /// The index N of the pseudo-terminal whose master `fd` is (the
+    /// kernel prints `tty-index` in the fdinfo of a `/dev/ptmx` file).
+    pub fn pty_index(&self, pid: i32, fd: i32) -> Option<u32> {
+        parse_status_field(&self.fdinfo(pid, fd)?, "tty-index")?
+            .parse()
+            .ok()
+    }
+
     /// Every process of the tree.
     pub fn all_pids(&self) -> Vec<i32> {
         numbered(&self.root)
@@ -229,18 +268,42 @@ impl Proc {
 
     /// Paths of the files mapped into the process (`/proc/PID/maps`).
     pub fn mapped_files(&self, pid: i32) -> Vec<String> {
-        let text = fs::read_to_string(self.of(pid, "maps")).unwrap_or_default();
-        let mut v: Vec<String> = text
-            .lines()
-            .filter_map(|l| {
-                // address perms offset dev inode path (the path may hold spaces)
-                let path = l.splitn(6, char::is_whitespace).nth(5)?.trim();
-                path.starts_with('/').then(|| path.to_string())
-            })
-            .collect();
+        let mut v: Vec<String> = self.mappings(pid).into_iter().map(|(_, p)| p).collect();
         v.sort();
         v.dedup();
         v
+    }
+
+    /// (address range, path) of each file mapping, in the order of the maps.
+    pub fn mappings(&self, pid: i32) -> Vec<(String, String)> {
+        let text = fs::read_to_string(self.of(pid, "maps")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                // address perms offset dev inode path (the path may hold spaces)
+                let mut f = l.splitn(6, char::is_whitespace);
+                let range = f.next()?;
+                let path = f.nth(4)?.trim();
+                path.starts_with('/')
+                    .then(|| (range.to_string(), path.to_string()))
+            })
+            .collect()
+    }
+
+    /// Where the file mapped at `range` can be read, whatever its path has
+    /// become (`/proc/PID/map_files/RANGE`, readable by root only).
+    pub fn map_file_path(&self, pid: i32, range: &str) -> PathBuf {
+        self.of(pid, &format!("map_files/{range}"))
+    }
+
+    /// The file name of the program the process runs.
+    pub fn exe_name(&self, pid: i32) -> Option<String> {
+        let exe = fs::read_link(self.of(pid, "exe")).ok()?;
+        Some(exe.file_name()?.to_string_lossy().into_owned())
+    }
+
+    /// The mounts the reader sees, as `/proc/self/mountinfo` lists them.
+    pub fn mountinfo(&self) -> String {
+        fs::read_to_string(self.root.join("self/mountinfo")).unwrap_or_default()
     }
 
     /// The namespace a process is in, e.g. `net:[4026531840]`.
@@ -357,9 +420,15 @@ mod tests {
         );
         assert_eq!((t[0].local_port, t[1].local_port), (8080, 7000));
         assert_eq!(socket_inode("socket:[99]"), Some(99));
-        let stat = parse_stat("42 (a b) c) S 1 40 39 0 -1").unwrap();
-        assert_eq!((stat.pgrp, stat.session), (40, 39));
+        let stat = parse_stat("42 (a b) c) S 1 40 39 34816 41").unwrap();
+        assert_eq!((stat.pgrp, stat.session, stat.tpgid), (40, 39, 41));
+        // 34816 = major 136, minor 0: /dev/pts/0.
+        assert_eq!(pts_index(stat.tty_nr), Some(0));
         assert_eq!((stat.state, stat.ppid), ('S', 1));
+        assert_eq!(pts_index(0), None);
+        // /dev/pts/300: major 137, minor 44; /dev/tty1 is major 4.
+        assert_eq!(pts_index((137 << 8) | 44), Some(300));
+        assert_eq!(pts_index((4 << 8) | 1), None);
         assert!(parse_stat("42 (a b) c) Z 1 40 39 0 -1")
             .unwrap()
             .has_exited());
@@ -410,7 +479,9 @@ mod tests {
                 state: 'S',
                 ppid: 7,
                 pgrp: 39,
-                session: 38
+                session: 38,
+                tty_nr: 0,
+                tpgid: -1
             })
         );
         assert_eq!(p.comm(40), "daemon");

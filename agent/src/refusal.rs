@@ -2,9 +2,16 @@
 //! is frozen: the kinds of refusal, the checks that find them, and the
 //! sentence the user reads for each.
 //!
-//! The checks read a [`Host`]: a `/proc` tree, the kernel's table of unix
-//! socket peers and the file type of `/dev` paths. [`LiveHost`] is the
-//! running system; the tests give a fake `/proc` and fake tables.
+//! The checks read a [`Host`]: a `/proc` tree (with its mount table), the
+//! kernel's table of unix socket peers and the file types of paths.
+//! [`LiveHost`] is the running system; the tests give a fake `/proc` and
+//! fake tables.
+//!
+//! What the restore on the new kernel would find missing is refused here
+//! too, before anything is frozen: a terminal whose other end stays behind,
+//! a file or a socket's directory on an in-memory file system that kupgrade
+//! does not carry (only tmpfs runtime state is carried, see
+//! [`crate::runstate`]), a named FIFO on a tmpfs.
 //!
 //! A process that exits while the checks look at it is no finding: nothing
 //! of it is left to checkpoint. Adding a refusal: a [`Kind`], its sentence
@@ -13,7 +20,8 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use crate::proc::{socket_inode, Namespace, Proc, Stat};
+use crate::proc::{pts_index, socket_inode, Namespace, Proc, Stat};
+use crate::runstate::{self, Mount};
 use crate::unix_diag;
 use crate::workload::Workload;
 
@@ -24,6 +32,17 @@ pub trait Host {
     fn unix_peers(&self) -> Result<HashMap<u64, u64>, unix_diag::Error>;
     /// Whether `path` is a character or block device.
     fn is_device(&self, path: &str) -> bool;
+    /// What `path` is, without following a last symlink; `None` if nothing.
+    fn file_kind(&self, path: &str) -> Option<FileKind>;
+}
+
+/// The type of a file, as far as the checks care.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Dir,
+    Fifo,
+    Other,
 }
 
 /// The running system: `/proc`, sock_diag, and `stat` of the path.
@@ -58,6 +77,20 @@ impl Host for LiveHost {
         std::fs::metadata(path)
             .is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_block_device())
     }
+
+    fn file_kind(&self, path: &str) -> Option<FileKind> {
+        use std::os::unix::fs::FileTypeExt;
+        let t = std::fs::symlink_metadata(path).ok()?.file_type();
+        Some(if t.is_file() {
+            FileKind::File
+        } else if t.is_dir() {
+            FileKind::Dir
+        } else if t.is_fifo() {
+            FileKind::Fifo
+        } else {
+            FileKind::Other
+        })
+    }
 }
 
 /// A group of processes with a leader.
@@ -90,10 +123,6 @@ pub enum Kind {
         group: Group,
         leader: i32,
     },
-    /// The tree's root does not lead its session, whose leader has exited.
-    RootNotSessionLeader {
-        leader: i32,
-    },
     /// One of its threads is ptraced.
     Traced {
         tid: i32,
@@ -104,6 +133,53 @@ pub enum Kind {
     },
     /// An open device that holds state (not /dev/null and the like).
     Device {
+        fd: i32,
+        path: String,
+    },
+    /// A pseudo-terminal (`path`, or `/dev/tty` for the controlling one)
+    /// whose master, `/dev/pts/N`'s other end, no member holds; held by
+    /// `holder` if one was found. `pty` is `None` for a controlling
+    /// terminal that is no pseudo-terminal, or none at all.
+    TerminalOutside {
+        fd: i32,
+        path: String,
+        pty: Option<u32>,
+        holder: Option<i32>,
+    },
+    /// `/dev/tty` while a job other than the session leader's group holds
+    /// the foreground of its terminal (CRIU 3.17 then finds no terminal
+    /// to give the session).
+    CttyForegroundJob {
+        fd: i32,
+        pty: u32,
+        foreground: i32,
+    },
+    /// `/dev/tty` of a process that is not the first of the tree, in
+    /// CRIU's order, to hold its terminal: `first` is.
+    CttyNotFirst {
+        fd: i32,
+        pty: u32,
+        first: i32,
+    },
+    /// `/dev/tty` open more than once in one process.
+    CttyTwice {
+        fds: Vec<i32>,
+    },
+    /// A file open (`fd`) or mapped (no fd) on an in-memory file system
+    /// other than tmpfs, which the new boot will not have.
+    NotCarried {
+        fd: Option<i32>,
+        path: String,
+        fstype: String,
+    },
+    /// A named FIFO on a tmpfs, which CRIU reopens by its path.
+    NamedFifo {
+        fd: i32,
+        path: String,
+    },
+    /// A unix socket bound in a directory of an in-memory file system
+    /// other than tmpfs: the new boot will not have it to bind again.
+    SocketDirNotCarried {
         fd: i32,
         path: String,
     },
@@ -134,9 +210,6 @@ impl Kind {
                 group.name(),
                 proc.comm(*leader)
             ),
-            Kind::RootNotSessionLeader { leader } => {
-                format!("it does not lead its own session: its leader, pid {leader}, has exited")
-            }
             Kind::Traced { tid, tracer } => {
                 format!(
                     "thread {tid} traced by pid {tracer} ({})",
@@ -145,6 +218,56 @@ impl Kind {
             }
             Kind::IoUring { fd } => format!("fd {fd} is an io_uring"),
             Kind::Device { fd, path } => format!("fd {fd} is the device {path}"),
+            Kind::TerminalOutside {
+                fd,
+                path,
+                pty,
+                holder,
+            } => {
+                let Some(n) = pty else {
+                    return format!(
+                        "fd {fd} is {path}, and its controlling terminal is not a pseudo-terminal of the workload"
+                    );
+                };
+                let what = if path == "/dev/tty" {
+                    format!("{path}, its controlling terminal /dev/pts/{n}")
+                } else {
+                    format!("the terminal {path}")
+                };
+                let other = holder
+                    .map(|p| format!("held by pid {p} ({}) outside the workload", proc.comm(p)))
+                    .unwrap_or_else(|| "outside the workload".into());
+                format!("fd {fd} is {what}, whose other end is {other}")
+            }
+            Kind::CttyForegroundJob {
+                fd,
+                pty,
+                foreground,
+            } => format!(
+                "fd {fd} is /dev/tty, and process group {foreground} holds the foreground of its terminal /dev/pts/{pty}"
+            ),
+            Kind::CttyNotFirst { fd, pty, first } => format!(
+                "fd {fd} is /dev/tty, but pid {first} ({}) holds its terminal /dev/pts/{pty} before it in the tree",
+                proc.comm(*first)
+            ),
+            Kind::CttyTwice { fds } => format!(
+                "fds {} are all /dev/tty",
+                fds.iter().map(i32::to_string).collect::<Vec<_>>().join(", ")
+            ),
+            Kind::NotCarried {
+                fd: Some(fd),
+                path,
+                fstype,
+            } => format!("fd {fd} is {path}, on {fstype}"),
+            Kind::NotCarried {
+                fd: None,
+                path,
+                fstype,
+            } => format!("it maps {path}, on {fstype}"),
+            Kind::NamedFifo { fd, path } => format!("fd {fd} is the named FIFO {path}, on a tmpfs"),
+            Kind::SocketDirNotCarried { fd, path } => {
+                format!("fd {fd} is a unix socket bound at {path}, in a directory of an in-memory file system")
+            }
             Kind::SysvShmInHostIpc { keys } => format!(
                 "SysV shared memory (key {}) attached in the host's IPC namespace",
                 keys.join(", ")
@@ -158,10 +281,16 @@ impl Kind {
         match self {
             Kind::UnixPeerOutside { .. } => "CRIU can only checkpoint both ends of a unix connection together: put the peer in the same workload",
             Kind::LeaderOutside { .. } => "CRIU needs the leader in the checkpoint: start the workload with setsid, or with `kupgrade launch`",
-            Kind::RootNotSessionLeader { .. } => "CRIU checkpoints a process tree only from the leader of its session: start the workload with setsid, or with `kupgrade launch`",
             Kind::Traced { .. } => "CRIU must ptrace every task itself; detach the debugger or strace first",
             Kind::IoUring { .. } => "CRIU cannot checkpoint io_uring instances",
             Kind::Device { .. } => "device state cannot be carried across a kernel; close it or run the workload without it",
+            Kind::TerminalOutside { .. } => "CRIU carries a pseudo-terminal only with both its ends: run the program under a terminal of its own inside the workload (script, screen, tmux), or without one (`kupgrade launch`)",
+            Kind::CttyForegroundJob { .. } => "CRIU 3.17 restores /dev/tty only while the session's leader is in the foreground of its terminal: upgrade while the shell waits at its prompt",
+            Kind::CttyNotFirst { .. } => "CRIU 3.17 restores /dev/tty only in the first process of the tree to hold its terminal (the root first, then each child in turn): let the shell be the root with its terminal program below it, or close /dev/tty",
+            Kind::CttyTwice { .. } => "CRIU 3.17's restore waits for ever on a process with /dev/tty open more than once (each of the files waits for the other, after the kexec): keep one open (kupgrade cannot tell copies of one file made by dup from two opens, and refuses both)",
+            Kind::NotCarried { .. } => "the new boot will not have it (kupgrade carries the files of tmpfs mounts only) and CRIU reopens it by its path: keep it on a tmpfs or on disk",
+            Kind::NamedFifo { .. } => "CRIU reopens a named FIFO by its path, and kupgrade carries only the regular files and directories of a tmpfs: keep the FIFO on disk, or use a pipe",
+            Kind::SocketDirNotCarried { .. } => "CRIU binds the socket at its path again, and the new boot will not have that directory (kupgrade carries tmpfs mounts only): bind it on a tmpfs such as /run, or on disk",
             Kind::SysvShmInHostIpc { .. } => "CRIU carries SysV IPC only in a workload's own IPC namespace: start it with `kupgrade launch --ipc-namespace`",
             Kind::ForeignNamespace { namespace: Namespace::Ipc, .. } => "CRIU carries an IPC namespace only with everything in it: give the workload its own with `kupgrade launch --ipc-namespace`",
             Kind::ForeignNamespace { .. } => "kupgrade restores workloads into the host's namespaces and does not manage this one",
@@ -238,6 +367,14 @@ pub fn check(host: &impl Host, w: &Workload) -> Vec<Refusal> {
         .filter(|ns| !(*ns == Namespace::Ipc && w.ipc_namespace))
         .map(|ns| (ns, proc.own_namespace(ns)))
         .collect();
+    let mounts = runstate::mounts(&proc.mountinfo());
+    let masters = pty_masters(proc, &w.pids);
+    let first_holders = first_pty_holders(proc, w);
+    let bound: HashMap<u64, String> = proc
+        .unix_socket_paths()
+        .into_iter()
+        .filter_map(|(ino, p)| Some((ino, p?.to_string_lossy().into_owned())))
+        .collect();
     let mut found = unix_peers_outside(host, &w.pids);
     for &pid in &w.pids {
         // Gone since discovery: nothing of it is left to refuse.
@@ -245,7 +382,21 @@ pub fn check(host: &impl Host, w: &Workload) -> Vec<Refusal> {
             continue;
         };
         let mut add = |kind| found.push((pid, kind));
-        leaders_outside(proc, pid, &stat, w.root_pid, &members).for_each(&mut add);
+        leaders_outside(proc, &stat, &members).for_each(&mut add);
+        if let Some(masters) = &masters {
+            terminals_outside(proc, pid, &stat, masters)
+                .into_iter()
+                .for_each(&mut add);
+            ctty_criu_refuses(proc, pid, &stat, masters, &first_holders)
+                .into_iter()
+                .for_each(&mut add);
+        }
+        files_not_carried(host, pid, &mounts)
+            .into_iter()
+            .for_each(&mut add);
+        socket_dirs_not_carried(proc, pid, &bound, &mounts)
+            .into_iter()
+            .for_each(&mut add);
         // A zombie has no files, maps or namespaces left (those reads come
         // back empty), and CRIU does not seize it: a tracer does not matter.
         if !stat.has_exited() {
@@ -336,15 +487,14 @@ fn socket_holders(proc: &Proc, inodes: HashSet<u64>) -> HashMap<u64, i32> {
     out
 }
 
-/// Leaders of `pid`'s session and process group that CRIU cannot do
-/// without: running ones outside the workload, and for the root its own
-/// session (CRIU's dump starts only from a session leader). Below the root,
-/// CRIU restores the ids of a leader that has exited with a helper task.
+/// Leaders of a process's session and process group that CRIU cannot do
+/// without: running ones outside the workload. One that has exited is no
+/// matter: below the root, CRIU restores its ids with a helper task; the
+/// root itself is dumped and restored as a shell job
+/// ([`Workload::shell_job`]).
 fn leaders_outside<'a>(
     proc: &'a Proc,
-    pid: i32,
     stat: &Stat,
-    root_pid: i32,
     members: &'a HashSet<i32>,
 ) -> impl Iterator<Item = Kind> + 'a {
     [
@@ -353,23 +503,218 @@ fn leaders_outside<'a>(
     ]
     .into_iter()
     .filter(|(_, leader)| !members.contains(leader))
-    .filter_map(move |(group, leader)| {
-        if proc.is_running(leader) {
-            Some(Kind::LeaderOutside { group, leader })
-        } else if group == Group::Session && pid == root_pid {
-            Some(Kind::RootNotSessionLeader { leader })
-        } else {
-            None
-        }
-    })
+    .filter(|(_, leader)| proc.is_running(*leader))
+    .map(|(group, leader)| Kind::LeaderOutside { group, leader })
 }
 
-/// A `/dev` path that may be a device with state of its own.
+/// The pseudo-terminal multiplexers: opened, each gives a new master.
+const PTY_MASTERS: &[&str] = &["/dev/ptmx", "/dev/pts/ptmx"];
+
+/// A `/dev` path that may be a device with state of its own. Terminals
+/// have checks of their own.
 fn holds_state(link: &str) -> bool {
     link.starts_with("/dev/")
         && !HARMLESS_DEVICES.contains(&link)
         && !link.starts_with("/dev/shm/")
         && !link.starts_with("/dev/pts/")
+        && !PTY_MASTERS.contains(&link)
+        && link != "/dev/tty"
+}
+
+/// File systems in memory that the new boot starts empty (or with its own
+/// device nodes) and that kupgrade does not carry, unlike tmpfs.
+const VOLATILE_FS: &[&str] = &["ramfs", "devtmpfs"];
+
+/// The mount of `path` if it is such a file system.
+fn volatile<'a>(path: &str, mounts: &'a [Mount]) -> Option<&'a Mount> {
+    runstate::mount_of(path, mounts).filter(|m| VOLATILE_FS.contains(&m.fstype.as_str()))
+}
+
+/// The pseudo-terminals whose masters the members hold; `None` when a
+/// master's index cannot be read (then CRIU judges).
+fn pty_masters(proc: &Proc, pids: &[i32]) -> Option<HashSet<u32>> {
+    let mut out = HashSet::new();
+    for &pid in pids {
+        for (fd, link) in proc.fds(pid) {
+            if PTY_MASTERS.contains(&link.as_str()) {
+                out.insert(proc.pty_index(pid, fd)?);
+            }
+        }
+    }
+    Some(out)
+}
+
+/// A process holding the master of pseudo-terminal `index`.
+fn pty_master_holder(proc: &Proc, index: u32) -> Option<i32> {
+    proc.all_pids().into_iter().find(|&pid| {
+        proc.fds(pid).into_iter().any(|(fd, link)| {
+            PTY_MASTERS.contains(&link.as_str()) && proc.pty_index(pid, fd) == Some(index)
+        })
+    })
+}
+
+/// Terminals of `pid` whose other end is outside the workload.
+fn terminals_outside(proc: &Proc, pid: i32, stat: &Stat, masters: &HashSet<u32>) -> Vec<Kind> {
+    let outside = |fd: i32, path: &str, pty: Option<u32>| {
+        let holder = pty.and_then(|n| pty_master_holder(proc, n));
+        Kind::TerminalOutside {
+            fd,
+            path: path.into(),
+            pty,
+            holder,
+        }
+    };
+    proc.fds(pid)
+        .into_iter()
+        .filter_map(|(fd, link)| {
+            let pty = if link == "/dev/tty" {
+                pts_index(stat.tty_nr)
+            } else {
+                link.strip_prefix("/dev/pts/")?.parse().ok()
+            };
+            if pty.is_some_and(|n| masters.contains(&n)) {
+                return None;
+            }
+            Some(outside(fd, &link, pty))
+        })
+        .collect()
+}
+
+/// The members in the order CRIU dumps them: the root, then the subtree
+/// of each of its children in turn, children by pid.
+fn dump_order(proc: &Proc, w: &Workload) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    for &pid in &w.pids {
+        if let Some(stat) = proc.stat(pid) {
+            children.entry(stat.ppid).or_default().push(pid);
+        }
+    }
+    for c in children.values_mut() {
+        c.sort_unstable();
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![w.root_pid];
+    while let Some(pid) = stack.pop() {
+        out.push(pid);
+        if let Some(c) = children.get(&pid) {
+            stack.extend(c.iter().rev());
+        }
+    }
+    out
+}
+
+/// For each pseudo-terminal, the first member in dump order that holds it
+/// in a way that tells CRIU its session: its master, or the slave as its
+/// own controlling terminal.
+fn first_pty_holders(proc: &Proc, w: &Workload) -> HashMap<u32, i32> {
+    let mut first = HashMap::new();
+    for pid in dump_order(proc, w) {
+        let ctty = proc.stat(pid).and_then(|s| pts_index(s.tty_nr));
+        for (fd, link) in proc.fds(pid) {
+            let pty = if PTY_MASTERS.contains(&link.as_str()) {
+                proc.pty_index(pid, fd)
+            } else {
+                link.strip_prefix("/dev/pts/")
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| Some(*n) == ctty)
+            };
+            if let Some(n) = pty {
+                first.entry(n).or_insert(pid);
+            }
+        }
+    }
+    first
+}
+
+/// `/dev/tty` of `pid` on a pseudo-terminal of the workload that CRIU 3.17
+/// cannot restore: its dump wants the session's leader in the foreground,
+/// and the process holding `/dev/tty` to be the first to hold its terminal
+/// ("ctty inheritance detected"); its restore deadlocks on two `/dev/tty`
+/// files in one process (each waits for every other tty file first).
+fn ctty_criu_refuses(
+    proc: &Proc,
+    pid: i32,
+    stat: &Stat,
+    masters: &HashSet<u32>,
+    first: &HashMap<u32, i32>,
+) -> Vec<Kind> {
+    let Some(pty) = pts_index(stat.tty_nr).filter(|n| masters.contains(n)) else {
+        return Vec::new();
+    };
+    let ctty_fds: Vec<i32> = proc
+        .fds(pid)
+        .into_iter()
+        .filter(|(_, link)| link == "/dev/tty")
+        .map(|(fd, _)| fd)
+        .collect();
+    let twice = (ctty_fds.len() > 1).then(|| Kind::CttyTwice {
+        fds: ctty_fds.clone(),
+    });
+    let each = ctty_fds.into_iter().filter_map(|fd| {
+        if stat.tpgid != stat.session {
+            return Some(Kind::CttyForegroundJob {
+                fd,
+                pty,
+                foreground: stat.tpgid,
+            });
+        }
+        let by = *first.get(&pty)?;
+        (by != pid).then_some(Kind::CttyNotFirst { fd, pty, first: by })
+    });
+    twice.into_iter().chain(each).collect()
+}
+
+/// Files of `pid`, open or mapped, that the new boot will not have: on an
+/// in-memory file system kupgrade does not carry, or a named FIFO on a
+/// tmpfs.
+fn files_not_carried(host: &impl Host, pid: i32, mounts: &[Mount]) -> Vec<Kind> {
+    let proc = host.proc();
+    let held = proc.fds(pid).into_iter().map(|(fd, p)| (Some(fd), p));
+    let mapped = proc.mapped_files(pid).into_iter().map(|p| (None, p));
+    held.chain(mapped)
+        .filter(|(_, p)| p.starts_with('/') && !p.ends_with(" (deleted)"))
+        .filter_map(|(fd, path)| {
+            let kind = host.file_kind(&path)?;
+            let on = runstate::mount_of(&path, mounts)?;
+            // Its mount point, at least, is there in the new boot.
+            let in_memory = VOLATILE_FS.contains(&on.fstype.as_str()) && on.path != path;
+            match (kind, fd) {
+                (FileKind::Fifo, Some(fd)) if on.is_tmpfs() => Some(Kind::NamedFifo { fd, path }),
+                (FileKind::File | FileKind::Dir | FileKind::Fifo, fd) if in_memory => {
+                    Some(Kind::NotCarried {
+                        fd,
+                        fstype: on.fstype.clone(),
+                        path,
+                    })
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Unix sockets of `pid` bound in a directory that an in-memory file
+/// system other than tmpfs holds (its mount point itself will be there).
+fn socket_dirs_not_carried(
+    proc: &Proc,
+    pid: i32,
+    bound: &HashMap<u64, String>,
+    mounts: &[Mount],
+) -> Vec<Kind> {
+    proc.fds(pid)
+        .into_iter()
+        .filter_map(|(fd, link)| {
+            let path = bound.get(&socket_inode(&link)?)?;
+            let dir = std::path::Path::new(path).parent()?.to_string_lossy();
+            let m = volatile(&dir, mounts)?;
+            (m.path.trim_end_matches('/') != dir.trim_end_matches('/')).then(|| {
+                Kind::SocketDirNotCarried {
+                    fd,
+                    path: path.clone(),
+                }
+            })
+        })
+        .collect()
 }
 
 /// Keys of attached SysV segments: the kernel names one
@@ -389,13 +734,15 @@ mod tests {
     use std::cell::Cell;
     use std::path::Path;
 
-    /// A fake /proc with the sock_diag table and the devices a test gives;
-    /// `exits_at_peer_lookup` is reaped when the checks ask for the table.
+    /// A fake /proc with the sock_diag table, the devices and the file
+    /// types a test gives; `exits_at_peer_lookup` is reaped when the checks
+    /// ask for the table.
     struct FakeHost {
         fake: FakeProc,
         proc: Proc,
         peers: HashMap<u64, u64>,
         devices: Vec<&'static str>,
+        files: HashMap<&'static str, FileKind>,
         exits_at_peer_lookup: Cell<Option<i32>>,
     }
 
@@ -406,9 +753,22 @@ mod tests {
                 proc: fake.proc(),
                 fake,
                 peers: HashMap::new(),
-                devices: vec!["/dev/kmsg", "/dev/sda", "/dev/null", "/dev/pts/3"],
+                devices: vec![
+                    "/dev/kmsg",
+                    "/dev/sda",
+                    "/dev/null",
+                    "/dev/pts/3",
+                    "/dev/ptmx",
+                    "/dev/tty",
+                ],
+                files: HashMap::new(),
                 exits_at_peer_lookup: Cell::new(None),
             }
+        }
+
+        fn file(mut self, path: &'static str, kind: FileKind) -> Self {
+            self.files.insert(path, kind);
+            self
         }
 
         fn with(self, p: Process) -> Self {
@@ -437,6 +797,9 @@ mod tests {
         fn is_device(&self, path: &str) -> bool {
             self.devices.contains(&path)
         }
+        fn file_kind(&self, path: &str) -> Option<FileKind> {
+            self.files.get(path).copied()
+        }
     }
 
     /// Workload "w": root 100 and children 101, 102 in one session.
@@ -450,6 +813,7 @@ mod tests {
             ipc_namespace: false,
             tcp_established: false,
             memory_bytes: 0,
+            ..Workload::default()
         }
     }
 
@@ -478,10 +842,12 @@ mod tests {
                     .fd(5, "/var/log/server.log")
                     .fd(6, "anon_inode:[eventpoll]")
                     .fd(7, "/dev/not-a-device")
+                    .fd(8, "/dev/tty")
+                    .controlling_pty(3)
                     .thread(103, None)
                     .maps("55d0-55e0 r-xp 00000000 08:01 77 /usr/bin/server\n7f00-7f10 rw-s 00000000 00:1a 5 /dev/shm/queue\n"),
             )
-            .with(child(101).fd(3, "socket:[501]"))
+            .with(child(101).fd(3, "socket:[501]").pty_master(4, 3))
             .pair(500, 501);
         assert_eq!(check(&host, &workload(&[100, 101])), vec![]);
     }
@@ -539,6 +905,9 @@ mod tests {
             }
             fn is_device(&self, path: &str) -> bool {
                 self.0.is_device(path)
+            }
+            fn file_kind(&self, path: &str) -> Option<FileKind> {
+                self.0.file_kind(path)
             }
         }
         let host = FakeHost::new()
@@ -606,16 +975,266 @@ mod tests {
     }
 
     #[test]
-    fn a_root_whose_session_leader_has_exited_is_refused() {
-        let host = FakeHost::new().with(root().session(100, 99));
-        let r = check(&host, &workload(&[100]));
+    fn a_root_whose_session_leader_has_exited_is_not_refused() {
+        // A daemon that forked after setsid: CRIU takes it as a shell job.
+        let host = FakeHost::new().with(root().session(99, 99));
+        assert_eq!(check(&host, &workload(&[100])), vec![]);
+    }
+
+    #[test]
+    fn a_terminal_whose_other_end_is_outside_is_refused_with_its_holder() {
+        let host = FakeHost::new()
+            .with(Process::new(50, "sshd").pty_master(7, 5))
+            .with(
+                root()
+                    .fd(0, "/dev/pts/5")
+                    .fd(3, "/dev/tty")
+                    .controlling_pty(5),
+            )
+            // Its controlling terminal is none at all (a serial line, say).
+            .with(child(101).fd(4, "/dev/tty"));
+        let r = check(&host, &workload(&[100, 101]));
+        let outside = |fd, path: &str, pty, holder| Kind::TerminalOutside {
+            fd,
+            path: path.into(),
+            pty,
+            holder,
+        };
         assert_eq!(
             kinds(&r),
-            vec![(100, Kind::RootNotSessionLeader { leader: 99 })]
+            vec![
+                (100, outside(0, "/dev/pts/5", Some(5), Some(50))),
+                (100, outside(3, "/dev/tty", Some(5), Some(50))),
+                (101, outside(4, "/dev/tty", None, None)),
+            ]
+        );
+        assert_eq!(
+            r[0].to_string(),
+            "workload w (pid 100 server): fd 0 is the terminal /dev/pts/5, whose other end is held by pid 50 (sshd) outside the workload: CRIU carries a pseudo-terminal only with both its ends: run the program under a terminal of its own inside the workload (script, screen, tmux), or without one (`kupgrade launch`)"
+        );
+        assert_eq!(
+            r[1].resource,
+            "fd 3 is /dev/tty, its controlling terminal /dev/pts/5, whose other end is held by pid 50 (sshd) outside the workload"
+        );
+        assert_eq!(
+            r[2].resource,
+            "fd 4 is /dev/tty, and its controlling terminal is not a pseudo-terminal of the workload"
+        );
+    }
+
+    #[test]
+    fn a_pseudo_terminal_with_both_ends_in_the_workload_is_not_refused() {
+        // The shell leads the tree on its terminal, with /dev/tty open and a
+        // job of its own; the terminal program below it holds the master.
+        let host = FakeHost::new()
+            .with(
+                root()
+                    .fd(0, "/dev/pts/2")
+                    .fd(1, "/dev/pts/2")
+                    .fd(10, "/dev/tty")
+                    .controlling_pty(2),
+            )
+            .with(child(101).pty_master(0, 2).fd(6, "/dev/pts/ptmx"))
+            .with(
+                Process::new(102, "sleep")
+                    .parent(100)
+                    .session(102, 100)
+                    .fd(2, "/dev/pts/2")
+                    .controlling_pty(2)
+                    .foreground(100),
+            );
+        assert_eq!(check(&host, &workload(&[100, 101, 102])), vec![]);
+    }
+
+    /// CRIU 3.17's dump gives /dev/tty a terminal only from the first
+    /// process, in its order, to hold that terminal, and only with the
+    /// session's leader in the foreground.
+    #[test]
+    fn a_controlling_terminal_criu_cannot_restore_is_refused() {
+        // A terminal program at the root holds the master; the shell below
+        // it has /dev/tty open (as `script` or sshd and a login shell).
+        let shell = || {
+            Process::new(101, "sh")
+                .parent(100)
+                .fd(0, "/dev/pts/2")
+                .fd(10, "/dev/tty")
+                .controlling_pty(2)
+        };
+        let host = FakeHost::new().with(root().pty_master(5, 2)).with(shell());
+        let r = check(&host, &workload(&[100, 101]));
+        assert_eq!(
+            kinds(&r),
+            vec![(
+                101,
+                Kind::CttyNotFirst {
+                    fd: 10,
+                    pty: 2,
+                    first: 100
+                }
+            )]
+        );
+        assert_eq!(
+            r[0].to_string(),
+            "workload w (pid 101 sh): fd 10 is /dev/tty, but pid 100 (server) holds its terminal /dev/pts/2 before it in the tree: CRIU 3.17 restores /dev/tty only in the first process of the tree to hold its terminal (the root first, then each child in turn): let the shell be the root with its terminal program below it, or close /dev/tty"
+        );
+        // The shell running a command in the foreground.
+        let host = FakeHost::new()
+            .with(root().pty_master(5, 2))
+            .with(shell().foreground(103))
+            .with(
+                Process::new(103, "make")
+                    .parent(101)
+                    .session(103, 101)
+                    .fd(1, "/dev/pts/2")
+                    .controlling_pty(2)
+                    .foreground(103),
+            );
+        let r = check(&host, &workload(&[100, 101, 103]));
+        assert_eq!(
+            kinds(&r),
+            vec![(
+                101,
+                Kind::CttyForegroundJob {
+                    fd: 10,
+                    pty: 2,
+                    foreground: 103
+                }
+            )]
         );
         assert_eq!(
             r[0].resource,
-            "it does not lead its own session: its leader, pid 99, has exited"
+            "fd 10 is /dev/tty, and process group 103 holds the foreground of its terminal /dev/pts/2"
+        );
+        // The shell as the root, but with /dev/tty open twice.
+        let host = FakeHost::new()
+            .with(
+                root()
+                    .fd(0, "/dev/pts/2")
+                    .fd(3, "/dev/tty")
+                    .fd(10, "/dev/tty")
+                    .controlling_pty(2),
+            )
+            .with(child(101).pty_master(0, 2));
+        let r = check(&host, &workload(&[100, 101]));
+        assert_eq!(kinds(&r), vec![(100, Kind::CttyTwice { fds: vec![3, 10] })]);
+        assert!(r[0]
+            .to_string()
+            .starts_with("workload w (pid 100 server): fds 3, 10 are all /dev/tty: CRIU 3.17's restore waits for ever"));
+    }
+
+    #[test]
+    fn terminals_are_left_to_criu_when_a_masters_index_is_unreadable() {
+        // fd 6 is a master whose fdinfo says no tty-index.
+        let host = FakeHost::new().with(root().fd(6, "/dev/ptmx").fd(0, "/dev/pts/9"));
+        assert_eq!(check(&host, &workload(&[100])), vec![]);
+    }
+
+    const MOUNTS: &str = "22 1 254:0 / / rw - ext4 /dev/vda rw\n\
+                          24 22 0:6 / /dev rw - devtmpfs udev rw,mode=755\n\
+                          25 24 0:21 / /dev/shm rw - tmpfs tmpfs rw,mode=1777\n\
+                          26 22 0:22 / /run rw - tmpfs tmpfs rw,mode=755\n\
+                          27 22 0:23 / /mnt/ram rw - ramfs ramfs rw\n";
+
+    #[test]
+    fn files_the_new_boot_will_not_have_are_refused() {
+        let host = FakeHost::new()
+            .with(
+                root()
+                    .fd(3, "/dev/shm/seg")
+                    .fd(4, "/run/app.fifo")
+                    .fd(5, "/var/lib/app.fifo")
+                    .fd(6, "/mnt/ram/data")
+                    .fd(7, "/dev/stash")
+                    .fd(8, "/dev/null")
+                    .fd(9, "/run/app.d")
+                    .fd(10, "/dev")
+                    .maps("7f00-7f10 r-xp 00000000 00:17 5 /mnt/ram/lib.so\n"),
+            )
+            .file("/dev/shm/seg", FileKind::File)
+            .file("/run/app.fifo", FileKind::Fifo)
+            .file("/var/lib/app.fifo", FileKind::Fifo)
+            .file("/mnt/ram/data", FileKind::File)
+            .file("/mnt/ram/lib.so", FileKind::File)
+            .file("/dev/stash", FileKind::File)
+            .file("/dev/null", FileKind::Other)
+            .file("/run/app.d", FileKind::Dir)
+            .file("/dev", FileKind::Dir);
+        host.fake.mountinfo(MOUNTS);
+        let r = check(&host, &workload(&[100]));
+        let not_carried = |fd, path: &str, fstype: &str| Kind::NotCarried {
+            fd,
+            path: path.into(),
+            fstype: fstype.into(),
+        };
+        assert_eq!(
+            kinds(&r),
+            vec![
+                (
+                    100,
+                    Kind::NamedFifo {
+                        fd: 4,
+                        path: "/run/app.fifo".into()
+                    }
+                ),
+                (100, not_carried(Some(6), "/mnt/ram/data", "ramfs")),
+                (100, not_carried(Some(7), "/dev/stash", "devtmpfs")),
+                (100, not_carried(None, "/mnt/ram/lib.so", "ramfs")),
+            ]
+        );
+        assert_eq!(
+            r[0].to_string(),
+            "workload w (pid 100 server): fd 4 is the named FIFO /run/app.fifo, on a tmpfs: CRIU reopens a named FIFO by its path, and kupgrade carries only the regular files and directories of a tmpfs: keep the FIFO on disk, or use a pipe"
+        );
+        assert_eq!(
+            r[1].to_string(),
+            "workload w (pid 100 server): fd 6 is /mnt/ram/data, on ramfs: the new boot will not have it (kupgrade carries the files of tmpfs mounts only) and CRIU reopens it by its path: keep it on a tmpfs or on disk"
+        );
+        assert_eq!(r[3].resource, "it maps /mnt/ram/lib.so, on ramfs");
+    }
+
+    #[test]
+    fn a_socket_bound_where_the_new_boot_has_no_directory_is_refused() {
+        let host = FakeHost::new().with(
+            root()
+                .fd(3, "socket:[600]")
+                .fd(4, "socket:[601]")
+                .fd(5, "socket:[602]")
+                .fd(6, "socket:[603]")
+                .fd(7, "socket:[604]")
+                .fd(8, "socket:[605]"),
+        );
+        host.fake.mountinfo(MOUNTS);
+        host.fake.unix(&[
+            (600, "/dev/sub/app.sock"),
+            (601, "/dev/log"),
+            (602, "/run/app/app.sock"),
+            (603, "/mnt/ram/x.sock"),
+            (604, "/mnt/ram/d/x.sock"),
+            (605, "/var/lib/app/app.sock"),
+        ]);
+        let r = check(&host, &workload(&[100]));
+        assert_eq!(
+            kinds(&r),
+            vec![
+                (
+                    100,
+                    Kind::SocketDirNotCarried {
+                        fd: 3,
+                        path: "/dev/sub/app.sock".into()
+                    }
+                ),
+                (
+                    100,
+                    Kind::SocketDirNotCarried {
+                        fd: 7,
+                        path: "/mnt/ram/d/x.sock".into()
+                    }
+                ),
+            ]
+        );
+        assert_eq!(
+            r[0].to_string(),
+            "workload w (pid 100 server): fd 3 is a unix socket bound at /dev/sub/app.sock, in a directory of an in-memory file system: CRIU binds the socket at its path again, and the new boot will not have that directory (kupgrade carries tmpfs mounts only): bind it on a tmpfs such as /run, or on disk"
         );
     }
 
@@ -668,6 +1287,7 @@ mod tests {
             root()
                 .fd(0, "/dev/null")
                 .fd(1, "/dev/pts/3")
+                .pty_master(6, 3)
                 .fd(2, "/dev/kmsg")
                 .fd(3, "/dev/shm/x")
                 .fd(4, "/dev/mqueue-not-a-device")
@@ -852,16 +1472,19 @@ mod tests {
     }
 
     #[test]
-    fn a_live_root_whose_session_leader_has_exited_is_refused_as_such() {
-        // CRIU dumps a tree only from a session leader (without --shell-job).
+    fn a_live_root_whose_session_leader_has_exited_is_carried_as_a_shell_job() {
+        // CRIU dumps a tree only from a session leader, or with --shell-job.
         let orphan = Orphan::start();
-        let sid = Proc::host().stat(orphan.0).unwrap().session;
-        let r = refusals(&workload(&[orphan.0]));
-        assert_eq!(r.len(), 1, "{r:?}");
-        assert_eq!(
-            r[0].resource,
-            format!("it does not lead its own session: its leader, pid {sid}, has exited")
-        );
+        let cgroup = tempfile::tempdir().unwrap();
+        std::fs::write(
+            cgroup.path().join("cgroup.procs"),
+            format!("{}\n", orphan.0),
+        )
+        .unwrap();
+        let w = crate::workload::inspect("orphan", cgroup.path()).unwrap();
+        assert_eq!(w.root_pid, orphan.0);
+        assert!(w.shell_job);
+        assert_eq!(refusals(&w), vec![]);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::proc::{Namespace, Proc, TCP_CLOSE, TCP_LISTEN};
 
 pub use crate::refusal::{refusals, Refusal};
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Workload {
     pub name: String,
     pub cgroup: PathBuf,
@@ -28,6 +28,14 @@ pub struct Workload {
     pub tcp_established: bool,
     /// Memory charged to it, or its resident set when the controller is off.
     pub memory_bytes: u64,
+    /// Its root does not lead its session, whose leader has exited (a
+    /// daemon that forked after `setsid`): CRIU takes it as a shell job.
+    pub shell_job: bool,
+    /// A process of it has a controlling terminal: restored running (see
+    /// [`contract::WorkloadEntry::job_control`]).
+    pub job_control: bool,
+    /// Runtime state on tmpfs mounts that the config declares for it.
+    pub runtime_paths: Vec<PathBuf>,
 }
 
 impl Workload {
@@ -41,6 +49,8 @@ impl Workload {
             section: contract::devstate::criu_section(&self.name),
             tcp_established: self.tcp_established,
             pid_namespace: self.pid_namespace,
+            shell_job: self.shell_job,
+            job_control: self.job_control,
         }
     }
 }
@@ -101,6 +111,10 @@ pub fn inspect_in(proc: &Proc, name: &str, cgroup: &Path) -> Result<Workload, Er
         && namespace_outsiders(proc, root_pid, Namespace::Ipc, &set).is_empty();
     let memory_bytes = cgroup::memory_current(cgroup)
         .unwrap_or_else(|| pids.iter().map(|p| proc.rss_bytes(*p)).sum());
+    let shell_job = proc.stat(root_pid).is_some_and(|s| s.session != root_pid);
+    let job_control = pids
+        .iter()
+        .any(|p| proc.stat(*p).is_some_and(|s| s.tty_nr != 0));
     Ok(Workload {
         name: name.into(),
         cgroup: cgroup.into(),
@@ -110,6 +124,9 @@ pub fn inspect_in(proc: &Proc, name: &str, cgroup: &Path) -> Result<Workload, Er
         pid_namespace,
         ipc_namespace,
         memory_bytes,
+        shell_job,
+        job_control,
+        runtime_paths: Vec::new(),
     })
 }
 
@@ -167,15 +184,25 @@ pub fn discover_in(
         if cgroup::procs(&cg).is_ok_and(|p| p.is_empty()) {
             continue;
         }
-        out.push(inspect_in(proc, &n, &cg));
+        let declared = cfg.launched(&n).map(|d| d.runtime_paths.clone());
+        out.push(inspect_in(proc, &n, &cg).map(|w| Workload {
+            runtime_paths: declared.unwrap_or_default(),
+            ..w
+        }));
     }
     for d in &cfg.workloads {
-        let cg = if d.cgroup.is_absolute() {
-            d.cgroup.clone()
-        } else {
-            cgroup_root.join(&d.cgroup)
+        let Some(cgroup) = &d.cgroup else {
+            continue;
         };
-        out.push(inspect_in(proc, &d.name, &cg));
+        let cg = if cgroup.is_absolute() {
+            cgroup.clone()
+        } else {
+            cgroup_root.join(cgroup)
+        };
+        out.push(inspect_in(proc, &d.name, &cg).map(|w| Workload {
+            runtime_paths: d.runtime_paths.clone(),
+            ..w
+        }));
     }
     out
 }
@@ -262,8 +289,50 @@ mod tests {
                 ipc_namespace: true,
                 tcp_established: true,
                 memory_bytes: 8 << 20,
+                shell_job: false,
+                job_control: false,
+                runtime_paths: vec![],
             }
         );
+    }
+
+    #[test]
+    fn a_root_whose_session_leader_has_exited_is_a_shell_job() {
+        // 100 forked 101 after setsid and exited: 101 is the tree's root,
+        // in 100's session and process group.
+        let fake = FakeProc::new();
+        fake.add(Process::new(101, "daemon").session(100, 100));
+        fake.add(Process::new(102, "worker").parent(101).session(100, 100));
+        let cgroups = tempfile::tempdir().unwrap();
+        let cg = cgroup_with(cgroups.path(), "101\n102\n");
+        let w = inspect_in(&fake.proc(), "w", &cg).unwrap();
+        assert_eq!(w.root_pid, 101);
+        assert!(w.shell_job);
+        assert!(w.entry().shell_job);
+        // A root leading its own session is not.
+        let fake = FakeProc::new();
+        fake.add(Process::new(101, "daemon"));
+        let w = inspect_in(&fake.proc(), "w", &cg).unwrap();
+        assert!(!w.shell_job && !w.entry().shell_job);
+    }
+
+    #[test]
+    fn a_tree_with_a_controlling_terminal_has_job_control() {
+        // A shell leading its session on /dev/pts/0, and its terminal
+        // program (the master's holder) without one.
+        let fake = FakeProc::new();
+        fake.add(Process::new(101, "sh").controlling_pty(0));
+        fake.add(Process::new(102, "term").parent(101).pty_master(3, 0));
+        let cgroups = tempfile::tempdir().unwrap();
+        let cg = cgroup_with(cgroups.path(), "101\n102\n");
+        let w = inspect_in(&fake.proc(), "w", &cg).unwrap();
+        assert!(w.job_control && w.entry().job_control);
+        // No process with a controlling terminal: none.
+        let fake = FakeProc::new();
+        fake.add(Process::new(101, "sh"));
+        fake.add(Process::new(102, "term").parent(101).pty_master(3, 0));
+        let w = inspect_in(&fake.proc(), "w", &cg).unwrap();
+        assert!(!w.job_control && !w.entry().job_control);
     }
 
     #[test]
@@ -292,11 +361,19 @@ mod tests {
             workloads: vec![
                 config::DeclaredWorkload {
                     name: "redis".into(),
-                    cgroup: "system.slice/redis.service".into(),
+                    cgroup: Some("system.slice/redis.service".into()),
+                    runtime_paths: vec!["/run/redis".into()],
                 },
                 config::DeclaredWorkload {
                     name: "missing".into(),
-                    cgroup: root.path().join("nowhere"),
+                    cgroup: Some(root.path().join("nowhere")),
+                    ..Default::default()
+                },
+                // Adds to the launched workload `a`; no workload of its own.
+                config::DeclaredWorkload {
+                    name: "a".into(),
+                    cgroup: None,
+                    runtime_paths: vec!["/run/a.d".into()],
                 },
             ],
             ..Config::default()
@@ -316,6 +393,9 @@ mod tests {
             &found[2],
             Err(Error::Cgroup(cgroup::Error::Io { path, .. })) if path.ends_with("nowhere/cgroup.procs")
         ));
+        let paths = |i: usize| found[i].as_ref().map(|w| w.runtime_paths.clone()).ok();
+        assert_eq!(paths(0), Some(vec![PathBuf::from("/run/a.d")]));
+        assert_eq!(paths(1), Some(vec![PathBuf::from("/run/redis")]));
     }
 
     #[test]

@@ -22,6 +22,13 @@ fn paired(w: &WorkloadEntry) -> Vec<&'static str> {
         // Connected sockets, frozen in TCP repair mode.
         a.push("--tcp-established");
     }
+    if w.shell_job {
+        // A root outside its own session: the dump takes it, and the
+        // restore puts the tree in CRIU's session and process group (the
+        // session's leader is gone, and CRIU cannot make a helper above
+        // the root).
+        a.push("--shell-job");
+    }
     a
 }
 
@@ -73,12 +80,18 @@ impl Checkpoint<'_> {
     /// `criu restore`, in `kupgrade-init` on the new kernel.
     pub fn restore_args(&self) -> Vec<String> {
         let mut a = self.common("restore");
-        a.extend([
-            // Re-parented to PID 1, which becomes the real init.
-            "--restore-detached".into(),
-            // Stopped, so that kupgrade-init can fix their timers before they run.
-            "--leave-stopped".into(),
-        ]);
+        // Re-parented to PID 1, which becomes the real init.
+        a.push("--restore-detached".into());
+        if !self.workload.shell_job && !self.workload.job_control {
+            // Stopped, so that kupgrade-init can fix their timers before
+            // they run; but never a shell job: its process group is
+            // orphaned once CRIU exits (init becomes the parent), and the
+            // kernel sends an orphaned group with stopped members SIGHUP.
+            // Nor a tree on a terminal: a job-control shell is told of its
+            // jobs' stop and continue, and an interactive busybox sh then
+            // ends its session.
+            a.push("--leave-stopped".into());
+        }
         a.extend(paired(self.workload).into_iter().map(String::from));
         a
     }
@@ -97,6 +110,8 @@ mod tests {
             section: "criu/w".into(),
             tcp_established: tcp,
             pid_namespace: false,
+            shell_job: false,
+            job_control: false,
         }
     }
 
@@ -156,6 +171,55 @@ mod tests {
         let w = entry(true);
         let dump = Checkpoint { workload: &w, ..c }.dump_args();
         assert_eq!(value_of(&dump, "--network-lock"), Some("nftables"));
+    }
+
+    /// A shell job is one on both sides, and restored running: stopped, an
+    /// orphaned process group would get SIGHUP when CRIU exits.
+    #[test]
+    fn a_shell_job_is_dumped_and_restored_as_one_and_not_left_stopped() {
+        let w = WorkloadEntry {
+            shell_job: true,
+            ..entry(false)
+        };
+        let c = Checkpoint {
+            workload: &w,
+            images_dir: Path::new("/d"),
+            log: Path::new("/l"),
+        };
+        let (dump, restore) = (c.dump_args(), c.restore_args());
+        assert!(dump.iter().any(|a| a == "--shell-job"));
+        assert!(restore.iter().any(|a| a == "--shell-job"));
+        assert!(restore.iter().any(|a| a == "--restore-detached"));
+        assert!(!restore.iter().any(|a| a == "--leave-stopped"));
+        // The dump still leaves it stopped, for the undo.
+        assert!(dump.iter().any(|a| a == "--leave-stopped"));
+        let w = entry(false);
+        let c = Checkpoint { workload: &w, ..c };
+        assert!(!c.dump_args().iter().any(|a| a == "--shell-job"));
+        assert!(!c.restore_args().iter().any(|a| a == "--shell-job"));
+    }
+
+    /// A tree on a terminal is restored running (a job-control shell would
+    /// see its jobs stop and continue), and is no shell job for it.
+    #[test]
+    fn a_tree_on_a_terminal_is_not_left_stopped_by_the_restore() {
+        let w = WorkloadEntry {
+            job_control: true,
+            ..entry(false)
+        };
+        let c = Checkpoint {
+            workload: &w,
+            images_dir: Path::new("/d"),
+            log: Path::new("/l"),
+        };
+        let (dump, restore) = (c.dump_args(), c.restore_args());
+        assert!(!restore.iter().any(|a| a == "--leave-stopped"));
+        assert!(!restore.iter().any(|a| a == "--shell-job"));
+        assert!(!dump.iter().any(|a| a == "--shell-job"));
+        assert!(dump.iter().any(|a| a == "--leave-stopped"));
+        let w = entry(false);
+        let restore = Checkpoint { workload: &w, ..c }.restore_args();
+        assert!(restore.iter().any(|a| a == "--leave-stopped"));
     }
 
     #[test]

@@ -40,8 +40,13 @@ pub struct DeviceState {
     /// installed before any interface gets its address, so that the new
     /// kernel never answers a peer of a checkpointed connection with a reset.
     pub network_locks: Vec<String>,
-    /// tmpfs mounts the workloads use, mounted again before the restore.
+    /// tmpfs mounts the workloads use, mounted again before the restore,
+    /// in this order (a mount's parents first).
     pub tmpfs_mounts: Vec<TmpfsMount>,
+    /// The options of the devpts at `/dev/pts`, so that terminals get the
+    /// same modes in the new boot. Absent in older images.
+    #[serde(default)]
+    pub devpts_options: Option<String>,
     /// Entropy from the old kernel, credited to the new one's pool.
     pub rng_seed: Vec<u8>,
 }

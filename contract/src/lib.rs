@@ -29,6 +29,16 @@ pub struct WorkloadEntry {
     pub section: String,
     pub tcp_established: bool,
     pub pid_namespace: bool,
+    /// Its root does not lead its session (the leader has exited): CRIU
+    /// dumps and restores it with `--shell-job`. Absent in older images.
+    #[serde(default)]
+    pub shell_job: bool,
+    /// A process of it has a controlling terminal, so a shell's job control
+    /// may watch the others: restored running, since a stop and a SIGCONT
+    /// after it are seen (and acted on) by such a shell. Absent in older
+    /// images.
+    #[serde(default)]
+    pub job_control: bool,
 }
 
 /// When a lifecycle event happened, as recorded in the manifest and report.

@@ -400,9 +400,10 @@ impl Restorer<'_> {
             path: m.path.clone(),
             options: m.options.clone(),
         });
-        let all: Vec<SupportMount> = tmpfs
-            .chain([SupportMount::Cgroup2, SupportMount::Devpts])
-            .collect();
+        let devpts = SupportMount::Devpts {
+            options: state.devpts_options.clone(),
+        };
+        let all: Vec<SupportMount> = tmpfs.chain([SupportMount::Cgroup2, devpts]).collect();
         for m in &all {
             if let Err(e) = self.sys.mount_support(m) {
                 self.log(&chain(&e));
@@ -717,6 +718,52 @@ mod tests {
             );
             assert_eq!(f.ending(), [Event::Restored, Event::ExecInit], "{at}");
         }
+    }
+
+    /// The runtime state comes back before CRIU runs: the tmpfs mounts in
+    /// the order the image gives (a parent before what is mounted in it),
+    /// devpts with the old boot's options, then the files on them.
+    #[test]
+    fn runtime_state_is_mounted_and_unpacked_before_criu_runs() {
+        let mut f = Fake::resuming().with_state(|s| {
+            s.tmpfs_mounts = ["/run", "/run/user/1000", "/dev/shm"]
+                .map(|p| contract::devstate::TmpfsMount {
+                    path: p.into(),
+                    options: "mode=755".into(),
+                })
+                .to_vec();
+            s.devpts_options = Some("gid=5,mode=600,ptmxmode=000".into());
+        });
+        boot(&mut f).expect("an init runs");
+        let at = |call: &str| f.calls.iter().position(|c| c == call).unwrap();
+        let order = [
+            "mount tmpfs /run",
+            "mount tmpfs /run/user/1000",
+            "mount tmpfs /dev/shm",
+            "mount devpts gid=5,mode=600,ptmxmode=000",
+            "unpack tmpfs",
+            "criu restore a",
+        ];
+        for pair in order.windows(2) {
+            assert!(at(pair[0]) < at(pair[1]), "{pair:?} in {:?}", f.calls);
+        }
+        assert_eq!(f.report().outcome, Outcome::Restored);
+    }
+
+    /// A workload whose root does not lead its session is restored as a
+    /// shell job, running (not left stopped, or its orphaned group would
+    /// get SIGHUP), and resumed like the others.
+    #[test]
+    fn a_shell_job_is_restored_as_one_and_resumed() {
+        let mut f = Fake::resuming().with_workloads(|w| w[0].shell_job = true);
+        boot(&mut f).expect("an init runs");
+        assert_eq!(f.calls, FULL_BOOT);
+        let has = |args: &Vec<String>, option: &str| args.iter().any(|a| a == option);
+        assert!(has(&f.restore_args[0], "--shell-job"));
+        assert!(!has(&f.restore_args[0], "--leave-stopped"));
+        assert!(!has(&f.restore_args[1], "--shell-job"));
+        assert!(has(&f.restore_args[1], "--leave-stopped"));
+        assert_eq!(f.report().outcome, Outcome::Restored);
     }
 
     /// Right after the image is marked, before anything else, the restore is

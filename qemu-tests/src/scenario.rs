@@ -265,6 +265,15 @@ pub struct Workload {
     /// declared in /etc/kupgrade/config.toml, instead of `kupgrade launch`.
     #[serde(default)]
     pub declared: bool,
+    /// For a daemon that forks and lets the started process exit: the file
+    /// it writes its pid into. That pid, once the file names it, is the one
+    /// the upgrade must keep (as a service manager's PIDFile= says).
+    #[serde(default)]
+    pub pid_file: Option<PathBuf>,
+    /// With `declared`: its `runtime_paths` in config.toml, the runtime
+    /// state on tmpfs it needs and kupgrade cannot find by itself.
+    #[serde(default)]
+    pub runtime_paths: Vec<PathBuf>,
     /// Waited for after it starts, before the next workload, the probes
     /// and the upgrade.
     #[serde(default)]
@@ -551,6 +560,18 @@ impl Scenario {
             if w.command.is_empty() {
                 return Err(format!("workload {:?} has an empty command", w.name));
             }
+            if w.pid_file.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(format!(
+                    "workload {:?}: pid_file must be an absolute path",
+                    w.name
+                ));
+            }
+            if !w.runtime_paths.is_empty() && !w.declared {
+                return Err(format!(
+                    "workload {:?}: runtime_paths go into config.toml with declared = true",
+                    w.name
+                ));
+            }
             if let Some(r) = &w.ready {
                 let what = format!("workload {:?}: ready", w.name);
                 if r.port.is_none() && r.file.is_none() && r.argv("").is_none() {
@@ -746,6 +767,12 @@ command = ["/bin/true"]
         let mut s = Scenario::parse(MINIMAL).unwrap();
         s.upgrade.expect = Expect::Refused;
         assert!(s.validate().unwrap_err().contains("refusal_contains"));
+        let mut s = Scenario::parse(MINIMAL).unwrap();
+        s.workloads[0].pid_file = Some("run/x.pid".into());
+        assert!(s.validate().unwrap_err().contains("pid_file"));
+        let mut s = Scenario::parse(MINIMAL).unwrap();
+        s.workloads[0].runtime_paths = vec!["/run/x".into()];
+        assert!(s.validate().unwrap_err().contains("declared = true"));
     }
 
     #[test]

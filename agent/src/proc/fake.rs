@@ -1,7 +1,8 @@
 //! A small `/proc` tree in a temporary directory, shaped like the kernel's
 //! where the probes read it: `PID/stat`, `PID/status`, `PID/comm`,
-//! `PID/task/TID/status`, `PID/fd/N` and `PID/ns/KIND` as symlinks,
-//! `PID/maps`, `net/tcp`, and `self` (pid 1, in the host's namespaces).
+//! `PID/task/TID/status`, `PID/fd/N`, `PID/exe` and `PID/ns/KIND` as
+//! symlinks, `PID/fdinfo/N`, `PID/maps`, `net/tcp`, `net/unix`, and `self`
+//! (pid 1, in the host's namespaces, with its `mountinfo`).
 
 use std::fs;
 use std::os::unix::fs::symlink;
@@ -29,8 +30,12 @@ pub(crate) struct Process {
     ppid: i32,
     pgrp: i32,
     session: i32,
+    tty_nr: u32,
+    tpgid: i32,
+    exe: Option<String>,
     threads: Vec<(i32, Option<i32>)>,
     fds: Vec<(i32, String)>,
+    fdinfo: Vec<(i32, String)>,
     maps: String,
     namespaces: Vec<(Namespace, String)>,
 }
@@ -44,8 +49,12 @@ impl Process {
             ppid: 1,
             pgrp: pid,
             session: pid,
+            tty_nr: 0,
+            tpgid: -1,
+            exe: None,
             threads: vec![(pid, None)],
             fds: Vec::new(),
+            fdinfo: Vec::new(),
             maps: String::new(),
             namespaces: Namespace::ALL
                 .iter()
@@ -79,6 +88,37 @@ impl Process {
 
     pub fn fd(mut self, fd: i32, target: &str) -> Self {
         self.fds.push((fd, target.into()));
+        self
+    }
+
+    /// The master of pseudo-terminal `index`, open as `fd`.
+    pub fn pty_master(mut self, fd: i32, index: u32) -> Self {
+        self.fds.push((fd, "/dev/ptmx".into()));
+        self.fdinfo.push((
+            fd,
+            format!("pos:\t0\nflags:\t02\nmnt_id:\t25\nino:\t2\ntty-index:\t{index}\n"),
+        ));
+        self
+    }
+
+    /// Its controlling terminal is `/dev/pts/index`, its session's leader
+    /// in the foreground (call `session` first).
+    pub fn controlling_pty(mut self, index: u32) -> Self {
+        // Major 136 + index / 256, minor index % 256, as the kernel packs it.
+        let (major, minor) = (136 + index / 256, index % 256);
+        self.tty_nr = (major << 8) | (minor & 0xff) | ((minor & !0xff) << 12);
+        self.tpgid = self.session;
+        self
+    }
+
+    /// The process group in the foreground of its terminal.
+    pub fn foreground(mut self, pgrp: i32) -> Self {
+        self.tpgid = pgrp;
+        self
+    }
+
+    pub fn exe(mut self, path: &str) -> Self {
+        self.exe = Some(path.into());
         self
     }
 
@@ -145,8 +185,8 @@ impl FakeProc {
         write(
             "stat",
             &format!(
-                "{} ({}) {} {} {} {} 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 100 1000 10\n",
-                p.pid, p.comm, p.state, p.ppid, p.pgrp, p.session
+                "{} ({}) {} {} {} {} {} {} 4194560 0 0 0 0 0 0 0 0 20 0 1 0 100 1000 10\n",
+                p.pid, p.comm, p.state, p.ppid, p.pgrp, p.session, p.tty_nr as i32, p.tpgid
             ),
         );
         write("status", &status(p.threads[0].1));
@@ -158,6 +198,12 @@ impl FakeProc {
         fs::create_dir_all(dir.join("fd")).expect("mkdir fd");
         for (fd, target) in &p.fds {
             symlink(target, dir.join("fd").join(fd.to_string())).expect("fd link");
+        }
+        for (fd, text) in &p.fdinfo {
+            write(&format!("fdinfo/{fd}"), text);
+        }
+        if let Some(exe) = &p.exe {
+            symlink(exe, dir.join("exe")).expect("exe link");
         }
         fs::create_dir_all(dir.join("ns")).expect("mkdir ns");
         for (ns, link) in &p.namespaces {
@@ -173,5 +219,22 @@ impl FakeProc {
     pub fn tcp(&self, table: &str) {
         fs::create_dir_all(self.dir.path().join("net")).expect("mkdir net");
         fs::write(self.dir.path().join("net/tcp"), table).expect("write tcp");
+    }
+
+    /// `net/unix`: one line per (inode, bound path).
+    pub fn unix(&self, sockets: &[(u64, &str)]) {
+        let mut table = String::from("Num       RefCount Protocol Flags    Type St Inode Path\n");
+        for (inode, path) in sockets {
+            table.push_str(&format!(
+                "0000000000000000: 00000002 00000000 00010000 0001 01 {inode} {path}\n"
+            ));
+        }
+        fs::create_dir_all(self.dir.path().join("net")).expect("mkdir net");
+        fs::write(self.dir.path().join("net/unix"), table).expect("write unix");
+    }
+
+    /// What `self/mountinfo` says.
+    pub fn mountinfo(&self, text: &str) {
+        fs::write(self.dir.path().join("1/mountinfo"), text).expect("write mountinfo");
     }
 }

@@ -112,6 +112,8 @@ fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
         section: devstate::criu_section(name),
         tcp_established: tcp,
         pid_namespace: false,
+        shell_job: false,
+        job_control: false,
     }
 }
 
@@ -172,6 +174,7 @@ impl Fake {
                 path: "/dev/shm".into(),
                 options: "mode=1777".into(),
             }],
+            devpts_options: None,
             rng_seed: vec![1, 2, 3],
         };
         Fake {
@@ -185,6 +188,23 @@ impl Fake {
             devstate: serde_json::to_vec(&state).expect("a DeviceState encodes"),
             ..Fake::default()
         }
+    }
+
+    /// Changes the device state the image holds.
+    pub fn with_state(mut self, change: impl FnOnce(&mut DeviceState)) -> Fake {
+        let mut state: DeviceState =
+            serde_json::from_slice(&self.devstate).expect("the fake's DeviceState decodes");
+        change(&mut state);
+        self.devstate = serde_json::to_vec(&state).expect("a DeviceState encodes");
+        self
+    }
+
+    /// Changes the workloads the image holds.
+    pub fn with_workloads(mut self, change: impl FnOnce(&mut Vec<WorkloadEntry>)) -> Fake {
+        if let Some(image) = self.image.as_mut() {
+            change(&mut image.manifest.workloads);
+        }
+        self
     }
 
     pub fn failing_at(calls: &[&str]) -> Fake {
@@ -399,7 +419,10 @@ impl System for Fake {
         self.step(match m {
             SupportMount::Tmpfs { path, .. } => format!("mount tmpfs {path}"),
             SupportMount::Cgroup2 => "mount cgroup2".into(),
-            SupportMount::Devpts => "mount devpts".into(),
+            SupportMount::Devpts { options: None } => "mount devpts".into(),
+            SupportMount::Devpts {
+                options: Some(options),
+            } => format!("mount devpts {options}"),
         })
     }
     fn mount_scratch(&mut self, _dir: &Path) -> Result<(), Error> {

@@ -199,8 +199,9 @@ pub enum SupportMount {
     Tmpfs { path: String, options: String },
     /// CRIU puts the tasks back in their cgroups.
     Cgroup2,
-    /// Their terminals, with `/dev/ptmx`.
-    Devpts,
+    /// Their terminals, with `/dev/ptmx`, mounted with the options it had
+    /// in the old boot when the image says.
+    Devpts { options: Option<String> },
 }
 
 /// Everything `kupgrade-init` does to the machine, in the order of a boot.

@@ -190,10 +190,16 @@ impl System for RealSystem {
 
     fn mount_support(&mut self, m: &SupportMount) -> Result<(), Error> {
         match m {
-            SupportMount::Tmpfs { path, options } => mount_once("tmpfs", path, Some(options)),
-            SupportMount::Cgroup2 => mount_once("cgroup2", "/sys/fs/cgroup", None),
-            SupportMount::Devpts => {
-                let mounted = mount_once("devpts", "/dev/pts", Some("gid=5,mode=620,ptmxmode=666"));
+            SupportMount::Tmpfs { path, options } => {
+                mount_once("tmpfs", path, Some(options), NOSUID_NODEV)
+            }
+            SupportMount::Cgroup2 => mount_once("cgroup2", "/sys/fs/cgroup", None, NOSUID_NODEV),
+            SupportMount::Devpts { options } => {
+                let options = options.as_deref().unwrap_or("gid=5,mode=620,ptmxmode=666");
+                // Not nodev: the terminals are its device nodes, and a nodev
+                // mount makes opening /dev/pts/N fail with EACCES, root or not.
+                let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+                let mounted = mount_once("devpts", "/dev/pts", Some(options), flags);
                 if !Path::new("/dev/ptmx").exists() {
                     let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
                 }
@@ -348,6 +354,9 @@ impl System for RealSystem {
         let mut criu = Command::new("criu");
         criu.args(run.args())
             .env("PATH", PATH)
+            // A shell job's tree joins CRIU's process group (and PID 1's
+            // session): let that be a group of its own, not init's.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -442,8 +451,10 @@ fn open_store(path: &Path) -> io::Result<File> {
     }
 }
 
+const NOSUID_NODEV: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
+
 /// Mounts `fstype` on `target` unless something is mounted there already.
-fn mount_once(fstype: &str, target: &str, data: Option<&str>) -> Result<(), Error> {
+fn mount_once(fstype: &str, target: &str, data: Option<&str>, flags: MsFlags) -> Result<(), Error> {
     let mounted = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     if mounted
         .lines()
@@ -452,14 +463,7 @@ fn mount_once(fstype: &str, target: &str, data: Option<&str>) -> Result<(), Erro
         return Ok(());
     }
     let _ = fs::create_dir_all(target);
-    mount(
-        Some(fstype),
-        target,
-        Some(fstype),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        data,
-    )
-    .map_err(|source| Error::Mount {
+    mount(Some(fstype), target, Some(fstype), flags, data).map_err(|source| Error::Mount {
         fstype: fstype.into(),
         target: target.into(),
         source,

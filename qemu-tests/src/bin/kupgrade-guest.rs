@@ -104,16 +104,23 @@ fn mount_basics() {
         MsFlags::MS_REMOUNT,
         None::<&str>,
     );
-    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    for (fstype, target, data) in [
-        ("proc", "/proc", None),
-        ("sysfs", "/sys", None),
-        ("devtmpfs", "/dev", None),
-        ("tmpfs", "/run", Some("mode=0755")),
-        ("tmpfs", "/dev/shm", Some("mode=1777")),
-        ("tmpfs", "/tmp", Some("mode=1777")),
-        ("devpts", "/dev/pts", Some("gid=5,mode=620,ptmxmode=666")),
-        ("cgroup2", "/sys/fs/cgroup", None),
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    // Device nodes live on these: nodev would make opening them EACCES.
+    let dev = MsFlags::MS_NOSUID;
+    for (fstype, target, data, flags) in [
+        ("proc", "/proc", None, nodev),
+        ("sysfs", "/sys", None, nodev),
+        ("devtmpfs", "/dev", None, dev),
+        ("tmpfs", "/run", Some("mode=0755"), nodev),
+        ("tmpfs", "/dev/shm", Some("mode=1777"), nodev),
+        ("tmpfs", "/tmp", Some("mode=1777"), nodev),
+        (
+            "devpts",
+            "/dev/pts",
+            Some("gid=5,mode=620,ptmxmode=666"),
+            dev | MsFlags::MS_NOEXEC,
+        ),
+        ("cgroup2", "/sys/fs/cgroup", None, nodev),
     ] {
         if !has(target) {
             let _ = fs::create_dir_all(target);
@@ -239,6 +246,7 @@ fn worker() -> Result<()> {
         for w in &plan.workloads {
             if w.declared {
                 let pid = start_declared(w)?;
+                let pid = daemon_pid(w, pid)?;
                 say(Line::new(Verb::Workload)
                     .with("name", &w.name)
                     .with("pid", pid));
@@ -262,6 +270,7 @@ fn worker() -> Result<()> {
                 .find_map(|l| l.strip_prefix("pid "))
                 .and_then(|p| p.trim().parse().ok())
                 .with_context(|| format!("kupgrade launch printed no pid: {out}"))?;
+            let pid = daemon_pid(w, pid)?;
             say(Line::new(Verb::Workload)
                 .with("name", &w.name)
                 .with("pid", pid));
@@ -455,6 +464,30 @@ fn service_cgroup(name: &str) -> String {
     format!("/sys/fs/cgroup/system.slice/{name}.service")
 }
 
+/// The pid a workload with a pid file keeps (the daemon its started process
+/// forked), else `started`.
+fn daemon_pid(w: &kupgrade_vm::scenario::Workload, started: i32) -> Result<i32> {
+    let Some(file) = &w.pid_file else {
+        return Ok(started);
+    };
+    let start = Instant::now();
+    loop {
+        let pid = fs::read_to_string(file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        if let Some(p) = pid.filter(|p| Path::new(&format!("/proc/{p}")).exists()) {
+            return Ok(p);
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(60),
+            "workload {}: {} names no running process",
+            w.name,
+            file.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Starts a workload as a service manager would (its own cgroup, not
 /// kupgrade's) and declares that cgroup in /etc/kupgrade/config.toml.
 fn start_declared(w: &Workload) -> Result<i32> {
@@ -464,9 +497,13 @@ fn start_declared(w: &Workload) -> Result<i32> {
     // kernel takes the low ones.
     let _ = fs::write("/proc/sys/kernel/ns_last_pid", "20000");
     let log = fs::File::create(format!("/var/log/{}.out", w.name))?;
-    // Its own session, as a service manager gives it (busybox setsid
-    // execs without forking: the child is not a group leader).
-    let child = Command::new("setsid")
+    // In its cgroup before the command runs (a daemon forks at once), then
+    // in its own session, as a service manager gives it (busybox setsid
+    // execs without forking: the shell is not a group leader).
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo $$ > {cg}/cgroup.procs && exec setsid \"$@\""))
+        .arg("sh")
         .args(&w.command)
         .env("PATH", PATH)
         .stdin(Stdio::null())
@@ -475,7 +512,6 @@ fn start_declared(w: &Workload) -> Result<i32> {
         .spawn()
         .with_context(|| format!("cannot start {:?}", w.command))?;
     let pid = child.id() as i32;
-    fs::write(format!("{cg}/cgroup.procs"), pid.to_string())?;
     let mut cfg = fs::OpenOptions::new()
         .append(true)
         .open("/etc/kupgrade/config.toml")?;
@@ -485,6 +521,14 @@ fn start_declared(w: &Workload) -> Result<i32> {
         "\n[[workload]]\nname = \"{}\"\ncgroup = \"system.slice/{}.service\"",
         w.name, w.name
     )?;
+    if !w.runtime_paths.is_empty() {
+        let paths: Vec<String> = w
+            .runtime_paths
+            .iter()
+            .map(|p| format!("{:?}", p.display().to_string()))
+            .collect();
+        writeln!(cfg, "runtime_paths = [{}]", paths.join(", "))?;
+    }
     Ok(pid)
 }
 

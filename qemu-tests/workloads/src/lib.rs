@@ -182,6 +182,11 @@ impl Args {
         }
     }
 
+    /// The arguments not taken yet.
+    pub fn rest(self) -> Vec<String> {
+        self.rest.collect()
+    }
+
     /// If the command line is `--role ROLE ...`, takes and returns ROLE.
     pub fn role(&mut self) -> Option<String> {
         if self.rest.as_slice().first().map(String::as_str) == Some("--role") {

@@ -4,16 +4,24 @@
 //! child: a stream socketpair and a datagram socketpair (handed to the child
 //! as its stdin and stdout, the safe way to pass descriptors), and a named
 //! stream socket bound at `DIR/wl-unix-PID.sock` that the child connects to.
+//! `DIR` is made if missing, mode 0750 and group 65534 (`nogroup`), as a
+//! daemon's socket directory under `/run` is. The listener goes on
+//! accepting: every later client gets one line, `hello from PID`, so that a
+//! checker can prove the socket is reachable by its path.
 //! Every tick it sends the next numbered 32-byte record (number, send time,
 //! payload, checksum) on all three. The receiver takes record N from each
 //! channel only once it is LAG ms old, so about LAG/TICK records always sit
 //! in each socket's queue for CRIU to carry. Streams:
 //! `src=sender sent=N` and `src=receiver stream=N dgram=N named=N sums=ok`.
 //!
+//! The sender's lines also give the directory's mode and owner as made
+//! (`dir_mode=750 dir_owner=0:65534`).
+//!
 //! Usage: `wl-unix LOG [socket dir, /run] [tick ms, 100] [lag ms, 500]`.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::process::Stdio;
 use std::time::Duration;
@@ -27,6 +35,22 @@ fn sender(log: String, dir: String, tick: u64, lag: u64) {
         UnixStream::pair().unwrap_or_else(|e| die(format!("socketpair(STREAM): {e}")));
     let (dgram, dgram_peer) =
         UnixDatagram::pair().unwrap_or_else(|e| die(format!("socketpair(DGRAM): {e}")));
+    if !std::path::Path::new(&dir).is_dir() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o750)
+            .create(&dir)
+            .unwrap_or_else(|e| die(format!("cannot make {dir}: {e}")));
+        std::os::unix::fs::chown(&dir, Some(0), Some(65534))
+            .unwrap_or_else(|e| die(format!("cannot chown {dir}: {e}")));
+    }
+    let made = std::fs::metadata(&dir).unwrap_or_else(|e| die(format!("stat {dir}: {e}")));
+    let dir_meta = format!(
+        "dir_mode={:o} dir_owner={}:{}",
+        made.mode() & 0o7777,
+        made.uid(),
+        made.gid()
+    );
     let path = format!("{dir}/wl-unix-{}.sock", std::process::id());
     let _ = std::fs::remove_file(&path);
     let listener =
@@ -45,6 +69,7 @@ fn sender(log: String, dir: String, tick: u64, lag: u64) {
     let (mut named, _) = listener
         .accept()
         .unwrap_or_else(|e| die(format!("accept on {path}: {e}")));
+    std::thread::spawn(move || greet(listener));
     let mut out = Ticker::open_or_die(&log, Some("sender"));
     loop {
         let n = out.seq();
@@ -56,8 +81,17 @@ fn sender(log: String, dir: String, tick: u64, lag: u64) {
         if let Err(e) = sent {
             die(format!("cannot send record {n}: {e}"));
         }
-        out.tick_or_die(&format!("sent={n} path={path}"));
+        out.tick_or_die(&format!("sent={n} path={path} {dir_meta}"));
         std::thread::sleep(Duration::from_millis(tick));
+    }
+}
+
+/// Answers every later client of the named socket with one line.
+fn greet(listener: UnixListener) {
+    let hello = format!("hello from {}\n", std::process::id());
+    for client in listener.incoming() {
+        // A client that went away needs nothing more.
+        let _ = client.and_then(|mut c| c.write_all(hello.as_bytes()));
     }
 }
 
