@@ -15,6 +15,7 @@
 //! reported, never fatal, and PID 1 never exits.
 
 mod boot;
+mod chained;
 mod log;
 mod restore;
 mod root;
@@ -38,8 +39,15 @@ const ROOT_RETRY: Duration = Duration::from_secs(5);
 
 fn main() {
     if std::process::id() != 1 {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        if let Some(code) = chained::tool(&args) {
+            std::process::exit(code);
+        }
         eprintln!("kupgrade-init is the /init of an initramfs and must run as PID 1; nothing done");
         std::process::exit(2);
+    }
+    if chained::after_an_initramfs() {
+        chained::run();
     }
     let mut sys = Faults::new(RealSystem::default());
     let why = boot(&mut sys);
