@@ -5,6 +5,7 @@ pub mod capture;
 pub mod cgroup;
 pub mod config;
 pub mod criu;
+pub mod distro;
 pub mod faults;
 pub mod launch;
 pub mod leftovers;

@@ -12,7 +12,7 @@ use kupgrade_agent::leftovers::{self, RunLock};
 use kupgrade_agent::pipeline::{self, Outcome, System};
 use kupgrade_agent::preflight::{self, RealFacts};
 use kupgrade_agent::realsys::RealSystem;
-use kupgrade_agent::stage::{self, Staged};
+use kupgrade_agent::stage::{self, InitramfsKind, Staged};
 use kupgrade_agent::store::{self, Store};
 use kupgrade_agent::workload::{self, Workload};
 use kupgrade_agent::{launch, proc};
@@ -39,12 +39,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Validate a kernel, build its initramfs and load it with kexec.
+    /// Validate a kernel, pick its initramfs and load it with kexec.
+    ///
+    /// The initramfs is the distribution's for that release when it carries
+    /// kupgrade's hook (/boot/initrd.img-RELEASE, else
+    /// /boot/initramfs-RELEASE.img); when it does not, one is built with
+    /// mkinitramfs or dracut into /run/kupgrade (/boot is left alone). A
+    /// machine with neither a distribution initramfs for the release nor a
+    /// generator gets kupgrade's own.
     Stage {
         kernel: PathBuf,
-        /// Use this initramfs instead of building one (its /init must be kupgrade-init).
-        #[arg(long)]
+        /// Use this initramfs (its /init must be kupgrade-init, or it must
+        /// carry kupgrade's hook).
+        #[arg(long, conflicts_with = "own_initramfs")]
         initrd: Option<PathBuf>,
+        /// Build kupgrade's own minimal initramfs (kupgrade-init mounts
+        /// root= itself: a plain block device, no LVM, LUKS or RAID).
+        #[arg(long)]
+        own_initramfs: bool,
         /// Append to the running command line.
         #[arg(long)]
         append: Option<String>,
@@ -196,6 +208,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Stage {
             kernel,
             initrd,
+            own_initramfs,
             append,
             cmdline,
         } => {
@@ -205,6 +218,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 initrd: initrd.as_deref(),
                 append: append.as_deref(),
                 cmdline: cmdline.as_deref(),
+                own_initramfs,
             };
             let s = stage::stage(&cfg, &req)
                 .with_context(|| format!("cannot stage {}", kernel.display()))?;
@@ -212,8 +226,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with("release", &s.release);
             println!("{e}");
             println!("staged {} from {}", s.release, s.kernel.display());
+            let whose = match (s.initramfs, &s.built_with) {
+                (InitramfsKind::Distribution, None) => "the distribution's, with kupgrade's hook",
+                (InitramfsKind::Distribution, Some(_)) => {
+                    "the distribution's, built now with kupgrade's hook: the one in /boot has none"
+                }
+                (InitramfsKind::Kupgrade, _) => "kupgrade's own",
+                (InitramfsKind::Given, _) => "as given",
+            };
             println!(
-                "initramfs {} ({} KiB, {} modules)",
+                "initramfs {} ({whose}; {} KiB, {} modules)",
                 s.initrd.display(),
                 s.initrd_bytes >> 10,
                 s.modules

@@ -956,6 +956,7 @@ mod tests {
                 initrd_bytes: 1 << 20,
                 modules: 10,
                 staged_unix: 0,
+                ..Staged::default()
             })
         }
     }

@@ -11,12 +11,13 @@ use initramfs::Compression;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, RUN_DIR};
+use crate::distro::{self, Choice};
 use crate::store::{Kind, Store};
 
 pub const STAGED_FILE: &str = "staged.json";
 
 /// What is loaded, recorded in `/run/kupgrade/staged.json`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Staged {
     pub kernel: PathBuf,
     pub release: String,
@@ -26,6 +27,36 @@ pub struct Staged {
     pub initrd_bytes: u64,
     pub modules: usize,
     pub staged_unix: u64,
+    /// Whose initramfs `initrd` is.
+    #[serde(default)]
+    pub initramfs: InitramfsKind,
+    /// The generator `stage` built the distribution's initramfs with
+    /// (the one in `/boot` had no kupgrade hook).
+    #[serde(default)]
+    pub built_with: Option<String>,
+}
+
+/// Whose initramfs the staged kernel boots with.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InitramfsKind {
+    /// The distribution's, with kupgrade's hook: it mounts the root.
+    Distribution,
+    /// kupgrade's own: kupgrade-init mounts `root=` itself.
+    #[default]
+    Kupgrade,
+    /// The user's (`--initrd`).
+    Given,
+}
+
+impl InitramfsKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            InitramfsKind::Distribution => "distribution",
+            InitramfsKind::Kupgrade => "kupgrade",
+            InitramfsKind::Given => "given",
+        }
+    }
 }
 
 impl Staged {
@@ -64,6 +95,12 @@ pub enum Error {
     },
     #[error(transparent)]
     Store(#[from] crate::store::Error),
+    #[error("the distribution's initramfs of {release}")]
+    Distro {
+        release: String,
+        #[source]
+        source: distro::Error,
+    },
     #[error(transparent)]
     Load(#[from] kexec::KexecError),
     #[error("cannot record the staged kernel in {RUN_DIR}")]
@@ -78,6 +115,8 @@ pub struct Request<'a> {
     pub append: Option<&'a str>,
     /// Replaces the running command line.
     pub cmdline: Option<&'a str>,
+    /// kupgrade's own initramfs even where the distribution has one.
+    pub own_initramfs: bool,
 }
 
 /// The next kernel's command line: the running one (or `base`) without
@@ -105,13 +144,44 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
     let release = image.release.clone();
     let store = Store::locate(cfg)?;
     let modules_dir = PathBuf::from(format!("/lib/modules/{release}"));
-    let (initrd, initrd_bytes, n_modules) = match req.initrd {
-        Some(p) => (
-            p.to_path_buf(),
-            fs::metadata(p).map(|m| m.len()).unwrap_or(0),
-            0,
-        ),
-        None => {
+    let choice = match (req.initrd, req.own_initramfs) {
+        (None, false) => distro::choose(&mut distro::RealMachine, &release, Path::new(RUN_DIR))
+            .map_err(|source| Error::Distro {
+                release: release.clone(),
+                source,
+            })?,
+        _ => Choice::OwnInitramfs,
+    };
+    let mut kind = InitramfsKind::Kupgrade;
+    let mut built_with = None;
+    let (initrd, initrd_bytes, n_modules) = match (req.initrd, choice) {
+        (Some(p), _) => {
+            kind = InitramfsKind::Given;
+            (
+                p.to_path_buf(),
+                fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+                0,
+            )
+        }
+        (
+            None,
+            Choice::Distribution {
+                path,
+                marker,
+                built_with: built,
+            },
+        ) => {
+            // The hook's boot script runs it from the root.
+            let init = Path::new(distro::CHAINED_INIT);
+            if !init.exists() {
+                return Err(Error::NoInit(init.into()));
+            }
+            kind = InitramfsKind::Distribution;
+            built_with = built;
+            let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            (path, bytes, marker.modules.len())
+        }
+        (None, Choice::OwnInitramfs) => {
             if !modules_dir.join("modules.dep").exists() {
                 return Err(Error::NoModules {
                     release,
@@ -177,6 +247,8 @@ pub fn stage(cfg: &Config, req: &Request) -> Result<Staged, Error> {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        initramfs: kind,
+        built_with,
     };
     staged.save().map_err(Error::Record)?;
     Ok(staged)
@@ -201,6 +273,21 @@ mod tests {
             Path::new("/dev/pmem0"),
         );
         assert_eq!(c, "root=LABEL=r ro memmap=256M!512M quiet foo=bar kupgrade.resume kupgrade.store=/dev/pmem0");
+    }
+
+    /// What a distribution's initramfs needs to assemble the root stays.
+    #[test]
+    fn cmdline_keeps_what_the_distribution_s_initramfs_needs() {
+        let running = "BOOT_IMAGE=/vmlinuz-6.1.0-27-amd64 root=/dev/mapper/vg-root ro \
+            rd.lvm.lv=vg/root rd.luks.uuid=luks-1234 rd.md.uuid=ab:cd resume=UUID=5678 \
+            cryptdevice=UUID=1234:crypt quiet initrd=\\initrd.img";
+        let c = compose_cmdline(running, None, None, Path::new("/dev/pmem0"));
+        assert_eq!(
+            c,
+            "root=/dev/mapper/vg-root ro rd.lvm.lv=vg/root rd.luks.uuid=luks-1234 \
+             rd.md.uuid=ab:cd resume=UUID=5678 cryptdevice=UUID=1234:crypt quiet \
+             kupgrade.resume kupgrade.store=/dev/pmem0"
+        );
     }
 
     #[test]
