@@ -1,5 +1,7 @@
 //! `kupgrade`: live kernel upgrades that keep the workloads running.
 
+mod docs;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -7,15 +9,17 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use contract::report::{Outcome as RestoreOutcome, UpgradeReport};
 use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, RUN_DIR};
+use kupgrade_agent::exit::Exit;
 use kupgrade_agent::faults::{self, FaultPoint, Faulty};
 use kupgrade_agent::leftovers::{self, RunLock};
 use kupgrade_agent::pipeline::{self, Outcome, System};
 use kupgrade_agent::preflight::{self, RealFacts};
 use kupgrade_agent::realsys::RealSystem;
-use kupgrade_agent::stage::{self, InitramfsKind, Staged};
-use kupgrade_agent::store::{self, Store};
+use kupgrade_agent::stage::{self, InitramfsKind};
+use kupgrade_agent::status::Status;
+use kupgrade_agent::store::Store;
 use kupgrade_agent::workload::{self, Workload};
-use kupgrade_agent::{launch, proc};
+use kupgrade_agent::{json, launch};
 
 #[derive(Parser)]
 #[command(
@@ -35,7 +39,7 @@ enum Cmd {
     /// Can this machine upgrade live? What would be preserved?
     Check {
         /// One JSON object: {"version", "ready", "findings": [{"level",
-        /// "kind", "workload", "what", "fix"}]}.
+        /// "kind", "workload", "what", "fix"}]} (see JSON OUTPUT in kupgrade(8)).
         #[arg(long)]
         json: bool,
     },
@@ -57,6 +61,11 @@ enum Cmd {
         /// root= itself: a plain block device, no LVM, LUKS or RAID).
         #[arg(long)]
         own_initramfs: bool,
+        /// Do nothing unless the config has stage_new_kernels = true (the
+        /// kernel packages' hook, /etc/kernel/postinst.d/zz-kupgrade, runs
+        /// this).
+        #[arg(long)]
+        if_configured: bool,
         /// Append to the running command line.
         #[arg(long)]
         append: Option<String>,
@@ -67,7 +76,11 @@ enum Cmd {
     /// Forget the staged kernel.
     Unstage,
     /// Staged kernel, workloads, store and estimates.
-    Status,
+    Status {
+        /// One JSON object (see JSON OUTPUT in kupgrade(8)).
+        #[arg(long)]
+        json: bool,
+    },
     /// Freeze, checkpoint, write the image and kexec into the staged kernel.
     Go {
         /// Do everything but the reboot, then resume the workloads.
@@ -80,6 +93,7 @@ enum Cmd {
     Resume,
     /// What the last upgrade did, phase by phase.
     Report {
+        /// One JSON object: {"version", "report"} (see JSON OUTPUT in kupgrade(8)).
         #[arg(long)]
         json: bool,
     },
@@ -116,6 +130,10 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Writes the man pages, shell completions and docs/cli.md (the
+    /// package build runs it).
+    #[command(name = "__docs", hide = true)]
+    Docs { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -140,7 +158,7 @@ fn main() -> ExitCode {
                 eprint!(": {cause}");
             }
             eprintln!();
-            ExitCode::FAILURE
+            Exit::Failed.into()
         }
     }
 }
@@ -182,6 +200,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Report { json } => return report(json),
+        Cmd::Docs { dir } => {
+            docs::write(&dir)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => {}
     }
     let cfg = Config::load(&cli.config)?;
@@ -201,17 +223,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("ready to upgrade");
                 }
             }
-            if !findings.ready() {
-                return Ok(ExitCode::FAILURE);
-            }
+            let failures: Vec<_> = findings.failures().collect();
+            return Ok(Exit::for_check(&failures).into());
         }
         Cmd::Stage {
             kernel,
             initrd,
             own_initramfs,
+            if_configured,
             append,
             cmdline,
         } => {
+            if if_configured && !cfg.stage_new_kernels {
+                println!(
+                    "not staging {}: stage_new_kernels is off in {}",
+                    kernel.display(),
+                    cli.config.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             require_root("staging a kernel")?;
             let req = stage::Request {
                 kernel: &kernel,
@@ -248,7 +278,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             stage::unstage()?;
             println!("no kernel staged");
         }
-        Cmd::Status => status(&cfg)?,
+        Cmd::Status { json } => {
+            let st = Status::gather(&cfg, release());
+            if json {
+                println!("{}", st.to_json());
+            } else {
+                print!("{}", st.text());
+            }
+        }
         Cmd::Go { dry_run } => return go(&cfg, dry_run),
         Cmd::Resume => return resume(&cfg),
         Cmd::Launch {
@@ -267,7 +304,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("cgroup {}", l.cgroup.display());
             println!("output {}", l.log.display());
         }
-        Cmd::Exec { .. } | Cmd::NsInit { .. } | Cmd::Image { .. } | Cmd::Report { .. } => {}
+        Cmd::Exec { .. }
+        | Cmd::NsInit { .. }
+        | Cmd::Image { .. }
+        | Cmd::Report { .. }
+        | Cmd::Docs { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -317,7 +358,7 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
         Ok(c) => c,
         Err(refused) => {
             eprintln!("kupgrade: {refused}");
-            return Ok(ExitCode::FAILURE);
+            return Ok(Exit::for_refusal(&refused.0).into());
         }
     };
     // Held until go returns: one go or resume at a time.
@@ -357,13 +398,14 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             eprintln!("kupgrade: upgrade aborted at {}", aborted.failure);
             if aborted.resume_errors.is_empty() {
                 eprintln!("kupgrade: every workload was resumed on this kernel; nothing was lost");
+                Ok(Exit::Aborted.into())
             } else {
                 eprintln!(
                     "kupgrade: RESUMING FAILED: {}",
                     pipeline::join(&aborted.resume_errors)
                 );
+                Ok(Exit::ResumeNeeded.into())
             }
-            Ok(ExitCode::FAILURE)
         }
     }
 }
@@ -403,69 +445,8 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!("kupgrade: RESUMING FAILED: {}", pipeline::join(&errors));
-        Ok(ExitCode::FAILURE)
+        Ok(Exit::ResumeNeeded.into())
     }
-}
-
-fn status(cfg: &Config) -> Result<()> {
-    println!("kernel: {}", release());
-    match Staged::load() {
-        Some(s) => {
-            let loaded = kexec::is_loaded().unwrap_or(false);
-            println!(
-                "staged: {} ({}){}",
-                s.release,
-                s.kernel.display(),
-                if loaded {
-                    ""
-                } else {
-                    " -- NOT LOADED any more"
-                }
-            );
-            println!("  command line: {}", s.cmdline);
-        }
-        None => println!("staged: nothing"),
-    }
-    let mut total = 0;
-    for r in workload::discover(cfg) {
-        match r {
-            Ok(w) => {
-                total += w.memory_bytes;
-                let refusals = workload::refusals(&w);
-                println!(
-                    "workload {}: pid {} ({}), {} processes, {} MiB, {}{}",
-                    w.name,
-                    w.root_pid,
-                    proc::comm(w.root_pid),
-                    w.pids.len(),
-                    w.memory_bytes >> 20,
-                    if refusals.is_empty() {
-                        "dumpable".to_string()
-                    } else {
-                        format!("NOT dumpable: {}", refusals[0])
-                    },
-                    match (w.pid_namespace, w.ipc_namespace) {
-                        (true, true) => ", own PID and IPC namespaces",
-                        (true, false) => ", own PID namespace",
-                        (false, true) => ", own IPC namespace",
-                        (false, false) => "",
-                    }
-                );
-            }
-            Err(e) => println!("workload: {e}"),
-        }
-    }
-    let need = store::estimate_image_bytes(total);
-    match Store::locate(cfg) {
-        Ok(s) => println!(
-            "store: {} ({} MiB), image estimate {} MiB",
-            s.path.display(),
-            s.capacity >> 20,
-            need >> 20
-        ),
-        Err(e) => println!("store: {e}"),
-    }
-    Ok(())
 }
 
 fn report(json: bool) -> Result<ExitCode> {
@@ -473,17 +454,35 @@ fn report(json: bool) -> Result<ExitCode> {
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("no upgrade recorded ({} does not exist)", path.display());
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "version": json::VERSION, "report": null })
+                );
+            } else {
+                println!("no upgrade recorded ({} does not exist)", path.display());
+            }
             return Ok(ExitCode::SUCCESS);
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    if json {
-        println!("{}", String::from_utf8_lossy(&bytes));
-        return Ok(ExitCode::SUCCESS);
-    }
     let r: UpgradeReport = serde_json::from_slice(&bytes)
         .with_context(|| format!("{} does not parse", path.display()))?;
+    let restored = if r.outcome == RestoreOutcome::Restored {
+        Exit::Ok
+    } else {
+        Exit::RestoreFailed
+    };
+    if json {
+        // As written, with fields this version may not know.
+        let record: serde_json::Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} does not parse", path.display()))?;
+        println!(
+            "{}",
+            serde_json::json!({ "version": json::VERSION, "report": record })
+        );
+        return Ok(restored.into());
+    }
     let outcome = match r.outcome {
         RestoreOutcome::Restored => "restored",
         RestoreOutcome::Failed => "FAILED",
@@ -522,9 +521,5 @@ fn report(json: bool) -> Result<ExitCode> {
     if let Some(b) = r.blackout_ns() {
         println!("  workloads paused for {:.1} ms", b as f64 / 1e6);
     }
-    Ok(if r.outcome == RestoreOutcome::Restored {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(restored.into())
 }
