@@ -7,6 +7,8 @@ use serde::Deserialize;
 pub const CONFIG_FILE: &str = "/etc/kupgrade/config.toml";
 /// Volatile state of this boot: what is staged, dump scratch space.
 pub const RUN_DIR: &str = "/run/kupgrade";
+/// `go`'s scratch space under [`RUN_DIR`]: CRIU's images, tmpfs copies.
+pub const WORK_DIR: &str = "/run/kupgrade/work";
 /// Persistent state: reports, CRIU logs, the agent's own event record.
 pub const LIB_DIR: &str = contract::report::DIR;
 /// Parent cgroup of the workloads `kupgrade launch` starts.
@@ -26,6 +28,9 @@ pub struct Config {
     /// Whether the kernel packages' hook (`/etc/kernel/postinst.d/zz-kupgrade`)
     /// stages a newly installed kernel (`kupgrade stage --if-configured`).
     pub stage_new_kernels: bool,
+    /// How long one workload's `criu dump` may take before it is killed and
+    /// the upgrade aborted: the workloads are frozen meanwhile.
+    pub dump_timeout_s: u64,
     /// Workloads started by other means, named by their cgroup.
     #[serde(rename = "workload")]
     pub workloads: Vec<DeclaredWorkload>,
@@ -48,6 +53,7 @@ impl Default for Config {
             criu: "criu".into(),
             freeze_timeout_ms: 5000,
             stage_new_kernels: false,
+            dump_timeout_s: 300,
             workloads: Vec::new(),
         }
     }
@@ -81,9 +87,130 @@ impl Config {
         }
     }
 
+    /// Parses and validates: every problem is said, with what to do.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let problems = cfg.problems();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(problems.join("; "))
+        }
     }
+
+    /// What is wrong with the values, each as a sentence for the user.
+    fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let store_ok = match self.store.strip_prefix("file:") {
+            Some(file) => Path::new(file).is_absolute(),
+            None => self.store == "auto" || Path::new(&self.store).is_absolute(),
+        };
+        if !store_ok {
+            out.push(format!(
+                "store = {:?}: use \"auto\", a device path such as \"/dev/pmem0\", or \"file:\" and an absolute path",
+                self.store
+            ));
+        }
+        if self.store_file_mib == 0 || self.store_file_mib.checked_mul(1 << 20).is_none() {
+            out.push(format!(
+                "store_file_mib = {}: give the file store's size in MiB, e.g. 1024",
+                self.store_file_mib
+            ));
+        }
+        if !self.init_binary.is_absolute() {
+            out.push(format!(
+                "init_binary = {:?}: use an absolute path",
+                self.init_binary
+            ));
+        }
+        if self.criu.is_empty() {
+            out.push("criu = \"\": name the CRIU program, e.g. \"criu\"".into());
+        }
+        if self.freeze_timeout_ms == 0 {
+            out.push("freeze_timeout_ms = 0: no workload freezes in no time; use e.g. 5000".into());
+        }
+        if self.dump_timeout_s == 0 {
+            out.push("dump_timeout_s = 0: give CRIU time to dump, e.g. 300".into());
+        }
+        let mut seen: Vec<(&str, PathBuf)> = Vec::new();
+        for w in &self.workloads {
+            if !crate::launch::valid_name(&w.name) {
+                out.push(format!(
+                    "workload name {:?}: use letters, digits, '-' and '_' (at most 64): it names files and directories",
+                    w.name
+                ));
+            }
+            if seen.iter().any(|(n, _)| *n == w.name) {
+                out.push(format!(
+                    "two workloads are named {:?}: their checkpoints would share a directory; rename one",
+                    w.name
+                ));
+            }
+            match declared_cgroup(&w.cgroup) {
+                Err(why) => out.push(format!(
+                    "workload {:?}: cgroup {:?} {why}",
+                    w.name, w.cgroup
+                )),
+                Ok(cg) => {
+                    for (other, other_cg) in &seen {
+                        let (inner, outer) = if cg.starts_with(other_cg) {
+                            (w.name.as_str(), *other)
+                        } else if other_cg.starts_with(&cg) {
+                            (*other, w.name.as_str())
+                        } else {
+                            continue;
+                        };
+                        out.push(format!(
+                            "workload {inner:?}'s cgroup is inside workload {outer:?}'s: their processes would be checkpointed twice; declare one of them"
+                        ));
+                    }
+                    seen.push((&w.name, cg));
+                    continue;
+                }
+            }
+            seen.push((&w.name, PathBuf::new()));
+        }
+        out
+    }
+}
+
+/// A declared workload's cgroup, absolute, or why it cannot be one: it
+/// must lie strictly below the cgroup2 root, name no `..`, and be apart
+/// from the workloads `kupgrade launch` starts.
+pub fn declared_cgroup(cgroup: &Path) -> Result<PathBuf, String> {
+    use std::path::Component;
+    let root = Path::new(CGROUP_ROOT);
+    if cgroup
+        .components()
+        .any(|c| matches!(c, Component::ParentDir))
+    {
+        return Err("must not name \"..\"".into());
+    }
+    let full = if cgroup.is_absolute() {
+        if !cgroup.starts_with(root) {
+            return Err(format!("is not below {CGROUP_ROOT}"));
+        }
+        cgroup.to_path_buf()
+    } else {
+        root.join(cgroup)
+    };
+    let below = full.strip_prefix(root).map_or(0, |p| {
+        p.components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .count()
+    });
+    if below == 0 {
+        return Err(format!(
+            "is the cgroup2 root ({CGROUP_ROOT}), which holds every process: name the workload's own cgroup, e.g. system.slice/NAME.service"
+        ));
+    }
+    let launched = Path::new(CGROUP_PARENT);
+    if full.starts_with(launched) {
+        return Err(format!(
+            "is under {CGROUP_PARENT}, where the workloads `kupgrade launch` starts live (they are found there without a declaration)"
+        ));
+    }
+    Ok(full)
 }
 
 #[cfg(test)]
@@ -123,10 +250,85 @@ mod tests {
             ),
             ("criu", format!("{:?}", d.criu)),
             ("freeze_timeout_ms", d.freeze_timeout_ms.to_string()),
+            ("dump_timeout_s", d.dump_timeout_s.to_string()),
             ("stage_new_kernels", d.stage_new_kernels.to_string()),
         ] {
             let line = format!("# {key} = {value}\n");
             assert!(text.contains(&line), "no {line:?} in packaging/config.toml");
+        }
+    }
+
+    /// The config with `line` added, refused: the message says what is
+    /// wrong (`says`) and what to do.
+    fn refused(text: &str, says: &str) {
+        let e = Config::parse(text).expect_err(text);
+        assert!(e.contains(says), "{text}: {e}");
+    }
+
+    fn declared(name: &str, cgroup: &str) -> String {
+        format!("[[workload]]\nname = {name:?}\ncgroup = {cgroup:?}\n")
+    }
+
+    #[test]
+    fn workload_names_must_be_safe_in_paths_and_unique() {
+        for bad in ["../../../..", "a/b", "", ".", "..", "db x", &"x".repeat(65)] {
+            refused(&declared(bad, "system.slice/x.service"), "letters, digits");
+        }
+        let two =
+            declared("db", "system.slice/a.service") + &declared("db", "system.slice/b.service");
+        refused(&two, "two workloads are named \"db\"");
+        Config::parse(&declared("db-1_a", "system.slice/a.service")).unwrap();
+    }
+
+    #[test]
+    fn declared_cgroups_must_be_one_workload_below_the_root() {
+        for bad in [
+            "/",
+            "",
+            ".",
+            "/sys/fs/cgroup",
+            "/sys/fs/cgroup/",
+            "../etc",
+            "system.slice/../..",
+            "/etc/passwd",
+            "/sys/fs/cgroup/../../etc",
+        ] {
+            refused(&declared("db", bad), "cgroup");
+        }
+        // The parent of the launched workloads holds them all; one below
+        // it is a launched workload already.
+        refused(&declared("db", "kupgrade"), "kupgrade launch");
+        refused(
+            &declared("db", "/sys/fs/cgroup/kupgrade/web"),
+            "kupgrade launch",
+        );
+        // Two that nest would dump the same processes twice.
+        let nested = declared("a", "system.slice") + &declared("b", "system.slice/b.service");
+        refused(&nested, "inside");
+        Config::parse(&declared("db", "/sys/fs/cgroup/system.slice/pg.service")).unwrap();
+    }
+
+    #[test]
+    fn sizes_and_timeouts_must_make_sense() {
+        refused("store_file_mib = 0", "store_file_mib");
+        refused("store_file_mib = 18446744073709551615", "store_file_mib");
+        refused("freeze_timeout_ms = 0", "freeze_timeout_ms");
+        refused("dump_timeout_s = 0", "dump_timeout_s");
+        refused("criu = \"\"", "criu");
+        refused("init_binary = \"kupgrade-init\"", "init_binary");
+        for bad in [
+            "store = \"pmem0\"",
+            "store = \"file:\"",
+            "store = \"file:store.img\"",
+        ] {
+            refused(bad, "store");
+        }
+        for good in [
+            "store = \"auto\"",
+            "store = \"/dev/pmem1\"",
+            "store = \"file:/var/lib/kupgrade/s.img\"",
+        ] {
+            Config::parse(good).unwrap();
         }
     }
 

@@ -112,11 +112,7 @@ pub fn launch(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched
     let log_dir = Path::new(LIB_DIR).join("workloads");
     fs::create_dir_all(&log_dir).map_err(io(&log_dir))?;
     let log = log_dir.join(format!("{name}.log"));
-    let out = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .map_err(io(&log))?;
+    let out = open_log(&log).map_err(io(&log))?;
     let err = out.try_clone().map_err(io(&log))?;
     let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
     let mut cmd = Command::new(exe);
@@ -161,6 +157,27 @@ pub fn launch(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched
         cgroup: cg,
         log,
     })
+}
+
+/// A workload's output file, appended to: created 0600, since what a
+/// workload prints is its own (tokens, user data) and kupgrade cannot tell
+/// what is safe to show; not 0640 root:adm, as adm reads the system's logs,
+/// not the output of every program root starts. Never through a symlink.
+/// One that others can read (an older kupgrade made it 0644) loses that;
+/// group access an administrator gave it is kept.
+fn open_log(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)?;
+    let mode = f.metadata()?.mode() & 0o777;
+    if mode & 0o007 != 0 {
+        f.set_permissions(fs::Permissions::from_mode(mode & 0o770))?;
+    }
+    Ok(f)
 }
 
 fn raise_pid_floor() {
@@ -244,6 +261,25 @@ pub fn ns_init(command: &[String]) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a workload prints is its own (tokens, user data): root's alone.
+    #[test]
+    fn workload_output_is_root_s_alone() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("web.log");
+        let mode = || fs::metadata(&log).unwrap().mode() & 0o777;
+        open_log(&log).unwrap();
+        assert_eq!(mode(), 0o600);
+        // An older kupgrade's 0644 loses what others could read; group
+        // access an administrator gave is theirs.
+        fs::set_permissions(&log, fs::Permissions::from_mode(0o644)).unwrap();
+        open_log(&log).unwrap();
+        assert_eq!(mode(), 0o640);
+        fs::set_permissions(&log, fs::Permissions::from_mode(0o640)).unwrap();
+        open_log(&log).unwrap();
+        assert_eq!(mode(), 0o640);
+    }
 
     #[test]
     fn names_are_checked() {

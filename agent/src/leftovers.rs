@@ -9,12 +9,15 @@
 //! left and undoes it.
 
 use std::fs::{self, File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::config::RUN_DIR;
+use crate::child::{self, Limits};
+use crate::config::{RUN_DIR, WORK_DIR};
 use crate::remount::{self, Remounted};
 use crate::store::Store;
 use crate::workload::Workload;
@@ -51,15 +54,25 @@ impl RunLock {
     }
 
     fn at(path: &Path) -> Result<RunLock, LockError> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+        let open = |source| LockError::Open {
+            path: path.into(),
+            source,
+        };
+        // flock needs no write access: anyone who can open it could hold it
+        // and keep `resume` out.
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(path)
-            .map_err(|source| LockError::Open {
-                path: path.into(),
-                source,
-            })?;
+            .map_err(open)?;
+        if f.metadata().map_err(open)?.mode() & 0o077 != 0 {
+            f.set_permissions(fs::Permissions::from_mode(0o600))
+                .map_err(open)?;
+        }
         match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Ok(RunLock { _lock: lock }),
             Err((_, nix::Error::EWOULDBLOCK)) => Err(LockError::Busy),
@@ -123,10 +136,12 @@ impl Leftovers {
 }
 
 fn nft_table_exists(name: &str) -> bool {
-    Command::new("nft")
-        .args(["list", "table", "inet", name])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    child::run(
+        Command::new("nft").args(["list", "table", "inet", name]),
+        None,
+        Limits::deadline(child::TOOL_DEADLINE),
+    )
+    .is_ok_and(|o| o.status.success())
 }
 
 /// Looks for what an interrupted `go` leaves. Only meaningful while no
@@ -162,13 +177,62 @@ fn image_of_boot(store: &Store, boot_id: &str) -> bool {
     })
 }
 
-/// CRIU processes still running: a dump that outlived the `go` that
-/// started it must finish before anything is undone.
-pub fn criu_processes() -> Vec<i32> {
-    crate::proc::all_pids()
-        .into_iter()
-        .filter(|p| crate::proc::comm(*p) == "criu")
-        .collect()
+/// CRIU processes running now.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct CriuRunning {
+    /// Dumping into `go`'s work directory: left by a `go` that died (with
+    /// the run lock held, no `go` runs), so nothing will use their dump.
+    pub ours: Vec<i32>,
+    /// Any other CRIU, which kupgrade leaves alone.
+    pub others: Vec<i32>,
+}
+
+pub fn criu_processes() -> CriuRunning {
+    let mut out = CriuRunning::default();
+    for pid in crate::proc::all_pids() {
+        if crate::proc::comm(pid) != "criu" {
+            continue;
+        }
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if dumps_into(&cmdline, Path::new(WORK_DIR)) {
+            out.ours.push(pid);
+        } else {
+            out.others.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether a `/proc/PID/cmdline` names a path under `dir`.
+fn dumps_into(cmdline: &[u8], dir: &Path) -> bool {
+    cmdline
+        .split(|b| *b == 0)
+        .map(|arg| Path::new(std::ffi::OsStr::from_bytes(arg)))
+        .any(|arg| arg.starts_with(dir))
+}
+
+/// Kills the CRIU processes a dead `go` left (each with its process
+/// group, which `go` made for it) and waits until they are gone: a hung
+/// dump must not keep the workloads stopped. Returns those still there.
+pub fn stop_criu(pids: &[i32]) -> Vec<i32> {
+    use nix::sys::signal::{killpg, Signal};
+    for &pid in pids {
+        let _ = killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let host = crate::proc::Proc::host();
+    let start = Instant::now();
+    loop {
+        // Reaped by init, their new parent; a zombie is gone too.
+        let left: Vec<i32> = pids
+            .iter()
+            .copied()
+            .filter(|p| host.comm(*p) == "criu" && host.is_running(*p))
+            .collect();
+        if left.is_empty() || start.elapsed() > Duration::from_secs(10) {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[cfg(test)]
@@ -185,6 +249,33 @@ mod tests {
         assert!(e.to_string().contains("is running"), "{e}");
         drop(first);
         RunLock::at(&path).unwrap();
+    }
+
+    /// flock needs no write access: a lock others can open, others can hold.
+    #[test]
+    fn only_root_can_open_the_run_lock() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("go.lock");
+        let mode = || fs::metadata(&path).unwrap().mode() & 0o777;
+        drop(RunLock::at(&path).unwrap());
+        assert_eq!(mode(), 0o600);
+        // One an older kupgrade left 0644 is tightened.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        drop(RunLock::at(&path).unwrap());
+        assert_eq!(mode(), 0o600);
+    }
+
+    #[test]
+    fn a_criu_dumping_into_the_work_dir_is_ours() {
+        let ours = b"criu\0dump\0-t\x0010001\0-D\0/run/kupgrade/work/criu/web\0--leave-stopped\0";
+        assert!(dumps_into(ours, Path::new(WORK_DIR)));
+        let other = b"criu\0dump\0-D\0/var/tmp/mine\0";
+        assert!(!dumps_into(other, Path::new(WORK_DIR)));
+        // A prefix of the name is not the directory.
+        let near = b"criu\0-D\0/run/kupgrade/workshop\0";
+        assert!(!dumps_into(near, Path::new(WORK_DIR)));
+        assert!(!dumps_into(b"", Path::new(WORK_DIR)));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod capture;
 pub mod cgroup;
+pub mod child;
 pub mod config;
 pub mod criu;
 pub mod distro;
@@ -18,8 +19,10 @@ pub mod proc;
 pub mod realsys;
 pub mod refusal;
 pub mod remount;
+pub mod report;
 pub mod stage;
 pub mod status;
 pub mod store;
+pub mod target;
 pub mod unix_diag;
 pub mod workload;

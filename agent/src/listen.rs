@@ -12,10 +12,11 @@
 //! kernel never has the table.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use crate::child::{self, Limits};
 use crate::proc;
 use crate::workload::Workload;
 
@@ -76,43 +77,36 @@ pub fn hold_table(ports: &[u16]) -> String {
     )
 }
 
-fn nft(args: &[&str], input: Option<&str>) -> Result<(), String> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run nft (apt-get install nftables): {e}"))?;
-    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin
-            .write_all(text.as_bytes())
-            .map_err(|e| format!("nft: {e}"))?;
-    }
-    let out = child.wait_with_output().map_err(|e| format!("nft: {e}"))?;
+fn nft(args: &[&str], input: Option<&str>, limits: Limits) -> Result<(), String> {
+    let out = child::run(
+        Command::new("nft").args(args),
+        input.map(str::as_bytes),
+        limits,
+    )
+    .map_err(|e| match e {
+        child::Error::Spawn { .. } => {
+            format!("{} (apt-get install nftables)", child::chain(&e))
+        }
+        e => child::chain(&e),
+    })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "nft {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(format!("nft {}: {}", args.join(" "), out.stderr().trim()))
     }
 }
 
-/// Drops new connections to `ports` until [`release`].
-pub fn hold(ports: &[u16]) -> Result<(), String> {
-    nft(&["-f", "-"], Some(&hold_table(ports)))
+/// Drops new connections to `ports` until [`release`]; a signal (`stop`)
+/// stops a hung nft.
+pub fn hold(ports: &[u16], stop: &AtomicBool) -> Result<(), String> {
+    let limits = Limits::deadline(child::TOOL_DEADLINE).stopped_by(stop);
+    nft(&["-f", "-"], Some(&hold_table(ports)), limits)
 }
 
 /// Lets new connections in again; a table already gone is fine.
 pub fn release() -> Result<(), String> {
-    match nft(&["delete", "table", "inet", HOLD_TABLE], None) {
+    let limits = Limits::deadline(child::TOOL_DEADLINE);
+    match nft(&["delete", "table", "inet", HOLD_TABLE], None, limits) {
         Err(e) if e.contains("No such file") => Ok(()),
         r => r,
     }

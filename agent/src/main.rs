@@ -8,18 +8,37 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use contract::report::{Outcome as RestoreOutcome, UpgradeReport};
-use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, RUN_DIR};
+use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, WORK_DIR};
 use kupgrade_agent::exit::Exit;
 use kupgrade_agent::faults::{self, FaultPoint, Faulty};
 use kupgrade_agent::leftovers::{self, RunLock};
 use kupgrade_agent::pipeline::{self, Outcome, System};
 use kupgrade_agent::preflight::{self, RealFacts};
 use kupgrade_agent::realsys::RealSystem;
+use kupgrade_agent::report;
 use kupgrade_agent::stage::{self, InitramfsKind};
 use kupgrade_agent::status::Status;
 use kupgrade_agent::store::Store;
 use kupgrade_agent::workload::{self, Workload};
 use kupgrade_agent::{json, launch};
+
+/// `println!` that cannot panic: it does when stdout is gone (`kupgrade go
+/// | tee log` then Ctrl-C, a dropped ssh session), and what kupgrade says
+/// last matters less than finishing what it does.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that cannot panic.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 #[derive(Parser)]
 #[command(
@@ -96,6 +115,9 @@ enum Cmd {
         /// One JSON object: {"version", "report"} (see JSON OUTPUT in kupgrade(8)).
         #[arg(long)]
         json: bool,
+        /// Also draw the timeline of its phases as SVG into this file.
+        #[arg(long, value_name = "FILE")]
+        svg: Option<PathBuf>,
     },
     /// Start a workload that kupgrade will preserve.
     Launch {
@@ -153,11 +175,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             // The whole chain once: what failed, then why.
-            eprint!("kupgrade: {e}");
+            let mut line = format!("kupgrade: {e}");
             for cause in e.chain().skip(1) {
-                eprint!(": {cause}");
+                line.push_str(&format!(": {cause}"));
             }
-            eprintln!();
+            err!("{line}");
             Exit::Failed.into()
         }
     }
@@ -199,7 +221,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("cannot inspect {}", path.display()))?;
             return Ok(ExitCode::SUCCESS);
         }
-        Cmd::Report { json } => return report(json),
+        Cmd::Report { json, svg } => return report(json, svg.as_deref()),
         Cmd::Docs { dir } => {
             docs::write(&dir)?;
             return Ok(ExitCode::SUCCESS);
@@ -256,6 +278,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .with("release", &s.release);
             println!("{e}");
             println!("staged {} from {}", s.release, s.kernel.display());
+            for d in &s.differences {
+                println!("{d}");
+            }
             let whose = match (s.initramfs, &s.built_with) {
                 (InitramfsKind::Distribution, None) => "the distribution's, with kupgrade's hook",
                 (InitramfsKind::Distribution, Some(_)) => {
@@ -357,13 +382,25 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
     let cleared = match preflight::go(&mut facts, dry_run) {
         Ok(c) => c,
         Err(refused) => {
-            eprintln!("kupgrade: {refused}");
+            err!("kupgrade: {refused}");
             return Ok(Exit::for_refusal(&refused.0).into());
         }
     };
     // Held until go returns: one go or resume at a time.
     let _lock = facts.into_run_lock();
-    let work_dir = Path::new(RUN_DIR).join("work");
+    let work_dir = PathBuf::from(WORK_DIR);
+    // CRIU's images and the tmpfs copies are process memory: root's alone.
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&work_dir)
+            .and_then(|()| {
+                std::fs::set_permissions(&work_dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .with_context(|| format!("cannot make {}", work_dir.display()))?;
+    }
     let opts = pipeline::Options {
         work_dir: work_dir.clone(),
         kernel_from: release(),
@@ -378,7 +415,7 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             .unwrap_or_default(),
     };
     let store = cleared.store().clone();
-    let real = RealSystem::new(cfg.clone(), store.clone());
+    let real = RealSystem::new(cfg.clone(), store.clone()).with_staged(cleared.staged().cloned());
     let result = on_system(real, &store, faults, |sys| {
         pipeline::go(sys, &cleared, &opts)
     });
@@ -388,19 +425,19 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             paused_ms,
             image_bytes,
         }) => {
-            println!(
+            out!(
                 "dry run done: the workloads were paused {paused_ms:.0} ms up to the reboot, image {} KiB; all resumed",
                 image_bytes >> 10
             );
             Ok(ExitCode::SUCCESS)
         }
         Err(aborted) => {
-            eprintln!("kupgrade: upgrade aborted at {}", aborted.failure);
+            err!("kupgrade: upgrade aborted at {}", aborted.failure);
             if aborted.resume_errors.is_empty() {
-                eprintln!("kupgrade: every workload was resumed on this kernel; nothing was lost");
+                err!("kupgrade: every workload was resumed on this kernel; nothing was lost");
                 Ok(Exit::Aborted.into())
             } else {
-                eprintln!(
+                err!(
                     "kupgrade: RESUMING FAILED: {}",
                     pipeline::join(&aborted.resume_errors)
                 );
@@ -415,18 +452,51 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
     let faults = faults::from_env()?;
     let _lock = RunLock::take()?;
     let criu = leftovers::criu_processes();
-    if !criu.is_empty() {
-        bail!("CRIU is still running (pids {criu:?}): wait for it to exit, then run `kupgrade resume` again");
+    if !criu.others.is_empty() {
+        bail!(
+            "CRIU is still running (pids {:?}): wait for it to exit, then run `kupgrade resume` again",
+            criu.others
+        );
+    }
+    if !criu.ours.is_empty() {
+        out!(
+            "stopping CRIU left running by a `kupgrade go` that died (pids {:?})",
+            criu.ours
+        );
+        let left = leftovers::stop_criu(&criu.ours);
+        if !left.is_empty() {
+            bail!("CRIU (pids {left:?}) did not exit after SIGKILL: in uninterruptible sleep? run `kupgrade resume` again later");
+        }
+    }
+    // A go that died left its dump behind: process memory, of no use now.
+    match std::fs::remove_dir_all(WORK_DIR) {
+        Ok(()) => out!("removed the checkpoint a `kupgrade go` left in {WORK_DIR}"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => err!("kupgrade: cannot remove {WORK_DIR}: {e}"),
     }
     let workloads = workloads_or_bail(cfg)?;
     let store = Store::locate(cfg).ok();
     let left = leftovers::find(&workloads, store.as_ref());
     if left.is_empty() {
-        println!("nothing to resume: no workload is frozen and no lock, hold or image of this boot is left");
+        // An abort whose wipe failed, or an image a restore left.
+        if let Some(s) = store
+            .as_ref()
+            .filter(|s| s.holds_image_data(Path::new(LIB_DIR)))
+        {
+            let zeroed = s
+                .wipe(Path::new(LIB_DIR))
+                .with_context(|| "the store holds image data of an earlier upgrade")?;
+            out!(
+                "wiped the store {}: {} MiB of image data zeroed",
+                s.path.display(),
+                zeroed >> 20
+            );
+        }
+        out!("nothing to resume: no workload is frozen and no lock, hold or image of this boot is left");
         return Ok(ExitCode::SUCCESS);
     }
     for what in left.describe() {
-        println!("found: {what}");
+        out!("found: {what}");
     }
     let Some(store) = store else {
         bail!("the store is gone; cannot run the recovery that needs it");
@@ -441,15 +511,15 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
         )
     });
     if errors.is_empty() {
-        println!("resumed: every workload runs again on this kernel");
+        out!("resumed: every workload runs again on this kernel");
         Ok(ExitCode::SUCCESS)
     } else {
-        eprintln!("kupgrade: RESUMING FAILED: {}", pipeline::join(&errors));
+        err!("kupgrade: RESUMING FAILED: {}", pipeline::join(&errors));
         Ok(Exit::ResumeNeeded.into())
     }
 }
 
-fn report(json: bool) -> Result<ExitCode> {
+fn report(json: bool, svg: Option<&Path>) -> Result<ExitCode> {
     let path = Path::new(LIB_DIR).join(contract::report::FILE);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
@@ -466,6 +536,14 @@ fn report(json: bool) -> Result<ExitCode> {
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
+    if let Some(out) = svg {
+        let r: UpgradeReport = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} does not parse", path.display()))?;
+        let agent_log = std::fs::read_to_string(kupgrade_agent::realsys::last_go_log()).ok();
+        std::fs::write(out, r.timeline_svg(agent_log.as_deref()))
+            .with_context(|| format!("cannot write {}", out.display()))?;
+        eprintln!("timeline written to {}", out.display());
+    }
     let r: UpgradeReport = serde_json::from_slice(&bytes)
         .with_context(|| format!("{} does not parse", path.display()))?;
     let restored = if r.outcome == RestoreOutcome::Restored {
@@ -486,10 +564,21 @@ fn report(json: bool) -> Result<ExitCode> {
     let outcome = match r.outcome {
         RestoreOutcome::Restored => "restored",
         RestoreOutcome::Failed => "FAILED",
+        RestoreOutcome::Restoring => "DID NOT FINISH",
     };
     println!("upgrade {} -> {}: {outcome}", r.kernel_from, r.kernel_to);
     if let Some(why) = &r.reason {
         println!("  reason: {why}");
+    }
+    // Checked against what the store holds now: a restore that never ended
+    // leaves a report that cannot be taken at its word.
+    let store = r.store.as_deref().map(|s| report::store_says(Path::new(s)));
+    let doubt = store.as_ref().and_then(|s| report::doubt(&r, s));
+    if let Some(d) = &doubt {
+        println!("  WARNING: {d}");
+    }
+    if let Some(report::StoreSays::Unreadable(why)) = &store {
+        println!("  (not checked against the store: {why})");
     }
     for w in &r.workloads {
         println!(
@@ -510,6 +599,9 @@ fn report(json: bool) -> Result<ExitCode> {
             println!("    CRIU log: {log}");
         }
     }
+    for m in &r.modules_failed {
+        println!("  module {} did not load: {}", m.name, m.error);
+    }
     let t0 = r.events.first().map(|e| e.t_real_ns).unwrap_or(0);
     for e in &r.events {
         println!(
@@ -521,5 +613,10 @@ fn report(json: bool) -> Result<ExitCode> {
     if let Some(b) = r.blackout_ns() {
         println!("  workloads paused for {:.1} ms", b as f64 / 1e6);
     }
-    Ok(restored.into())
+    Ok(if doubt.is_none() {
+        restored
+    } else {
+        Exit::RestoreFailed
+    }
+    .into())
 }

@@ -9,11 +9,14 @@
 //!     |           |        |           |               |              |
 //!     +-----------+--------+-----------+---------------+--------------+--> abort:
 //!        invalidate the image, drop the network locks, thaw and continue
-//!        every task, in reverse order of what was done; exit non-zero
+//!        every task, in reverse order of what was done; then wipe the
+//!        store if an image was written (it holds process memory); exit
+//!        non-zero
 //! ```
 //!
 //! The reboot is the point of no return; before it, nothing is lost.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use contract::devstate::{DeviceState, TmpfsMount};
@@ -43,6 +46,8 @@ pub enum Step {
     Undump,
     Thaw,
     Release,
+    /// Zeroing the store once the workloads run again.
+    Wipe,
 }
 
 impl Step {
@@ -62,6 +67,7 @@ impl Step {
             Step::Undump => "undump",
             Step::Thaw => "thaw",
             Step::Release => "release",
+            Step::Wipe => "wipe",
         }
     }
 }
@@ -96,6 +102,19 @@ pub struct Dumped {
     pub lock_table: Option<String>,
 }
 
+impl Dumped {
+    /// What a dump that was attempted may have left, as far as its undo is
+    /// concerned: CRIU killed half-way or failing (or a step after it, such
+    /// as saving the lock table) leaves the tasks stopped and, for a
+    /// workload with connections, maybe the network lock and repair mode.
+    /// An empty table stands for "look for it".
+    pub fn attempted(w: &Workload) -> Dumped {
+        Dumped {
+            lock_table: w.tcp_established.then(String::new),
+        }
+    }
+}
+
 /// What goes into the image.
 #[derive(Debug)]
 pub struct ImageInput<'a> {
@@ -109,7 +128,8 @@ pub struct ImageInput<'a> {
 
 /// Everything `go` does to the machine.
 pub trait System {
-    fn kexec_loaded(&mut self) -> bool;
+    /// Whether the staged kernel is still the one loaded; if not, why.
+    fn staged_still_loaded(&mut self) -> Result<(), String>;
     /// Holds back new TCP connections to the workloads' listening sockets
     /// and waits until the ones already made are accepted: CRIU cannot
     /// checkpoint a connection still in a listen queue.
@@ -133,6 +153,8 @@ pub trait System {
     ) -> Result<(Vec<TmpfsMount>, bool), StepError>;
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError>;
     fn invalidate_image(&mut self) -> Result<(), StepError>;
+    /// Zeroes the store as far as it may hold image data (process memory).
+    fn wipe_image(&mut self) -> Result<(), StepError>;
     /// sync, then remount file systems read-only where possible.
     fn quiesce_filesystems(&mut self) -> Result<(), StepError>;
     /// Makes writable again what `quiesce_filesystems` made read-only.
@@ -178,33 +200,59 @@ pub fn join(errors: &[StepError]) -> String {
 }
 
 /// What has been done so far, to undo in reverse.
-#[derive(Default)]
 struct Undo {
+    /// The step running, to name a panic's.
+    at: Step,
     held: bool,
     frozen: Vec<usize>,
     dumped: Vec<(usize, Dumped)>,
     image_written: bool,
     quiesced: bool,
+    /// The store may hold image data: wipe it, last.
+    scrub: bool,
+}
+
+impl Default for Undo {
+    fn default() -> Self {
+        Undo {
+            at: Step::DeviceState,
+            held: false,
+            frozen: Vec::new(),
+            dumped: Vec::new(),
+            image_written: false,
+            quiesced: false,
+            scrub: false,
+        }
+    }
 }
 
 /// Runs the upgrade that `cleared` allows: a dry run or a real one.
+///
+/// Never panics, and every way out of it runs the undo: a step that fails,
+/// a signal, and a panic (a bug, or output that failed: `println!` panics
+/// on a closed pipe) in a step, in an event or in the undo itself. This
+/// relies on panics unwinding, the default (`panic = "abort"` would lose it).
 pub fn go(sys: &mut dyn System, cleared: &Cleared, opts: &Options) -> Result<Outcome, Aborted> {
     let workloads = cleared.workloads();
     let mut undo = Undo::default();
     let mut phases = Vec::new();
-    match run(
-        sys,
-        workloads,
-        cleared.dry_run(),
-        opts,
-        &mut undo,
-        &mut phases,
-    ) {
+    let ran = catch_unwind(AssertUnwindSafe(|| {
+        run(
+            sys,
+            workloads,
+            cleared.dry_run(),
+            opts,
+            &mut undo,
+            &mut phases,
+        )
+    }))
+    .unwrap_or_else(|panic| Err(StepError::new(undo.at, panicked(panic.as_ref()))));
+    match ran {
         Ok(outcome) => {
             if cleared.dry_run() {
                 // Undo what a real run would have left for the new kernel.
                 let errs = resume(sys, workloads, &mut undo);
-                sys.emit(EventLine::now(Event::Resumed).with("dry_run", true));
+                notify(sys, EventLine::now(Event::Resumed).with("dry_run", true));
                 if !errs.is_empty() {
                     return Err(Aborted {
                         failure: StepError::new(Step::DryRun, "done, but resuming failed"),
@@ -215,13 +263,17 @@ pub fn go(sys: &mut dyn System, cleared: &Cleared, opts: &Options) -> Result<Out
             Ok(outcome)
         }
         Err(failure) => {
-            sys.emit(
+            notify(
+                sys,
                 EventLine::now(Event::Aborted)
                     .with("step", failure.step)
                     .with("reason", &failure.reason),
             );
             let resume_errors = resume(sys, workloads, &mut undo);
-            sys.emit(EventLine::now(Event::Resumed).with("ok", resume_errors.is_empty()));
+            notify(
+                sys,
+                EventLine::now(Event::Resumed).with("ok", resume_errors.is_empty()),
+            );
             Err(Aborted {
                 failure,
                 resume_errors,
@@ -230,13 +282,36 @@ pub fn go(sys: &mut dyn System, cleared: &Cleared, opts: &Options) -> Result<Out
     }
 }
 
+/// What a caught panic said, for a step's reason.
+fn panicked(payload: &(dyn std::any::Any + Send)) -> String {
+    let what = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message");
+    format!("kupgrade panicked: {what}")
+}
+
+/// `call`, with a panic turned into a failure of `step`.
+fn shielded<T>(step: Step, call: impl FnOnce() -> Result<T, StepError>) -> Result<T, StepError> {
+    catch_unwind(AssertUnwindSafe(call))
+        .unwrap_or_else(|panic| Err(StepError::new(step, panicked(panic.as_ref()))))
+}
+
+/// Emits an event on the way out; output that fails is no reason to stop.
+fn notify(sys: &mut dyn System, e: EventLine) {
+    let _ = catch_unwind(AssertUnwindSafe(|| sys.emit(e)));
+}
+
 /// Emits an event and records it for the image's manifest.
 fn emit(sys: &mut dyn System, phases: &mut Vec<PhaseTiming>, e: EventLine) {
     phases.push(PhaseTiming::from(&e));
     sys.emit(e);
 }
 
-fn check_signal(sys: &mut dyn System, step: Step) -> Result<(), StepError> {
+/// Starts `step`, unless a signal asked to stop.
+fn begin(sys: &mut dyn System, undo: &mut Undo, step: Step) -> Result<(), StepError> {
+    undo.at = step;
     if sys.interrupted() {
         return Err(StepError::new(step, "interrupted by a signal"));
     }
@@ -257,11 +332,12 @@ fn run(
         phases,
         EventLine::now(Event::PreflightOk).with("workloads", workloads.len()),
     );
-    check_signal(sys, Step::Freeze)?;
+    begin(sys, undo, Step::Freeze)?;
 
+    undo.at = Step::Connections;
     undo.held = true;
     sys.hold_connections(workloads)?;
-    check_signal(sys, Step::Freeze)?;
+    begin(sys, undo, Step::Freeze)?;
     for (i, w) in workloads.iter().enumerate() {
         // Recorded first: a freeze that times out may have frozen some tasks.
         undo.frozen.push(i);
@@ -275,11 +351,15 @@ fn run(
     let mut trees = Vec::new();
     let mut locks = Vec::new();
     for (i, w) in workloads.iter().enumerate() {
-        check_signal(sys, Step::Checkpoint)?;
+        begin(sys, undo, Step::Checkpoint)?;
         let dir = opts.work_dir.join("criu").join(&w.name);
+        // Recorded first: a dump that fails is undone too.
+        undo.dumped.push((i, Dumped::attempted(w)));
         let d = sys.dump(w, &dir)?;
         locks.extend(d.lock_table.clone());
-        undo.dumped.push((i, d));
+        if let Some(last) = undo.dumped.last_mut() {
+            last.1 = d;
+        }
         let entry = w.entry();
         trees.push((entry.section.clone(), dir));
         entries.push(entry);
@@ -290,7 +370,7 @@ fn run(
         EventLine::now(Event::Dumped).with("workloads", workloads.len()),
     );
 
-    check_signal(sys, Step::DeviceState)?;
+    begin(sys, undo, Step::DeviceState)?;
     let tmpfs_dir = opts.work_dir.join("tmpfs");
     let (mounts, has_tmpfs) = sys.tmpfs_files(workloads, &tmpfs_dir)?;
     state.tmpfs_mounts = mounts;
@@ -303,7 +383,7 @@ fn run(
             .with("tmpfs_mounts", state.tmpfs_mounts.len()),
     );
 
-    check_signal(sys, Step::ImageWrite)?;
+    begin(sys, undo, Step::ImageWrite)?;
     let manifest = Manifest {
         kernel_from: opts.kernel_from.clone(),
         kernel_to: opts.kernel_to.clone(),
@@ -322,6 +402,7 @@ fn run(
         tmpfs: has_tmpfs.then(|| tmpfs_dir.clone()),
     };
     undo.image_written = true;
+    undo.scrub = true;
     let bytes = sys.write_image(&input)?;
     let written = EventLine::now(Event::ImageWritten).with("bytes", bytes);
     let paused_ms = (written.t_mono_ns.saturating_sub(frozen_at)) as f64 / 1e6;
@@ -333,11 +414,11 @@ fn run(
             image_bytes: bytes,
         });
     }
-    check_signal(sys, Step::Kexec)?;
-    if !sys.kexec_loaded() {
+    begin(sys, undo, Step::Kexec)?;
+    if let Err(why) = sys.staged_still_loaded() {
         return Err(StepError::new(
             Step::Kexec,
-            "the staged kernel was unloaded meanwhile: run `kupgrade stage` again",
+            format!("{why}: run `kupgrade stage` again"),
         ));
     }
     // Emitted before the file systems go read-only, so that it is recorded.
@@ -346,8 +427,10 @@ fn run(
         phases,
         EventLine::now(Event::Kexec).with("to", &opts.kernel_to),
     );
+    undo.at = Step::Quiesce;
     undo.quiesced = true;
     sys.quiesce_filesystems()?;
+    undo.at = Step::Kexec;
     // The point of no return: only comes back if the kernel refused.
     Err(sys.reboot())
 }
@@ -355,7 +438,9 @@ fn run(
 /// What a `go` that was killed half-way may have left: every workload
 /// frozen and dumped (with a network lock where it has TCP connections),
 /// connections held, and, as found, an image and read-only file systems.
-/// Undoes all of it as an abort would. Returns what could not be undone.
+/// Undoes all of it as an abort would, and wipes the store (a `go` killed
+/// while writing leaves image data but no image). Returns what could not be
+/// undone.
 pub fn recover(
     sys: &mut dyn System,
     workloads: &[Workload],
@@ -368,44 +453,44 @@ pub fn recover(
         dumped: workloads
             .iter()
             .enumerate()
-            .map(|(i, w)| {
-                let lock_table = w.tcp_established.then(String::new);
-                (i, Dumped { lock_table })
-            })
+            .map(|(i, w)| (i, Dumped::attempted(w)))
             .collect(),
         image_written,
         quiesced,
+        scrub: true,
+        ..Undo::default()
     };
     resume(sys, workloads, &mut undo)
 }
 
 /// Undoes, in reverse order, what was done. Returns what could not be undone.
+/// Every step runs whatever the others did, a panic included.
 fn resume(sys: &mut dyn System, workloads: &[Workload], undo: &mut Undo) -> Vec<StepError> {
     let mut errors = Vec::new();
-    if std::mem::take(&mut undo.quiesced) {
-        if let Err(e) = sys.unquiesce_filesystems() {
+    let mut undo_step = |step, call: &mut dyn FnMut() -> Result<(), StepError>| {
+        if let Err(e) = shielded(step, call) {
             errors.push(e);
         }
+    };
+    if std::mem::take(&mut undo.quiesced) {
+        undo_step(Step::Unquiesce, &mut || sys.unquiesce_filesystems());
     }
     if std::mem::take(&mut undo.image_written) {
-        if let Err(e) = sys.invalidate_image() {
-            errors.push(e);
-        }
+        undo_step(Step::Invalidate, &mut || sys.invalidate_image());
     }
     for (i, d) in std::mem::take(&mut undo.dumped).into_iter().rev() {
-        if let Err(e) = sys.undump(&workloads[i], &d) {
-            errors.push(e);
-        }
+        undo_step(Step::Undump, &mut || sys.undump(&workloads[i], &d));
     }
     for i in std::mem::take(&mut undo.frozen).into_iter().rev() {
-        if let Err(e) = sys.thaw(&workloads[i]) {
-            errors.push(e);
-        }
+        undo_step(Step::Thaw, &mut || sys.thaw(&workloads[i]));
     }
     if std::mem::take(&mut undo.held) {
-        if let Err(e) = sys.release_connections() {
-            errors.push(e);
-        }
+        undo_step(Step::Release, &mut || sys.release_connections());
+    }
+    // Last: it takes as long as writing the image did, and needs nothing
+    // from the workloads, which run again by now.
+    if std::mem::take(&mut undo.scrub) {
+        undo_step(Step::Wipe, &mut || sys.wipe_image());
     }
     errors
 }
@@ -430,10 +515,22 @@ pub(crate) mod fake {
         /// Set where a real signal handler would set its flag.
         pub signalled: Rc<Cell<bool>>,
         pub events: Vec<Event>,
+        /// Emitting this event panics, as `println!` does on a closed pipe.
+        pub emit_panics_at: Option<Event>,
+        /// Set when a fault "killed" kupgrade: a dead process does nothing
+        /// more, so nothing more is recorded (the tests of the fault wrapper
+        /// stand in for `abort()` and SIGKILL with a panic, which `go` would
+        /// otherwise answer with the undo).
+        pub dead: Rc<Cell<bool>>,
+        /// What each undump was given.
+        pub undumped: Vec<(String, Dumped)>,
     }
 
     impl Fake {
         fn step(&mut self, call: String, step: Step) -> Result<(), StepError> {
+            if self.dead.get() {
+                return Err(StepError::new(step, "dead"));
+            }
             let fail = self.fail_at.as_deref() == Some(call.as_str());
             self.calls.push(call);
             if fail {
@@ -445,8 +542,12 @@ pub(crate) mod fake {
     }
 
     impl System for Fake {
-        fn kexec_loaded(&mut self) -> bool {
-            self.loaded
+        fn staged_still_loaded(&mut self) -> Result<(), String> {
+            if self.loaded {
+                Ok(())
+            } else {
+                Err("the staged kernel was unloaded meanwhile".into())
+            }
         }
         fn hold_connections(&mut self, _ws: &[Workload]) -> Result<(), StepError> {
             self.step("hold".into(), Step::Connections)
@@ -468,7 +569,8 @@ pub(crate) mod fake {
                     .then(|| format!("table inet CRIU-{}", w.root_pid)),
             })
         }
-        fn undump(&mut self, w: &Workload, _d: &Dumped) -> Result<(), StepError> {
+        fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError> {
+            self.undumped.push((w.name.clone(), d.clone()));
             self.step(format!("undump {}", w.name), Step::Undump)
         }
         fn system_state(&mut self) -> Result<DeviceState, StepError> {
@@ -495,6 +597,9 @@ pub(crate) mod fake {
         fn invalidate_image(&mut self) -> Result<(), StepError> {
             self.step("invalidate".into(), Step::Invalidate)
         }
+        fn wipe_image(&mut self) -> Result<(), StepError> {
+            self.step("wipe".into(), Step::Wipe)
+        }
         fn quiesce_filesystems(&mut self) -> Result<(), StepError> {
             self.step("quiesce".into(), Step::Quiesce)
         }
@@ -502,11 +607,20 @@ pub(crate) mod fake {
             self.step("unquiesce".into(), Step::Unquiesce)
         }
         fn reboot(&mut self) -> StepError {
+            if self.dead.get() {
+                return StepError::new(Step::Kexec, "dead");
+            }
             self.calls.push("reboot".into());
             StepError::new(Step::Kexec, "refused by the kernel")
         }
         fn emit(&mut self, e: EventLine) {
+            if self.dead.get() {
+                return;
+            }
             self.events.push(e.event);
+            if self.emit_panics_at == Some(e.event) {
+                panic!("failed printing to stdout: Broken pipe (os error 32)");
+            }
         }
         fn interrupted(&mut self) -> bool {
             self.signalled.get()
@@ -569,6 +683,14 @@ mod tests {
         &UNDO_ALL[UNDO_ALL.len() - n..]
     }
 
+    /// Once the image write was attempted, the store is wiped last, after
+    /// the workloads run again: it holds process memory.
+    fn and_wipe(undo: &[&'static str]) -> Vec<&'static str> {
+        let mut v = undo.to_vec();
+        v.push("wipe");
+        v
+    }
+
     #[test]
     fn success_runs_every_step_in_order_and_ends_in_the_reboot() {
         let mut f = Fake {
@@ -625,7 +747,7 @@ mod tests {
             .skip_while(|c| *c != "reboot")
             .skip(1)
             .collect();
-        assert_eq!(after, UNDO_ALL);
+        assert_eq!(after, and_wipe(&UNDO_ALL));
         assert_eq!(f.events.last(), Some(&Event::Resumed));
     }
 
@@ -637,11 +759,14 @@ mod tests {
             ("hold", last(1)),
             ("freeze a", &["thaw a", "release"]),
             ("freeze b", last(3)),
-            ("dump a", last(3)),
-            ("dump b", &["undump a", "thaw b", "thaw a", "release"]),
+            // A dump that fails may have stopped the tasks, locked the
+            // network and put sockets in repair mode: it is undone too.
+            ("dump a", &["undump a", "thaw b", "thaw a", "release"]),
+            ("dump b", last(5)),
             ("capture", last(5)),
-            ("write", last(6)),
-            ("quiesce", last(7)),
+            // A write that fails may have written part of the image.
+            ("write", &and_wipe(last(6))),
+            ("quiesce", &and_wipe(last(7))),
         ];
         for (at, undo) in cases {
             let mut f = Fake {
@@ -663,6 +788,63 @@ mod tests {
         }
     }
 
+    /// `kupgrade go | tee log` and Ctrl-C on tee, or a dropped ssh session:
+    /// printing fails (and `println!` panics). Wherever that happens, the
+    /// workloads are given back and `go` returns the abort.
+    #[test]
+    fn output_that_panics_never_stops_the_undo() {
+        let cases: &[(Event, &str, &[&str])] = &[
+            // Mid-run: the step fails, everything done so far is undone.
+            (Event::Dumped, "dump b", last(5)),
+            (Event::ImageWritten, "write", &and_wipe(last(6))),
+            // In the abort path, before and after the undo.
+            (Event::Aborted, "quiesce", &and_wipe(last(7))),
+            (Event::Resumed, "quiesce", &and_wipe(last(7))),
+        ];
+        for (event, after, undo) in cases {
+            let mut f = Fake {
+                loaded: true,
+                emit_panics_at: Some(*event),
+                ..Default::default()
+            };
+            let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                go(&mut f, &Cleared::for_tests(two(), false), &opts())
+            }));
+            let Ok(Err(err)) = res else {
+                panic!("{event:?}: go did not return its abort");
+            };
+            let pos = f.calls.iter().position(|c| c == after).unwrap();
+            let rest: Vec<&str> = f.calls[pos + 1..].iter().map(String::as_str).collect();
+            let rest: Vec<&str> = rest.into_iter().filter(|c| *c != "reboot").collect();
+            assert_eq!(&rest, undo, "output panicking at {event:?}");
+            assert!(err.resume_errors.is_empty(), "{event:?}: {err}");
+            if matches!(event, Event::Dumped | Event::ImageWritten) {
+                assert!(
+                    err.failure.reason.contains("Broken pipe"),
+                    "{event:?}: {}",
+                    err.failure
+                );
+            }
+        }
+    }
+
+    /// CRIU killed half-way, or `nft list table` failing after CRIU
+    /// succeeded: the network may be locked, so the undo looks for the lock.
+    #[test]
+    fn a_failed_dump_of_a_workload_with_connections_is_undone_as_locked() {
+        let mut f = Fake {
+            loaded: true,
+            fail_at: Some("dump b".into()),
+            ..Default::default()
+        };
+        go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
+        let b = f.undumped.iter().find(|(n, _)| n == "b").map(|(_, d)| d);
+        assert!(b.is_some_and(|d| d.lock_table.is_some()), "{b:?}");
+        // a has no connections: no lock to look for.
+        let a = f.undumped.iter().find(|(n, _)| n == "a").map(|(_, d)| d);
+        assert_eq!(a, Some(&Dumped { lock_table: None }));
+    }
+
     #[test]
     fn a_kernel_unloaded_during_the_dump_aborts_before_the_reboot() {
         let mut f = Fake {
@@ -672,6 +854,11 @@ mod tests {
         };
         let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         assert_eq!(err.failure.step, Step::Kexec);
+        assert!(
+            err.failure.reason.contains("kupgrade stage"),
+            "{}",
+            err.failure
+        );
         assert!(!f.calls.contains(&"reboot".to_string()));
         assert!(!f.calls.contains(&"quiesce".to_string()));
         assert!(f.calls.contains(&"thaw a".to_string()));
@@ -719,7 +906,7 @@ mod tests {
             .skip_while(|c| *c != "write")
             .skip(1)
             .collect();
-        assert_eq!(tail, last(6));
+        assert_eq!(tail, and_wipe(last(6)));
         assert_eq!(f.events.last(), Some(&Event::Resumed));
     }
 
@@ -728,11 +915,13 @@ mod tests {
         let mut f = Fake::default();
         let errs = recover(&mut f, &two(), true, true);
         assert!(errs.is_empty());
-        assert_eq!(f.calls, UNDO_ALL);
-        // Without an image or read-only file systems found, those are left.
+        assert_eq!(f.calls, and_wipe(&UNDO_ALL));
+        // Without an image or read-only file systems found, those are left;
+        // the store is wiped anyway: a go killed mid-write leaves no image.
         let mut f = Fake::default();
         recover(&mut f, &two(), false, false);
         assert_eq!(f.calls[0], "undump b");
+        assert_eq!(f.calls.last().map(String::as_str), Some("wipe"));
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! | another `go` or `resume` runs         | warn  | fail | fail         |
 //! | the init binary is missing            | fail  | not looked at (it is in the staged initramfs) | as go |
 //! | `criu check`                          | run   | not run: it probes the whole kernel, the dump says what it needs | as go |
+//! | how the staged kernel differs         | said, as `stage` found it | not looked at (`stage` refused what matters) | as go |
 //!
 //! To add a refusal: a fact in [`Facts`] and its reading in [`RealFacts`],
 //! a [`Kind`], its judgement in `judge`, and a test with the fake below.
@@ -58,7 +59,7 @@ use crate::leftovers::{self, Leftovers, LockError, RunLock};
 use crate::stage::Staged;
 use crate::store::{self, Store};
 use crate::workload::{self, Workload};
-use crate::{criu, launch, listen, proc};
+use crate::{child, criu, launch, listen, proc, target};
 
 /// Which command the preflight decides for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,6 +129,8 @@ kinds! {
     NoWorkloads => "no-workloads",
     /// Pids that early boot of the new kernel may take.
     LowPids => "low-pids",
+    /// A workload's cgroup holds kupgrade itself: freezing it freezes `go`.
+    HoldsKupgrade => "holds-kupgrade",
     /// Something in a workload CRIU cannot checkpoint.
     Refusal => "refusal",
     /// Another `go` or `resume` is running.
@@ -142,6 +145,9 @@ kinds! {
     StoreSize => "store-size",
     /// The staged kernel, and whether it is still loaded.
     Staged => "staged",
+    /// What differs between the running kernel and the staged one (module
+    /// format, missing modules, CRIU support), as `kupgrade stage` found it.
+    TargetKernel => "target-kernel",
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -317,6 +323,8 @@ pub trait Facts {
     fn refusals(&mut self, w: &Workload) -> Vec<String>;
     /// A process's name, for people.
     fn comm(&mut self, pid: i32) -> String;
+    /// kupgrade's own cgroup (absolute), if it can be read.
+    fn own_cgroup(&mut self) -> Option<PathBuf>;
     /// Takes the lock `go` and `resume` hold, for as long as the facts live
     /// (see [`RealFacts::into_run_lock`]).
     fn take_run_lock(&mut self) -> Result<(), LockError>;
@@ -330,6 +338,10 @@ pub trait Facts {
     /// `memmap=`, and where to put it.
     fn suggest_memmap(&mut self, need: u64) -> String;
     fn staged(&mut self) -> Option<Staged>;
+    /// This boot's id (`/proc/sys/kernel/random/boot_id`).
+    fn boot_id(&mut self) -> String;
+    /// [`kexec::load_calls_left`].
+    fn load_calls_left(&mut self) -> Option<i64>;
 }
 
 /// `kupgrade check`: every finding.
@@ -483,6 +495,25 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
             )),
         }
     }
+    out.extend(clashes(&workloads));
+    if let Some(own) = facts.own_cgroup() {
+        for w in workloads.iter().filter(|w| own.starts_with(&w.cgroup)) {
+            out.push(
+                Finding::fail(
+                    Kind::HoldsKupgrade,
+                    format!(
+                        "workload {}'s cgroup {} contains kupgrade itself (pid {}, in {}): freezing it would freeze `kupgrade go` while it holds the run lock",
+                        w.name,
+                        w.cgroup.display(),
+                        std::process::id(),
+                        own.display()
+                    ),
+                    "run kupgrade from outside that cgroup (another login, or systemd-run --scope kupgrade ...)",
+                )
+                .about(&w.name),
+            );
+        }
+    }
     if workloads.is_empty() && out.iter().all(|f| f.kind != Kind::WorkloadBroken) {
         out.push(Finding::new(
             if mode == Mode::Check {
@@ -633,24 +664,39 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
         } else {
             Level::Warn
         };
-        out.push(match &staged {
-            Some(s) if loaded => Finding::ok(
+        let doubt = staged.as_ref().and_then(|s| {
+            let (boot, calls) = (facts.boot_id(), facts.load_calls_left());
+            s.doubt(loaded, &boot, calls)
+        });
+        out.push(match (&staged, doubt) {
+            (Some(s), None) => Finding::ok(
                 Kind::Staged,
                 format!("staged: {} ({})", s.release, s.kernel.display()),
             ),
-            Some(s) => Finding::new(
-                level,
-                Kind::Staged,
-                format!("{} was staged but no kernel is loaded any more", s.release),
-                "run `kupgrade stage` again",
-            ),
-            None => Finding::new(
+            (Some(_), Some(why)) => {
+                Finding::new(level, Kind::Staged, why, "run `kupgrade stage` again")
+            }
+            (None, _) => Finding::new(
                 level,
                 Kind::Staged,
                 "no kernel is staged",
                 "run `kupgrade stage /boot/vmlinuz-NEW` first",
             ),
         });
+    }
+    if mode == Mode::Check && loaded {
+        let differences = staged.iter().flat_map(|s| &s.differences);
+        out.extend(differences.map(|d| Finding {
+            level: match d.level {
+                target::Level::Note => Level::Ok,
+                target::Level::Warn => Level::Warn,
+                target::Level::Refuse => Level::Fail,
+            },
+            kind: Kind::TargetKernel,
+            workload: None,
+            what: d.text.clone(),
+            fix: d.fix.clone(),
+        }));
     }
     Judged {
         findings: Findings(out),
@@ -660,15 +706,49 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
     }
 }
 
-/// An error and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        s.push_str(&format!(": {c}"));
-        cause = c.source();
+use crate::child::chain as error_chain;
+
+/// Workloads that cannot be checkpointed side by side: two of one name
+/// (their images would share a directory and a section), or one whose
+/// cgroup lies inside another's (its processes would be dumped twice).
+fn clashes(ws: &[Workload]) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (i, a) in ws.iter().enumerate() {
+        for b in &ws[i + 1..] {
+            let what = if a.name == b.name {
+                format!(
+                    "two workloads are named {} ({} and {}): their checkpoints would share a directory",
+                    a.name,
+                    a.cgroup.display(),
+                    b.cgroup.display()
+                )
+            } else if b.cgroup.starts_with(&a.cgroup) || a.cgroup.starts_with(&b.cgroup) {
+                let (inner, outer) = if b.cgroup.starts_with(&a.cgroup) {
+                    (b, a)
+                } else {
+                    (a, b)
+                };
+                format!(
+                    "workload {}'s cgroup {} is inside workload {}'s {}: its processes would be checkpointed twice",
+                    inner.name,
+                    inner.cgroup.display(),
+                    outer.name,
+                    outer.cgroup.display()
+                )
+            } else {
+                continue;
+            };
+            out.push(
+                Finding::fail(
+                    Kind::WorkloadBroken,
+                    what,
+                    "rename or undeclare one of them in /etc/kupgrade/config.toml",
+                )
+                .about(&a.name),
+            );
+        }
     }
-    s
+    out
 }
 
 /// The machine, as the preflight sees it.
@@ -739,6 +819,14 @@ impl Facts for RealFacts<'_> {
         proc::comm(pid)
     }
 
+    fn own_cgroup(&mut self) -> Option<PathBuf> {
+        crate::cgroup::of_pid(
+            &proc::Proc::host(),
+            std::process::id() as i32,
+            Path::new(config::CGROUP_ROOT),
+        )
+    }
+
     fn take_run_lock(&mut self) -> Result<(), LockError> {
         if self.lock.is_none() {
             self.lock = Some(RunLock::take()?);
@@ -755,10 +843,12 @@ impl Facts for RealFacts<'_> {
     }
 
     fn nft_available(&mut self) -> bool {
-        std::process::Command::new("nft")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
+        child::run(
+            std::process::Command::new("nft").arg("--version"),
+            None,
+            child::Limits::deadline(child::TOOL_DEADLINE),
+        )
+        .is_ok_and(|o| o.status.success())
     }
 
     fn store(&mut self) -> Result<Store, store::Error> {
@@ -772,6 +862,16 @@ impl Facts for RealFacts<'_> {
 
     fn staged(&mut self) -> Option<Staged> {
         Staged::load()
+    }
+
+    fn boot_id(&mut self) -> String {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    fn load_calls_left(&mut self) -> Option<i64> {
+        kexec::load_calls_left()
     }
 }
 
@@ -798,6 +898,15 @@ mod tests {
         nft: bool,
         store_mib: Option<u64>,
         staged: bool,
+        /// What `stage` found different in the staged kernel.
+        differences: Vec<target::Finding>,
+        /// What the record says of the boot and of the kernel's count of
+        /// kexec load calls after staging.
+        staged_boot: String,
+        staged_calls: Option<i64>,
+        boot_id: String,
+        load_calls_left: Option<i64>,
+        own_cgroup: Option<PathBuf>,
         /// Facts asked for, in order.
         asked: Vec<&'static str>,
     }
@@ -822,6 +931,12 @@ mod tests {
                 nft: true,
                 store_mib: Some(1024),
                 staged: true,
+                differences: vec![],
+                staged_boot: "boot-1".into(),
+                staged_calls: Some(2147483645),
+                boot_id: "boot-1".into(),
+                load_calls_left: Some(2147483645),
+                own_cgroup: Some("/sys/fs/cgroup/user.slice/user-0.slice/session-1.scope".into()),
                 asked: vec![],
             }
         }
@@ -909,6 +1024,9 @@ mod tests {
         fn comm(&mut self, _pid: i32) -> String {
             "server".into()
         }
+        fn own_cgroup(&mut self) -> Option<PathBuf> {
+            self.own_cgroup.clone()
+        }
         fn take_run_lock(&mut self) -> Result<(), LockError> {
             self.asked.push("run lock");
             (self.lock)()
@@ -955,8 +1073,17 @@ mod tests {
                 initrd_bytes: 1 << 20,
                 modules: 10,
                 staged_unix: 0,
+                differences: self.differences.clone(),
+                boot_id: self.staged_boot.clone(),
+                load_calls_left: self.staged_calls,
                 ..Staged::default()
             })
+        }
+        fn boot_id(&mut self) -> String {
+            self.boot_id.clone()
+        }
+        fn load_calls_left(&mut self) -> Option<i64> {
+            self.load_calls_left
         }
     }
 
@@ -1218,6 +1345,56 @@ mod tests {
         assert!(refused.contains("is the device /dev/kmsg"), "{refused}");
     }
 
+    /// Freezing it would freeze `go` itself, with the run lock held.
+    #[test]
+    fn a_workload_whose_cgroup_holds_kupgrade_itself_fails_everywhere() {
+        for mode in MODES {
+            let mut m = Machine {
+                own_cgroup: Some("/sys/fs/cgroup/kupgrade/web/shell".into()),
+                ..Machine::default()
+            };
+            let f = of(&mut m, mode, Kind::HoldsKupgrade);
+            assert_eq!(f.len(), 1, "{mode:?}");
+            assert_eq!(f[0].0, Level::Fail);
+            assert!(
+                f[0].1.contains("workload web") && f[0].1.contains("kupgrade itself"),
+                "{f:?}"
+            );
+            assert!(f[0].1.contains("from outside"), "{f:?}");
+        }
+        // A sibling merely named alike is not it.
+        let mut m = Machine {
+            own_cgroup: Some("/sys/fs/cgroup/kupgrade/web2".into()),
+            ..Machine::default()
+        };
+        assert_eq!(level(&mut m, Mode::Go, Kind::HoldsKupgrade), None);
+    }
+
+    #[test]
+    fn two_workloads_of_one_name_or_one_inside_another_fail() {
+        let mut db = wl("db", 20002, false);
+        db.cgroup = "/sys/fs/cgroup/system.slice/db.service".into();
+        let mut same_name = db.clone();
+        same_name.cgroup = "/sys/fs/cgroup/kupgrade/db".into();
+        let mut inner = wl("child", 20003, false);
+        inner.cgroup = "/sys/fs/cgroup/system.slice/db.service/worker".into();
+        for (ws, says) in [
+            (vec![db.clone(), same_name], "two workloads are named db"),
+            (vec![db.clone(), inner], "inside workload db"),
+        ] {
+            for mode in MODES {
+                let mut m = Machine {
+                    workloads: ws.clone(),
+                    ..Machine::default()
+                };
+                let f = of(&mut m, mode, Kind::WorkloadBroken);
+                assert_eq!(f.len(), 1, "{mode:?} {f:?}");
+                assert_eq!(f[0].0, Level::Fail);
+                assert!(f[0].1.contains(says), "{f:?}");
+            }
+        }
+    }
+
     #[test]
     fn low_pids_warn_unless_the_workload_has_its_own_pid_namespace() {
         let mut m = Machine {
@@ -1375,6 +1552,93 @@ mod tests {
             assert_eq!(level(&mut m(), Mode::DryRun, Kind::Staged), None);
             let cleared = go(&mut m(), true).unwrap();
             assert!(cleared.dry_run());
+        }
+    }
+
+    /// `check` says how the staged kernel differs from the running one, as
+    /// `stage` found it; `go` does not look (stage refused what matters).
+    #[test]
+    fn check_says_what_differs_in_the_staged_kernel() {
+        let differs = |level, text: &str, fix: Option<&str>| target::Finding {
+            level,
+            text: text.into(),
+            fix: fix.map(str::to_string),
+        };
+        let mut m = Machine {
+            differences: vec![
+                differs(target::Level::Note, "modules of a: plain; of b: xz", None),
+                differs(
+                    target::Level::Warn,
+                    "b lacks unix_diag",
+                    Some("stage another"),
+                ),
+            ],
+            ..Machine::default()
+        };
+        assert_eq!(
+            of(&mut m, Mode::Check, Kind::TargetKernel),
+            [
+                (Level::Ok, "modules of a: plain; of b: xz -> ".to_string()),
+                (
+                    Level::Warn,
+                    "b lacks unix_diag -> stage another".to_string()
+                )
+            ]
+        );
+        assert_eq!(level(&mut m, Mode::Go, Kind::TargetKernel), None);
+        // Not loaded any more: what it was is beside the point.
+        m.loaded = false;
+        assert!(of(&mut m, Mode::Check, Kind::TargetKernel).is_empty());
+    }
+
+    /// Linux says whether a kexec kernel is loaded, not which: a load or
+    /// unload by anyone after `kupgrade stage` shows only in the kernel's
+    /// count of load calls, and a record of another boot is no record of
+    /// what is loaded now.
+    #[test]
+    fn a_kernel_loaded_since_the_stage_or_in_another_boot_is_not_the_staged_one() {
+        let moved = || Machine {
+            load_calls_left: Some(2147483643),
+            ..Machine::default()
+        };
+        let other_boot = || Machine {
+            boot_id: "boot-2".into(),
+            ..Machine::default()
+        };
+        for (m, says) in [
+            (
+                moved as fn() -> Machine,
+                "kexec_load_limit_reboot went from 2147483645 to 2147483643",
+            ),
+            (other_boot, "staged in another boot"),
+        ] {
+            let f = of(&mut m(), Mode::Check, Kind::Staged);
+            assert_eq!(f[0].0, Level::Warn);
+            assert!(
+                f[0].1.contains(says) && f[0].1.contains("kupgrade stage"),
+                "{f:?}"
+            );
+            let refused = go(&mut m(), false).unwrap_err();
+            assert_eq!(refused.0.len(), 1, "{refused}");
+            assert_eq!(refused.0[0].kind, Kind::Staged);
+            assert!(go(&mut m(), true).is_ok(), "a dry run does not kexec");
+        }
+        // A kernel before 6.7 counts nothing, a record from before this
+        // check holds no boot: the loaded flag is all there is.
+        for m in [
+            Machine {
+                staged_calls: None,
+                load_calls_left: None,
+                ..Machine::default()
+            },
+            Machine {
+                staged_boot: String::new(),
+                staged_calls: None,
+                ..Machine::default()
+            },
+        ] {
+            let mut m = m;
+            assert_eq!(level(&mut m, Mode::Go, Kind::Staged), Some(Level::Ok));
         }
     }
 

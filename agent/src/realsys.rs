@@ -10,12 +10,12 @@ use std::time::Duration;
 use contract::devstate::{self, DeviceState, TmpfsMount};
 use contract::events::EventLine;
 use image_format::{ImageWriter, WriteOptions};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 
+use crate::child::{self, Limits};
 use crate::config::{Config, LIB_DIR};
 use crate::pipeline::{Dumped, ImageInput, Step, StepError, System};
 use crate::remount::{self, Remounted};
+use crate::stage::Staged;
 use crate::store::Store;
 use crate::workload::Workload;
 use crate::{capture, cgroup, criu, leftovers, listen};
@@ -32,6 +32,9 @@ pub struct RealSystem {
     remounted: Vec<Remounted>,
     /// New connections are held back (the nftables table is in place).
     holding: bool,
+    /// What `kupgrade stage` recorded, to check before the kexec that it is
+    /// still what is loaded.
+    staged: Option<Staged>,
 }
 
 impl RealSystem {
@@ -56,7 +59,13 @@ impl RealSystem {
             kmsg: open("/dev/kmsg"),
             remounted: Vec::new(),
             holding: false,
+            staged: None,
         }
+    }
+
+    /// The kernel `go` is to boot, as staged.
+    pub fn with_staged(self, staged: Option<Staged>) -> Self {
+        RealSystem { staged, ..self }
     }
 
     /// For `kupgrade resume`: a system on which a killed `go` may have
@@ -84,8 +93,20 @@ fn err(step: Step) -> impl Fn(&dyn std::fmt::Display) -> StepError {
 }
 
 impl System for RealSystem {
-    fn kexec_loaded(&mut self) -> bool {
-        kexec::is_loaded().unwrap_or(false)
+    fn staged_still_loaded(&mut self) -> Result<(), String> {
+        let loaded = kexec::is_loaded().unwrap_or(false);
+        let Some(staged) = &self.staged else {
+            return if loaded {
+                Ok(())
+            } else {
+                Err("the staged kernel was unloaded meanwhile".into())
+            };
+        };
+        let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        match staged.doubt(loaded, boot_id.trim(), kexec::load_calls_left()) {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
     }
 
     fn hold_connections(&mut self, ws: &[Workload]) -> Result<(), StepError> {
@@ -94,8 +115,9 @@ impl System for RealSystem {
             return Ok(());
         }
         let list: Vec<u16> = ports.keys().copied().collect();
-        listen::hold(&list).map_err(|e| err(Step::Connections)(&e))?;
+        // First: an nft killed at its deadline may have made the table.
         self.holding = true;
+        listen::hold(&list, &self.interrupted).map_err(|e| err(Step::Connections)(&e))?;
         listen::drain(&ports, listen::DRAIN_TIMEOUT).map_err(|e| err(Step::Connections)(&e))
     }
 
@@ -119,9 +141,13 @@ impl System for RealSystem {
         let log = Path::new(LIB_DIR).join(format!("dump-{}.log", w.name));
         let _ = fs::create_dir_all(LIB_DIR);
         let _ = fs::remove_dir_all(dir);
-        criu::dump(&self.cfg.criu, w, dir, &log).map_err(|e| err(Step::Checkpoint)(&e))?;
+        let deadline = Duration::from_secs(self.cfg.dump_timeout_s);
+        let limits = Limits::deadline(deadline).stopped_by(&self.interrupted);
+        criu::dump(&self.cfg.criu, w, dir, &log, limits)
+            .map_err(|e| StepError::new(Step::Checkpoint, child::chain(&e)))?;
         let lock_table = if w.tcp_established {
-            Some(criu::save_lock_table(w).ok_or_else(|| {
+            let limits = Limits::deadline(child::TOOL_DEADLINE).stopped_by(&self.interrupted);
+            Some(criu::save_lock_table(w, limits).ok_or_else(|| {
                 StepError::new(
                     Step::Checkpoint,
                     format!("CRIU's lock table inet {} is missing", criu::lock_table(w)),
@@ -134,29 +160,12 @@ impl System for RealSystem {
     }
 
     fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError> {
-        if d.lock_table.is_some() {
-            // Repair mode off first, while the peers are still held back.
-            criu::repair_off(w).map_err(|e| err(Step::Undump)(&e))?;
-            criu::drop_lock_table(w).map_err(|e| err(Step::Undump)(&e))?;
-        }
-        // CRIU left the tasks stopped (--leave-stopped); the cgroup thaw
-        // that follows does not continue a SIGSTOP, this does.
-        let mut failed = Vec::new();
-        for pid in cgroup::procs(&w.cgroup).unwrap_or_else(|_| w.pids.clone()) {
-            if let Err(e) = kill(Pid::from_raw(pid), Signal::SIGCONT) {
-                if e != nix::Error::ESRCH {
-                    failed.push(format!("pid {pid}: {e}"));
-                }
-            }
-        }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(StepError::new(
+        criu::undump(&mut criu::RealTasks::default(), w, d.lock_table.is_some()).map_err(|failed| {
+            StepError::new(
                 Step::Undump,
-                format!("cannot continue {}", failed.join(", ")),
-            ))
-        }
+                format!("workload {}: {}", w.name, failed.join("; ")),
+            )
+        })
     }
 
     fn system_state(&mut self) -> Result<DeviceState, StepError> {
@@ -181,6 +190,9 @@ impl System for RealSystem {
 
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
         let e = err(Step::ImageWrite);
+        let record = Path::new(LIB_DIR);
+        // From here until it is recorded, a wipe zeroes the whole store.
+        let before = self.store.writing(record).map_err(|x| e(&x))?;
         let file = self.store.open_rw().map_err(|x| e(&x))?;
         let opts = WriteOptions {
             generation: input.manifest.created_unix_ns / 1_000_000_000,
@@ -201,6 +213,9 @@ impl System for RealSystem {
         let f = self.store.open_rw().map_err(|x| e(&x))?;
         image_format::Image::open(f)
             .map_err(|x| StepError::new(Step::ImageWrite, format!("verification failed: {x}")))?;
+        self.store
+            .written(record, before, summary.total_len)
+            .map_err(|x| e(&x))?;
         Ok(summary.total_len)
     }
 
@@ -208,6 +223,23 @@ impl System for RealSystem {
         let e = err(Step::Invalidate);
         let mut f = self.store.open_rw().map_err(|x| e(&x))?;
         image_format::invalidate(&mut f).map_err(|x| e(&x))
+    }
+
+    fn wipe_image(&mut self) -> Result<(), StepError> {
+        let start = std::time::Instant::now();
+        let zeroed = self
+            .store
+            .wipe(Path::new(LIB_DIR))
+            .map_err(|x| StepError::new(Step::Wipe, child::chain(&x)))?;
+        // What it cost, for people tuning the store's size.
+        let _ = writeln!(
+            std::io::stderr(),
+            "kupgrade: wiped the store {}: {} MiB zeroed in {} ms",
+            self.store.path.display(),
+            zeroed >> 20,
+            start.elapsed().as_millis()
+        );
+        Ok(())
     }
 
     fn quiesce_filesystems(&mut self) -> Result<(), StepError> {
@@ -240,7 +272,12 @@ impl System for RealSystem {
 
     fn emit(&mut self, e: EventLine) {
         let text = e.to_string();
-        println!("{text}");
+        // Not println!, which panics when stdout is gone (a closed pipe, a
+        // dropped ssh session): the event is also on the console, in the
+        // kernel log and in last-go.log.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{text}").and_then(|()| out.flush());
+        drop(out);
         if let Some(c) = self.console.as_mut() {
             let _ = writeln!(c, "{text}");
         }

@@ -1,9 +1,17 @@
 //! Where the image lives across the kexec: a `memmap=SIZE!ADDR` RAM range
 //! exposed as `/dev/pmemN` (the default), or a file on disk.
+//!
+//! The store holds process memory: a file store is root's alone (created
+//! 0600, never through a symlink, refused when it is anything but a regular
+//! file of ours), a device store must be a block device, and [`Store::wipe`]
+//! zeroes it up to its high-water mark ([`contract::extent`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use contract::extent::{self, Extent};
 
 use crate::config::Config;
 
@@ -31,6 +39,25 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("the store {path} is not a block device: name a /dev/pmemN (or another block device) in `store`, or use file:PATH")]
+    NotBlockDevice { path: PathBuf },
+    #[error("the file store {path} is not a regular file (a symlink, a directory, a device?): remove it, or name another path in `store`")]
+    NotRegular { path: PathBuf },
+    #[error("the file store {path} {why}: it would hold process memory; remove it and let kupgrade create it")]
+    NotOurs { path: PathBuf, why: String },
+    #[error("cannot wipe the store {path}")]
+    Wipe {
+        path: PathBuf,
+        #[source]
+        source: image_format::Error,
+    },
+    #[error("cannot record how far the store {path} holds image data in {record}")]
+    Record {
+        path: PathBuf,
+        record: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("store {path} is {have} MiB but the image needs about {need} MiB: reserve more, e.g. {suggestion}")]
     TooSmall {
         path: PathBuf,
@@ -45,7 +72,8 @@ impl Store {
     pub fn locate(cfg: &Config) -> Result<Store, Error> {
         if let Some(file) = cfg.store.strip_prefix("file:") {
             let path = PathBuf::from(file);
-            let capacity = cfg.store_file_mib << 20;
+            // Config::parse refuses sizes that overflow.
+            let capacity = cfg.store_file_mib.saturating_mul(1 << 20);
             return Ok(Store {
                 path,
                 kind: Kind::File,
@@ -63,6 +91,7 @@ impl Store {
             path: path.clone(),
             source,
         })?;
+        ensure_block_device(&f, &path)?;
         let capacity = f.seek(SeekFrom::End(0)).map_err(|source| Error::Open {
             path: path.clone(),
             source,
@@ -79,7 +108,8 @@ impl Store {
         })
     }
 
-    /// Opens for reading and writing; a file store is created at its size.
+    /// Opens for reading and writing; a file store is created at its size,
+    /// 0600, in a directory made 0700 if there is none.
     pub fn open_rw(&self) -> Result<File, Error> {
         let err = |source| Error::Open {
             path: self.path.clone(),
@@ -87,25 +117,144 @@ impl Store {
         };
         if self.kind == Kind::File {
             if let Some(dir) = self.path.parent() {
-                fs::create_dir_all(dir).map_err(err)?;
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(err)?;
             }
             let f = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .mode(0o600)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
                 .open(&self.path)
-                .map_err(err)?;
+                .map_err(|e| match e.raw_os_error() {
+                    // What O_NOFOLLOW says of a symlink.
+                    Some(nix::libc::ELOOP) => Error::NotRegular {
+                        path: self.path.clone(),
+                    },
+                    _ => err(e),
+                })?;
+            self.ensure_ours(&f)?;
             if f.metadata().map_err(err)?.len() < self.capacity {
                 f.set_len(self.capacity).map_err(err)?;
             }
             return Ok(f);
         }
-        OpenOptions::new()
+        let f = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&self.path)
-            .map_err(err)
+            .map_err(err)?;
+        ensure_block_device(&f, &self.path)?;
+        Ok(f)
+    }
+
+    /// A file store must be a regular file of ours that nobody else can
+    /// reach: a looser mode (an older kupgrade made it 0644) is tightened.
+    fn ensure_ours(&self, f: &File) -> Result<(), Error> {
+        let err = |source| Error::Open {
+            path: self.path.clone(),
+            source,
+        };
+        let meta = f.metadata().map_err(err)?;
+        let not_ours = |why: String| Error::NotOurs {
+            path: self.path.clone(),
+            why,
+        };
+        if !meta.file_type().is_file() {
+            return Err(Error::NotRegular {
+                path: self.path.clone(),
+            });
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(not_ours(format!("belongs to uid {}, not {me}", meta.uid())));
+        }
+        if meta.nlink() > 1 {
+            return Err(not_ours(format!(
+                "has {} hard links: another name can reach it",
+                meta.nlink()
+            )));
+        }
+        if meta.mode() & 0o077 != 0 {
+            f.set_permissions(fs::Permissions::from_mode(0o600))
+                .map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes whatever image data the store may hold (it is process memory):
+    /// up to the high-water mark recorded in `record_dir`, or the image's
+    /// end if further, or all of it when the mark is unknown; then records
+    /// that nothing is left. Returns the bytes zeroed.
+    pub fn wipe(&self, record_dir: &Path) -> Result<u64, Error> {
+        let mut f = self.open_rw()?;
+        let len = f.seek(SeekFrom::End(0)).map_err(|source| Error::Open {
+            path: self.path.clone(),
+            source,
+        })?;
+        let image_end = image_format::read_superblock(&mut f)
+            .ok()
+            .map(|sb| sb.total_len);
+        let name = self.path.display().to_string();
+        let end = extent::wipe_end(Extent::read(record_dir).as_ref(), &name, image_end, len);
+        image_format::wipe_to(&mut f, end).map_err(|source| Error::Wipe {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.record(record_dir, Some(0))?;
+        Ok(end)
+    }
+
+    /// Whether the record in `record_dir` says the store may hold image data
+    /// (a write that did not finish, or bytes not wiped since). Without a
+    /// record, no: kupgrade never wrote an image there that it knows of.
+    pub fn holds_image_data(&self, record_dir: &Path) -> bool {
+        let name = self.path.display().to_string();
+        Extent::read(record_dir)
+            .filter(|e| e.store == name)
+            .is_some_and(|e| e.dirty_bytes != Some(0))
+    }
+
+    /// Before an image is written: how far the store held image data
+    /// before, and from now on unknown (a write that does not finish leaves
+    /// the whole store to wipe).
+    pub fn writing(&self, record_dir: &Path) -> Result<Option<u64>, Error> {
+        let name = self.path.display().to_string();
+        let before = Extent::read(record_dir)
+            .filter(|e| e.store == name)
+            .and_then(|e| e.dirty_bytes);
+        self.record(record_dir, None)?;
+        Ok(before)
+    }
+
+    /// After an image of `total_len` bytes was written over what
+    /// [`Store::writing`] returned.
+    pub fn written(
+        &self,
+        record_dir: &Path,
+        before: Option<u64>,
+        total_len: u64,
+    ) -> Result<(), Error> {
+        // Unknown before stays unknown: an older image may reach further.
+        self.record(record_dir, before.map(|b| b.max(total_len)))
+    }
+
+    fn record(&self, record_dir: &Path, dirty_bytes: Option<u64>) -> Result<(), Error> {
+        Extent {
+            store: self.path.display().to_string(),
+            dirty_bytes,
+        }
+        .write(record_dir)
+        .map_err(|source| Error::Record {
+            path: self.path.clone(),
+            record: record_dir.join(extent::FILE),
+            source,
+        })
     }
 
     /// Refuses a store smaller than the estimated image.
@@ -119,6 +268,20 @@ impl Store {
             need: estimate.div_ceil(1 << 20),
             suggestion: suggest_memmap(estimate),
         })
+    }
+}
+
+/// A `pmem` or device store is a block device: not a file or a character
+/// device that a mistyped `store` names.
+fn ensure_block_device(f: &File, path: &Path) -> Result<(), Error> {
+    let meta = f.metadata().map_err(|source| Error::Open {
+        path: path.into(),
+        source,
+    })?;
+    if meta.file_type().is_block_device() {
+        Ok(())
+    } else {
+        Err(Error::NotBlockDevice { path: path.into() })
     }
 }
 
@@ -274,6 +437,143 @@ mod tests {
         assert_eq!(s.kind, Kind::File);
         let f = s.open_rw().unwrap();
         assert_eq!(f.metadata().unwrap().len(), 2 << 20);
+    }
+
+    fn file_store(dir: &Path) -> Store {
+        Store {
+            path: dir.join("s/store.img"),
+            kind: Kind::File,
+            capacity: 4 << 20,
+        }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().mode() & 0o777
+    }
+
+    #[test]
+    fn a_file_store_is_root_s_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let s = file_store(d.path());
+        s.open_rw().unwrap();
+        assert_eq!(mode(&s.path), 0o600);
+        assert_eq!(mode(s.path.parent().unwrap()), 0o700);
+        // One an older kupgrade made 0644 is tightened.
+        fs::set_permissions(&s.path, fs::Permissions::from_mode(0o644)).unwrap();
+        s.open_rw().unwrap();
+        assert_eq!(mode(&s.path), 0o600);
+    }
+
+    #[test]
+    fn a_file_store_that_is_not_a_plain_file_of_ours_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let s = file_store(d.path());
+        fs::create_dir_all(s.path.parent().unwrap()).unwrap();
+        // A symlink to a file someone else can read.
+        let elsewhere = d.path().join("readable");
+        fs::write(&elsewhere, "").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &s.path).unwrap();
+        let e = s.open_rw().unwrap_err();
+        assert!(matches!(e, Error::NotRegular { .. }), "{e:?}");
+        assert_eq!(fs::metadata(&elsewhere).unwrap().len(), 0);
+        fs::remove_file(&s.path).unwrap();
+        // A directory.
+        fs::create_dir(&s.path).unwrap();
+        assert!(s.open_rw().is_err());
+        fs::remove_dir(&s.path).unwrap();
+        // A second name for it.
+        fs::write(&s.path, "").unwrap();
+        fs::hard_link(&s.path, d.path().join("other-name")).unwrap();
+        let e = s.open_rw().unwrap_err();
+        assert!(e.to_string().contains("hard links"), "{e}");
+        fs::remove_file(d.path().join("other-name")).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&s.path, Some(65534), None).unwrap();
+            let e = s.open_rw().unwrap_err();
+            assert!(e.to_string().contains("belongs to uid 65534"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_device_store_must_be_a_block_device() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("pmem0");
+        fs::write(&file, vec![0u8; 8192]).unwrap();
+        for path in [file, PathBuf::from("/dev/null")] {
+            let cfg = Config {
+                store: path.display().to_string(),
+                ..Config::default()
+            };
+            let e = Store::locate(&cfg).unwrap_err();
+            assert!(matches!(e, Error::NotBlockDevice { .. }), "{e:?}");
+            let s = Store {
+                path: path.clone(),
+                kind: Kind::Pmem,
+                capacity: 8192,
+            };
+            assert!(matches!(s.open_rw(), Err(Error::NotBlockDevice { .. })));
+        }
+    }
+
+    /// Writes a small image over `n` bytes of old data.
+    fn image_over_old_data(s: &Store, n: usize) -> u64 {
+        fs::create_dir_all(s.path.parent().unwrap()).unwrap();
+        fs::write(&s.path, vec![0xAAu8; n]).unwrap();
+        fs::set_permissions(&s.path, fs::Permissions::from_mode(0o600)).unwrap();
+        let mut w = image_format::ImageWriter::create(
+            s.open_rw().unwrap(),
+            s.capacity,
+            image_format::WriteOptions::default(),
+        )
+        .unwrap();
+        w.add_blob("b", &[7u8; 1000]).unwrap();
+        w.finish(image_format::Manifest::default())
+            .unwrap()
+            .total_len
+    }
+
+    fn zero_up_to(path: &Path) -> usize {
+        fs::read(path)
+            .unwrap()
+            .iter()
+            .position(|b| *b != 0)
+            .unwrap_or(usize::MAX)
+    }
+
+    #[test]
+    fn a_wipe_reaches_the_tail_of_an_older_larger_image() {
+        let d = tempfile::tempdir().unwrap();
+        let s = file_store(d.path());
+        let record = d.path().join("lib");
+        // An older image reached 3 MiB; the new one is a few KiB.
+        s.record(&record, Some(3 << 20)).unwrap();
+        let before = s.writing(&record).unwrap();
+        assert_eq!(Extent::read(&record).unwrap().dirty_bytes, None);
+        let total = image_over_old_data(&s, 3 << 20);
+        s.written(&record, before, total).unwrap();
+        assert_eq!(Extent::read(&record).unwrap().dirty_bytes, Some(3 << 20));
+        assert!(s.holds_image_data(&record));
+        assert_eq!(s.wipe(&record).unwrap(), 3 << 20);
+        assert_eq!(zero_up_to(&s.path), usize::MAX, "old bytes survived");
+        assert_eq!(Extent::read(&record).unwrap().dirty_bytes, Some(0));
+        assert!(!s.holds_image_data(&record));
+    }
+
+    #[test]
+    fn without_a_mark_the_whole_store_is_wiped() {
+        let d = tempfile::tempdir().unwrap();
+        let s = file_store(d.path());
+        let record = d.path().join("lib");
+        image_over_old_data(&s, 4 << 20);
+        assert_eq!(s.wipe(&record).unwrap(), 4 << 20);
+        assert_eq!(zero_up_to(&s.path), usize::MAX);
+        // A write that did not finish leaves the mark unknown: all again.
+        fs::write(&s.path, vec![0xAAu8; 4 << 20]).unwrap();
+        s.writing(&record).unwrap();
+        assert_eq!(s.wipe(&record).unwrap(), 4 << 20);
+        assert_eq!(zero_up_to(&s.path), usize::MAX);
+        // Nothing written since the last wipe: only the superblock.
+        assert_eq!(s.wipe(&record).unwrap(), 0);
     }
 
     #[test]

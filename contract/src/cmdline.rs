@@ -9,29 +9,47 @@ use std::str::FromStr;
 pub const RESUME: &str = "kupgrade.resume";
 /// The store holding the image, e.g. `kupgrade.store=/dev/pmem0` or a file path.
 pub const STORE: &str = "kupgrade.store";
+/// How long the restore may take, in seconds (`kupgrade-init` has a default):
+/// every child it runs is killed in time for it to end within this.
+pub const RESTORE_TIMEOUT: &str = "kupgrade.restore_timeout";
 /// Makes `kupgrade-init` fail on purpose, for the fault campaign:
-/// `kupgrade.failpoint=criu-restore` (see [`InitFailpoint`]). Staged with
-/// `kupgrade stage --append`, so it lasts one boot like the other keys.
+/// `kupgrade.failpoint=criu-restore`, or several, comma-separated (see
+/// [`InitFailpoint`]). Staged with `kupgrade stage --append`, so it lasts
+/// one boot like the other keys.
 pub const FAILPOINT: &str = "kupgrade.failpoint";
 
-/// A fault `kupgrade-init` injects when [`FAILPOINT`] names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InitFailpoint {
-    /// Every `criu restore` fails (CRIU is not run).
-    CriuRestore,
-    /// The first module of the initramfs fails to load.
-    ModuleLoad,
+macro_rules! init_failpoints {
+    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
+        /// A fault `kupgrade-init` injects when [`FAILPOINT`] names it.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum InitFailpoint { $($(#[$doc])* $variant,)* }
+
+        impl InitFailpoint {
+            pub const ALL: &'static [InitFailpoint] = &[$(InitFailpoint::$variant,)*];
+
+            pub fn name(self) -> &'static str {
+                match self { $(InitFailpoint::$variant => $name,)* }
+            }
+        }
+    };
 }
 
-impl InitFailpoint {
-    pub const ALL: [InitFailpoint; 2] = [InitFailpoint::CriuRestore, InitFailpoint::ModuleLoad];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            InitFailpoint::CriuRestore => "criu-restore",
-            InitFailpoint::ModuleLoad => "module-load",
-        }
-    }
+init_failpoints! {
+    /// Every `criu restore` fails (CRIU is not run).
+    CriuRestore => "criu-restore",
+    /// The first `criu restore` hangs (CRIU runs an action script that never
+    /// returns) until its deadline kills it.
+    CriuRestoreHang => "criu-restore-hang",
+    /// `kupgrade-init` panics at the last workload's `criu restore` (after
+    /// the network lock went in and the others were restored).
+    RestorePanic => "restore-panic",
+    /// `kupgrade-init` stops there for ever, for its watchdog to end.
+    RestoreHang => "restore-hang",
+    /// Every report `kupgrade-init` writes fails to be written, as on a full
+    /// or read-only root.
+    ReportWrite => "report-write",
+    /// The first module of the initramfs fails to load.
+    ModuleLoad => "module-load",
 }
 
 impl fmt::Display for InitFailpoint {
@@ -44,7 +62,8 @@ impl FromStr for InitFailpoint {
     type Err = UnknownFailpoint;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         InitFailpoint::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|f| f.name() == s)
             .ok_or_else(|| UnknownFailpoint(s.to_string()))
     }
@@ -235,7 +254,7 @@ mod tests {
 
     #[test]
     fn failpoints_parse_back_and_unknown_ones_are_refused() {
-        for f in InitFailpoint::ALL {
+        for &f in InitFailpoint::ALL {
             assert_eq!(f.name().parse::<InitFailpoint>(), Ok(f));
         }
         let c = Cmdline::parse("ro kupgrade.failpoint=criu-restore");
@@ -248,6 +267,7 @@ mod tests {
             Err(UnknownFailpoint("criu".into()))
         );
         assert!(Param::new(FAILPOINT, Some("criu-restore")).is_one_shot());
+        assert!(Param::new(RESTORE_TIMEOUT, Some("60")).is_one_shot());
     }
 
     #[test]

@@ -1,15 +1,18 @@
 //! The contract between the two kernels: what the agent on the old kernel
 //! and `kupgrade-init` on the new one (and the QEMU harness that watches
 //! both) must agree on. The kernel command line keys, the device state, the
-//! lifecycle events, the upgrade report, the workloads recorded in the
-//! image's manifest and CRIU's arguments for them. Both sides are different
-//! builds; everything here is serialised with names, never by position.
+//! lifecycle events, the upgrade report (and its timeline picture), the
+//! workloads recorded in the image's manifest and CRIU's arguments for them.
+//! Both sides are different builds; everything here is serialised with
+//! names, never by position.
 
 pub mod cmdline;
 pub mod criu;
 pub mod devstate;
 pub mod events;
+pub mod extent;
 pub mod report;
+pub mod timeline;
 
 use serde::{Deserialize, Serialize};
 

@@ -163,33 +163,62 @@ pub fn invalidate<S: Store>(store: &mut S) -> Result<(), Error> {
         .map_err(Error::io("invalidate the image in the store"))
 }
 
-/// Zeroes the image's whole extent (it holds process memory), then its
-/// superblock, flushing after each. Without a valid superblock only the
-/// superblock's block is zeroed: nothing says how far an image went.
+/// Zeroes the image's whole extent (it holds process memory), see
+/// [`wipe_to`]. Without a valid superblock only the superblock's block is
+/// zeroed: nothing says how far an image went.
 pub fn wipe<S: Store>(store: &mut S) -> Result<(), Error> {
     let store_len = store_len(store)?;
     let end = match load_superblock(store, store_len) {
         Ok((_, sb)) => sb.total_len.min(store_len),
         Err(_) => BODY_OFFSET,
     };
-    if end > BODY_OFFSET {
-        let zeros = vec![0u8; 1 << 20];
-        let mut pos = BODY_OFFSET;
-        store
-            .seek(SeekFrom::Start(pos))
-            .map_err(Error::io("seek in the store"))?;
-        while pos < end {
-            let n = (end - pos).min(zeros.len() as u64) as usize;
-            store.write_all(&zeros[..n]).map_err(|source| Error::Io {
-                what: format!("wipe the store at offset {pos}"),
-                source,
-            })?;
-            pos += n as u64;
-        }
-        store
-            .flush()
-            .and_then(|()| store.sync())
-            .map_err(Error::io("flush the wiped store"))?;
+    wipe_to(store, end)
+}
+
+/// Zeroes the superblock (so that no image is readable from here on), then
+/// `[BODY_OFFSET, end)` clamped to the store, and flushes. `end` may lie
+/// past the current image: the tail of an older, larger one (the high-water
+/// mark in `contract::extent`).
+pub fn wipe_to<S: Store>(store: &mut S, end: u64) -> Result<(), Error> {
+    invalidate(store)?;
+    let end = end.min(store_len(store)?);
+    if end <= BODY_OFFSET {
+        return Ok(());
     }
-    invalidate(store)
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos = BODY_OFFSET;
+    store
+        .seek(SeekFrom::Start(pos))
+        .map_err(Error::io("seek in the store"))?;
+    while pos < end {
+        let n = (end - pos).min(zeros.len() as u64) as usize;
+        store.write_all(&zeros[..n]).map_err(|source| Error::Io {
+            what: format!("wipe the store at offset {pos}"),
+            source,
+        })?;
+        pos += n as u64;
+    }
+    store
+        .flush()
+        .and_then(|()| store.sync())
+        .map_err(Error::io("flush the wiped store"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use super::*;
+
+    #[test]
+    fn wipe_to_zeroes_up_to_the_end_given_past_the_image() {
+        let mut bytes = vec![0xAAu8; 3 << 20];
+        wipe_to(&mut Cursor::new(&mut bytes), 2 << 20).unwrap();
+        assert!(bytes[..2 << 20].iter().all(|b| *b == 0));
+        assert!(bytes[2 << 20..].iter().all(|b| *b == 0xAA));
+        // Clamped to the store; a short store keeps working.
+        let mut bytes = vec![0xAAu8; 10_000];
+        wipe_to(&mut Cursor::new(&mut bytes), u64::MAX).unwrap();
+        assert!(bytes.iter().all(|b| *b == 0));
+    }
 }

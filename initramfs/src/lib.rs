@@ -6,6 +6,7 @@
 //! harness's first boot, so the normal boot path is exercised every time.
 
 mod cpio;
+pub mod format;
 pub mod modules;
 
 use std::collections::BTreeSet;
@@ -14,6 +15,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use crate::cpio::Cpio;
+use crate::format::ModuleFormat;
 use crate::modules::{ModuleIndex, Resolution};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +38,13 @@ pub enum Error {
     NoModules { release: String, dir: PathBuf },
     #[error(transparent)]
     Modules(#[from] modules::Error),
+    #[error("cannot unpack the {format} module {path}")]
+    Decompress {
+        path: PathBuf,
+        format: ModuleFormat,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path} is not a static executable (it names an interpreter): build kupgrade-init with crt-static")]
     NotStatic { path: PathBuf },
 }
@@ -77,6 +86,10 @@ pub struct Spec {
     /// Module names to include; their dependencies are added.
     pub modules: Vec<String>,
     pub compression: Compression,
+    /// The compressed format the kernel unpacks itself
+    /// ([`format::in_kernel_decompression`]): those modules go in as they
+    /// are; any other compressed one is unpacked here.
+    pub kernel_decompresses: Option<ModuleFormat>,
 }
 
 /// What was built, for the user and the record.
@@ -85,6 +98,8 @@ pub struct Built {
     pub bytes: u64,
     pub modules: Resolution,
     pub compression: Compression,
+    /// Compressed modules unpacked here because the kernel cannot.
+    pub unpacked: usize,
 }
 
 /// The module names `kupgrade-init` needs on this machine: CRIU's, the pmem
@@ -117,8 +132,7 @@ pub fn wanted_modules(loaded: &[String], index: &ModuleIndex, pmem_store: bool) 
             "kernel/crypto/",
         ];
         if wanted_dir.iter().any(|d| path.starts_with(d)) {
-            let file = path.rsplit('/').next().unwrap_or(&path);
-            names.insert(modules::normalise(file.split(".ko").next().unwrap_or(file)));
+            names.insert(modules::name_of(&path));
         }
     }
     names.into_iter().collect()
@@ -155,16 +169,28 @@ pub fn build(spec: &Spec, out: &Path) -> Result<Built, Error> {
     let mod_root = format!("lib/modules/{}", spec.release);
     cpio.dir(&mod_root);
     let mut order = String::new();
+    let mut unpacked = 0;
     for rel in &resolution.load_order {
         let src = spec.modules_dir.join(rel);
-        let data = fs::read(&src).map_err(|source| Error::Read {
+        let mut data = fs::read(&src).map_err(|source| Error::Read {
             path: src.clone(),
             source,
         })?;
+        let mut rel = rel.clone();
+        let format = ModuleFormat::of(&rel).unwrap_or(ModuleFormat::Plain);
+        if format.is_compressed() && spec.kernel_decompresses != Some(format) {
+            data = unpack_module(format, &data).map_err(|source| Error::Decompress {
+                path: src.clone(),
+                format,
+                source,
+            })?;
+            rel = format::plain_path(&rel);
+            unpacked += 1;
+        }
         let dest = format!("{mod_root}/{rel}");
         cpio.parents(&dest);
         cpio.file(&dest, 0o644, &data);
-        order.push_str(rel);
+        order.push_str(&rel);
         order.push('\n');
     }
     cpio.file(
@@ -191,7 +217,21 @@ pub fn build(spec: &Spec, out: &Path) -> Result<Built, Error> {
         bytes: compressed.len() as u64,
         modules: resolution,
         compression: spec.compression,
+        unpacked,
     })
+}
+
+/// Unpacks a compressed module and checks that an ELF object came out: a
+/// file named `.ko.zst` that holds something else must not reach the kernel.
+fn unpack_module(format: ModuleFormat, data: &[u8]) -> io::Result<Vec<u8>> {
+    let plain = format::decompress(format, data)?;
+    if !plain.starts_with(b"\x7fELF") {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "what it holds is not an ELF object",
+        ));
+    }
+    Ok(plain)
 }
 
 fn write_err(path: &Path, source: io::Error) -> Error {
@@ -231,6 +271,7 @@ fn elf_has_interpreter(elf: &[u8]) -> bool {
 mod tests {
     use super::*;
     use crate::cpio::tests::parse_cpio;
+    use crate::format::tests::{compressed, MODULE};
 
     #[test]
     fn compression_follows_the_kernel_config() {
@@ -260,6 +301,7 @@ mod tests {
             init_binary: exe,
             modules: vec![],
             compression: Compression::None,
+            kernel_decompresses: None,
         };
         let res = build(&spec, &dir.path().join("out"));
         assert_eq!(dynamic, matches!(res, Err(Error::NotStatic { .. })));
@@ -286,6 +328,7 @@ mod tests {
             init_binary: init,
             modules: vec!["a".into(), "zzz".into()],
             compression: Compression::Gzip,
+            kernel_decompresses: None,
         };
         let out = dir.path().join("initrd");
         let built = build(&spec, &out).unwrap();
@@ -304,5 +347,105 @@ mod tests {
             b"kernel/x/b.ko\nkernel/x/a.ko\n"
         );
         assert!(get("init").is_some() && get("dev/console").is_some());
+    }
+
+    /// A release whose modules come in every format, and an init.
+    fn mixed_release(dir: &Path) -> Spec {
+        let mods = dir.join("mods");
+        fs::create_dir_all(mods.join("kernel/x")).unwrap();
+        let mut dep = String::new();
+        for (name, f) in [
+            ("p", ModuleFormat::Plain),
+            ("x", ModuleFormat::Xz),
+            ("z", ModuleFormat::Zstd),
+            ("g", ModuleFormat::Gzip),
+        ] {
+            let rel = format!("kernel/x/{name}{}", f.suffix());
+            fs::write(mods.join(&rel), compressed(f)).unwrap();
+            dep.push_str(&format!("{rel}:\n"));
+        }
+        fs::write(mods.join("modules.dep"), dep).unwrap();
+        let init = dir.join("init");
+        fs::write(&init, b"\x7fELF\x02 static enough for this test").unwrap();
+        Spec {
+            release: "9.9".into(),
+            modules_dir: mods,
+            init_binary: init,
+            modules: vec!["p".into(), "x".into(), "z".into(), "g".into()],
+            compression: Compression::None,
+            kernel_decompresses: None,
+        }
+    }
+
+    /// Built with `spec`: the load order, and every module's bytes by path.
+    fn built_modules(spec: &Spec, out: &Path) -> (Built, String, Vec<(String, Vec<u8>)>) {
+        let built = build(spec, out).unwrap();
+        let entries = parse_cpio(&fs::read(out).unwrap());
+        let order = entries
+            .iter()
+            .find(|e| e.0.ends_with(modules::LOAD_ORDER_FILE))
+            .map(|e| String::from_utf8(e.2.clone()).unwrap())
+            .unwrap();
+        let mods = entries
+            .into_iter()
+            .filter(|e| ModuleFormat::of(&e.0).is_some())
+            .map(|e| (e.0, e.2))
+            .collect();
+        (built, order, mods)
+    }
+
+    /// A kernel that unpacks no module (no CONFIG_MODULE_DECOMPRESS) gets
+    /// every module plain, whatever its format was.
+    #[test]
+    fn without_in_kernel_decompression_every_module_is_unpacked() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = mixed_release(dir.path());
+        let (built, order, mods) = built_modules(&spec, &dir.path().join("out"));
+        assert_eq!(built.unpacked, 3);
+        assert_eq!(
+            order,
+            "kernel/x/p.ko\nkernel/x/x.ko\nkernel/x/z.ko\nkernel/x/g.ko\n"
+        );
+        assert_eq!(mods.len(), 4);
+        for (path, bytes) in mods {
+            assert!(path.ends_with(".ko"), "{path}");
+            assert_eq!(bytes, MODULE, "{path}");
+        }
+    }
+
+    /// A kernel that unpacks xz itself (Debian's 6.12) gets its xz modules
+    /// as they are; the formats it cannot unpack are unpacked here.
+    #[test]
+    fn modules_in_the_kernels_own_format_stay_compressed() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = Spec {
+            kernel_decompresses: Some(ModuleFormat::Xz),
+            ..mixed_release(dir.path())
+        };
+        let (built, order, mods) = built_modules(&spec, &dir.path().join("out"));
+        assert_eq!(built.unpacked, 2);
+        assert_eq!(
+            order,
+            "kernel/x/p.ko\nkernel/x/x.ko.xz\nkernel/x/z.ko\nkernel/x/g.ko\n"
+        );
+        let xz = mods.iter().find(|m| m.0.ends_with("x.ko.xz")).unwrap();
+        assert_eq!(xz.1, compressed(ModuleFormat::Xz));
+        assert!(!mods
+            .iter()
+            .any(|m| m.0.ends_with(".zst") || m.0.ends_with(".gz")));
+    }
+
+    #[test]
+    fn a_compressed_module_that_does_not_unpack_to_elf_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = mixed_release(dir.path());
+        let bad = spec.modules_dir.join("kernel/x/z.ko.zst");
+        fs::write(&bad, zstd::encode_all(&b"not an object"[..], 3).unwrap()).unwrap();
+        match build(&spec, &dir.path().join("out")) {
+            Err(Error::Decompress { path, format, .. }) => {
+                assert_eq!((path, format), (bad, ModuleFormat::Zstd));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -1,12 +1,16 @@
-//! Kernel modules of one release: resolve names to `.ko` files and their
-//! dependencies through `modules.dep`, in the order they must be loaded.
+//! Kernel modules of one release: resolve names to module files (`.ko`, or
+//! compressed: `.ko.xz`, `.ko.zst`, `.ko.gz`) and their dependencies through
+//! `modules.dep`, in the order they must be loaded.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// File written next to the modules in the initramfs: one relative `.ko`
-/// path per line, in load order. `kupgrade-init` loads them as listed.
+use crate::format::{self, ModuleFormat};
+
+/// File written next to the modules in the initramfs: one relative module
+/// path per line, in load order. `kupgrade-init` loads them as listed; a
+/// compressed one is there only if the kernel unpacks it itself.
 pub const LOAD_ORDER_FILE: &str = "kupgrade.load-order";
 
 /// Modules that `kupgrade-init` needs whatever the machine: the sock_diag
@@ -64,11 +68,11 @@ pub fn normalise(name: &str) -> String {
     name.replace('-', "_")
 }
 
-fn name_of(rel_path: &str) -> String {
+/// The module name of a file path: `kernel/net/x/af-packet-diag.ko.xz` ->
+/// `af_packet_diag`.
+pub fn name_of(rel_path: &str) -> String {
     let file = rel_path.rsplit('/').next().unwrap_or(rel_path);
-    // Strip `.ko` and a compression suffix such as `.ko.xz`.
-    let stem = file.split(".ko").next().unwrap_or(file);
-    normalise(stem)
+    normalise(format::strip_suffix(file))
 }
 
 impl ModuleIndex {
@@ -112,6 +116,19 @@ impl ModuleIndex {
 
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(&normalise(name))
+    }
+
+    /// Built into the kernel (listed in `modules.builtin`).
+    pub fn is_builtin(&self, name: &str) -> bool {
+        self.builtin.contains(&normalise(name))
+    }
+
+    /// How this release stores its modules: usually one format.
+    pub fn formats(&self) -> BTreeSet<ModuleFormat> {
+        self.deps
+            .keys()
+            .filter_map(|p| ModuleFormat::of(p))
+            .collect()
     }
 
     /// Resolves `wanted` names to files in load order, each once.
@@ -213,6 +230,35 @@ kernel/net/packet/af-packet-diag.ko.xz:
         assert_eq!(r.load_order, vec!["kernel/net/packet/af-packet-diag.ko.xz"]);
     }
 
+    /// Debian's 6.12 ships `.ko.xz`; other distributions `.ko.zst` or
+    /// `.ko.gz`: names, dependencies and built-ins resolve the same way.
+    #[test]
+    fn compressed_module_names_resolve_with_their_dependencies() {
+        for f in [ModuleFormat::Xz, ModuleFormat::Zstd, ModuleFormat::Gzip] {
+            let dep = DEP.replace(".ko.xz:", ".ko:").replace(".ko", f.suffix());
+            let builtin = format!("kernel/fs/ext4/ext4{}\n", f.suffix());
+            let (_d, idx) = index(&dep, &builtin);
+            let r = idx.resolve(&["nd_pmem", "af-packet-diag", "ext4", "nd_pmem.ko"]);
+            let dir = "kernel/drivers/nvdimm";
+            let s = f.suffix();
+            assert_eq!(
+                r.load_order,
+                vec![
+                    format!("{dir}/libnvdimm{s}"),
+                    format!("{dir}/nd_btt{s}"),
+                    format!("{dir}/nd_pmem{s}"),
+                    format!("kernel/net/packet/af-packet-diag{s}"),
+                ],
+                "{f}"
+            );
+            assert_eq!(r.builtin, vec!["ext4"], "{f}");
+            // A name is a name: `nd_pmem.ko` is not one.
+            assert_eq!(r.missing, vec!["nd_pmem.ko"], "{f}");
+            assert!(idx.contains("nd-btt") && idx.is_builtin("ext4"), "{f}");
+            assert_eq!(idx.formats().into_iter().collect::<Vec<_>>(), [f]);
+        }
+    }
+
     #[test]
     fn a_line_without_colon_is_a_syntax_error() {
         let dir = tempfile::tempdir().unwrap();
@@ -224,21 +270,33 @@ kernel/net/packet/af-packet-diag.ko.xz:
     }
 
     #[test]
-    fn real_debian_release_resolves_the_pmem_stack() {
-        // The harness unpacks Debian kernels here; skip quietly on a bare checkout.
+    fn real_debian_releases_resolve_the_pmem_stack() {
+        // The harness unpacks Debian kernels here (6.1 with plain modules,
+        // 6.12 with .ko.xz); skip quietly on a bare checkout.
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kupgrade-vm/kernels");
-        let Some(rel) = fs::read_dir(&root)
-            .ok()
-            .and_then(|mut d| d.next())
-            .and_then(|e| e.ok())
-        else {
+        let releases: Vec<_> = fs::read_dir(&root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().join(".complete").exists())
+            .collect();
+        if releases.is_empty() {
             eprintln!("no unpacked kernels under {}: skipped", root.display());
-            return;
-        };
-        let release = rel.file_name();
-        let idx = ModuleIndex::open(&rel.path().join("lib/modules").join(&release)).unwrap();
-        let r = idx.resolve(PMEM_MODULES);
-        assert!(r.missing.is_empty(), "{:?}", r.missing);
-        assert!(r.load_order.last().unwrap().ends_with("nd_e820.ko"));
+        }
+        for rel in releases {
+            let release = rel.file_name();
+            let idx = ModuleIndex::open(&rel.path().join("lib/modules").join(&release)).unwrap();
+            let r = idx.resolve(PMEM_MODULES);
+            assert!(r.missing.is_empty(), "{release:?}: {:?}", r.missing);
+            let last = r.load_order.last().unwrap();
+            assert_eq!(name_of(last), "nd_e820", "{release:?}");
+            let formats = idx.formats();
+            assert_eq!(formats.len(), 1, "{release:?}: {formats:?}");
+            // Whatever the format, what comes out is the kernel's object.
+            let f = formats.into_iter().next().unwrap();
+            let packed = fs::read(idx.dir().join(last)).unwrap();
+            let object = crate::format::decompress(f, &packed).unwrap();
+            assert!(object.starts_with(b"\x7fELF"), "{release:?}: {last}");
+        }
     }
 }

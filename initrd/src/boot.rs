@@ -1,15 +1,16 @@
 //! The normal boot path: kernel file systems, modules, the real root, and
 //! the hand-over to the real init.
 
-use std::ffi::CString;
 use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use contract::cmdline::Cmdline;
 use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
-use nix::unistd::{chdir, chroot, execv};
+use nix::unistd::{chdir, chroot};
 
 use crate::info;
 use crate::root::{self, RootSpec};
@@ -28,7 +29,7 @@ pub enum Error {
     #[error("no root= on the kernel command line")]
     NoRoot,
     #[error(
-        "root device {spec} did not appear within {secs} s (modules for its controller missing?)"
+        "root device {spec} did not appear within {secs} s (modules for its controller missing? rootdelay=N waits longer)"
     )]
     RootTimeout { spec: String, secs: u64 },
     #[error("cannot mount the root {dev} (tried {tried})")]
@@ -81,6 +82,37 @@ pub fn module_load_order(release: &str) -> Vec<String> {
         .collect()
 }
 
+/// `finit_module` flag (include/uapi/linux/module.h, Linux 5.17+): the file
+/// is compressed and the kernel unpacks it (`CONFIG_MODULE_DECOMPRESS`).
+/// nix does not name it.
+const MODULE_INIT_COMPRESSED_FILE: nix::libc::c_uint = 4;
+
+/// Endings of the compressed modules `initramfs::format` knows.
+const COMPRESSED: [&str; 3] = [".ko.xz", ".ko.zst", ".ko.gz"];
+
+/// The flags to load `module` with. The initramfs builder leaves a module
+/// compressed only when the kernel unpacks that format itself, so a
+/// compressed file in the initramfs is one to hand over as it is.
+pub fn finit_flags(module: &str) -> ModuleInitFlags {
+    if COMPRESSED.iter().any(|c| module.ends_with(c)) {
+        ModuleInitFlags::from_bits_retain(MODULE_INIT_COMPRESSED_FILE)
+    } else {
+        ModuleInitFlags::empty()
+    }
+}
+
+/// The module name of a file: `kernel/drivers/block/virtio_blk.ko.xz` ->
+/// `virtio_blk` (`-` and `_` are the same to the kernel).
+pub fn module_name(file: &str) -> String {
+    let base = file.rsplit('/').next().unwrap_or(file);
+    let stem = COMPRESSED
+        .iter()
+        .chain(&[".ko"])
+        .find_map(|suffix| base.strip_suffix(suffix))
+        .unwrap_or(base);
+    stem.replace('-', "_")
+}
+
 pub fn load_module(release: &str, module: &str) -> Result<(), system::Error> {
     let path = modules_dir(release).join(module);
     let f = File::open(&path).map_err(|source| system::Error::Io {
@@ -88,22 +120,16 @@ pub fn load_module(release: &str, module: &str) -> Result<(), system::Error> {
         path: path.clone(),
         source,
     })?;
-    finit_module(&f, c"", ModuleInitFlags::empty())
+    finit_module(&f, c"", finit_flags(module))
         .map_err(|source| system::Error::Module { path, source })
 }
 
-/// Waits for the device named by `root=` and mounts it on [`NEWROOT`].
-/// `writable` forces a read-write mount (a restore writes to the root).
-pub fn mount_root(cmdline: &Cmdline, writable: bool) -> Result<PathBuf, Error> {
+/// Waits up to `wait` for the device named by `root=` and mounts it on
+/// [`NEWROOT`]. `writable` forces a read-write mount (a restore writes to
+/// the root).
+pub fn mount_root(cmdline: &Cmdline, writable: bool, wait: Duration) -> Result<PathBuf, Error> {
     let value = cmdline.value("root").ok_or(Error::NoRoot)?;
     let spec = RootSpec::parse(value);
-    // Without rootwait the kernel itself gives up quickly; we always wait a
-    // while, because module-driven controllers probe asynchronously.
-    let wait = if cmdline.has("rootwait") {
-        Duration::from_secs(120)
-    } else {
-        Duration::from_secs(30)
-    };
     let start = Instant::now();
     let dev = loop {
         if let Some(dev) = root::find(&spec, Path::new("/sys/class/block"), Path::new("/dev")) {
@@ -204,29 +230,101 @@ fn free_initramfs() {
     }
 }
 
-/// Replaces this process (PID 1) with the real init. Only returns when no
-/// candidate could be executed.
-pub fn exec_init(cmdline: &Cmdline) -> String {
-    let mut candidates: Vec<String> = Vec::new();
-    if let Some(init) = cmdline.value("init") {
-        candidates.push(init.to_string());
+/// Halts or restarts the machine; returns only if the kernel refused.
+pub fn reboot(how: system::Reboot) -> system::Error {
+    use nix::sys::reboot::RebootMode;
+    nix::unistd::sync();
+    let mode = match how {
+        system::Reboot::Halt => RebootMode::RB_HALT_SYSTEM,
+        system::Reboot::Restart => RebootMode::RB_AUTOBOOT,
+    };
+    let Err(source) = nix::sys::reboot::reboot(mode);
+    system::Error::Reboot { how, source }
+}
+
+/// Replaces this process (PID 1) with `init`, giving it `args`. Only
+/// returns when it could not, with why.
+///
+/// Through `Command::exec`, which first puts back what a Rust process
+/// changed and an exec would hand on: SIGPIPE ignored (Rust's runtime
+/// ignores it; the real init and everything it starts would inherit that)
+/// and the signal mask. The rest is as the kernel starts an init:
+/// `argv[0]` its path, the environment the kernel gave us.
+pub fn exec(init: &str, args: &[String]) -> String {
+    Command::new(init).arg0(init).args(args).exec().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AS_INIT: &str = "KUPGRADE_TEST_EXEC_AS_INIT";
+
+    /// A bit of a signal mask line of `/proc/self/status` (`SigIgn: 0...1000`).
+    fn has_signal(status: &str, field: &str, signal: i32) -> bool {
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("no {field} in {status}"));
+        mask & (1 << (signal - 1)) != 0
     }
-    candidates.extend(["/sbin/init", "/etc/init", "/bin/init", "/bin/sh"].map(str::to_string));
-    let mut errors = Vec::new();
-    for c in &candidates {
-        let Ok(path) = CString::new(c.as_str()) else {
-            continue;
-        };
-        let mut argv = vec![path.clone()];
-        argv.extend(
-            cmdline
-                .init_args
-                .iter()
-                .filter_map(|a| CString::new(a.as_str()).ok()),
+
+    /// The init starts as the kernel starts one: no signal ignored or
+    /// blocked. Rust ignores SIGPIPE in its own processes (this test's too);
+    /// the exec must not hand that on. Runs the exec in a child of the test.
+    #[test]
+    fn the_init_starts_with_no_signal_ignored_or_blocked() {
+        if std::env::var_os(AS_INIT).is_some() {
+            let script = "grep -E '^Sig(Ign|Blk):' /proc/self/status".to_string();
+            let why = exec("/bin/sh", &["-c".into(), script]);
+            panic!("cannot exec /bin/sh: {why}");
+        }
+        let me = std::env::current_exe().unwrap();
+        let out = Command::new(me)
+            .args([
+                "--exact",
+                "boot::tests::the_init_starts_with_no_signal_ignored_or_blocked",
+                "--nocapture",
+            ])
+            .env(AS_INIT, "1")
+            .output()
+            .unwrap();
+        let status = String::from_utf8_lossy(&out.stdout);
+        assert!(status.contains("SigIgn:"), "{status}");
+        let sigpipe = nix::sys::signal::Signal::SIGPIPE as i32;
+        assert!(
+            !has_signal(&status, "SigIgn:", sigpipe),
+            "SIGPIPE ignored: {status}"
         );
-        // execv only returns on failure.
-        let Err(e) = execv(&path, &argv);
-        errors.push(format!("{c}: {e}"));
+        assert!(
+            (1..=64).all(|s| !has_signal(&status, "SigBlk:", s)),
+            "{status}"
+        );
     }
-    errors.join("; ")
+
+    #[test]
+    fn only_compressed_modules_are_handed_over_compressed() {
+        assert_eq!(
+            finit_flags("kernel/drivers/block/virtio_blk.ko"),
+            ModuleInitFlags::empty()
+        );
+        for m in ["a.ko.xz", "kernel/x/b.ko.zst", "c.ko.gz"] {
+            assert_eq!(finit_flags(m).bits(), 4, "{m}");
+        }
+    }
+
+    #[test]
+    fn module_names_lose_their_directory_and_endings() {
+        assert_eq!(
+            module_name("kernel/drivers/block/virtio_blk.ko.xz"),
+            "virtio_blk"
+        );
+        assert_eq!(
+            module_name("kernel/net/af-packet-diag.ko.zst"),
+            "af_packet_diag"
+        );
+        assert_eq!(module_name("nd_pmem.ko"), "nd_pmem");
+        assert_eq!(module_name("x.ko.gz"), "x");
+    }
 }

@@ -33,11 +33,10 @@ use std::ffi::CString;
 use std::fs::{self, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use contract::cmdline::Cmdline;
-use contract::criu::Checkpoint;
 use contract::devstate::{Interface, Route};
 use contract::events::EventLine;
 use contract::report::UpgradeReport;
@@ -49,18 +48,20 @@ use nix::sys::statvfs::{statvfs, FsFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{dup2, execv, Pid};
 
-use crate::log;
 use crate::system::faults::Faults;
 use crate::system::real::RealSystem;
-use crate::system::{Error, ImageInfo, SupportMount, System};
+use crate::system::{
+    CriuRun, Durability, Error, ImageHead, ImageInfo, Reboot, RestorerRun, SupportMount, System,
+};
+use crate::{child, log};
 
 const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+/// A modprobe takes milliseconds; one that takes this long is stuck (and
+/// PID 1 must go on to the real init).
+const MODPROBE_DEADLINE: Duration = Duration::from_secs(30);
 /// The file systems a distribution's initramfs moves into the root (`/run`
 /// is the restore's business: it mounts the tmpfs the workloads used).
 const KERNEL_FS: [(&str, &str); 3] = [("proc", "/proc"), ("sysfs", "/sys"), ("devtmpfs", "/dev")];
-/// What the real init is looked for as, after `init=`: initramfs-tools's
-/// list, which is also kupgrade's own initramfs's.
-const INITS: [&str; 4] = ["/sbin/init", "/etc/init", "/bin/init", "/bin/sh"];
 
 /// Whether this process runs after another initramfs rather than as the
 /// `/init` of kupgrade's own: someone mounted `/proc` before us (the kernel
@@ -99,8 +100,10 @@ pub fn tool(args: &[String]) -> Option<i32> {
 pub fn run() -> ! {
     let args = std::env::args().skip(1).collect();
     let mut sys = Faults::new(Chained::new(RealSystem::default(), RealHost, args));
-    let why = crate::boot(&mut sys);
-    sys.log(&format!("cannot execute any init ({why}); halting here"));
+    let why = crate::boot_whatever_happens(&mut sys)
+        .err()
+        .unwrap_or_default();
+    sys.log(&format!("{why}; halting here"));
     // PID 1 must not exit: that panics the kernel.
     loop {
         std::thread::sleep(Duration::from_secs(3600));
@@ -228,7 +231,12 @@ impl<S: System, H: Host> System for Chained<S, H> {
         self.host.modprobe(module)
     }
 
-    fn mount_root(&mut self, _cmdline: &Cmdline, writable: bool) -> Result<(), Error> {
+    fn mount_root(
+        &mut self,
+        _cmdline: &Cmdline,
+        writable: bool,
+        _wait: Duration,
+    ) -> Result<(), Error> {
         // The distribution mounted it, often read-only (`ro`): the restore
         // writes its report and CRIU reopens files for writing. systemd
         // later remounts it as the fstab says.
@@ -248,24 +256,35 @@ impl<S: System, H: Host> System for Chained<S, H> {
         Ok(())
     }
 
-    fn exec_init(&mut self, cmdline: &Cmdline) -> String {
-        let mut errors = Vec::new();
-        let named = cmdline.value("init");
-        for init in named.into_iter().chain(INITS) {
-            if self.host.is_self(init) {
-                continue;
-            }
-            let args = self.args.clone();
-            match self.host.exec(init, &args) {
-                Ok(()) => return String::new(),
-                Err(e) => errors.push(format!("{init}: {e}")),
-            }
+    fn exec(&mut self, init: &str, _args: &[String]) -> Result<(), String> {
+        // `init=` naming kupgrade-init would restore, find the image used,
+        // and execute itself for ever.
+        if self.host.is_self(init) {
+            return Err("that is kupgrade-init itself".into());
         }
-        errors.join("; ")
+        // What the distribution's initramfs gave us is the real init's.
+        let args = self.args.clone();
+        self.host.exec(init, &args)
+    }
+
+    fn reboot(&mut self, how: Reboot) -> Error {
+        self.inner.reboot(how)
+    }
+
+    fn run_restorer(&mut self, run: &RestorerRun) -> Result<(), Error> {
+        // The initramfs's processes, re-parented to PID 1 as they died,
+        // hold PIDs the restored tasks may need; the restore process's own
+        // children are its business.
+        self.host.reap();
+        self.inner.run_restorer(run)
     }
 
     fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error> {
         self.inner.open_image(store)
+    }
+
+    fn read_superblock(&mut self, store: &Path) -> Result<ImageHead, Error> {
+        self.inner.read_superblock(store)
     }
 
     fn set_image_state(&mut self, state: State) -> Result<(), Error> {
@@ -308,6 +327,10 @@ impl<S: System, H: Host> System for Chained<S, H> {
         self.inner.remove_lock_table(name)
     }
 
+    fn lock_tables(&mut self) -> Result<Vec<String>, Error> {
+        self.inner.lock_tables()
+    }
+
     fn configure_interface(&mut self, iface: &Interface) -> Result<(), Error> {
         self.inner.configure_interface(iface)
     }
@@ -328,19 +351,20 @@ impl<S: System, H: Host> System for Chained<S, H> {
         self.inner.seed_rng(seed)
     }
 
-    fn criu_restore(&mut self, checkpoint: &Checkpoint) -> Result<(), Error> {
-        // The initramfs's processes die (a systemd one SIGTERMs them as it
-        // switches) while the restore runs; their zombies hold PIDs.
-        self.host.reap();
-        self.inner.criu_restore(checkpoint)
+    fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error> {
+        self.inner.criu_restore(run)
     }
 
     fn resume_restored(&mut self, w: &WorkloadEntry) -> Result<usize, Error> {
         self.inner.resume_restored(w)
     }
 
-    fn write_report(&mut self, report: &UpgradeReport) -> Result<(), Error> {
-        self.inner.write_report(report)
+    fn write_report(&mut self, report: &UpgradeReport, how: Durability) -> Result<(), Error> {
+        self.inner.write_report(report, how)
+    }
+
+    fn read_report(&mut self) -> Option<UpgradeReport> {
+        self.inner.read_report()
     }
 
     fn emit(&mut self, e: &EventLine) {
@@ -399,20 +423,21 @@ impl Host for RealHost {
     }
 
     fn modprobe(&mut self, name: &str) -> Result<(), Error> {
-        let out = Command::new("modprobe")
+        let command = format!("modprobe {name}");
+        let mut modprobe = Command::new("modprobe");
+        modprobe
             .arg(name)
             .env("PATH", PATH)
-            .output()
-            .map_err(|source| Error::Spawn {
-                command: "modprobe".into(),
-                source,
-            })?;
-        if out.status.success() {
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let exited = child::run(&command, &mut modprobe, &[], MODPROBE_DEADLINE)?;
+        if exited.status.success() {
             return Ok(());
         }
         Err(Error::Command {
-            command: format!("modprobe {name}"),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            command,
+            stderr: exited.stderr.trim().to_string(),
         })
     }
 
@@ -591,15 +616,14 @@ mod tests {
     #[test]
     fn a_chained_boot_restores_in_the_mounted_root_and_execs_the_real_init() {
         let mut sys = chained(host());
-        crate::boot(&mut sys);
+        crate::boot(&mut sys).expect("an init runs");
         assert_eq!(
             sys.host.calls,
             [
                 "open log",
                 "reap",
                 "remount / rw",
-                // one per workload, before CRIU runs
-                "reap",
+                // before the restore process starts
                 "reap",
                 "exec /sbin/init single"
             ]
@@ -609,7 +633,7 @@ mod tests {
         let restore: Vec<&str> = crate::system::fake::FULL_BOOT
             .iter()
             .copied()
-            .skip_while(|c| !c.starts_with("open "))
+            .skip_while(|c| !c.starts_with("run restore process"))
             .take_while(|c| !c.starts_with("exec "))
             .collect();
         assert_eq!(fake.calls, restore);
@@ -641,7 +665,7 @@ mod tests {
     fn without_resume_the_root_is_left_read_only_and_nothing_is_restored() {
         let mut sys = chained(host());
         sys.inner.cmdline = "root=/dev/mapper/vg-root ro".into();
-        crate::boot(&mut sys);
+        crate::boot(&mut sys).expect("an init runs");
         assert_eq!(
             sys.host.calls,
             ["open log", "reap", "exec /sbin/init single"]
@@ -656,7 +680,7 @@ mod tests {
         let mut h = host();
         h.mounts = "/dev/vda / ext4 rw 0 0\nproc /proc proc rw 0 0\n".into();
         let mut sys = chained(h);
-        crate::boot(&mut sys);
+        crate::boot(&mut sys).expect("an init runs");
         assert_eq!(
             sys.host.calls[..3],
             ["mount sysfs /sys", "mount devtmpfs /dev", "open log"]
@@ -676,7 +700,7 @@ mod tests {
             .into();
         h.fail_modprobe = vec!["nd_btt".into()];
         let mut sys = chained(h);
-        crate::boot(&mut sys);
+        crate::boot(&mut sys).expect("an init runs");
         let probed: Vec<&str> = sys
             .host
             .calls
@@ -707,7 +731,7 @@ mod tests {
         h.executable = vec![];
         let mut sys = chained(h);
         sys.inner.cmdline = format!("root=/dev/vda init={INSTALLED_PATH}");
-        let why = crate::boot(&mut sys);
+        let why = crate::boot(&mut sys).expect_err("no init runs");
         let execs: Vec<&str> = sys
             .host
             .calls
@@ -724,16 +748,22 @@ mod tests {
                 "exec /bin/sh single"
             ]
         );
-        assert!(why.starts_with("/sbin/init: ENOENT"), "{why}");
         assert!(
-            why.ends_with("/bin/sh: ENOENT: No such file or directory"),
+            why.starts_with(&format!(
+                "cannot execute any init ({INSTALLED_PATH}: that is kupgrade-init itself; \
+                 /sbin/init: ENOENT"
+            )),
+            "{why}"
+        );
+        assert!(
+            why.ends_with("/bin/sh: ENOENT: No such file or directory)"),
             "{why}"
         );
 
         let mut sys = chained(host());
         sys.inner.cmdline = "root=/dev/vda init=/lib/systemd/systemd".into();
         sys.host.executable = vec!["/lib/systemd/systemd".into()];
-        crate::boot(&mut sys);
+        crate::boot(&mut sys).expect("an init runs");
         assert_eq!(
             sys.host.calls.last().map(String::as_str),
             Some("exec /lib/systemd/systemd single")
@@ -749,7 +779,7 @@ mod tests {
             host(),
             vec![],
         );
-        crate::boot(&mut sys);
+        crate::boot(&mut sys).expect("an init runs");
         assert_eq!(sys.inner.report().outcome, Outcome::Failed);
         assert_eq!(
             sys.host.calls.last().map(String::as_str),

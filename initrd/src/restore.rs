@@ -1,34 +1,80 @@
 //! The restore, written against the [`System`] seam: runs in the real root
-//! (after the switch), as PID 1, before the real init.
+//! (after the switch), in the restore process PID 1 starts, before the real
+//! init.
 //!
 //! ```text
-//! open image -> `written`? -> mark restoring -> device state -> support fs, tmpfs files
+//! open image -> `written`? -> mark restoring -> record it (`restoring`, synced)
+//!   -> device state -> support fs, tmpfs files
 //!   -> unpack the CRIU images (image-verified)
 //!   -> loopback, lock tables, interfaces, routes (net-restored) -> hostname, RNG seed
-//!   -> criu restore and resume, each workload -> remove the images and the locks
-//!   -> mark restored and wipe | mark failed -> restored | restore-failed -> report
+//!   -> criu restore and resume, each workload (its fate noted) -> remove the images and the locks
+//!   -> mark restored, wipe -> restored -> report
+//!    | mark failed -> restore-failed -> report -> wipe
 //! ```
 //!
 //! Nothing here stops the boot. No image, or one that is not `written`, is
 //! left alone; once the image is marked `restoring`, any failure marks it
-//! `failed` with the reason in the report, and the boot goes on.
+//! `failed` with the reason in the report, and the boot goes on. Should the
+//! restore process die or hang, PID 1 finishes the job from the record
+//! (`main.rs`, `rescue`).
+//!
+//! The restore has one time budget (`kupgrade.restore_timeout`, 10 minutes
+//! by default). Each workload's `criu restore` may take a share of what is
+//! left of it, in proportion to its images, so that a hung CRIU is killed
+//! in time for the workloads after it and for the report.
 
 use std::path::Path;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use contract::cmdline::{self, Cmdline};
 
 use contract::criu::Checkpoint;
 use contract::devstate::{self, DeviceState};
 use contract::events::{Event, EventLine};
-use contract::report::{self, Outcome, UpgradeReport, WorkloadOutcome};
+use contract::report::{self, ModuleFailure, Outcome, UpgradeReport, WorkloadOutcome};
 use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, State};
 
 use crate::log::chain;
-use crate::system::{Error, SupportMount, System};
+use crate::system::{CriuRun, Durability, Error, SupportMount, System};
 
 /// Private tmpfs the CRIU images are unpacked into (inside the real root, so
 /// CRIU runs in the same file tree as at dump time).
-const UNPACK_DIR: &str = "/run/kupgrade-restore";
+pub const UNPACK_DIR: &str = "/run/kupgrade-restore";
+
+/// How long the whole restore may take unless `kupgrade.restore_timeout`
+/// says otherwise: far more than a restore needs, far less than forever.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+/// What a workload's images weigh on top of their size when the time is
+/// shared: CRIU's own start and the kernel probes take time too.
+const WEIGHT_FLOOR: u64 = 64 << 20;
+
+/// The restore's time budget: `kupgrade.restore_timeout=SECONDS`, else
+/// [`DEFAULT_TIMEOUT`].
+pub fn timeout(cmdline: &Cmdline) -> Duration {
+    cmdline
+        .value(cmdline::RESTORE_TIMEOUT)
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map_or(DEFAULT_TIMEOUT, Duration::from_secs)
+}
+
+/// Kept back from CRIU for what follows it: the cleanup, marking the image,
+/// the report.
+fn wrap_up(timeout: Duration) -> Duration {
+    (timeout / 4).min(Duration::from_secs(60))
+}
+
+/// The part of `left` that one workload's `criu restore` may take: its
+/// weight's share of its own and the later workloads' (`rest`, its own
+/// included), so that a CRIU that hangs leaves the others their time.
+fn criu_share(left: Duration, weight: u64, rest: u64) -> Duration {
+    if rest == 0 {
+        return left;
+    }
+    let share = left.as_millis() * u128::from(weight) / u128::from(rest);
+    Duration::from_millis(u64::try_from(share).unwrap_or(u64::MAX))
+}
 
 /// Why nothing was restored and the boot just goes on.
 #[derive(Debug)]
@@ -87,9 +133,17 @@ enum Failure {
     Network(Error),
 }
 
-/// Restores the image in `store`, if there is one to restore. `events` are
-/// the init's so far, for the report.
-pub fn run(sys: &mut dyn System, store: &Path, events: Vec<PhaseTiming>) -> Restore {
+/// Restores the image in `store`, if there is one to restore, within
+/// `timeout`. `events` are the init's so far, and `modules_failed` the
+/// modules that did not load, for the report.
+pub fn run(
+    sys: &mut dyn System,
+    store: &Path,
+    events: Vec<PhaseTiming>,
+    modules_failed: Vec<ModuleFailure>,
+    timeout: Duration,
+) -> Restore {
+    let children_until = Instant::now() + timeout.saturating_sub(wrap_up(timeout));
     let image = match sys.open_image(store) {
         Ok(i) => i,
         Err(e) => return Restore::Skipped(Skip::NoImage(e)),
@@ -102,13 +156,71 @@ pub fn run(sys: &mut dyn System, store: &Path, events: Vec<PhaseTiming>) -> Rest
     if let Err(e) = sys.set_image_state(State::Restoring) {
         return Restore::Skipped(Skip::CannotMark(e));
     }
+    let manifest = &image.manifest;
+    let record = UpgradeReport {
+        outcome: Outcome::Restoring,
+        reason: None,
+        kernel_from: manifest.kernel_from.clone(),
+        kernel_to: manifest.kernel_to.clone(),
+        image_generation: image.generation,
+        workloads: manifest
+            .workloads
+            .iter()
+            .map(|w| WorkloadOutcome {
+                name: w.name.clone(),
+                root_pid: w.root_pid,
+                restored: false,
+                error: None,
+                criu_log: None,
+            })
+            .collect(),
+        events: vec![],
+        store: Some(store.display().to_string()),
+        modules_failed,
+    };
     let r = Restorer {
         sys,
-        manifest: &image.manifest,
+        manifest,
         events,
         lock_tables: vec![],
+        children_until,
+        record,
     };
-    Restore::Done(Box::new(r.run(image.generation)))
+    Restore::Done(Box::new(r.run()))
+}
+
+/// The restore cannot happen (the root never came): a `written` image is
+/// marked failed, so that no later boot restores it onto a root that has
+/// moved on, and why goes to the console and kmsg (`restore-failed`). With
+/// no root there is nowhere to write the report, so the image is kept.
+///
+/// PID 1 does this itself, no restore process is started: it reads the
+/// superblock only, as [`crate::rescue`] does, and leaves the rest of the
+/// image unread.
+pub fn abandon(sys: &mut dyn System, store: &Path, why: &str, events: &mut Vec<PhaseTiming>) {
+    match sys.read_superblock(store) {
+        Err(e) => {
+            sys.log(&format!("no image to mark failed: {}", chain(&e)));
+            return;
+        }
+        Ok(head) if head.state != State::Written => {
+            sys.log(&format!(
+                "the image in {} is {}: left as it is",
+                store.display(),
+                head.state
+            ));
+            return;
+        }
+        Ok(_) => {}
+    }
+    if let Err(e) = sys.set_image_state(State::Failed) {
+        sys.log(&format!("cannot mark the image failed: {}", chain(&e)));
+    }
+    crate::emit(
+        sys,
+        events,
+        EventLine::now(Event::RestoreFailed).with("reason", why),
+    );
 }
 
 struct Restorer<'a> {
@@ -117,6 +229,10 @@ struct Restorer<'a> {
     events: Vec<PhaseTiming>,
     /// Lock tables installed, to lift whatever happens.
     lock_tables: Vec<String>,
+    /// When the last CRIU must have finished.
+    children_until: Instant,
+    /// The report while the restore runs: `restoring`, and what is known.
+    record: UpgradeReport,
 }
 
 impl Restorer<'_> {
@@ -128,7 +244,27 @@ impl Restorer<'_> {
         self.sys.log(line);
     }
 
-    fn run(mut self, generation: u64) -> UpgradeReport {
+    fn wipe(&mut self) {
+        if let Err(e) = self.sys.wipe_image() {
+            self.log(&format!("cannot wipe the image: {}", chain(&e)));
+        }
+    }
+
+    /// Writes the record as it stands.
+    fn note(&mut self, how: Durability) {
+        let mut events = self.manifest.phases.clone();
+        events.extend(self.events.iter().cloned());
+        self.record.events = events;
+        if let Err(e) = self.sys.write_report(&self.record, how) {
+            self.log(&format!("cannot record the restore: {}", chain(&e)));
+        }
+    }
+
+    fn run(mut self) -> UpgradeReport {
+        // Before anything else, and on the disk: from here on, a reset or a
+        // crash leaves a report that says this restore began and never
+        // ended, not an older upgrade's report standing for this one.
+        self.note(Durability::Synced);
         let (reason, workloads) = self.restore();
         let (outcome, state) = match reason {
             None => (Outcome::Restored, State::Restored),
@@ -139,9 +275,7 @@ impl Restorer<'_> {
         }
         if outcome == Outcome::Restored {
             // The image holds process memory: do not leave it lying in RAM.
-            if let Err(e) = self.sys.wipe_image() {
-                self.log(&format!("cannot wipe the image: {}", chain(&e)));
-            }
+            self.wipe();
         }
         self.emit(match &reason {
             None => EventLine::now(Event::Restored).with("workloads", workloads.len()),
@@ -152,14 +286,21 @@ impl Restorer<'_> {
         let report = UpgradeReport {
             outcome,
             reason,
-            kernel_from: self.manifest.kernel_from.clone(),
-            kernel_to: self.manifest.kernel_to.clone(),
-            image_generation: generation,
             workloads,
             events,
+            ..self.record.clone()
         };
-        if let Err(e) = self.sys.write_report(&report) {
-            self.log(&chain(&e));
+        let reported = self.sys.write_report(&report, Durability::Synced);
+        if let Err(e) = &reported {
+            self.log(&chain(e));
+        }
+        if outcome == Outcome::Failed {
+            // It holds the workloads' memory, and nothing restores it again:
+            // once the report keeps the reason, it goes.
+            match reported {
+                Ok(()) => self.wipe(),
+                Err(_) => self.log("keeping the failed image: its report could not be written"),
+            }
         }
         report
     }
@@ -184,11 +325,26 @@ impl Restorer<'_> {
             return (Some(why), not_restored);
         }
         let scaling = self.tcp_window_scaling_off();
-        let outcomes: Vec<WorkloadOutcome> = manifest
+        let weights: Vec<u64> = manifest
             .workloads
             .iter()
-            .map(|w| self.restore_workload(w))
+            .map(|w| {
+                let size = manifest.section(&w.section).map_or(0, |s| s.raw_len);
+                size.saturating_add(WEIGHT_FLOOR)
+            })
             .collect();
+        let mut outcomes = Vec::new();
+        for (i, w) in manifest.workloads.iter().enumerate() {
+            let left = self
+                .children_until
+                .saturating_duration_since(Instant::now());
+            let within = criu_share(left, weights[i], weights[i..].iter().sum());
+            let outcome = self.restore_workload(w, within);
+            // For a rescue by PID 1, should the restore process die later.
+            self.record.workloads[i] = outcome.clone();
+            self.note(Durability::Cached);
+            outcomes.push(outcome);
+        }
         if let Some(old) = scaling {
             if let Err(e) = self.sys.swap_tcp_window_scaling(&old) {
                 self.log(&chain(&e));
@@ -306,16 +462,20 @@ impl Restorer<'_> {
         }
     }
 
-    fn restore_workload(&mut self, w: &WorkloadEntry) -> WorkloadOutcome {
+    fn restore_workload(&mut self, w: &WorkloadEntry, within: Duration) -> WorkloadOutcome {
         let images_dir = Path::new(UNPACK_DIR).join(&w.name);
         let log = Path::new(report::DIR).join(format!("restore-{}.log", w.name));
-        let checkpoint = Checkpoint {
-            workload: w,
-            images_dir: &images_dir,
-            log: &log,
+        let run = CriuRun {
+            checkpoint: Checkpoint {
+                workload: w,
+                images_dir: &images_dir,
+                log: &log,
+            },
+            within,
+            action_scripts: vec![],
         };
         let start = Instant::now();
-        let error = match self.sys.criu_restore(&checkpoint) {
+        let error = match self.sys.criu_restore(&run) {
             Ok(()) => {
                 self.resume(w);
                 None
@@ -400,7 +560,7 @@ mod tests {
     #[test]
     fn a_restore_runs_every_step_in_order_and_ends_in_the_real_init() {
         let mut f = Fake::resuming();
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         assert_eq!(f.calls, FULL_BOOT);
         assert_eq!(
             f.events(),
@@ -453,23 +613,33 @@ mod tests {
     /// What follows a failure before CRIU ran: the images (and the lock
     /// table, once installed) are removed, the image is marked failed, the
     /// report written, and the real init runs.
-    const FAILED_BEFORE_LOCK: &[&str] = &["remove scratch", "mark failed", "write report", EXEC];
+    const FAILED_BEFORE_LOCK: &[&str] = &[
+        "remove scratch",
+        "mark failed",
+        "write report",
+        "wipe",
+        EXEC,
+    ];
     const FAILED_AFTER_LOCK: &[&str] = &[
         "remove scratch",
         "unlock CRIU-10002",
         "mark failed",
         "write report",
+        "wipe",
         EXEC,
     ];
     /// After `criu restore a`, when it failed.
     const CRIU_A_FAILED: &[&str] = &[
+        "note progress",
         "criu restore b",
         "resume b",
+        "note progress",
         "tcp_window_scaling 1",
         "remove scratch",
         "unlock CRIU-10002",
         "mark failed",
         "write report",
+        "wipe",
         EXEC,
     ];
 
@@ -493,13 +663,13 @@ mod tests {
             ),
             (
                 "criu restore b",
-                &CRIU_A_FAILED[2..],
+                &CRIU_A_FAILED[3..],
                 "CRIU could not restore b: ",
             ),
         ];
         for (at, after, reason) in cases {
             let mut f = Fake::failing_at(&[at]);
-            boot(&mut f);
+            boot(&mut f).expect("an init runs");
             assert_eq!(&f.calls_after(at), after, "failing at {at}");
             let r = f.report();
             assert_eq!(r.outcome, Failed, "failing at {at}");
@@ -530,7 +700,7 @@ mod tests {
     #[test]
     fn one_of_two_workloads_failing_still_restores_the_other() {
         let mut f = Fake::failing_at(&["criu restore a"]);
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         let r = f.report();
         let fate: Vec<(&str, bool)> = r
             .workloads
@@ -547,7 +717,9 @@ mod tests {
             Some("/var/lib/kupgrade/restore-a.log")
         );
         assert!(f.calls.iter().any(|c| c == "resume b"));
-        assert!(!f.calls.iter().any(|c| c == "resume a" || c == "wipe"));
+        assert!(!f.calls.iter().any(|c| c == "resume a"));
+        // Failed: wiped only once the report keeps the reason.
+        assert_eq!(f.calls_after("write report"), ["wipe", EXEC]);
     }
 
     /// Failures that do not stop the restore: logged, and everything else
@@ -570,7 +742,7 @@ mod tests {
         ];
         for at in cases {
             let mut f = Fake::failing_at(&[at]);
-            boot(&mut f);
+            boot(&mut f).expect("an init runs");
             assert_eq!(f.calls, FULL_BOOT, "failing at {at}");
             assert_eq!(f.report().outcome, Outcome::Restored, "failing at {at}");
             assert!(
@@ -582,12 +754,128 @@ mod tests {
         }
     }
 
+    /// Right after the image is marked, before anything else, the restore is
+    /// recorded on the disk as `restoring`; each workload's fate is noted as
+    /// it is known; the report at the end is on the disk too.
+    #[test]
+    fn the_restore_is_recorded_before_it_begins_and_as_it_goes() {
+        let mut f = Fake::failing_at(&["criu restore b"]);
+        boot(&mut f).expect("an init runs");
+        assert_eq!(
+            f.calls_after("mark restoring")[..2],
+            ["write record", "read devstate"]
+        );
+        let r = f.record();
+        assert_eq!(r.image_generation, 7);
+        assert_eq!(r.store.as_deref(), Some("/dev/pmem0"));
+        assert_eq!(
+            (r.kernel_from.as_str(), r.kernel_to.as_str()),
+            ("6.1.0-1", "6.1.0-2")
+        );
+        assert!(r.workloads.iter().all(|w| !w.restored && w.error.is_none()));
+        let names: Vec<&str> = r.events.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(
+            names,
+            ["frozen", "init-start", "modules-loaded", "root-mounted"]
+        );
+        // After a: a restored, b not yet; after b: b failed.
+        let fate = |r: &UpgradeReport| -> Vec<(bool, bool)> {
+            r.workloads
+                .iter()
+                .map(|w| (w.restored, w.error.is_some()))
+                .collect()
+        };
+        assert_eq!(f.reports[1].outcome, Outcome::Restoring);
+        assert_eq!(fate(&f.reports[1]), [(true, false), (false, false)]);
+        assert_eq!(fate(&f.reports[2]), [(true, false), (false, true)]);
+        assert_eq!(f.report().outcome, Outcome::Failed);
+        assert_eq!(f.report().store.as_deref(), Some("/dev/pmem0"));
+        assert!(!f.calls.iter().any(|c| c == "write report unsynced"));
+    }
+
+    /// A failed restore's image holds the workloads' memory and is of no
+    /// more use once the report keeps the reason: wiped then, and only then.
+    #[test]
+    fn a_failed_restores_image_is_wiped_once_its_report_is_written() {
+        let mut f = Fake::failing_at(&["criu restore a"]);
+        boot(&mut f).expect("an init runs");
+        assert_eq!(f.calls_after("mark failed"), ["write report", "wipe", EXEC]);
+        // No report: the image is all that is left of the restore.
+        let mut f = Fake::failing_at(&["criu restore a", "write report"]);
+        boot(&mut f).expect("an init runs");
+        assert_eq!(f.calls_after("mark failed"), ["write report", EXEC]);
+        assert!(f.logged("keeping the failed image: its report could not be written"));
+    }
+
+    /// Each CRIU gets its share of the time left, less what the end of the
+    /// restore needs: of the default 600 s, 60 s are kept back, the first
+    /// of two workloads of one size gets half of the rest, the second what
+    /// is left then.
+    #[test]
+    fn each_criu_restore_gets_a_share_of_the_time_budget() {
+        let mut f = Fake::resuming();
+        boot(&mut f).expect("an init runs");
+        let secs: Vec<u64> = f.criu_deadlines.iter().map(|d| d.as_secs()).collect();
+        assert_eq!(secs.len(), 2);
+        assert!((268..=270).contains(&secs[0]), "{secs:?}");
+        assert!((537..=540).contains(&secs[1]), "{secs:?}");
+        // kupgrade.restore_timeout=100: 25 s kept back, 37 s for the first.
+        let mut f = Fake::resuming();
+        f.cmdline.push_str(" kupgrade.restore_timeout=100");
+        boot(&mut f).expect("an init runs");
+        assert!((36..=37).contains(&f.criu_deadlines[0].as_secs()));
+    }
+
+    #[test]
+    fn the_time_is_shared_by_the_size_of_the_images() {
+        let left = Duration::from_secs(100);
+        assert_eq!(criu_share(left, 1, 4), Duration::from_secs(25));
+        assert_eq!(criu_share(left, 3, 3), left);
+        assert_eq!(criu_share(left, 0, 0), left);
+        let big = 1u64 << 40;
+        assert_eq!(criu_share(left, big, big + big), Duration::from_secs(50));
+    }
+
+    #[test]
+    fn the_budget_comes_from_the_command_line_or_is_the_default() {
+        let t = |line: &str| timeout(&Cmdline::parse(line));
+        assert_eq!(t("ro"), DEFAULT_TIMEOUT);
+        assert_eq!(t("kupgrade.restore_timeout=90"), Duration::from_secs(90));
+        // Nonsense does not make the restore unbounded, nor instant.
+        assert_eq!(t("kupgrade.restore_timeout=0"), DEFAULT_TIMEOUT);
+        assert_eq!(t("kupgrade.restore_timeout=soon"), DEFAULT_TIMEOUT);
+    }
+
+    /// A CRIU killed at its deadline fails its workload with that reason;
+    /// the next workload is still restored.
+    #[test]
+    fn a_criu_restore_that_overruns_its_deadline_fails_its_workload_only() {
+        let mut f = Fake::resuming();
+        f.hang_at = vec!["criu restore a".into()];
+        boot(&mut f).expect("an init runs");
+        assert_eq!(f.calls_after("criu restore a"), CRIU_A_FAILED);
+        let r = f.report();
+        assert_eq!(r.outcome, Outcome::Failed);
+        let fate: Vec<(&str, bool)> = r
+            .workloads
+            .iter()
+            .map(|w| (w.name.as_str(), w.restored))
+            .collect();
+        assert_eq!(fate, [("a", false), ("b", true)]);
+        let why = r.reason.as_deref().unwrap_or_default();
+        assert!(
+            why.starts_with("CRIU could not restore a: criu restore did not finish within 2")
+                && why.ends_with(" s: it and its process group were killed"),
+            "{why}"
+        );
+    }
+
     /// Turning window scaling off fails: the restore goes on and does not
     /// write back a value it never read.
     #[test]
     fn window_scaling_that_cannot_be_turned_off_is_not_turned_back_on() {
         let mut f = Fake::failing_at(&["tcp_window_scaling 0"]);
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         let expected: Vec<&str> = FULL_BOOT
             .iter()
             .copied()
@@ -601,7 +889,7 @@ mod tests {
     fn device_state_that_does_not_parse_fails_the_restore_before_any_change() {
         let mut f = Fake::resuming();
         f.devstate = b"{not json".to_vec();
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         assert_eq!(f.calls_after("read devstate"), FAILED_BEFORE_LOCK);
         let why = f.report().reason.clone().unwrap_or_default();
         assert!(why.starts_with("device state does not parse: "), "{why}");
@@ -611,7 +899,7 @@ mod tests {
     #[test]
     fn a_failure_to_mark_the_image_failed_is_logged_and_the_report_written() {
         let mut f = Fake::failing_at(&["lo up", "mark failed"]);
-        boot(&mut f);
+        boot(&mut f).expect("an init runs");
         assert_eq!(f.calls_after("lo up"), FAILED_BEFORE_LOCK);
         assert!(f.logged(&format!(
             "cannot mark the image failed: {}",
@@ -656,7 +944,7 @@ mod tests {
             cases.push((f, open, says));
         }
         for (mut f, last, says) in cases {
-            boot(&mut f);
+            boot(&mut f).expect("an init runs");
             assert_eq!(f.calls_after(last), [EXEC], "{says}");
             assert!(f.reports.is_empty(), "{says}");
             assert!(f.logged(&says), "{says}: {:?}", f.logs);

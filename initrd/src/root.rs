@@ -5,6 +5,37 @@
 use std::fs::{self, File};
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use contract::cmdline::Cmdline;
+
+/// How long initramfs-tools waits for the root device at least
+/// (`scripts/local`: max(30, rootdelay) seconds).
+const ROOT_WAIT: Duration = Duration::from_secs(30);
+/// A bare `rootwait` asks the kernel to wait for ever; we stop after this.
+const ROOTWAIT_BARE: Duration = Duration::from_secs(120);
+
+/// How long to wait for the root device before giving up: 30 s, or longer
+/// when `rootdelay=N` or `rootwait=N` asks for more (initramfs-tools takes
+/// max(30, rootdelay); the kernel reads `rootwait=N` as N seconds), 120 s
+/// for a bare `rootwait`. Never for ever: a root that never comes must end
+/// the boot (see `ending.rs`), not hang it.
+pub fn wait(cmdline: &Cmdline) -> Duration {
+    let secs = |key: &str| {
+        cmdline
+            .value(key)
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_secs)
+    };
+    let mut wait = ROOT_WAIT;
+    if cmdline.get("rootwait") == Some(None) {
+        wait = ROOTWAIT_BARE;
+    }
+    for asked in [secs("rootdelay"), secs("rootwait")].into_iter().flatten() {
+        wait = wait.max(asked);
+    }
+    wait
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RootSpec {
@@ -100,6 +131,19 @@ mod tests {
         sb[0x68..0x78].copy_from_slice(&uuid);
         sb[0x78..0x78 + label.len()].copy_from_slice(label.as_bytes());
         sb
+    }
+
+    #[test]
+    fn the_root_wait_is_bounded_and_follows_rootdelay_and_rootwait() {
+        let wait = |c: &str| wait(&Cmdline::parse(c)).as_secs();
+        assert_eq!(wait("root=LABEL=r"), 30);
+        assert_eq!(wait("root=LABEL=r rootdelay=90"), 90);
+        // initramfs-tools waits at least 30 s whatever rootdelay says.
+        assert_eq!(wait("root=LABEL=r rootdelay=5"), 30);
+        assert_eq!(wait("root=LABEL=r rootdelay=soon"), 30);
+        assert_eq!(wait("root=LABEL=r rootwait"), 120);
+        assert_eq!(wait("root=LABEL=r rootwait=300"), 300);
+        assert_eq!(wait("rootwait rootdelay=200"), 200);
     }
 
     #[test]

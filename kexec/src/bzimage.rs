@@ -159,7 +159,7 @@ pub fn read(path: &Path) -> Result<BzImage, HeaderError> {
 
 /// [`read`] on a file already open, so that the caller can hand the same
 /// file to the kernel.
-pub(crate) fn read_file(file: &File, path: &Path) -> Result<BzImage, HeaderError> {
+pub fn read_file(file: &File, path: &Path) -> Result<BzImage, HeaderError> {
     read_kind(file).map_err(|kind| HeaderError::at(path, kind))
 }
 

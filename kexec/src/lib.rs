@@ -253,19 +253,64 @@ fn open(path: &Path) -> Result<File, KexecError> {
     })
 }
 
-/// Checks the kernel's header and the command line, then loads them with
-/// `kexec_file_load` for a later [`reboot_into_loaded`]. A kernel already
-/// loaded is replaced.
+/// A kernel file, open and checked: what [`load_kernel`] gives the kernel
+/// is this open file, so a file replaced at its path after the check (by a
+/// package upgrade, say) is never what loads.
+#[derive(Debug)]
+pub struct Kernel {
+    file: File,
+    path: PathBuf,
+    image: BzImage,
+}
+
+impl Kernel {
+    /// Opens `path` once and checks its header.
+    pub fn open(path: &Path) -> Result<Kernel, KexecError> {
+        let file = open(path)?;
+        let image = bzimage::read_file(&file, path)?;
+        Ok(Kernel {
+            file,
+            path: path.to_path_buf(),
+            image,
+        })
+    }
+
+    /// What its header says (release, command line size, ...).
+    pub fn image(&self) -> &BzImage {
+        &self.image
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file, to read what will be loaded (e.g. to fingerprint it).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+/// Opens and checks `kernel`, then loads it: [`Kernel::open`] and
+/// [`load_kernel`].
 pub fn load(
     kernel: &Path,
     initrd: Option<&Path>,
     cmdline: &str,
     flags: LoadFlags,
 ) -> Result<(), KexecError> {
-    // The file checked is the file loaded: one open for both.
-    let kernel_file = open(kernel)?;
-    let image = bzimage::read_file(&kernel_file, kernel)?;
-    check_cmdline(cmdline, image.cmdline_size)?;
+    load_kernel(&Kernel::open(kernel)?, initrd, cmdline, flags)
+}
+
+/// Checks the command line against the kernel's header, then loads them
+/// with `kexec_file_load` for a later [`reboot_into_loaded`]. A kernel
+/// already loaded is replaced.
+pub fn load_kernel(
+    kernel: &Kernel,
+    initrd: Option<&Path>,
+    cmdline: &str,
+    flags: LoadFlags,
+) -> Result<(), KexecError> {
+    check_cmdline(cmdline, kernel.image.cmdline_size)?;
     let cmdline = CString::new(cmdline).map_err(|e| KexecError::CmdlineNul {
         at: e.nul_position(),
     })?;
@@ -276,7 +321,7 @@ pub fn load(
         0
     };
     ffi::kexec_file_load(
-        kernel_file.as_fd(),
+        kernel.file.as_fd(),
         initrd_file.as_ref().map(|f| f.as_fd()),
         &cmdline,
         sys_flags,
@@ -284,7 +329,11 @@ pub fn load(
     .map_err(|e| {
         error_with_hints(
             raw_errno(&e),
-            &format!("loading {} ({})", kernel.display(), image.release),
+            &format!(
+                "loading {} ({})",
+                kernel.path.display(),
+                kernel.image.release
+            ),
             || PermissionHints::read_at(Path::new("/")),
         )
     })
@@ -322,6 +371,44 @@ pub fn is_loaded_at(path: &Path) -> Result<bool, KexecError> {
             content: other.chars().take(40).collect(),
         }),
     }
+}
+
+/// The count of kexec load calls (loads and unloads of a reboot kernel)
+/// that the kernel still allows, from [`sys::KEXEC_LOAD_LIMIT_PATH`] under
+/// `root`: `None` when the kernel has no such limit (before 6.7), or it
+/// cannot be read, or it is unlimited (-1).
+///
+/// The kernel says whether a kexec kernel is loaded, never which one; this
+/// counter is the one trace of every later load or unload: kupgrade starts
+/// it (see [`count_load_calls_at`]), reads it after staging, and refuses the
+/// upgrade if it moved since.
+pub fn load_calls_left_at(root: &Path) -> Option<i64> {
+    let path = root.join(sys::KEXEC_LOAD_LIMIT_PATH.trim_start_matches('/'));
+    let n: i64 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+    (n >= 0).then_some(n)
+}
+
+/// [`load_calls_left_at`] on this system.
+pub fn load_calls_left() -> Option<i64> {
+    load_calls_left_at(Path::new("/"))
+}
+
+/// Makes the kernel count kexec load calls: an unlimited limit (-1)
+/// becomes [`i32::MAX`] calls, which no one runs out of. The kernel only
+/// lets the limit go down until the next boot, so this lasts until then;
+/// a limit already set is left alone. Best effort: without the limit (a
+/// kernel before 6.7), nothing is counted.
+pub fn count_load_calls_at(root: &Path) {
+    let path = root.join(sys::KEXEC_LOAD_LIMIT_PATH.trim_start_matches('/'));
+    let unlimited = std::fs::read_to_string(&path).is_ok_and(|t| t.trim() == "-1");
+    if unlimited {
+        let _ = std::fs::write(&path, i32::MAX.to_string());
+    }
+}
+
+/// [`count_load_calls_at`] on this system.
+pub fn count_load_calls() {
+    count_load_calls_at(Path::new("/"))
 }
 
 /// Syncs file systems and reboots into the loaded kernel. Returns only if
@@ -498,6 +585,34 @@ mod tests {
         );
         write(sys::LOCKDOWN_PATH, "garbage\n");
         assert_eq!(hints().lockdown, Lockdown::Unknown);
+    }
+
+    #[test]
+    fn load_calls_are_counted_once_asked_and_unknown_without_the_limit() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(load_calls_left_at(root.path()), None);
+        count_load_calls_at(root.path());
+        assert_eq!(
+            load_calls_left_at(root.path()),
+            None,
+            "nothing to count with"
+        );
+        let p = root
+            .path()
+            .join(sys::KEXEC_LOAD_LIMIT_PATH.trim_start_matches('/'));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, "-1\n").unwrap();
+        assert_eq!(
+            load_calls_left_at(root.path()),
+            None,
+            "unlimited counts nothing"
+        );
+        count_load_calls_at(root.path());
+        assert_eq!(load_calls_left_at(root.path()), Some(i32::MAX as i64));
+        // A limit someone set is theirs.
+        std::fs::write(&p, "5\n").unwrap();
+        count_load_calls_at(root.path());
+        assert_eq!(load_calls_left_at(root.path()), Some(5));
     }
 
     #[test]

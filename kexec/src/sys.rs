@@ -156,3 +156,6 @@ pub const KEXEC_LOADED_PATH: &str = "/sys/kernel/kexec_loaded";
 pub const LOCKDOWN_PATH: &str = "/sys/kernel/security/lockdown";
 /// "1" once kexec has been disabled until the next boot.
 pub const KEXEC_LOAD_DISABLED_PATH: &str = "/proc/sys/kernel/kexec_load_disabled";
+/// How many more kexec_load/kexec_file_load calls (load or unload) the
+/// kernel allows for a reboot kernel; -1 for no limit. Linux 6.7 and later.
+pub const KEXEC_LOAD_LIMIT_PATH: &str = "/proc/sys/kernel/kexec_load_limit_reboot";

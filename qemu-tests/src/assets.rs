@@ -24,6 +24,10 @@ pub const GUEST_INIT_BINARY: &str = "/usr/lib/kupgrade/kupgrade-init";
 /// Bump when the layout of the root file system changes, to rebuild it.
 const ROOTFS_LAYOUT_VERSION: u32 = 3;
 
+/// Bump when the way packages are installed changes, to rebuild the images
+/// that have packages (and only those).
+const PACKAGE_INSTALL_VERSION: u32 = 2;
+
 /// Host programs copied into the guest with the libraries they load.
 const HOST_PROGRAMS: &[&str] = &["/usr/sbin/criu", "/usr/sbin/nft", "/usr/bin/ip"];
 
@@ -36,7 +40,7 @@ pub const VM_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net"];
 pub const GUEST_BINARIES: &[&str] = &["kupgrade", "kupgrade-init", "kupgrade-guest"];
 
 /// The test workloads and checkers built into `bin_dir`, sorted.
-fn workload_binaries(bin_dir: &Path) -> Result<Vec<String>> {
+pub(crate) fn workload_binaries(bin_dir: &Path) -> Result<Vec<String>> {
     let mut v: Vec<String> = fs::read_dir(bin_dir)
         .with_context(|| format!("no guest binaries in {}", bin_dir.display()))?
         .flatten()
@@ -73,7 +77,8 @@ impl Cache {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd` and returns its stdout; a failure says what ran and its stderr.
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| {
         format!("cannot run {cmd:?}: is it installed? (scripts/setup installs it)")
     })?;
@@ -276,6 +281,7 @@ pub fn build_initramfs(cache: &Cache, bin_dir: &Path, release: &str) -> Result<P
             .chain(vm.clone())
             .collect(),
         compression: initramfs::Compression::for_kernel_config(config.as_deref()),
+        kernel_decompresses: initramfs::format::in_kernel_decompression(config.as_deref()),
     };
     let built = initramfs::build(&spec, &out)?;
     if !built.modules.missing.is_empty() {
@@ -341,6 +347,9 @@ fn rootfs_key(inputs: &RootfsInputs) -> Result<String> {
     for r in inputs.releases {
         h.update(r.as_bytes());
     }
+    if !inputs.packages.is_empty() {
+        h.update(&PACKAGE_INSTALL_VERSION.to_le_bytes());
+    }
     for p in inputs.packages {
         h.update(p.as_bytes());
     }
@@ -363,7 +372,7 @@ fn rootfs_key(inputs: &RootfsInputs) -> Result<String> {
     Ok(h.finalize().to_hex()[..16].to_string())
 }
 
-fn dir_size(dir: &Path) -> u64 {
+pub(crate) fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -513,11 +522,15 @@ fn populate(cache: &Cache, inputs: &RootfsInputs, root: &Path) -> Result<()> {
         "127.0.0.1 localhost\n10.0.2.15 kupgrade-guest\n",
     )?;
     fs::create_dir_all(etc.join("kupgrade"))?;
-    fs::write(
-        etc.join("kupgrade/config.toml"),
-        format!("# written by kupgrade-vm\nstore = \"/dev/pmem0\"\ninit_binary = \"{GUEST_INIT_BINARY}\"\n"),
-    )?;
+    fs::write(etc.join("kupgrade/config.toml"), guest_config())?;
     Ok(())
+}
+
+/// The guest's /etc/kupgrade/config.toml: the store the scenario reserves.
+pub(crate) fn guest_config() -> String {
+    format!(
+        "# written by kupgrade-vm\nstore = \"/dev/pmem0\"\ninit_binary = \"{GUEST_INIT_BINARY}\"\n"
+    )
 }
 
 /// Packages only their maintainer scripts need; nothing runs those here.
@@ -591,30 +604,210 @@ fn install_packages(cache: &Cache, packages: &[String], root: &Path) -> Result<(
             .args(&missing)
             .current_dir(&debs))?;
     }
+    let keep = appliance_paths();
     for name in &names {
         let deb = find(name).with_context(|| format!("apt-get download left no {name}_*.deb"))?;
         let tmp = root.with_extension(format!("pkg-{name}"));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp)?;
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
-        // The guest has a merged /usr: /lib is a link to usr/lib, and copying
-        // a real lib/ over it would replace the link.
-        for d in ["bin", "sbin", "lib", "lib64"] {
-            let top = tmp.join(d);
-            if top.is_dir() && !top.is_symlink() {
-                fs::create_dir_all(tmp.join("usr").join(d))?;
-                run(Command::new("cp")
-                    .arg("-a")
-                    .arg(format!("{}/.", top.display()))
-                    .arg(tmp.join("usr").join(d)))?;
-                fs::remove_dir_all(&top)?;
-            }
+        for kept in install_tree(&tmp, root, &keep)? {
+            progress::step(&format!(
+                "package {name}: kept the appliance's /{} (not replaced by the package's)",
+                kept.display()
+            ));
         }
-        run(Command::new("cp")
-            .arg("-a")
-            .arg(format!("{}/.", tmp.display()))
-            .arg(root))?;
         fs::remove_dir_all(&tmp)?;
+    }
+    Ok(())
+}
+
+/// Guest paths (relative to `/`) of the appliance's own tools, which no
+/// package replaces: busybox and its `sh`, the programs the harness and
+/// kupgrade run (`ip`, `nft`, `criu`), kupgrade's binaries, the init, and
+/// the merged-/usr links.
+fn appliance_paths() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = [
+        "usr/bin/busybox",
+        "usr/bin/sh",
+        "usr/sbin/kupgrade",
+        "usr/sbin/init",
+        "bin",
+        "sbin",
+        "lib",
+        "lib64",
+        GUEST_BIN_DIR.trim_start_matches('/'),
+        GUEST_INIT_BINARY.trim_start_matches('/'),
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .collect();
+    for p in HOST_PROGRAMS {
+        if let Some(name) = Path::new(p).file_name() {
+            v.push(Path::new("usr/sbin").join(name));
+        }
+    }
+    v
+}
+
+/// Resolves `guest` (relative to the guest's `/`) inside `root` as a chroot
+/// would: symbolic links are followed within `root` (an absolute target
+/// starts again at `root`, `..` stops there), never into the host's tree.
+fn resolve_in_root(root: &Path, guest: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    let mut resolved: Vec<std::ffi::OsString> = Vec::new();
+    let mut pending: std::collections::VecDeque<std::ffi::OsString> = guest
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut hops = 0;
+    while let Some(c) = pending.pop_front() {
+        if c == ".." {
+            resolved.pop();
+            continue;
+        }
+        let here: PathBuf = root
+            .iter()
+            .chain(resolved.iter().map(|s| s.as_os_str()))
+            .collect();
+        let next = here.join(&c);
+        if next.is_symlink() {
+            hops += 1;
+            // The kernel's own limit on links in one lookup.
+            if hops > 40 {
+                return None;
+            }
+            let target = fs::read_link(&next).ok()?;
+            if target.is_absolute() {
+                resolved.clear();
+            }
+            let mut parts: Vec<std::ffi::OsString> = target
+                .components()
+                .filter_map(|c| match c {
+                    Component::Normal(n) => Some(n.to_os_string()),
+                    Component::ParentDir => Some("..".into()),
+                    _ => None,
+                })
+                .collect();
+            parts.extend(pending.drain(..));
+            pending = parts.into();
+        } else {
+            resolved.push(c);
+        }
+    }
+    Some(
+        root.iter()
+            .chain(resolved.iter().map(|s| s.as_os_str()))
+            .collect(),
+    )
+}
+
+/// Installs the unpacked package tree `pkg` into the guest tree `root` as
+/// dpkg would: directories merge (following the guest's own links, such as
+/// `/bin` -> `usr/bin`, inside `root`), and a file or link of the package
+/// replaces what is at its path instead of writing through it (the
+/// appliance's `/usr/bin` holds busybox's applet links: copying over them
+/// would overwrite busybox). Paths in `keep` are left as they are; returns
+/// those the package would have replaced.
+fn install_tree(pkg: &Path, root: &Path, keep: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut kept = Vec::new();
+    install_dir(pkg, root, Path::new(""), keep, &mut kept)?;
+    Ok(kept)
+}
+
+fn install_dir(
+    src: &Path,
+    root: &Path,
+    guest_dir: &Path,
+    keep: &[PathBuf],
+    kept: &mut Vec<PathBuf>,
+) -> Result<()> {
+    use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
+    let mut entries: Vec<fs::DirEntry> = fs::read_dir(src)
+        .with_context(|| format!("cannot read {}", src.display()))?
+        .collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let from = e.path();
+        let meta = fs::symlink_metadata(&from)?;
+        let guest = guest_dir.join(e.file_name());
+        let dest = root.join(&guest);
+        let dest_meta = fs::symlink_metadata(&dest).ok();
+        let owner = |p: &Path| {
+            // Only root can give files away; as another user they stay ours,
+            // as with `cp -a`.
+            let _ = lchown(p, Some(meta.uid()), Some(meta.gid()));
+        };
+        if meta.is_dir() {
+            if dest_meta.as_ref().is_some_and(|m| m.is_dir()) {
+                install_dir(&from, root, &guest, keep, kept)?;
+                continue;
+            }
+            if dest_meta
+                .as_ref()
+                .is_some_and(|m| m.file_type().is_symlink())
+            {
+                // A directory link of the guest (`/lib` -> `usr/lib`): merge
+                // into where it points, inside the guest.
+                if let Some(real) = resolve_in_root(root, &guest) {
+                    if real.is_dir() && !real.is_symlink() {
+                        let inside = real.strip_prefix(root).unwrap_or(&guest).to_path_buf();
+                        install_dir(&from, root, &inside, keep, kept)?;
+                        continue;
+                    }
+                }
+            }
+            if dest_meta.is_some() {
+                if keep.iter().any(|k| guest.starts_with(k)) {
+                    kept.push(guest);
+                    continue;
+                }
+                fs::remove_file(&dest)
+                    .with_context(|| format!("cannot replace {}", dest.display()))?;
+            }
+            fs::create_dir(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
+            owner(&dest);
+            fs::set_permissions(&dest, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+            install_dir(&from, root, &guest, keep, kept)?;
+            continue;
+        }
+        if keep.iter().any(|k| guest.starts_with(k)) {
+            if dest_meta.is_some() {
+                kept.push(guest);
+            }
+            continue;
+        }
+        match &dest_meta {
+            Some(m) if m.is_dir() => {
+                // A package file where the guest has a directory: dpkg
+                // refuses too; keep the directory.
+                kept.push(guest);
+                continue;
+            }
+            Some(_) => fs::remove_file(&dest)
+                .with_context(|| format!("cannot replace {}", dest.display()))?,
+            None => {}
+        }
+        if meta.file_type().is_symlink() {
+            symlink(fs::read_link(&from)?, &dest)
+                .with_context(|| format!("cannot create the link {}", dest.display()))?;
+            owner(&dest);
+        } else if meta.is_file() {
+            fs::copy(&from, &dest)
+                .with_context(|| format!("cannot copy {} to {}", from.display(), dest.display()))?;
+            owner(&dest);
+            // After the owner: chown clears the set-id bits.
+            fs::set_permissions(&dest, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        } else {
+            bail!(
+                "{} is not a file, a link or a directory: Debian packages ship none of those",
+                from.display()
+            );
+        }
     }
     Ok(())
 }
@@ -639,6 +832,108 @@ mod tests {
                 "6.1.0-47-cloud-amd64"
             ]
         );
+    }
+
+    fn write(path: &Path, text: &str) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    }
+
+    fn read(path: &Path) -> String {
+        fs::read_to_string(path).unwrap()
+    }
+
+    /// The appliance's shape: merged /usr, busybox with its applet links,
+    /// the appliance's own `ip`.
+    fn appliance(root: &Path) {
+        write(&root.join("usr/bin/busybox"), "busybox");
+        for applet in ["sh", "ps", "ip", "kill"] {
+            symlink("busybox", root.join("usr/bin").join(applet)).unwrap();
+        }
+        write(&root.join("usr/sbin/ip"), "appliance ip");
+        fs::create_dir_all(root.join("usr/lib")).unwrap();
+        for (link, target) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib")] {
+            symlink(target, root.join(link)).unwrap();
+        }
+    }
+
+    #[test]
+    fn package_files_replace_busybox_links_and_keep_the_appliance_tools() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (root, pkg) = (dir.path().join("root"), dir.path().join("pkg"));
+        appliance(&root);
+        // As procps and iproute2 ship them (pre-merged-/usr paths).
+        write(&pkg.join("bin/ps"), "procps ps");
+        fs::set_permissions(pkg.join("bin/ps"), fs::Permissions::from_mode(0o755)).unwrap();
+        write(&pkg.join("bin/kill"), "procps kill");
+        write(&pkg.join("bin/ip"), "iproute2 ip");
+        fs::create_dir_all(pkg.join("sbin")).unwrap();
+        symlink("/bin/ip", pkg.join("sbin/ip")).unwrap();
+        symlink("dash", pkg.join("bin/sh")).unwrap();
+        write(&pkg.join("usr/bin/busybox"), "another busybox");
+        write(&pkg.join("lib/x86_64-linux-gnu/libproc2.so.0"), "lib");
+
+        let kept = install_tree(&pkg, &root, &appliance_paths()).unwrap();
+
+        let bin = root.join("usr/bin");
+        assert_eq!(
+            read(&bin.join("busybox")),
+            "busybox",
+            "busybox was overwritten"
+        );
+        assert_eq!(fs::read_link(bin.join("sh")).unwrap(), Path::new("busybox"));
+        for (tool, text) in [
+            ("ps", "procps ps"),
+            ("kill", "procps kill"),
+            ("ip", "iproute2 ip"),
+        ] {
+            let p = bin.join(tool);
+            assert!(!p.is_symlink(), "{tool} is still a link");
+            assert_eq!(read(&p), text);
+        }
+        assert_eq!(
+            fs::metadata(bin.join("ps")).unwrap().permissions().mode() & 0o777,
+            0o755
+        );
+        assert_eq!(read(&root.join("usr/sbin/ip")), "appliance ip");
+        assert_eq!(
+            read(&root.join("usr/lib/x86_64-linux-gnu/libproc2.so.0")),
+            "lib"
+        );
+        for link in ["bin", "sbin", "lib"] {
+            assert!(root.join(link).is_symlink(), "/{link} is no longer a link");
+        }
+        let mut kept: Vec<String> = kept.iter().map(|p| p.display().to_string()).collect();
+        kept.sort();
+        assert_eq!(kept, ["usr/bin/busybox", "usr/bin/sh", "usr/sbin/ip"]);
+    }
+
+    #[test]
+    fn links_are_followed_inside_the_guest_tree_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("run")).unwrap();
+        fs::create_dir_all(root.join("var")).unwrap();
+        // Absolute, and escaping with `..`: both mean the guest's /run.
+        symlink("/run", root.join("var/run")).unwrap();
+        symlink("../../../../../run", root.join("var/lock")).unwrap();
+        assert_eq!(
+            resolve_in_root(&root, Path::new("var/run/x")).unwrap(),
+            root.join("run/x")
+        );
+        assert_eq!(
+            resolve_in_root(&root, Path::new("var/lock")).unwrap(),
+            root.join("run")
+        );
+        symlink("loop", root.join("loop")).unwrap();
+        assert_eq!(resolve_in_root(&root, Path::new("loop/x")), None);
+
+        let pkg = dir.path().join("pkg");
+        write(&pkg.join("var/run/daemon/socket.d/README"), "inside");
+        install_tree(&pkg, &root, &[]).unwrap();
+        assert_eq!(read(&root.join("run/daemon/socket.d/README")), "inside");
+        assert!(root.join("var/run").is_symlink());
     }
 
     #[test]

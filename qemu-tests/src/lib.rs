@@ -4,6 +4,8 @@
 //! workloads from the host, and reports what happened.
 
 pub mod assets;
+pub mod debian;
+pub mod floor;
 pub mod guest;
 pub mod matrix;
 pub mod probe;
@@ -11,3 +13,5 @@ pub mod progress;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod stop;
+pub mod suite;

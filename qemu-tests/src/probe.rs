@@ -1,6 +1,8 @@
-//! Host-side TCP probe: one connection through QEMU's `hostfwd`, a numbered
-//! line every interval, every reply checked. It never reconnects: the point is
-//! that the same connection survives the upgrade.
+//! Host-side probes through QEMU's `hostfwd`. The connected ones (`echo`,
+//! `counter`, `http`) hold one connection, send a request every interval and
+//! check every reply; they never reconnect: the point is that the same
+//! connection survives the upgrade. The others (`connect`, `udp`, `dns`)
+//! send each request afresh and count how many got no right answer.
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{Shutdown, TcpStream};
@@ -11,6 +13,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::scenario::{Probe, ProbeMode};
+
+mod dns;
+mod http;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ProbeResult {
@@ -42,7 +47,10 @@ pub struct ProbeResult {
 
 impl ProbeResult {
     pub fn clean(&self) -> bool {
-        if matches!(self.mode, ProbeMode::Connect | ProbeMode::Udp) {
+        if matches!(
+            self.mode,
+            ProbeMode::Connect | ProbeMode::Udp | ProbeMode::Dns
+        ) {
             return self.replies > 0 && self.recovered && self.wrong == 0;
         }
         self.connected
@@ -64,8 +72,12 @@ pub fn run(
     connect_deadline: Duration,
     stop: Arc<AtomicBool>,
 ) -> ProbeResult {
-    if matches!(probe.mode, ProbeMode::Connect | ProbeMode::Udp) {
-        return run_requests(probe, port, stop);
+    match probe.mode {
+        ProbeMode::Connect | ProbeMode::Udp | ProbeMode::Dns => {
+            return run_requests(probe, port, stop)
+        }
+        ProbeMode::Http => return run_http(probe, port, connect_deadline, stop),
+        ProbeMode::Echo | ProbeMode::Counter => {}
     }
     let mut res = ProbeResult {
         name: probe.name.clone(),
@@ -161,15 +173,48 @@ fn run_requests(probe: &Probe, port: u16, stop: Arc<AtomicBool>) -> ProbeResult 
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let started = Instant::now();
-        let line = format!("{} {seq}", probe.payload);
-        let answer = if probe.mode == ProbeMode::Udp {
-            udp_once(port, &line)
-        } else {
-            tcp_once(port, &line)
+        // Ok(Ok): the right answer; Ok(Err): an answer, wrong; Err: none.
+        let answer: Result<Result<(), String>, String> = match probe.mode {
+            ProbeMode::Dns => dns_once(port, &probe.query, seq as u16).map(|addrs| {
+                let right = if probe.expect.is_empty() {
+                    !addrs.is_empty()
+                } else {
+                    addrs.iter().any(|a| a.to_string() == probe.expect)
+                };
+                if right {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "answer {addrs:?} for {}, expected {}",
+                        probe.query,
+                        if probe.expect.is_empty() {
+                            "an address"
+                        } else {
+                            &probe.expect
+                        }
+                    ))
+                }
+            }),
+            _ => {
+                let line = format!("{} {seq}", probe.payload);
+                let reply = if probe.mode == ProbeMode::Udp {
+                    udp_once(port, &line)
+                } else {
+                    tcp_once(port, &line)
+                };
+                let want = format!("{}{line}", probe.reply_prefix);
+                reply.map(|r| {
+                    if r == want {
+                        Ok(())
+                    } else {
+                        Err(format!("reply {r:?}, expected {want:?}"))
+                    }
+                })
+            }
         };
         res.sent += 1;
         match answer {
-            Ok(reply) if reply == format!("{}{line}", probe.reply_prefix) => {
+            Ok(Ok(())) => {
                 let now = Instant::now();
                 if let Some(prev) = last_ok {
                     let gap = now.duration_since(prev).as_millis() as u64;
@@ -183,9 +228,10 @@ fn run_requests(probe: &Probe, port: u16, stop: Arc<AtomicBool>) -> ProbeResult 
                 res.connected = true;
                 res.recovered = true;
             }
-            Ok(_) => {
+            Ok(Err(wrong)) => {
                 res.wrong += 1;
                 res.recovered = false;
+                res.error = Some(wrong);
             }
             Err(e) => {
                 res.failures += 1;
@@ -227,6 +273,180 @@ fn udp_once(port: u16, line: &str) -> Result<String, String> {
     let mut buf = [0u8; 2048];
     let n = s.recv(&mut buf).map_err(|e| e.to_string())?;
     Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_string())
+}
+
+/// One DNS query over UDP; the A addresses of the answer.
+fn dns_once(port: u16, name: &str, id: u16) -> Result<Vec<std::net::Ipv4Addr>, String> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .map_err(|e| e.to_string())?;
+    s.send_to(&dns::query(id, name)?, ("127.0.0.1", port))
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 1500];
+    let n = s.recv(&mut buf).map_err(|e| e.to_string())?;
+    dns::parse_answer(id, &buf[..n])
+}
+
+/// Whether an HTTP response is the right one: a 2xx status and a body
+/// holding `expect`.
+fn judge_http(probe: &Probe, r: &http::Response) -> Result<(), String> {
+    if r.status / 100 != 2 {
+        return Err(format!("status {}", r.status));
+    }
+    if !probe.expect.is_empty() && !String::from_utf8_lossy(&r.body).contains(probe.expect.as_str())
+    {
+        return Err(format!("the body does not contain {:?}", probe.expect));
+    }
+    Ok(())
+}
+
+/// What waiting for one response on the keep-alive connection gave.
+enum HttpRead {
+    Response(http::Response),
+    Eof,
+    Reset,
+    Stopped,
+    Failed(String),
+}
+
+/// Reads until one whole response is in `buf`, or `until` passes (then
+/// `Failed`), or `stop` is set.
+fn read_response(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    until: Option<Instant>,
+    stop: &AtomicBool,
+) -> HttpRead {
+    use std::io::Read;
+    let mut chunk = [0u8; 16 << 10];
+    loop {
+        match http::parse_response(buf) {
+            Ok(Some((r, used))) => {
+                buf.drain(..used);
+                return HttpRead::Response(r);
+            }
+            Ok(None) => {}
+            Err(e) => return HttpRead::Failed(e),
+        }
+        if stop.load(Ordering::Relaxed) {
+            return HttpRead::Stopped;
+        }
+        if until.is_some_and(|u| Instant::now() > u) {
+            return HttpRead::Failed("no whole response in time".into());
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => return HttpRead::Eof,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return HttpRead::Reset,
+            Err(e) => return HttpRead::Failed(e.to_string()),
+        }
+    }
+}
+
+/// Connects and gets one right response, so we know the guest's server,
+/// not just QEMU's forwarder, is there.
+fn http_handshake(probe: &Probe, port: u16, stop: &AtomicBool) -> Result<TcpStream, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(50)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(http::request(&probe.path).as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let until = Instant::now() + Duration::from_secs(3);
+    match read_response(&mut s, &mut buf, Some(until), stop) {
+        HttpRead::Response(r) if r.close => Err("the server closes the connection".into()),
+        HttpRead::Response(r) => judge_http(probe, &r).map(|()| s),
+        HttpRead::Eof => Err("closed by the guest".into()),
+        HttpRead::Reset => Err("reset by the guest".into()),
+        HttpRead::Stopped => Err("stopped".into()),
+        HttpRead::Failed(e) => Err(e),
+    }
+}
+
+/// `http` mode: one keep-alive connection, a `GET` every interval, each
+/// response read whole and checked before the next request.
+fn run_http(
+    probe: &Probe,
+    port: u16,
+    connect_deadline: Duration,
+    stop: Arc<AtomicBool>,
+) -> ProbeResult {
+    let mut res = ProbeResult {
+        name: probe.name.clone(),
+        mode: probe.mode,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let mut s = loop {
+        match http_handshake(probe, port, &stop) {
+            Ok(s) => break s,
+            Err(e) if start.elapsed() < connect_deadline && !stop.load(Ordering::Relaxed) => {
+                res.error = Some(e);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            Err(e) => {
+                res.error = Some(format!("never connected: {e}"));
+                return res;
+            }
+        }
+    };
+    res.connected = true;
+    res.error = None;
+    res.sent = 1;
+    res.replies = 1;
+    let t0 = Instant::now();
+    let mut last_reply = Instant::now();
+    let mut buf = Vec::new();
+    let req = http::request(&probe.path);
+    while !stop.load(Ordering::Relaxed) {
+        let sent_at = Instant::now();
+        if let Err(e) = s.write_all(req.as_bytes()) {
+            res.error = Some(format!("cannot send: {e}"));
+            return finish(res, &s);
+        }
+        res.sent += 1;
+        // No deadline: while the guest is paused, TCP holds the request
+        // and the response comes when it is back.
+        match read_response(&mut s, &mut buf, None, &stop) {
+            HttpRead::Response(r) => {
+                let now = Instant::now();
+                let gap = now.duration_since(last_reply).as_millis() as u64;
+                if gap > res.max_gap_ms {
+                    res.max_gap_ms = gap;
+                    res.max_gap_end_s = now.duration_since(t0).as_secs_f64();
+                }
+                last_reply = now;
+                res.replies += 1;
+                if let Err(e) = judge_http(probe, &r) {
+                    res.wrong += 1;
+                    res.error = Some(format!("response {}: {e}", res.replies));
+                }
+                if r.close {
+                    // The server ended keep-alive: the connection is gone.
+                    res.eof = true;
+                    return finish(res, &s);
+                }
+            }
+            HttpRead::Eof => {
+                res.eof = true;
+                return finish(res, &s);
+            }
+            HttpRead::Reset => {
+                res.reset = true;
+                return finish(res, &s);
+            }
+            HttpRead::Stopped => break,
+            HttpRead::Failed(e) => {
+                res.error = Some(e);
+                return finish(res, &s);
+            }
+        }
+        let wait = Duration::from_millis(probe.interval_ms).saturating_sub(sent_at.elapsed());
+        std::thread::sleep(wait);
+    }
+    finish(res, &s)
 }
 
 fn finish(res: ProbeResult, stream: &TcpStream) -> ProbeResult {
@@ -295,6 +515,7 @@ fn handshake(probe: &Probe, port: u16) -> Result<(TcpStream, BufReader<TcpStream
 mod tests {
     use super::*;
     use std::net::TcpListener;
+    use std::sync::atomic::AtomicU64;
 
     fn probe() -> Probe {
         Probe {
@@ -306,6 +527,9 @@ mod tests {
             mode: ProbeMode::Echo,
             send: String::new(),
             setup: vec![],
+            path: "/".into(),
+            query: String::new(),
+            expect: String::new(),
         }
     }
 
@@ -448,6 +672,155 @@ mod tests {
         });
         let r = run(&p, port, Duration::from_secs(5), stop);
         assert!(r.failures > 0 && r.replies == 0 && !r.clean(), "{r:?}");
+    }
+
+    /// A keep-alive HTTP server that serves one connection only, counting
+    /// the requests; response `bad` lacks the text the probe expects, and
+    /// after `close_after` requests it closes.
+    fn http_server(bad: Option<u64>, close_after: Option<u64>) -> (u16, Arc<AtomicU64>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicU64::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            let (c, _) = l.accept().unwrap();
+            count.fetch_add(1, Ordering::Relaxed);
+            // A second connection would wait here, never served.
+            std::thread::spawn(move || {
+                for c in l.incoming().flatten() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                    std::mem::forget(c);
+                }
+            });
+            let mut w = c.try_clone().unwrap();
+            let mut r = BufReader::new(c);
+            let mut n = 0;
+            loop {
+                let mut line = String::new();
+                // The request line, then headers up to the empty line.
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                assert_eq!(line, "GET /index.html HTTP/1.1\r\n");
+                while line != "\r\n" {
+                    line.clear();
+                    r.read_line(&mut line).unwrap();
+                }
+                n += 1;
+                if Some(n) == close_after {
+                    return;
+                }
+                let body = if Some(n) == bad {
+                    "<h1>502 Bad Gateway</h1>".to_string()
+                } else {
+                    format!("hello kupgrade {n}")
+                };
+                // Chunked and with a length in turn, in several writes.
+                if n % 2 == 0 {
+                    write!(
+                        w,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                        body.len()
+                    )
+                    .unwrap();
+                    w.flush().unwrap();
+                    write!(w, "{body}").unwrap();
+                } else {
+                    write!(
+                        w,
+                        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n",
+                        body.len()
+                    )
+                    .unwrap();
+                    w.flush().unwrap();
+                    write!(w, "0\r\n\r\n").unwrap();
+                }
+            }
+        });
+        (port, accepted)
+    }
+
+    fn http_probe() -> Probe {
+        Probe {
+            mode: ProbeMode::Http,
+            path: "/index.html".into(),
+            expect: "hello kupgrade".into(),
+            ..probe()
+        }
+    }
+
+    fn run_probe_for(p: &Probe, port: u16, ms: u64) -> ProbeResult {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            s2.store(true, Ordering::Relaxed);
+        });
+        run(p, port, Duration::from_secs(5), stop)
+    }
+
+    #[test]
+    fn http_mode_keeps_one_connection_and_checks_every_response() {
+        let (port, accepted) = http_server(None, None);
+        let r = run_probe_for(&http_probe(), port, 500);
+        assert!(r.clean(), "{r:?}");
+        assert!(r.replies >= 10, "{r:?}");
+        assert!(r.sent - r.replies <= 1, "{r:?}");
+        assert_eq!(accepted.load(Ordering::Relaxed), 1, "it reconnected");
+    }
+
+    #[test]
+    fn http_mode_counts_a_wrong_response_and_a_closed_connection() {
+        let (port, _) = http_server(Some(4), None);
+        let r = run_probe_for(&http_probe(), port, 500);
+        assert_eq!(r.wrong, 1, "{r:?}");
+        assert!(!r.clean() && r.error.as_deref().unwrap().contains("hello kupgrade"));
+        let (port, accepted) = http_server(None, Some(5));
+        let r = run_probe_for(&http_probe(), port, 1000);
+        assert!(r.eof && !r.clean(), "{r:?}");
+        assert_eq!(r.replies, 4, "{r:?}");
+        assert_eq!(accepted.load(Ordering::Relaxed), 1, "it reconnected");
+    }
+
+    #[test]
+    fn dns_mode_checks_the_address_and_counts_silence() {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = sock.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            for i in 0.. {
+                let (n, from) = sock.recv_from(&mut buf).unwrap();
+                // Silent for a while, as a server paused by an upgrade; one
+                // wrong address.
+                let addr = if i == 8 {
+                    [10, 0, 2, 1]
+                } else {
+                    [10, 0, 2, 99]
+                };
+                if !(3..6).contains(&i) {
+                    let a = dns::answer_for(&buf[..n], &[addr.into()]);
+                    sock.send_to(&a, from).unwrap();
+                }
+            }
+        });
+        let p = Probe {
+            mode: ProbeMode::Dns,
+            query: "kupgrade.test".into(),
+            expect: "10.0.2.99".into(),
+            ..probe()
+        };
+        let r = run_probe_for(&p, port, 2500);
+        assert_eq!(r.failures, 3, "{r:?}");
+        assert_eq!(r.wrong, 1, "{r:?}");
+        assert!(r.replies >= 5 && r.recovered, "{r:?}");
+        // The wrong answer makes it unclean, and says what came.
+        assert!(!r.clean());
+        let p = Probe {
+            expect: String::new(),
+            ..p
+        };
+        let r = run_probe_for(&p, port, 300);
+        assert!(r.replies > 0 && r.wrong == 0 && r.clean(), "{r:?}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,11 +15,12 @@ use anyhow::{Context, Result};
 use contract::events::EventLine;
 
 use crate::assets::{self, Cache, RootfsInputs};
+use crate::debian;
 use crate::guest::{self, Line, Plan, Verb};
 use crate::probe::{self, ProbeResult};
-use crate::progress;
 use crate::report::{self, Artifacts, CheckResult, Report, Verdict, WorkloadPids};
-use crate::scenario::{Expect, ProbeMode, Scenario};
+use crate::scenario::{Expect, Flavour, Scenario};
+use crate::{progress, stop};
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -40,12 +41,14 @@ fn free_port() -> Result<u16> {
 }
 
 /// Everything prepared before QEMU starts.
+#[derive(Clone)]
 pub struct Prepared {
     pub scenario: Scenario,
     pub from: String,
     pub to: String,
     pub bin_dir: PathBuf,
     pub rootfs: PathBuf,
+    pub kernel: PathBuf,
     pub initrd: PathBuf,
 }
 
@@ -53,10 +56,15 @@ pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
     let scenario = Scenario::load(scenario_path)?;
     assets::check_packages(&scenario.guest.packages)?;
     let cache = Cache::new(opts.cache.clone())?;
-    let from = assets::resolve_release(&scenario.kernels.from, &scenario.kernels.series, &cache)?;
-    let to = assets::resolve_release(&scenario.kernels.to, &scenario.kernels.series, &cache)?;
-    for r in [&from, &to] {
-        assets::ensure_kernel(&cache, r)?;
+    let (from, from_series) = scenario.kernels.from();
+    let from = assets::resolve_release(from, from_series, &cache)?;
+    let (to, to_series) = scenario.kernels.to();
+    let to = assets::resolve_release(to, to_series, &cache)?;
+    // The Debian guest installs its kernels itself.
+    if scenario.guest.flavour == Flavour::Appliance {
+        for r in [&from, &to] {
+            assets::ensure_kernel(&cache, r)?;
+        }
     }
     let bin_dir = match &opts.bin_dir {
         Some(d) => d.clone(),
@@ -65,21 +73,38 @@ pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
     let mut releases = vec![from.clone(), to.clone()];
     releases.sort();
     releases.dedup();
-    let rootfs = assets::ensure_rootfs(
-        &cache,
-        &RootfsInputs {
-            releases: &releases,
-            bin_dir: &bin_dir,
-            packages: &scenario.guest.packages,
-        },
-    )?;
-    let initrd = assets::build_initramfs(&cache, &bin_dir, &from)?;
+    let (rootfs, kernel, initrd) = match scenario.guest.flavour {
+        Flavour::Appliance => {
+            let rootfs = assets::ensure_rootfs(
+                &cache,
+                &RootfsInputs {
+                    releases: &releases,
+                    bin_dir: &bin_dir,
+                    packages: &scenario.guest.packages,
+                },
+            )?;
+            let initrd = assets::build_initramfs(&cache, &bin_dir, &from)?;
+            (rootfs, cache.vmlinuz(&from), initrd)
+        }
+        Flavour::Debian => {
+            let inputs = debian::Inputs {
+                releases: &releases,
+                bin_dir: &bin_dir,
+                packages: &scenario.guest.packages,
+                qemu: &opts.qemu,
+                accel: &opts.accel,
+            };
+            let g = debian::ensure(&cache, &inputs, &from)?;
+            (g.disk, g.kernel, g.initrd)
+        }
+    };
     Ok(Prepared {
         scenario,
         from,
         to,
         bin_dir,
         rootfs,
+        kernel,
         initrd,
     })
 }
@@ -119,9 +144,17 @@ fn write_plan_disk(
     Ok(())
 }
 
+/// A serial console line and when it reached the host, in ms since QEMU
+/// started (the guest's clocks do not run on across a kexec).
+struct SerialLine {
+    at_ms: f64,
+    text: String,
+}
+
 struct Qemu {
-    child: Child,
-    lines: mpsc::Receiver<String>,
+    /// Shared with the handler that stops the guests on a signal.
+    child: Arc<Mutex<Child>>,
+    lines: mpsc::Receiver<SerialLine>,
 }
 
 fn start_qemu(
@@ -132,11 +165,13 @@ fn start_qemu(
     fwds: &[(u16, u16)],
     log: &Path,
 ) -> Result<Qemu> {
-    let cache = Cache::new(opts.cache.clone())?;
     let g = &p.scenario.guest;
+    let root = match g.flavour {
+        Flavour::Appliance => format!("root=LABEL={} rw", assets::ROOT_LABEL),
+        Flavour::Debian => debian::KERNEL_ARGS.to_string(),
+    };
     let cmdline = format!(
-        "console=ttyS0,115200 root=LABEL={} rw {} panic=-1 loglevel=4",
-        assets::ROOT_LABEL,
+        "console=ttyS0,115200 {root} {} panic=-1 loglevel=4",
         g.memmap()
     );
     let mut netdev = "user,id=n0".to_string();
@@ -164,7 +199,7 @@ fn start_qemu(
         "base=utc",
     ])
     .arg("-kernel")
-    .arg(cache.vmlinuz(&p.from))
+    .arg(&p.kernel)
     .arg("-initrd")
     .arg(&p.initrd)
     .args(["-append", &cmdline])
@@ -179,18 +214,23 @@ fn start_qemu(
     .stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
+    let mut log_file = File::create(log)?;
     let mut child = cmd
         .spawn()
         .context("cannot start qemu-system-x86_64: install qemu-system-x86 (scripts/setup does)")?;
+    let t0 = Instant::now();
     let (tx, rx) = mpsc::channel();
-    let mut log_file = File::create(log)?;
     let stdout = child.stdout.take().context("qemu stdout")?;
     let stderr = child.stderr.take().context("qemu stderr")?;
-    let t0 = Instant::now();
+    let child = Arc::new(Mutex::new(child));
+    stop::register(&child);
     let tx2 = tx.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx2.send(format!("qemu: {line}"));
+            let _ = tx2.send(SerialLine {
+                at_ms: t0.elapsed().as_secs_f64() * 1e3,
+                text: format!("qemu: {line}"),
+            });
         }
     });
     std::thread::spawn(move || {
@@ -201,10 +241,16 @@ fn start_qemu(
             .map(|n| n > 0)
             .unwrap_or(false)
         {
-            let line = String::from_utf8_lossy(&buf)
+            // Stamped on arrival: the host's clock times the phases.
+            let at = t0.elapsed().as_secs_f64();
+            let text = String::from_utf8_lossy(&buf)
                 .trim_end_matches(['\r', '\n'])
                 .to_string();
-            let _ = writeln!(log_file, "[{:8.3}] {line}", t0.elapsed().as_secs_f64());
+            let _ = writeln!(log_file, "[{at:8.3}] {text}");
+            let line = SerialLine {
+                at_ms: at * 1e3,
+                text,
+            };
             if tx.send(line).is_err() {
                 break;
             }
@@ -214,19 +260,50 @@ fn start_qemu(
     Ok(Qemu { child, lines: rx })
 }
 
-/// Runs one scenario and returns its report; the verdict says whether it passed.
-pub fn run(scenario_path: &Path, opts: &Options) -> Result<Report> {
-    let started = Instant::now();
-    let p = prepare(scenario_path, opts)?;
-    let scenario_dir = scenario_path.parent().unwrap_or(Path::new("."));
-    let mut rep = run_prepared(&p, scenario_dir, opts)?;
-    rep.wall_secs = started.elapsed().as_secs_f64();
-    Ok(rep)
+/// The kernels a prepared scenario upgrades to, in turn.
+pub fn chain_releases(p: &Prepared) -> Vec<String> {
+    p.scenario
+        .upgrade
+        .chain
+        .iter()
+        .map(|k| {
+            if k == "from" {
+                p.from.clone()
+            } else {
+                p.to.clone()
+            }
+        })
+        .collect()
 }
 
 /// Boots the guest of a prepared scenario and judges the run.
 pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result<Report> {
+    boot(p, scenario_dir, opts, false)
+}
+
+/// Boots the scenario's guest without its workloads, probes and checks and
+/// kexecs it bare through the same kernels (see [`crate::floor`]).
+pub fn run_bare(p: &Prepared, opts: &Options) -> Result<Report> {
+    let mut bare = p.clone();
+    let sc = &mut bare.scenario;
+    sc.name = format!("{}-floor", sc.name);
+    sc.setup.clear();
+    sc.workloads.clear();
+    sc.probes.clear();
+    sc.background.clear();
+    sc.checks.clear();
+    sc.upgrade.settle_secs = 0;
+    sc.upgrade.go_args.clear();
+    sc.upgrade.go_env.clear();
+    progress::step("timing a bare kexec of the same kernels and guest (no workloads)");
+    boot(&bare, Path::new("."), opts, true)
+}
+
+fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result<Report> {
     let started = Instant::now();
+    if let Some(sig) = stop::stopped() {
+        anyhow::bail!("stopped by {}", stop::name(sig));
+    }
     let sc = &p.scenario;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -246,26 +323,16 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
         .status()?;
     anyhow::ensure!(st.success(), "cannot copy {}", p.rootfs.display());
 
-    let chain: Vec<String> = sc
-        .upgrade
-        .chain
-        .iter()
-        .map(|k| {
-            if k == "from" {
-                p.from.clone()
-            } else {
-                p.to.clone()
-            }
-        })
-        .collect();
+    let chain = chain_releases(p);
     let plan = Plan {
         scenario: sc.name.clone(),
+        setup: sc.setup.clone(),
         workloads: sc.workloads.clone(),
         // The upgrade waits for the probes that hold a connection open.
         probe_ports: sc
             .probes
             .iter()
-            .filter(|p| matches!(p.mode, ProbeMode::Echo | ProbeMode::Counter))
+            .filter(|p| p.mode.holds_connection())
             .map(|p| p.guest_port)
             .collect(),
         chain: chain.clone(),
@@ -273,9 +340,11 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
         expect: sc.upgrade.expect,
         go_args: sc.upgrade.go_args.clone(),
         go_env: sc.upgrade.go_env.clone(),
+        stage_append: sc.upgrade.stage_append.clone(),
         background: sc.background.clone(),
         checks: sc.checks.clone(),
         alive_secs: 3,
+        bare_kexec: bare,
     };
     let plan_disk = run_dir.join("plan.img");
     write_plan_disk(&plan_disk, &plan, scenario_dir, sc, &run_dir)?;
@@ -290,7 +359,7 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
         opts.accel,
         serial.display()
     ));
-    let mut qemu = start_qemu(p, opts, &disk, &plan_disk, &fwds, &serial)?;
+    let qemu = start_qemu(p, opts, &disk, &plan_disk, &fwds, &serial)?;
 
     let deadline = Instant::now() + Duration::from_secs(sc.guest.timeout_secs);
     let stop = Arc::new(AtomicBool::new(false));
@@ -303,7 +372,9 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
     let mut checks: Vec<CheckResult> = Vec::new();
     let mut go_returned: Option<(bool, String)> = None;
     let mut restore_reports: Vec<(String, String)> = Vec::new();
+    let mut guest_error = None;
     let mut timed_out = false;
+    let mut stopped_by = None;
     let mut done = false;
     loop {
         if Instant::now() > deadline {
@@ -312,22 +383,32 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
                 "deadline of {} s passed: stopping QEMU",
                 sc.guest.timeout_secs
             ));
-            let _ = qemu.child.kill();
+            if let Ok(mut c) = qemu.child.lock() {
+                let _ = c.kill();
+            }
             break;
         }
-        let line = match qemu.lines.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) => l,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        };
+        // The signal handler stops QEMU; what it printed so far is logged.
+        if let Some(sig) = stop::stopped() {
+            stopped_by = Some(sig);
+            progress::step(&format!("stopped by {}: stopping QEMU", stop::name(sig)));
+            break;
+        }
+        let SerialLine { at_ms, text: line } =
+            match qemu.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) => l,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
         if opts.verbose {
             eprintln!("  | {line}");
         }
         if let Some(e) = EventLine::parse(&line) {
-            // kmsg and the console can both show the same event
+            // kmsg and the console can both show the same event; the first
+            // to arrive times it.
             if seen_events.insert((e.event, e.t_mono_ns)) {
                 progress::step(&format!("guest: {}", e.event));
-                events.push(report::record(&e, boots.len().saturating_sub(1)));
+                events.push(report::record(&e, boots.len().saturating_sub(1), at_ms));
             }
             continue;
         }
@@ -389,13 +470,20 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
             Verb::ChecksDone => stop.store(true, Ordering::Relaxed),
             Verb::Done => done = true,
             Verb::Info => progress::step(&format!("guest: {}", l.get("detail").unwrap_or(""))),
-            // The serial log keeps it; the worker then stops, and the run
-            // fails for want of `done`.
-            Verb::Error => {}
+            // The worker then stops, and the run fails for want of `done`.
+            Verb::Error => {
+                let d = l.get("detail").unwrap_or("").to_string();
+                progress::step(&format!("guest: error: {d}"));
+                guest_error = Some(d);
+            }
         }
     }
+    if !done && stopped_by.is_none() {
+        // QEMU stopped by the handler ends the loop before it looks.
+        stopped_by = stop::stopped();
+    }
     stop.store(true, Ordering::Relaxed);
-    let _ = wait_exit(&mut qemu.child, Duration::from_secs(10));
+    let _ = wait_exit(&qemu.child, Duration::from_secs(10));
     let probe_results: Vec<ProbeResult> =
         probes.into_iter().filter_map(|h| h.join().ok()).collect();
 
@@ -412,7 +500,8 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
         ..Default::default()
     };
     rep.upgrades = report::timelines(&rep.events, &boots);
-    rep.blackout_ms = rep.probes.iter().map(|p| p.max_gap_ms).max();
+    rep.set_floor(|_, _| None);
+    rep.probe_blackout_ms = rep.probes.iter().map(|p| p.max_gap_ms).max();
     for w in &sc.workloads {
         rep.workloads.push(WorkloadPids {
             name: w.name.clone(),
@@ -423,10 +512,16 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
     let outcome = Outcome {
         go_returned,
         restore_reports,
+        guest_error,
         timed_out,
+        stopped_by,
         done,
     };
-    rep.checks = builtin_checks(&rep, sc, p, &chain, &outcome);
+    rep.checks = if bare {
+        bare_checks(&rep, p, &chain, &outcome)
+    } else {
+        builtin_checks(&rep, sc, p, &chain, &outcome)
+    };
     rep.checks.extend(checks);
     let pass = rep.checks.iter().all(|c| c.ok) && !rep.checks.is_empty();
     rep.verdict = if pass { Verdict::Pass } else { Verdict::Fail };
@@ -435,6 +530,7 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
         serial_log: serial.display().to_string(),
         disk_image: None,
         guest_logs: None,
+        timeline_svg: None,
     };
     if pass && !opts.keep {
         let _ = fs::remove_file(&disk);
@@ -442,7 +538,11 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
     } else {
         rep.artifacts.disk_image = Some(disk.display().to_string());
         let logs = run_dir.join("guest-logs");
-        if copy_guest_logs(&disk, &logs).is_ok() {
+        let root_fs = match sc.guest.flavour {
+            Flavour::Appliance => disk.clone(),
+            Flavour::Debian => debian::root_fs(&disk),
+        };
+        if copy_guest_logs(&root_fs, &logs).is_ok() {
             rep.artifacts.guest_logs = Some(logs.display().to_string());
         }
     }
@@ -451,30 +551,55 @@ pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result
     Ok(rep)
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+fn wait_exit(child: &Mutex<Child>, within: Duration) -> Option<std::process::ExitStatus> {
     let end = Instant::now() + within;
     while Instant::now() < end {
-        if let Ok(Some(s)) = child.try_wait() {
+        if let Ok(Some(s)) = child.lock().ok()?.try_wait() {
             return Some(s);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let mut child = child.lock().ok()?;
     let _ = child.kill();
     child.wait().ok()
 }
 
-/// Copies kupgrade's and CRIU's logs out of the guest disk with debugfs (no mount).
+/// Copies kupgrade's and CRIU's logs out of the guest's root file system
+/// with debugfs (no mount). A guest stopped hard leaves the last writes in
+/// the ext4 journal (file sizes among them): the journal is replayed first,
+/// on a copy, so that the kept disk stays as the guest left it.
 fn copy_guest_logs(disk: &Path, dest: &Path) -> Result<()> {
     fs::create_dir_all(dest)?;
+    let replayed = dest.with_extension("replayed.img");
+    let st = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(disk)
+        .arg(&replayed)
+        .status()?;
+    anyhow::ensure!(st.success(), "cannot copy {}", disk.display());
+    // 0-3: clean or repaired; worse still leaves what it could read.
+    let fsck = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&replayed)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !fsck.as_ref().is_ok_and(|s| s.code().is_some_and(|c| c < 4)) {
+        progress::step(&format!(
+            "e2fsck on a copy of {} did not finish cleanly ({fsck:?}): the guest logs may be incomplete",
+            disk.display()
+        ));
+    }
     for dir in ["/var/lib/kupgrade", "/var/log/kupgrade", "/var/log"] {
         let _ = Command::new("debugfs")
             .arg("-R")
             .arg(format!("rdump {dir} {}", dest.display()))
-            .arg(disk)
+            .arg(&replayed)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
     }
+    let _ = fs::remove_file(&replayed);
     Ok(())
 }
 
@@ -492,8 +617,47 @@ struct Outcome {
     go_returned: Option<(bool, String)>,
     /// (outcome, reason) of `kupgrade report` after each kexec.
     restore_reports: Vec<(String, String)>,
+    /// Why the guest's worker stopped, when it said.
+    guest_error: Option<String>,
     timed_out: bool,
+    /// The harness was stopped by this signal.
+    stopped_by: Option<i32>,
     done: bool,
+}
+
+fn finished_in_time(sc: &Scenario, o: &Outcome) -> CheckResult {
+    check(
+        "guest finished in time",
+        o.done && !o.timed_out && o.stopped_by.is_none(),
+        if let Some(sig) = o.stopped_by {
+            format!(
+                "the harness was stopped by {}: QEMU was stopped, the serial log kept",
+                stop::name(sig)
+            )
+        } else if o.timed_out {
+            format!("deadline of {} s passed", sc.guest.timeout_secs)
+        } else if o.done {
+            "the guest ran the scenario to its end".into()
+        } else if let Some(e) = &o.guest_error {
+            format!("the guest stopped before its end: {e}")
+        } else {
+            "the guest stopped before its end (see the serial log)".into()
+        },
+    )
+}
+
+/// The floor's boot passes when it went through every kernel of the chain.
+fn bare_checks(rep: &Report, p: &Prepared, chain: &[String], o: &Outcome) -> Vec<CheckResult> {
+    let mut planned = vec![p.from.clone()];
+    planned.extend(chain.iter().cloned());
+    vec![
+        finished_in_time(&p.scenario, o),
+        check(
+            "kernel release changed as planned",
+            rep.boots == planned,
+            format!("booted {:?}, planned {:?}", rep.boots, planned),
+        ),
+    ]
 }
 
 fn builtin_checks(
@@ -503,18 +667,7 @@ fn builtin_checks(
     chain: &[String],
     o: &Outcome,
 ) -> Vec<CheckResult> {
-    let mut out = Vec::new();
-    out.push(check(
-        "guest finished in time",
-        o.done && !o.timed_out,
-        if o.timed_out {
-            format!("deadline of {} s passed", sc.guest.timeout_secs)
-        } else if o.done {
-            "the guest ran the scenario to its end".into()
-        } else {
-            "the guest stopped before its end (see the serial log)".into()
-        },
-    ));
+    let mut out = vec![finished_in_time(sc, o)];
     let mut planned = vec![p.from.clone()];
     planned.extend(chain.iter().cloned());
     let kexec_planned = check(
@@ -642,6 +795,78 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    fn debugfs(img: &Path, cmd: &str) -> String {
+        let out = Command::new("debugfs")
+            .args(["-R", cmd])
+            .arg(img)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The guest's last write to a log sits in the ext4 journal only (as
+    /// when QEMU is stopped before the guest's journal is checkpointed):
+    /// the copied log has it, and the kept disk is not changed.
+    #[test]
+    fn guest_logs_are_read_after_replaying_the_journal_on_a_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("tree");
+        fs::create_dir_all(tree.join("var/log/kupgrade")).unwrap();
+        fs::write(tree.join("var/log/kupgrade/agent.log"), "old line\n").unwrap();
+        let img = dir.path().join("disk.img");
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "1024", "-d"])
+            .arg(&tree)
+            .arg(&img)
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let block = debugfs(&img, "bmap /var/log/kupgrade/agent.log 0");
+        let block = block.trim();
+        assert!(block.parse::<u64>().is_ok(), "{block:?}");
+        // A transaction rewriting the log's block, written to the journal
+        // and not replayed.
+        let mut content = b"new line\n".to_vec();
+        content.resize(1024, 0);
+        fs::write(dir.path().join("block"), &content).unwrap();
+        // debugfs -R takes one command: write them through -f.
+        let cmds = dir.path().join("cmds");
+        fs::write(
+            &cmds,
+            format!(
+                "jo\njw -b {block} {}\njc\n",
+                dir.path().join("block").display()
+            ),
+        )
+        .unwrap();
+        let st = Command::new("debugfs")
+            .arg("-w")
+            .arg("-f")
+            .arg(&cmds)
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(st.status.success());
+        assert_eq!(
+            debugfs(&img, "cat /var/log/kupgrade/agent.log"),
+            "old line\n"
+        );
+
+        let logs = dir.path().join("guest-logs");
+        copy_guest_logs(&img, &logs).unwrap();
+        assert_eq!(
+            fs::read_to_string(logs.join("kupgrade/agent.log")).unwrap(),
+            "new line\n"
+        );
+        assert_eq!(
+            debugfs(&img, "cat /var/log/kupgrade/agent.log"),
+            "old line\n",
+            "the kept disk was changed"
+        );
+        assert!(!logs.with_extension("replayed.img").exists());
+    }
+
     /// A guest that never comes up is stopped by the deadline, the run fails
     /// with that reason, and the serial log is kept.
     #[test]
@@ -668,6 +893,7 @@ mod tests {
             to: "b".into(),
             bin_dir: dir.path().into(),
             rootfs: dir.path().join("root.img"),
+            kernel: dir.path().join("vmlinuz"),
             initrd: dir.path().join("initrd.img"),
         };
         let opts = Options {

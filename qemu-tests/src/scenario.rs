@@ -7,12 +7,17 @@
 //! [kernels]
 //! from = "oldest"            # oldest | previous | latest | an exact release
 //! to = "latest"
+//! series = "6.1.0"           # the package series the keywords pick from
+//! # a kernel of another series names it: to = { series = "6.12", release = "latest" }
 //! [guest]
 //! memory_mib = 1024
 //! store_mib = 256
+//! [[setup]]                 # first boot, before the workloads
+//! shell = "mkdir -p /var/lib/counter"
 //! [[workload]]
 //! name = "counter"
 //! command = ["/usr/lib/kupgrade-vm/wl-counter", "/var/log/counter.log"]
+//! ready = { file = "/var/log/counter.log" }
 //! [[probe]]
 //! name = "echo"
 //! guest_port = 7000
@@ -20,6 +25,8 @@
 //! name = "continuity"
 //! command = ["/usr/lib/kupgrade-vm/wl-counter-check", "/var/log/counter.log"]
 //! ```
+//!
+//! README.md ("Trying your own workloads") documents every field.
 
 use std::path::{Path, PathBuf};
 
@@ -62,6 +69,10 @@ pub struct Scenario {
     pub kernels: Kernels,
     #[serde(default)]
     pub guest: Guest,
+    /// Commands run in turn on the first boot before anything starts
+    /// (write a config, create a user); each must exit 0.
+    #[serde(default, rename = "setup")]
+    pub setup: Vec<Setup>,
     #[serde(default, rename = "workload")]
     pub workloads: Vec<Workload>,
     #[serde(default, rename = "probe")]
@@ -80,12 +91,68 @@ pub struct Scenario {
 #[serde(deny_unknown_fields)]
 pub struct Kernels {
     /// Release to boot first: `oldest`, `previous`, `latest` or an exact
-    /// release such as `6.1.0-47-cloud-amd64`.
-    pub from: String,
-    pub to: String,
+    /// release such as `6.1.0-47-cloud-amd64`, of `series`; or a table that
+    /// names its own series (`{ series = "6.12", release = "latest" }`).
+    pub from: Kernel,
+    pub to: Kernel,
     /// Package series the keywords pick from.
     #[serde(default = "default_series")]
     pub series: String,
+}
+
+impl Kernels {
+    /// (release or keyword, series) of `from`.
+    pub fn from(&self) -> (&str, &str) {
+        self.from.pick(&self.series)
+    }
+
+    /// (release or keyword, series) of `to`.
+    pub fn to(&self) -> (&str, &str) {
+        self.to.pick(&self.series)
+    }
+}
+
+/// One kernel of a scenario: a release (or keyword) of the scenario's
+/// series, or of a series of its own (an upgrade across series, such as
+/// Debian 12's 6.1 to its 6.12).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(
+    untagged,
+    expecting = "a release (\"oldest\", \"previous\", \"latest\" or an exact one) or a table { series = \"6.12\", release = \"latest\" }"
+)]
+pub enum Kernel {
+    Release(String),
+    OfSeries(KernelOfSeries),
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KernelOfSeries {
+    /// Package series, e.g. `6.12` for `linux-image-6.12.*-cloud-amd64`.
+    pub series: String,
+    /// `oldest`, `previous`, `latest` or an exact release.
+    #[serde(default = "latest")]
+    pub release: String,
+}
+
+fn latest() -> String {
+    "latest".into()
+}
+
+impl Kernel {
+    /// (release or keyword, series), `series` being the scenario's.
+    pub fn pick<'a>(&'a self, series: &'a str) -> (&'a str, &'a str) {
+        match self {
+            Kernel::Release(r) => (r, series),
+            Kernel::OfSeries(k) => (&k.release, &k.series),
+        }
+    }
+}
+
+impl From<&str> for Kernel {
+    fn from(release: &str) -> Self {
+        Kernel::Release(release.to_string())
+    }
 }
 
 /// A string or a list of strings.
@@ -127,6 +194,19 @@ pub struct Guest {
     pub packages: Vec<String>,
     /// Deadline for the whole run; QEMU is stopped when it passes.
     pub timeout_secs: u64,
+    /// Which guest boots: the minimal appliance or a Debian server.
+    pub flavour: Flavour,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    /// busybox, the agent as PID 1, a plain ext4 root, kupgrade's initramfs.
+    #[default]
+    Appliance,
+    /// Debian 12 with systemd, its root on LVM, kernels installed by dpkg,
+    /// booted through initramfs-tools (see `debian.rs`).
+    Debian,
 }
 
 impl Guest {
@@ -144,6 +224,7 @@ impl Default for Guest {
             store_mib: 256,
             packages: vec![],
             timeout_secs: 600,
+            flavour: Flavour::Appliance,
         }
     }
 }
@@ -168,6 +249,85 @@ pub struct Workload {
     /// declared in /etc/kupgrade/config.toml, instead of `kupgrade launch`.
     #[serde(default)]
     pub declared: bool,
+    /// Waited for after it starts, before the next workload, the probes
+    /// and the upgrade.
+    #[serde(default)]
+    pub ready: Option<Ready>,
+}
+
+/// When a workload is ready: every condition given holds.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Ready {
+    /// A TCP socket listens on this port (IPv4 or IPv6).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// This guest file exists (e.g. a pid file).
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// This guest command exits 0 (retried until it does).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// The same, as a line for `/bin/sh -c`.
+    #[serde(default)]
+    pub shell: Option<String>,
+    /// The run fails when it is not ready by then.
+    #[serde(default = "default_ready_timeout")]
+    pub timeout_secs: u64,
+}
+
+impl Ready {
+    /// The command to retry, if any (`prelude`: see [`guest_argv`]).
+    pub fn argv(&self, prelude: &str) -> Option<Vec<String>> {
+        (!self.command.is_empty() || self.shell.is_some())
+            .then(|| guest_argv(&self.command, &self.shell, prelude))
+    }
+}
+
+fn default_ready_timeout() -> u64 {
+    60
+}
+
+/// A command run once on the first boot, before the workloads start.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Setup {
+    /// For the progress display and errors.
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// The same, as a line for `/bin/sh -c`.
+    #[serde(default)]
+    pub shell: Option<String>,
+}
+
+impl Setup {
+    pub fn argv(&self, prelude: &str) -> Vec<String> {
+        guest_argv(&self.command, &self.shell, prelude)
+    }
+}
+
+/// A guest command given as `command = [...]` or as `shell = "..."`;
+/// `prelude` is shell text run before a `shell` line (the guest's
+/// [`crate::guest::path_programs_prelude`]).
+pub fn guest_argv(command: &[String], shell: &Option<String>, prelude: &str) -> Vec<String> {
+    match shell {
+        Some(line) => vec!["/bin/sh".into(), "-c".into(), format!("{prelude}{line}")],
+        None => command.to_vec(),
+    }
+}
+
+/// Exactly one of `command` and `shell`, not empty.
+fn one_command(what: &str, command: &[String], shell: &Option<String>) -> Result<(), String> {
+    match (command.is_empty(), shell) {
+        (false, Some(_)) => Err(format!("{what}: give `command` or `shell`, not both")),
+        (true, None) => Err(format!(
+            "{what} has an empty command: give `command` or `shell`"
+        )),
+        (true, Some(s)) if s.trim().is_empty() => Err(format!("{what} has an empty shell line")),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -204,6 +364,16 @@ pub struct Probe {
     /// (e.g. memcached's `set` before its `incr`).
     #[serde(default)]
     pub setup: Vec<String>,
+    /// `http`: the path every request gets.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// `dns`: the name every query asks for (an A record).
+    #[serde(default)]
+    pub query: String,
+    /// `http`: text the response body must contain. `dns`: an address the
+    /// answer must hold. Empty: any 2xx response, any answer.
+    #[serde(default)]
+    pub expect: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -219,11 +389,22 @@ pub enum ProbeMode {
     Connect,
     /// One UDP datagram per request, answered with `reply_prefix` + payload.
     Udp,
+    /// One HTTP/1.1 keep-alive connection for the whole run: a `GET` of
+    /// `path` every interval, each response checked.
+    Http,
+    /// A DNS query over UDP for `query` every interval, each answer checked.
+    Dns,
 }
 
 impl ProbeMode {
     pub fn is_udp(self) -> bool {
-        self == ProbeMode::Udp
+        matches!(self, ProbeMode::Udp | ProbeMode::Dns)
+    }
+
+    /// It holds one connection for the whole run: the upgrade waits until
+    /// the guest sees it established.
+    pub fn holds_connection(self) -> bool {
+        matches!(self, ProbeMode::Echo | ProbeMode::Counter | ProbeMode::Http)
     }
 }
 
@@ -232,6 +413,9 @@ fn default_interval() -> u64 {
 }
 fn default_payload() -> String {
     "probe".into()
+}
+fn default_path() -> String {
+    "/".into()
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -252,6 +436,9 @@ pub struct Upgrade {
     pub go_args: Vec<String>,
     /// Extra environment for `kupgrade go`, `KEY=VALUE` (e.g. a failpoint).
     pub go_env: Vec<String>,
+    /// Extra parameters for the new kernel's command line (`kupgrade stage
+    /// --append`), e.g. a failpoint of kupgrade-init.
+    pub stage_append: String,
 }
 
 impl Default for Upgrade {
@@ -263,6 +450,7 @@ impl Default for Upgrade {
             refusal_contains: vec![],
             go_args: vec![],
             go_env: vec![],
+            stage_append: String::new(),
         }
     }
 }
@@ -290,10 +478,20 @@ pub enum Expect {
 pub struct Check {
     pub name: String,
     /// A guest command that must exit 0.
+    #[serde(default)]
     pub command: Vec<String>,
+    /// The same, as a line for `/bin/sh -c` (pipes, `&&`, redirections).
+    #[serde(default)]
+    pub shell: Option<String>,
     /// Seconds to wait after the upgrade before running it.
     #[serde(default)]
     pub after_secs: u64,
+}
+
+impl Check {
+    pub fn argv(&self, prelude: &str) -> Vec<String> {
+        guest_argv(&self.command, &self.shell, prelude)
+    }
 }
 
 impl Scenario {
@@ -337,6 +535,28 @@ impl Scenario {
             if w.command.is_empty() {
                 return Err(format!("workload {:?} has an empty command", w.name));
             }
+            if let Some(r) = &w.ready {
+                let what = format!("workload {:?}: ready", w.name);
+                if r.port.is_none() && r.file.is_none() && r.argv("").is_none() {
+                    return Err(format!(
+                        "{what} says nothing to wait for: give `port`, `file`, `command` or `shell`"
+                    ));
+                }
+                if r.argv("").is_some() {
+                    one_command(&what, &r.command, &r.shell)?;
+                }
+                if r.timeout_secs == 0 {
+                    return Err(format!("{what}: timeout_secs must be above 0"));
+                }
+            }
+        }
+        for (i, st) in self.setup.iter().enumerate() {
+            let what = if st.name.is_empty() {
+                format!("setup step {}", i + 1)
+            } else {
+                format!("setup step {:?}", st.name)
+            };
+            one_command(&what, &st.command, &st.shell)?;
         }
         for c in &self.upgrade.chain {
             if c != "from" && c != "to" {
@@ -369,11 +589,29 @@ impl Scenario {
                     p.name
                 ));
             }
+            if p.mode == ProbeMode::Dns && p.query.is_empty() {
+                return Err(format!(
+                    "probe {:?}: mode = \"dns\" needs `query`, the name to ask for",
+                    p.name
+                ));
+            }
+            if p.mode == ProbeMode::Http
+                && (!p.path.starts_with('/') || p.path.contains(char::is_whitespace))
+            {
+                return Err(format!(
+                    "probe {:?}: path {:?} must start with / and hold no spaces",
+                    p.name, p.path
+                ));
+            }
+            if !p.expect.is_empty() && !matches!(p.mode, ProbeMode::Http | ProbeMode::Dns) {
+                return Err(format!(
+                    "probe {:?}: `expect` is for mode = \"http\" or \"dns\"; use reply_prefix",
+                    p.name
+                ));
+            }
         }
         for c in &self.checks {
-            if c.command.is_empty() {
-                return Err(format!("check {:?} has an empty command", c.name));
-            }
+            one_command(&format!("check {:?}", c.name), &c.command, &c.shell)?;
         }
         if matches!(self.upgrade.expect, Expect::Refused | Expect::RestoreFailed)
             && self.upgrade.refusal_contains.is_empty()
@@ -402,7 +640,7 @@ command = ["/bin/true"]
     fn minimal_scenario_gets_defaults() {
         let s = Scenario::parse(MINIMAL).unwrap();
         s.validate().unwrap();
-        assert_eq!(s.kernels.from, "oldest");
+        assert_eq!(s.kernels.from(), ("oldest", "6.1.0"));
         assert_eq!(s.guest.memory_mib, 1024);
         assert_eq!(s.upgrade.chain, vec!["to"]);
     }
@@ -417,6 +655,42 @@ command = ["/bin/true"]
         s.validate().unwrap();
         s.guest.memory_mib = 1151;
         assert!(s.validate().unwrap_err().contains("at least 1152"));
+    }
+
+    /// A kernel of another series names it; the others keep the
+    /// scenario's series, and a plain string still works.
+    #[test]
+    fn a_kernel_may_name_its_own_series() {
+        let s = Scenario::parse(&format!(
+            "{MINIMAL}\n[kernels]\nfrom = \"latest\"\nto = {{ series = \"6.12\", release = \"oldest\" }}\n"
+        ))
+        .unwrap();
+        assert_eq!(s.kernels.from(), ("latest", "6.1.0"));
+        assert_eq!(s.kernels.to(), ("oldest", "6.12"));
+        let s = Scenario::parse(&format!(
+            "{MINIMAL}\n[kernels]\nseries = \"6.12\"\nfrom = {{ series = \"6.1.0\" }}\nto = \"6.12.117+deb12-cloud-amd64\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.kernels.from(), ("latest", "6.1.0"));
+        assert_eq!(s.kernels.to(), ("6.12.117+deb12-cloud-amd64", "6.12"));
+        let err = Scenario::parse(&format!(
+            "{MINIMAL}\n[kernels]\nfrom = \"oldest\"\nto = {{ serie = \"6.12\" }}\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("or a table { series = "), "{err}");
+    }
+
+    #[test]
+    fn the_appliance_is_the_default_guest_and_debian_is_chosen_by_name() {
+        assert_eq!(
+            Scenario::parse(MINIMAL).unwrap().guest.flavour,
+            Flavour::Appliance
+        );
+        let s = Scenario::parse(&format!("{MINIMAL}\n[guest]\nflavour = \"debian\"\n")).unwrap();
+        assert_eq!(s.guest.flavour, Flavour::Debian);
+        let err =
+            Scenario::parse(&format!("{MINIMAL}\n[guest]\nflavour = \"fedora\"\n")).unwrap_err();
+        assert!(err.contains("fedora"), "{err}");
     }
 
     #[test]
@@ -448,6 +722,106 @@ command = ["/bin/true"]
         let mut s = Scenario::parse(MINIMAL).unwrap();
         s.upgrade.expect = Expect::Refused;
         assert!(s.validate().unwrap_err().contains("refusal_contains"));
+    }
+
+    #[test]
+    fn setup_steps_readiness_and_shell_checks_parse() {
+        let s = Scenario::parse(
+            r#"
+name = "web"
+[[setup]]
+name = "a user"
+shell = "adduser -S www-data"
+[[setup]]
+command = ["mkdir", "-p", "/var/www"]
+[[workload]]
+name = "nginx"
+command = ["/usr/sbin/nginx"]
+ready = { port = 80, file = "/run/nginx.pid", shell = "wget -q -O- http://127.0.0.1/", timeout_secs = 30 }
+[[probe]]
+name = "keep-alive"
+guest_port = 80
+mode = "http"
+path = "/index.html"
+expect = "hello"
+[[probe]]
+name = "dns"
+guest_port = 53
+mode = "dns"
+query = "kupgrade.test"
+expect = "10.0.2.99"
+[[check]]
+name = "a pipe"
+shell = "ps | grep -q nginx"
+"#,
+        )
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(
+            s.setup[0].argv(""),
+            ["/bin/sh", "-c", "adduser -S www-data"]
+        );
+        assert_eq!(s.setup[1].argv(""), ["mkdir", "-p", "/var/www"]);
+        let r = s.workloads[0].ready.as_ref().unwrap();
+        assert_eq!(r.port, Some(80));
+        assert_eq!(r.file.as_deref(), Some(Path::new("/run/nginx.pid")));
+        assert_eq!(r.timeout_secs, 30);
+        assert_eq!(r.argv("").unwrap()[..2], ["/bin/sh", "-c"]);
+        assert_eq!(
+            s.checks[0].argv(""),
+            ["/bin/sh", "-c", "ps | grep -q nginx"]
+        );
+        assert_eq!(
+            s.checks[0].argv("f() { :; }\n")[2],
+            "f() { :; }\nps | grep -q nginx"
+        );
+        assert_eq!(s.probes[0].mode, ProbeMode::Http);
+        assert!(s.probes[0].mode.holds_connection() && !s.probes[0].mode.is_udp());
+        assert!(s.probes[1].mode.is_udp() && !s.probes[1].mode.holds_connection());
+        // Defaults: a probe's path, a gate's timeout.
+        let s = Scenario::parse(&format!(
+            "{MINIMAL}ready = {{ port = 1 }}\n[[probe]]\nname = \"h\"\nguest_port = 1\nmode = \"http\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.probes[0].path, "/");
+        assert_eq!(s.workloads[0].ready.as_ref().unwrap().timeout_secs, 60);
+        assert_eq!(s.workloads[0].ready.as_ref().unwrap().argv(""), None);
+    }
+
+    #[test]
+    fn commands_steps_and_probes_that_cannot_run_are_explained() {
+        let bad = |extra: &str| {
+            let s = Scenario::parse(&format!("{MINIMAL}{extra}")).unwrap();
+            s.validate().unwrap_err()
+        };
+        let e = bad("[[check]]\nname = \"c\"\ncommand = [\"true\"]\nshell = \"true\"\n");
+        assert!(e.contains("not both"), "{e}");
+        let e = bad("[[check]]\nname = \"c\"\n");
+        assert!(e.contains("check \"c\" has an empty command"), "{e}");
+        let e = bad("[[setup]]\nshell = \" \"\n");
+        assert!(e.contains("setup step 1"), "{e}");
+        let e = bad("ready = { timeout_secs = 5 }\n");
+        assert!(e.contains("nothing to wait for"), "{e}");
+        let e = bad("[[probe]]\nname = \"d\"\nguest_port = 53\nmode = \"dns\"\n");
+        assert!(e.contains("needs `query`"), "{e}");
+        let e = bad("[[probe]]\nname = \"e\"\nguest_port = 7\nexpect = \"x\"\n");
+        assert!(e.contains("`expect` is for"), "{e}");
+        let e = bad("[[probe]]\nname = \"h\"\nguest_port = 80\nmode = \"http\"\npath = \"x\"\n");
+        assert!(e.contains("must start with /"), "{e}");
+    }
+
+    #[test]
+    fn the_readme_example_is_a_valid_scenario() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+                .unwrap();
+        let section = &readme[readme.find("## Trying your own workloads").unwrap()..];
+        let block = section.split("```toml\n").nth(1).unwrap();
+        let example = &block[..block.find("```").unwrap()];
+        let s = Scenario::parse(example).unwrap_or_else(|e| panic!("{e}\n{example}"));
+        s.validate().unwrap();
+        assert_eq!(s.probes[0].mode, ProbeMode::Http);
+        assert!(s.setup[0].argv("")[2].contains("sites-enabled"));
     }
 
     #[test]

@@ -2,18 +2,24 @@
 //! machine is kept as one line (`unpack criu/a`), in order, and the calls
 //! named in `fail_at` fail, once each.
 
+use std::os::unix::process::ExitStatusExt;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use contract::cmdline::Cmdline;
-use contract::criu::Checkpoint;
 use contract::devstate::{self, DeviceState, Family, Interface, Route, TmpfsMount};
 use contract::events::{Event, EventLine};
-use contract::report::UpgradeReport;
+use contract::report::{Outcome, UpgradeReport};
 use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, SectionEntry, SectionKind, State};
 
-use super::{Error, ImageInfo, SupportMount, System};
+use super::faults::Faults;
+use super::{
+    CriuRun, Durability, Error, ImageHead, ImageInfo, Reboot, RestorerRun, SupportMount, System,
+};
+use crate::child;
 use crate::restore::table_name;
 
 /// A boot that restores [`Fake::resuming`]'s image, when nothing fails.
@@ -22,8 +28,10 @@ pub const FULL_BOOT: &[&str] = &[
     "load virtio_net.ko",
     "mount root",
     "switch root",
+    "run restore process",
     "open /dev/pmem0",
     "mark restoring",
+    "write record",
     "read devstate",
     "mount tmpfs /dev/shm",
     "mount cgroup2",
@@ -41,8 +49,10 @@ pub const FULL_BOOT: &[&str] = &[
     "tcp_window_scaling 0",
     "criu restore a",
     "resume a",
+    "note progress",
     "criu restore b",
     "resume b",
+    "note progress",
     "tcp_window_scaling 1",
     "remove scratch",
     "unlock CRIU-10002",
@@ -58,18 +68,40 @@ pub struct Fake {
     pub events: Vec<EventLine>,
     pub logs: Vec<String>,
     pub fail_at: Vec<String>,
+    /// Calls that panic.
+    pub panic_at: Vec<String>,
     pub cmdline: String,
     pub modules: Vec<String>,
     /// Modules the kernel has already (finit_module says EEXIST).
     pub loaded_already: Vec<String>,
+    /// Modules the kernel refuses (finit_module says ENOEXEC).
+    pub refused: Vec<String>,
+    /// The root device never shows up, however long the wait.
+    pub root_never_appears: bool,
+    /// How long each root mount was allowed to wait for its device.
+    pub root_waits: Vec<Duration>,
     /// The image in the store; `None`: there is none.
     pub image: Option<ImageInfo>,
     /// What the device state section holds.
     pub devstate: Vec<u8>,
     /// Each `criu restore`'s arguments.
     pub restore_args: Vec<Vec<String>>,
+    /// How long each `criu restore` was given.
+    pub criu_deadlines: Vec<Duration>,
+    /// `criu restore NAME` calls that overrun their deadline, once each.
+    pub hang_at: Vec<String>,
     /// Every report it was asked to write.
     pub reports: Vec<UpgradeReport>,
+    /// The report on the disk: the last one written.
+    pub written: Option<UpgradeReport>,
+    /// How the restore process was started.
+    pub restorer_runs: Vec<RestorerRun>,
+    /// The restore process dies (or overruns) with this instead of running.
+    pub restorer_dies: Option<Error>,
+    /// Inits that are not there.
+    pub missing_inits: Vec<String>,
+    /// Lock tables installed and not removed.
+    pub locked: Vec<String>,
 }
 
 fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
@@ -170,6 +202,9 @@ impl Fake {
 
     fn step(&mut self, call: String) -> Result<(), Error> {
         self.calls.push(call.clone());
+        if self.panic_at.contains(&call) {
+            panic!("{call} panicked: injected");
+        }
         // Once: a retried call then succeeds.
         let Some(at) = self.fail_at.iter().position(|c| *c == call) else {
             return Ok(());
@@ -202,9 +237,33 @@ impl Fake {
         self.calls[at + 1..].iter().map(String::as_str).collect()
     }
 
+    /// The report as it was left: the last one written.
     pub fn report(&self) -> &UpgradeReport {
-        assert_eq!(self.reports.len(), 1, "one report: {:?}", self.calls);
-        &self.reports[0]
+        let last = self.reports.last();
+        last.unwrap_or_else(|| panic!("no report: {:?}", self.calls))
+    }
+
+    /// A report of the fake's image, as the restore process would write it.
+    pub fn record_for_test(&self) -> UpgradeReport {
+        UpgradeReport {
+            outcome: Outcome::Restoring,
+            reason: None,
+            kernel_from: "6.1.0-1".into(),
+            kernel_to: "6.1.0-2".into(),
+            image_generation: 7,
+            workloads: vec![],
+            events: vec![],
+            store: Some("/dev/pmem0".into()),
+            modules_failed: vec![],
+        }
+    }
+
+    /// The record written as the restore began.
+    pub fn record(&self) -> &UpgradeReport {
+        let first = self.reports.first();
+        let first = first.unwrap_or_else(|| panic!("no record: {:?}", self.calls));
+        assert_eq!(first.outcome, Outcome::Restoring);
+        first
     }
 }
 
@@ -223,15 +282,32 @@ impl System for Fake {
     }
     fn load_module(&mut self, _release: &str, module: &str) -> Result<(), Error> {
         self.step(format!("load {module}"))?;
-        if self.loaded_already.iter().any(|m| m == module) {
-            return Err(Error::Module {
-                path: module.into(),
-                source: nix::Error::EEXIST,
-            });
-        }
-        Ok(())
+        let errno = if self.loaded_already.iter().any(|m| m == module) {
+            nix::Error::EEXIST
+        } else if self.refused.iter().any(|m| m == module) {
+            nix::Error::ENOEXEC
+        } else {
+            return Ok(());
+        };
+        Err(Error::Module {
+            path: format!("/lib/modules/6.1.0-2/{module}").into(),
+            source: errno,
+        })
     }
-    fn mount_root(&mut self, _cmdline: &Cmdline, _writable: bool) -> Result<(), Error> {
+    fn mount_root(
+        &mut self,
+        _cmdline: &Cmdline,
+        _writable: bool,
+        wait: Duration,
+    ) -> Result<(), Error> {
+        self.root_waits.push(wait);
+        if self.root_never_appears {
+            self.calls.push("mount root".into());
+            return Err(Error::Boot(crate::boot::Error::RootTimeout {
+                spec: "LABEL=kupgrade-root".into(),
+                secs: wait.as_secs(),
+            }));
+        }
         self.step("mount root".into())
     }
     fn sleep(&mut self, d: Duration) {
@@ -240,10 +316,46 @@ impl System for Fake {
     fn switch_root(&mut self) -> Result<(), Error> {
         self.step("switch root".into())
     }
-    fn exec_init(&mut self, cmdline: &Cmdline) -> String {
-        let init = cmdline.value("init").unwrap_or("/sbin/init");
+    fn exec(&mut self, init: &str, _args: &[String]) -> Result<(), String> {
         self.calls.push(format!("exec {init}"));
-        "the fake cannot exec".into()
+        if self.missing_inits.iter().any(|m| m == init) {
+            return Err("ENOENT: No such file or directory".into());
+        }
+        Ok(())
+    }
+    /// Does what the restore process does, in this process: wraps the
+    /// system in the failpoints of the command line and restores; a panic
+    /// ends it as it ends the real one.
+    fn run_restorer(&mut self, run: &RestorerRun) -> Result<(), Error> {
+        self.calls.push("run restore process".into());
+        self.restorer_runs.push(run.clone());
+        if let Some(e) = self.restorer_dies.take() {
+            return Err(e);
+        }
+        let mut restorer = Faults::new(std::mem::take(self));
+        restorer.cmdline();
+        let ran = panic::catch_unwind(AssertUnwindSafe(|| {
+            crate::restore_process(&mut restorer, run)
+        }));
+        *self = restorer.into_inner();
+        ran.map_err(|p| {
+            let message = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Error::RestorerDied {
+                status: ExitStatus::from_raw(101 << 8),
+                stderr: format!("thread 'main' panicked at the fake:\n{message}"),
+            }
+        })
+    }
+    fn reboot(&mut self, how: Reboot) -> Error {
+        self.calls.push(how.to_string());
+        Error::Reboot {
+            how,
+            source: nix::Error::EPERM,
+        }
     }
 
     fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error> {
@@ -252,8 +364,23 @@ impl System for Fake {
             .clone()
             .ok_or(Error::Image(image_format::Error::NoImage))
     }
+    fn read_superblock(&mut self, store: &Path) -> Result<ImageHead, Error> {
+        self.step(format!("read superblock {}", store.display()))?;
+        let i = self
+            .image
+            .as_ref()
+            .ok_or(Error::Image(image_format::Error::NoImage))?;
+        Ok(ImageHead {
+            state: i.state,
+            generation: i.generation,
+        })
+    }
     fn set_image_state(&mut self, state: State) -> Result<(), Error> {
-        self.step(format!("mark {state}"))
+        self.step(format!("mark {state}"))?;
+        if let Some(i) = self.image.as_mut() {
+            i.state = state;
+        }
+        Ok(())
     }
     fn wipe_image(&mut self) -> Result<(), Error> {
         self.step("wipe".into())
@@ -288,10 +415,18 @@ impl System for Fake {
     }
     fn install_lock_table(&mut self, nft: &str) -> Result<(), Error> {
         let name = table_name(nft).unwrap_or_default();
-        self.step(format!("lock {name}"))
+        self.step(format!("lock {name}"))?;
+        self.locked.push(name);
+        Ok(())
     }
     fn remove_lock_table(&mut self, name: &str) -> Result<(), Error> {
-        self.step(format!("unlock {name}"))
+        self.step(format!("unlock {name}"))?;
+        self.locked.retain(|l| l != name);
+        Ok(())
+    }
+    fn lock_tables(&mut self) -> Result<Vec<String>, Error> {
+        self.step("list lock tables".into())?;
+        Ok(self.locked.clone())
     }
     fn configure_interface(&mut self, iface: &Interface) -> Result<(), Error> {
         self.step(format!("iface {}", iface.name))
@@ -310,18 +445,39 @@ impl System for Fake {
         self.step("seed rng".into())
     }
 
-    fn criu_restore(&mut self, c: &Checkpoint) -> Result<(), Error> {
-        self.restore_args.push(c.restore_args());
-        self.step(format!("criu restore {}", c.workload.name))
+    fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error> {
+        self.restore_args.push(run.args());
+        self.criu_deadlines.push(run.within);
+        let call = format!("criu restore {}", run.checkpoint.workload.name);
+        if let Some(at) = self.hang_at.iter().position(|c| *c == call) {
+            self.hang_at.remove(at);
+            self.calls.push(call);
+            return Err(Error::Child(child::Error::Overran {
+                command: "criu restore".into(),
+                within: run.within,
+            }));
+        }
+        self.step(call)
     }
     fn resume_restored(&mut self, w: &WorkloadEntry) -> Result<usize, Error> {
         self.step(format!("resume {}", w.name))?;
         Ok(0)
     }
 
-    fn write_report(&mut self, report: &UpgradeReport) -> Result<(), Error> {
+    fn write_report(&mut self, report: &UpgradeReport, how: Durability) -> Result<(), Error> {
+        let call = match (report.outcome, how) {
+            (Outcome::Restoring, Durability::Synced) => "write record",
+            (Outcome::Restoring, Durability::Cached) => "note progress",
+            (_, Durability::Synced) => "write report",
+            (_, Durability::Cached) => "write report unsynced",
+        };
         self.reports.push(report.clone());
-        self.step("write report".into())
+        self.step(call.into())?;
+        self.written = Some(report.clone());
+        Ok(())
+    }
+    fn read_report(&mut self) -> Option<UpgradeReport> {
+        self.written.clone()
     }
     fn emit(&mut self, e: &EventLine) {
         self.events.push(e.clone());

@@ -2,12 +2,12 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use contract::cmdline::Cmdline;
-use contract::criu::Checkpoint;
 use contract::devstate::{Family, Interface, Route};
 use contract::events::EventLine;
 use contract::report::{self, UpgradeReport};
@@ -17,10 +17,18 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::{Error, ImageInfo, SupportMount, System};
-use crate::{boot, log, timers};
+use super::{
+    CriuRun, Durability, Error, ImageHead, ImageInfo, Reboot, RestorerRun, SupportMount, System,
+    RESTORER_ARG,
+};
+use crate::{boot, child, log, timers};
 
 const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+/// `ip` and `nft` take milliseconds; one that takes this long is stuck.
+const COMMAND_DEADLINE: Duration = Duration::from_secs(30);
+/// How long past its budget the restore process may take before it is
+/// killed: it keeps to the budget by itself, this is for when it cannot.
+const RESTORER_GRACE: Duration = Duration::from_secs(5);
 const TCP_WINDOW_SCALING: &str = "/proc/sys/net/ipv4/tcp_window_scaling";
 /// How long the store's device may take to appear (nd_pmem probes late).
 const STORE_WAIT: Duration = Duration::from_secs(10);
@@ -69,8 +77,13 @@ impl System for RealSystem {
         boot::load_module(release, module)
     }
 
-    fn mount_root(&mut self, cmdline: &Cmdline, writable: bool) -> Result<(), Error> {
-        boot::mount_root(cmdline, writable)?;
+    fn mount_root(
+        &mut self,
+        cmdline: &Cmdline,
+        writable: bool,
+        wait: Duration,
+    ) -> Result<(), Error> {
+        boot::mount_root(cmdline, writable, wait)?;
         Ok(())
     }
 
@@ -82,8 +95,46 @@ impl System for RealSystem {
         Ok(boot::switch_root()?)
     }
 
-    fn exec_init(&mut self, cmdline: &Cmdline) -> String {
-        boot::exec_init(cmdline)
+    fn exec(&mut self, init: &str, args: &[String]) -> Result<(), String> {
+        Err(boot::exec(init, args))
+    }
+
+    fn run_restorer(&mut self, run: &RestorerRun) -> Result<(), Error> {
+        let events = serde_json::to_string(&run.events).map_err(Error::EncodeReport)?;
+        let modules_failed =
+            serde_json::to_string(&run.modules_failed).map_err(Error::EncodeReport)?;
+        // This binary, deleted from the initramfs but still there for exec.
+        let mut restorer = Command::new("/proc/self/exe");
+        restorer
+            .arg0("kupgrade-init")
+            .arg(RESTORER_ARG)
+            .arg(&run.store)
+            .arg(run.timeout.as_millis().to_string())
+            .arg(events)
+            .arg(modules_failed)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        let exited = child::run(
+            "kupgrade-init's restore process",
+            &mut restorer,
+            &[],
+            run.timeout + RESTORER_GRACE,
+        )?;
+        // What it said on its way out (a panic's message) goes to the log too.
+        for line in exited.stderr.lines() {
+            log::line(&format!("restore process: {line}"));
+        }
+        if exited.status.success() {
+            return Ok(());
+        }
+        Err(Error::RestorerDied {
+            status: exited.status,
+            stderr: exited.stderr,
+        })
+    }
+
+    fn reboot(&mut self, how: Reboot) -> Error {
+        boot::reboot(how)
     }
 
     fn open_image(&mut self, store: &Path) -> Result<ImageInfo, Error> {
@@ -106,6 +157,19 @@ impl System for RealSystem {
         self.store = Some(file);
         self.image = Some(image);
         Ok(info)
+    }
+
+    fn read_superblock(&mut self, store: &Path) -> Result<ImageHead, Error> {
+        let mut file = open_store(store).map_err(|source| Error::OpenStore {
+            path: store.into(),
+            source,
+        })?;
+        let sb = image_format::read_superblock(&mut file)?;
+        self.store = Some(file);
+        Ok(ImageHead {
+            state: sb.state,
+            generation: sb.generation,
+        })
     }
 
     fn set_image_state(&mut self, state: State) -> Result<(), Error> {
@@ -173,6 +237,23 @@ impl System for RealSystem {
             Err(Error::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
             r => r,
         }
+    }
+
+    fn lock_tables(&mut self) -> Result<Vec<String>, Error> {
+        let mut nft = Command::new("nft");
+        nft.args(["list", "tables"])
+            .env("PATH", PATH)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let listed = child::run("nft list tables", &mut nft, &[], COMMAND_DEADLINE)?;
+        if !listed.status.success() {
+            return Err(Error::Command {
+                command: "nft list tables".into(),
+                stderr: listed.stderr,
+            });
+        }
+        Ok(criu_lock_tables(&listed.stdout))
     }
 
     fn configure_interface(&mut self, iface: &Interface) -> Result<(), Error> {
@@ -259,26 +340,30 @@ impl System for RealSystem {
             })
     }
 
-    fn criu_restore(&mut self, c: &Checkpoint) -> Result<(), Error> {
+    fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error> {
+        let c = &run.checkpoint;
         if let Some(dir) = c.log.parent() {
             let _ = fs::create_dir_all(dir);
         }
-        let status = Command::new("criu")
-            .args(c.restore_args())
+        let mut criu = Command::new("criu");
+        criu.args(run.args())
             .env("PATH", PATH)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|source| Error::Spawn {
-                command: "criu".into(),
-                source,
-            })?;
-        if status.success() {
+            .stderr(Stdio::null());
+        let exited = match child::run("criu restore", &mut criu, &[], run.within) {
+            Ok(e) => e,
+            Err(e @ child::Error::Overran { .. }) => {
+                kill_cgroup(&c.workload.cgroup);
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if exited.status.success() {
             return Ok(());
         }
         Err(Error::CriuExited {
-            status,
+            status: exited.status,
             errors: report::criu_errors(&fs::read_to_string(c.log).unwrap_or_default()),
         })
     }
@@ -303,16 +388,35 @@ impl System for RealSystem {
         rearmed
     }
 
-    fn write_report(&mut self, r: &UpgradeReport) -> Result<(), Error> {
+    fn write_report(&mut self, r: &UpgradeReport, how: Durability) -> Result<(), Error> {
         let dir = Path::new(report::DIR);
         let _ = fs::create_dir_all(dir);
         let path = dir.join(report::FILE);
+        let new = dir.join(format!("{}.new", report::FILE));
         let json = serde_json::to_vec_pretty(r).map_err(Error::EncodeReport)?;
-        fs::write(&path, json).map_err(|source| Error::Io {
-            what: "write the report",
-            path,
-            source,
-        })
+        let io = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { what, path, source }
+        };
+        let mut file = File::create(&new).map_err(io("create", &new))?;
+        file.write_all(&json)
+            .map_err(io("write the report to", &new))?;
+        if how == Durability::Synced {
+            file.sync_all().map_err(io("flush the report to", &new))?;
+        }
+        // Whole or not at all: a reader never sees half of one.
+        fs::rename(&new, &path).map_err(io("rename the report to", &path))?;
+        if how == Durability::Synced {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io("flush the directory", dir))?;
+        }
+        Ok(())
+    }
+
+    fn read_report(&mut self) -> Option<UpgradeReport> {
+        let bytes = fs::read(Path::new(report::DIR).join(report::FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     fn emit(&mut self, e: &EventLine) {
@@ -384,30 +488,53 @@ fn ip(args: &[&str]) -> Result<(), Error> {
     run_stdin("ip", args, "")
 }
 
+/// `table inet CRIU-123` lines of `nft list tables` -> `CRIU-123`.
+fn criu_lock_tables(listed: &str) -> Vec<String> {
+    listed
+        .lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            ["table", "inet", name] if name.starts_with("CRIU-") => Some(name.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A CRIU killed half-way may have left tasks of the workload behind, in
+/// its cgroup (CRIU moves them there early): they must not run half-restored.
+fn kill_cgroup(cgroup: &str) {
+    // No cgroup yet, or an older kernel: nothing to kill, or no way to.
+    let _ = fs::write(Path::new(cgroup).join("cgroup.kill"), "1");
+}
+
 fn run_stdin(cmd: &str, args: &[&str], input: &str) -> Result<(), Error> {
-    let spawn_error = |source| Error::Spawn {
-        command: cmd.into(),
-        source,
-    };
-    let mut child = Command::new(cmd)
+    let command = format!("{cmd} {}", args.join(" "));
+    let mut child = Command::new(cmd);
+    child
         .args(args)
         .env("PATH", PATH)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_error)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A command that does not read its input says so in its status.
-        let _ = stdin.write_all(input.as_bytes());
-    }
-    let out = child.wait_with_output().map_err(spawn_error)?;
-    if out.status.success() {
+        .stderr(Stdio::piped());
+    let exited = child::run(&command, &mut child, input.as_bytes(), COMMAND_DEADLINE)?;
+    if exited.status.success() {
         Ok(())
     } else {
         Err(Error::Command {
-            command: format!("{cmd} {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            command,
+            stderr: exited.stderr,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criu_lock_tables_are_found_among_the_others() {
+        let listed =
+            "table inet filter\ntable inet CRIU-10002\ntable ip CRIU-1\ntable inet CRIU-7\n";
+        assert_eq!(criu_lock_tables(listed), ["CRIU-10002", "CRIU-7"]);
+        assert!(criu_lock_tables("").is_empty());
     }
 }

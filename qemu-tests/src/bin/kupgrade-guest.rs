@@ -3,6 +3,8 @@
 //! run by a worker (itself, started with `worker`) that launches the
 //! workloads, drives `kupgrade stage` and `kupgrade go`, and after each kexec
 //! checks and reports on the serial console, one `kupgrade-vm:` line a fact.
+//! On the Debian guest systemd is PID 1 and runs the worker alone, as the
+//! unit `qemu-tests/guest/debian/kupgrade-guest.service`.
 
 use std::fs;
 use std::path::Path;
@@ -10,9 +12,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use contract::events::{Event, EventLine};
 use contract::report::{Outcome, UpgradeReport};
 use image_format::Image;
 use kupgrade_vm::guest::{self, Line, Plan, Progress, Verb};
+use kupgrade_vm::scenario::Workload;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -194,21 +198,6 @@ fn configure_network() {
     }
 }
 
-/// True when a connection to `port` is established (from /proc/net/tcp).
-fn established_on(port: u16) -> bool {
-    let text = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    text.lines().skip(1).any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() > 3
-            && f[3] == "01"
-            && f[1]
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok())
-                == Some(port)
-    })
-}
-
 fn worker() -> Result<()> {
     let mut progress = load_progress();
     say(Line::new(Verb::Boot)
@@ -216,10 +205,26 @@ fn worker() -> Result<()> {
         .with("kernel", release()));
     let (plan, mut img) = read_plan()?;
     configure_network();
+    if plan.bare_kexec {
+        return bare_kexec(&plan, &mut progress);
+    }
     let first_boot = progress.upgrades_done == 0 && progress.pids.is_empty();
     if first_boot {
+        let plan_prelude = shell_prelude();
         img.extract_tree(guest::FILES_SECTION, Path::new("/"))
             .context("cannot unpack the scenario's files")?;
+        for (i, step) in plan.setup.iter().enumerate() {
+            let what = if step.name.is_empty() {
+                format!("setup step {}", i + 1)
+            } else {
+                format!("setup step {:?}", step.name)
+            };
+            let argv = step.argv(&plan_prelude);
+            let args: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let (ok, out) = sh(&args);
+            anyhow::ensure!(ok, "{what} failed: {out}");
+            info(&format!("{what} done"));
+        }
         for cmd in &plan.background {
             // Not preserved: an ordinary process of the old system.
             let child = Command::new(&cmd[0])
@@ -238,6 +243,7 @@ fn worker() -> Result<()> {
                     .with("name", &w.name)
                     .with("pid", pid));
                 progress.pids.push((w.name.clone(), pid));
+                wait_ready(w, &plan_prelude)?;
                 continue;
             }
             let mut args = vec!["kupgrade", "launch", w.name.as_str()];
@@ -260,12 +266,13 @@ fn worker() -> Result<()> {
                 .with("name", &w.name)
                 .with("pid", pid));
             progress.pids.push((w.name.clone(), pid));
+            wait_ready(w, &plan_prelude)?;
         }
         save_progress(&progress)?;
         say(Line::new(Verb::Ready));
         let start = Instant::now();
         for port in &plan.probe_ports {
-            while !established_on(*port) {
+            while !guest::tcp_port_in_state(Path::new("/proc/net"), *port, guest::TCP_ESTABLISHED) {
                 anyhow::ensure!(
                     start.elapsed() < Duration::from_secs(90),
                     "no probe connected to port {port}"
@@ -294,7 +301,12 @@ fn worker() -> Result<()> {
                 info(l);
             }
         }
-        let (ok, out) = sh(&["kupgrade", "stage", &format!("/boot/vmlinuz-{target}")]);
+        let kernel = format!("/boot/vmlinuz-{target}");
+        let mut stage = vec!["kupgrade", "stage", kernel.as_str()];
+        if !plan.stage_append.is_empty() {
+            stage.extend(["--append", plan.stage_append.as_str()]);
+        }
+        let (ok, out) = sh(&stage);
         for l in out.lines() {
             info(l);
         }
@@ -318,6 +330,126 @@ fn worker() -> Result<()> {
     Ok(())
 }
 
+/// The floor of the blackout: kexec into the next kernel of the chain with
+/// no workloads, as `kupgrade go` would at its end (staged by `kupgrade
+/// stage`, the same event, sync and read-only root, the same reboot call),
+/// so that the host times the reboot alone.
+fn bare_kexec(plan: &Plan, progress: &mut Progress) -> Result<()> {
+    let Some(target) = plan.chain.get(progress.upgrades_done).cloned() else {
+        say(Line::new(Verb::ChecksDone));
+        say(Line::new(Verb::Done));
+        return Ok(());
+    };
+    let (ok, out) = sh(&["kupgrade", "stage", &format!("/boot/vmlinuz-{target}")]);
+    anyhow::ensure!(ok, "kupgrade stage failed: {out}");
+    progress.upgrades_done += 1;
+    save_progress(progress)?;
+    info(&format!("bare kexec into {target}"));
+    println!("{}", EventLine::now(Event::Kexec).with("to", &target));
+    // The host must see the line before the old kernel goes.
+    let _ = nix::sys::termios::tcdrain(std::io::stdout());
+    nix::unistd::sync();
+    let _ = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
+    match kexec::reboot_into_loaded() {
+        Ok(never) => match never {},
+        Err(e) => anyhow::bail!("the bare kexec into {target} failed: {e}"),
+    }
+}
+
+/// Shell functions that make a scenario's `shell` lines run the programs
+/// PATH finds (a package's `ps`) rather than busybox's applets.
+fn shell_prelude() -> String {
+    let (_, list) = sh(&["busybox", "--list"]);
+    let applets: Vec<&str> = list.lines().map(str::trim).collect();
+    let dirs: Vec<&Path> = PATH.split(':').map(Path::new).collect();
+    guest::path_programs_prelude(&applets, &dirs, Path::new("/usr/bin/busybox"))
+}
+
+/// The cgroup a workload runs in.
+fn workload_cgroup(w: &Workload) -> String {
+    if w.declared {
+        service_cgroup(&w.name)
+    } else {
+        format!("/sys/fs/cgroup/kupgrade/{}", w.name)
+    }
+}
+
+/// Where a workload's output goes.
+fn workload_log(w: &Workload) -> String {
+    if w.declared {
+        format!("/var/log/{}.out", w.name)
+    } else {
+        format!("{}/workloads/{}.log", contract::report::DIR, w.name)
+    }
+}
+
+/// Waits until the workload's `ready` conditions all hold. Fails at the
+/// deadline, or at once when the workload has exited, with what did not
+/// hold and the end of its output.
+fn wait_ready(w: &Workload, prelude: &str) -> Result<()> {
+    let Some(r) = &w.ready else {
+        return Ok(());
+    };
+    let start = Instant::now();
+    let argv = r.argv(prelude);
+    loop {
+        let mut missing = Vec::new();
+        if let Some(port) = r.port {
+            if !guest::tcp_port_in_state(Path::new("/proc/net"), port, guest::TCP_LISTEN) {
+                missing.push(format!("nothing listens on TCP port {port}"));
+            }
+        }
+        if let Some(f) = &r.file {
+            if !f.exists() {
+                missing.push(format!("{} does not exist", f.display()));
+            }
+        }
+        // The cheap conditions first: the command may talk to the workload.
+        if let (Some(argv), true) = (&argv, missing.is_empty()) {
+            let args: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let (ok, out) = sh(&args);
+            if !ok {
+                missing.push(format!("{argv:?} failed: {out}"));
+            }
+        }
+        if missing.is_empty() {
+            info(&format!(
+                "workload {} ready after {:.1} s",
+                w.name,
+                start.elapsed().as_secs_f64()
+            ));
+            return Ok(());
+        }
+        let procs =
+            fs::read_to_string(format!("{}/cgroup.procs", workload_cgroup(w))).unwrap_or_default();
+        let gone = procs.trim().is_empty();
+        if gone || start.elapsed() >= Duration::from_secs(r.timeout_secs) {
+            let log = workload_log(w);
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow::bail!(
+                "workload {} {}: {}; the end of {log}: {}",
+                w.name,
+                if gone {
+                    "exited before it was ready".to_string()
+                } else {
+                    format!("not ready after {} s", r.timeout_secs)
+                },
+                missing.join("; "),
+                tail.join(" | ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Cgroup of a workload started the way a service manager would.
 fn service_cgroup(name: &str) -> String {
     format!("/sys/fs/cgroup/system.slice/{name}.service")
@@ -325,7 +457,7 @@ fn service_cgroup(name: &str) -> String {
 
 /// Starts a workload as a service manager would (its own cgroup, not
 /// kupgrade's) and declares that cgroup in /etc/kupgrade/config.toml.
-fn start_declared(w: &kupgrade_vm::scenario::Workload) -> Result<i32> {
+fn start_declared(w: &Workload) -> Result<i32> {
     let cg = service_cgroup(&w.name);
     fs::create_dir_all(&cg)?;
     // A long-running system hands out high pids; early boot of the next
@@ -361,6 +493,16 @@ fn report_last_upgrade() {
     let (_, text) = sh(&["kupgrade", "report"]);
     for l in text.lines() {
         info(l);
+    }
+    // The picture a user draws on a real machine, from the guest's clocks.
+    let svg = "/var/lib/kupgrade-vm/timeline.svg";
+    let (_, out) = sh(&["kupgrade", "report", "--svg", svg]);
+    match fs::read_to_string(svg) {
+        Ok(t) => info(&format!(
+            "kupgrade report --svg drew {} phases into {svg}",
+            t.matches("class=\"phase\"").count()
+        )),
+        Err(e) => info(&format!("kupgrade report --svg wrote nothing ({e}): {out}")),
     }
     let path = Path::new(contract::report::DIR).join(contract::report::FILE);
     let line = match fs::read(&path)
@@ -419,7 +561,8 @@ fn finish(plan: &Plan, progress: &Progress) {
     }
     for c in &plan.checks {
         std::thread::sleep(Duration::from_secs(c.after_secs));
-        let args: Vec<&str> = c.command.iter().map(String::as_str).collect();
+        let argv = c.argv(&shell_prelude());
+        let args: Vec<&str> = argv.iter().map(String::as_str).collect();
         let (ok, out) = sh(&args);
         say(Line::new(Verb::Check)
             .with("name", &c.name)

@@ -1,12 +1,15 @@
 //! `kupgrade-vm run SCENARIO.toml [--report FILE.json]`: boot, upgrade live,
 //! check, report. Exits 0 only if every check passed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use kupgrade_vm::report::Verdict;
-use kupgrade_vm::run::{self, Options};
+use kupgrade_vm::floor::Floors;
+use kupgrade_vm::report::{Report, Verdict};
+use kupgrade_vm::run::Options;
+use kupgrade_vm::{stop, suite};
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +63,24 @@ fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Writes the JSON report to `path` and its timeline picture next to it.
+fn write_report(rep: &Report, path: &Path) {
+    match serde_json::to_vec_pretty(rep) {
+        Ok(json) => {
+            if let Err(e) = std::fs::write(path, json) {
+                eprintln!("kupgrade-vm: cannot write {}: {e}", path.display());
+            }
+        }
+        Err(e) => eprintln!("kupgrade-vm: cannot encode the report: {e}"),
+    }
+    if !rep.upgrades.is_empty() {
+        let svg = path.with_extension("svg");
+        if let Err(e) = std::fs::write(&svg, rep.timeline_svg()) {
+            eprintln!("kupgrade-vm: cannot write {}: {e}", svg.display());
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cache = cli
@@ -90,6 +111,12 @@ fn main() -> ExitCode {
             keep,
             verbose,
         } => {
+            // A stopped harness stops its guests; 30 s is enough for the run
+            // in progress to write its report.
+            if let Err(e) = stop::install(Duration::from_secs(30)) {
+                eprintln!("kupgrade-vm: cannot handle signals: {e}");
+                return ExitCode::FAILURE;
+            }
             let mut opts = Options {
                 cache,
                 workspace: workspace(),
@@ -100,8 +127,12 @@ fn main() -> ExitCode {
                 verbose,
             };
             let mut failed = Vec::new();
-            for (i, s) in scenarios.iter().enumerate() {
-                let rep = match run::run(s, &opts) {
+            let mut floors = Floors::new();
+            for s in &scenarios {
+                if stop::stopped().is_some() {
+                    break;
+                }
+                let rep = match suite::run(s, &opts, &mut floors) {
                     Ok(r) => r,
                     Err(e) => {
                         eprintln!("kupgrade-vm: {}: {e:#}", s.display());
@@ -122,19 +153,19 @@ fn main() -> ExitCode {
                     } else {
                         path.clone()
                     };
-                    match serde_json::to_vec_pretty(&rep) {
-                        Ok(json) => {
-                            if let Err(e) = std::fs::write(&path, json) {
-                                eprintln!("kupgrade-vm: cannot write {}: {e}", path.display());
-                            }
-                        }
-                        Err(e) => eprintln!("kupgrade-vm: cannot encode the report: {e}"),
-                    }
+                    write_report(&rep, &path);
                 }
                 if rep.verdict != Verdict::Pass {
                     failed.push(rep.scenario.clone());
                 }
-                let _ = i;
+            }
+            if let (Some(sig), Some(code)) = (stop::stopped(), stop::exit_status()) {
+                eprintln!(
+                    "kupgrade-vm: stopped by {}; its guest was stopped, logs are under {}",
+                    stop::name(sig),
+                    opts.cache.join("runs").display()
+                );
+                return ExitCode::from(code);
             }
             if failed.is_empty() {
                 ExitCode::SUCCESS

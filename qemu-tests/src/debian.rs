@@ -1,0 +1,802 @@
+//! The Debian 12 guest flavour (`[guest] flavour = "debian"`): a server as
+//! Debian installs one. systemd is PID 1, udev and initramfs-tools run, the
+//! root is a logical volume that the distribution's initramfs assembles, and
+//! the kernels are installed with `apt-get` inside the guest, so that their
+//! maintainer scripts, `/etc/kernel/postinst.d` hooks and `update-initramfs`
+//! run as on a real machine. QEMU boots the kernel and initramfs found in the
+//! guest's own `/boot`.
+//!
+//! Built in three cached steps, each keyed by its inputs:
+//! 1. **base**: `mmdebstrap` makes the tree from Debian's archive and
+//!    `mkfs.ext4 -d` turns it into an image. It depends only on Debian (the
+//!    package list, the kernels, this layout), so it is kept in a cache shared
+//!    by every clone ([`shared_cache_dir`]).
+//! 2. **disk**: a short QEMU boot of the base's own kernel and initramfs, with
+//!    `init=` the guest script `assemble-root`, makes the volume group and
+//!    the root volume on a new disk, copies the base in and adds the
+//!    harness's layer (the agent, kupgrade, the workloads). No host kernel
+//!    feature is needed: the host has no device-mapper and takes no loop
+//!    mounts.
+//! 3. **boot files**: the kernels and initramfs images are read back from the
+//!    disk's root volume with `debugfs`.
+
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::assets::{self, Cache};
+use crate::progress;
+
+/// The root volume as the kernel command line names it (LVM doubles the
+/// dash of the volume group `kupgrade-vg`).
+pub const ROOT_DEVICE: &str = "/dev/mapper/kupgrade--vg-root";
+
+/// Kernel parameters of this flavour, besides the console and the store:
+/// a Debian server's root, mounted read-only until systemd remounts it from
+/// fstab; classic interface names, which the agent and the network file use.
+pub const KERNEL_ARGS: &str =
+    "root=/dev/mapper/kupgrade--vg-root ro net.ifnames=0 systemd.show_status=error";
+
+/// Where the root file system starts on the disk: the volume group's first
+/// extent (`pvcreate --dataalignment 1m`); `assemble-root` checks it.
+const ROOT_OFFSET: u64 = 1 << 20;
+
+/// Bump when what the build puts into the base changes, to rebuild it.
+const LAYOUT_VERSION: u32 = 1;
+
+const SUITE: &str = "bookworm";
+/// The archive the base comes from; 6.1 kernels newer than the point release
+/// are in the security suite.
+const SOURCES: &[&str] = &[
+    "deb http://deb.debian.org/debian bookworm main",
+    "deb http://deb.debian.org/debian bookworm-updates main",
+    "deb http://deb.debian.org/debian-security bookworm-security main",
+];
+
+/// Installed on top of Debian's essential packages (without Recommends).
+const BASE_PACKAGES: &[&str] = &[
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "initramfs-tools",
+    "lvm2",
+    "e2fsprogs",
+    "kmod",
+    "criu",
+    "nftables",
+    "iproute2",
+    "openssh-server",
+];
+
+/// dpkg keeps none of these: the guest stays small and quick to copy.
+const DPKG_OPTIONS: &[&str] = &[
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+    "path-exclude=/usr/share/lintian/*",
+];
+
+/// Units that get in the way or only cost boot time under emulation: the
+/// serial console's login prompt (agetty's vhangup() cuts the agent's output
+/// on the same line), gettys on virtual terminals the VM has no display for,
+/// the ext4 scrub, and periodic jobs that would fire at random in a run.
+const MASKED_UNITS: &[&str] = &[
+    "serial-getty@ttyS0.service",
+    "getty-static.service",
+    "getty@tty1.service",
+    "e2scrub_reap.service",
+    "e2scrub_all.timer",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "fstrim.timer",
+];
+
+/// Guest files of this flavour, from `qemu-tests/guest/debian/`.
+const ASSEMBLE_ROOT: &str = include_str!("../guest/debian/assemble-root");
+const FSTAB: &str = include_str!("../guest/debian/fstab");
+const NETWORK: &str = include_str!("../guest/debian/eth0.network");
+const AGENT_UNIT: &str = include_str!("../guest/debian/kupgrade-guest.service");
+const ASSEMBLE_ROOT_GUEST: &str = "/usr/lib/kupgrade-vm/assemble-root";
+
+/// Files of the base tree, written before the packages are configured (so
+/// that `update-initramfs` already sees the fstab): (guest path, mode, text).
+fn base_files() -> Vec<(&'static str, u32, String)> {
+    vec![
+        ("etc/fstab", 0o644, FSTAB.into()),
+        ("etc/systemd/network/10-eth0.network", 0o644, NETWORK.into()),
+        // No swap to resume from; initramfs-tools would look for one.
+        (
+            "etc/initramfs-tools/conf.d/resume",
+            0o644,
+            "RESUME=none\n".into(),
+        ),
+        (
+            ASSEMBLE_ROOT_GUEST.trim_start_matches('/'),
+            0o755,
+            ASSEMBLE_ROOT.into(),
+        ),
+    ]
+}
+
+const HOSTNAME: &str = "kupgrade-debian";
+
+/// Fixed file times of the tree and the layer (mmdebstrap, tar), so that the
+/// same inputs give the same files: 2025-05-20, the archive snapshot the
+/// build machines' sources name.
+const SOURCE_DATE_EPOCH: u64 = 1_747_699_200;
+
+/// Everything that decides the guest's content.
+pub struct Inputs<'a> {
+    /// Every kernel release the scenario boots; the first boots the helper.
+    pub releases: &'a [String],
+    pub bin_dir: &'a Path,
+    /// The scenario's extra packages, installed with the base.
+    pub packages: &'a [String],
+    /// QEMU and its accelerator, for the helper boot.
+    pub qemu: &'a str,
+    pub accel: &'a str,
+}
+
+/// A built guest: the disk to copy for a run and what QEMU boots.
+pub struct Guest {
+    pub disk: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+/// The cache shared by all clones, for what depends on Debian alone:
+/// `$KUPGRADE_VM_DEBIAN_CACHE`, else `$XDG_CACHE_HOME/kupgrade-vm/debian`,
+/// else `~/.cache/kupgrade-vm/debian`, else `debian/` in the run cache.
+pub fn shared_cache_dir(cache: &Cache) -> PathBuf {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(d) = env("KUPGRADE_VM_DEBIAN_CACHE") {
+        return d.into();
+    }
+    let base = env("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    match base {
+        Some(b) => b.join("kupgrade-vm/debian"),
+        None => cache.root.join("debian"),
+    }
+}
+
+/// The root file system inside a disk, as debugfs opens it (e2fsprogs reads
+/// `?offset=` in a device name).
+pub fn root_fs(disk: &Path) -> PathBuf {
+    PathBuf::from(format!("{}?offset={ROOT_OFFSET}", disk.display()))
+}
+
+/// Builds (or reuses) the guest for `inputs`; `boot` is the release QEMU
+/// starts with.
+pub fn ensure(cache: &Cache, inputs: &Inputs, boot: &str) -> Result<Guest> {
+    let shared = shared_cache_dir(cache);
+    let base = ensure_base(&shared, inputs)?;
+    let own = cache.root.join("debian");
+    let (disk, key) = ensure_disk(&own, &base, inputs)?;
+    let flavour = flavour_name(inputs.packages);
+    let boot_dir = own.join(format!("boot-{flavour}-{key}"));
+    ensure_boot_files(&disk, &boot_dir, inputs.releases)?;
+    remove_older(&own, &format!("boot-{flavour}-"), &key);
+    Ok(Guest {
+        disk,
+        kernel: boot_dir.join(format!("vmlinuz-{boot}")),
+        initrd: boot_dir.join(format!("initrd.img-{boot}")),
+    })
+}
+
+/// Waits for and holds the lock of a cache directory while it is built.
+fn lock(dir: &Path) -> Result<Flock<File>> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("build.lock");
+    let file = File::create(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .with_context(|| format!("cannot lock {}", path.display()))
+}
+
+fn hex_key(h: blake3::Hasher) -> String {
+    h.finalize().to_hex()[..16].to_string()
+}
+
+/// Names images with the scenario's extra packages apart, as the appliance
+/// does: scenarios alternate between them.
+fn flavour_name(packages: &[String]) -> String {
+    if packages.is_empty() {
+        "base".into()
+    } else {
+        packages.join("+")
+    }
+}
+
+/// Removes what earlier builds left under `prefix` (images, logs, boot
+/// files) except the build keyed `key`: they only take space.
+fn remove_older(dir: &Path, prefix: &str, key: &str) {
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(prefix) && !name.contains(key) {
+            let p = e.path();
+            let _ = fs::remove_file(&p).or_else(|_| fs::remove_dir_all(&p));
+        }
+    }
+}
+
+struct Base {
+    image: PathBuf,
+    key: String,
+}
+
+fn kernel_packages(releases: &[String]) -> Vec<String> {
+    releases
+        .iter()
+        .map(|r| format!("linux-image-{r}-unsigned"))
+        .collect()
+}
+
+fn base_key(inputs: &Inputs) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&LAYOUT_VERSION.to_le_bytes());
+    h.update(&SOURCE_DATE_EPOCH.to_le_bytes());
+    for list in [&[SUITE], SOURCES, BASE_PACKAGES, DPKG_OPTIONS, MASKED_UNITS] {
+        for s in list {
+            h.update(s.as_bytes());
+            h.update(b"\0");
+        }
+    }
+    for s in inputs
+        .packages
+        .iter()
+        .chain(&kernel_packages(inputs.releases))
+    {
+        h.update(s.as_bytes());
+        h.update(b"\0");
+    }
+    for (path, mode, text) in base_files() {
+        h.update(path.as_bytes());
+        h.update(&mode.to_le_bytes());
+        h.update(text.as_bytes());
+    }
+    hex_key(h)
+}
+
+/// `'text'` for sh, for paths in mmdebstrap's hooks.
+fn quoted(p: &Path) -> String {
+    format!("'{}'", p.display().to_string().replace('\'', r"'\''"))
+}
+
+fn ensure_base(shared: &Path, inputs: &Inputs) -> Result<Base> {
+    let key = base_key(inputs);
+    let flavour = flavour_name(inputs.packages);
+    let image = shared.join(format!("base-{flavour}-{key}.img"));
+    if image.exists() {
+        return Ok(Base { image, key });
+    }
+    let _lock = lock(shared)?;
+    if image.exists() {
+        // Another run built it while this one waited.
+        return Ok(Base { image, key });
+    }
+    let started = Instant::now();
+    progress::step(&format!(
+        "building the Debian {SUITE} base ({key}) with mmdebstrap in {}",
+        shared.display()
+    ));
+    let work = shared.join(format!("work-{key}"));
+    let _ = fs::remove_dir_all(&work);
+    let overlay = work.join("overlay");
+    for (path, mode, text) in base_files() {
+        write_file(&overlay.join(path), mode, &text)?;
+    }
+    let lists = work.join("initramfs-lists");
+    fs::create_dir_all(&lists)?;
+    let archives = shared.join("archives");
+    fs::create_dir_all(&archives)?;
+    let tree = work.join("tree");
+    let log = shared.join(format!("mmdebstrap-{key}.log"));
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH.to_string())
+        .arg("--variant=apt")
+        .arg(format!(
+            "--include={}",
+            BASE_PACKAGES
+                .iter()
+                .map(|s| s.to_string())
+                .chain(inputs.packages.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    for o in DPKG_OPTIONS {
+        cmd.arg(format!("--dpkgopt={o}"));
+    }
+    // Keep the downloaded packages between builds (mmdebstrap's own recipe).
+    cmd.args(["--skip=download/empty", "--skip=essential/unlink"])
+        .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives")
+        .arg(format!(
+            "--setup-hook=sync-in {} /var/cache/apt/archives/",
+            quoted(&archives)
+        ))
+        .arg(format!("--essential-hook=sync-in {} /", quoted(&overlay)));
+    // The kernels last, on a configured system, as `apt install` on a server:
+    // their postinst runs update-initramfs with lvm2 and udev in place.
+    cmd.arg(format!(
+        "--customize-hook=chroot \"$1\" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}",
+        kernel_packages(inputs.releases).join(" ")
+    ));
+    for r in inputs.releases {
+        cmd.arg(format!(
+            "--customize-hook=chroot \"$1\" lsinitramfs /boot/initrd.img-{r} > {}",
+            quoted(&lists.join(r))
+        ));
+    }
+    cmd.arg("--customize-hook=chroot \"$1\" systemctl enable systemd-networkd.service")
+        .arg(format!(
+            "--customize-hook=chroot \"$1\" systemctl mask {}",
+            MASKED_UNITS.join(" ")
+        ))
+        // A machine has its identity from the start: an empty machine-id
+        // would make every run a first boot, with presets applied anew.
+        .arg(format!(
+            "--customize-hook=echo {} > \"$1\"/etc/machine-id",
+            machine_id(&key)
+        ))
+        .arg(format!(
+            "--customize-hook=echo {HOSTNAME} > \"$1\"/etc/hostname"
+        ))
+        .arg(format!(
+            "--customize-hook=printf '127.0.0.1 localhost\\n10.0.2.15 {HOSTNAME}\\n' > \"$1\"/etc/hosts"
+        ))
+        .arg(format!(
+            "--customize-hook=sync-out /var/cache/apt/archives {}",
+            quoted(&archives)
+        ))
+        .arg(SUITE)
+        .arg(&tree)
+        .args(SOURCES);
+    run_logged(&mut cmd, &log).context("mmdebstrap failed to build the Debian guest")?;
+    for r in inputs.releases {
+        check_initramfs(r, &lists.join(r))?;
+    }
+    let manifest = shared.join(format!("base-{flavour}-{key}.packages"));
+    let versions = assets::run(
+        Command::new("dpkg-query")
+            .arg(format!(
+                "--admindir={}",
+                tree.join("var/lib/dpkg").display()
+            ))
+            .args(["-W", "-f", "${Package} ${Version}\\n"]),
+    )?;
+    fs::write(&manifest, versions)?;
+    let used = assets::dir_size(&tree);
+    // Room for logs, a package or two and their initramfs images.
+    let size_mib = (used / (1 << 20) * 5 / 4 + 512).div_ceil(4) * 4;
+    let uuid = uuid_of(&key);
+    let tmp = image.with_extension("partial");
+    assets::run(
+        Command::new("mkfs.ext4")
+            .env("E2FSPROGS_FAKE_TIME", SOURCE_DATE_EPOCH.to_string())
+            .args(["-q", "-F", "-L", "kupgrade-debian", "-U", &uuid])
+            .arg("-E")
+            .arg(format!("hash_seed={uuid}"))
+            .arg("-d")
+            .arg(&tree)
+            .arg(&tmp)
+            .arg(format!("{size_mib}M")),
+    )?;
+    fs::rename(&tmp, &image)?;
+    let _ = fs::remove_dir_all(&work);
+    remove_older(shared, &format!("base-{flavour}-"), &key);
+    remove_older(shared, "mmdebstrap-", &key);
+    progress::step(&format!(
+        "Debian base built in {:.0} s ({} MiB in use, image {size_mib} MiB; packages in {})",
+        started.elapsed().as_secs_f64(),
+        used >> 20,
+        manifest.display()
+    ));
+    Ok(Base { image, key })
+}
+
+/// The initramfs that initramfs-tools made in the guest can assemble the
+/// root: LVM, device-mapper and the disk driver are in it, with LVM's
+/// configuration installed (not a `.dpkg-new` left from an unfinished
+/// install).
+fn check_initramfs(release: &str, list: &Path) -> Result<()> {
+    let text = fs::read_to_string(list).with_context(|| {
+        format!("the guest made no /boot/initrd.img-{release}: did update-initramfs run?")
+    })?;
+    let has = |suffix: &str| text.lines().any(|l| l.ends_with(suffix));
+    for want in [
+        "usr/sbin/lvm",
+        "etc/lvm/lvm.conf",
+        "/dm-mod.ko",
+        "/virtio_blk.ko",
+        "udev/rules.d/69-lvm.rules",
+    ] {
+        ensure!(
+            has(want),
+            "/boot/initrd.img-{release} lacks {want}: it cannot assemble the LVM root (list in {})",
+            list.display()
+        );
+    }
+    Ok(())
+}
+
+fn machine_id(key: &str) -> String {
+    blake3::hash(format!("machine-id {key}").as_bytes()).to_hex()[..32].to_string()
+}
+
+fn uuid_of(key: &str) -> String {
+    let h = blake3::hash(format!("root uuid {key}").as_bytes()).to_hex();
+    let h = h.as_str();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+fn write_file(path: &Path, mode: u32, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// Runs a long command with its output in `log`; on failure, its tail.
+fn run_logged(cmd: &mut Command, log: &Path) -> Result<()> {
+    let file = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let status = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .status()
+        .with_context(|| {
+            format!("cannot run {cmd:?}: is it installed? (scripts/setup installs it)")
+        })?;
+    if !status.success() {
+        bail!("{status}; the end of {}:\n{}", log.display(), tail(log, 20));
+    }
+    Ok(())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The harness's files, as the appliance gets them: the agent (PID 1 there,
+/// a systemd unit here), the test workloads and their checkers.
+fn install_agent(layer: &Path, bin_dir: &Path) -> Result<()> {
+    let dir = layer.join(assets::GUEST_BIN_DIR.trim_start_matches('/'));
+    fs::create_dir_all(&dir)?;
+    for b in assets::workload_binaries(bin_dir)?
+        .iter()
+        .map(String::as_str)
+        .chain(["kupgrade-guest"])
+    {
+        copy(&bin_dir.join(b), &dir.join(b))?;
+    }
+    write_file(
+        &layer.join("etc/systemd/system/kupgrade-guest.service"),
+        0o644,
+        AGENT_UNIT,
+    )
+}
+
+/// kupgrade itself, copied as the appliance does. The one step that the
+/// package (`scripts/package`, `target/debian/*.deb`) will replace: put the
+/// `.deb` into the layer and add its `dpkg -i` to `_setup`, the commands run
+/// in the new root.
+fn install_kupgrade(layer: &Path, bin_dir: &Path, _setup: &mut String) -> Result<()> {
+    copy(&bin_dir.join("kupgrade"), &layer.join("usr/sbin/kupgrade"))?;
+    copy(
+        &bin_dir.join("kupgrade-init"),
+        &layer.join(assets::GUEST_INIT_BINARY.trim_start_matches('/')),
+    )?;
+    write_file(
+        &layer.join("etc/kupgrade/config.toml"),
+        0o644,
+        &assets::guest_config(),
+    )
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    if let Some(parent) = to.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    fs::copy(from, to)
+        .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+/// The layer as a tar (the helper boot reads it from a disk), with fixed
+/// owners, order and times so that its bytes key the disk.
+fn build_layer(dir: &Path, bin_dir: &Path) -> Result<PathBuf> {
+    let layer = dir.join("layer");
+    let _ = fs::remove_dir_all(&layer);
+    fs::create_dir_all(&layer)?;
+    install_agent(&layer, bin_dir)?;
+    // Commands run in the new root (chroot) after the layer is unpacked.
+    let mut setup = String::from("systemctl enable kupgrade-guest.service\n");
+    install_kupgrade(&layer, bin_dir, &mut setup)?;
+    write_file(&layer.join(".kupgrade-vm-setup"), 0o644, &setup)?;
+    let tar = dir.join("layer.tar");
+    assets::run(
+        Command::new("tar")
+            .args(["--sort=name", "--owner=0", "--group=0", "--numeric-owner"])
+            .arg(format!("--mtime=@{SOURCE_DATE_EPOCH}"))
+            .arg("-c")
+            .arg("-f")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&layer)
+            .arg("."),
+    )?;
+    fs::remove_dir_all(&layer)?;
+    Ok(tar)
+}
+
+fn ensure_disk(dir: &Path, base: &Base, inputs: &Inputs) -> Result<(PathBuf, String)> {
+    let _lock = lock(dir)?;
+    let tar = build_layer(dir, inputs.bin_dir)?;
+    let mut h = blake3::Hasher::new();
+    h.update(base.key.as_bytes());
+    h.update(ASSEMBLE_ROOT.as_bytes());
+    h.update(&fs::read(&tar)?);
+    let key = hex_key(h);
+    let flavour = flavour_name(inputs.packages);
+    let disk = dir.join(format!("disk-{flavour}-{key}.img"));
+    if disk.exists() {
+        return Ok((disk, key));
+    }
+    let started = Instant::now();
+    progress::step(&format!(
+        "assembling the Debian disk ({key}): LVM root made in a helper boot of the guest's kernel"
+    ));
+    let helper = dir.join("helper");
+    let _ = fs::remove_dir_all(&helper);
+    fs::create_dir_all(&helper)?;
+    let release = inputs
+        .releases
+        .first()
+        .context("the Debian guest needs a kernel release")?;
+    let kernel = helper.join("vmlinuz");
+    let initrd = helper.join("initrd.img");
+    debugfs_dump(&base.image, &format!("/boot/vmlinuz-{release}"), &kernel)?;
+    debugfs_dump(&base.image, &format!("/boot/initrd.img-{release}"), &initrd)?;
+    let tmp = disk.with_extension("partial");
+    let base_len = fs::metadata(&base.image)?.len();
+    // One extent of slack behind the label and metadata area.
+    let file = File::create(&tmp)?;
+    file.set_len(base_len + ROOT_OFFSET + (8 << 20))?;
+    drop(file);
+    let log = dir.join(format!("assemble-{flavour}-{key}.log"));
+    let mut cmd = Command::new(inputs.qemu);
+    cmd.args(["-accel", inputs.accel, "-m", "1024", "-smp", "1"])
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        .args(["-serial", "stdio"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0,115200 root=/dev/vdb ro fsck.mode=skip init={ASSEMBLE_ROOT_GUEST} panic=-1 loglevel=4"
+        ))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=virtio", tmp.display()))
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,readonly=on",
+            base.image.display()
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,readonly=on",
+            tar.display()
+        ));
+    run_with_deadline(&mut cmd, &log, Duration::from_secs(900))?;
+    let serial = fs::read_to_string(&log)?;
+    check_assembled(&serial).with_context(|| format!("serial log {}", log.display()))?;
+    fs::rename(&tmp, &disk)?;
+    let _ = fs::remove_dir_all(&helper);
+    remove_older(dir, &format!("disk-{flavour}-"), &key);
+    remove_older(dir, &format!("assemble-{flavour}-"), &key);
+    progress::step(&format!(
+        "Debian disk assembled in {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok((disk, key))
+}
+
+/// The helper boot's verdict: done, with the root volume in one piece at
+/// [`ROOT_OFFSET`].
+fn check_assembled(serial: &str) -> Result<()> {
+    const PREFIX: &str = "kupgrade-vm-assemble: ";
+    let last = serial
+        .lines()
+        .filter_map(|l| l.split_once(PREFIX).map(|(_, rest)| rest.trim()))
+        .next_back()
+        .context("the helper boot printed nothing: did the guest's kernel start?")?;
+    let Some(done) = last.strip_prefix("done ") else {
+        bail!("the helper boot failed: {last}");
+    };
+    let field = |k: &str| {
+        done.split_whitespace()
+            .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
+    };
+    ensure!(
+        field("pe_start") == Some(&ROOT_OFFSET.to_string()),
+        "the volume group's data starts at {:?}, not at {ROOT_OFFSET}",
+        field("pe_start")
+    );
+    let seg = field("segments").unwrap_or("");
+    ensure!(
+        seg.starts_with("/dev/vda:0-") && !seg.contains(','),
+        "the root volume is not one segment from the first extent: {seg:?}"
+    );
+    Ok(())
+}
+
+fn run_with_deadline(cmd: &mut Command, log: &Path, within: Duration) -> Result<()> {
+    let file = File::create(log)?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .spawn()
+        .context("cannot start qemu-system-x86_64: install qemu-system-x86 (scripts/setup does)")?;
+    let end = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            ensure!(
+                status.success(),
+                "the helper boot's QEMU exited with {status}; the end of {}:\n{}",
+                log.display(),
+                tail(log, 20)
+            );
+            return Ok(());
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the helper boot did not end within {} s; the end of {}:\n{}",
+                within.as_secs(),
+                log.display(),
+                tail(log, 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Copies one file out of an ext4 image with debugfs (no mount).
+fn debugfs_dump(fs_image: &Path, guest: &str, dest: &Path) -> Result<()> {
+    let _ = fs::remove_file(dest);
+    assets::run(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("dump {guest} {}", dest.display()))
+            .arg(fs_image),
+    )?;
+    let len = fs::metadata(dest).map(|m| m.len()).unwrap_or(0);
+    ensure!(len > 0, "{} holds no {guest}", fs_image.display());
+    Ok(())
+}
+
+/// The kernels and initramfs images of the guest's `/boot`, as the guest's
+/// own packages and hooks left them.
+fn ensure_boot_files(disk: &Path, dir: &Path, releases: &[String]) -> Result<()> {
+    let done = dir.join(".complete");
+    if done.exists() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir)?;
+    let root = root_fs(disk);
+    let mut names = String::new();
+    for r in releases {
+        for f in [format!("vmlinuz-{r}"), format!("initrd.img-{r}")] {
+            debugfs_dump(&root, &format!("/boot/{f}"), &dir.join(&f))?;
+            let _ = writeln!(names, "{f}");
+        }
+    }
+    fs::write(done, names)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_device_names_the_volume_group_with_its_dash_doubled() {
+        assert!(KERNEL_ARGS.contains(&format!("root={ROOT_DEVICE} ")));
+        assert!(FSTAB.contains(&format!("{ROOT_DEVICE} ")));
+        assert!(ASSEMBLE_ROOT.contains("VG=kupgrade-vg\n") && ASSEMBLE_ROOT.contains("LV=root\n"));
+    }
+
+    fn inputs<'a>(releases: &'a [String], packages: &'a [String]) -> Inputs<'a> {
+        Inputs {
+            releases,
+            bin_dir: Path::new("/nonexistent"),
+            packages,
+            qemu: "qemu",
+            accel: "tcg",
+        }
+    }
+
+    #[test]
+    fn the_base_key_changes_with_kernels_and_packages_only() {
+        let r1 = vec!["6.1.0-47-cloud-amd64".to_string()];
+        let r2 = vec![
+            "6.1.0-47-cloud-amd64".to_string(),
+            "6.1.0-57-cloud-amd64".to_string(),
+        ];
+        let none: Vec<String> = vec![];
+        let redis = vec!["redis-server".to_string()];
+        let k = base_key(&inputs(&r1, &none));
+        assert_eq!(k, base_key(&inputs(&r1, &none)));
+        assert_ne!(k, base_key(&inputs(&r2, &none)));
+        assert_ne!(k, base_key(&inputs(&r1, &redis)));
+        // The harness's binaries are not Debian's: they key the disk, not the base.
+        let mut other = inputs(&r1, &none);
+        other.bin_dir = Path::new("/elsewhere");
+        assert_eq!(k, base_key(&other));
+    }
+
+    #[test]
+    fn the_helper_boot_is_judged_by_its_last_line() {
+        let ok = "noise\nkupgrade-vm-assemble: start uptime=3\n[ 9.1] kupgrade-vm-assemble: done pe_start=1048576 segments=/dev/vda:0-255 uptime=60\n";
+        check_assembled(ok).unwrap();
+        let failed = "kupgrade-vm-assemble: start\nkupgrade-vm-assemble: failed status=5 (see the lines above)\n";
+        let e = check_assembled(failed).unwrap_err().to_string();
+        assert!(e.contains("status=5"), "{e}");
+        let moved = "kupgrade-vm-assemble: done pe_start=4194304 segments=/dev/vda:0-255\n";
+        let e = check_assembled(moved).unwrap_err().to_string();
+        assert!(e.contains("4194304"), "{e}");
+        let split =
+            "kupgrade-vm-assemble: done pe_start=1048576 segments=/dev/vda:0-9,/dev/vda:20-30\n";
+        assert!(check_assembled(split).is_err());
+        assert!(check_assembled("the kernel never started\n").is_err());
+    }
+
+    #[test]
+    fn initramfs_lists_without_lvm_or_with_unconfigured_lvm_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = "usr/sbin/lvm\netc/lvm/lvm.conf\nusr/lib/modules/r/kernel/drivers/md/dm-mod.ko\nusr/lib/modules/r/kernel/drivers/block/virtio_blk.ko\nusr/lib/udev/rules.d/69-lvm.rules\n";
+        let list = dir.path().join("r");
+        fs::write(&list, good).unwrap();
+        check_initramfs("r", &list).unwrap();
+        fs::write(&list, good.replace("lvm.conf", "lvm.conf.dpkg-new")).unwrap();
+        let e = check_initramfs("r", &list).unwrap_err().to_string();
+        assert!(e.contains("etc/lvm/lvm.conf"), "{e}");
+        let e = check_initramfs("r", &dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("update-initramfs"), "{e}");
+    }
+
+    #[test]
+    fn debugfs_reads_the_root_at_the_first_extent() {
+        assert_eq!(
+            root_fs(Path::new("/c/disk.img")),
+            PathBuf::from("/c/disk.img?offset=1048576")
+        );
+    }
+}
