@@ -626,6 +626,21 @@ mod tests {
         );
     }
 
+    /// A real image from initramfs-tools or dracut (scripts/package-test
+    /// runs this with the one a kernel's postinst made in a Debian tree).
+    #[test]
+    #[ignore = "needs KUPGRADE_TEST_INITRD, a distribution's initramfs with the hook"]
+    fn a_distribution_image_has_the_marker() {
+        let path = std::env::var("KUPGRADE_TEST_INITRD").expect("KUPGRADE_TEST_INITRD");
+        let generator = std::env::var("KUPGRADE_TEST_GENERATOR").expect("KUPGRADE_TEST_GENERATOR");
+        let marker = RealMachine
+            .marker(Path::new(&path))
+            .unwrap()
+            .expect("no marker in the image");
+        assert_eq!(marker.generator, generator);
+        assert!(marker.modules.iter().any(|m| m == "nd_pmem"), "{marker:?}");
+    }
+
     #[test]
     fn the_generators_build_into_the_given_file() {
         let c = Generator::InitramfsTools.command(REL, Path::new("/run/x.img"));

@@ -17,7 +17,8 @@ if getarg kupgrade.resume > /dev/null; then
     done < /usr/lib/kupgrade/initramfs-hook
     unset _kupgrade_line _kupgrade_m
     if [ -x "$NEWROOT/usr/lib/kupgrade/kupgrade-init" ]; then
-        info "kupgrade: handing over to /usr/lib/kupgrade/kupgrade-init for the restore"
+        # Notice level: on the console unless quiet, in the kernel log always.
+        echo "<5>kupgrade: handing over to /usr/lib/kupgrade/kupgrade-init for the restore" > /dev/kmsg
         if [ -n "$DRACUT_SYSTEMD" ]; then
             # Read by kupgrade-switch-root (initrd-switch-root.service).
             echo /usr/lib/kupgrade/kupgrade-init > /etc/kupgrade-switch-root

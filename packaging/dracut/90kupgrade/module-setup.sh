@@ -13,10 +13,12 @@ kupgrade_init=/usr/lib/kupgrade/kupgrade-init
 # The restore's modules and the drivers of this machine's interfaces.
 kupgrade_modules() {
     local driver
-    "$kupgrade_init" --restore-modules | tr '\n' ' '
+    "$kupgrade_init" --restore-modules || return 1
     for driver in /sys/class/net/*/device/driver/module; do
-        [[ -e $driver ]] && printf '%s ' "$(basename "$(readlink -f "$driver")")"
+        [[ -e $driver ]] || continue
+        basename "$(readlink -f "$driver")"
     done
+    return 0
 }
 
 check() {
