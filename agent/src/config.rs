@@ -25,6 +25,9 @@ pub struct Config {
     pub init_binary: PathBuf,
     pub criu: String,
     pub freeze_timeout_ms: u64,
+    /// Whether the kernel packages' hook (`/etc/kernel/postinst.d/zz-kupgrade`)
+    /// stages a newly installed kernel (`kupgrade stage --if-configured`).
+    pub stage_new_kernels: bool,
     /// How long one workload's `criu dump` may take before it is killed and
     /// the upgrade aborted: the workloads are frozen meanwhile.
     pub dump_timeout_s: u64,
@@ -80,6 +83,7 @@ impl Default for Config {
             init_binary: PathBuf::from("/usr/lib/kupgrade/kupgrade-init"),
             criu: "criu".into(),
             freeze_timeout_ms: 5000,
+            stage_new_kernels: false,
             dump_timeout_s: 300,
             workloads: Vec::new(),
         }
@@ -305,6 +309,29 @@ mod tests {
         }
         let ok = "[[workload]]\nname = \"w\"\nruntime_paths = [\"/run/w/sub dir\"]\n";
         assert!(Config::parse(ok).is_ok());
+    }
+
+    /// The commented file the package installs says what the defaults are.
+    #[test]
+    fn the_packaged_config_is_the_defaults() {
+        let text = include_str!("../../packaging/config.toml");
+        assert_eq!(Config::parse(text).unwrap(), Config::default());
+        let d = Config::default();
+        for (key, value) in [
+            ("store", format!("{:?}", d.store)),
+            ("store_file_mib", d.store_file_mib.to_string()),
+            (
+                "init_binary",
+                format!("{:?}", d.init_binary.display().to_string()),
+            ),
+            ("criu", format!("{:?}", d.criu)),
+            ("freeze_timeout_ms", d.freeze_timeout_ms.to_string()),
+            ("dump_timeout_s", d.dump_timeout_s.to_string()),
+            ("stage_new_kernels", d.stage_new_kernels.to_string()),
+        ] {
+            let line = format!("# {key} = {value}\n");
+            assert!(text.contains(&line), "no {line:?} in packaging/config.toml");
+        }
     }
 
     /// The config with `line` added, refused: the message says what is

@@ -1,5 +1,7 @@
 //! `kupgrade`: live kernel upgrades that keep the workloads running.
 
+mod docs;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -7,16 +9,18 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use contract::report::{Outcome as RestoreOutcome, UpgradeReport};
 use kupgrade_agent::config::{Config, CONFIG_FILE, LIB_DIR, WORK_DIR};
+use kupgrade_agent::exit::Exit;
 use kupgrade_agent::faults::{self, FaultPoint, Faulty};
 use kupgrade_agent::leftovers::{self, RunLock};
 use kupgrade_agent::pipeline::{self, Outcome, System};
 use kupgrade_agent::preflight::{self, RealFacts};
 use kupgrade_agent::realsys::RealSystem;
 use kupgrade_agent::report;
-use kupgrade_agent::stage::{self, Staged};
-use kupgrade_agent::store::{self, Store};
+use kupgrade_agent::stage::{self, InitramfsKind};
+use kupgrade_agent::status::Status;
+use kupgrade_agent::store::Store;
 use kupgrade_agent::workload::{self, Workload};
-use kupgrade_agent::{launch, proc};
+use kupgrade_agent::{json, launch};
 
 /// `println!` that cannot panic: it does when stdout is gone (`kupgrade go
 /// | tee log` then Ctrl-C, a dropped ssh session), and what kupgrade says
@@ -54,16 +58,33 @@ enum Cmd {
     /// Can this machine upgrade live? What would be preserved?
     Check {
         /// One JSON object: {"version", "ready", "findings": [{"level",
-        /// "kind", "workload", "what", "fix"}]}.
+        /// "kind", "workload", "what", "fix"}]} (see JSON OUTPUT in kupgrade(8)).
         #[arg(long)]
         json: bool,
     },
-    /// Validate a kernel, build its initramfs and load it with kexec.
+    /// Validate a kernel, pick its initramfs and load it with kexec.
+    ///
+    /// The initramfs is the distribution's for that release when it carries
+    /// kupgrade's hook (/boot/initrd.img-RELEASE, else
+    /// /boot/initramfs-RELEASE.img); when it does not, one is built with
+    /// mkinitramfs or dracut into /run/kupgrade (/boot is left alone). A
+    /// machine with neither a distribution initramfs for the release nor a
+    /// generator gets kupgrade's own.
     Stage {
         kernel: PathBuf,
-        /// Use this initramfs instead of building one (its /init must be kupgrade-init).
-        #[arg(long)]
+        /// Use this initramfs (its /init must be kupgrade-init, or it must
+        /// carry kupgrade's hook).
+        #[arg(long, conflicts_with = "own_initramfs")]
         initrd: Option<PathBuf>,
+        /// Build kupgrade's own minimal initramfs (kupgrade-init mounts
+        /// root= itself: a plain block device, no LVM, LUKS or RAID).
+        #[arg(long)]
+        own_initramfs: bool,
+        /// Do nothing unless the config has stage_new_kernels = true (the
+        /// kernel packages' hook, /etc/kernel/postinst.d/zz-kupgrade, runs
+        /// this).
+        #[arg(long)]
+        if_configured: bool,
         /// Append to the running command line.
         #[arg(long)]
         append: Option<String>,
@@ -74,7 +95,11 @@ enum Cmd {
     /// Forget the staged kernel.
     Unstage,
     /// Staged kernel, workloads, store and estimates.
-    Status,
+    Status {
+        /// One JSON object (see JSON OUTPUT in kupgrade(8)).
+        #[arg(long)]
+        json: bool,
+    },
     /// Freeze, checkpoint, write the image and kexec into the staged kernel.
     Go {
         /// Do everything but the reboot, then resume the workloads.
@@ -87,6 +112,7 @@ enum Cmd {
     Resume,
     /// What the last upgrade did, phase by phase.
     Report {
+        /// One JSON object: {"version", "report"} (see JSON OUTPUT in kupgrade(8)).
         #[arg(long)]
         json: bool,
         /// Also draw the timeline of its phases as SVG into this file.
@@ -126,6 +152,10 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Writes the man pages, shell completions and docs/cli.md (the
+    /// package build runs it).
+    #[command(name = "__docs", hide = true)]
+    Docs { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -150,7 +180,7 @@ fn main() -> ExitCode {
                 line.push_str(&format!(": {cause}"));
             }
             err!("{line}");
-            ExitCode::FAILURE
+            Exit::Failed.into()
         }
     }
 }
@@ -192,6 +222,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Cmd::Report { json, svg } => return report(json, svg.as_deref()),
+        Cmd::Docs { dir } => {
+            docs::write(&dir)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => {}
     }
     let cfg = Config::load(&cli.config)?;
@@ -211,22 +245,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     println!("ready to upgrade");
                 }
             }
-            if !findings.ready() {
-                return Ok(ExitCode::FAILURE);
-            }
+            let failures: Vec<_> = findings.failures().collect();
+            return Ok(Exit::for_check(&failures).into());
         }
         Cmd::Stage {
             kernel,
             initrd,
+            own_initramfs,
+            if_configured,
             append,
             cmdline,
         } => {
+            if if_configured && !cfg.stage_new_kernels {
+                println!(
+                    "not staging {}: stage_new_kernels is off in {}",
+                    kernel.display(),
+                    cli.config.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             require_root("staging a kernel")?;
             let req = stage::Request {
                 kernel: &kernel,
                 initrd: initrd.as_deref(),
                 append: append.as_deref(),
                 cmdline: cmdline.as_deref(),
+                own_initramfs,
             };
             let s = stage::stage(&cfg, &req)
                 .with_context(|| format!("cannot stage {}", kernel.display()))?;
@@ -237,8 +281,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for d in &s.differences {
                 println!("{d}");
             }
+            let whose = match (s.initramfs, &s.built_with) {
+                (InitramfsKind::Distribution, None) => "the distribution's, with kupgrade's hook",
+                (InitramfsKind::Distribution, Some(_)) => {
+                    "the distribution's, built now with kupgrade's hook: the one in /boot has none"
+                }
+                (InitramfsKind::Kupgrade, _) => "kupgrade's own",
+                (InitramfsKind::Given, _) => "as given",
+            };
             println!(
-                "initramfs {} ({} KiB, {} modules)",
+                "initramfs {} ({whose}; {} KiB, {} modules)",
                 s.initrd.display(),
                 s.initrd_bytes >> 10,
                 s.modules
@@ -251,7 +303,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             stage::unstage()?;
             println!("no kernel staged");
         }
-        Cmd::Status => status(&cfg)?,
+        Cmd::Status { json } => {
+            let st = Status::gather(&cfg, release());
+            if json {
+                println!("{}", st.to_json());
+            } else {
+                print!("{}", st.text());
+            }
+        }
         Cmd::Go { dry_run } => return go(&cfg, dry_run),
         Cmd::Resume => return resume(&cfg),
         Cmd::Launch {
@@ -270,7 +329,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("cgroup {}", l.cgroup.display());
             println!("output {}", l.log.display());
         }
-        Cmd::Exec { .. } | Cmd::NsInit { .. } | Cmd::Image { .. } | Cmd::Report { .. } => {}
+        Cmd::Exec { .. }
+        | Cmd::NsInit { .. }
+        | Cmd::Image { .. }
+        | Cmd::Report { .. }
+        | Cmd::Docs { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -320,7 +383,7 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
         Ok(c) => c,
         Err(refused) => {
             err!("kupgrade: {refused}");
-            return Ok(ExitCode::FAILURE);
+            return Ok(Exit::for_refusal(&refused.0).into());
         }
     };
     // Held until go returns: one go or resume at a time.
@@ -372,13 +435,14 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
             err!("kupgrade: upgrade aborted at {}", aborted.failure);
             if aborted.resume_errors.is_empty() {
                 err!("kupgrade: every workload was resumed on this kernel; nothing was lost");
+                Ok(Exit::Aborted.into())
             } else {
                 err!(
                     "kupgrade: RESUMING FAILED: {}",
                     pipeline::join(&aborted.resume_errors)
                 );
+                Ok(Exit::ResumeNeeded.into())
             }
-            Ok(ExitCode::FAILURE)
         }
     }
 }
@@ -451,69 +515,8 @@ fn resume(cfg: &Config) -> Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         err!("kupgrade: RESUMING FAILED: {}", pipeline::join(&errors));
-        Ok(ExitCode::FAILURE)
+        Ok(Exit::ResumeNeeded.into())
     }
-}
-
-fn status(cfg: &Config) -> Result<()> {
-    println!("kernel: {}", release());
-    match Staged::load() {
-        Some(s) => {
-            let loaded = kexec::is_loaded().unwrap_or(false);
-            println!(
-                "staged: {} ({}){}",
-                s.release,
-                s.kernel.display(),
-                if loaded {
-                    ""
-                } else {
-                    " -- NOT LOADED any more"
-                }
-            );
-            println!("  command line: {}", s.cmdline);
-        }
-        None => println!("staged: nothing"),
-    }
-    let mut total = 0;
-    for r in workload::discover(cfg) {
-        match r {
-            Ok(w) => {
-                total += w.memory_bytes;
-                let refusals = workload::refusals(&w);
-                println!(
-                    "workload {}: pid {} ({}), {} processes, {} MiB, {}{}",
-                    w.name,
-                    w.root_pid,
-                    proc::comm(w.root_pid),
-                    w.pids.len(),
-                    w.memory_bytes >> 20,
-                    if refusals.is_empty() {
-                        "dumpable".to_string()
-                    } else {
-                        format!("NOT dumpable: {}", refusals[0])
-                    },
-                    match (w.pid_namespace, w.ipc_namespace) {
-                        (true, true) => ", own PID and IPC namespaces",
-                        (true, false) => ", own PID namespace",
-                        (false, true) => ", own IPC namespace",
-                        (false, false) => "",
-                    }
-                );
-            }
-            Err(e) => println!("workload: {e}"),
-        }
-    }
-    let need = store::estimate_image_bytes(total);
-    match Store::locate(cfg) {
-        Ok(s) => println!(
-            "store: {} ({} MiB), image estimate {} MiB",
-            s.path.display(),
-            s.capacity >> 20,
-            need >> 20
-        ),
-        Err(e) => println!("store: {e}"),
-    }
-    Ok(())
 }
 
 fn report(json: bool, svg: Option<&Path>) -> Result<ExitCode> {
@@ -521,7 +524,14 @@ fn report(json: bool, svg: Option<&Path>) -> Result<ExitCode> {
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            println!("no upgrade recorded ({} does not exist)", path.display());
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "version": json::VERSION, "report": null })
+                );
+            } else {
+                println!("no upgrade recorded ({} does not exist)", path.display());
+            }
             return Ok(ExitCode::SUCCESS);
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
@@ -534,12 +544,23 @@ fn report(json: bool, svg: Option<&Path>) -> Result<ExitCode> {
             .with_context(|| format!("cannot write {}", out.display()))?;
         eprintln!("timeline written to {}", out.display());
     }
-    if json {
-        println!("{}", String::from_utf8_lossy(&bytes));
-        return Ok(ExitCode::SUCCESS);
-    }
     let r: UpgradeReport = serde_json::from_slice(&bytes)
         .with_context(|| format!("{} does not parse", path.display()))?;
+    let restored = if r.outcome == RestoreOutcome::Restored {
+        Exit::Ok
+    } else {
+        Exit::RestoreFailed
+    };
+    if json {
+        // As written, with fields this version may not know.
+        let record: serde_json::Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{} does not parse", path.display()))?;
+        println!(
+            "{}",
+            serde_json::json!({ "version": json::VERSION, "report": record })
+        );
+        return Ok(restored.into());
+    }
     let outcome = match r.outcome {
         RestoreOutcome::Restored => "restored",
         RestoreOutcome::Failed => "FAILED",
@@ -592,11 +613,10 @@ fn report(json: bool, svg: Option<&Path>) -> Result<ExitCode> {
     if let Some(b) = r.blackout_ns() {
         println!("  workloads paused for {:.1} ms", b as f64 / 1e6);
     }
-    Ok(
-        if r.outcome == RestoreOutcome::Restored && doubt.is_none() {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        },
-    )
+    Ok(if doubt.is_none() {
+        restored
+    } else {
+        Exit::RestoreFailed
+    }
+    .into())
 }

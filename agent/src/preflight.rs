@@ -37,7 +37,7 @@
 //!       "what": "running as root", "fix": null },
 //!     { "level": "fail", "kind": "store-size", "workload": null,
 //!       "what": "store /dev/pmem0 is 64 MiB but the image needs about 298 MiB: ...",
-//!       "fix": "grow the reservation" }
+//!       "fix": "in /etc/default/grub, set GRUB_CMDLINE_LINUX=\"memmap=384M!4096M\", then run update-grub and reboot once" }
 //!   ]
 //! }
 //! ```
@@ -334,7 +334,8 @@ pub trait Facts {
     fn listening_ports(&mut self, ws: &[Workload]) -> BTreeMap<u16, String>;
     fn nft_available(&mut self) -> bool;
     fn store(&mut self) -> Result<Store, store::Error>;
-    /// A `memmap=` reserving at least `need` bytes on this machine.
+    /// How to reserve at least `need` bytes on this machine: the
+    /// `memmap=`, and where to put it.
     fn suggest_memmap(&mut self, need: u64) -> String;
     fn staged(&mut self) -> Option<Staged>;
     /// This boot's id (`/proc/sys/kernel/random/boot_id`).
@@ -644,11 +645,8 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
                 Some(s)
             }
             Err(e) => {
-                out.push(Finding::fail(
-                    Kind::StoreSize,
-                    e.to_string(),
-                    "grow the reservation",
-                ));
+                let fix = facts.suggest_memmap(need);
+                out.push(Finding::fail(Kind::StoreSize, e.to_string(), fix));
                 None
             }
         },
@@ -858,7 +856,8 @@ impl Facts for RealFacts<'_> {
     }
 
     fn suggest_memmap(&mut self, need: u64) -> String {
-        store::suggest_memmap(need)
+        let grub = std::fs::read_to_string(store::GRUB_DEFAULTS).ok();
+        store::reservation_fix(&store::suggest_memmap(need), grub.as_deref())
     }
 
     fn staged(&mut self) -> Option<Staged> {
@@ -1080,6 +1079,7 @@ mod tests {
                 differences: self.differences.clone(),
                 boot_id: self.staged_boot.clone(),
                 load_calls_left: self.staged_calls,
+                ..Staged::default()
             })
         }
         fn boot_id(&mut self) -> String {
@@ -1685,7 +1685,8 @@ mod tests {
         }
         let small = list.iter().find(|f| f["kind"] == "store-size").unwrap();
         assert_eq!(small["level"], "fail");
-        assert_eq!(small["fix"], "grow the reservation");
+        // How to grow the reservation: the memmap= to reserve instead.
+        assert_eq!(small["fix"], "memmap=256M!4096M");
         let staged = list.iter().find(|f| f["kind"] == "staged").unwrap();
         assert_eq!(staged["level"], "warn");
         let ok = list.iter().find(|f| f["kind"] == "root").unwrap();

@@ -31,6 +31,7 @@ use initramfs::Compression;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, RUN_DIR};
+use crate::distro::{self, Choice};
 use crate::store::{Kind, Store};
 use crate::target::{self, Kernel, Level, Needs};
 use crate::{criu, workload};
@@ -38,7 +39,7 @@ use crate::{criu, workload};
 pub const STAGED_FILE: &str = "staged.json";
 
 /// What is loaded, recorded in `/run/kupgrade/staged.json`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Staged {
     pub kernel: PathBuf,
     pub release: String,
@@ -48,6 +49,13 @@ pub struct Staged {
     pub initrd_bytes: u64,
     pub modules: usize,
     pub staged_unix: u64,
+    /// Whose initramfs `initrd` is.
+    #[serde(default)]
+    pub initramfs: InitramfsKind,
+    /// The generator `stage` built the distribution's initramfs with
+    /// (the one in `/boot` had no kupgrade hook).
+    #[serde(default)]
+    pub built_with: Option<String>,
     /// What differs from the running kernel, as `kupgrade stage` found it
     /// (nothing refused). Records from before this field read as none.
     #[serde(default)]
@@ -59,6 +67,29 @@ pub struct Staged {
     /// ([`kexec::load_calls_left`]), when it counts.
     #[serde(default)]
     pub load_calls_left: Option<i64>,
+}
+
+/// Whose initramfs the staged kernel boots with.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum InitramfsKind {
+    /// The distribution's, with kupgrade's hook: it mounts the root.
+    Distribution,
+    /// kupgrade's own: kupgrade-init mounts `root=` itself.
+    #[default]
+    Kupgrade,
+    /// The user's (`--initrd`).
+    Given,
+}
+
+impl InitramfsKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            InitramfsKind::Distribution => "distribution",
+            InitramfsKind::Kupgrade => "kupgrade",
+            InitramfsKind::Given => "given",
+        }
+    }
 }
 
 impl Staged {
@@ -125,6 +156,12 @@ pub enum Error {
     },
     #[error(transparent)]
     Store(#[from] crate::store::Error),
+    #[error("the distribution's initramfs of {release}")]
+    Distro {
+        release: String,
+        #[source]
+        source: distro::Error,
+    },
     #[error(transparent)]
     Load(#[from] kexec::KexecError),
     #[error("cannot record the staged kernel in {RUN_DIR}")]
@@ -342,6 +379,8 @@ pub struct Request<'a> {
     pub append: Option<&'a str>,
     /// Replaces the running command line.
     pub cmdline: Option<&'a str>,
+    /// kupgrade's own initramfs even where the distribution has one.
+    pub own_initramfs: bool,
 }
 
 /// The next kernel's command line: the running one (or `base`) without
@@ -403,13 +442,44 @@ pub fn stage_on(machine: &mut dyn Machine, cfg: &Config, req: &Request) -> Resul
             reasons: refused.iter().map(|f| f.sentence()).collect(),
         });
     }
-    let (initrd, initrd_bytes, n_modules) = match req.initrd {
-        Some(p) => (
-            p.to_path_buf(),
-            fs::metadata(p).map(|m| m.len()).unwrap_or(0),
-            0,
-        ),
-        None => {
+    let choice = match (req.initrd, req.own_initramfs) {
+        (None, false) => distro::choose(&mut distro::RealMachine, &release, &machine.run_dir())
+            .map_err(|source| Error::Distro {
+                release: release.clone(),
+                source,
+            })?,
+        _ => Choice::OwnInitramfs,
+    };
+    let mut kind = InitramfsKind::Kupgrade;
+    let mut built_with = None;
+    let (initrd, initrd_bytes, n_modules) = match (req.initrd, choice) {
+        (Some(p), _) => {
+            kind = InitramfsKind::Given;
+            (
+                p.to_path_buf(),
+                fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+                0,
+            )
+        }
+        (
+            None,
+            Choice::Distribution {
+                path,
+                marker,
+                built_with: built,
+            },
+        ) => {
+            // The hook's boot script runs it from the root.
+            let init = Path::new(distro::CHAINED_INIT);
+            if !init.exists() {
+                return Err(Error::NoInit(init.into()));
+            }
+            kind = InitramfsKind::Distribution;
+            built_with = built;
+            let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            (path, bytes, marker.modules.len())
+        }
+        (None, Choice::OwnInitramfs) => {
             if !modules_dir.join("modules.dep").exists() {
                 return Err(Error::NoModules {
                     release,
@@ -466,6 +536,8 @@ pub fn stage_on(machine: &mut dyn Machine, cfg: &Config, req: &Request) -> Resul
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        initramfs: kind,
+        built_with,
         differences: notes.into_iter().cloned().collect(),
         boot_id: machine.boot_id(),
         load_calls_left,
@@ -577,6 +649,7 @@ mod tests {
             initrd: Some(&initrd),
             append: None,
             cmdline: None,
+            own_initramfs: false,
         };
         let staged = stage_on(&mut m, &cfg, &req).unwrap();
         assert_eq!(staged.release, "6.1.0-47-cloud-amd64");
@@ -705,6 +778,21 @@ mod tests {
             Path::new("/dev/pmem0"),
         );
         assert_eq!(c, "root=LABEL=r ro memmap=256M!512M quiet foo=bar kupgrade.resume kupgrade.store=/dev/pmem0");
+    }
+
+    /// What a distribution's initramfs needs to assemble the root stays.
+    #[test]
+    fn cmdline_keeps_what_the_distribution_s_initramfs_needs() {
+        let running = "BOOT_IMAGE=/vmlinuz-6.1.0-27-amd64 root=/dev/mapper/vg-root ro \
+            rd.lvm.lv=vg/root rd.luks.uuid=luks-1234 rd.md.uuid=ab:cd resume=UUID=5678 \
+            cryptdevice=UUID=1234:crypt quiet initrd=\\initrd.img";
+        let c = compose_cmdline(running, None, None, Path::new("/dev/pmem0"));
+        assert_eq!(
+            c,
+            "root=/dev/mapper/vg-root ro rd.lvm.lv=vg/root rd.luks.uuid=luks-1234 \
+             rd.md.uuid=ab:cd resume=UUID=5678 cryptdevice=UUID=1234:crypt quiet \
+             kupgrade.resume kupgrade.store=/dev/pmem0"
+        );
     }
 
     #[test]

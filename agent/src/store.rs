@@ -315,6 +315,37 @@ pub fn suggest_memmap(need: u64) -> String {
     suggest_memmap_from(&iomem, need)
 }
 
+/// Where Debian's GRUB takes the kernel command line from.
+pub const GRUB_DEFAULTS: &str = "/etc/default/grub";
+
+/// How to make the reservation `memmap` (a `memmap=SIZE!ADDR`) last: with
+/// GRUB's `/etc/default/grub` (its text), the exact `GRUB_CMDLINE_LINUX`
+/// line to write (what it has, an older `memmap=` replaced) and the
+/// `update-grub` to run; without, the key to add.
+pub fn reservation_fix(memmap: &str, grub_defaults: Option<&str>) -> String {
+    let Some(text) = grub_defaults else {
+        return format!(
+            "add {memmap} to the kernel command line (in the boot loader's configuration) and reboot once"
+        );
+    };
+    // The last assignment wins when grub-mkconfig sources the file.
+    let current = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("GRUB_CMDLINE_LINUX="))
+        .next_back()
+        .map(|v| v.trim().trim_matches(|c| c == '"' || c == '\'').to_string())
+        .unwrap_or_default();
+    let mut words: Vec<&str> = current
+        .split_whitespace()
+        .filter(|w| !w.starts_with("memmap="))
+        .collect();
+    words.push(memmap);
+    format!(
+        "in {GRUB_DEFAULTS}, set GRUB_CMDLINE_LINUX=\"{}\", then run update-grub and reboot once",
+        words.join(" ")
+    )
+}
+
 pub fn suggest_memmap_from(iomem: &str, need: u64) -> String {
     const ALIGN: u64 = 128 << 20;
     let size = need.div_ceil(ALIGN).max(2) * ALIGN;
@@ -356,6 +387,27 @@ mod tests {
         assert!(suggest_memmap_from("", 1).contains("ADDR"));
         // unprivileged readers see zeros
         assert!(suggest_memmap_from("00000000-00000000 : System RAM\n", 1).contains("ADDR"));
+    }
+
+    #[test]
+    fn the_fix_is_the_exact_grub_line_and_update_grub() {
+        let grub = "GRUB_DEFAULT=0\nGRUB_CMDLINE_LINUX_DEFAULT=\"quiet\"\nGRUB_CMDLINE_LINUX=\"console=ttyS0 memmap=64M!4096M rd.lvm.lv=vg/root\"\n";
+        assert_eq!(
+            reservation_fix("memmap=512M!4096M", Some(grub)),
+            "in /etc/default/grub, set GRUB_CMDLINE_LINUX=\"console=ttyS0 rd.lvm.lv=vg/root memmap=512M!4096M\", then run update-grub and reboot once"
+        );
+        assert_eq!(
+            reservation_fix("memmap=256M!4096M", Some("GRUB_CMDLINE_LINUX=\"\"\n")),
+            "in /etc/default/grub, set GRUB_CMDLINE_LINUX=\"memmap=256M!4096M\", then run update-grub and reboot once"
+        );
+        assert!(
+            reservation_fix("memmap=256M!4096M", Some("GRUB_TIMEOUT=5\n"))
+                .contains("GRUB_CMDLINE_LINUX=\"memmap=256M!4096M\"")
+        );
+        assert_eq!(
+            reservation_fix("memmap=256M!4096M", None),
+            "add memmap=256M!4096M to the kernel command line (in the boot loader's configuration) and reboot once"
+        );
     }
 
     #[test]

@@ -23,6 +23,7 @@
 //! initramfs-tools ends it: by `panic=`, never in a loop.
 
 mod boot;
+mod chained;
 mod child;
 mod ending;
 mod log;
@@ -56,11 +57,17 @@ fn main() {
         std::process::exit(restorer(&args[2..]));
     }
     if std::process::id() != 1 {
+        if let Some(code) = chained::tool(&args[1..]) {
+            std::process::exit(code);
+        }
         eprintln!("kupgrade-init is the /init of an initramfs and must run as PID 1; nothing done");
         std::process::exit(2);
     }
     // A panic's message goes where the log goes (console and kmsg).
     panic::set_hook(Box::new(|info| log::line(&format!("panic: {info}"))));
+    if chained::after_an_initramfs() {
+        chained::run();
+    }
     let mut sys = Faults::new(RealSystem::default());
     let why = boot_whatever_happens(&mut sys).err().unwrap_or_default();
     // Nothing could be executed, or the machine would not stop: PID 1 must

@@ -14,7 +14,8 @@
 //! 2. **disk**: a short QEMU boot of the base's own kernel and initramfs, with
 //!    `init=` the guest script `assemble-root`, makes the volume group and
 //!    the root volume on a new disk, copies the base in and adds the
-//!    harness's layer (the agent, kupgrade, the workloads). No host kernel
+//!    harness's layer (the agent, the workloads, and kupgrade's package,
+//!    installed there with `dpkg -i`). No host kernel
 //!    feature is needed: the host has no device-mapper and takes no loop
 //!    mounts.
 //! 3. **boot files**: the kernels and initramfs images are read back from the
@@ -139,6 +140,8 @@ pub struct Inputs<'a> {
     /// Every kernel release the scenario boots; the first boots the helper.
     pub releases: &'a [String],
     pub bin_dir: &'a Path,
+    /// kupgrade's package ([`build_package`]).
+    pub package: &'a Path,
     /// The scenario's extra packages, installed with the base.
     pub packages: &'a [String],
     /// QEMU and its accelerator, for the helper boot.
@@ -498,21 +501,61 @@ fn install_agent(layer: &Path, bin_dir: &Path) -> Result<()> {
     )
 }
 
-/// kupgrade itself, copied as the appliance does. The one step that the
-/// package (`scripts/package`, `target/debian/*.deb`) will replace: put the
-/// `.deb` into the layer and add its `dpkg -i` to `_setup`, the commands run
-/// in the new root.
-fn install_kupgrade(layer: &Path, bin_dir: &Path, _setup: &mut String) -> Result<()> {
-    copy(&bin_dir.join("kupgrade"), &layer.join("usr/sbin/kupgrade"))?;
-    copy(
-        &bin_dir.join("kupgrade-init"),
-        &layer.join(assets::GUEST_INIT_BINARY.trim_start_matches('/')),
-    )?;
+/// Where the package waits in the layer for its `dpkg -i`.
+const PACKAGE_IN_LAYER: &str = "var/cache/kupgrade-vm/kupgrade.deb";
+
+/// kupgrade as a server gets it: its package, installed with `dpkg -i` in
+/// the new root, so that its trigger rebuilds the newest kernel's initramfs
+/// with kupgrade's hook. The harness's config goes in first and is kept
+/// (`--force-confold`), as an administrator's would be.
+fn install_kupgrade(layer: &Path, package: &Path, setup: &mut String) -> Result<()> {
+    copy(package, &layer.join(PACKAGE_IN_LAYER))?;
     write_file(
         &layer.join("etc/kupgrade/config.toml"),
         0o644,
         &assets::guest_config(),
-    )
+    )?;
+    writeln!(
+        setup,
+        "dpkg -i --force-confdef --force-confold /{PACKAGE_IN_LAYER}\nrm /{PACKAGE_IN_LAYER}"
+    )?;
+    Ok(())
+}
+
+/// Builds kupgrade's package (`scripts/package`) from `workspace`, with
+/// the static binaries in `bin_dir`, and returns it:
+/// `target/debian/kupgrade_*_amd64.deb`.
+pub fn build_package(workspace: &Path, bin_dir: &Path) -> Result<PathBuf> {
+    progress::step("building the kupgrade package (scripts/package)");
+    let bin_dir = bin_dir
+        .canonicalize()
+        .with_context(|| format!("no guest binaries in {}", bin_dir.display()))?;
+    let status = Command::new("bash")
+        .arg(workspace.join("scripts/package"))
+        .env("KUPGRADE_BIN_DIR", &bin_dir)
+        .current_dir(workspace)
+        .status()
+        .context("cannot run scripts/package")?;
+    ensure!(status.success(), "scripts/package failed");
+    let dir = workspace.join("target/debian");
+    let mut debs: Vec<PathBuf> = fs::read_dir(&dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("kupgrade_") && n.ends_with("_amd64.deb"))
+        })
+        .collect();
+    debs.sort();
+    match debs.as_slice() {
+        [deb] => Ok(deb.clone()),
+        _ => bail!(
+            "scripts/package left {} packages in {}",
+            debs.len(),
+            dir.display()
+        ),
+    }
 }
 
 fn copy(from: &Path, to: &Path) -> Result<()> {
@@ -526,14 +569,14 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
 
 /// The layer as a tar (the helper boot reads it from a disk), with fixed
 /// owners, order and times so that its bytes key the disk.
-fn build_layer(dir: &Path, bin_dir: &Path) -> Result<PathBuf> {
+fn build_layer(dir: &Path, bin_dir: &Path, package: &Path) -> Result<PathBuf> {
     let layer = dir.join("layer");
     let _ = fs::remove_dir_all(&layer);
     fs::create_dir_all(&layer)?;
     install_agent(&layer, bin_dir)?;
     // Commands run in the new root (chroot) after the layer is unpacked.
     let mut setup = String::from("systemctl enable kupgrade-guest.service\n");
-    install_kupgrade(&layer, bin_dir, &mut setup)?;
+    install_kupgrade(&layer, package, &mut setup)?;
     write_file(&layer.join(".kupgrade-vm-setup"), 0o644, &setup)?;
     let tar = dir.join("layer.tar");
     assets::run(
@@ -553,7 +596,7 @@ fn build_layer(dir: &Path, bin_dir: &Path) -> Result<PathBuf> {
 
 fn ensure_disk(dir: &Path, base: &Base, inputs: &Inputs) -> Result<(PathBuf, String)> {
     let _lock = lock(dir)?;
-    let tar = build_layer(dir, inputs.bin_dir)?;
+    let tar = build_layer(dir, inputs.bin_dir, inputs.package)?;
     let mut h = blake3::Hasher::new();
     h.update(base.key.as_bytes());
     h.update(ASSEMBLE_ROOT.as_bytes());
@@ -735,6 +778,7 @@ mod tests {
         Inputs {
             releases,
             bin_dir: Path::new("/nonexistent"),
+            package: Path::new("/nonexistent.deb"),
             packages,
             qemu: "qemu",
             accel: "tcg",

@@ -87,9 +87,11 @@ pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
             (rootfs, cache.vmlinuz(&from), initrd)
         }
         Flavour::Debian => {
+            let package = debian::build_package(&opts.workspace, &bin_dir)?;
             let inputs = debian::Inputs {
                 releases: &releases,
                 bin_dir: &bin_dir,
+                package: &package,
                 packages: &scenario.guest.packages,
                 qemu: &opts.qemu,
                 accel: &opts.accel,
