@@ -46,6 +46,10 @@ pub struct DeclaredWorkload {
     /// started.
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// Or a systemd service (`unit = "redis-server.service"`): its cgroup,
+    /// found where systemd put it when the preflight looks.
+    #[serde(default)]
+    pub unit: Option<String>,
     /// Files and directories on tmpfs mounts that belong to the workload and
     /// that kupgrade cannot find by itself (it finds what the workload holds
     /// open, its pid files, `/run/NAME` and its unix sockets' directories):
@@ -133,7 +137,7 @@ impl Config {
     pub fn launched(&self, name: &str) -> Option<&DeclaredWorkload> {
         self.workloads
             .iter()
-            .find(|w| w.cgroup.is_none() && w.name == name)
+            .find(|w| w.cgroup.is_none() && w.unit.is_none() && w.name == name)
     }
 
     /// What is wrong with the values, each as a sentence for the user.
@@ -189,6 +193,20 @@ impl Config {
                 ));
             }
             names.push(&w.name);
+            if let Some(unit) = &w.unit {
+                if w.cgroup.is_some() {
+                    out.push(format!(
+                        "workload {:?}: give `cgroup` or `unit`, not both",
+                        w.name
+                    ));
+                } else if !crate::units::valid_service_name(unit) {
+                    out.push(format!(
+                        "workload {:?}: unit {unit:?} is not a service name: give it as systemctl lists it, e.g. \"redis-server.service\"",
+                        w.name
+                    ));
+                }
+                continue;
+            }
             // Without a cgroup, the entry adds to a launched workload.
             let Some(cgroup) = &w.cgroup else { continue };
             match declared_cgroup(cgroup) {
@@ -382,6 +400,22 @@ mod tests {
         let nested = declared("a", "system.slice") + &declared("b", "system.slice/b.service");
         refused(&nested, "inside");
         Config::parse(&declared("db", "/sys/fs/cgroup/system.slice/pg.service")).unwrap();
+    }
+
+    #[test]
+    fn a_workload_declared_by_unit_is_a_service_and_not_a_launched_one() {
+        let c = Config::parse("[[workload]]\nname = \"redis\"\nunit = \"redis-server.service\"\n")
+            .unwrap();
+        assert_eq!(c.workloads[0].unit.as_deref(), Some("redis-server.service"));
+        assert_eq!(c.launched("redis"), None);
+        refused(
+            "[[workload]]\nname = \"redis\"\nunit = \"redis-server\"\n",
+            "not a service name",
+        );
+        refused(
+            "[[workload]]\nname = \"r\"\nunit = \"r.service\"\ncgroup = \"system.slice/r.service\"\n",
+            "not both",
+        );
     }
 
     #[test]

@@ -25,5 +25,6 @@ pub mod stage;
 pub mod status;
 pub mod store;
 pub mod target;
+pub mod units;
 pub mod unix_diag;
 pub mod workload;

@@ -58,6 +58,7 @@ use crate::config::{self, Config};
 use crate::leftovers::{self, Leftovers, LockError, RunLock};
 use crate::stage::Staged;
 use crate::store::{self, Store};
+use crate::units::{self, Service};
 use crate::workload::{self, Workload};
 use crate::{child, criu, launch, listen, proc, target};
 
@@ -148,6 +149,9 @@ kinds! {
     /// What differs between the running kernel and the staged one (module
     /// format, missing modules, CRIU support), as `kupgrade stage` found it.
     TargetKernel => "target-kernel",
+    /// What the upgrade does to a running systemd service: preserves it,
+    /// refuses it, or leaves it to systemd, which starts it again.
+    Unit => "unit",
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -342,6 +346,8 @@ pub trait Facts {
     fn boot_id(&mut self) -> String;
     /// [`kexec::load_calls_left`].
     fn load_calls_left(&mut self) -> Option<i64>;
+    /// The running services, when systemd is the init.
+    fn services(&mut self) -> Option<Vec<Service>>;
 }
 
 /// `kupgrade check`: every finding.
@@ -526,8 +532,12 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
             "start one with `kupgrade launch NAME -- CMD` or declare its cgroup in /etc/kupgrade/config.toml",
         ));
     }
+    let mut refused: BTreeMap<&str, Vec<String>> = BTreeMap::new();
     for w in &workloads {
         let refusals = facts.refusals(w);
+        if !refusals.is_empty() {
+            refused.insert(&w.name, refusals.clone());
+        }
         if refusals.is_empty() {
             let comm = facts.comm(w.root_pid);
             out.push(
@@ -567,6 +577,12 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
                 Finding::fail(Kind::Refusal, r, "remove the resource or stop the workload")
                     .about(&w.name),
             );
+        }
+    }
+
+    if mode == Mode::Check {
+        for s in facts.services().unwrap_or_default() {
+            out.push(unit_finding(&s, &workloads, &refused));
         }
     }
 
@@ -707,6 +723,50 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
 }
 
 use crate::child::chain as error_chain;
+
+/// What the upgrade does to one running service: a workload whose cgroup
+/// holds the unit's is preserved or refused with it; one inside the unit's
+/// cgroup takes only part of it; any other service is stopped with the old
+/// kernel and started again by systemd in the new one.
+fn unit_finding(s: &Service, ws: &[Workload], refused: &BTreeMap<&str, Vec<String>>) -> Finding {
+    if let Some(w) = ws.iter().find(|w| s.cgroup.starts_with(&w.cgroup)) {
+        return match refused.get(w.name.as_str()) {
+            None => Finding::ok(
+                Kind::Unit,
+                format!(
+                    "unit {}: preserved as workload {}: its processes keep their PIDs, memory and connections",
+                    s.unit, w.name
+                ),
+            ),
+            Some(why) => Finding::fail(
+                Kind::Unit,
+                format!("unit {}: refused: {}", s.unit, why.join("; ")),
+                "remove what is refused, or take the unit out of the config: systemd then starts it again after the upgrade",
+            ),
+        }
+        .about(&w.name);
+    }
+    if let Some(w) = ws.iter().find(|w| w.cgroup.starts_with(&s.cgroup)) {
+        return Finding::warn(
+            Kind::Unit,
+            format!(
+                "unit {}: only workload {}'s cgroup {} inside it is preserved; the unit's other processes are not",
+                s.unit,
+                w.name,
+                w.cgroup.display()
+            ),
+            format!("declare the whole unit: unit = \"{}\"", s.unit),
+        )
+        .about(&w.name);
+    }
+    Finding::ok(
+        Kind::Unit,
+        format!(
+            "unit {}: not declared: systemd starts it again after the upgrade (a restart, not a pause)",
+            s.unit
+        ),
+    )
+}
 
 /// Workloads that cannot be checkpointed side by side: two of one name
 /// (their images would share a directory and a section), or one whose
@@ -870,6 +930,11 @@ impl Facts for RealFacts<'_> {
             .unwrap_or_default()
     }
 
+    fn services(&mut self) -> Option<Vec<Service>> {
+        units::systemd_booted(Path::new(units::SYSTEMD_RUNTIME_DIR))
+            .then(|| units::running_services(Path::new(config::CGROUP_ROOT)))
+    }
+
     fn load_calls_left(&mut self) -> Option<i64> {
         kexec::load_calls_left()
     }
@@ -907,6 +972,8 @@ mod tests {
         boot_id: String,
         load_calls_left: Option<i64>,
         own_cgroup: Option<PathBuf>,
+        /// Running services, on a systemd machine.
+        services: Option<Vec<Service>>,
         /// Facts asked for, in order.
         asked: Vec<&'static str>,
     }
@@ -937,6 +1004,7 @@ mod tests {
                 boot_id: "boot-1".into(),
                 load_calls_left: Some(2147483645),
                 own_cgroup: Some("/sys/fs/cgroup/user.slice/user-0.slice/session-1.scope".into()),
+                services: None,
                 asked: vec![],
             }
         }
@@ -1087,6 +1155,10 @@ mod tests {
         }
         fn load_calls_left(&mut self) -> Option<i64> {
             self.load_calls_left
+        }
+        fn services(&mut self) -> Option<Vec<Service>> {
+            self.asked.push("services");
+            self.services.clone()
         }
     }
 
@@ -1661,6 +1733,83 @@ mod tests {
         };
         let err = go(&mut m, false).unwrap_err();
         assert!(err.to_string().contains("kupgrade launch"));
+    }
+
+    #[test]
+    fn check_says_what_happens_to_every_running_service() {
+        let service = |unit: &str, cgroup: &str| Service {
+            unit: unit.into(),
+            cgroup: cgroup.into(),
+        };
+        let declared = |name: &str, cgroup: &str| Workload {
+            cgroup: cgroup.into(),
+            ..wl(name, 20001, false)
+        };
+        let mut m = Machine {
+            workloads: vec![
+                declared("redis", "/sys/fs/cgroup/system.slice/redis-server.service"),
+                declared("worker", "/sys/fs/cgroup/system.slice/app.service/worker"),
+                declared("logger", "/sys/fs/cgroup/system.slice/logger.service"),
+            ],
+            refused: vec![("logger", "its stdout is a unix connection to journald")],
+            services: Some(vec![
+                service("app.service", "/sys/fs/cgroup/system.slice/app.service"),
+                service(
+                    "logger.service",
+                    "/sys/fs/cgroup/system.slice/logger.service",
+                ),
+                service(
+                    "redis-server.service",
+                    "/sys/fs/cgroup/system.slice/redis-server.service",
+                ),
+                service("ssh.service", "/sys/fs/cgroup/system.slice/ssh.service"),
+            ]),
+            ..Machine::default()
+        };
+        let units = of(&mut m, Mode::Check, Kind::Unit);
+        assert_eq!(units.len(), 4, "{units:?}");
+        assert_eq!(units[0].0, Level::Warn);
+        assert!(
+            units[0]
+                .1
+                .contains("unit app.service: only workload worker's cgroup"),
+            "{}",
+            units[0].1
+        );
+        assert_eq!(units[1].0, Level::Fail);
+        assert!(
+            units[1].1.contains("unit logger.service: refused: workload logger (pid 20001 server): its stdout is a unix connection to journald"),
+            "{}",
+            units[1].1
+        );
+        assert_eq!(units[2].0, Level::Ok);
+        assert!(
+            units[2]
+                .1
+                .contains("unit redis-server.service: preserved as workload redis"),
+            "{}",
+            units[2].1
+        );
+        assert_eq!(units[3].0, Level::Ok);
+        assert!(
+            units[3]
+                .1
+                .contains("unit ssh.service: not declared: systemd starts it again"),
+            "{}",
+            units[3].1
+        );
+        // go refuses on the refusal itself and does not list the units.
+        for mode in [Mode::Go, Mode::DryRun] {
+            let mut m = Machine {
+                services: m.services.clone(),
+                ..Machine::default()
+            };
+            assert!(of(&mut m, mode, Kind::Unit).is_empty());
+            assert!(!m.asked.contains(&"services"));
+        }
+        // Without systemd there is nothing to say.
+        let mut plain = Machine::default();
+        assert!(of(&mut plain, Mode::Check, Kind::Unit).is_empty());
     }
 
     #[test]

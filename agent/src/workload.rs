@@ -6,9 +6,9 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::cgroup;
 use crate::config::{self, Config};
 use crate::proc::{Namespace, Proc, TCP_CLOSE, TCP_LISTEN};
+use crate::{cgroup, units};
 
 pub use crate::refusal::{refusals, Refusal};
 
@@ -65,6 +65,12 @@ pub enum Error {
         cgroup: PathBuf,
         roots: usize,
         pids: Vec<i32>,
+    },
+    #[error("workload {name}: unit {unit} is not running (no populated cgroup of that name below {root}); start it with `systemctl start {unit}` or take it out of the config")]
+    UnitNotRunning {
+        name: String,
+        unit: String,
+        root: PathBuf,
     },
     #[error(transparent)]
     Cgroup(#[from] cgroup::Error),
@@ -191,13 +197,21 @@ pub fn discover_in(
         }));
     }
     for d in &cfg.workloads {
-        let Some(cgroup) = &d.cgroup else {
-            continue;
-        };
-        let cg = if cgroup.is_absolute() {
-            cgroup.clone()
-        } else {
-            cgroup_root.join(cgroup)
+        let cg = match (&d.cgroup, &d.unit) {
+            (Some(cgroup), _) if cgroup.is_absolute() => cgroup.clone(),
+            (Some(cgroup), _) => cgroup_root.join(cgroup),
+            (None, Some(unit)) => match units::cgroup_of(cgroup_root, unit) {
+                Some(cg) => cg,
+                None => {
+                    out.push(Err(Error::UnitNotRunning {
+                        name: d.name.clone(),
+                        unit: unit.clone(),
+                        root: cgroup_root.to_path_buf(),
+                    }));
+                    continue;
+                }
+            },
+            (None, None) => continue,
         };
         out.push(inspect_in(proc, &d.name, &cg).map(|w| Workload {
             runtime_paths: d.runtime_paths.clone(),
@@ -357,12 +371,29 @@ mod tests {
         cgroup_with(&launched.join("a"), "100\n");
         cgroup_with(&launched.join("exited"), "");
         cgroup_with(&root.path().join("system.slice/redis.service"), "200\n");
+        fake.add(Process::new(300, "memcached"));
+        let memcached = cgroup_with(
+            &root.path().join("system.slice/app.slice/memcached.service"),
+            "300\n",
+        );
+        fs::write(memcached.join("cgroup.events"), "populated 1\n").unwrap();
         let cfg = Config {
             workloads: vec![
                 config::DeclaredWorkload {
                     name: "redis".into(),
                     cgroup: Some("system.slice/redis.service".into()),
                     runtime_paths: vec!["/run/redis".into()],
+                    ..Default::default()
+                },
+                config::DeclaredWorkload {
+                    name: "cache".into(),
+                    unit: Some("memcached.service".into()),
+                    ..Default::default()
+                },
+                config::DeclaredWorkload {
+                    name: "stopped".into(),
+                    unit: Some("nginx.service".into()),
+                    ..Default::default()
                 },
                 config::DeclaredWorkload {
                     name: "missing".into(),
@@ -374,6 +405,7 @@ mod tests {
                     name: "a".into(),
                     cgroup: None,
                     runtime_paths: vec!["/run/a.d".into()],
+                    ..Default::default()
                 },
             ],
             ..Config::default()
@@ -386,11 +418,17 @@ mod tests {
                 Err(e) => Err(e.to_string()),
             })
             .collect();
-        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(seen.len(), 5, "{seen:?}");
         assert_eq!(seen[0], Ok(("a".into(), 100)));
         assert_eq!(seen[1], Ok(("redis".into(), 200)));
+        assert_eq!(seen[2], Ok(("cache".into(), 300)));
+        assert_eq!(found[2].as_ref().unwrap().cgroup, memcached);
         assert!(matches!(
-            &found[2],
+            &found[3],
+            Err(Error::UnitNotRunning { name, unit, .. }) if name == "stopped" && unit == "nginx.service"
+        ));
+        assert!(matches!(
+            &found[4],
             Err(Error::Cgroup(cgroup::Error::Io { path, .. })) if path.ends_with("nowhere/cgroup.procs")
         ));
         let paths = |i: usize| found[i].as_ref().map(|w| w.runtime_paths.clone()).ok();
