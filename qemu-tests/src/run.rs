@@ -20,7 +20,7 @@ use crate::guest::{self, Line, Plan, Verb};
 use crate::probe::{self, ProbeResult};
 use crate::report::{self, Artifacts, CheckResult, Report, Verdict, WorkloadPids};
 use crate::scenario::{Expect, Flavour, Scenario};
-use crate::{progress, stop};
+use crate::{progress, qmp, stop};
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -212,8 +212,11 @@ fn start_qemu(
         "file={},format=raw,if=virtio,readonly=on",
         plan_disk.display()
     ))
-    .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
-    .stdin(Stdio::null())
+    .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"]);
+    if !p.scenario.upgrade.reset_on.is_empty() {
+        cmd.arg("-qmp").arg(qmp::listen_arg(&qmp_socket(log)));
+    }
+    cmd.stdin(Stdio::null())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let mut log_file = File::create(log)?;
@@ -260,6 +263,11 @@ fn start_qemu(
         }
     });
     Ok(Qemu { child, lines: rx })
+}
+
+/// QEMU's QMP socket, next to the run's serial log.
+fn qmp_socket(serial_log: &Path) -> PathBuf {
+    serial_log.with_file_name("qmp.sock")
 }
 
 /// The kernels a prepared scenario upgrades to, in turn.
@@ -378,6 +386,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
     let mut timed_out = false;
     let mut stopped_by = None;
     let mut done = false;
+    let mut reset_done = false;
     loop {
         if Instant::now() > deadline {
             timed_out = true;
@@ -404,6 +413,14 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
             };
         if opts.verbose {
             eprintln!("  | {line}");
+        }
+        let reset_on = &sc.upgrade.reset_on;
+        if !reset_done && !reset_on.is_empty() && line.contains(reset_on.as_str()) {
+            reset_done = true;
+            progress::step(&format!("guest said {reset_on:?}: resetting the machine"));
+            if let Err(e) = qmp::system_reset(&qmp_socket(&serial)) {
+                guest_error = Some(format!("cannot reset the machine: {e:#}"));
+            }
         }
         if let Some(e) = EventLine::parse(&line) {
             // kmsg and the console can both show the same event; the first
@@ -673,6 +690,11 @@ fn builtin_checks(
     let mut out = vec![finished_in_time(sc, o)];
     let mut planned = vec![p.from.clone()];
     planned.extend(chain.iter().cloned());
+    let reset = !sc.upgrade.reset_on.is_empty();
+    if reset {
+        // A reset boots QEMU's -kernel again.
+        planned.push(p.from.clone());
+    }
     let kexec_planned = check(
         "kernel release changed as planned",
         rep.boots == planned,
@@ -753,10 +775,12 @@ fn builtin_checks(
             out.push(kexec_planned);
             let want = &sc.upgrade.refusal_contains;
             let last = o.restore_reports.last();
+            // A restore cut short by a reset leaves its durable record.
+            let outcome = if reset { "restoring" } else { "failed" };
             out.push(check(
                 "kupgrade report says the restore failed, and why",
                 last.is_some_and(|(r, why)| {
-                    r == "failed"
+                    r == outcome
                         && !why.is_empty()
                         && want.iter().all(|w| why.contains(w.as_str()))
                 }),
