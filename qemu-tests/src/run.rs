@@ -217,8 +217,8 @@ fn start_qemu(
         cmd.arg("-qmp").arg(qmp::listen_arg(&qmp_socket(log)));
     }
     cmd.stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut log_file = File::create(log)?;
     let mut child = cmd
         .spawn()
@@ -780,9 +780,7 @@ fn builtin_checks(
             out.push(check(
                 "kupgrade report says the restore failed, and why",
                 last.is_some_and(|(r, why)| {
-                    r == outcome
-                        && !why.is_empty()
-                        && want.iter().all(|w| why.contains(w.as_str()))
+                    r == outcome && !why.is_empty() && want.iter().all(|w| why.contains(w.as_str()))
                 }),
                 format!("{last:?} (expected to mention {want:?})"),
             ));
