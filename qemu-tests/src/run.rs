@@ -892,6 +892,51 @@ mod tests {
         assert!(!logs.with_extension("replayed.img").exists());
     }
 
+    /// A reset during the restore boots QEMU's -kernel again and leaves the
+    /// restore's record: both are what a reset scenario must see, and a
+    /// record taken for a failure (or no third boot) fails it.
+    #[test]
+    fn a_reset_scenario_expects_the_first_kernel_again_and_the_record() {
+        let scenario = Scenario::parse(
+            "name = \"r\"\n[upgrade]\nexpect = \"restore-failed\"\nreset_on = \"event=net-restored\"\n\
+             refusal_contains = [\"began but never ended\"]\n",
+        )
+        .unwrap();
+        scenario.validate().unwrap();
+        let p = Prepared {
+            scenario: scenario.clone(),
+            from: "a".into(),
+            to: "b".into(),
+            bin_dir: "/".into(),
+            rootfs: "/".into(),
+            kernel: "/".into(),
+            initrd: "/".into(),
+        };
+        let judged = |boots: &[&str], outcome: &str| {
+            let rep = Report {
+                boots: boots.iter().map(|b| b.to_string()).collect(),
+                ..Default::default()
+            };
+            let o = Outcome {
+                go_returned: None,
+                restore_reports: vec![(
+                    outcome.into(),
+                    "the restore of generation 1 began but never ended".into(),
+                )],
+                guest_error: None,
+                timed_out: false,
+                stopped_by: None,
+                done: true,
+            };
+            builtin_checks(&rep, &scenario, &p, &["b".into()], &o)
+                .iter()
+                .all(|c| c.ok)
+        };
+        assert!(judged(&["a", "b", "a"], "restoring"));
+        assert!(!judged(&["a", "b"], "restoring"), "no reset boot");
+        assert!(!judged(&["a", "b", "a"], "failed"), "not the record");
+    }
+
     /// A guest that never comes up is stopped by the deadline, the run fails
     /// with that reason, and the serial log is kept.
     #[test]
