@@ -16,9 +16,28 @@ pub fn listen_arg(path: &Path) -> String {
 
 /// Resets the machine as `system_reset` does. QEMU runs with `-no-reboot`
 /// (a guest's reboot or panic ends the run), which turns a reset into a
-/// shutdown: this one reset is let through, and the next reboot stops QEMU
-/// again.
+/// shutdown: resets are let through until [`reboot_stops`], since the
+/// firmware resets the machine again by itself on a warm start.
 pub fn system_reset(socket: &Path) -> Result<()> {
+    send(
+        socket,
+        &[
+            r#"{"execute":"set-action","arguments":{"reboot":"reset"}}"#,
+            r#"{"execute":"system_reset"}"#,
+        ],
+    )
+}
+
+/// A reboot stops QEMU again, as `-no-reboot` says (once the machine is up
+/// after [`system_reset`]).
+pub fn reboot_stops(socket: &Path) -> Result<()> {
+    send(
+        socket,
+        &[r#"{"execute":"set-action","arguments":{"reboot":"shutdown"}}"#],
+    )
+}
+
+fn send(socket: &Path, commands: &[&str]) -> Result<()> {
     let stream = UnixStream::connect(socket)
         .with_context(|| format!("cannot connect to QEMU's QMP socket {}", socket.display()))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -26,13 +45,7 @@ pub fn system_reset(socket: &Path) -> Result<()> {
     let mut writer = stream;
     let mut greeting = String::new();
     reader.read_line(&mut greeting)?;
-    for cmd in [
-        r#"{"execute":"qmp_capabilities"}"#,
-        r#"{"execute":"set-action","arguments":{"reboot":"reset"}}"#,
-        r#"{"execute":"system_reset"}"#,
-        // The reset is requested already; from now on a reboot stops QEMU.
-        r#"{"execute":"set-action","arguments":{"reboot":"shutdown"}}"#,
-    ] {
+    for cmd in [r#"{"execute":"qmp_capabilities"}"#].iter().chain(commands) {
         writeln!(writer, "{cmd}")?;
         answer(&mut reader).with_context(|| format!("QMP {cmd}"))?;
     }
