@@ -11,7 +11,9 @@
 //!   signal to itself; the step goes on), `hang` (the step blocks until a
 //!   signal asks kupgrade to stop, then fails), `corrupt` (flips a byte in
 //!   the first chunk of the first workload's section of the written image,
-//!   as a failing store would; only `after-image-write`).
+//!   as a failing store would; only `after-image-write`;
+//!   `corrupt-after-image-write:superblock` or `:manifest` damages that
+//!   instead).
 //! - WHEN: `before` the step (an error or a hang then skips it) or `after`
 //!   it succeeded.
 //! - POINT: one call of the seam: `hold`, `freeze`, `checkpoint`,
@@ -22,8 +24,9 @@
 //!   `thaw`; without it a fault fires for each workload.
 //!
 //! The QEMU scenarios use `kexec` (short for `error-before-kexec`),
-//! `die-before-kexec`, `sigterm-after-checkpoint` and `corrupt-image`
-//! (short for `corrupt-after-image-write`).
+//! `die-before-kexec`, `sigterm-after-checkpoint`, `corrupt-image` (short
+//! for `corrupt-after-image-write`), `corrupt-superblock` and
+//! `corrupt-manifest`.
 
 use std::fmt;
 use std::path::Path;
@@ -113,7 +116,18 @@ pub enum Fault {
     /// Blocks until a signal asks kupgrade to stop.
     Hang,
     /// Damages the written image.
-    Corrupt,
+    Corrupt(Target),
+}
+
+/// What `corrupt` damages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The first chunk of the first workload's section.
+    Chunk,
+    /// The superblock (its header checksum no longer matches).
+    Superblock,
+    /// The manifest (its checksum no longer matches).
+    Manifest,
 }
 
 impl Fault {
@@ -126,7 +140,7 @@ impl Fault {
             "sigint" => Fault::Signal(Signal::SIGINT),
             "sighup" => Fault::Signal(Signal::SIGHUP),
             "hang" => Fault::Hang,
-            "corrupt" => Fault::Corrupt,
+            "corrupt" => Fault::Corrupt(Target::Chunk),
             _ => return None,
         })
     }
@@ -157,7 +171,7 @@ pub enum ParseError {
     #[error("{FAILPOINT}: {0:?}: a kexec that works does not return; use before-kexec")]
     AfterKexec(String),
     #[error(
-        "{FAILPOINT}: {0:?}: only the written image can be corrupted: corrupt-after-image-write"
+        "{FAILPOINT}: {0:?}: only the written image can be corrupted: corrupt-after-image-write, optionally :superblock or :manifest"
     )]
     Corrupt(String),
 }
@@ -175,6 +189,8 @@ fn parse_one(given: &str) -> Result<FaultPoint, ParseError> {
     let canonical = match given {
         "kexec" => "error-before-kexec",
         "corrupt-image" => "corrupt-after-image-write",
+        "corrupt-superblock" => "corrupt-after-image-write:superblock",
+        "corrupt-manifest" => "corrupt-after-image-write:manifest",
         other => other,
     };
     let (at, workload) = match canonical.split_once(':') {
@@ -186,7 +202,7 @@ fn parse_one(given: &str) -> Result<FaultPoint, ParseError> {
         .into_iter()
         .find_map(|(sep, when)| at.split_once(sep).map(|(f, p)| (f, when, p)))
         .ok_or_else(|| ParseError::Shape(given.into()))?;
-    let fault = Fault::parse(fault).ok_or_else(|| ParseError::Fault {
+    let mut fault = Fault::parse(fault).ok_or_else(|| ParseError::Fault {
         given: given.into(),
         fault: fault.into(),
     })?;
@@ -198,6 +214,17 @@ fn parse_one(given: &str) -> Result<FaultPoint, ParseError> {
             given: given.into(),
             point: point.into(),
         })?;
+    // After `corrupt`, the suffix names what to damage, not a workload.
+    let mut workload = workload;
+    if fault == Fault::Corrupt(Target::Chunk) && point == Point::ImageWrite {
+        let target = match workload.take().as_deref() {
+            None => Target::Chunk,
+            Some("superblock") => Target::Superblock,
+            Some("manifest") => Target::Manifest,
+            Some(_) => return Err(ParseError::Corrupt(given.into())),
+        };
+        fault = Fault::Corrupt(target);
+    }
     if workload.is_some() && !point.per_workload() {
         return Err(ParseError::Workload {
             given: given.into(),
@@ -207,7 +234,7 @@ fn parse_one(given: &str) -> Result<FaultPoint, ParseError> {
     if point == Point::Kexec && when == When::After {
         return Err(ParseError::AfterKexec(given.into()));
     }
-    if fault == Fault::Corrupt && (point, when) != (Point::ImageWrite, When::After) {
+    if matches!(fault, Fault::Corrupt(_)) && (point, when) != (Point::ImageWrite, When::After) {
         return Err(ParseError::Corrupt(given.into()));
     }
     Ok(FaultPoint {
@@ -332,7 +359,7 @@ impl<S: System, P: Process> Faulty<S, P> {
                     }
                 },
                 // Needs the image input: see `write_image`.
-                Fault::Corrupt => {}
+                Fault::Corrupt(_) => {}
             }
         }
         Ok(())
@@ -351,18 +378,29 @@ impl<S: System, P: Process> Faulty<S, P> {
         Ok(out)
     }
 
-    /// Flips one byte inside the first chunk of the first workload's
-    /// section, after the image was written and read back.
-    fn corrupt_first_chunk(&self, input: &ImageInput) -> Result<(), String> {
+    /// Flips one byte of `target`, after the image was written and read
+    /// back: inside the first chunk of the first workload's section, in
+    /// the superblock's generation, or inside the manifest.
+    fn corrupt(&self, target: Target, input: &ImageInput) -> Result<(), String> {
         use std::os::unix::fs::FileExt;
         let name = input.trees.first().map(|t| t.0.as_str()).unwrap_or("");
         let f = self.store.open_rw().map_err(|e| e.to_string())?;
         let img = image_format::Image::open(f).map_err(|e| e.to_string())?;
-        let Some(section) = img.manifest().sections.iter().find(|s| s.name == name) else {
-            return Err(format!("no section {name:?} to damage"));
+        let at = match target {
+            Target::Chunk => {
+                let Some(section) = img.manifest().sections.iter().find(|s| s.name == name) else {
+                    return Err(format!("no section {name:?} to damage"));
+                };
+                // Past the chunk header, inside its body.
+                section.offset + image_format::format::CHUNK_HEADER_LEN as u64
+            }
+            // The generation (bytes 16..24), covered by the header checksum.
+            Target::Superblock => 16,
+            Target::Manifest => {
+                let sb = img.superblock();
+                sb.manifest_offset + sb.manifest_len / 2
+            }
         };
-        // Past the chunk header, inside its body.
-        let at = section.offset + image_format::format::CHUNK_HEADER_LEN as u64;
         let f = self.store.open_rw().map_err(|e| e.to_string())?;
         let mut b = [0u8; 1];
         f.read_exact_at(&mut b, at).map_err(|e| e.to_string())?;
@@ -416,8 +454,16 @@ impl<S: System, P: Process> System for Faulty<S, P> {
         self.fire(Point::ImageWrite, When::Before, None)?;
         let bytes = self.inner.write_image(input)?;
         // `parse` allows `corrupt` only after the image write.
-        if self.points.iter().any(|f| f.fault == Fault::Corrupt) {
-            self.corrupt_first_chunk(input).map_err(|e| {
+        let targets: Vec<Target> = self
+            .points
+            .iter()
+            .filter_map(|f| match f.fault {
+                Fault::Corrupt(t) => Some(t),
+                _ => None,
+            })
+            .collect();
+        for t in targets {
+            self.corrupt(t, input).map_err(|e| {
                 StepError::new(Step::ImageWrite, format!("failpoint {FAILPOINT}: {e}"))
             })?;
         }
@@ -565,7 +611,33 @@ mod tests {
         );
         assert_eq!(
             one("corrupt-image"),
-            (Fault::Corrupt, When::After, Point::ImageWrite)
+            (
+                Fault::Corrupt(Target::Chunk),
+                When::After,
+                Point::ImageWrite
+            )
+        );
+        assert_eq!(
+            one("corrupt-superblock"),
+            (
+                Fault::Corrupt(Target::Superblock),
+                When::After,
+                Point::ImageWrite
+            )
+        );
+        assert_eq!(
+            one("corrupt-after-image-write:manifest"),
+            (
+                Fault::Corrupt(Target::Manifest),
+                When::After,
+                Point::ImageWrite
+            )
+        );
+        assert_eq!(
+            parse("corrupt-after-image-write:footer"),
+            Err(ParseError::Corrupt(
+                "corrupt-after-image-write:footer".into()
+            ))
         );
     }
 
@@ -784,5 +856,41 @@ mod tests {
         assert_eq!(img.read_blob("other").unwrap(), vec![8u8; 10_000]);
         // The pipeline went on to the (fake) reboot, as it does for real.
         assert!(f.inner.calls.contains(&"reboot".to_string()));
+    }
+
+    /// `corrupt-superblock` and `corrupt-manifest` damage exactly that: the
+    /// image no longer opens, with the error of that part.
+    #[test]
+    fn corrupt_superblock_and_manifest_damage_that_part() {
+        for (spec, says) in [
+            ("corrupt-superblock", "superblock checksum"),
+            ("corrupt-manifest", "manifest"),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let store = Store {
+                path: d.path().join("store.img"),
+                kind: crate::store::Kind::File,
+                capacity: 4 << 20,
+            };
+            let mut w = image_format::ImageWriter::create(
+                store.open_rw().unwrap(),
+                store.capacity,
+                image_format::WriteOptions::default(),
+            )
+            .unwrap();
+            w.add_blob(&contract::devstate::criu_section("a"), &[7u8; 10_000])
+                .unwrap();
+            w.finish(image_format::Manifest::default()).unwrap();
+            image_format::Image::open(store.open_rw().unwrap()).unwrap();
+
+            let mut f = faulty(spec, store.clone());
+            go(&mut f).unwrap_err();
+            let e = image_format::Image::open(store.open_rw().unwrap())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains(says), "{spec}: {e:?}");
+            assert!(f.inner.calls.contains(&"reboot".to_string()), "{spec}");
+        }
     }
 }

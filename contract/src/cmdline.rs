@@ -50,6 +50,9 @@ init_failpoints! {
     ReportWrite => "report-write",
     /// The first module of the initramfs fails to load.
     ModuleLoad => "module-load",
+    /// `nd_pmem` fails to load, so that a pmem store never appears, as in a
+    /// kernel without its driver.
+    PmemModuleLoad => "pmem-module-load",
 }
 
 impl fmt::Display for InitFailpoint {

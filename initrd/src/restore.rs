@@ -146,7 +146,12 @@ pub fn run(
     let children_until = Instant::now() + timeout.saturating_sub(wrap_up(timeout));
     let image = match sys.open_image(store) {
         Ok(i) => i,
-        Err(e) => return Restore::Skipped(Skip::NoImage(e)),
+        Err(e @ Error::Image(image_format::Error::NoImage)) => {
+            return Restore::Skipped(Skip::NoImage(e))
+        }
+        // A resume boot with no store, or an image that does not read: an
+        // image was due and cannot be restored, which the report must say.
+        Err(e) => return unreadable(sys, store, &e, events, modules_failed),
     };
     if image.state != State::Written {
         return Restore::Skipped(Skip::AlreadyUsed(image.state));
@@ -181,6 +186,59 @@ pub fn run(
         record,
     };
     Restore::Done(Box::new(r.run()))
+}
+
+/// The image due for this resume boot cannot be opened: the store is
+/// missing (its module did not load, its reservation was dropped) or its
+/// superblock or manifest is damaged. Nothing is restored; an image whose
+/// superblock still reads is marked failed, so that no later boot tries it,
+/// and wiped once the report keeps the reason.
+fn unreadable(
+    sys: &mut dyn System,
+    store: &Path,
+    e: &Error,
+    mut events: Vec<PhaseTiming>,
+    modules_failed: Vec<ModuleFailure>,
+) -> Restore {
+    let head = match sys.read_superblock(store) {
+        Ok(head) if head.state != State::Written => {
+            return Restore::Skipped(Skip::AlreadyUsed(head.state))
+        }
+        Ok(head) => Some(head),
+        Err(_) => None,
+    };
+    if head.is_some() {
+        if let Err(e) = sys.set_image_state(State::Failed) {
+            sys.log(&format!("cannot mark the image failed: {}", chain(&e)));
+        }
+    }
+    let reason = format!("cannot read the image in {}: {}", store.display(), chain(e));
+    crate::emit(
+        sys,
+        &mut events,
+        EventLine::now(Event::RestoreFailed).with("reason", &reason),
+    );
+    let report = UpgradeReport {
+        outcome: Outcome::Failed,
+        reason: Some(reason),
+        kernel_from: String::new(),
+        kernel_to: sys.kernel_release(),
+        image_generation: head.as_ref().map_or(0, |h| h.generation),
+        workloads: vec![],
+        events,
+        store: Some(store.display().to_string()),
+        modules_failed,
+    };
+    match sys.write_report(&report, Durability::Synced) {
+        Ok(()) if head.is_some() => {
+            if let Err(e) = sys.wipe_image() {
+                sys.log(&format!("cannot wipe the image: {}", chain(&e)));
+            }
+        }
+        Ok(()) => {}
+        Err(e) => sys.log(&chain(&e)),
+    }
+    Restore::Done(Box::new(report))
 }
 
 /// The restore cannot happen (the root never came): a `written` image is
@@ -934,11 +992,6 @@ mod tests {
                 "no image to restore: no kupgrade image in this store".to_string(),
             ),
             (
-                Fake::failing_at(&[open]),
-                open,
-                format!("no image to restore: {}", Fake::failure(open)),
-            ),
-            (
                 Fake::failing_at(&["mark restoring"]),
                 "mark restoring",
                 format!(
@@ -970,6 +1023,77 @@ mod tests {
                 ],
                 "{says}"
             );
+        }
+    }
+
+    /// A resume boot whose store is missing (nd_pmem did not load, the
+    /// reservation was dropped) or whose superblock does not read: nothing
+    /// is restored, and the report, written durably, says why and names
+    /// the modules that failed. It used to be a silent "no image".
+    #[test]
+    fn a_store_that_cannot_be_read_is_reported_not_skipped() {
+        let open = "open /dev/pmem0";
+        let mut f = Fake::failing_at(&[open, "read superblock /dev/pmem0"]);
+        f.modules = vec!["nd_pmem.ko".into()];
+        f.refused = vec!["nd_pmem.ko".into()];
+        boot(&mut f).expect("an init runs");
+        let r = f.report();
+        assert_eq!(r.outcome, Outcome::Failed);
+        let why = r.reason.as_deref().unwrap_or_default();
+        assert!(
+            why.starts_with("cannot read the image in /dev/pmem0: ")
+                && why.contains(&Fake::failure(open)),
+            "{why}"
+        );
+        assert_eq!(r.modules_failed[0].name, "nd_pmem");
+        assert_eq!(
+            f.calls
+                .iter()
+                .filter(|c| c.starts_with("write"))
+                .collect::<Vec<_>>(),
+            ["write report"],
+            "one report, synced"
+        );
+        // Nothing to mark or wipe without a superblock; then the real init.
+        assert!(!f.calls.iter().any(|c| c.starts_with("mark") || c == "wipe"));
+        assert_eq!(f.ending(), [Event::RestoreFailed, Event::ExecInit]);
+    }
+
+    /// A damaged manifest under a good superblock: the image is marked
+    /// failed before anything is restored (no later boot tries it again),
+    /// the report says why, and the image is wiped once reported.
+    #[test]
+    fn an_image_that_does_not_open_is_marked_failed_reported_and_wiped() {
+        let open = "open /dev/pmem0";
+        let mut f = Fake::failing_at(&[open]);
+        boot(&mut f).expect("an init runs");
+        assert_eq!(
+            f.calls_after(open),
+            [
+                "read superblock /dev/pmem0",
+                "mark failed",
+                "write report",
+                "wipe",
+                EXEC
+            ]
+        );
+        let r = f.report();
+        assert_eq!((r.outcome, r.image_generation), (Outcome::Failed, 7));
+        assert!(r
+            .reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains(&Fake::failure(open)));
+        assert!(f.restore_args.is_empty(), "CRIU ran");
+        // Already used: left as it is, the earlier report standing.
+        for state in [State::Restoring, State::Restored, State::Failed] {
+            let mut f = Fake::failing_at(&[open]);
+            if let Some(i) = f.image.as_mut() {
+                i.state = state;
+            }
+            boot(&mut f).expect("an init runs");
+            assert!(f.reports.is_empty(), "{state}");
+            assert!(f.logged(&format!("is {state}: not restoring it again")));
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod guest;
 pub mod matrix;
 pub mod probe;
 pub mod progress;
+pub mod qmp;
 pub mod reliability;
 pub mod report;
 pub mod run;

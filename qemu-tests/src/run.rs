@@ -20,7 +20,7 @@ use crate::guest::{self, Line, Plan, Verb};
 use crate::probe::{self, ProbeResult};
 use crate::report::{self, Artifacts, CheckResult, Report, Verdict, WorkloadPids};
 use crate::scenario::{Expect, Flavour, Scenario};
-use crate::{progress, stop};
+use crate::{progress, qmp, stop};
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -212,10 +212,13 @@ fn start_qemu(
         "file={},format=raw,if=virtio,readonly=on",
         plan_disk.display()
     ))
-    .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"]);
+    if !p.scenario.upgrade.reset_on.is_empty() {
+        cmd.arg("-qmp").arg(qmp::listen_arg(&qmp_socket(log)));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut log_file = File::create(log)?;
     let mut child = cmd
         .spawn()
@@ -260,6 +263,11 @@ fn start_qemu(
         }
     });
     Ok(Qemu { child, lines: rx })
+}
+
+/// QEMU's QMP socket, next to the run's serial log.
+fn qmp_socket(serial_log: &Path) -> PathBuf {
+    serial_log.with_file_name("qmp.sock")
 }
 
 /// The kernels a prepared scenario upgrades to, in turn.
@@ -378,6 +386,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
     let mut timed_out = false;
     let mut stopped_by = None;
     let mut done = false;
+    let mut reset_done = false;
     loop {
         if Instant::now() > deadline {
             timed_out = true;
@@ -405,6 +414,14 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
         if opts.verbose {
             eprintln!("  | {line}");
         }
+        let reset_on = &sc.upgrade.reset_on;
+        if !reset_done && !reset_on.is_empty() && line.contains(reset_on.as_str()) {
+            reset_done = true;
+            progress::step(&format!("guest said {reset_on:?}: resetting the machine"));
+            if let Err(e) = qmp::system_reset(&qmp_socket(&serial)) {
+                guest_error = Some(format!("cannot reset the machine: {e:#}"));
+            }
+        }
         if let Some(e) = EventLine::parse(&line) {
             // kmsg and the console can both show the same event; the first
             // to arrive times it.
@@ -419,6 +436,12 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
         };
         match l.verb {
             Verb::Boot => {
+                if reset_done {
+                    // Up again after the reset: a reboot ends the run again.
+                    if let Err(e) = qmp::reboot_stops(&qmp_socket(&serial)) {
+                        progress::step(&format!("{e:#}"));
+                    }
+                }
                 let k = l.get("kernel").unwrap_or("?").to_string();
                 progress::step(&format!("guest booted kernel {k}"));
                 boots.push(k);
@@ -673,6 +696,13 @@ fn builtin_checks(
     let mut out = vec![finished_in_time(sc, o)];
     let mut planned = vec![p.from.clone()];
     planned.extend(chain.iter().cloned());
+    let reset = !sc.upgrade.reset_on.is_empty();
+    if reset {
+        // The reset strikes before the last kernel's init, and boots
+        // QEMU's -kernel again.
+        planned.pop();
+        planned.push(p.from.clone());
+    }
     let kexec_planned = check(
         "kernel release changed as planned",
         rep.boots == planned,
@@ -753,12 +783,12 @@ fn builtin_checks(
             out.push(kexec_planned);
             let want = &sc.upgrade.refusal_contains;
             let last = o.restore_reports.last();
+            // A restore cut short by a reset leaves its durable record.
+            let outcome = if reset { "restoring" } else { "failed" };
             out.push(check(
                 "kupgrade report says the restore failed, and why",
                 last.is_some_and(|(r, why)| {
-                    r == "failed"
-                        && !why.is_empty()
-                        && want.iter().all(|w| why.contains(w.as_str()))
+                    r == outcome && !why.is_empty() && want.iter().all(|w| why.contains(w.as_str()))
                 }),
                 format!("{last:?} (expected to mention {want:?})"),
             ));
@@ -868,6 +898,52 @@ mod tests {
             "the kept disk was changed"
         );
         assert!(!logs.with_extension("replayed.img").exists());
+    }
+
+    /// A reset during the restore (before the new kernel's init said it
+    /// booted) boots QEMU's -kernel again and leaves the
+    /// restore's record: both are what a reset scenario must see, and a
+    /// record taken for a failure (or no third boot) fails it.
+    #[test]
+    fn a_reset_scenario_expects_the_first_kernel_again_and_the_record() {
+        let scenario = Scenario::parse(
+            "name = \"r\"\n[upgrade]\nexpect = \"restore-failed\"\nreset_on = \"event=net-restored\"\n\
+             refusal_contains = [\"began but never ended\"]\n",
+        )
+        .unwrap();
+        scenario.validate().unwrap();
+        let p = Prepared {
+            scenario: scenario.clone(),
+            from: "a".into(),
+            to: "b".into(),
+            bin_dir: "/".into(),
+            rootfs: "/".into(),
+            kernel: "/".into(),
+            initrd: "/".into(),
+        };
+        let judged = |boots: &[&str], outcome: &str| {
+            let rep = Report {
+                boots: boots.iter().map(|b| b.to_string()).collect(),
+                ..Default::default()
+            };
+            let o = Outcome {
+                go_returned: None,
+                restore_reports: vec![(
+                    outcome.into(),
+                    "the restore of generation 1 began but never ended".into(),
+                )],
+                guest_error: None,
+                timed_out: false,
+                stopped_by: None,
+                done: true,
+            };
+            builtin_checks(&rep, &scenario, &p, &["b".into()], &o)
+                .iter()
+                .all(|c| c.ok)
+        };
+        assert!(judged(&["a", "a"], "restoring"));
+        assert!(!judged(&["a", "b"], "restoring"), "no reset boot");
+        assert!(!judged(&["a", "a"], "failed"), "not the record");
     }
 
     /// A guest that never comes up is stopped by the deadline, the run fails

@@ -464,6 +464,10 @@ pub struct Upgrade {
     /// Extra parameters for the new kernel's command line (`kupgrade stage
     /// --append`), e.g. a failpoint of kupgrade-init.
     pub stage_append: String,
+    /// QEMU `system_reset` once a serial line contains this text (e.g.
+    /// `event=net-restored`, while kupgrade-init restores). The reset boots
+    /// QEMU's `-kernel`, the first kernel, with its own command line.
+    pub reset_on: String,
 }
 
 impl Default for Upgrade {
@@ -476,6 +480,7 @@ impl Default for Upgrade {
             go_args: vec![],
             go_env: vec![],
             stage_append: String::new(),
+            reset_on: String::new(),
         }
     }
 }

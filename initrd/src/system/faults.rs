@@ -119,6 +119,9 @@ impl<S: System> System for Faults<S> {
             self.module_failed = true;
             self.injected(InitFailpoint::ModuleLoad)?;
         }
+        if crate::boot::module_name(module) == "nd_pmem" {
+            self.injected(InitFailpoint::PmemModuleLoad)?;
+        }
         self.inner.load_module(release, module)
     }
 
@@ -463,5 +466,25 @@ mod tests {
         assert!(sys
             .inner
             .logged("unknown failpoint \"no-such-fault\"; ignored"));
+    }
+
+    #[test]
+    fn the_pmem_module_failpoint_fails_nd_pmem_only() {
+        let mut sys = with_failpoint("pmem-module-load");
+        sys.inner.modules = vec![
+            "libnvdimm.ko".into(),
+            "kernel/drivers/nvdimm/nd_pmem.ko.xz".into(),
+        ];
+        crate::boot(&mut sys).expect("an init runs");
+        let fake = &sys.inner;
+        assert!(fake.calls.iter().any(|c| c == "load libnvdimm.ko"));
+        assert!(!fake.calls.iter().any(|c| c.contains("nd_pmem")));
+        let failed: Vec<&str> = fake
+            .report()
+            .modules_failed
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(failed, ["nd_pmem"]);
     }
 }

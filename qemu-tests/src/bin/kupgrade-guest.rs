@@ -556,13 +556,23 @@ fn report_last_upgrade() {
         Some(r) => Line::new(Verb::Report)
             .with(
                 "outcome",
-                if r.outcome == Outcome::Restored {
-                    "restored"
-                } else {
-                    "failed"
+                match r.outcome {
+                    Outcome::Restored => "restored",
+                    // The durable record of a restore that never ended.
+                    Outcome::Restoring => "restoring",
+                    Outcome::Failed => "failed",
                 },
             )
-            .with("detail", r.reason.unwrap_or_default()),
+            .with(
+                "detail",
+                // A record has no reason yet: what `kupgrade report` makes of it.
+                r.reason.unwrap_or_else(|| {
+                    text.lines()
+                        .find_map(|l| l.trim().strip_prefix("WARNING: "))
+                        .unwrap_or_default()
+                        .to_string()
+                }),
+            ),
         None => Line::new(Verb::Report)
             .with("outcome", "none")
             .with("detail", format!("no {}", path.display())),
