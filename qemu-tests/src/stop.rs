@@ -1,7 +1,8 @@
 //! Stopping the harness stops its guests. On SIGTERM, SIGINT or SIGHUP every
-//! QEMU the harness started is terminated; the run in progress then ends as
-//! a failure that says so, keeping its serial log (written line by line as
-//! it arrives) and its disk, and no further scenario starts.
+//! QEMU the harness started is terminated (with `--jobs`, several run at
+//! once: all of them); each run in progress then ends as a failure that
+//! says so, keeping its serial log (written line by line as it arrives) and
+//! its disk, and no further scenario starts.
 
 use std::process::Child;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -25,7 +26,7 @@ static GUESTS: Mutex<Vec<Weak<Mutex<Child>>>> = Mutex::new(Vec::new());
 const GUEST_GRACE: Duration = Duration::from_secs(3);
 
 /// Handles the stopping signals from now on: the first stops every guest
-/// and lets the run in progress finish its report; if the process is still
+/// and lets the runs in progress finish their reports; if the process is still
 /// there `exit_after` later (stuck in a build, say), or on a second signal,
 /// it exits with 128 + the signal.
 pub fn install(exit_after: Duration) -> std::io::Result<()> {
