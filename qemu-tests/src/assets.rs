@@ -828,6 +828,27 @@ fn install_dir(
 mod tests {
     use super::*;
 
+    /// Root images of other kernels have other names: building one does
+    /// not remove the one a scenario of the other kernels is running from.
+    #[test]
+    fn root_images_of_other_kernels_are_named_apart() {
+        let r = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let a = releases_tag(&r(&["6.1.0-9-cloud-amd64", "6.1.0-40-cloud-amd64"]));
+        assert_eq!(
+            a,
+            releases_tag(&r(&["6.1.0-9-cloud-amd64", "6.1.0-40-cloud-amd64"]))
+        );
+        assert_ne!(
+            a,
+            releases_tag(&r(&["6.1.0-40-cloud-amd64", "6.12.38+deb12-cloud-amd64"]))
+        );
+        // Not the same as one release spelled across two.
+        assert_ne!(
+            releases_tag(&r(&["ab", "c"])),
+            releases_tag(&r(&["a", "bc"]))
+        );
+    }
+
     #[test]
     fn releases_sort_by_version_not_text() {
         let mut v = vec![
