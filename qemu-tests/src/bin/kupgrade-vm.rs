@@ -195,7 +195,7 @@ fn main() -> ExitCode {
             let jobs = usize::from(jobs);
             let mut queue: Vec<(usize, &PathBuf)> = scenarios.iter().enumerate().collect();
             if jobs > 1 {
-                queue.sort_by_key(|(_, s)| std::cmp::Reverse(expected_length(s)));
+                queue.sort_by_cached_key(|(_, s)| std::cmp::Reverse(expected_length(s)));
             }
             let floors = Floors::new();
             let mut failed = Vec::new();
