@@ -211,8 +211,11 @@ fn start_qemu(
         Flavour::Appliance => format!("root=LABEL={} rw", assets::ROOT_LABEL),
         Flavour::Debian => debian::KERNEL_ARGS.to_string(),
     };
+    // no_timer_check: a TCG vCPU starved by a busy host (another guest of
+    // `--jobs`, say) misses the early IO-APIC timer check and the kernel
+    // panics; `kupgrade stage` passes the line on to the kexec'd kernel.
     let cmdline = format!(
-        "console=ttyS0,115200 {root} {} panic=-1 loglevel=4",
+        "console=ttyS0,115200 {root} {} no_timer_check panic=-1 loglevel=4",
         g.memmap()
     );
     let mut netdev = "user,id=n0".to_string();
