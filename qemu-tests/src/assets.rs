@@ -260,9 +260,12 @@ pub fn build_guest_binaries(workspace: &Path) -> Result<PathBuf> {
     Ok(target_dir.join("x86_64-unknown-linux-gnu/release"))
 }
 
-/// Builds the first boot's initramfs for `release` with the same code as `kupgrade stage`.
+/// Builds the first boot's initramfs for `release` with the same code as
+/// `kupgrade stage`. It is written aside and renamed into place: a guest
+/// of another scenario may be starting from the one there now.
 pub fn build_initramfs(cache: &Cache, bin_dir: &Path, release: &str) -> Result<PathBuf> {
     let out = cache.root.join(format!("initrd-{release}.img"));
+    let tmp = out.with_extension("partial");
     let modules_dir = cache.modules_dir(release);
     let index = ModuleIndex::open(&modules_dir)?;
     let vm: Vec<String> = VM_MODULES.iter().map(|s| s.to_string()).collect();
@@ -283,13 +286,16 @@ pub fn build_initramfs(cache: &Cache, bin_dir: &Path, release: &str) -> Result<P
         compression: initramfs::Compression::for_kernel_config(config.as_deref()),
         kernel_decompresses: initramfs::format::in_kernel_decompression(config.as_deref()),
     };
-    let built = initramfs::build(&spec, &out)?;
+    let built = initramfs::build(&spec, &tmp)?;
     if !built.modules.missing.is_empty() {
+        let _ = fs::remove_file(&tmp);
         bail!(
             "release {release} lacks modules {:?} that the guest needs",
             built.modules.missing
         );
     }
+    fs::rename(&tmp, &out)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), out.display()))?;
     Ok(out)
 }
 
@@ -304,12 +310,14 @@ pub struct RootfsInputs<'a> {
 pub fn ensure_rootfs(cache: &Cache, inputs: &RootfsInputs) -> Result<PathBuf> {
     let key = rootfs_key(inputs)?;
     let dir = cache.root.join("rootfs");
-    // Images with other packages are kept: scenarios alternate between them.
-    let flavour = if inputs.packages.is_empty() {
+    // Images with other packages or kernels are kept: scenarios alternate
+    // between them, and run at the same time from them.
+    let packages = if inputs.packages.is_empty() {
         "base".to_string()
     } else {
         inputs.packages.join("+")
     };
+    let flavour = format!("{packages}-{}", releases_tag(inputs.releases));
     let img = dir.join(format!("root-{flavour}-{key}.img"));
     if img.exists() {
         return Ok(img);
@@ -339,6 +347,16 @@ pub fn ensure_rootfs(cache: &Cache, inputs: &RootfsInputs) -> Result<PathBuf> {
         }
     }
     Ok(img)
+}
+
+/// A short name for a set of kernel releases, in image names.
+fn releases_tag(releases: &[String]) -> String {
+    let mut h = blake3::Hasher::new();
+    for r in releases {
+        h.update(r.as_bytes());
+        h.update(b"\0");
+    }
+    format!("k{}", &h.finalize().to_hex()[..8])
 }
 
 fn rootfs_key(inputs: &RootfsInputs) -> Result<String> {
@@ -809,6 +827,27 @@ fn install_dir(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Root images of other kernels have other names: building one does
+    /// not remove the one a scenario of the other kernels is running from.
+    #[test]
+    fn root_images_of_other_kernels_are_named_apart() {
+        let r = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let a = releases_tag(&r(&["6.1.0-9-cloud-amd64", "6.1.0-40-cloud-amd64"]));
+        assert_eq!(
+            a,
+            releases_tag(&r(&["6.1.0-9-cloud-amd64", "6.1.0-40-cloud-amd64"]))
+        );
+        assert_ne!(
+            a,
+            releases_tag(&r(&["6.1.0-40-cloud-amd64", "6.12.38+deb12-cloud-amd64"]))
+        );
+        // Not the same as one release spelled across two.
+        assert_ne!(
+            releases_tag(&r(&["ab", "c"])),
+            releases_tag(&r(&["a", "bc"]))
+        );
+    }
 
     #[test]
     fn releases_sort_by_version_not_text() {

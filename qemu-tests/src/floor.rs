@@ -7,9 +7,11 @@
 //! scenario's boot: the scenario's first kernel must be the old one), staged
 //! by `kupgrade stage` and rebooted by the same call as `kupgrade go`, once
 //! per kernel chain and guest in an invocation: the scenarios after the
-//! first that needs it reuse it.
+//! first that needs it reuse it, and those running at the same time wait
+//! for the one that measures it.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use crate::report::{EventRecord, FloorRun, Report, Verdict};
 use crate::run::{self, Options, Prepared};
@@ -29,10 +31,13 @@ struct Measured {
     error: Option<String>,
 }
 
-/// The floors measured so far in this invocation.
+/// The floors measured so far in this invocation, shared by the threads
+/// that run scenarios.
 #[derive(Debug, Default)]
 pub struct Floors {
-    measured: HashMap<String, Measured>,
+    /// One cell per key: the first thread to need it measures, the others
+    /// wait on the cell, not on the whole map (other keys go on meanwhile).
+    measured: Mutex<HashMap<String, Arc<OnceLock<Measured>>>>,
 }
 
 /// What must be the same for two scenarios to share a floor: the kernels,
@@ -58,21 +63,36 @@ impl Floors {
 
     /// Sets `rep`'s floor, measuring it now unless an earlier scenario of
     /// this invocation did.
-    pub fn apply(&mut self, p: &Prepared, opts: &Options, rep: &mut Report) {
-        let key = key(p);
-        let shared = self.measured.contains_key(&key);
-        let m = self.measured.entry(key).or_insert_with(|| measure(p, opts));
+    pub fn apply(&self, p: &Prepared, opts: &Options, rep: &mut Report) {
+        let (m, shared) = self.get_or_measure(key(p), || measure(p, opts));
         rep.floor = Some(FloorRun {
-            dir: m.dir.clone(),
+            dir: m.dir,
             shared,
-            error: m.error.clone(),
+            error: m.error,
         });
-        let hops = m.hops.clone();
+        let hops = m.hops;
         rep.set_floor(|from, to| {
             hops.iter()
                 .find(|h| h.from == from && h.to == to)
                 .map(|h| h.ms)
         });
+    }
+
+    /// The floor of `key`, and whether another call measured it.
+    fn get_or_measure(&self, key: String, measure: impl FnOnce() -> Measured) -> (Measured, bool) {
+        let cell = self
+            .measured
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default()
+            .clone();
+        let mut measured_here = false;
+        let m = cell.get_or_init(|| {
+            measured_here = true;
+            measure()
+        });
+        (m.clone(), !measured_here)
     }
 }
 
@@ -144,6 +164,53 @@ mod tests {
             t_host_ms: ms,
             fields: vec![],
         }
+    }
+
+    fn measured(dir: &str) -> Measured {
+        Measured {
+            hops: vec![],
+            dir: dir.into(),
+            error: None,
+        }
+    }
+
+    /// Threads asking for the same floor at once get one measurement; a
+    /// floor of other kernels is measured on its own.
+    #[test]
+    fn concurrent_scenarios_measure_each_floor_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Barrier;
+        use std::time::Duration;
+
+        let floors = Floors::new();
+        let runs = AtomicUsize::new(0);
+        let start = Barrier::new(4);
+        let results: Vec<(Measured, bool)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        floors.get_or_measure("a b".into(), || {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            // Long enough for the others to ask meanwhile.
+                            std::thread::sleep(Duration::from_millis(300));
+                            measured("runs/a-floor")
+                        })
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert!(results.iter().all(|(m, _)| m.dir == "runs/a-floor"));
+        assert_eq!(results.iter().filter(|(_, shared)| !shared).count(), 1);
+
+        let (m, shared) = floors.get_or_measure("b a".into(), || {
+            runs.fetch_add(1, Ordering::SeqCst);
+            measured("runs/b-floor")
+        });
+        assert_eq!((m.dir.as_str(), shared), ("runs/b-floor", false));
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod assets;
 pub mod debian;
 pub mod floor;
 pub mod guest;
+pub mod jobs;
 pub mod matrix;
 pub mod probe;
 pub mod progress;

@@ -1,13 +1,13 @@
 //! One scenario run: assets, QEMU, probes, the guest's lines, the verdict.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -36,8 +36,44 @@ pub struct Options {
     pub verbose: bool,
 }
 
+/// The host ports handed out to this process's guests so far.
+static ISSUED_PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A free port on the host for a forward. The probe listener is closed
+/// before QEMU binds the port, so the kernel could hand it out again to a
+/// guest starting at the same time: no port is given out twice.
 fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    let mut issued = ISSUED_PORTS.lock().unwrap_or_else(PoisonError::into_inner);
+    unique_port(&mut issued, || {
+        Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    })
+}
+
+fn unique_port(
+    issued: &mut BTreeSet<u16>,
+    mut free: impl FnMut() -> std::io::Result<u16>,
+) -> Result<u16> {
+    for _ in 0..100 {
+        let port = free()?;
+        if issued.insert(port) {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free host port that this run has not handed out already")
+}
+
+/// Held while the appliance's kernels, root image and initramfs are built
+/// or checked, which scenarios running at once share. The Debian guest
+/// locks its own cache (with flock, as other clones share it).
+static APPLIANCE_ASSETS: Mutex<()> = Mutex::new(());
+/// Held while kupgrade's package is built into `target/debian` and the
+/// Debian guest is assembled from it.
+static DEBIAN_ASSETS: Mutex<()> = Mutex::new(());
+
+fn hold(lock: &'static Mutex<()>) -> MutexGuard<'static, ()> {
+    // The guarded state is files, which a panicking holder leaves as the
+    // next build expects (partial files are rebuilt).
+    lock.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Everything prepared before QEMU starts.
@@ -62,6 +98,7 @@ pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
     let to = assets::resolve_release(to, to_series, &cache)?;
     // The Debian guest installs its kernels itself.
     if scenario.guest.flavour == Flavour::Appliance {
+        let _assets = hold(&APPLIANCE_ASSETS);
         for r in [&from, &to] {
             assets::ensure_kernel(&cache, r)?;
         }
@@ -75,6 +112,7 @@ pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
     releases.dedup();
     let (rootfs, kernel, initrd) = match scenario.guest.flavour {
         Flavour::Appliance => {
+            let _assets = hold(&APPLIANCE_ASSETS);
             let rootfs = assets::ensure_rootfs(
                 &cache,
                 &RootfsInputs {
@@ -87,6 +125,7 @@ pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
             (rootfs, cache.vmlinuz(&from), initrd)
         }
         Flavour::Debian => {
+            let _assets = hold(&DEBIAN_ASSETS);
             let package = debian::build_package(&opts.workspace, &bin_dir)?;
             let inputs = debian::Inputs {
                 releases: &releases,
@@ -172,8 +211,11 @@ fn start_qemu(
         Flavour::Appliance => format!("root=LABEL={} rw", assets::ROOT_LABEL),
         Flavour::Debian => debian::KERNEL_ARGS.to_string(),
     };
+    // no_timer_check: a TCG vCPU starved by a busy host (another guest of
+    // `--jobs`, say) misses the early IO-APIC timer check and the kernel
+    // panics; `kupgrade stage` passes the line on to the kexec'd kernel.
     let cmdline = format!(
-        "console=ttyS0,115200 {root} {} panic=-1 loglevel=4",
+        "console=ttyS0,115200 {root} {} no_timer_check panic=-1 loglevel=4",
         g.memmap()
     );
     let mut netdev = "user,id=n0".to_string();
@@ -319,8 +361,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let run_dir = opts.cache.join("runs").join(format!("{}-{stamp}", sc.name));
-    fs::create_dir_all(&run_dir)?;
+    let run_dir = new_run_dir(&opts.cache.join("runs"), &sc.name, stamp)?;
     let disk = run_dir.join("disk.img");
     progress::step(&format!(
         "copying the root image for this run into {}",
@@ -412,7 +453,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
         if opts.verbose {
-            eprintln!("  | {line}");
+            progress::console(&line);
         }
         let reset_on = &sc.upgrade.reset_on;
         if !reset_done && !reset_on.is_empty() && line.contains(reset_on.as_str()) {
@@ -575,6 +616,28 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
     let _ = fs::remove_dir_all(run_dir.join("plan-files"));
     rep.wall_secs = started.elapsed().as_secs_f64();
     Ok(rep)
+}
+
+/// Creates the directory of a new run, `NAME-STAMP`, with a suffix if a
+/// run of the same name started in the same second.
+fn new_run_dir(runs: &Path, name: &str, stamp: u64) -> Result<PathBuf> {
+    fs::create_dir_all(runs).with_context(|| format!("cannot create {}", runs.display()))?;
+    let mut n = 1;
+    loop {
+        let dir = match n {
+            1 => runs.join(format!("{name}-{stamp}")),
+            _ => runs.join(format!("{name}-{stamp}-{n}")),
+        };
+        match fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+            Err(e) => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("cannot create {}", dir.display()))
+                )
+            }
+        }
+    }
 }
 
 fn wait_exit(child: &Mutex<Child>, within: Duration) -> Option<std::process::ExitStatus> {
@@ -944,6 +1007,33 @@ mod tests {
         assert!(judged(&["a", "a"], "restoring"));
         assert!(!judged(&["a", "b"], "restoring"), "no reset boot");
         assert!(!judged(&["a", "a"], "failed"), "not the record");
+    }
+
+    #[test]
+    fn runs_started_in_the_same_second_get_their_own_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let runs = dir.path().join("runs");
+        let a = new_run_dir(&runs, "counter", 7).unwrap();
+        let b = new_run_dir(&runs, "counter", 7).unwrap();
+        let c = new_run_dir(&runs, "counter-floor", 7).unwrap();
+        assert_eq!(a, runs.join("counter-7"));
+        assert_eq!(b, runs.join("counter-7-2"));
+        assert_eq!(c, runs.join("counter-floor-7"));
+        assert!(a.is_dir() && b.is_dir() && c.is_dir());
+    }
+
+    /// A port the kernel offers again (its listener closed) is not handed
+    /// to a second guest.
+    #[test]
+    fn a_host_port_is_handed_out_once() {
+        let mut issued = BTreeSet::new();
+        let mut offered = [5000, 5000, 5001, 5000, 5001, 5002].into_iter();
+        let mut next = || Ok(offered.next().unwrap());
+        assert_eq!(unique_port(&mut issued, &mut next).unwrap(), 5000);
+        assert_eq!(unique_port(&mut issued, &mut next).unwrap(), 5001);
+        assert_eq!(unique_port(&mut issued, &mut next).unwrap(), 5002);
+        let mut always_taken = || Ok(5000);
+        assert!(unique_port(&mut issued, &mut always_taken).is_err());
     }
 
     /// A guest that never comes up is stopped by the deadline, the run fails

@@ -1,7 +1,8 @@
 //! Stopping the harness stops its guests. On SIGTERM, SIGINT or SIGHUP every
-//! QEMU the harness started is terminated; the run in progress then ends as
-//! a failure that says so, keeping its serial log (written line by line as
-//! it arrives) and its disk, and no further scenario starts.
+//! QEMU the harness started is terminated (with `--jobs`, several run at
+//! once: all of them); each run in progress then ends as a failure that
+//! says so, keeping its serial log (written line by line as it arrives) and
+//! its disk, and no further scenario starts.
 
 use std::process::Child;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -25,7 +26,7 @@ static GUESTS: Mutex<Vec<Weak<Mutex<Child>>>> = Mutex::new(Vec::new());
 const GUEST_GRACE: Duration = Duration::from_secs(3);
 
 /// Handles the stopping signals from now on: the first stops every guest
-/// and lets the run in progress finish its report; if the process is still
+/// and lets the runs in progress finish their reports; if the process is still
 /// there `exit_after` later (stuck in a build, say), or on a second signal,
 /// it exits with 128 + the signal.
 pub fn install(exit_after: Duration) -> std::io::Result<()> {
@@ -84,12 +85,17 @@ fn stop_guests() {
         .lock()
         .map(|g| g.iter().filter_map(Weak::upgrade).collect())
         .unwrap_or_default();
+    stop_all(&guests);
+}
+
+/// Stops `guests` together: one grace period for all, not one each.
+fn stop_all(guests: &[Arc<Mutex<Child>>]) {
     let running = |c: &Arc<Mutex<Child>>| {
         c.lock()
             .map(|mut c| matches!(c.try_wait(), Ok(None)))
             .unwrap_or(false)
     };
-    for c in &guests {
+    for c in guests {
         if let Ok(mut child) = c.lock() {
             // Not reaped (try_wait would have): the pid is still this QEMU's.
             if matches!(child.try_wait(), Ok(None)) {
@@ -101,7 +107,7 @@ fn stop_guests() {
     while Instant::now() < end && guests.iter().any(running) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for c in &guests {
+    for c in guests {
         if let Ok(mut child) = c.lock() {
             // std does not signal a child it has reaped.
             let _ = child.kill();
@@ -112,6 +118,37 @@ fn stop_guests() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Several guests running at once (`--jobs`) are all stopped, one that
+    /// ignores SIGTERM too, within one grace period.
+    #[test]
+    fn every_running_guest_is_stopped() {
+        use std::os::unix::process::ExitStatusExt;
+        use std::process::Command;
+        let spawn = |script: &str| {
+            Arc::new(Mutex::new(
+                Command::new("sh").args(["-c", script]).spawn().unwrap(),
+            ))
+        };
+        let guests = vec![
+            spawn("exec sleep 600"),
+            spawn("exec sleep 600"),
+            spawn("trap '' TERM; while :; do sleep 0.1; done"),
+        ];
+        // Time for the shell to ignore SIGTERM.
+        std::thread::sleep(Duration::from_millis(500));
+        let t0 = Instant::now();
+        stop_all(&guests);
+        assert!(t0.elapsed() < GUEST_GRACE + Duration::from_secs(2));
+        let signals: Vec<Option<i32>> = guests
+            .iter()
+            .map(|g| g.lock().unwrap().wait().unwrap().signal())
+            .collect();
+        assert_eq!(
+            signals,
+            [Some(SIGTERM), Some(SIGTERM), Some(Signal::SIGKILL as i32)]
+        );
+    }
 
     #[test]
     fn signals_have_their_names() {

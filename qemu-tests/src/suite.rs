@@ -17,7 +17,7 @@ use crate::{progress, stop};
 /// Runs one scenario and returns its report; the verdict says whether it
 /// passed. An upgrade is compared with the bare kexec of the same kernels,
 /// from `floors` or measured now.
-pub fn run(scenario_path: &Path, opts: &Options, floors: &mut Floors) -> Result<Report> {
+pub fn run(scenario_path: &Path, opts: &Options, floors: &Floors) -> Result<Report> {
     let started = Instant::now();
     let p = run::prepare(scenario_path, opts)?;
     let scenario_dir = scenario_path.parent().unwrap_or(Path::new("."));

@@ -1,6 +1,7 @@
-//! `kupgrade-vm run SCENARIO.toml [--report FILE.json]`: boot, upgrade live,
-//! check, report. Exits 0 only if every check passed.
+//! `kupgrade-vm run SCENARIO.toml [--report FILE.json] [--jobs N]`: boot,
+//! upgrade live, check, report. Exits 0 only if every check passed.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -9,7 +10,8 @@ use clap::{Parser, Subcommand};
 use kupgrade_vm::floor::Floors;
 use kupgrade_vm::report::{Report, Verdict};
 use kupgrade_vm::run::Options;
-use kupgrade_vm::{stop, suite};
+use kupgrade_vm::scenario::{Flavour, Scenario};
+use kupgrade_vm::{assets, jobs, progress, stop, suite};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +50,17 @@ enum Cmd {
         /// Show the guest's console.
         #[arg(long, short)]
         verbose: bool,
+        /// Run up to N scenarios at once (each TCG guest keeps about one
+        /// core busy); the longest kinds start first, progress lines name
+        /// their scenario, and each summary is printed whole when it ends.
+        #[arg(
+            long,
+            short,
+            default_value_t = 1,
+            value_name = "N",
+            value_parser = clap::value_parser!(u16).range(1..)
+        )]
+        jobs: u16,
     },
     /// Write the compatibility table from run reports.
     Matrix {
@@ -111,6 +124,22 @@ fn write_table(
     }
 }
 
+/// How long a scenario is expected to take, roughly, to start the longest
+/// first when several run at once: the Debian guest, then more kexecs,
+/// more memory to checkpoint, a longer deadline. One that does not load
+/// goes last (it fails at once).
+fn expected_length(path: &Path) -> (bool, usize, u32, u64) {
+    match Scenario::load(path) {
+        Ok(s) => (
+            s.guest.flavour == Flavour::Debian,
+            s.upgrade.chain.len(),
+            s.guest.memory_mib,
+            s.guest.timeout_secs,
+        ),
+        Err(_) => (false, 0, 0, 0),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cache = cli
@@ -128,67 +157,98 @@ fn main() -> ExitCode {
             qemu,
             keep,
             verbose,
+            jobs,
         } => {
-            // A stopped harness stops its guests; 30 s is enough for the run
-            // in progress to write its report.
+            // A stopped harness stops its guests; 30 s is enough for the runs
+            // in progress to write their reports.
             if let Err(e) = stop::install(Duration::from_secs(30)) {
                 eprintln!("kupgrade-vm: cannot handle signals: {e}");
                 return ExitCode::FAILURE;
             }
-            let mut opts = Options {
+            // Built once, before any scenario: they all boot these.
+            let bin_dir = match cli.bin_dir {
+                Some(d) => d,
+                None => match assets::build_guest_binaries(&workspace()) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        eprintln!("kupgrade-vm: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            let opts = Options {
                 cache,
                 workspace: workspace(),
-                bin_dir: cli.bin_dir,
+                bin_dir: Some(bin_dir),
                 accel,
                 qemu,
                 keep,
                 verbose,
             };
-            let mut failed = Vec::new();
-            let mut floors = Floors::new();
-            for s in &scenarios {
-                if stop::stopped().is_some() {
-                    break;
-                }
-                let rep = match suite::run(s, &opts, &mut floors) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        eprintln!("kupgrade-vm: {}: {e:#}", s.display());
-                        failed.push(s.display().to_string());
-                        continue;
-                    }
-                };
-                // Build the guest binaries once per invocation.
-                if opts.bin_dir.is_none() {
-                    opts.bin_dir =
-                        Some(workspace().join("target/static/x86_64-unknown-linux-gnu/release"));
-                }
-                print!("{}", rep.summary());
-                if let Some(path) = &report {
-                    let path = if scenarios.len() > 1 || path.is_dir() {
-                        let _ = std::fs::create_dir_all(path);
-                        path.join(format!("{}.json", rep.scenario))
-                    } else {
-                        path.clone()
-                    };
-                    write_report(&rep, &path);
-                }
-                if rep.verdict != Verdict::Pass {
-                    failed.push(rep.scenario.clone());
+            let several = scenarios.len() > 1;
+            if let Some(dir) = report.as_ref().filter(|_| several) {
+                if let Err(e) = std::fs::create_dir_all(dir) {
+                    eprintln!("kupgrade-vm: cannot create {}: {e}", dir.display());
+                    return ExitCode::FAILURE;
                 }
             }
+            let jobs = usize::from(jobs);
+            let mut queue: Vec<(usize, &PathBuf)> = scenarios.iter().enumerate().collect();
+            if jobs > 1 {
+                queue.sort_by_cached_key(|(_, s)| std::cmp::Reverse(expected_length(s)));
+            }
+            let floors = Floors::new();
+            let mut failed = Vec::new();
+            jobs::run_all(
+                queue,
+                jobs,
+                || stop::stopped().is_some(),
+                |(i, s)| {
+                    if jobs > 1 {
+                        let label = s.file_stem().unwrap_or(s.as_os_str());
+                        progress::set_label(Some(&label.to_string_lossy()));
+                    }
+                    (i, s, suite::run(s, &opts, &floors))
+                },
+                |(i, s, result)| {
+                    let rep = match result {
+                        Ok(r) => r,
+                        Err(e) => {
+                            eprintln!("kupgrade-vm: {}: {e:#}", s.display());
+                            failed.push((i, s.display().to_string()));
+                            return;
+                        }
+                    };
+                    // One write: a summary is never cut by another's.
+                    let _ = std::io::stdout().lock().write_all(rep.summary().as_bytes());
+                    if let Some(path) = &report {
+                        let path = if several || path.is_dir() {
+                            path.join(format!("{}.json", rep.scenario))
+                        } else {
+                            path.clone()
+                        };
+                        write_report(&rep, &path);
+                    }
+                    if rep.verdict != Verdict::Pass {
+                        failed.push((i, rep.scenario.clone()));
+                    }
+                },
+            );
             if let (Some(sig), Some(code)) = (stop::stopped(), stop::exit_status()) {
                 eprintln!(
-                    "kupgrade-vm: stopped by {}; its guest was stopped, logs are under {}",
+                    "kupgrade-vm: stopped by {}; its guests were stopped, logs are under {}",
                     stop::name(sig),
                     opts.cache.join("runs").display()
                 );
                 return ExitCode::from(code);
             }
+            // In the order given, whichever finished first.
+            failed.sort();
             if failed.is_empty() {
                 ExitCode::SUCCESS
             } else {
-                eprintln!("kupgrade-vm: failed: {}", failed.join(", "));
+                let names: Vec<String> = failed.into_iter().map(|(_, n)| n).collect();
+                eprintln!("kupgrade-vm: failed: {}", names.join(", "));
                 ExitCode::FAILURE
             }
         }
