@@ -25,7 +25,9 @@
 //!
 //! The QEMU scenarios use `kexec` (short for `error-before-kexec`),
 //! `die-before-kexec`, `sigterm-after-checkpoint` and `corrupt-image`
-//! (short for `corrupt-after-image-write`).
+//! (short for `corrupt-after-image-write`); `go-faults` runs `error`,
+//! `kill`, `sighup` and `sigint` after every step before the kexec, and
+//! `unload-before-kexec`.
 
 use std::fmt;
 use std::path::Path;
