@@ -380,12 +380,26 @@ fn run_attempts(plan: &Plan, stage: &[&str]) -> Result<()> {
                 .with("ok", ok)
                 .with("detail", &out));
         }
-        let said = ended
-            .lines()
-            .rev()
-            .find(|l| l.contains("aborted at") || l.contains("resume"))
-            .or_else(|| ended.lines().last())
-            .unwrap_or("");
+        // What go said of its end (and the resume after a killed one).
+        let said = match a.expect {
+            AttemptExpect::Refused => ended
+                .lines()
+                .find(|l| l.contains("aborted at"))
+                .unwrap_or("")
+                .to_string(),
+            AttemptExpect::Killed => {
+                let resume = ended.split("kupgrade resume:").nth(1).unwrap_or("");
+                format!(
+                    "{}; kupgrade resume: {}",
+                    ended.split(": kupgrade").next().unwrap_or(""),
+                    resume
+                        .lines()
+                        .find(|l| l.contains("resume"))
+                        .unwrap_or("")
+                        .trim()
+                )
+            }
+        };
         let verdict = if failed.is_empty() {
             format!("{} checks passed", a.checks.len())
         } else {
@@ -394,7 +408,7 @@ fn run_attempts(plan: &Plan, stage: &[&str]) -> Result<()> {
         say(Line::new(Verb::Check)
             .with("name", &name)
             .with("ok", failed.is_empty())
-            .with("detail", format!("{verdict}; {said}")));
+            .with("detail", format!("{said} | {verdict}")));
     }
     Ok(())
 }
@@ -458,7 +472,10 @@ fn attempt_go(a: &Attempt) -> (bool, String) {
             let ok = exited && missing.is_empty() && !panicked;
             (
                 ok,
-                format!("{status}, expected to mention {:?}: {out}", a.refusal_contains),
+                format!(
+                    "{status}, expected to mention {:?}: {out}",
+                    a.refusal_contains
+                ),
             )
         }
         AttemptExpect::Killed => {
