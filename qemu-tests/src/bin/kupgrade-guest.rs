@@ -384,7 +384,7 @@ fn run_attempts(plan: &Plan, stage: &[&str]) -> Result<()> {
         let said = match a.expect {
             AttemptExpect::Refused => ended
                 .lines()
-                .find(|l| l.contains("aborted at"))
+                .find(|l| l.starts_with("kupgrade: upgrade aborted at"))
                 .unwrap_or("")
                 .to_string(),
             AttemptExpect::Killed => {
