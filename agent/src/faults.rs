@@ -13,7 +13,8 @@
 //!   the first chunk of the first workload's section of the written image,
 //!   as a failing store would; only `after-image-write`;
 //!   `corrupt-after-image-write:superblock` or `:manifest` damages that
-//!   instead).
+//!   instead), `unload` (unloads the staged kernel for real, so that the
+//!   kernel itself refuses the kexec that follows; only `before-kexec`).
 //! - WHEN: `before` the step (an error or a hang then skips it) or `after`
 //!   it succeeded.
 //! - POINT: one call of the seam: `hold`, `freeze`, `checkpoint`,
@@ -26,7 +27,8 @@
 //! The QEMU scenarios use `kexec` (short for `error-before-kexec`),
 //! `die-before-kexec`, `sigterm-after-checkpoint`, `corrupt-image` (short
 //! for `corrupt-after-image-write`), `corrupt-superblock` and
-//! `corrupt-manifest`.
+//! `corrupt-manifest`; `go-faults` runs `error`, `kill`, `sighup` and
+//! `sigint` after every step before the kexec, and `unload-before-kexec`.
 
 use std::fmt;
 use std::path::Path;
@@ -117,6 +119,8 @@ pub enum Fault {
     Hang,
     /// Damages the written image.
     Corrupt(Target),
+    /// Unloads the staged kernel: the real reboot call then fails.
+    Unload,
 }
 
 /// What `corrupt` damages.
@@ -141,6 +145,7 @@ impl Fault {
             "sighup" => Fault::Signal(Signal::SIGHUP),
             "hang" => Fault::Hang,
             "corrupt" => Fault::Corrupt(Target::Chunk),
+            "unload" => Fault::Unload,
             _ => return None,
         })
     }
@@ -162,7 +167,7 @@ pub struct FaultPoint {
 pub enum ParseError {
     #[error("{FAILPOINT}: {0:?} is not FAULT-before-POINT or FAULT-after-POINT (e.g. error-before-kexec)")]
     Shape(String),
-    #[error("{FAILPOINT}: {given:?}: no fault {fault:?} (error, die, kill, sigterm, sigint, sighup, hang, corrupt)")]
+    #[error("{FAILPOINT}: {given:?}: no fault {fault:?} (error, die, kill, sigterm, sigint, sighup, hang, corrupt, unload)")]
     Fault { given: String, fault: String },
     #[error("{FAILPOINT}: {given:?}: no point {point:?} (hold, freeze, checkpoint, system-state, tmpfs, image-write, quiesce, kexec, unquiesce, invalidate, undump, thaw, release, wipe)")]
     Point { given: String, point: String },
@@ -174,6 +179,8 @@ pub enum ParseError {
         "{FAILPOINT}: {0:?}: only the written image can be corrupted: corrupt-after-image-write, optionally :superblock or :manifest"
     )]
     Corrupt(String),
+    #[error("{FAILPOINT}: {0:?}: only the staged kernel can be unloaded, right before the kexec: unload-before-kexec")]
+    Unload(String),
 }
 
 /// Parses a list of fault points; an empty one means none.
@@ -237,6 +244,9 @@ fn parse_one(given: &str) -> Result<FaultPoint, ParseError> {
     if matches!(fault, Fault::Corrupt(_)) && (point, when) != (Point::ImageWrite, When::After) {
         return Err(ParseError::Corrupt(given.into()));
     }
+    if fault == Fault::Unload && (point, when) != (Point::Kexec, When::Before) {
+        return Err(ParseError::Unload(given.into()));
+    }
     Ok(FaultPoint {
         fault,
         when,
@@ -265,6 +275,8 @@ pub trait Process {
     fn abort(&mut self) -> !;
     /// One slice of a hang.
     fn pause(&mut self);
+    /// Unloads the kexec kernel.
+    fn unload_kexec(&mut self) -> Result<(), String>;
 }
 
 pub struct RealProcess;
@@ -280,6 +292,10 @@ impl Process for RealProcess {
 
     fn pause(&mut self) {
         std::thread::sleep(Duration::from_millis(100));
+    }
+
+    fn unload_kexec(&mut self) -> Result<(), String> {
+        kexec::unload().map_err(|e| e.to_string())
     }
 }
 
@@ -360,6 +376,17 @@ impl<S: System, P: Process> Faulty<S, P> {
                 },
                 // Needs the image input: see `write_image`.
                 Fault::Corrupt(_) => {}
+                Fault::Unload => {
+                    self.process.unload_kexec().map_err(|e| {
+                        StepError::new(
+                            point.step(),
+                            format!("failpoint {FAILPOINT}={given}: cannot unload the staged kernel: {e}"),
+                        )
+                    })?;
+                    say(&format!(
+                        "kupgrade: failpoint {FAILPOINT}={given}: unloaded the staged kernel; the kexec goes ahead"
+                    ));
+                }
             }
         }
         Ok(())
@@ -519,6 +546,7 @@ mod tests {
         Raise(Signal),
         Abort,
         Pause,
+        Unload,
     }
 
     /// Records what a fault does to the process; a caught signal sets the
@@ -552,6 +580,11 @@ mod tests {
             if pauses >= self.pauses_until_signal {
                 self.signalled.set(true);
             }
+        }
+        /// The fake's reboot then fails as the kernel's would.
+        fn unload_kexec(&mut self) -> Result<(), String> {
+            self.did.push(Did::Unload);
+            Ok(())
         }
     }
 
@@ -686,6 +719,14 @@ mod tests {
             Err(ParseError::Corrupt(_))
         ));
         assert!(matches!(
+            parse("unload-before-quiesce"),
+            Err(ParseError::Unload(_))
+        ));
+        assert!(matches!(
+            parse("unload-after-image-write"),
+            Err(ParseError::Unload(_))
+        ));
+        assert!(matches!(
             parse("error-before-hold:web"),
             Err(ParseError::Workload { .. })
         ));
@@ -763,6 +804,44 @@ mod tests {
             after(&f, "dump a"),
             ["undump a", "thaw b", "thaw a", "release"]
         );
+    }
+
+    /// The staged kernel goes right before the kexec, after every check:
+    /// the reboot call itself is refused, and everything is undone.
+    #[test]
+    fn unload_before_kexec_lets_the_kernel_refuse_and_everything_is_undone() {
+        let mut f = faulty("unload-before-kexec", store());
+        let err = go(&mut f).unwrap_err();
+        assert_eq!(f.process.did, [Did::Unload]);
+        assert_eq!(err.failure.step, Step::Kexec);
+        assert_eq!(err.failure.reason, "refused by the kernel");
+        assert_eq!(
+            after(&f, "reboot"),
+            [
+                "unquiesce",
+                "invalidate",
+                "undump b",
+                "undump a",
+                "thaw b",
+                "thaw a",
+                "release",
+                "wipe"
+            ]
+        );
+        assert!(err.resume_errors.is_empty());
+    }
+
+    /// A signal during the quiesce (a long sync) still stops the upgrade:
+    /// the kexec is not attempted.
+    #[test]
+    fn a_signal_during_the_quiesce_aborts_before_the_kexec() {
+        let mut f = faulty("sighup-after-quiesce", store());
+        let err = go(&mut f).unwrap_err();
+        assert_eq!(f.process.did, [Did::Raise(Signal::SIGHUP)]);
+        assert_eq!(err.failure.reason, "interrupted by a signal");
+        assert!(!f.inner.calls.contains(&"reboot".to_string()));
+        assert_eq!(after(&f, "quiesce")[0], "unquiesce");
+        assert!(err.resume_errors.is_empty());
     }
 
     #[test]

@@ -430,6 +430,10 @@ fn run(
     undo.at = Step::Quiesce;
     undo.quiesced = true;
     sys.quiesce_filesystems()?;
+    // A signal during the sync: the last moment to heed it.
+    if sys.interrupted() {
+        return Err(StepError::new(Step::Quiesce, "interrupted by a signal"));
+    }
     undo.at = Step::Kexec;
     // The point of no return: only comes back if the kernel refused.
     Err(sys.reboot())

@@ -159,7 +159,7 @@ pub enum KexecError {
     InvalidArgument { context: String },
     #[error("{context}: this kernel was built without kexec_file_load (CONFIG_KEXEC_FILE): upgrade it with a normal reboot")]
     Unsupported { context: String },
-    #[error("{context}: no kexec kernel is loaded: load one first (kupgrade stage)")]
+    #[error("{context}: the kernel refused (EINVAL): no kexec kernel is loaded, it was unloaded after staging; stage it again (kupgrade stage)")]
     NotLoaded { context: String },
     #[error("{context}: {}", describe_errno(*.errno))]
     Os { context: String, errno: i32 },

@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::scenario::{Check, Expect, Setup, Workload};
+use crate::scenario::{Attempt, Check, Expect, Setup, Workload};
 
 /// Prefix of every line the guest runner prints for the host.
 pub const PREFIX: &str = "kupgrade-vm:";
@@ -42,6 +42,9 @@ pub struct Plan {
     /// Processes started on the first boot that kupgrade does not preserve.
     pub background: Vec<Vec<String>>,
     pub checks: Vec<Check>,
+    /// Failing `kupgrade go` runs on the first boot, after staging.
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
     /// How long the checks wait for restored workloads to show they run.
     pub alive_secs: u64,
     /// Only kexec through the chain, bare (no workloads, no `kupgrade go`),

@@ -404,6 +404,60 @@ mod tests {
         }
     }
 
+    /// An attempt's row is judged by the guest's check for the attempt as
+    /// a whole; an attempt the guest never ran fails its row.
+    #[test]
+    fn attempt_rows_are_judged_by_their_attempts_checks() {
+        let s = crate::scenario::Scenario::parse(
+            r#"
+name = "f"
+[[check]]
+name = "resumed"
+shell = "true"
+[[attempt]]
+point = "error after the hold"
+expected = "refused"
+expect = "refused"
+refusal_contains = "aborted"
+checks = ["resumed"]
+[[attempt]]
+point = "SIGKILL after the freeze"
+expected = "resumed"
+expect = "killed"
+checks = ["resumed"]
+[[attempt]]
+point = "SIGINT after the dump"
+expected = "refused"
+expect = "refused"
+refusal_contains = "interrupted"
+checks = ["resumed"]
+"#,
+        )
+        .unwrap();
+        let check = |name: &str, ok: bool| CheckResult {
+            name: name.into(),
+            ok,
+            detail: format!("{name} said {ok}"),
+        };
+        // The second attempt's go ended as expected but a check failed.
+        let checks = [
+            check("attempt 1: error after the hold", true),
+            check("attempt 2: SIGKILL after the freeze: resumed", false),
+            check("attempt 2: SIGKILL after the freeze", false),
+        ];
+        let rows = FaultResult::judge(&s.fault_rows(), &checks);
+        assert_eq!(
+            rows.iter().map(|r| r.ok).collect::<Vec<_>>(),
+            [true, false, false]
+        );
+        assert_eq!(
+            rows[0].observed,
+            "attempt 1: error after the hold said true"
+        );
+        assert_eq!(rows[1].point, "SIGKILL after the freeze");
+        assert_eq!(rows[2].observed, "the check did not run");
+    }
+
     #[test]
     fn timelines_split_per_upgrade_and_measure_the_pause() {
         let events = vec![

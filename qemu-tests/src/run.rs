@@ -344,6 +344,7 @@ pub fn run_bare(p: &Prepared, opts: &Options) -> Result<Report> {
     sc.probes.clear();
     sc.background.clear();
     sc.checks.clear();
+    sc.attempts.clear();
     sc.upgrade.settle_secs = 0;
     sc.upgrade.go_args.clear();
     sc.upgrade.go_env.clear();
@@ -394,6 +395,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
         stage_append: sc.upgrade.stage_append.clone(),
         background: sc.background.clone(),
         checks: sc.checks.clone(),
+        attempts: sc.attempts.clone(),
         alive_secs: 3,
         bare_kexec: bare,
     };
@@ -589,7 +591,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
         builtin_checks(&rep, sc, p, &chain, &outcome)
     };
     rep.checks.extend(checks);
-    rep.faults = report::FaultResult::judge(&sc.faults, &rep.checks);
+    rep.faults = report::FaultResult::judge(&sc.fault_rows(), &rep.checks);
     let pass = rep.checks.iter().all(|c| c.ok) && !rep.checks.is_empty();
     rep.verdict = if pass { Verdict::Pass } else { Verdict::Fail };
     rep.artifacts = Artifacts {

@@ -24,7 +24,24 @@
 //! [[check]]
 //! name = "continuity"
 //! command = ["/usr/lib/kupgrade-vm/wl-counter-check", "/var/log/counter.log"]
+//! [[fault]]                 # a row of docs/reliability.md
+//! point = "before the kexec: the last step fails"
+//! expected = "workloads carry on"
+//! check = "continuity"      # judged by this check
+//! [[attempt]]               # a failing `kupgrade go` before the upgrade
+//! point = "error after the freeze"
+//! expected = "refused, workloads carry on"
+//! go_env = ["KUPGRADE_FAILPOINT=error-after-freeze"]
+//! expect = "refused"        # or "killed": `kupgrade resume` runs after it
+//! refusal_contains = "every workload was resumed"
+//! close_stdout = false      # true: its stdout is closed after one line
+//! checks = ["continuity"]   # run after it (after the resume)
 //! ```
+//!
+//! Every fault before the kexec leaves the old kernel running, so one boot
+//! runs many `[[attempt]]`s in turn, after `kupgrade stage` and before the
+//! upgrade (staged again when an attempt unloaded the kernel). Each is a
+//! row of the fault table, judged by the go's end and its checks together.
 //!
 //! README.md ("Trying your own workloads") documents every field.
 
@@ -88,6 +105,55 @@ pub struct Scenario {
     /// The faults it injects, rows of `docs/reliability.md`.
     #[serde(default, rename = "fault")]
     pub faults: Vec<Fault>,
+    /// Failing `kupgrade go` runs before the upgrade, on the first boot.
+    #[serde(default, rename = "attempt")]
+    pub attempts: Vec<Attempt>,
+}
+
+/// A `kupgrade go` with a fault, run before the upgrade: every fault before
+/// the kexec leaves the old kernel running, so one boot runs many.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Attempt {
+    /// Where the fault strikes: the row's fault point.
+    pub point: String,
+    /// What must happen then: the row's expected.
+    pub expected: String,
+    /// Environment for this `kupgrade go`, `KEY=VALUE` (the failpoint).
+    #[serde(default)]
+    pub go_env: Vec<String>,
+    /// Extra arguments for this `kupgrade go`.
+    #[serde(default)]
+    pub go_args: Vec<String>,
+    pub expect: AttemptExpect,
+    /// Text the output of a refused go must contain.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub refusal_contains: Vec<String>,
+    /// Its stdout is closed after the first line, as when a session drops
+    /// or `kupgrade go | tee log` is stopped.
+    #[serde(default)]
+    pub close_stdout: bool,
+    /// Names of the scenario's `[[check]]`s, run after it in turn.
+    pub checks: Vec<String>,
+}
+
+/// How an [`Attempt`]'s `kupgrade go` must end.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AttemptExpect {
+    /// It exits non-zero having undone everything itself.
+    Refused,
+    /// It dies by a signal (SIGKILL, abort); `kupgrade resume` must then
+    /// succeed, before the checks.
+    Killed,
+}
+
+impl Attempt {
+    /// The check that judges attempt `index` (from 0) as a whole: the go's
+    /// end and every one of its checks.
+    pub fn check_name(&self, index: usize) -> String {
+        format!("attempt {}: {}", index + 1, self.point)
+    }
 }
 
 /// A fault a scenario injects: where it strikes, what kupgrade promises
@@ -541,6 +607,17 @@ impl Scenario {
         Ok(s)
     }
 
+    /// Its rows of the fault table: its `[[fault]]`s, then one for each
+    /// `[[attempt]]`, judged by the attempt's own check.
+    pub fn fault_rows(&self) -> Vec<Fault> {
+        let attempts = self.attempts.iter().enumerate().map(|(i, a)| Fault {
+            point: a.point.clone(),
+            expected: a.expected.clone(),
+            check: a.check_name(i),
+        });
+        self.faults.iter().cloned().chain(attempts).collect()
+    }
+
     pub fn parse(text: &str) -> Result<Scenario, String> {
         toml::from_str(text).map_err(|e| e.to_string())
     }
@@ -598,6 +675,29 @@ impl Scenario {
                     "fault {:?} names the check {:?}, which is not one of this scenario's [[check]]s",
                     f.point, f.check
                 ));
+            }
+        }
+        for (i, a) in self.attempts.iter().enumerate() {
+            let what = format!("attempt {} ({:?})", i + 1, a.point);
+            if let Some(c) = a
+                .checks
+                .iter()
+                .find(|c| !self.checks.iter().any(|k| &k.name == *c))
+            {
+                return Err(format!(
+                    "{what} names the check {c:?}, which is not one of this scenario's [[check]]s"
+                ));
+            }
+            if a.checks.is_empty() {
+                return Err(format!("{what} runs no check: name some in `checks`"));
+            }
+            if a.expect == AttemptExpect::Refused && a.refusal_contains.is_empty() {
+                return Err(format!(
+                    "{what}: expect = \"refused\" needs refusal_contains: say which refusal"
+                ));
+            }
+            if let Some(bad) = a.go_env.iter().find(|e| !e.contains('=')) {
+                return Err(format!("{what}: go_env entry {bad:?}: use KEY=VALUE"));
             }
         }
         for (i, st) in self.setup.iter().enumerate() {
@@ -897,6 +997,78 @@ shell = "ps | grep -q nginx"
             .validate()
             .unwrap_err();
         assert!(e.contains("\"resume\"") && e.contains("[[check]]"), "{e}");
+    }
+
+    const ATTEMPTS: &str = r#"
+name = "f"
+[[check]]
+name = "resumed"
+shell = "true"
+[[fault]]
+point = "kexec refused"
+expected = "resumed"
+check = "resumed"
+[[attempt]]
+point = "error after the freeze"
+expected = "refused, resumed"
+go_env = ["KUPGRADE_FAILPOINT=error-after-freeze"]
+expect = "refused"
+refusal_contains = "every workload was resumed"
+checks = ["resumed"]
+[[attempt]]
+point = "SIGKILL after the dump"
+expected = "resume gives them back"
+go_env = ["KUPGRADE_FAILPOINT=kill-after-checkpoint"]
+expect = "killed"
+close_stdout = true
+checks = ["resumed"]
+"#;
+
+    #[test]
+    fn attempts_parse_and_each_is_a_row_judged_by_its_own_check() {
+        let s = Scenario::parse(ATTEMPTS).unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.attempts.len(), 2);
+        assert_eq!(s.attempts[0].expect, AttemptExpect::Refused);
+        assert!(!s.attempts[0].close_stdout);
+        assert_eq!(
+            s.attempts[0].refusal_contains,
+            ["every workload was resumed"]
+        );
+        assert_eq!(
+            (s.attempts[1].expect, s.attempts[1].close_stdout),
+            (AttemptExpect::Killed, true)
+        );
+        let rows = s.fault_rows();
+        let checks: Vec<&str> = rows.iter().map(|f| f.check.as_str()).collect();
+        assert_eq!(
+            checks,
+            [
+                "resumed",
+                "attempt 1: error after the freeze",
+                "attempt 2: SIGKILL after the dump"
+            ]
+        );
+        assert_eq!(rows[2].expected, "resume gives them back");
+    }
+
+    #[test]
+    fn an_attempt_that_cannot_be_judged_is_explained() {
+        let bad = |from: &str, to: &str| {
+            let s = Scenario::parse(&ATTEMPTS.replacen(from, to, 1)).unwrap();
+            s.validate().unwrap_err()
+        };
+        let e = bad("checks = [\"resumed\"]", "checks = [\"resume\"]");
+        assert!(e.contains("attempt 1") && e.contains("\"resume\""), "{e}");
+        let e = bad("checks = [\"resumed\"]", "checks = []");
+        assert!(e.contains("runs no check"), "{e}");
+        let e = bad("refusal_contains = \"every workload was resumed\"", "");
+        assert!(e.contains("needs refusal_contains"), "{e}");
+        let e = bad("[\"KUPGRADE_FAILPOINT=kill-after-checkpoint\"]", "[\"x\"]");
+        assert!(e.contains("attempt 2") && e.contains("KEY=VALUE"), "{e}");
+        let e = Scenario::parse(&ATTEMPTS.replace("expect = \"killed\"", "expect = \"ok\""))
+            .unwrap_err();
+        assert!(e.contains("ok"), "{e}");
     }
 
     #[test]

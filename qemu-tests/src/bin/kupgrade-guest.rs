@@ -16,7 +16,7 @@ use contract::events::{Event, EventLine};
 use contract::report::{Outcome, UpgradeReport};
 use image_format::Image;
 use kupgrade_vm::guest::{self, Line, Plan, Progress, Verb};
-use kupgrade_vm::scenario::Workload;
+use kupgrade_vm::scenario::{Attempt, AttemptExpect, Workload};
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -320,6 +320,9 @@ fn worker() -> Result<()> {
             info(l);
         }
         anyhow::ensure!(ok, "kupgrade stage failed: {out}");
+        if progress.upgrades_done == 0 {
+            run_attempts(&plan, &stage)?;
+        }
         progress.upgrades_done += 1;
         save_progress(&progress)?;
         say(Line::new(Verb::Go)
@@ -337,6 +340,154 @@ fn worker() -> Result<()> {
     }
     finish(&plan, &progress);
     Ok(())
+}
+
+/// The scenario's failing `kupgrade go` runs, in turn: each one's end and
+/// its checks, then one check line judging it as a whole (its fault row).
+/// `stage` stages the kernel again when an attempt unloaded it.
+fn run_attempts(plan: &Plan, stage: &[&str]) -> Result<()> {
+    let prelude = shell_prelude();
+    for (i, a) in plan.attempts.iter().enumerate() {
+        let name = a.check_name(i);
+        if fs::read_to_string("/sys/kernel/kexec_loaded").is_ok_and(|t| t.trim() == "0") {
+            let (ok, out) = sh(stage);
+            anyhow::ensure!(ok, "kupgrade stage again before {name} failed: {out}");
+        }
+        info(&format!("{name}: kupgrade go with {}", a.go_env.join(" ")));
+        let (ended_ok, ended) = attempt_go(a);
+        say(Line::new(Verb::Check)
+            .with("name", format!("{name}: kupgrade go {}", attempt_end(a)))
+            .with("ok", ended_ok)
+            .with("detail", &ended));
+        let mut failed = Vec::new();
+        if !ended_ok {
+            failed.push(format!("kupgrade go {}", attempt_end(a)));
+        }
+        for c in a.checks.iter() {
+            let Some(check) = plan.checks.iter().find(|k| &k.name == c) else {
+                failed.push(format!("{c} (no such check)"));
+                continue;
+            };
+            std::thread::sleep(Duration::from_secs(check.after_secs));
+            let argv = check.argv(&prelude);
+            let args: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let (ok, out) = sh(&args);
+            if !ok {
+                failed.push(c.clone());
+            }
+            say(Line::new(Verb::Check)
+                .with("name", format!("{name}: {c}"))
+                .with("ok", ok)
+                .with("detail", &out));
+        }
+        // What go said of its end (and the resume after a killed one).
+        let said = match a.expect {
+            AttemptExpect::Refused => ended
+                .lines()
+                .find(|l| l.starts_with("kupgrade: upgrade aborted at"))
+                .unwrap_or("")
+                .to_string(),
+            AttemptExpect::Killed => {
+                let resume = ended.split("kupgrade resume:").nth(1).unwrap_or("");
+                format!(
+                    "{}; kupgrade resume: {}",
+                    ended.split(": kupgrade").next().unwrap_or(""),
+                    resume
+                        .lines()
+                        .find(|l| l.contains("resume"))
+                        .unwrap_or("")
+                        .trim()
+                )
+            }
+        };
+        let verdict = if failed.is_empty() {
+            format!("{} checks passed", a.checks.len())
+        } else {
+            format!("FAILED: {}", failed.join("; "))
+        };
+        say(Line::new(Verb::Check)
+            .with("name", &name)
+            .with("ok", failed.is_empty())
+            .with("detail", format!("{said} | {verdict}")));
+    }
+    Ok(())
+}
+
+fn attempt_end(a: &Attempt) -> &'static str {
+    match a.expect {
+        AttemptExpect::Refused => "refused, undoing everything",
+        AttemptExpect::Killed => "killed, then kupgrade resume succeeded",
+    }
+}
+
+/// Runs an attempt's `kupgrade go` (and `kupgrade resume` after one that
+/// must be killed): whether it ended as expected, and what it said.
+fn attempt_go(a: &Attempt) -> (bool, String) {
+    use std::io::BufRead;
+    let err_path = "/tmp/kupgrade-vm-attempt.err";
+    let Ok(err_file) = fs::File::create(err_path) else {
+        return (false, format!("cannot create {err_path}"));
+    };
+    let vars = a.go_env.iter().filter_map(|e| e.split_once('='));
+    let child = Command::new("kupgrade")
+        .arg("go")
+        .args(&a.go_args)
+        .env("PATH", PATH)
+        .envs(vars)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err_file)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => return (false, format!("cannot run kupgrade go: {e}")),
+    };
+    let mut out = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            out.push_str(&line);
+            line.clear();
+            // Dropping the reader closes the pipe: its next writes fail.
+            if a.close_stdout {
+                break;
+            }
+        }
+    }
+    let status = child.wait();
+    out.push_str(&fs::read_to_string(err_path).unwrap_or_default());
+    let Ok(status) = status else {
+        return (false, format!("cannot wait for kupgrade go: {out}"));
+    };
+    let panicked = out.contains("panicked");
+    match a.expect {
+        AttemptExpect::Refused => {
+            let exited = status.code().is_some_and(|c| c != 0);
+            let missing: Vec<&String> = a
+                .refusal_contains
+                .iter()
+                .filter(|w| !out.contains(w.as_str()))
+                .collect();
+            let ok = exited && missing.is_empty() && !panicked;
+            (
+                ok,
+                format!(
+                    "{status}, expected to mention {:?}: {out}",
+                    a.refusal_contains
+                ),
+            )
+        }
+        AttemptExpect::Killed => {
+            use std::os::unix::process::ExitStatusExt;
+            let killed = status.signal().is_some();
+            let (resumed, said) = sh(&["kupgrade", "resume"]);
+            (
+                killed && resumed && !panicked,
+                format!("kupgrade go: {status}: {out}\nkupgrade resume: {said}"),
+            )
+        }
+    }
 }
 
 /// The floor of the blackout: kexec into the next kernel of the chain with
