@@ -6,46 +6,53 @@ use std::fs;
 use std::io::Read;
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::AtomicBool;
 
 use contract::devstate::{Address, DeviceState, Family, Interface, Route, TmpfsMount};
 use serde_json::Value;
 
+use crate::child::{self, Limits, TOOL_DEADLINE};
 use crate::proc::Proc;
 use crate::runstate;
 use crate::workload::Workload;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot run `ip {args}`: install iproute2")]
+    #[error("`ip -json {args}`")]
     Ip {
         args: String,
         #[source]
-        source: std::io::Error,
+        source: child::Error,
     },
-    #[error("`ip {args}` failed or printed no JSON: {message}")]
+    #[error("`ip -json {args}` failed or printed no JSON: {message}")]
     IpOutput { args: String, message: String },
     #[error("runtime state on tmpfs")]
     Runtime(#[from] runstate::Error),
 }
 
-fn ip_json(args: &[&str]) -> Result<Value, Error> {
-    let joined = args.join(" ");
-    let out = Command::new("ip")
-        .arg("-json")
-        .args(args)
-        .output()
-        .map_err(|source| Error::Ip {
-            args: joined.clone(),
-            source,
-        })?;
+/// `ip -json ARGS`, killed at its deadline or when a signal asks `go` to
+/// stop: the workloads are frozen while it runs.
+fn ip_json(args: &[&str], stop: &AtomicBool) -> Result<Value, Error> {
+    json_of(
+        Command::new("ip").arg("-json").args(args),
+        &args.join(" "),
+        Limits::deadline(TOOL_DEADLINE).stopped_by(stop),
+    )
+}
+
+fn json_of(cmd: &mut Command, args: &str, limits: Limits) -> Result<Value, Error> {
+    let out = child::run(cmd, None, limits).map_err(|source| Error::Ip {
+        args: args.into(),
+        source,
+    })?;
     if !out.status.success() {
         return Err(Error::IpOutput {
-            args: joined,
-            message: String::from_utf8_lossy(&out.stderr).trim().into(),
+            args: args.into(),
+            message: out.stderr().trim().into(),
         });
     }
     serde_json::from_slice(&out.stdout).map_err(|e| Error::IpOutput {
-        args: joined,
+        args: args.into(),
         message: e.to_string(),
     })
 }
@@ -159,14 +166,14 @@ pub fn rng_seed() -> Vec<u8> {
 
 /// Everything but the network locks (known only after the dump) and the
 /// tmpfs files (copied by [`tmpfs_files`]).
-pub fn system_state() -> Result<DeviceState, Error> {
-    let interfaces = parse_interfaces(&ip_json(&["addr", "show"])?);
+pub fn system_state(stop: &AtomicBool) -> Result<DeviceState, Error> {
+    let interfaces = parse_interfaces(&ip_json(&["addr", "show"], stop)?);
     let mut routes = parse_routes(
-        &ip_json(&["-4", "route", "show", "table", "main"])?,
+        &ip_json(&["-4", "route", "show", "table", "main"], stop)?,
         Family::Inet,
     );
     routes.extend(parse_routes(
-        &ip_json(&["-6", "route", "show", "table", "main"])?,
+        &ip_json(&["-6", "route", "show", "table", "main"], stop)?,
         Family::Inet6,
     ));
     Ok(DeviceState {
@@ -185,6 +192,64 @@ pub fn system_state() -> Result<DeviceState, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The workloads are frozen while `ip` runs: a hung one is killed at
+    /// its deadline or on a signal, and the step fails saying so.
+    #[test]
+    fn a_hung_ip_is_killed_at_its_deadline_or_on_a_signal() {
+        let hung = || {
+            let mut c = Command::new("sh");
+            c.args(["-c", "sleep 30"]);
+            c
+        };
+        let started = std::time::Instant::now();
+        let e = json_of(
+            &mut hung(),
+            "addr show",
+            Limits::deadline(std::time::Duration::from_millis(300)),
+        )
+        .unwrap_err();
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+        assert!(
+            matches!(
+                &e,
+                Error::Ip {
+                    source: child::Error::Timeout { .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            child::chain(&e).contains("did not finish within 0.3 s"),
+            "{}",
+            child::chain(&e)
+        );
+        let stop = AtomicBool::new(true);
+        let e = json_of(
+            &mut hung(),
+            "addr show",
+            Limits::deadline(TOOL_DEADLINE).stopped_by(&stop),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                Error::Ip {
+                    source: child::Error::Interrupted { .. },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let ok = json_of(
+            Command::new("sh").args(["-c", "echo '[1]'"]),
+            "x",
+            Limits::deadline(TOOL_DEADLINE),
+        )
+        .unwrap();
+        assert_eq!(ok, serde_json::json!([1]));
+    }
 
     #[test]
     fn interfaces_skip_loopback_and_ipv6_link_local() {

@@ -169,7 +169,8 @@ impl System for RealSystem {
     }
 
     fn system_state(&mut self) -> Result<DeviceState, StepError> {
-        capture::system_state().map_err(|e| err(Step::DeviceState)(&e))
+        capture::system_state(&self.interrupted)
+            .map_err(|e| StepError::new(Step::DeviceState, child::chain(&e)))
     }
 
     fn tmpfs_files(
@@ -180,8 +181,8 @@ impl System for RealSystem {
         let _ = fs::remove_dir_all(dir);
         fs::create_dir_all(dir).map_err(|e| err(Step::DeviceState)(&e))?;
         let skip = dir.parent().unwrap_or(dir).to_path_buf();
-        let mounts =
-            capture::tmpfs_files(ws, dir, &skip).map_err(|e| err(Step::DeviceState)(&e))?;
+        let mounts = capture::tmpfs_files(ws, dir, &skip)
+            .map_err(|e| StepError::new(Step::DeviceState, child::chain(&e)))?;
         let has = fs::read_dir(dir)
             .map(|mut d| d.next().is_some())
             .unwrap_or(false);
