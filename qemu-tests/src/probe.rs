@@ -245,9 +245,15 @@ fn tcp_once(port: u16, line: &str) -> Result<String, String> {
     s.write_all(format!("{line}\n").as_bytes())
         .map_err(|e| e.to_string())?;
     let mut reply = String::new();
-    BufReader::new(&s)
+    let n = BufReader::new(&s)
         .read_line(&mut reply)
         .map_err(|e| e.to_string())?;
+    // QEMU's port forward accepts on the host side at once and closes when
+    // the guest never answers the SYN (held back during the pause): no
+    // reply, not a wrong one.
+    if n == 0 {
+        return Err("closed without a reply".into());
+    }
     Ok(reply.trim_end().to_string())
 }
 
@@ -676,6 +682,40 @@ mod tests {
         });
         let r = run(&p, port, Duration::from_secs(5), stop);
         assert!(r.failures > 0 && r.replies == 0 && !r.clean(), "{r:?}");
+    }
+
+    /// As QEMU's port forward during the pause: connections accepted and
+    /// closed without a byte. They are no reply, not a wrong one; a reply
+    /// with other text is wrong.
+    #[test]
+    fn connect_mode_counts_a_close_without_reply_as_no_reply() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for (i, c) in l.incoming().flatten().enumerate() {
+                let mut c = c;
+                let mut line = String::new();
+                BufReader::new(&c).read_line(&mut line).unwrap();
+                match i {
+                    3..=5 => drop(c),
+                    7 => c.write_all(b"garbage\n").unwrap(),
+                    _ => c.write_all(line.as_bytes()).unwrap(),
+                }
+            }
+        });
+        let p = Probe {
+            mode: ProbeMode::Connect,
+            ..probe()
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(600));
+            s2.store(true, Ordering::Relaxed);
+        });
+        let r = run(&p, port, Duration::from_secs(5), stop);
+        assert_eq!((r.failures, r.wrong), (3, 1), "{r:?}");
+        assert!(r.replies >= 5, "{r:?}");
     }
 
     /// A keep-alive HTTP server that serves one connection only, counting
