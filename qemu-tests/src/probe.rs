@@ -527,6 +527,17 @@ mod tests {
     use std::net::TcpListener;
     use std::sync::atomic::AtomicU64;
 
+    /// A stop flag that a thread sets after `ms`.
+    fn stop_after(ms: u64) -> Arc<AtomicBool> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            s2.store(true, Ordering::Relaxed);
+        });
+        stop
+    }
+
     fn probe() -> Probe {
         Probe {
             name: "p".into(),
@@ -567,12 +578,7 @@ mod tests {
             send: "INCR k\r\n".into(),
             ..probe()
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            s2.store(true, Ordering::Relaxed);
-        });
+        let stop = stop_after(300);
         let r = run(&p, port, Duration::from_secs(5), stop);
         assert!(r.replies > 5, "{r:?}");
         assert_eq!(r.lost, 1, "{r:?}");
@@ -652,12 +658,7 @@ mod tests {
             reply_prefix: "pong:".into(),
             ..probe()
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(2500));
-            s2.store(true, Ordering::Relaxed);
-        });
+        let stop = stop_after(2500);
         let r = run(&p, port, Duration::from_secs(5), stop);
         assert_eq!(r.failures, 3, "{r:?}");
         assert!(r.replies >= 5 && r.recovered && r.clean(), "{r:?}");
@@ -674,12 +675,7 @@ mod tests {
             mode: ProbeMode::Connect,
             ..probe()
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
-            s2.store(true, Ordering::Relaxed);
-        });
+        let stop = stop_after(200);
         let r = run(&p, port, Duration::from_secs(5), stop);
         assert!(r.failures > 0 && r.replies == 0 && !r.clean(), "{r:?}");
     }
@@ -707,12 +703,7 @@ mod tests {
             mode: ProbeMode::Connect,
             ..probe()
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let s2 = stop.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(600));
-            s2.store(true, Ordering::Relaxed);
-        });
+        let stop = stop_after(600);
         let r = run(&p, port, Duration::from_secs(5), stop);
         assert_eq!((r.failures, r.wrong), (3, 1), "{r:?}");
         assert!(r.replies >= 5, "{r:?}");
