@@ -541,6 +541,18 @@ mod tests {
     use crate::pipeline::{self, Aborted, Outcome};
     use crate::preflight::Cleared;
 
+    /// What `go` undoes for `two()` when it fails after the quiesce.
+    const UNDO_AFTER_QUIESCE: [&str; 8] = [
+        "unquiesce",
+        "invalidate",
+        "undump b",
+        "undump a",
+        "thaw b",
+        "thaw a",
+        "release",
+        "wipe",
+    ];
+
     #[derive(Debug, PartialEq, Eq)]
     enum Did {
         Raise(Signal),
@@ -766,19 +778,7 @@ mod tests {
             err.failure
         );
         assert!(!f.inner.calls.contains(&"reboot".to_string()));
-        assert_eq!(
-            after(&f, "quiesce"),
-            [
-                "unquiesce",
-                "invalidate",
-                "undump b",
-                "undump a",
-                "thaw b",
-                "thaw a",
-                "release",
-                "wipe"
-            ]
-        );
+        assert_eq!(after(&f, "quiesce"), UNDO_AFTER_QUIESCE);
         assert!(err.resume_errors.is_empty());
     }
 
@@ -815,19 +815,7 @@ mod tests {
         assert_eq!(f.process.did, [Did::Unload]);
         assert_eq!(err.failure.step, Step::Kexec);
         assert_eq!(err.failure.reason, "refused by the kernel");
-        assert_eq!(
-            after(&f, "reboot"),
-            [
-                "unquiesce",
-                "invalidate",
-                "undump b",
-                "undump a",
-                "thaw b",
-                "thaw a",
-                "release",
-                "wipe"
-            ]
-        );
+        assert_eq!(after(&f, "reboot"), UNDO_AFTER_QUIESCE);
         assert!(err.resume_errors.is_empty());
     }
 
