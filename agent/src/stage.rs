@@ -384,12 +384,14 @@ pub struct Request<'a> {
 }
 
 /// The next kernel's command line: the running one (or `base`) without
-/// one-shot keys, plus `kupgrade.resume` and the store.
+/// one-shot keys, plus `kupgrade.resume`, the store and the `modules`
+/// kupgrade-init is to load after a distribution's initramfs.
 pub fn compose_cmdline(
     running: &str,
     base: Option<&str>,
     append: Option<&str>,
     store: &Path,
+    modules: &[String],
 ) -> String {
     let mut c = Cmdline::parse(base.unwrap_or(running));
     c.remove_one_shot();
@@ -400,6 +402,9 @@ pub fn compose_cmdline(
     }
     c.set(cmdline::RESUME, None);
     c.set(cmdline::STORE, Some(&store.to_string_lossy()));
+    if !modules.is_empty() {
+        c.set(cmdline::MODULES, Some(&modules.join(",")));
+    }
     c.to_string()
 }
 
@@ -452,6 +457,9 @@ pub fn stage_on(machine: &mut dyn Machine, cfg: &Config, req: &Request) -> Resul
     };
     let mut kind = InitramfsKind::Kupgrade;
     let mut built_with = None;
+    // Loaded by kupgrade-init after the distribution's initramfs; kupgrade's
+    // own has them in its load order.
+    let mut chained_modules = Vec::new();
     let (initrd, initrd_bytes, n_modules) = match (req.initrd, choice) {
         (Some(p), _) => {
             kind = InitramfsKind::Given;
@@ -476,6 +484,7 @@ pub fn stage_on(machine: &mut dyn Machine, cfg: &Config, req: &Request) -> Resul
             }
             kind = InitramfsKind::Distribution;
             built_with = built;
+            chained_modules = needs.network.clone();
             let bytes = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
             (path, bytes, marker.modules.len())
         }
@@ -513,7 +522,13 @@ pub fn stage_on(machine: &mut dyn Machine, cfg: &Config, req: &Request) -> Resul
     };
     let running = machine.running_cmdline();
     let running = running.trim();
-    let cmdline = compose_cmdline(running, req.cmdline, req.append, &store.path);
+    let cmdline = compose_cmdline(
+        running,
+        req.cmdline,
+        req.append,
+        &store.path,
+        &chained_modules,
+    );
     let store_range = machine.store_range(&store);
     check_next_cmdline(running, &cmdline, &store, store_range)?;
     // From here on every load and unload is counted, ours included.
@@ -678,7 +693,7 @@ mod tests {
     fn a_command_line_without_the_store_s_reservation_is_refused() {
         let store = pmem();
         let next = |base: Option<&str>, append: Option<&str>| {
-            compose_cmdline(RUNNING, base, append, &store.path)
+            compose_cmdline(RUNNING, base, append, &store.path, &[])
         };
         let at = Some(Reserved {
             start: 512 << 20,
@@ -731,7 +746,7 @@ mod tests {
             kind: Kind::File,
             capacity: 1 << 20,
         };
-        let c = compose_cmdline(RUNNING, Some("root=/dev/vda"), None, &file.path);
+        let c = compose_cmdline(RUNNING, Some("root=/dev/vda"), None, &file.path, &[]);
         check_next_cmdline(RUNNING, &c, &file, None).unwrap();
     }
 
@@ -769,15 +784,23 @@ mod tests {
         assert!(r("memmap=99999999999E!0").is_empty(), "overflow");
     }
 
+    /// The modules for kupgrade-init after a distribution's initramfs
+    /// replace those of the boot before, and are left out when there are none.
     #[test]
-    fn cmdline_keeps_the_running_one_and_adds_resume_and_store() {
+    fn cmdline_keeps_the_running_one_and_adds_resume_store_and_modules() {
+        let running = "BOOT_IMAGE=/vmlinuz-old root=LABEL=r ro memmap=256M!512M kupgrade.resume \
+            kupgrade.store=/dev/pmem9 kupgrade.modules=e1000";
+        let modules = ["virtio_net".to_string(), "virtio_pci".to_string()];
         let c = compose_cmdline(
-            "BOOT_IMAGE=/vmlinuz-old root=LABEL=r ro memmap=256M!512M kupgrade.resume kupgrade.store=/dev/pmem9",
+            running,
             None,
             Some("quiet foo=bar"),
             Path::new("/dev/pmem0"),
+            &modules,
         );
-        assert_eq!(c, "root=LABEL=r ro memmap=256M!512M quiet foo=bar kupgrade.resume kupgrade.store=/dev/pmem0");
+        assert_eq!(c, "root=LABEL=r ro memmap=256M!512M quiet foo=bar kupgrade.resume kupgrade.store=/dev/pmem0 kupgrade.modules=virtio_net,virtio_pci");
+        let c = compose_cmdline(running, None, None, Path::new("/dev/pmem0"), &[]);
+        assert!(!c.contains("kupgrade.modules"), "{c}");
     }
 
     /// What a distribution's initramfs needs to assemble the root stays.
@@ -786,7 +809,7 @@ mod tests {
         let running = "BOOT_IMAGE=/vmlinuz-6.1.0-27-amd64 root=/dev/mapper/vg-root ro \
             rd.lvm.lv=vg/root rd.luks.uuid=luks-1234 rd.md.uuid=ab:cd resume=UUID=5678 \
             cryptdevice=UUID=1234:crypt quiet initrd=\\initrd.img";
-        let c = compose_cmdline(running, None, None, Path::new("/dev/pmem0"));
+        let c = compose_cmdline(running, None, None, Path::new("/dev/pmem0"), &[]);
         assert_eq!(
             c,
             "root=/dev/mapper/vg-root ro rd.lvm.lv=vg/root rd.luks.uuid=luks-1234 \
@@ -802,6 +825,7 @@ mod tests {
             Some("root=/dev/vda console=ttyS0"),
             None,
             Path::new("/s"),
+            &[],
         );
         assert_eq!(
             c,

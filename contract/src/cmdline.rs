@@ -9,6 +9,12 @@ use std::str::FromStr;
 pub const RESUME: &str = "kupgrade.resume";
 /// The store holding the image, e.g. `kupgrade.store=/dev/pmem0` or a file path.
 pub const STORE: &str = "kupgrade.store";
+/// Modules `kupgrade-init` loads with the root's `modprobe` when it runs
+/// after a distribution's initramfs, comma-separated: the network
+/// interfaces' drivers, which such an initramfs need not have loaded (dracut
+/// leaves them out unless it boots from the network), while the restore
+/// configures the interfaces before the real init and its udev run.
+pub const MODULES: &str = "kupgrade.modules";
 /// How long the restore may take, in seconds (`kupgrade-init` has a default):
 /// every child it runs is killed in time for it to end within this.
 pub const RESTORE_TIMEOUT: &str = "kupgrade.restore_timeout";

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use contract::cmdline::Cmdline;
+use contract::cmdline::{self, Cmdline};
 use contract::devstate::{Interface, Route};
 use contract::events::EventLine;
 use contract::report::UpgradeReport;
@@ -219,7 +219,19 @@ impl<S: System, H: Host> System for Chained<S, H> {
         let loaded = self.host.loaded_modules();
         let builtin = self.host.builtin_modules(release);
         self.present = module_names(&loaded, &builtin);
-        restore_modules().into_iter().map(str::to_string).collect()
+        let mut wanted: Vec<String> = restore_modules().into_iter().map(str::to_string).collect();
+        // The network's drivers, which `stage` found (see cmdline::MODULES).
+        let cmdline = Cmdline::parse(&self.inner.cmdline());
+        for m in cmdline
+            .value(cmdline::MODULES)
+            .unwrap_or_default()
+            .split(',')
+        {
+            if !m.is_empty() && !wanted.iter().any(|w| w == m) {
+                wanted.push(m.to_string());
+            }
+        }
+        wanted
     }
 
     fn load_module(&mut self, _release: &str, module: &str) -> Result<(), Error> {
@@ -719,6 +731,36 @@ mod tests {
             (Some(loaded.as_str()), Some("1"))
         );
         assert!(sys.inner.logged("modprobe nd_btt failed: not found"));
+        assert_eq!(sys.inner.report().outcome, Outcome::Restored);
+    }
+
+    /// The network's drivers that `stage` named on the command line are
+    /// loaded too (dracut's image has none), except those built in.
+    #[test]
+    fn the_network_drivers_on_the_command_line_are_loaded_unless_built_in() {
+        let mut h = host();
+        h.builtin = "kernel/drivers/virtio/virtio_pci.ko\n".into();
+        let mut sys = chained(h);
+        sys.inner.cmdline = format!(
+            "{} {}=virtio_net,virtio_pci,,virtio_net",
+            sys.inner.cmdline,
+            cmdline::MODULES
+        );
+        crate::boot(&mut sys).expect("an init runs");
+        let probed: Vec<&str> = sys
+            .host
+            .calls
+            .iter()
+            .filter(|c| c.starts_with("modprobe"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(probed, ["modprobe virtio_net"]);
+        let modules = &sys.inner.events[1];
+        let loaded = (restore_modules().len() + 2).to_string();
+        assert_eq!(
+            (modules.field("loaded"), modules.field("failed")),
+            (Some(loaded.as_str()), Some("0"))
+        );
         assert_eq!(sys.inner.report().outcome, Outcome::Restored);
     }
 
