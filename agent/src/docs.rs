@@ -53,7 +53,12 @@ does nothing.
 The new kernel's command line is the running one (so `root=`, `rd.lvm.lv=`,
 `rd.luks.uuid=`, `resume=` and the rest that the initramfs needs stay), without
 the keys of one boot (`BOOT_IMAGE=`, `initrd=`, `kupgrade.*`), with `--append`
-added, plus `kupgrade.resume` and `kupgrade.store=`."#;
+added, plus `kupgrade.resume` and `kupgrade.store=`. With the distribution's
+initramfs it also gets `kupgrade.modules=`, the drivers of the network
+interfaces (from sysfs, e.g. `virtio_net,virtio_pci`): `kupgrade-init` loads
+them with the root's `modprobe` before it configures the interfaces, since the
+distribution's initramfs need not have (dracut leaves network drivers out
+unless it boots from the network) and udev only runs after the restore."#;
 
 /// Writes everything into `dir`: `man/`, `completions/` and `cli.md`.
 pub fn write(dir: &Path) -> Result<()> {
