@@ -193,21 +193,11 @@ impl Store {
     /// that nothing is left. Returns the bytes zeroed.
     pub fn wipe(&self, record_dir: &Path) -> Result<u64, Error> {
         let mut f = self.open_rw()?;
-        let len = f.seek(SeekFrom::End(0)).map_err(|source| Error::Open {
-            path: self.path.clone(),
-            source,
-        })?;
-        let image_end = image_format::read_superblock(&mut f)
-            .ok()
-            .map(|sb| sb.total_len);
         let name = self.path.display().to_string();
-        let end = extent::wipe_end(Extent::read(record_dir).as_ref(), &name, image_end, len);
-        image_format::wipe_to(&mut f, end).map_err(|source| Error::Wipe {
+        image_format::wipe_recorded(&mut f, &name, record_dir).map_err(|source| Error::Wipe {
             path: self.path.clone(),
             source,
-        })?;
-        self.record(record_dir, Some(0))?;
-        Ok(end)
+        })
     }
 
     /// Whether the record in `record_dir` says the store may hold image data

@@ -67,5 +67,5 @@ pub use manifest::{Manifest, SectionEntry, SectionKind};
 pub use read::{Image, SectionReport, VerifyReport};
 pub use state::{State, UnknownStateName};
 pub use store::Store;
-pub use superblock::{invalidate, read_superblock, set_state, wipe, wipe_to, Superblock};
+pub use superblock::{invalidate, read_superblock, set_state, wipe_recorded, wipe_to, Superblock};
 pub use write::{ImageWriter, WriteOptions, WriteSummary};

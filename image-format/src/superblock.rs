@@ -1,9 +1,12 @@
 //! The superblock, the image's one fixed-size record at offset 0: read and
 //! checked before anything else is trusted, and the only part rewritten in
 //! place. A state transition touches only the superblock; `invalidate`
-//! zeroes it; `wipe` zeroes the whole extent first.
+//! zeroes it; `wipe_recorded` zeroes all the store may hold.
 
 use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use contract::extent::{self, Extent};
 
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -163,16 +166,24 @@ pub fn invalidate<S: Store>(store: &mut S) -> Result<(), Error> {
         .map_err(Error::io("invalidate the image in the store"))
 }
 
-/// Zeroes the image's whole extent (it holds process memory), see
-/// [`wipe_to`]. Without a valid superblock only the superblock's block is
-/// zeroed: nothing says how far an image went.
-pub fn wipe<S: Store>(store: &mut S) -> Result<(), Error> {
-    let store_len = store_len(store)?;
-    let end = match load_superblock(store, store_len) {
-        Ok((_, sb)) => sb.total_len.min(store_len),
-        Err(_) => BODY_OFFSET,
-    };
-    wipe_to(store, end)
+/// Zeroes whatever image data the store named `name` may hold (it is
+/// process memory): up to the high-water mark recorded in `record_dir`
+/// ([`contract::extent`]), or the image's end if its superblock reads and
+/// it goes further, or all of the store when the mark is unknown (a damaged
+/// superblock says nothing about how far its image went). Then records that
+/// nothing is left. Returns where the wipe ended.
+pub fn wipe_recorded<S: Store>(store: &mut S, name: &str, record_dir: &Path) -> Result<u64, Error> {
+    let len = store_len(store)?;
+    let image_end = load_superblock(store, len).ok().map(|(_, sb)| sb.total_len);
+    let end = extent::wipe_end(Extent::read(record_dir).as_ref(), name, image_end, len);
+    wipe_to(store, end)?;
+    Extent {
+        store: name.into(),
+        dirty_bytes: Some(0),
+    }
+    .write(record_dir)
+    .map_err(Error::io("record that the store is wiped"))?;
+    Ok(end)
 }
 
 /// Zeroes the superblock (so that no image is readable from here on), then
@@ -220,5 +231,37 @@ mod tests {
         let mut bytes = vec![0xAAu8; 10_000];
         wipe_to(&mut Cursor::new(&mut bytes), u64::MAX).unwrap();
         assert!(bytes.iter().all(|b| *b == 0));
+    }
+
+    /// Without a superblock that reads, the record says how far to wipe:
+    /// its mark when it is about this store, else all of it; afterwards it
+    /// says nothing is left.
+    #[test]
+    fn wipe_recorded_goes_to_the_mark_or_all_of_a_store_without_one() {
+        let dir = std::env::temp_dir().join(format!("kupgrade-wipe-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mark = |store: &str, dirty| {
+            Extent {
+                store: store.into(),
+                dirty_bytes: dirty,
+            }
+            .write(&dir)
+            .unwrap()
+        };
+        mark("/dev/pmem0", Some(2 << 20));
+        let mut bytes = vec![0xAAu8; 3 << 20];
+        let end = wipe_recorded(&mut Cursor::new(&mut bytes), "/dev/pmem0", &dir).unwrap();
+        assert_eq!(end, 2 << 20);
+        assert!(bytes[..2 << 20].iter().all(|b| *b == 0));
+        assert!(bytes[2 << 20..].iter().all(|b| *b == 0xAA));
+        assert_eq!(Extent::read(&dir).unwrap().dirty_bytes, Some(0));
+        for (store, dirty) in [("/dev/pmem1", Some(1 << 20)), ("/dev/pmem0", None)] {
+            mark(store, dirty);
+            let mut bytes = vec![0xAAu8; 3 << 20];
+            let end = wipe_recorded(&mut Cursor::new(&mut bytes), "/dev/pmem0", &dir).unwrap();
+            assert_eq!(end, 3 << 20, "{store} {dirty:?}");
+            assert!(bytes.iter().all(|b| *b == 0));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,5 +1,5 @@
 //! In-place changes: state transitions touch only the superblock,
-//! invalidate kills the magic, wipe zeroes the whole extent.
+//! invalidate kills the magic, wipe_recorded zeroes all the store may hold.
 
 // Helpers outside #[test] functions unwrap too.
 #![allow(clippy::unwrap_used)]
@@ -11,7 +11,10 @@ use std::io::Cursor;
 use std::process::Command;
 
 use common::{image_in_vec, opts, Rng};
-use image_format::{invalidate, read_superblock, set_state, wipe, Error, Image, State, MAGIC};
+use contract::extent::Extent;
+use image_format::{
+    invalidate, read_superblock, set_state, wipe_recorded, Error, Image, State, MAGIC,
+};
 
 fn sample() -> Vec<u8> {
     let mut bytes = Vec::new();
@@ -96,11 +99,20 @@ fn invalidate_kills_the_magic_and_nothing_else() {
 
 #[test]
 fn wipe_zeroes_the_extent_and_leaves_no_magic() {
+    let record = tempfile::tempdir().unwrap();
     let mut bytes = sample();
     let total = bytes.len();
-    // Stale bytes after the image belong to no image: left as they are.
+    // Recorded as holding image data up to the image's end: the stale
+    // bytes after it belong to no image and are left as they are.
+    Extent {
+        store: "s".into(),
+        dirty_bytes: Some(total as u64),
+    }
+    .write(record.path())
+    .unwrap();
     bytes.extend_from_slice(&[0xaa; 10_000]);
-    wipe(&mut Cursor::new(&mut bytes)).unwrap();
+    let end = wipe_recorded(&mut Cursor::new(&mut bytes), "s", record.path()).unwrap();
+    assert_eq!(end, total as u64);
     assert!(bytes[..total].iter().all(|&b| b == 0));
     assert!(bytes[total..].iter().all(|&b| b == 0xaa));
     assert!(matches!(Image::from_slice(&bytes), Err(Error::NoImage)));
@@ -108,10 +120,10 @@ fn wipe_zeroes_the_extent_and_leaves_no_magic() {
         read_superblock(&mut Cursor::new(&bytes)),
         Err(Error::NoImage)
     ));
-    // Again, on a store with no image: only the superblock block.
+    // Again, recorded clean, on a store with no image: only the superblock.
     bytes[..8].copy_from_slice(&MAGIC);
     bytes[5000] = 1;
-    wipe(&mut Cursor::new(&mut bytes)).unwrap();
+    wipe_recorded(&mut Cursor::new(&mut bytes), "s", record.path()).unwrap();
     assert!(bytes[..4096].iter().all(|&b| b == 0));
     assert_eq!(bytes[5000], 1);
 }
@@ -128,7 +140,8 @@ fn state_changes_work_on_a_file_store() {
         .unwrap();
     set_state(&mut f, State::Restoring).unwrap();
     assert_eq!(read_superblock(&mut f).unwrap().state, State::Restoring);
-    wipe(&mut f).unwrap();
+    // No record of how far it holds image data: all of it is wiped.
+    wipe_recorded(&mut f, "store", tmp.path()).unwrap();
     assert!(fs::read(&path).unwrap().iter().all(|&b| b == 0));
 }
 

@@ -192,7 +192,7 @@ pub fn run(
 /// missing (its module did not load, its reservation was dropped) or its
 /// superblock or manifest is damaged. Nothing is restored; an image whose
 /// superblock still reads is marked failed, so that no later boot tries it,
-/// and wiped once the report keeps the reason.
+/// and whatever the store holds is wiped once the report keeps the reason.
 fn unreadable(
     sys: &mut dyn System,
     store: &Path,
@@ -230,12 +230,12 @@ fn unreadable(
         modules_failed,
     };
     match sys.write_report(&report, Durability::Synced) {
-        Ok(()) if head.is_some() => {
-            if let Err(e) = sys.wipe_image() {
-                sys.log(&format!("cannot wipe the image: {}", chain(&e)));
-            }
-        }
-        Ok(()) => {}
+        // Also when the superblock is damaged: the store still holds the
+        // image's memory. A store that never appeared has nothing to wipe.
+        Ok(()) => match sys.wipe_image() {
+            Ok(()) | Err(Error::NoStore) => {}
+            Err(e) => sys.log(&format!("cannot wipe the image: {}", chain(&e))),
+        },
         Err(e) => sys.log(&chain(&e)),
     }
     Restore::Done(Box::new(report))
@@ -1036,6 +1036,7 @@ mod tests {
         let mut f = Fake::failing_at(&[open, "read superblock /dev/pmem0"]);
         f.modules = vec!["nd_pmem.ko".into()];
         f.refused = vec!["nd_pmem.ko".into()];
+        f.store_missing = true;
         boot(&mut f).expect("an init runs");
         let r = f.report();
         assert_eq!(r.outcome, Outcome::Failed);
@@ -1054,9 +1055,24 @@ mod tests {
             ["write report"],
             "one report, synced"
         );
-        // Nothing to mark or wipe without a superblock; then the real init.
+        // Nothing to mark or wipe without a store; then the real init.
         assert!(!f.calls.iter().any(|c| c.starts_with("mark") || c == "wipe"));
         assert_eq!(f.ending(), [Event::RestoreFailed, Event::ExecInit]);
+    }
+
+    /// A damaged superblock on a store that is there: nothing can be
+    /// marked, but the store still holds the image's memory, and it is
+    /// wiped once the report keeps the reason.
+    #[test]
+    fn a_damaged_superblock_s_store_is_wiped_once_reported() {
+        let open = "open /dev/pmem0";
+        let mut f = Fake::failing_at(&[open, "read superblock /dev/pmem0"]);
+        boot(&mut f).expect("an init runs");
+        assert_eq!(
+            f.calls_after(open),
+            ["read superblock /dev/pmem0", "write report", "wipe", EXEC]
+        );
+        assert_eq!(f.report().outcome, Outcome::Failed);
     }
 
     /// A damaged manifest under a good superblock: the image is marked

@@ -77,6 +77,8 @@ pub struct Fake {
     pub refused: Vec<String>,
     /// The root device never shows up, however long the wait.
     pub root_never_appears: bool,
+    /// The store's device never showed up: there is nothing to wipe.
+    pub store_missing: bool,
     /// How long each root mount was allowed to wait for its device.
     pub root_waits: Vec<Duration>,
     /// The image in the store; `None`: there is none.
@@ -402,6 +404,9 @@ impl System for Fake {
         Ok(())
     }
     fn wipe_image(&mut self) -> Result<(), Error> {
+        if self.store_missing {
+            return Err(Error::NoStore);
+        }
         self.step("wipe".into())
     }
     fn read_section(&mut self, name: &str) -> Result<Vec<u8>, Error> {

@@ -3,7 +3,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -35,8 +35,11 @@ const STORE_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 pub struct RealSystem {
-    /// The store, to change the image's state.
+    /// The store, to change the image's state or wipe it.
     store: Option<File>,
+    /// Its path as the command line names it (and the agent's record of
+    /// how far it holds image data).
+    store_path: PathBuf,
     /// The image, read through a second handle on the store.
     image: Option<Image<File>>,
 }
@@ -155,17 +158,21 @@ impl System for RealSystem {
             manifest: image.manifest().clone(),
         };
         self.store = Some(file);
+        self.store_path = store.into();
         self.image = Some(image);
         Ok(info)
     }
 
     fn read_superblock(&mut self, store: &Path) -> Result<ImageHead, Error> {
-        let mut file = open_store(store).map_err(|source| Error::OpenStore {
+        let file = open_store(store).map_err(|source| Error::OpenStore {
             path: store.into(),
             source,
         })?;
-        let sb = image_format::read_superblock(&mut file)?;
-        self.store = Some(file);
+        // Kept even when the superblock does not read: the store may hold
+        // a damaged image's memory, to wipe once the report is written.
+        self.store_path = store.into();
+        let file = self.store.insert(file);
+        let sb = image_format::read_superblock(file)?;
         Ok(ImageHead {
             state: sb.state,
             generation: sb.generation,
@@ -177,7 +184,9 @@ impl System for RealSystem {
     }
 
     fn wipe_image(&mut self) -> Result<(), Error> {
-        Ok(image_format::wipe(self.store()?)?)
+        let name = self.store_path.display().to_string();
+        image_format::wipe_recorded(self.store()?, &name, Path::new(report::DIR))?;
+        Ok(())
     }
 
     fn read_section(&mut self, name: &str) -> Result<Vec<u8>, Error> {
