@@ -415,7 +415,7 @@ fn check_initramfs(release: &str, list: &Path) -> Result<()> {
     let text = fs::read_to_string(list).with_context(|| {
         format!("the guest made no /boot/initrd.img-{release}: did update-initramfs run?")
     })?;
-    let has = |suffix: &str| text.lines().any(|l| l.ends_with(suffix));
+    let has = |suffix: &str| text.lines().map(uncompressed).any(|l| l.ends_with(suffix));
     for want in [
         "usr/sbin/lvm",
         "etc/lvm/lvm.conf",
@@ -430,6 +430,15 @@ fn check_initramfs(release: &str, list: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A listed module's path without the compression 6.12's modules have
+/// (`dm-mod.ko.xz` is `dm-mod.ko`); other paths as they are.
+fn uncompressed(path: &str) -> &str {
+    [".xz", ".zst", ".gz"]
+        .iter()
+        .find_map(|ext| path.strip_suffix(ext).filter(|p| p.ends_with(".ko")))
+        .unwrap_or(path)
 }
 
 fn machine_id(key: &str) -> String {
@@ -772,6 +781,27 @@ mod tests {
         assert!(KERNEL_ARGS.contains(&format!("root={ROOT_DEVICE} ")));
         assert!(FSTAB.contains(&format!("{ROOT_DEVICE} ")));
         assert!(ASSEMBLE_ROOT.contains("VG=kupgrade-vg\n") && ASSEMBLE_ROOT.contains("LV=root\n"));
+    }
+
+    /// 6.12's initramfs lists `dm-mod.ko.xz`: it has what the root needs.
+    #[test]
+    fn an_initramfs_with_compressed_modules_can_assemble_the_root() {
+        let dir = std::env::temp_dir().join(format!("kupgrade-vm-list-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let list = dir.join("6.12");
+        let base = "usr/sbin/lvm\netc/lvm/lvm.conf\nusr/lib/udev/rules.d/69-lvm.rules\n";
+        let modules = "usr/lib/modules/6.12/kernel/drivers/md/dm-mod.ko.xz\n\
+            usr/lib/modules/6.12/kernel/drivers/block/virtio_blk.ko.zst\n";
+        fs::write(&list, format!("{base}{modules}")).unwrap();
+        check_initramfs("6.12", &list).unwrap();
+        fs::write(
+            &list,
+            format!("{base}usr/lib/modules/6.12/kernel/drivers/md/dm-mod.ko.xz\n"),
+        )
+        .unwrap();
+        let e = check_initramfs("6.12", &list).unwrap_err().to_string();
+        assert!(e.contains("lacks /virtio_blk.ko"), "{e}");
+        let _ = fs::remove_dir_all(&dir);
     }
 
     fn inputs<'a>(releases: &'a [String], packages: &'a [String]) -> Inputs<'a> {
