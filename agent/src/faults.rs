@@ -457,8 +457,26 @@ impl<S: System, P: Process> System for Faulty<S, P> {
         self.around(Point::Thaw, Some(&w.name), |s| s.thaw(w))
     }
 
-    fn dump(&mut self, w: &Workload, dir: &Path) -> Result<Dumped, StepError> {
-        self.around(Point::Checkpoint, Some(&w.name), |s| s.dump(w, dir))
+    fn predump(
+        &mut self,
+        w: &Workload,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<u64, StepError> {
+        self.inner.predump(w, dir, parent)
+    }
+
+    fn discard_predumps(&mut self, dir: &Path) -> Result<(), StepError> {
+        self.inner.discard_predumps(dir)
+    }
+
+    fn dump(
+        &mut self,
+        w: &Workload,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<Dumped, StepError> {
+        self.around(Point::Checkpoint, Some(&w.name), |s| s.dump(w, dir, parent))
     }
 
     fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError> {

@@ -137,13 +137,65 @@ impl System for RealSystem {
         cgroup::thaw(&w.cgroup).map_err(|e| err(Step::Thaw)(&e))
     }
 
-    fn dump(&mut self, w: &Workload, dir: &Path) -> Result<Dumped, StepError> {
-        let log = Path::new(LIB_DIR).join(format!("dump-{}.log", w.name));
+    fn predump(
+        &mut self,
+        w: &Workload,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<u64, StepError> {
+        let log = Path::new(LIB_DIR).join(format!("predump-{}.log", w.name));
         let _ = fs::create_dir_all(LIB_DIR);
-        let _ = fs::remove_dir_all(dir);
+        // As long as a dump may take: a CRIU killed while its parasite is in
+        // a task can harm it, and here the task runs on.
         let deadline = Duration::from_secs(self.cfg.dump_timeout_s);
         let limits = Limits::deadline(deadline).stopped_by(&self.interrupted);
-        criu::dump(&self.cfg.criu, w, dir, &log, limits)
+        let start = std::time::Instant::now();
+        let res = criu::predump(&self.cfg.criu, w, dir, parent, &log, limits);
+        // Each round on stderr: the event sums them up.
+        let _ = match &res {
+            Ok(bytes) => writeln!(
+                std::io::stderr(),
+                "kupgrade: pre-dump {} of workload {}: {} KiB of pages in {} ms",
+                dir.display(),
+                w.name,
+                bytes >> 10,
+                start.elapsed().as_millis()
+            ),
+            Err(e) => writeln!(
+                std::io::stderr(),
+                "kupgrade: pre-copy of workload {} given up, it gets a full dump: {}",
+                w.name,
+                child::chain(e)
+            ),
+        };
+        res.map_err(|e| StepError::new(Step::Precopy, child::chain(&e)))
+    }
+
+    fn discard_predumps(&mut self, dir: &Path) -> Result<(), StepError> {
+        match fs::remove_dir_all(dir.join("pre")) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StepError::new(
+                Step::Discard,
+                format!("remove {}: {e}", dir.join("pre").display()),
+            )),
+        }
+    }
+
+    fn dump(
+        &mut self,
+        w: &Workload,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<Dumped, StepError> {
+        let log = Path::new(LIB_DIR).join(format!("dump-{}.log", w.name));
+        let _ = fs::create_dir_all(LIB_DIR);
+        if parent.is_none() {
+            let _ = fs::remove_dir_all(dir);
+        }
+        let deadline = Duration::from_secs(self.cfg.dump_timeout_s);
+        let limits = Limits::deadline(deadline).stopped_by(&self.interrupted);
+        criu::dump(&self.cfg.criu, w, dir, parent, &log, limits)
             .map_err(|e| StepError::new(Step::Checkpoint, child::chain(&e)))?;
         let lock_table = if w.tcp_established {
             let limits = Limits::deadline(child::TOOL_DEADLINE).stopped_by(&self.interrupted);
