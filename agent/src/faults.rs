@@ -31,7 +31,7 @@
 //! `sigint` after every step before the kexec, and `unload-before-kexec`.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use contract::devstate::{DeviceState, TmpfsMount};
@@ -468,6 +468,10 @@ impl<S: System, P: Process> System for Faulty<S, P> {
 
     fn discard_predumps(&mut self, dir: &Path) -> Result<(), StepError> {
         self.inner.discard_predumps(dir)
+    }
+
+    fn store_predumps(&mut self, sections: &[(String, PathBuf)]) -> Result<u64, StepError> {
+        self.inner.store_predumps(sections)
     }
 
     fn dump(

@@ -29,8 +29,14 @@
 //! criu/NAME/pre/1/    the first pre-dump: every page
 //! ```
 //!
+//! Each round's pre-dumps go into the store as soon as they are made
+//! (sections `criu/NAME/pre/N`, the frozen dump's `criu/NAME` holding the
+//! rest of the tree), so that only the frozen dump is written in the
+//! frozen window, and the next round copies what was dirtied meanwhile.
+//!
 //! A pre-dump that fails costs only time: that workload's pre-dumps are
-//! discarded and it gets a full dump, as without pre-copy.
+//! discarded and it gets a full dump, as without pre-copy (what of them is
+//! in the store already is unpacked but not used).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -192,6 +198,11 @@ pub trait System {
         ws: &[Workload],
         dir: &Path,
     ) -> Result<(Vec<TmpfsMount>, bool), StepError>;
+    /// Writes pre-dumps, (section name, directory) each, into the store
+    /// while the workloads run, starting the image there if this is the
+    /// first; [`System::write_image`] finishes it. Returns the bytes of the
+    /// image so far.
+    fn store_predumps(&mut self, sections: &[(String, PathBuf)]) -> Result<u64, StepError>;
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError>;
     fn invalidate_image(&mut self) -> Result<(), StepError>;
     /// Zeroes the store as far as it may hold image data (process memory).
@@ -546,6 +557,12 @@ fn images_dir(opts: &Options, w: &Workload) -> PathBuf {
     opts.work_dir.join("criu").join(&w.name)
 }
 
+/// The image section of `w`'s pre-dump `round`: below its own, which
+/// `kupgrade-init` unpacks it below.
+pub fn predump_section(w: &Workload, round: u32) -> String {
+    format!("{}/pre/{round}", w.entry().section)
+}
+
 /// Pre-copy (see the module's docs). Returns, for each workload, the
 /// pre-dump its frozen dump follows (relative to its images directory), or
 /// none for a full dump. A signal aborts; a failing pre-dump does not.
@@ -564,6 +581,7 @@ fn precopy(
     }
     let mut failed = vec![false; workloads.len()];
     let mut written: Vec<u64> = Vec::new();
+    let mut stored = 0;
     let stop = loop {
         let round = written.len() as u32 + 1;
         let mut bytes = 0;
@@ -599,6 +617,22 @@ fn precopy(
             }
         }
         written.push(bytes);
+        let sections: Vec<(String, PathBuf)> = workloads
+            .iter()
+            .zip(&last)
+            .filter(|(_, l)| **l == Some(round))
+            .map(|(w, _)| {
+                let dir = images_dir(opts, w).join("pre").join(round.to_string());
+                (predump_section(w, round), dir)
+            })
+            .collect();
+        if !sections.is_empty() {
+            begin(sys, undo, Step::ImageWrite)?;
+            // From here the store may hold process memory.
+            undo.image_written = true;
+            undo.scrub = true;
+            stored = sys.store_predumps(&sections)?;
+        }
         if failed.iter().all(|f| *f) {
             break PrecopyStop::Failed;
         }
@@ -633,6 +667,7 @@ fn precopy(
             .with("bytes", list(&written))
             .with("workloads", last.iter().filter(|l| l.is_some()).count())
             .with("fallback", fallback)
+            .with("stored_bytes", stored)
             .with("stop", stop.name())
             .with("ms", start.elapsed().as_millis()),
     );
@@ -832,6 +867,11 @@ pub(crate) mod fake {
         ) -> Result<(Vec<TmpfsMount>, bool), StepError> {
             self.step("capture".into(), Step::DeviceState)?;
             Ok((vec![], false))
+        }
+        fn store_predumps(&mut self, sections: &[(String, PathBuf)]) -> Result<u64, StepError> {
+            let names: Vec<&str> = sections.iter().map(|(n, _)| n.as_str()).collect();
+            self.step(format!("store {}", names.join(" ")), Step::ImageWrite)?;
+            Ok(1 << 20)
         }
         fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
             self.step("write".into(), Step::ImageWrite)?;
@@ -1243,10 +1283,13 @@ mod tests {
                 "system state",
                 "predump a 1 -",
                 "predump b 1 -",
+                "store criu/a/pre/1 criu/b/pre/1",
                 "predump a 2 ../1",
                 "predump b 2 ../1",
+                "store criu/a/pre/2 criu/b/pre/2",
                 "predump a 3 ../2",
                 "predump b 3 ../2",
+                "store criu/a/pre/3 criu/b/pre/3",
             ]
         );
         assert_eq!(parent_of(&f, "a"), Some(Some(Path::new("pre/3"))));
@@ -1262,6 +1305,7 @@ mod tests {
         );
         assert_eq!(field(&f, Event::Predump, "stop"), Some("converged"));
         assert_eq!(field(&f, Event::Predump, "fallback"), Some("-"));
+        assert_eq!(field(&f, Event::Predump, "stored_bytes"), Some("1048576"));
         // The undo removes the pre-dumps too (process memory).
         let tail: Vec<&str> = f
             .calls
@@ -1307,6 +1351,8 @@ mod tests {
         assert_eq!(f.calls[pos + 1], "discard b");
         assert!(!f.calls.iter().any(|c| c.starts_with("predump b 3")));
         assert!(f.calls.iter().any(|c| c == "predump a 3 ../2"));
+        // From then on only a's pre-dumps go to the store.
+        assert!(f.calls.iter().any(|c| c == "store criu/a/pre/2"));
         assert_eq!(parent_of(&f, "a"), Some(Some(Path::new("pre/3"))));
         assert_eq!(parent_of(&f, "b"), Some(None));
         assert_eq!(field(&f, Event::Predump, "fallback"), Some("b"));
@@ -1366,11 +1412,37 @@ mod tests {
             .iter()
             .position(|c| c == "predump a 2 ../1")
             .unwrap();
-        assert_eq!(&f.calls[pos + 1..], ["discard a", "discard b"]);
+        // Round 1 is in the store: the image is invalidated and the store
+        // wiped, last.
+        assert_eq!(
+            &f.calls[pos + 1..],
+            ["invalidate", "discard a", "discard b", "wipe"]
+        );
         assert!(!f.events.contains(&Event::Predump));
         assert_eq!(
             f.events.iter().rev().take(2).collect::<Vec<_>>(),
             [&Event::Resumed, &Event::Aborted]
+        );
+    }
+
+    /// The store refusing the pre-dumps aborts before anything is frozen.
+    #[test]
+    fn a_failing_predump_write_to_the_store_aborts_before_the_freeze() {
+        let mut f = Fake {
+            loaded: true,
+            fail_at: Some("store criu/a/pre/1 criu/b/pre/1".into()),
+            ..Default::default()
+        };
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &with_precopy()).unwrap_err();
+        assert_eq!(err.failure.step, Step::ImageWrite);
+        let pos = f
+            .calls
+            .iter()
+            .position(|c| c.starts_with("store "))
+            .unwrap();
+        assert_eq!(
+            &f.calls[pos + 1..],
+            ["invalidate", "discard a", "discard b", "wipe"]
         );
     }
 
