@@ -557,8 +557,8 @@ fn images_dir(opts: &Options, w: &Workload) -> PathBuf {
     opts.work_dir.join("criu").join(&w.name)
 }
 
-/// The image section of `w`'s pre-dump `round`: below its own, which
-/// `kupgrade-init` unpacks it below.
+/// The image section of `w`'s pre-dump `round`, named below its own:
+/// `kupgrade-init` unpacks it to `pre/ROUND` in the workload's images.
 pub fn predump_section(w: &Workload, round: u32) -> String {
     format!("{}/pre/{round}", w.entry().section)
 }
@@ -573,12 +573,12 @@ fn precopy(
     undo: &mut Undo,
     phases: &mut Vec<PhaseTiming>,
 ) -> Result<Vec<Option<PathBuf>>, StepError> {
-    let start = Instant::now();
-    // The last round each workload's chain reaches; none once it failed.
-    let mut last: Vec<Option<u32>> = vec![None; workloads.len()];
     if opts.precopy.max_iterations == 0 || workloads.is_empty() {
         return Ok(vec![None; workloads.len()]);
     }
+    let start = Instant::now();
+    // The last round each workload's chain reaches; none once it failed.
+    let mut last: Vec<Option<u32>> = vec![None; workloads.len()];
     let mut failed = vec![false; workloads.len()];
     let mut written: Vec<u64> = Vec::new();
     let mut stored = 0;
