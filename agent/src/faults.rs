@@ -902,6 +902,7 @@ mod tests {
             precopy: pipeline::Precopy {
                 max_iterations: 4,
                 budget: Duration::from_secs(600),
+                store_capacity: 0,
             },
             ..opts()
         };

@@ -225,12 +225,16 @@ pub struct Precopy {
     pub max_iterations: u32,
     /// No pre-dump round starts once this much time has passed.
     pub budget: Duration,
+    /// Bytes the store holds (0: not known): each round goes into it, so
+    /// no round starts that might leave no room for the frozen dump.
+    pub store_capacity: u64,
 }
 
 impl Precopy {
     pub const OFF: Precopy = Precopy {
         max_iterations: 0,
         budget: Duration::ZERO,
+        store_capacity: 0,
     };
 }
 
@@ -242,6 +246,8 @@ pub enum PrecopyStop {
     Converged,
     Iterations,
     Budget,
+    /// Another round and a frozen dump as large might not fit the store.
+    Store,
     /// Every workload's pre-dump failed: full dumps.
     Failed,
 }
@@ -252,18 +258,31 @@ impl PrecopyStop {
             PrecopyStop::Converged => "converged",
             PrecopyStop::Iterations => "iterations",
             PrecopyStop::Budget => "budget",
+            PrecopyStop::Store => "store",
             PrecopyStop::Failed => "failed",
         }
     }
 }
 
 /// Whether pre-copy stops after rounds that wrote `written` bytes (one
-/// entry per round, the last one last) in `elapsed`, and why.
-pub fn precopy_stop(written: &[u64], limits: &Precopy, elapsed: Duration) -> Option<PrecopyStop> {
+/// entry per round, the last one last) in `elapsed`, the store holding
+/// `stored` bytes by then, and why.
+pub fn precopy_stop(
+    written: &[u64],
+    stored: u64,
+    limits: &Precopy,
+    elapsed: Duration,
+) -> Option<PrecopyStop> {
     let last = *written.last()?;
     let prev = written.len().checked_sub(2).map(|i| written[i]);
     if last == 0 || prev.is_some_and(|p| last >= p) {
         return Some(PrecopyStop::Converged);
+    }
+    // While shrinking, the next round and the frozen dump are each at most
+    // the last round (the first says nothing of them: it copies it all).
+    let room = limits.store_capacity.saturating_sub(stored);
+    if prev.is_some() && limits.store_capacity > 0 && last.saturating_mul(2) > room {
+        return Some(PrecopyStop::Store);
     }
     if written.len() >= limits.max_iterations as usize {
         return Some(PrecopyStop::Iterations);
@@ -636,7 +655,7 @@ fn precopy(
         if failed.iter().all(|f| *f) {
             break PrecopyStop::Failed;
         }
-        if let Some(why) = precopy_stop(&written, &opts.precopy, start.elapsed()) {
+        if let Some(why) = precopy_stop(&written, stored, &opts.precopy, start.elapsed()) {
             break why;
         }
     };
@@ -1220,6 +1239,7 @@ mod tests {
             precopy: Precopy {
                 max_iterations: 4,
                 budget: Duration::from_secs(600),
+                store_capacity: 0,
             },
             ..opts()
         }
@@ -1244,8 +1264,10 @@ mod tests {
         let limits = Precopy {
             max_iterations: 5,
             budget: Duration::from_secs(60),
+            store_capacity: 0,
         };
-        let at = |written: &[u64], s: u64| precopy_stop(written, &limits, Duration::from_secs(s));
+        let at =
+            |written: &[u64], s: u64| precopy_stop(written, 0, &limits, Duration::from_secs(s));
         assert_eq!(at(&[], 0), None);
         assert_eq!(at(&[100], 0), None);
         assert_eq!(at(&[100, 10], 0), None);
@@ -1257,6 +1279,20 @@ mod tests {
         assert_eq!(at(&[100, 50, 25, 12, 6], 0), Some(PrecopyStop::Iterations));
         assert_eq!(at(&[100, 10], 60), Some(PrecopyStop::Budget));
         assert_eq!(at(&[100, 10], 59), None);
+        // A store of 300 bytes holding 250: room for 50, not for another
+        // round of 30 and a frozen dump as large.
+        let small = Precopy {
+            store_capacity: 300,
+            ..limits
+        };
+        let zero = Duration::ZERO;
+        assert_eq!(
+            precopy_stop(&[200, 30], 250, &small, zero),
+            Some(PrecopyStop::Store)
+        );
+        assert_eq!(precopy_stop(&[200, 20], 250, &small, zero), None);
+        // The first round copies everything: it says nothing of the next.
+        assert_eq!(precopy_stop(&[200], 250, &small, zero), None);
     }
 
     /// Each pre-dump names the one before as its parent, the frozen dump
@@ -1328,6 +1364,28 @@ mod tests {
         assert!(!f.calls.iter().any(|c| c.starts_with("predump a 5")));
         assert_eq!(field(&f, Event::Predump, "stop"), Some("iterations"));
         assert_eq!(parent_of(&f, "a"), Some(Some(Path::new("pre/4"))));
+    }
+
+    /// The rounds go into the store: none starts that might leave no room
+    /// for the frozen dump (the fake's store holds 1 MiB after each).
+    #[test]
+    fn precopy_stops_before_the_store_could_fill_up() {
+        let mut f = Fake {
+            loaded: true,
+            predump_bytes: vec![256 << 20, 2 << 20, 1 << 20],
+            ..Default::default()
+        };
+        let small = Options {
+            precopy: Precopy {
+                store_capacity: 3 << 20,
+                ..with_precopy().precopy
+            },
+            ..opts()
+        };
+        go(&mut f, &Cleared::for_tests(two(), false), &small).unwrap_err();
+        assert_eq!(field(&f, Event::Predump, "stop"), Some("store"));
+        assert_eq!(field(&f, Event::Predump, "iterations"), Some("2"));
+        assert_eq!(parent_of(&f, "a"), Some(Some(Path::new("pre/2"))));
     }
 
     /// A pre-dump that fails (CRIU refusing, a kernel without soft-dirty
