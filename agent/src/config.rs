@@ -31,6 +31,12 @@ pub struct Config {
     /// How long one workload's `criu dump` may take before it is killed and
     /// the upgrade aborted: the workloads are frozen meanwhile.
     pub dump_timeout_s: u64,
+    /// Pre-copy: rounds of `criu pre-dump` at most while the workloads run,
+    /// before they are frozen (0: none, every page is dumped frozen).
+    pub precopy_iterations: u32,
+    /// No pre-copy round starts after this many seconds (the first always
+    /// runs).
+    pub precopy_budget_s: u64,
     /// Workloads started by other means, named by their cgroup, and what
     /// the config adds to those `kupgrade launch` started.
     #[serde(rename = "workload")]
@@ -89,6 +95,8 @@ impl Default for Config {
             freeze_timeout_ms: 5000,
             stage_new_kernels: false,
             dump_timeout_s: 300,
+            precopy_iterations: 4,
+            precopy_budget_s: 30,
             workloads: Vec::new(),
         }
     }
@@ -345,6 +353,8 @@ mod tests {
             ("criu", format!("{:?}", d.criu)),
             ("freeze_timeout_ms", d.freeze_timeout_ms.to_string()),
             ("dump_timeout_s", d.dump_timeout_s.to_string()),
+            ("precopy_iterations", d.precopy_iterations.to_string()),
+            ("precopy_budget_s", d.precopy_budget_s.to_string()),
             ("stage_new_kernels", d.stage_new_kernels.to_string()),
         ] {
             let line = format!("# {key} = {value}\n");

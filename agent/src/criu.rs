@@ -34,6 +34,19 @@ pub enum Error {
         #[source]
         source: child::Error,
     },
+    #[error("CRIU refused to pre-dump workload {workload}: {errors} (log: {log})")]
+    Predump {
+        workload: String,
+        errors: String,
+        log: PathBuf,
+    },
+    #[error("CRIU's pre-dump of workload {workload} (log: {log})")]
+    PredumpStopped {
+        workload: String,
+        log: PathBuf,
+        #[source]
+        source: child::Error,
+    },
     #[error("{criu} {what}")]
     Stopped {
         criu: String,
@@ -60,15 +73,79 @@ impl Error {
     }
 }
 
-/// `criu dump` for `w`; its restore counterpart is in the same place
+/// `criu dump` for `w`, after the pre-dump in `parent` (relative to `dir`)
+/// if there was one; its restore counterpart is in the same place
 /// ([`contract::criu`]), so both sides give the options that must match.
-pub fn dump_args(w: &Workload, dir: &Path, log: &Path) -> Vec<String> {
-    contract::criu::Checkpoint {
+pub fn dump_args(w: &Workload, dir: &Path, parent: Option<&Path>, log: &Path) -> Vec<String> {
+    let c = contract::criu::Checkpoint {
+        workload: &w.entry(),
+        images_dir: dir,
+        log,
+    };
+    match parent {
+        Some(p) => c.incremental_dump_args(p),
+        None => c.dump_args(),
+    }
+}
+
+/// Bytes of memory pages CRIU wrote into `dir` (its `pages-N.img` files):
+/// for a pre-dump, what was dirtied since its parent.
+pub fn pages_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("pages-") && name.ends_with(".img")
+        })
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// `criu pre-dump` of `w` into `dir` (made afresh), after the pre-dump in
+/// `parent` (relative to `dir`) if any, within `limits`. The tasks run on;
+/// returns the bytes of pages written.
+pub fn predump(
+    criu: &str,
+    w: &Workload,
+    dir: &Path,
+    parent: Option<&Path>,
+    log: &Path,
+    limits: Limits,
+) -> Result<u64, Error> {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir).map_err(|source| Error::Missing {
+        criu: criu.into(),
+        source,
+    })?;
+    let args = contract::criu::Checkpoint {
         workload: &w.entry(),
         images_dir: dir,
         log,
     }
-    .dump_args()
+    .predump_args(parent);
+    let out = child::run(Command::new(criu).args(args), None, limits).map_err(|e| match e {
+        e @ child::Error::Spawn { .. } => Error::of_run(criu, "pre-dump", e),
+        source => Error::PredumpStopped {
+            workload: w.name.clone(),
+            log: log.into(),
+            source,
+        },
+    })?;
+    if out.status.success() {
+        Ok(pages_bytes(dir))
+    } else {
+        Err(Error::Predump {
+            workload: w.name.clone(),
+            errors: last_errors(log),
+            log: log.into(),
+        })
+    }
 }
 
 /// The gist of a CRIU log file, for a one-line reason.
@@ -76,15 +153,23 @@ pub fn last_errors(log: &Path) -> String {
     contract::report::criu_errors(&fs::read_to_string(log).unwrap_or_default())
 }
 
-/// `criu dump` of `w` into `dir`, within `limits`: a CRIU that hangs is
+/// `criu dump` of `w` into `dir` (after the pre-dump in `parent`, relative
+/// to `dir`), within `limits`: a CRIU that hangs is
 /// killed, and its dump fails.
-pub fn dump(criu: &str, w: &Workload, dir: &Path, log: &Path, limits: Limits) -> Result<(), Error> {
+pub fn dump(
+    criu: &str,
+    w: &Workload,
+    dir: &Path,
+    parent: Option<&Path>,
+    log: &Path,
+    limits: Limits,
+) -> Result<(), Error> {
     fs::create_dir_all(dir).map_err(|source| Error::Missing {
         criu: criu.into(),
         source,
     })?;
     let out = child::run(
-        Command::new(criu).args(dump_args(w, dir, log)),
+        Command::new(criu).args(dump_args(w, dir, parent, log)),
         None,
         limits,
     )
@@ -377,10 +462,10 @@ mod tests {
 
     #[test]
     fn dump_always_leaves_tasks_stopped_and_locks_only_for_tcp() {
-        let a = dump_args(&wl(false), Path::new("/d"), Path::new("/l"));
+        let a = dump_args(&wl(false), Path::new("/d"), None, Path::new("/l"));
         assert!(a.contains(&"--leave-stopped".to_string()));
         assert!(!a.contains(&"--tcp-established".to_string()));
-        let a = dump_args(&wl(true), Path::new("/d"), Path::new("/l"));
+        let a = dump_args(&wl(true), Path::new("/d"), None, Path::new("/l"));
         assert!(a
             .windows(2)
             .any(|p| p[0] == "--network-lock" && p[1] == "nftables"));
@@ -529,8 +614,9 @@ mod tests {
         let criu = criu.display().to_string();
         std::thread::spawn(move || {
             let limits = crate::child::Limits::deadline(std::time::Duration::from_millis(300));
-            let _ =
-                tx.send(dump(&criu, &wl(true), &dir, &log, limits).map_err(|e| child::chain(&e)));
+            let _ = tx.send(
+                dump(&criu, &wl(true), &dir, None, &log, limits).map_err(|e| child::chain(&e)),
+            );
         });
         let got = rx
             .recv_timeout(std::time::Duration::from_secs(10))
@@ -539,6 +625,58 @@ mod tests {
         assert!(
             e.contains("workload w") && e.contains("did not finish within 0.3 s"),
             "{e}"
+        );
+    }
+
+    /// What a pre-dump wrote is its pages images, nothing else in the dir.
+    #[test]
+    fn pages_bytes_counts_only_the_pages_images() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("pages-1.img"), vec![0u8; 8192]).unwrap();
+        fs::write(d.path().join("pages-2.img"), vec![0u8; 4096]).unwrap();
+        fs::write(d.path().join("pagemap-10001.img"), vec![0u8; 100]).unwrap();
+        fs::write(d.path().join("inventory.img"), vec![0u8; 50]).unwrap();
+        assert_eq!(pages_bytes(d.path()), 12288);
+        assert_eq!(pages_bytes(&d.path().join("none")), 0);
+    }
+
+    /// A CRIU that refuses the pre-dump is an error naming the workload and
+    /// CRIU's reason, and the pre-dump is asked with memory tracking.
+    #[test]
+    fn a_refused_predump_says_why() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let criu = d.path().join("criu");
+        let args = d.path().join("args");
+        fs::write(
+            &criu,
+            format!(
+                "#!/bin/sh\necho \"$@\" > {}\necho 'Error (criu/mem.c:1): soft-dirty tracking is not supported' > {}\nexit 1\n",
+                args.display(),
+                d.path().join("log").display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&criu, fs::Permissions::from_mode(0o755)).unwrap();
+        let e = predump(
+            &criu.display().to_string(),
+            &wl(false),
+            &d.path().join("pre/2"),
+            Some(Path::new("../1")),
+            &d.path().join("log"),
+            Limits::deadline(std::time::Duration::from_secs(10)),
+        )
+        .unwrap_err();
+        let e = child::chain(&e);
+        assert!(
+            e.contains("pre-dump workload w") && e.contains("soft-dirty"),
+            "{e}"
+        );
+        let args = fs::read_to_string(args).unwrap();
+        assert!(args.starts_with("pre-dump "), "{args}");
+        assert!(
+            args.contains("--track-mem --prev-images-dir ../1"),
+            "{args}"
         );
     }
 

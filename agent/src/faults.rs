@@ -31,7 +31,7 @@
 //! `sigint` after every step before the kexec, and `unload-before-kexec`.
 
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use contract::devstate::{DeviceState, TmpfsMount};
@@ -80,6 +80,7 @@ macro_rules! points {
 }
 
 points! {
+    Predump => "predump", Precopy, true;
     Hold => "hold", Connections, false;
     Freeze => "freeze", Freeze, true;
     Checkpoint => "checkpoint", Checkpoint, true;
@@ -457,8 +458,30 @@ impl<S: System, P: Process> System for Faulty<S, P> {
         self.around(Point::Thaw, Some(&w.name), |s| s.thaw(w))
     }
 
-    fn dump(&mut self, w: &Workload, dir: &Path) -> Result<Dumped, StepError> {
-        self.around(Point::Checkpoint, Some(&w.name), |s| s.dump(w, dir))
+    fn predump(
+        &mut self,
+        w: &Workload,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<u64, StepError> {
+        self.around(Point::Predump, Some(&w.name), |s| s.predump(w, dir, parent))
+    }
+
+    fn discard_predumps(&mut self, dir: &Path) -> Result<(), StepError> {
+        self.inner.discard_predumps(dir)
+    }
+
+    fn store_predumps(&mut self, sections: &[(String, PathBuf)]) -> Result<u64, StepError> {
+        self.inner.store_predumps(sections)
+    }
+
+    fn dump(
+        &mut self,
+        w: &Workload,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<Dumped, StepError> {
+        self.around(Point::Checkpoint, Some(&w.name), |s| s.dump(w, dir, parent))
     }
 
     fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError> {
@@ -868,6 +891,33 @@ mod tests {
         let undo = after(&f, "dump a");
         assert!(undo.ends_with(&["thaw b", "thaw a", "release"]), "{undo:?}");
         assert_eq!(undo, ["undump a", "thaw b", "thaw a", "release"]);
+    }
+
+    /// A pre-dump that fails is no abort: the upgrade goes on with a full
+    /// dump of that workload.
+    #[test]
+    fn an_error_after_a_predump_means_a_full_dump_not_an_abort() {
+        let mut f = faulty("error-after-predump:b", store());
+        let with_precopy = pipeline::Options {
+            precopy: pipeline::Precopy {
+                max_iterations: 4,
+                budget: Duration::from_secs(600),
+                store_capacity: 0,
+            },
+            ..opts()
+        };
+        let err =
+            pipeline::go(&mut f, &Cleared::for_tests(two(), false), &with_precopy).unwrap_err();
+        // Only the fake's reboot stops it.
+        assert_eq!(err.failure.reason, "refused by the kernel");
+        let parents: Vec<(&str, bool)> = f
+            .inner
+            .dump_parents
+            .iter()
+            .map(|(n, p)| (n.as_str(), p.is_some()))
+            .collect();
+        assert_eq!(parents, [("a", true), ("b", false)]);
+        assert_eq!(after(&f, "predump b 1 -")[0], "discard b");
     }
 
     #[test]

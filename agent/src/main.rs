@@ -403,6 +403,11 @@ fn go(cfg: &Config, dry_run: bool) -> Result<ExitCode> {
     }
     let opts = pipeline::Options {
         work_dir: work_dir.clone(),
+        precopy: pipeline::Precopy {
+            max_iterations: cfg.precopy_iterations,
+            budget: std::time::Duration::from_secs(cfg.precopy_budget_s),
+            store_capacity: cleared.store().capacity,
+        },
         kernel_from: release(),
         kernel_to: cleared
             .staged()

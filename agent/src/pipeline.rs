@@ -5,9 +5,9 @@
 //! checks that refuse an upgrade all happen there, before this module runs.
 //!
 //! ```text
-//! preflight -> freeze -> dump -> capture state -> write image -> quiesce fs -> kexec
-//!     |           |        |           |               |              |
-//!     +-----------+--------+-----------+---------------+--------------+--> abort:
+//! preflight -> pre-copy -> freeze -> dump -> capture state -> write image -> quiesce fs -> kexec
+//!     |           |           |        |           |               |              |
+//!     +-----------+-----------+--------+-----------+---------------+--------------+--> abort:
 //!        invalidate the image, drop the network locks, thaw and continue
 //!        every task, in reverse order of what was done; then wipe the
 //!        store if an image was written (it holds process memory); exit
@@ -15,9 +15,32 @@
 //! ```
 //!
 //! The reboot is the point of no return; before it, nothing is lost.
+//!
+//! Pre-copy: while the workloads still run, CRIU pre-dumps their memory
+//! with the kernel's soft-dirty tracking, again and again, each pre-dump
+//! writing only what was dirtied since the one before, until that stops
+//! shrinking or its budget is spent. The frozen dump then writes only the
+//! pages dirtied since the last pre-dump. Each workload's images form a
+//! chain CRIU restores by following `parent` links, kept in one tree:
+//!
+//! ```text
+//! criu/NAME/          the frozen dump, parent -> pre/N
+//! criu/NAME/pre/N/    pre-dump N, parent -> ../N-1
+//! criu/NAME/pre/1/    the first pre-dump: every page
+//! ```
+//!
+//! Each round's pre-dumps go into the store as soon as they are made
+//! (sections `criu/NAME/pre/N`, the frozen dump's `criu/NAME` holding the
+//! rest of the tree), so that only the frozen dump is written in the
+//! frozen window, and the next round copies what was dirtied meanwhile.
+//!
+//! A pre-dump that fails costs only time: that workload's pre-dumps are
+//! discarded and it gets a full dump, as without pre-copy (what of them is
+//! in the store already is unpacked but not used).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use contract::devstate::{DeviceState, TmpfsMount};
 use contract::events::{Event, EventLine};
@@ -30,6 +53,8 @@ use crate::workload::Workload;
 /// A step of `go` or of its undo, as errors and the `aborted` event name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Step {
+    /// CRIU's pre-dumps while the workloads run.
+    Precopy,
     /// Holding back new connections (and draining accept queues).
     Connections,
     Freeze,
@@ -48,12 +73,15 @@ pub enum Step {
     Release,
     /// Zeroing the store once the workloads run again.
     Wipe,
+    /// Removing pre-dumped images (process memory) no dump will use.
+    Discard,
 }
 
 impl Step {
     /// The `step=` value of an `aborted` event (spaces become `_` there).
     pub fn name(self) -> &'static str {
         match self {
+            Step::Precopy => "pre-copy",
             Step::Connections => "connections",
             Step::Freeze => "freeze",
             Step::Checkpoint => "checkpoint",
@@ -68,6 +96,7 @@ impl Step {
             Step::Thaw => "thaw",
             Step::Release => "release",
             Step::Wipe => "wipe",
+            Step::Discard => "discard",
         }
     }
 }
@@ -138,7 +167,25 @@ pub trait System {
     fn release_connections(&mut self) -> Result<(), StepError>;
     fn freeze(&mut self, w: &Workload) -> Result<(), StepError>;
     fn thaw(&mut self, w: &Workload) -> Result<(), StepError>;
-    fn dump(&mut self, w: &Workload, dir: &Path) -> Result<Dumped, StepError>;
+    /// `criu pre-dump` of `w` into `dir` while it runs, writing only the
+    /// pages dirtied since the pre-dump in `parent` (relative to `dir`) if
+    /// any; returns the bytes of pages written.
+    fn predump(
+        &mut self,
+        w: &Workload,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<u64, StepError>;
+    /// Removes the pre-dumps of the workload whose images are in `dir`.
+    fn discard_predumps(&mut self, dir: &Path) -> Result<(), StepError>;
+    /// `criu dump` of the frozen `w` into `dir`; after pre-copy, only the
+    /// pages dirtied since the pre-dump in `parent` (relative to `dir`).
+    fn dump(
+        &mut self,
+        w: &Workload,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<Dumped, StepError>;
     /// Undoes a dump: drops its network lock, continues its stopped tasks.
     fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError>;
     /// Interfaces, routes, hostname, RNG seed: configuration that does not
@@ -151,6 +198,11 @@ pub trait System {
         ws: &[Workload],
         dir: &Path,
     ) -> Result<(Vec<TmpfsMount>, bool), StepError>;
+    /// Writes pre-dumps, (section name, directory) each, into the store
+    /// while the workloads run, starting the image there if this is the
+    /// first; [`System::write_image`] finishes it. Returns the bytes of the
+    /// image so far.
+    fn store_predumps(&mut self, sections: &[(String, PathBuf)]) -> Result<u64, StepError>;
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError>;
     fn invalidate_image(&mut self) -> Result<(), StepError>;
     /// Zeroes the store as far as it may hold image data (process memory).
@@ -166,9 +218,85 @@ pub trait System {
     fn interrupted(&mut self) -> bool;
 }
 
+/// How long pre-copy may go on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precopy {
+    /// Pre-dumps of each workload at most; 0: no pre-copy.
+    pub max_iterations: u32,
+    /// No pre-dump round starts once this much time has passed.
+    pub budget: Duration,
+    /// Bytes the store holds (0: not known): each round goes into it, so
+    /// no round starts that might leave no room for the frozen dump.
+    pub store_capacity: u64,
+}
+
+impl Precopy {
+    pub const OFF: Precopy = Precopy {
+        max_iterations: 0,
+        budget: Duration::ZERO,
+        store_capacity: 0,
+    };
+}
+
+/// Why pre-copy stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrecopyStop {
+    /// A round wrote nothing, or no less than the one before: another
+    /// round would not make the frozen dump smaller.
+    Converged,
+    Iterations,
+    Budget,
+    /// Another round and a frozen dump as large might not fit the store.
+    Store,
+    /// Every workload's pre-dump failed: full dumps.
+    Failed,
+}
+
+impl PrecopyStop {
+    pub fn name(self) -> &'static str {
+        match self {
+            PrecopyStop::Converged => "converged",
+            PrecopyStop::Iterations => "iterations",
+            PrecopyStop::Budget => "budget",
+            PrecopyStop::Store => "store",
+            PrecopyStop::Failed => "failed",
+        }
+    }
+}
+
+/// Whether pre-copy stops after rounds that wrote `written` bytes (one
+/// entry per round, the last one last) in `elapsed`, the store holding
+/// `stored` bytes by then, and why.
+pub fn precopy_stop(
+    written: &[u64],
+    stored: u64,
+    limits: &Precopy,
+    elapsed: Duration,
+) -> Option<PrecopyStop> {
+    let last = *written.last()?;
+    let prev = written.len().checked_sub(2).map(|i| written[i]);
+    if last == 0 || prev.is_some_and(|p| last >= p) {
+        return Some(PrecopyStop::Converged);
+    }
+    // While shrinking, the next round and the frozen dump are each at most
+    // the last round (the first says nothing of them: it copies it all).
+    let room = limits.store_capacity.saturating_sub(stored);
+    if prev.is_some() && limits.store_capacity > 0 && last.saturating_mul(2) > room {
+        return Some(PrecopyStop::Store);
+    }
+    if written.len() >= limits.max_iterations as usize {
+        return Some(PrecopyStop::Iterations);
+    }
+    if elapsed >= limits.budget {
+        return Some(PrecopyStop::Budget);
+    }
+    None
+}
+
 pub struct Options {
     /// Scratch space for the dump (tmpfs under /run/kupgrade).
     pub work_dir: PathBuf,
+    pub precopy: Precopy,
     pub kernel_from: String,
     pub kernel_to: String,
     pub boot_id: String,
@@ -206,6 +334,8 @@ struct Undo {
     held: bool,
     frozen: Vec<usize>,
     dumped: Vec<(usize, Dumped)>,
+    /// Image directories holding pre-dumps.
+    predumped: Vec<PathBuf>,
     image_written: bool,
     quiesced: bool,
     /// The store may hold image data: wipe it, last.
@@ -219,6 +349,7 @@ impl Default for Undo {
             held: false,
             frozen: Vec::new(),
             dumped: Vec::new(),
+            predumped: Vec::new(),
             image_written: false,
             quiesced: false,
             scrub: false,
@@ -332,6 +463,7 @@ fn run(
         phases,
         EventLine::now(Event::PreflightOk).with("workloads", workloads.len()),
     );
+    let parents = precopy(sys, workloads, opts, undo, phases)?;
     begin(sys, undo, Step::Freeze)?;
 
     undo.at = Step::Connections;
@@ -352,10 +484,10 @@ fn run(
     let mut locks = Vec::new();
     for (i, w) in workloads.iter().enumerate() {
         begin(sys, undo, Step::Checkpoint)?;
-        let dir = opts.work_dir.join("criu").join(&w.name);
+        let dir = images_dir(opts, w);
         // Recorded first: a dump that fails is undone too.
         undo.dumped.push((i, Dumped::attempted(w)));
-        let d = sys.dump(w, &dir)?;
+        let d = sys.dump(w, &dir, parents[i].as_deref())?;
         locks.extend(d.lock_table.clone());
         if let Some(last) = undo.dumped.last_mut() {
             last.1 = d;
@@ -439,6 +571,131 @@ fn run(
     Err(sys.reboot())
 }
 
+/// Where the images of `w` go: the frozen dump's, its pre-dumps below.
+fn images_dir(opts: &Options, w: &Workload) -> PathBuf {
+    opts.work_dir.join("criu").join(&w.name)
+}
+
+/// The image section of `w`'s pre-dump `round`, named below its own:
+/// `kupgrade-init` unpacks it to `pre/ROUND` in the workload's images.
+pub fn predump_section(w: &Workload, round: u32) -> String {
+    format!("{}/pre/{round}", w.entry().section)
+}
+
+/// Pre-copy (see the module's docs). Returns, for each workload, the
+/// pre-dump its frozen dump follows (relative to its images directory), or
+/// none for a full dump. A signal aborts; a failing pre-dump does not.
+fn precopy(
+    sys: &mut dyn System,
+    workloads: &[Workload],
+    opts: &Options,
+    undo: &mut Undo,
+    phases: &mut Vec<PhaseTiming>,
+) -> Result<Vec<Option<PathBuf>>, StepError> {
+    if opts.precopy.max_iterations == 0 || workloads.is_empty() {
+        return Ok(vec![None; workloads.len()]);
+    }
+    let start = Instant::now();
+    // The last round each workload's chain reaches; none once it failed.
+    let mut last: Vec<Option<u32>> = vec![None; workloads.len()];
+    let mut failed = vec![false; workloads.len()];
+    let mut written: Vec<u64> = Vec::new();
+    let mut stored = 0;
+    let stop = loop {
+        let round = written.len() as u32 + 1;
+        let mut bytes = 0;
+        for (i, w) in workloads.iter().enumerate() {
+            if failed[i] {
+                continue;
+            }
+            begin(sys, undo, Step::Precopy)?;
+            let dir = images_dir(opts, w);
+            if !undo.predumped.contains(&dir) {
+                // Recorded first: a pre-dump that fails leaves images too.
+                undo.predumped.push(dir.clone());
+            }
+            let parent = last[i].map(|n| PathBuf::from(format!("../{n}")));
+            let into = dir.join("pre").join(round.to_string());
+            match sys.predump(w, &into, parent.as_deref()) {
+                Ok(b) => {
+                    bytes += b;
+                    last[i] = Some(round);
+                }
+                // The system said why; the tracking may have been reset
+                // before it failed, so the chain so far no longer holds
+                // every page: a full dump instead.
+                Err(_) => {
+                    failed[i] = true;
+                    last[i] = None;
+                    // Left for the undo if it fails: the full dump starts
+                    // from an empty directory anyway.
+                    if sys.discard_predumps(&dir).is_ok() {
+                        undo.predumped.retain(|d| *d != dir);
+                    }
+                }
+            }
+        }
+        written.push(bytes);
+        let sections: Vec<(String, PathBuf)> = workloads
+            .iter()
+            .zip(&last)
+            .filter(|(_, l)| **l == Some(round))
+            .map(|(w, _)| {
+                let dir = images_dir(opts, w).join("pre").join(round.to_string());
+                (predump_section(w, round), dir)
+            })
+            .collect();
+        if !sections.is_empty() {
+            begin(sys, undo, Step::ImageWrite)?;
+            // From here the store may hold process memory.
+            undo.image_written = true;
+            undo.scrub = true;
+            stored = sys.store_predumps(&sections)?;
+        }
+        if failed.iter().all(|f| *f) {
+            break PrecopyStop::Failed;
+        }
+        if let Some(why) = precopy_stop(&written, stored, &opts.precopy, start.elapsed()) {
+            break why;
+        }
+    };
+    let list = |v: &[u64]| {
+        let words: Vec<String> = v.iter().map(u64::to_string).collect();
+        if words.is_empty() {
+            "-".to_string()
+        } else {
+            words.join(",")
+        }
+    };
+    let fallback: Vec<&str> = workloads
+        .iter()
+        .zip(&failed)
+        .filter(|(_, f)| **f)
+        .map(|(w, _)| w.name.as_str())
+        .collect();
+    let fallback = if fallback.is_empty() {
+        "-".to_string()
+    } else {
+        fallback.join(",")
+    };
+    emit(
+        sys,
+        phases,
+        EventLine::now(Event::Predump)
+            .with("iterations", written.len())
+            .with("bytes", list(&written))
+            .with("workloads", last.iter().filter(|l| l.is_some()).count())
+            .with("fallback", fallback)
+            .with("stored_bytes", stored)
+            .with("stop", stop.name())
+            .with("ms", start.elapsed().as_millis()),
+    );
+    Ok(last
+        .into_iter()
+        .map(|l| l.map(|n| Path::new("pre").join(n.to_string())))
+        .collect())
+}
+
 /// What a `go` that was killed half-way may have left: every workload
 /// frozen and dumped (with a network lock where it has TCP connections),
 /// connections held, and, as found, an image and read-only file systems.
@@ -491,6 +748,9 @@ fn resume(sys: &mut dyn System, workloads: &[Workload], undo: &mut Undo) -> Vec<
     if std::mem::take(&mut undo.held) {
         undo_step(Step::Release, &mut || sys.release_connections());
     }
+    for dir in std::mem::take(&mut undo.predumped) {
+        undo_step(Step::Discard, &mut || sys.discard_predumps(&dir));
+    }
     // Last: it takes as long as writing the image did, and needs nothing
     // from the workloads, which run again by now.
     if std::mem::take(&mut undo.scrub) {
@@ -528,6 +788,13 @@ pub(crate) mod fake {
         pub dead: Rc<Cell<bool>>,
         /// What each undump was given.
         pub undumped: Vec<(String, Dumped)>,
+        /// Bytes each pre-dump round writes per workload, the last one
+        /// repeated; empty: 1 MiB each.
+        pub predump_bytes: Vec<u64>,
+        /// The parent each dump was given, by workload.
+        pub dump_parents: Vec<(String, Option<PathBuf>)>,
+        /// Every event, with its fields.
+        pub lines: Vec<EventLine>,
     }
 
     impl Fake {
@@ -565,7 +832,38 @@ pub(crate) mod fake {
         fn thaw(&mut self, w: &Workload) -> Result<(), StepError> {
             self.step(format!("thaw {}", w.name), Step::Thaw)
         }
-        fn dump(&mut self, w: &Workload, _dir: &Path) -> Result<Dumped, StepError> {
+        fn predump(
+            &mut self,
+            w: &Workload,
+            dir: &Path,
+            parent: Option<&Path>,
+        ) -> Result<u64, StepError> {
+            let round = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            let round = round.unwrap_or_default();
+            let parent = parent.map_or("-".into(), |p| p.display().to_string());
+            self.step(
+                format!("predump {} {round} {parent}", w.name),
+                Step::Precopy,
+            )?;
+            let n: usize = round.parse().unwrap_or(1);
+            let bytes = self.predump_bytes.get(n - 1).or(self.predump_bytes.last());
+            Ok(bytes.copied().unwrap_or(1 << 20))
+        }
+        fn discard_predumps(&mut self, dir: &Path) -> Result<(), StepError> {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            self.step(
+                format!("discard {}", name.unwrap_or_default()),
+                Step::Discard,
+            )
+        }
+        fn dump(
+            &mut self,
+            w: &Workload,
+            _dir: &Path,
+            parent: Option<&Path>,
+        ) -> Result<Dumped, StepError> {
+            self.dump_parents
+                .push((w.name.clone(), parent.map(Path::to_path_buf)));
             self.step(format!("dump {}", w.name), Step::Checkpoint)?;
             Ok(Dumped {
                 lock_table: w
@@ -588,6 +886,11 @@ pub(crate) mod fake {
         ) -> Result<(Vec<TmpfsMount>, bool), StepError> {
             self.step("capture".into(), Step::DeviceState)?;
             Ok((vec![], false))
+        }
+        fn store_predumps(&mut self, sections: &[(String, PathBuf)]) -> Result<u64, StepError> {
+            let names: Vec<&str> = sections.iter().map(|(n, _)| n.as_str()).collect();
+            self.step(format!("store {}", names.join(" ")), Step::ImageWrite)?;
+            Ok(1 << 20)
         }
         fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
             self.step("write".into(), Step::ImageWrite)?;
@@ -622,6 +925,7 @@ pub(crate) mod fake {
                 return;
             }
             self.events.push(e.event);
+            self.lines.push(e.clone());
             if self.emit_panics_at == Some(e.event) {
                 panic!("failed printing to stdout: Broken pipe (os error 32)");
             }
@@ -652,6 +956,7 @@ pub(crate) mod fake {
     pub fn opts() -> Options {
         Options {
             work_dir: "/run/kupgrade/work".into(),
+            precopy: Precopy::OFF,
             kernel_from: "a".into(),
             kernel_to: "b".into(),
             boot_id: String::new(),
@@ -927,6 +1232,294 @@ mod tests {
         recover(&mut f, &two(), false, false);
         assert_eq!(f.calls[0], "undump b");
         assert_eq!(f.calls.last().map(String::as_str), Some("wipe"));
+    }
+
+    fn with_precopy() -> Options {
+        Options {
+            precopy: Precopy {
+                max_iterations: 4,
+                budget: Duration::from_secs(600),
+                store_capacity: 0,
+            },
+            ..opts()
+        }
+    }
+
+    fn field<'a>(f: &'a Fake, event: Event, key: &str) -> Option<&'a str> {
+        f.lines
+            .iter()
+            .find(|l| l.event == event)
+            .and_then(|l| l.field(key))
+    }
+
+    fn parent_of<'a>(f: &'a Fake, name: &str) -> Option<Option<&'a Path>> {
+        f.dump_parents
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p.as_deref())
+    }
+
+    #[test]
+    fn precopy_stops_once_the_dirty_set_stops_shrinking_or_its_budget_is_spent() {
+        let limits = Precopy {
+            max_iterations: 5,
+            budget: Duration::from_secs(60),
+            store_capacity: 0,
+        };
+        let at =
+            |written: &[u64], s: u64| precopy_stop(written, 0, &limits, Duration::from_secs(s));
+        assert_eq!(at(&[], 0), None);
+        assert_eq!(at(&[100], 0), None);
+        assert_eq!(at(&[100, 10], 0), None);
+        // No smaller than the round before: another would not help.
+        assert_eq!(at(&[100, 10, 10], 0), Some(PrecopyStop::Converged));
+        assert_eq!(at(&[100, 10, 20], 0), Some(PrecopyStop::Converged));
+        // Nothing dirtied: nothing left to copy ahead.
+        assert_eq!(at(&[100, 0], 0), Some(PrecopyStop::Converged));
+        assert_eq!(at(&[100, 50, 25, 12, 6], 0), Some(PrecopyStop::Iterations));
+        assert_eq!(at(&[100, 10], 60), Some(PrecopyStop::Budget));
+        assert_eq!(at(&[100, 10], 59), None);
+        // A store of 300 bytes holding 250: room for 50, not for another
+        // round of 30 and a frozen dump as large.
+        let small = Precopy {
+            store_capacity: 300,
+            ..limits
+        };
+        let zero = Duration::ZERO;
+        assert_eq!(
+            precopy_stop(&[200, 30], 250, &small, zero),
+            Some(PrecopyStop::Store)
+        );
+        assert_eq!(precopy_stop(&[200, 20], 250, &small, zero), None);
+        // The first round copies everything: it says nothing of the next.
+        assert_eq!(precopy_stop(&[200], 250, &small, zero), None);
+    }
+
+    /// Each pre-dump names the one before as its parent, the frozen dump
+    /// the last one; all of it before the hold and the freeze, and summed
+    /// up in one `predump` event between `preflight-ok` and `frozen`.
+    #[test]
+    fn precopy_chains_the_predumps_and_the_frozen_dump_to_the_last() {
+        let mut f = Fake {
+            loaded: true,
+            predump_bytes: vec![256 << 20, 1 << 20, 1 << 20],
+            ..Default::default()
+        };
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &with_precopy()).unwrap_err();
+        assert_eq!(err.failure.reason, "refused by the kernel");
+        let upto_hold: Vec<&str> = f
+            .calls
+            .iter()
+            .map(String::as_str)
+            .take_while(|c| *c != "hold")
+            .collect();
+        assert_eq!(
+            upto_hold,
+            [
+                "system state",
+                "predump a 1 -",
+                "predump b 1 -",
+                "store criu/a/pre/1 criu/b/pre/1",
+                "predump a 2 ../1",
+                "predump b 2 ../1",
+                "store criu/a/pre/2 criu/b/pre/2",
+                "predump a 3 ../2",
+                "predump b 3 ../2",
+                "store criu/a/pre/3 criu/b/pre/3",
+            ]
+        );
+        assert_eq!(parent_of(&f, "a"), Some(Some(Path::new("pre/3"))));
+        assert_eq!(parent_of(&f, "b"), Some(Some(Path::new("pre/3"))));
+        assert_eq!(
+            &f.events[..3],
+            &[Event::PreflightOk, Event::Predump, Event::Frozen]
+        );
+        assert_eq!(field(&f, Event::Predump, "iterations"), Some("3"));
+        assert_eq!(
+            field(&f, Event::Predump, "bytes"),
+            Some("536870912,2097152,2097152")
+        );
+        assert_eq!(field(&f, Event::Predump, "stop"), Some("converged"));
+        assert_eq!(field(&f, Event::Predump, "fallback"), Some("-"));
+        assert_eq!(field(&f, Event::Predump, "stored_bytes"), Some("1048576"));
+        // The undo removes the pre-dumps too (process memory).
+        let tail: Vec<&str> = f
+            .calls
+            .iter()
+            .map(String::as_str)
+            .skip_while(|c| *c != "release")
+            .collect();
+        assert_eq!(tail, ["release", "discard a", "discard b", "wipe"]);
+    }
+
+    #[test]
+    fn precopy_ends_at_its_iteration_limit() {
+        let mut f = Fake {
+            loaded: true,
+            predump_bytes: vec![1 << 30, 1 << 29, 1 << 28, 1 << 27, 1 << 26],
+            ..Default::default()
+        };
+        go(&mut f, &Cleared::for_tests(two(), false), &with_precopy()).unwrap_err();
+        assert!(f.calls.iter().any(|c| c == "predump b 4 ../3"));
+        assert!(!f.calls.iter().any(|c| c.starts_with("predump a 5")));
+        assert_eq!(field(&f, Event::Predump, "stop"), Some("iterations"));
+        assert_eq!(parent_of(&f, "a"), Some(Some(Path::new("pre/4"))));
+    }
+
+    /// The rounds go into the store: none starts that might leave no room
+    /// for the frozen dump (the fake's store holds 1 MiB after each).
+    #[test]
+    fn precopy_stops_before_the_store_could_fill_up() {
+        let mut f = Fake {
+            loaded: true,
+            predump_bytes: vec![256 << 20, 2 << 20, 1 << 20],
+            ..Default::default()
+        };
+        let small = Options {
+            precopy: Precopy {
+                store_capacity: 3 << 20,
+                ..with_precopy().precopy
+            },
+            ..opts()
+        };
+        go(&mut f, &Cleared::for_tests(two(), false), &small).unwrap_err();
+        assert_eq!(field(&f, Event::Predump, "stop"), Some("store"));
+        assert_eq!(field(&f, Event::Predump, "iterations"), Some("2"));
+        assert_eq!(parent_of(&f, "a"), Some(Some(Path::new("pre/2"))));
+    }
+
+    /// A pre-dump that fails (CRIU refusing, a kernel without soft-dirty
+    /// tracking, a timeout) is no reason to stop: that workload's pre-dumps
+    /// are discarded and it is dumped in full; the others carry on.
+    #[test]
+    fn a_failing_predump_falls_back_to_a_full_dump_of_that_workload() {
+        let mut f = Fake {
+            loaded: true,
+            predump_bytes: vec![256 << 20, 1 << 20, 1 << 20],
+            fail_at: Some("predump b 2 ../1".into()),
+            ..Default::default()
+        };
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &with_precopy()).unwrap_err();
+        assert_eq!(err.failure.reason, "refused by the kernel");
+        let pos = f
+            .calls
+            .iter()
+            .position(|c| c == "predump b 2 ../1")
+            .unwrap();
+        assert_eq!(f.calls[pos + 1], "discard b");
+        assert!(!f.calls.iter().any(|c| c.starts_with("predump b 3")));
+        assert!(f.calls.iter().any(|c| c == "predump a 3 ../2"));
+        // From then on only a's pre-dumps go to the store.
+        assert!(f.calls.iter().any(|c| c == "store criu/a/pre/2"));
+        assert_eq!(parent_of(&f, "a"), Some(Some(Path::new("pre/3"))));
+        assert_eq!(parent_of(&f, "b"), Some(None));
+        assert_eq!(field(&f, Event::Predump, "fallback"), Some("b"));
+        assert_eq!(field(&f, Event::Predump, "workloads"), Some("1"));
+        assert!(f.calls.contains(&"reboot".to_string()));
+        // b's pre-dumps are gone already; only a's are left to discard.
+        let tail: Vec<&str> = f
+            .calls
+            .iter()
+            .map(String::as_str)
+            .skip_while(|c| *c != "release")
+            .collect();
+        assert_eq!(tail, ["release", "discard a", "wipe"]);
+    }
+
+    #[test]
+    fn when_every_predump_fails_the_dump_is_a_full_one() {
+        let mut f = Fake {
+            loaded: true,
+            fail_at: Some("predump a 1 -".into()),
+            ..Default::default()
+        };
+        let one = vec![wl("a", 10001, false)];
+        let err = go(&mut f, &Cleared::for_tests(one, false), &with_precopy()).unwrap_err();
+        assert_eq!(err.failure.reason, "refused by the kernel");
+        assert_eq!(
+            &f.calls[..5],
+            [
+                "system state",
+                "predump a 1 -",
+                "discard a",
+                "hold",
+                "freeze a"
+            ]
+        );
+        assert_eq!(parent_of(&f, "a"), Some(None));
+        assert_eq!(field(&f, Event::Predump, "stop"), Some("failed"));
+        assert_eq!(field(&f, Event::Predump, "iterations"), Some("1"));
+    }
+
+    /// Nothing is frozen or held yet: a signal during pre-copy aborts, and
+    /// the undo only removes the pre-dumps.
+    #[test]
+    fn a_signal_during_precopy_aborts_and_discards_the_predumps() {
+        let mut f = Fake {
+            loaded: true,
+            predump_bytes: vec![256 << 20, 1 << 20, 1 << 20],
+            interrupt_at: Some("predump a 2 ../1".into()),
+            ..Default::default()
+        };
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &with_precopy()).unwrap_err();
+        assert_eq!(err.failure.step, Step::Precopy);
+        assert_eq!(err.failure.reason, "interrupted by a signal");
+        assert!(err.resume_errors.is_empty());
+        let pos = f
+            .calls
+            .iter()
+            .position(|c| c == "predump a 2 ../1")
+            .unwrap();
+        // Round 1 is in the store: the image is invalidated and the store
+        // wiped, last.
+        assert_eq!(
+            &f.calls[pos + 1..],
+            ["invalidate", "discard a", "discard b", "wipe"]
+        );
+        assert!(!f.events.contains(&Event::Predump));
+        assert_eq!(
+            f.events.iter().rev().take(2).collect::<Vec<_>>(),
+            [&Event::Resumed, &Event::Aborted]
+        );
+    }
+
+    /// The store refusing the pre-dumps aborts before anything is frozen.
+    #[test]
+    fn a_failing_predump_write_to_the_store_aborts_before_the_freeze() {
+        let mut f = Fake {
+            loaded: true,
+            fail_at: Some("store criu/a/pre/1 criu/b/pre/1".into()),
+            ..Default::default()
+        };
+        let err = go(&mut f, &Cleared::for_tests(two(), false), &with_precopy()).unwrap_err();
+        assert_eq!(err.failure.step, Step::ImageWrite);
+        let pos = f
+            .calls
+            .iter()
+            .position(|c| c.starts_with("store "))
+            .unwrap();
+        assert_eq!(
+            &f.calls[pos + 1..],
+            ["invalidate", "discard a", "discard b", "wipe"]
+        );
+    }
+
+    #[test]
+    fn a_dry_run_precopies_too_and_discards_the_predumps() {
+        let mut f = Fake {
+            predump_bytes: vec![256 << 20, 1 << 20, 1 << 20],
+            ..Default::default()
+        };
+        go(&mut f, &Cleared::for_tests(two(), true), &with_precopy()).unwrap();
+        assert!(f.calls.iter().any(|c| c == "predump b 3 ../2"));
+        assert_eq!(parent_of(&f, "b"), Some(Some(Path::new("pre/3"))));
+        let tail: Vec<&str> = f
+            .calls
+            .iter()
+            .map(String::as_str)
+            .skip_while(|c| *c != "release")
+            .collect();
+        assert_eq!(tail, ["release", "discard a", "discard b", "wipe"]);
     }
 
     #[test]

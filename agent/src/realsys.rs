@@ -20,8 +20,19 @@ use crate::store::Store;
 use crate::workload::Workload;
 use crate::{capture, cgroup, criu, leftovers, listen};
 
+/// An image begun in the store before the freeze, with the pre-dumps, that
+/// [`System::write_image`] finishes.
+struct Begun {
+    writer: ImageWriter<File>,
+    /// What [`Store::writing`] returned when it was begun.
+    before: Option<u64>,
+    /// Image directories whose `pre/` is in the store already.
+    stored: Vec<PathBuf>,
+}
+
 pub struct RealSystem {
     cfg: Config,
+    begun: Option<Begun>,
     store: Store,
     interrupted: Arc<AtomicBool>,
     /// Every event, also kept in /var/lib/kupgrade/last-go.json.
@@ -52,6 +63,7 @@ impl RealSystem {
         let open = |p: &str| OpenOptions::new().write(true).open(p).ok();
         RealSystem {
             cfg,
+            begun: None,
             store,
             interrupted,
             events: Vec::new(),
@@ -76,6 +88,24 @@ impl RealSystem {
             remounted,
             ..RealSystem::new(cfg, store)
         }
+    }
+
+    /// Starts an image in the store: from here until it is recorded, a
+    /// wipe zeroes the whole store.
+    fn begin_image(&self, generation: u64) -> Result<Begun, StepError> {
+        let e = err(Step::ImageWrite);
+        let before = self.store.writing(Path::new(LIB_DIR)).map_err(|x| e(&x))?;
+        let file = self.store.open_rw().map_err(|x| e(&x))?;
+        let opts = WriteOptions {
+            generation,
+            ..WriteOptions::default()
+        };
+        let writer = ImageWriter::create(file, self.store.capacity, opts).map_err(|x| e(&x))?;
+        Ok(Begun {
+            writer,
+            before,
+            stored: Vec::new(),
+        })
     }
 
     fn save_events(&self) {
@@ -137,13 +167,65 @@ impl System for RealSystem {
         cgroup::thaw(&w.cgroup).map_err(|e| err(Step::Thaw)(&e))
     }
 
-    fn dump(&mut self, w: &Workload, dir: &Path) -> Result<Dumped, StepError> {
-        let log = Path::new(LIB_DIR).join(format!("dump-{}.log", w.name));
+    fn predump(
+        &mut self,
+        w: &Workload,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<u64, StepError> {
+        let log = Path::new(LIB_DIR).join(format!("predump-{}.log", w.name));
         let _ = fs::create_dir_all(LIB_DIR);
-        let _ = fs::remove_dir_all(dir);
+        // As long as a dump may take: a CRIU killed while its parasite is in
+        // a task can harm it, and here the task runs on.
         let deadline = Duration::from_secs(self.cfg.dump_timeout_s);
         let limits = Limits::deadline(deadline).stopped_by(&self.interrupted);
-        criu::dump(&self.cfg.criu, w, dir, &log, limits)
+        let start = std::time::Instant::now();
+        let res = criu::predump(&self.cfg.criu, w, dir, parent, &log, limits);
+        // Each round on stderr: the event sums them up.
+        let _ = match &res {
+            Ok(bytes) => writeln!(
+                std::io::stderr(),
+                "kupgrade: pre-dump {} of workload {}: {} KiB of pages in {} ms",
+                dir.display(),
+                w.name,
+                bytes >> 10,
+                start.elapsed().as_millis()
+            ),
+            Err(e) => writeln!(
+                std::io::stderr(),
+                "kupgrade: pre-copy of workload {} given up, it gets a full dump: {}",
+                w.name,
+                child::chain(e)
+            ),
+        };
+        res.map_err(|e| StepError::new(Step::Precopy, child::chain(&e)))
+    }
+
+    fn discard_predumps(&mut self, dir: &Path) -> Result<(), StepError> {
+        match fs::remove_dir_all(dir.join("pre")) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StepError::new(
+                Step::Discard,
+                format!("remove {}: {e}", dir.join("pre").display()),
+            )),
+        }
+    }
+
+    fn dump(
+        &mut self,
+        w: &Workload,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> Result<Dumped, StepError> {
+        let log = Path::new(LIB_DIR).join(format!("dump-{}.log", w.name));
+        let _ = fs::create_dir_all(LIB_DIR);
+        if parent.is_none() {
+            let _ = fs::remove_dir_all(dir);
+        }
+        let deadline = Duration::from_secs(self.cfg.dump_timeout_s);
+        let limits = Limits::deadline(deadline).stopped_by(&self.interrupted);
+        criu::dump(&self.cfg.criu, w, dir, parent, &log, limits)
             .map_err(|e| StepError::new(Step::Checkpoint, child::chain(&e)))?;
         let lock_table = if w.tcp_established {
             let limits = Limits::deadline(child::TOOL_DEADLINE).stopped_by(&self.interrupted);
@@ -189,18 +271,51 @@ impl System for RealSystem {
         Ok((mounts, has))
     }
 
+    fn store_predumps(&mut self, sections: &[(String, PathBuf)]) -> Result<u64, StepError> {
+        let e = err(Step::ImageWrite);
+        let mut begun = match self.begun.take() {
+            Some(b) => b,
+            None => self.begin_image(contract::events::now_ns().1 / 1_000_000_000)?,
+        };
+        let start = std::time::Instant::now();
+        for (name, dir) in sections {
+            begun.writer.add_tree(name, dir).map_err(|x| e(&x))?;
+            // dir is IMAGES/pre/N.
+            if let Some(images) = dir.parent().and_then(Path::parent) {
+                if !begun.stored.iter().any(|d| d == images) {
+                    begun.stored.push(images.to_path_buf());
+                }
+            }
+        }
+        let at = begun.writer.position();
+        let _ = writeln!(
+            std::io::stderr(),
+            "kupgrade: {} pre-dump section(s) written to the store in {} ms, image at {} KiB",
+            sections.len(),
+            start.elapsed().as_millis(),
+            at >> 10
+        );
+        self.begun = Some(begun);
+        Ok(at)
+    }
+
     fn write_image(&mut self, input: &ImageInput) -> Result<u64, StepError> {
         let e = err(Step::ImageWrite);
         let record = Path::new(LIB_DIR);
-        // From here until it is recorded, a wipe zeroes the whole store.
-        let before = self.store.writing(record).map_err(|x| e(&x))?;
-        let file = self.store.open_rw().map_err(|x| e(&x))?;
-        let opts = WriteOptions {
-            generation: input.manifest.created_unix_ns / 1_000_000_000,
-            ..WriteOptions::default()
+        let begun = match self.begun.take() {
+            Some(b) => b,
+            None => self.begin_image(input.manifest.created_unix_ns / 1_000_000_000)?,
         };
-        let mut w = ImageWriter::create(file, self.store.capacity, opts).map_err(|x| e(&x))?;
+        let (mut w, before) = (begun.writer, begun.before);
         for (name, dir) in &input.trees {
+            if begun.stored.contains(dir) {
+                // Its pre-dumps are in the store already: the tree is the
+                // frozen dump and its `parent` link.
+                match fs::remove_dir_all(dir.join("pre")) {
+                    Err(x) if x.kind() != std::io::ErrorKind::NotFound => return Err(e(&x)),
+                    _ => {}
+                }
+            }
             w.add_tree(name, dir).map_err(|x| e(&x))?;
         }
         let json = serde_json::to_vec(input.devstate).map_err(|x| e(&x))?;
@@ -221,6 +336,8 @@ impl System for RealSystem {
     }
 
     fn invalidate_image(&mut self) -> Result<(), StepError> {
+        // An image begun before the freeze is never finished now.
+        self.begun = None;
         let e = err(Step::Invalidate);
         let mut f = self.store.open_rw().map_err(|x| e(&x))?;
         image_format::invalidate(&mut f).map_err(|x| e(&x))

@@ -77,6 +77,38 @@ impl Checkpoint<'_> {
         a
     }
 
+    /// `criu dump` that writes only the pages dirtied since the pre-dump
+    /// in `parent` (relative to the images directory): CRIU links it as
+    /// `parent`, and the restore follows that link for the other pages.
+    pub fn incremental_dump_args(&self, parent: &Path) -> Vec<String> {
+        let mut a = self.dump_args();
+        a.extend(Self::tracking(Some(parent)));
+        a
+    }
+
+    /// `criu pre-dump`, while the tree runs: its memory only, from here on
+    /// tracked by the kernel's soft-dirty bits; with `parent` (relative to
+    /// the images directory), only the pages dirtied since that pre-dump.
+    /// The tasks are seized by CRIU for a moment, not frozen by a cgroup.
+    pub fn predump_args(&self, parent: Option<&Path>) -> Vec<String> {
+        let w = self.workload;
+        let mut a = self.common("pre-dump");
+        a.extend(["--tree".into(), w.root_pid.to_string()]);
+        if w.shell_job {
+            a.push("--shell-job".into());
+        }
+        a.extend(Self::tracking(parent));
+        a
+    }
+
+    fn tracking(parent: Option<&Path>) -> Vec<String> {
+        let mut a = vec!["--track-mem".to_string()];
+        if let Some(p) = parent {
+            a.extend(["--prev-images-dir".into(), p.display().to_string()]);
+        }
+        a
+    }
+
     /// `criu restore`, in `kupgrade-init` on the new kernel.
     pub fn restore_args(&self) -> Vec<String> {
         let mut a = self.common("restore");
@@ -220,6 +252,45 @@ mod tests {
         let w = entry(false);
         let restore = Checkpoint { workload: &w, ..c }.restore_args();
         assert!(restore.iter().any(|a| a == "--leave-stopped"));
+    }
+
+    /// Pre-copy: each pre-dump and the frozen dump track memory and name
+    /// the previous pre-dump; the first pre-dump has none; the frozen dump
+    /// keeps every option of a full one.
+    #[test]
+    fn pre_dumps_and_the_dump_after_them_chain_to_their_parent() {
+        let w = entry(true);
+        let c = Checkpoint {
+            workload: &w,
+            images_dir: Path::new("/d/pre/2"),
+            log: Path::new("/l"),
+        };
+        let first = c.predump_args(None);
+        assert_eq!(first[0], "pre-dump");
+        assert_eq!(value_of(&first, "--tree"), Some("10001"));
+        assert!(first.iter().any(|a| a == "--track-mem"));
+        assert_eq!(value_of(&first, "--prev-images-dir"), None);
+        // Never frozen, never left stopped: the tree runs on.
+        for dump_only in ["--leave-stopped", "--freeze-cgroup", "--network-lock"] {
+            assert!(!first.iter().any(|a| a == dump_only), "{dump_only}");
+        }
+        let next = c.predump_args(Some(Path::new("../1")));
+        assert_eq!(value_of(&next, "--prev-images-dir"), Some("../1"));
+        let dump = Checkpoint {
+            images_dir: Path::new("/d"),
+            ..c
+        }
+        .incremental_dump_args(Path::new("pre/2"));
+        assert_eq!(dump[0], "dump");
+        assert_eq!(value_of(&dump, "--prev-images-dir"), Some("pre/2"));
+        assert!(dump.iter().any(|a| a == "--track-mem"));
+        let full = Checkpoint {
+            images_dir: Path::new("/d"),
+            ..c
+        }
+        .dump_args();
+        assert!(full.iter().all(|a| dump.contains(a)), "{full:?} {dump:?}");
+        assert!(!full.iter().any(|a| a == "--prev-images-dir"));
     }
 
     #[test]

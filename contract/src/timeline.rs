@@ -38,8 +38,15 @@ pub enum Side {
 }
 
 /// The phases between consecutive lifecycle events, named for what happens.
+/// Without pre-copy there is no `predump`: the freeze starts at
+/// `preflight-ok` (see [`phases`]).
 pub const PHASES: &[(Event, Event, &str)] = &[
-    (Event::PreflightOk, Event::Frozen, "freeze"),
+    (
+        Event::PreflightOk,
+        Event::Predump,
+        "pre-copy (CRIU pre-dumps)",
+    ),
+    (Event::Predump, Event::Frozen, "freeze"),
     (Event::Frozen, Event::Dumped, "checkpoint (CRIU dump)"),
     (Event::Dumped, Event::StateCaptured, "device state"),
     (Event::StateCaptured, Event::ImageWritten, "image write"),
@@ -105,10 +112,15 @@ pub fn phases(marks: &[Mark]) -> Vec<Phase> {
                 (true, false) => Side::Kexec,
                 _ => Side::New,
             };
+            let start = at(marks, a).or_else(|| {
+                (a == Event::Predump)
+                    .then(|| at(marks, Event::PreflightOk))
+                    .flatten()
+            });
             Some(Phase {
                 name,
                 side,
-                start_ms: at(marks, a)?,
+                start_ms: start?,
                 end_ms: at(marks, b)?,
             })
         })
@@ -391,6 +403,7 @@ mod tests {
     fn marks() -> Vec<Mark> {
         [
             (Event::PreflightOk, 0.0),
+            (Event::Predump, 40.0),
             (Event::Frozen, 100.0),
             (Event::Dumped, 700.0),
             (Event::StateCaptured, 710.0),
@@ -413,8 +426,8 @@ mod tests {
     fn phases_follow_the_events_with_their_kernel() {
         let p = phases(&marks());
         assert_eq!(p.len(), PHASES.len());
-        assert_eq!(p[0].name, "freeze");
-        assert_eq!(p[0].ms(), 100.0);
+        assert_eq!((p[0].name, p[0].ms()), ("pre-copy (CRIU pre-dumps)", 40.0));
+        assert_eq!((p[1].name, p[1].ms()), ("freeze", 60.0));
         let kexec = p
             .iter()
             .find(|p| p.name == "kexec to new kernel's init")
@@ -424,6 +437,20 @@ mod tests {
         assert_eq!(p.last().unwrap().side, Side::New);
         assert_eq!(blackout_ms(&marks()), Some(8000.0));
         assert_eq!(kexec_to_init_ms(&marks()), Some(6947.0));
+    }
+
+    /// Without pre-copy (no `predump`), the freeze starts at `preflight-ok`.
+    #[test]
+    fn without_precopy_the_freeze_starts_at_the_preflight() {
+        let m: Vec<Mark> = marks()
+            .into_iter()
+            .filter(|m| m.event != "predump")
+            .collect();
+        let p = phases(&m);
+        assert_eq!(p.len(), PHASES.len() - 1);
+        assert_eq!((p[0].name, p[0].ms()), ("freeze", 100.0));
+        assert_eq!(p[0].side, Side::Old);
+        assert_eq!(blackout_ms(&m), Some(8000.0));
     }
 
     #[test]

@@ -375,7 +375,14 @@ impl Restorer<'_> {
             .workloads
             .iter()
             .map(|w| {
-                let size = manifest.section(&w.section).map_or(0, |s| s.raw_len);
+                // Its pre-dumps too: CRIU reads their pages as well.
+                let prefix = format!("{}/pre/", w.section);
+                let size: u64 = manifest
+                    .sections
+                    .iter()
+                    .filter(|s| s.name == w.section || s.name.starts_with(&prefix))
+                    .map(|s| s.raw_len)
+                    .sum();
                 size.saturating_add(WEIGHT_FLOOR)
             })
             .collect();
@@ -428,9 +435,24 @@ impl Restorer<'_> {
         let scratch = Path::new(UNPACK_DIR);
         self.sys.mount_scratch(scratch).map_err(Failure::Scratch)?;
         for w in &self.manifest.workloads {
+            let dest = scratch.join(&w.name);
             self.sys
-                .unpack(&w.section, &scratch.join(&w.name))
+                .unpack(&w.section, &dest)
                 .map_err(|e| Failure::Unpack(w.name.clone(), e))?;
+            // Its pre-dumps (pre-copy), where the frozen dump's `parent`
+            // link leads: `SECTION/pre/N` to `DEST/pre/N`.
+            let prefix = format!("{}/pre/", w.section);
+            for s in &self.manifest.sections {
+                let Some(round) = s.name.strip_prefix(&prefix) else {
+                    continue;
+                };
+                if round.is_empty() || !round.bytes().all(|b| b.is_ascii_digit()) {
+                    continue;
+                }
+                self.sys
+                    .unpack(&s.name, &dest.join("pre").join(round))
+                    .map_err(|e| Failure::Unpack(w.name.clone(), e))?;
+            }
         }
         self.emit(
             EventLine::now(Event::ImageVerified).with("workloads", self.manifest.workloads.len()),
@@ -805,6 +827,47 @@ mod tests {
         for pair in order.windows(2) {
             assert!(at(pair[0]) < at(pair[1]), "{pair:?} in {:?}", f.calls);
         }
+        assert_eq!(f.report().outcome, Outcome::Restored);
+    }
+
+    /// Pre-copy: a workload's pre-dump sections are unpacked below its own
+    /// images, where the frozen dump's `parent` link leads; a section that
+    /// only looks like one is left alone.
+    #[test]
+    fn predump_sections_are_unpacked_where_the_parent_links_lead() {
+        use crate::system::fake::section;
+        use image_format::SectionKind;
+        let mut f = Fake::resuming();
+        if let Some(image) = f.image.as_mut() {
+            for name in [
+                "criu/b/pre/1",
+                "criu/b/pre/2",
+                "criu/b/pre/x",
+                "criu/bb/pre/1",
+            ] {
+                image
+                    .manifest
+                    .sections
+                    .push(section(name, SectionKind::Tree));
+            }
+        }
+        boot(&mut f).expect("an init runs");
+        let b: Vec<(&str, &Path)> = f
+            .unpacked
+            .iter()
+            .filter(|(s, _)| s.starts_with("criu/b"))
+            .map(|(s, d)| (s.as_str(), d.as_path()))
+            .collect();
+        assert_eq!(
+            b,
+            [
+                ("criu/b", Path::new("/run/kupgrade-restore/b")),
+                ("criu/b/pre/1", Path::new("/run/kupgrade-restore/b/pre/1")),
+                ("criu/b/pre/2", Path::new("/run/kupgrade-restore/b/pre/2")),
+            ]
+        );
+        let at = |call: &str| f.calls.iter().position(|c| c == call).unwrap();
+        assert!(at("unpack criu/b/pre/2") < at("criu restore b"));
         assert_eq!(f.report().outcome, Outcome::Restored);
     }
 

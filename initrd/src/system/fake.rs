@@ -103,6 +103,8 @@ pub struct Fake {
     pub missing_inits: Vec<String>,
     /// Lock tables installed and not removed.
     pub locked: Vec<String>,
+    /// Each section unpacked, and where.
+    pub unpacked: Vec<(String, std::path::PathBuf)>,
 }
 
 fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
@@ -119,7 +121,7 @@ fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
     }
 }
 
-fn section(name: &str, kind: SectionKind) -> SectionEntry {
+pub fn section(name: &str, kind: SectionKind) -> SectionEntry {
     SectionEntry {
         name: name.into(),
         kind,
@@ -416,7 +418,8 @@ impl System for Fake {
             _ => Err(Error::Image(image_format::Error::NoSection(name.into()))),
         }
     }
-    fn unpack(&mut self, section: &str, _dest: &Path) -> Result<(), Error> {
+    fn unpack(&mut self, section: &str, dest: &Path) -> Result<(), Error> {
+        self.unpacked.push((section.into(), dest.into()));
         self.step(format!("unpack {section}"))
     }
 
