@@ -798,6 +798,15 @@ pub(crate) mod fake {
     }
 
     impl Fake {
+        /// The calls made before the first `stop`.
+        pub fn calls_before(&self, stop: &str) -> Vec<&str> {
+            self.calls
+                .iter()
+                .map(String::as_str)
+                .take_while(|c| *c != stop)
+                .collect()
+        }
+
         fn step(&mut self, call: String, step: Step) -> Result<(), StepError> {
             if self.dead.get() {
                 return Err(StepError::new(step, "dead"));
@@ -1010,12 +1019,7 @@ mod tests {
         let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         // The fake's reboot "fails", so go undoes everything after it.
         assert_eq!(err.failure.reason, "refused by the kernel");
-        let upto_reboot: Vec<&str> = f
-            .calls
-            .iter()
-            .map(String::as_str)
-            .take_while(|c| *c != "reboot")
-            .collect();
+        let upto_reboot = f.calls_before("reboot");
         assert_eq!(
             upto_reboot,
             [
@@ -1307,12 +1311,7 @@ mod tests {
         };
         let err = go(&mut f, &Cleared::for_tests(two(), false), &with_precopy()).unwrap_err();
         assert_eq!(err.failure.reason, "refused by the kernel");
-        let upto_hold: Vec<&str> = f
-            .calls
-            .iter()
-            .map(String::as_str)
-            .take_while(|c| *c != "hold")
-            .collect();
+        let upto_hold = f.calls_before("hold");
         assert_eq!(
             upto_hold,
             [

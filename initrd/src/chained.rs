@@ -542,6 +542,16 @@ mod tests {
         executable: Vec<String>,
     }
 
+    impl FakeHost {
+        fn modprobed(&self) -> Vec<&str> {
+            self.calls
+                .iter()
+                .filter(|c| c.starts_with("modprobe"))
+                .map(String::as_str)
+                .collect()
+        }
+    }
+
     impl Host for FakeHost {
         fn mounts(&mut self) -> String {
             self.mounts.clone()
@@ -713,13 +723,7 @@ mod tests {
         h.fail_modprobe = vec!["nd_btt".into()];
         let mut sys = chained(h);
         crate::boot(&mut sys).expect("an init runs");
-        let probed: Vec<&str> = sys
-            .host
-            .calls
-            .iter()
-            .filter(|c| c.starts_with("modprobe"))
-            .map(String::as_str)
-            .collect();
+        let probed = sys.host.modprobed();
         assert_eq!(
             probed,
             ["modprobe nd_btt", "modprobe nd_pmem", "modprobe nd_e820"]
@@ -747,13 +751,7 @@ mod tests {
             cmdline::MODULES
         );
         crate::boot(&mut sys).expect("an init runs");
-        let probed: Vec<&str> = sys
-            .host
-            .calls
-            .iter()
-            .filter(|c| c.starts_with("modprobe"))
-            .map(String::as_str)
-            .collect();
+        let probed = sys.host.modprobed();
         assert_eq!(probed, ["modprobe virtio_net"]);
         let modules = &sys.inner.events[1];
         let loaded = (restore_modules().len() + 2).to_string();
