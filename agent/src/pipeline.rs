@@ -798,6 +798,15 @@ pub(crate) mod fake {
     }
 
     impl Fake {
+        /// The calls from the first `start` on.
+        pub fn calls_from(&self, start: &str) -> Vec<&str> {
+            self.calls
+                .iter()
+                .map(String::as_str)
+                .skip_while(|c| *c != start)
+                .collect()
+        }
+
         /// The calls made before the first `stop`.
         pub fn calls_before(&self, stop: &str) -> Vec<&str> {
             self.calls
@@ -1054,13 +1063,7 @@ mod tests {
             ..Default::default()
         };
         go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
-        let after: Vec<&str> = f
-            .calls
-            .iter()
-            .map(String::as_str)
-            .skip_while(|c| *c != "reboot")
-            .skip(1)
-            .collect();
+        let after = f.calls_from("reboot")[1..].to_vec();
         assert_eq!(after, and_wipe(&UNDO_ALL));
         assert_eq!(f.events.last(), Some(&Event::Resumed));
     }
@@ -1188,13 +1191,7 @@ mod tests {
         let err = go(&mut f, &Cleared::for_tests(two(), false), &opts()).unwrap_err();
         assert_eq!(err.failure.reason, "interrupted by a signal");
         assert!(!f.calls.contains(&"dump b".to_string()));
-        let tail: Vec<&str> = f
-            .calls
-            .iter()
-            .map(String::as_str)
-            .skip_while(|c| *c != "dump a")
-            .skip(1)
-            .collect();
+        let tail = f.calls_from("dump a")[1..].to_vec();
         assert_eq!(tail, ["undump a", "thaw b", "thaw a", "release"]);
     }
 
@@ -1213,13 +1210,7 @@ mod tests {
             }
         ));
         assert!(!f.calls.iter().any(|c| c == "reboot" || c == "quiesce"));
-        let tail: Vec<&str> = f
-            .calls
-            .iter()
-            .map(String::as_str)
-            .skip_while(|c| *c != "write")
-            .skip(1)
-            .collect();
+        let tail = f.calls_from("write")[1..].to_vec();
         assert_eq!(tail, and_wipe(last(6)));
         assert_eq!(f.events.last(), Some(&Event::Resumed));
     }
@@ -1342,12 +1333,7 @@ mod tests {
         assert_eq!(field(&f, Event::Predump, "fallback"), Some("-"));
         assert_eq!(field(&f, Event::Predump, "stored_bytes"), Some("1048576"));
         // The undo removes the pre-dumps too (process memory).
-        let tail: Vec<&str> = f
-            .calls
-            .iter()
-            .map(String::as_str)
-            .skip_while(|c| *c != "release")
-            .collect();
+        let tail = f.calls_from("release");
         assert_eq!(tail, ["release", "discard a", "discard b", "wipe"]);
     }
 
@@ -1416,12 +1402,7 @@ mod tests {
         assert_eq!(field(&f, Event::Predump, "workloads"), Some("1"));
         assert!(f.calls.contains(&"reboot".to_string()));
         // b's pre-dumps are gone already; only a's are left to discard.
-        let tail: Vec<&str> = f
-            .calls
-            .iter()
-            .map(String::as_str)
-            .skip_while(|c| *c != "release")
-            .collect();
+        let tail = f.calls_from("release");
         assert_eq!(tail, ["release", "discard a", "wipe"]);
     }
 
@@ -1512,12 +1493,7 @@ mod tests {
         go(&mut f, &Cleared::for_tests(two(), true), &with_precopy()).unwrap();
         assert!(f.calls.iter().any(|c| c == "predump b 3 ../2"));
         assert_eq!(parent_of(&f, "b"), Some(Some(Path::new("pre/3"))));
-        let tail: Vec<&str> = f
-            .calls
-            .iter()
-            .map(String::as_str)
-            .skip_while(|c| *c != "release")
-            .collect();
+        let tail = f.calls_from("release");
         assert_eq!(tail, ["release", "discard a", "discard b", "wipe"]);
     }
 
