@@ -27,6 +27,7 @@ mod chained;
 mod child;
 mod ending;
 mod log;
+mod netlink;
 mod restore;
 mod root;
 mod system;

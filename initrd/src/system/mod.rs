@@ -64,6 +64,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Child(#[from] child::Error),
+    #[error(transparent)]
+    Netlink(#[from] crate::netlink::Error),
     #[error("{command} failed: {stderr}")]
     Command { command: String, stderr: String },
     #[error("kupgrade-init's restore process died ({status}){}", last_words(.stderr))]

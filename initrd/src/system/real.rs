@@ -1,4 +1,4 @@
-//! The real [`System`]: mounts, modules, the store, `ip`, `nft`, `criu`.
+//! The real [`System`]: mounts, modules, the store, rtnetlink, `nft`, `criu`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -21,6 +21,7 @@ use super::{
     CriuRun, Durability, Error, ImageHead, ImageInfo, Reboot, RestorerRun, SupportMount, System,
     RESTORER_ARG,
 };
+use crate::netlink::{self, Rtnl};
 use crate::{boot, child, log, timers};
 
 const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
@@ -42,9 +43,18 @@ pub struct RealSystem {
     store_path: PathBuf,
     /// The image, read through a second handle on the store.
     image: Option<Image<File>>,
+    /// For the network's configuration, opened on first use.
+    rtnl: Option<Rtnl>,
 }
 
 impl RealSystem {
+    fn rtnl(&mut self) -> Result<&mut Rtnl, Error> {
+        if self.rtnl.is_none() {
+            self.rtnl = Some(Rtnl::open()?);
+        }
+        Ok(self.rtnl.as_mut().expect("opened above"))
+    }
+
     fn store(&mut self) -> Result<&mut File, Error> {
         self.store.as_mut().ok_or(Error::NoStore)
     }
@@ -240,7 +250,10 @@ impl System for RealSystem {
     }
 
     fn loopback_up(&mut self) -> Result<(), Error> {
-        ip(&["link", "set", "lo", "up"])
+        let lo = netlink::link_index("lo")?;
+        self.rtnl()?
+            .set_link(lo, None, None, Some(true), "raise lo")?;
+        Ok(())
     }
 
     fn install_lock_table(&mut self, nft: &str) -> Result<(), Error> {
@@ -277,49 +290,37 @@ impl System for RealSystem {
             .as_deref()
             .and_then(name_by_mac)
             .unwrap_or_else(|| iface.name.clone());
-        if cur != iface.name {
-            ip(&["link", "set", "dev", &cur, "name", &iface.name])?;
-        }
-        let mtu = iface.mtu.to_string();
-        ip(&["link", "set", "dev", &iface.name, "mtu", &mtu])?;
+        let index = netlink::link_index(&cur)?;
+        let name = &iface.name;
+        let rtnl = self.rtnl()?;
+        // Renamed and sized while down (a link that is up cannot be renamed),
+        // raised once its addresses are on.
+        let rename = (cur != *name).then_some(name.as_str());
+        let what = format!("link {cur}: name {name}, mtu {}", iface.mtu);
+        rtnl.set_link(index, rename, Some(iface.mtu), None, &what)?;
         for a in &iface.addresses {
-            let cidr = format!("{}/{}", a.local, a.prefix_len);
-            let mut args = vec![
-                family(a.family),
-                "addr",
-                "replace",
-                &cidr,
-                "dev",
-                &iface.name,
-            ];
-            if let Some(b) = &a.broadcast {
-                args.extend(["broadcast", b.as_str()]);
-            }
-            ip(&args)?;
+            let what = format!("address {}/{} dev {name}", a.local, a.prefix_len);
+            rtnl.replace_address(index, a, &what)?;
         }
         if iface.up {
-            ip(&["link", "set", "dev", &iface.name, "up"])?;
+            rtnl.set_link(index, None, None, Some(true), &format!("raise {name}"))?;
         }
         Ok(())
     }
 
     fn add_route(&mut self, r: &Route) -> Result<(), Error> {
-        let metric = r.metric.map(|m| m.to_string());
-        let mut args = vec![family(r.family), "route", "replace", r.dst.as_str()];
-        let opts = [
-            ("via", &r.gateway),
-            ("dev", &r.dev),
-            ("metric", &metric),
-            ("scope", &r.scope),
-            ("src", &r.prefsrc),
-            ("proto", &r.protocol),
-        ];
-        for (k, v) in opts {
-            if let Some(v) = v {
-                args.extend([k, v.as_str()]);
+        let oif = match &r.dev {
+            Some(dev) => Some(netlink::link_index(dev)?),
+            None => None,
+        };
+        match netlink::route_spec(r, oif) {
+            Some(spec) => {
+                let what = format!("route {}", r.dst);
+                self.rtnl()?.replace_route(&spec, &what)?;
+                Ok(())
             }
+            None => ip_route(r),
         }
-        ip(&args)
     }
 
     fn swap_tcp_window_scaling(&mut self, value: &str) -> Result<String, Error> {
@@ -497,8 +498,24 @@ fn name_by_mac(mac: &str) -> Option<String> {
         })
 }
 
-fn ip(args: &[&str]) -> Result<(), Error> {
-    run_stdin("ip", args, "")
+/// A route with a scope or protocol that only `ip` knows by name.
+fn ip_route(r: &Route) -> Result<(), Error> {
+    let metric = r.metric.map(|m| m.to_string());
+    let mut args = vec![family(r.family), "route", "replace", r.dst.as_str()];
+    let opts = [
+        ("via", &r.gateway),
+        ("dev", &r.dev),
+        ("metric", &metric),
+        ("scope", &r.scope),
+        ("src", &r.prefsrc),
+        ("proto", &r.protocol),
+    ];
+    for (k, v) in opts {
+        if let Some(v) = v {
+            args.extend([k, v.as_str()]);
+        }
+    }
+    run_stdin("ip", &args, "")
 }
 
 /// `table inet CRIU-123` lines of `nft list tables` -> `CRIU-123`.
