@@ -1023,6 +1023,7 @@ mod tests {
             shell_job: false,
             job_control: false,
             runtime_paths: vec![],
+            journal_streams: vec![],
         }
     }
 

@@ -20,6 +20,8 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
+use contract::journal::{self, JournalStream};
+
 use crate::proc::{pts_index, socket_inode, Namespace, Proc, Stat};
 use crate::runstate::{self, Mount};
 use crate::unix_diag;
@@ -34,6 +36,11 @@ pub trait Host {
     fn is_device(&self, path: &str) -> bool;
     /// What `path` is, without following a last symlink; `None` if nothing.
     fn file_kind(&self, path: &str) -> Option<FileKind>;
+    /// The record of a journal stream whose journald (or relay) end is the
+    /// socket `peer`, if it is one; for the workload's socket `inode`.
+    fn journal_stream(&self, _peer: u64, _inode: u64) -> Option<JournalStream> {
+        None
+    }
 }
 
 /// The type of a file, as far as the checks care.
@@ -76,6 +83,20 @@ impl Host for LiveHost {
         use std::os::unix::fs::FileTypeExt;
         std::fs::metadata(path)
             .is_ok_and(|m| m.file_type().is_char_device() || m.file_type().is_block_device())
+    }
+
+    fn journal_stream(&self, peer: u64, inode: u64) -> Option<JournalStream> {
+        // journald names its records DEVICE:INODE of its end; a relay, INODE.
+        let suffix = format!(":{peer}");
+        let journald = std::fs::read_dir(journal::JOURNALD_STREAMS_DIR)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with(&suffix))
+            .map(|e| e.path());
+        let record = journald
+            .unwrap_or_else(|| std::path::Path::new(journal::RELAY_DIR).join(peer.to_string()));
+        JournalStream::from_record(inode, &std::fs::read_to_string(record).ok()?)
     }
 
     fn file_kind(&self, path: &str) -> Option<FileKind> {
@@ -438,8 +459,9 @@ pub fn check(host: &impl Host, w: &Workload) -> Vec<Refusal> {
         .collect()
 }
 
-/// Unix sockets of `pids` connected to a socket none of them holds.
-fn unix_peers_outside(host: &impl Host, pids: &[i32]) -> Vec<(i32, Kind)> {
+/// Unix sockets of `pids` connected to a socket none of them holds, and
+/// not to journald: `(pid, fd, own inode, peer inode)`.
+fn connected_outside(host: &impl Host, pids: &[i32]) -> Vec<(i32, i32, u64, u64)> {
     let proc = host.proc();
     // Our own sockets before the peer table: a member that exits in between
     // has closed its end, and the table no longer names it as a peer.
@@ -454,17 +476,38 @@ fn unix_peers_outside(host: &impl Host, pids: &[i32]) -> Vec<(i32, Kind)> {
     let own: HashSet<u64> = sockets.iter().map(|s| s.2).collect();
     // Without sock_diag CRIU itself will say so, at the dump.
     let peers = host.unix_peers().unwrap_or_default();
-    let outside: Vec<(i32, i32, u64)> = sockets
+    sockets
         .iter()
         .filter_map(|&(pid, fd, ino)| {
             let peer = *peers.get(&ino)?;
-            (!own.contains(&peer)).then_some((pid, fd, peer))
+            (!own.contains(&peer)).then_some((pid, fd, ino, peer))
         })
+        .collect()
+}
+
+/// The workload's connections to journald (or to a relay of an earlier
+/// upgrade), one per socket however many fds and processes hold it.
+pub fn journal_streams(host: &impl Host, w: &Workload) -> Vec<JournalStream> {
+    let mut seen = HashSet::new();
+    connected_outside(host, &w.pids)
+        .into_iter()
+        .filter(|&(_, _, ino, _)| seen.insert(ino))
+        .filter_map(|(_, _, ino, peer)| host.journal_stream(peer, ino))
+        .collect()
+}
+
+/// Unix sockets of `pids` connected to a socket none of them holds, other
+/// than journal streams (carried by a relay).
+fn unix_peers_outside(host: &impl Host, pids: &[i32]) -> Vec<(i32, Kind)> {
+    let outside: Vec<(i32, i32, u64)> = connected_outside(host, pids)
+        .into_iter()
+        .filter(|&(_, _, ino, peer)| host.journal_stream(peer, ino).is_none())
+        .map(|(pid, fd, _, peer)| (pid, fd, peer))
         .collect();
     if outside.is_empty() {
         return Vec::new();
     }
-    let holders = socket_holders(proc, outside.iter().map(|o| o.2).collect());
+    let holders = socket_holders(host.proc(), outside.iter().map(|o| o.2).collect());
     outside
         .into_iter()
         .map(|(pid, fd, peer)| {
@@ -744,6 +787,8 @@ mod tests {
         devices: Vec<&'static str>,
         files: HashMap<&'static str, FileKind>,
         exits_at_peer_lookup: Cell<Option<i32>>,
+        /// Peer inode -> the record of the journal stream it serves.
+        journal: HashMap<u64, &'static str>,
     }
 
     impl FakeHost {
@@ -763,6 +808,7 @@ mod tests {
                 ],
                 files: HashMap::new(),
                 exits_at_peer_lookup: Cell::new(None),
+                journal: HashMap::new(),
             }
         }
 
@@ -799,6 +845,9 @@ mod tests {
         }
         fn file_kind(&self, path: &str) -> Option<FileKind> {
             self.files.get(path).copied()
+        }
+        fn journal_stream(&self, peer: u64, inode: u64) -> Option<JournalStream> {
+            JournalStream::from_record(inode, self.journal.get(&peer)?)
         }
     }
 
@@ -850,6 +899,43 @@ mod tests {
             .with(child(101).fd(3, "socket:[501]").pty_master(4, 3))
             .pair(500, 501);
         assert_eq!(check(&host, &workload(&[100, 101])), vec![]);
+    }
+
+    #[test]
+    fn a_connection_to_journald_is_no_refusal_but_a_stream_carried_once() {
+        let mut host = FakeHost::new()
+            // stdout and stderr on one socket, shared with a child; another
+            // fd on a socket whose peer is no journal stream.
+            .with(
+                root()
+                    .fd(1, "socket:[500]")
+                    .fd(2, "socket:[500]")
+                    .fd(4, "socket:[510]"),
+            )
+            .with(child(101).fd(1, "socket:[500]"))
+            .with(Process::new(50, "systemd-journal").fd(9, "socket:[501]"))
+            .pair(500, 501)
+            .pair(510, 511);
+        host.journal.insert(
+            501,
+            "PRIORITY=6\nLEVEL_PREFIX=1\nIDENTIFIER=tick\nUNIT=tick.service\n",
+        );
+        let w = workload(&[100, 101]);
+        assert_eq!(
+            kinds(&check(&host, &w)),
+            vec![(
+                100,
+                Kind::UnixPeerOutside {
+                    fd: 4,
+                    holder: None
+                }
+            )]
+        );
+        let streams = journal_streams(&host, &w);
+        assert_eq!(streams.len(), 1, "{streams:?}");
+        assert_eq!(streams[0].inode, 500, "the workload's end");
+        assert_eq!(streams[0].unit, "tick.service");
+        assert_eq!(streams[0].identifier, "tick");
     }
 
     #[test]

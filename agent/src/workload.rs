@@ -36,6 +36,8 @@ pub struct Workload {
     pub job_control: bool,
     /// Runtime state on tmpfs mounts that the config declares for it.
     pub runtime_paths: Vec<PathBuf>,
+    /// Its connections to journald, carried as [`contract::journal`] says.
+    pub journal_streams: Vec<contract::journal::JournalStream>,
 }
 
 impl Workload {
@@ -51,6 +53,7 @@ impl Workload {
             pid_namespace: self.pid_namespace,
             shell_job: self.shell_job,
             job_control: self.job_control,
+            journal_streams: self.journal_streams.clone(),
         }
     }
 }
@@ -133,6 +136,7 @@ pub fn inspect_in(proc: &Proc, name: &str, cgroup: &Path) -> Result<Workload, Er
         shell_job,
         job_control,
         runtime_paths: Vec::new(),
+        journal_streams: Vec::new(),
     })
 }
 
@@ -159,12 +163,22 @@ fn has_tcp_connections(proc: &Proc, pids: &[i32]) -> bool {
 /// Every workload: those `kupgrade launch` started, then those the config
 /// declares. A broken one is returned as an error next to the good ones.
 pub fn discover(cfg: &Config) -> Vec<Result<Workload, Error>> {
+    use crate::refusal::Host;
+    let host = crate::refusal::LiveHost::new();
     discover_in(
-        &Proc::host(),
+        host.proc(),
         Path::new(config::CGROUP_ROOT),
         Path::new(config::CGROUP_PARENT),
         cfg,
     )
+    .into_iter()
+    .map(|w| {
+        w.map(|w| Workload {
+            journal_streams: crate::refusal::journal_streams(&host, &w),
+            ..w
+        })
+    })
+    .collect()
 }
 
 /// [`discover`] in a cgroup2 hierarchy at `cgroup_root`, with the launched
@@ -306,6 +320,7 @@ mod tests {
                 shell_job: false,
                 job_control: false,
                 runtime_paths: vec![],
+                journal_streams: vec![],
             }
         );
     }

@@ -74,6 +74,10 @@ impl Checkpoint<'_> {
             // kupgrade-init installs and removes it around the restore.
             a.extend(["--network-lock".into(), "nftables".into()]);
         }
+        for s in &w.journal_streams {
+            // Its end only: the restore gets a new socket for it.
+            a.push(format!("--ext-unix-sk={}", s.inode));
+        }
         a
     }
 
@@ -127,6 +131,19 @@ impl Checkpoint<'_> {
         a.extend(paired(self.workload).into_iter().map(String::from));
         a
     }
+
+    /// `criu restore` with the workload's journal streams given as the
+    /// sockets open at `fds` (in the same order) of the process that runs it.
+    pub fn restore_args_inheriting(&self, fds: &[i32]) -> Vec<String> {
+        let mut a = self.restore_args();
+        for (s, fd) in self.workload.journal_streams.iter().zip(fds) {
+            a.extend([
+                "--inherit-fd".into(),
+                format!("fd[{fd}]:socket:[{}]", s.inode),
+            ]);
+        }
+        a
+    }
 }
 
 #[cfg(test)]
@@ -144,6 +161,7 @@ mod tests {
             pid_namespace: false,
             shell_job: false,
             job_control: false,
+            journal_streams: vec![],
         }
     }
 
@@ -291,6 +309,38 @@ mod tests {
         .dump_args();
         assert!(full.iter().all(|a| dump.contains(a)), "{full:?} {dump:?}");
         assert!(!full.iter().any(|a| a == "--prev-images-dir"));
+    }
+
+    #[test]
+    fn a_journal_stream_is_external_at_the_dump_and_inherited_at_the_restore() {
+        let mut w = entry(false);
+        w.journal_streams = vec![
+            crate::journal::JournalStream {
+                inode: 4242,
+                ..Default::default()
+            },
+            crate::journal::JournalStream {
+                inode: 4343,
+                ..Default::default()
+            },
+        ];
+        let c = Checkpoint {
+            workload: &w,
+            images_dir: Path::new("/images/w"),
+            log: Path::new("/log/w.log"),
+        };
+        let dump = c.dump_args();
+        assert!(dump.contains(&"--ext-unix-sk=4242".to_string()));
+        assert!(dump.contains(&"--ext-unix-sk=4343".to_string()));
+        let restore = c.restore_args_inheriting(&[7, 9]);
+        let inherited: Vec<&str> = restore
+            .windows(2)
+            .filter(|p| p[0] == "--inherit-fd")
+            .map(|p| p[1].as_str())
+            .collect();
+        assert_eq!(inherited, ["fd[7]:socket:[4242]", "fd[9]:socket:[4343]"]);
+        assert!(!restore.iter().any(|a| a.starts_with("--ext-unix-sk")));
+        assert!(!c.predump_args(None).iter().any(|a| a.starts_with("--ext")));
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod criu;
 pub mod devstate;
 pub mod events;
 pub mod extent;
+pub mod journal;
 pub mod report;
 #[doc(hidden)]
 pub mod testing;
@@ -39,6 +40,11 @@ pub struct WorkloadEntry {
     /// images.
     #[serde(default)]
     pub job_control: bool,
+    /// Its connections to journald (a service's stdout and stderr), dumped
+    /// as external sockets and restored connected to a relay. Absent in
+    /// older images.
+    #[serde(default)]
+    pub journal_streams: Vec<journal::JournalStream>,
 }
 
 /// When a lifecycle event happened, as recorded in the manifest and report.

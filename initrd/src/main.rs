@@ -28,6 +28,7 @@ mod child;
 mod ending;
 mod log;
 mod netlink;
+mod relay;
 mod restore;
 mod root;
 mod system;
@@ -56,6 +57,12 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(RESTORER_ARG) {
         std::process::exit(restorer(&args[2..]));
+    }
+    if args.get(1).map(String::as_str) == Some(contract::journal::RELAY_ARG) {
+        std::process::exit(relay::main(&args[2..]));
+    }
+    if args.get(1).map(String::as_str) == Some(relay::CONNECT_ARG) {
+        std::process::exit(relay::connect_main(&args[2..]));
     }
     if std::process::id() != 1 {
         if let Some(code) = chained::tool(&args[1..]) {

@@ -118,6 +118,7 @@ fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
         pid_namespace: false,
         shell_job: false,
         job_control: false,
+        journal_streams: vec![],
     }
 }
 
@@ -476,7 +477,7 @@ impl System for Fake {
     }
 
     fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error> {
-        self.restore_args.push(run.args());
+        self.restore_args.push(run.args(&[]));
         self.criu_deadlines.push(run.within);
         let call = format!("criu restore {}", run.checkpoint.workload.name);
         if let Some(at) = self.hang_at.iter().position(|c| *c == call) {

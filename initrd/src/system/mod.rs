@@ -175,8 +175,10 @@ pub struct CriuRun<'a> {
 }
 
 impl CriuRun<'_> {
-    pub fn args(&self) -> Vec<String> {
-        let mut args = self.checkpoint.restore_args();
+    /// With the workload's journal streams open at `fds` (see
+    /// [`contract::journal`]).
+    pub fn args(&self, fds: &[i32]) -> Vec<String> {
+        let mut args = self.checkpoint.restore_args_inheriting(fds);
         for s in &self.action_scripts {
             args.push("--action-script".into());
             args.push(s.display().to_string());

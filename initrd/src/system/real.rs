@@ -2,6 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use contract::cmdline::Cmdline;
 use contract::devstate::{Family, Interface, Route};
 use contract::events::EventLine;
+use contract::journal::JournalStream;
 use contract::report::{self, UpgradeReport};
 use contract::WorkloadEntry;
 use image_format::{Image, State};
@@ -361,8 +363,15 @@ impl System for RealSystem {
         if let Some(dir) = c.log.parent() {
             let _ = fs::create_dir_all(dir);
         }
+        // A new socket pair for each journal stream: CRIU gives the service
+        // one end in place of its old connection, a relay gets the other.
+        let pairs = journal_pairs(c.workload.journal_streams.len())?;
+        let fds: Vec<i32> = pairs
+            .iter()
+            .map(|(service, _)| service.as_raw_fd())
+            .collect();
         let mut criu = Command::new("criu");
-        criu.args(run.args())
+        criu.args(run.args(&fds))
             .env("PATH", PATH)
             // A shell job's tree joins CRIU's process group (and PID 1's
             // session): let that be a group of its own, not init's.
@@ -379,6 +388,10 @@ impl System for RealSystem {
             Err(e) => return Err(e.into()),
         };
         if exited.status.success() {
+            for (stream, (service_end, relay_end)) in c.workload.journal_streams.iter().zip(pairs) {
+                drop(service_end);
+                start_relay(stream, relay_end)?;
+            }
             return Ok(());
         }
         Err(Error::CriuExited {
@@ -527,6 +540,51 @@ fn criu_lock_tables(listed: &str) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+/// `n` socket pairs: the first end of each open across exec (CRIU's
+/// `--inherit-fd`), the second not.
+fn journal_pairs(n: usize) -> Result<Vec<(OwnedFd, OwnedFd)>, Error> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let io = |source: nix::Error| Error::Io {
+        what: "make a socket pair for",
+        path: "a journal stream".into(),
+        source: source.into(),
+    };
+    (0..n)
+        .map(|_| {
+            let (service, relay) = socketpair(
+                AddressFamily::Unix,
+                SockType::Stream,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(io)?;
+            fcntl(service.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty())).map_err(io)?;
+            Ok((service, relay))
+        })
+        .collect()
+}
+
+/// A relay for a restored service's journal stream, holding `end` on its
+/// stdin; not waited for: it lives as long as the service's end is open.
+fn start_relay(stream: &JournalStream, end: OwnedFd) -> Result<(), Error> {
+    let spec = serde_json::to_string(stream).map_err(Error::EncodeReport)?;
+    Command::new("/proc/self/exe")
+        .arg0("kupgrade-init")
+        .arg(contract::journal::RELAY_ARG)
+        .arg(spec)
+        .stdin(Stdio::from(end))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|source| Error::Io {
+            what: "start the journal relay",
+            path: "/proc/self/exe".into(),
+            source,
+        })?;
+    Ok(())
 }
 
 /// A CRIU killed half-way may have left tasks of the workload behind, in
