@@ -348,7 +348,7 @@ fn ensure_base(shared: &Path, inputs: &Inputs) -> Result<Base> {
     let archives = shared.join("archives");
     fs::create_dir_all(&archives)?;
     let tree = work.join("tree");
-    let log = shared.join(format!("mmdebstrap-{key}.log"));
+    let log = shared.join(format!("mmdebstrap-{flavour}-{key}.log"));
     let mut cmd = Command::new("mmdebstrap");
     cmd.env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH.to_string())
         .arg("--variant=apt")
@@ -443,7 +443,7 @@ fn ensure_base(shared: &Path, inputs: &Inputs) -> Result<Base> {
     fs::rename(&tmp, &image)?;
     let _ = fs::remove_dir_all(&work);
     remove_older(shared, &format!("base-{flavour}-"), &key);
-    remove_older(shared, "mmdebstrap-", &key);
+    remove_older(shared, &format!("mmdebstrap-{flavour}-"), &key);
     progress::step(&format!(
         "Debian base built in {:.0} s ({} MiB in use, image {size_mib} MiB; packages in {})",
         started.elapsed().as_secs_f64(),
