@@ -762,7 +762,7 @@ fn ensure_disk(dir: &Path, base: &Base, inputs: &Inputs) -> Result<(PathBuf, Str
             "file={},format=raw,if=virtio,readonly=on",
             tar.display()
         ));
-    run_with_deadline(&mut cmd, &log, Duration::from_secs(900))?;
+    run_with_deadline(&mut cmd, &log, helper_deadline(inputs.initramfs))?;
     let serial = fs::read_to_string(&log)?;
     check_assembled(&serial).with_context(|| format!("serial log {}", log.display()))?;
     fs::rename(&tmp, &disk)?;
@@ -774,6 +774,16 @@ fn ensure_disk(dir: &Path, base: &Base, inputs: &Inputs) -> Result<(PathBuf, Str
         started.elapsed().as_secs_f64()
     ));
     Ok((disk, key))
+}
+
+/// How long the helper boot may take. Under dracut the package's trigger
+/// rebuilds every kernel's image, not the newest only, and dracut under TCG
+/// took over 5 min per image on a loaded 2-core host.
+fn helper_deadline(initramfs: Initramfs) -> Duration {
+    match initramfs {
+        Initramfs::InitramfsTools => Duration::from_secs(900),
+        Initramfs::Dracut => Duration::from_secs(2400),
+    }
 }
 
 /// The helper boot's verdict: done, with the root volume in one piece at
