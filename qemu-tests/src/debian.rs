@@ -10,8 +10,7 @@
 //! in place of initramfs-tools (they conflict): dracut's kernel hook
 //! (`/etc/kernel/postinst.d/dracut`) builds the kernels' images, and its
 //! `update-initramfs` trigger rebuilds them all when kupgrade's package is
-//! installed, host-only (for the guest's devices only, as Fedora and RHEL
-//! build them). The two bases have their own names and keys, and coexist.
+//! installed. The two bases have their own names and keys, and coexist.
 //!
 //! Built in three cached steps, each keyed by its inputs:
 //! 1. **base**: `mmdebstrap` makes the tree from Debian's archive and
@@ -579,9 +578,6 @@ fn install_agent(layer: &Path, bin_dir: &Path) -> Result<()> {
     )
 }
 
-/// dracut's configuration of the guest's images ([`install_kupgrade`]).
-const DRACUT_HOSTONLY: &str = "etc/dracut.conf.d/50-kupgrade-vm-hostonly.conf";
-
 /// Where the package waits in the layer for its `dpkg -i`.
 const PACKAGE_IN_LAYER: &str = "var/cache/kupgrade-vm/kupgrade.deb";
 
@@ -619,17 +615,6 @@ fn install_kupgrade(
         0o644,
         &assets::guest_config(),
     )?;
-    if inputs.initramfs == Initramfs::Dracut {
-        // Host-only images, as Fedora and RHEL make by default: the
-        // package's trigger rebuilds every kernel's image in the helper
-        // boot, under TCG, and a generic image takes minutes each. Written
-        // here, not in the base: there dracut would see the build host.
-        write_file(
-            &layer.join(DRACUT_HOSTONLY),
-            0o644,
-            "# kupgrade-vm: images for this machine only.\nhostonly=\"yes\"\n",
-        )?;
-    }
     writeln!(
         setup,
         "dpkg -i --force-confdef --force-confold /{PACKAGE_IN_LAYER}\nrm /{PACKAGE_IN_LAYER}"
