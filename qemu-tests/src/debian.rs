@@ -615,6 +615,16 @@ fn install_kupgrade(
         0o644,
         &assets::guest_config(),
     )?;
+    if inputs.initramfs == Initramfs::Dracut {
+        // Host-only images, as Fedora and RHEL make by default: generic ones
+        // take many minutes each under TCG. The helper boot runs no udev,
+        // so host-only detection cannot see the LVM root: named here.
+        write_file(
+            &layer.join("etc/dracut.conf.d/50-kupgrade-vm-hostonly.conf"),
+            0o644,
+            "# kupgrade-vm: images for this machine only.\nhostonly=\"yes\"\nadd_dracutmodules+=\" lvm \"\nforce_drivers+=\" virtio_pci virtio_blk dm_mod \"\n",
+        )?;
+    }
     writeln!(
         setup,
         "dpkg -i --force-confdef --force-confold /{PACKAGE_IN_LAYER}\nrm /{PACKAGE_IN_LAYER}"
