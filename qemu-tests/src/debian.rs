@@ -6,6 +6,12 @@
 //! run as on a real machine. QEMU boots the kernel and initramfs found in the
 //! guest's own `/boot`.
 //!
+//! With `initramfs = "dracut"` the same guest has Debian's `dracut` package
+//! in place of initramfs-tools (they conflict): dracut's kernel hook
+//! (`/etc/kernel/postinst.d/dracut`) builds the kernels' images, and its
+//! `update-initramfs` trigger rebuilds them all when kupgrade's package is
+//! installed. The two bases have their own names and keys, and coexist.
+//!
 //! Built in three cached steps, each keyed by its inputs:
 //! 1. **base**: `mmdebstrap` makes the tree from Debian's archive and
 //!    `mkfs.ext4 -d` turns it into an image. It depends only on Debian (the
@@ -32,6 +38,7 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::assets::{self, Cache};
 use crate::progress;
+use crate::scenario::Initramfs;
 
 /// The root volume as the kernel command line names it (LVM doubles the
 /// dash of the volume group `kupgrade-vg`).
@@ -59,7 +66,9 @@ const SOURCES: &[&str] = &[
     "deb http://deb.debian.org/debian-security bookworm-security main",
 ];
 
-/// Installed on top of Debian's essential packages (without Recommends).
+/// Installed on top of Debian's essential packages (without Recommends),
+/// with the initramfs generator's package in place of initramfs-tools
+/// ([`base_packages`]).
 const BASE_PACKAGES: &[&str] = &[
     "systemd",
     "systemd-sysv",
@@ -108,24 +117,51 @@ const NETWORK: &str = include_str!("../guest/debian/eth0.network");
 const AGENT_UNIT: &str = include_str!("../guest/debian/kupgrade-guest.service");
 const ASSEMBLE_ROOT_GUEST: &str = "/usr/lib/kupgrade-vm/assemble-root";
 
+fn base_packages(initramfs: Initramfs) -> Vec<&'static str> {
+    BASE_PACKAGES
+        .iter()
+        .map(|&p| {
+            if p == Initramfs::InitramfsTools.package() {
+                initramfs.package()
+            } else {
+                p
+            }
+        })
+        .collect()
+}
+
 /// Files of the base tree, written before the packages are configured (so
 /// that `update-initramfs` already sees the fstab): (guest path, mode, text).
-fn base_files() -> Vec<(&'static str, u32, String)> {
-    vec![
+fn base_files(initramfs: Initramfs) -> Vec<(&'static str, u32, String)> {
+    let mut files = vec![
         ("etc/fstab", 0o644, FSTAB.into()),
         ("etc/systemd/network/10-eth0.network", 0o644, NETWORK.into()),
+    ];
+    // dracut, in its default (not host-only) mode, takes no resume device
+    // without resume= on the command line.
+    if initramfs == Initramfs::InitramfsTools {
         // No swap to resume from; initramfs-tools would look for one.
-        (
+        files.push((
             "etc/initramfs-tools/conf.d/resume",
             0o644,
             "RESUME=none\n".into(),
-        ),
-        (
-            ASSEMBLE_ROOT_GUEST.trim_start_matches('/'),
-            0o755,
-            ASSEMBLE_ROOT.into(),
-        ),
-    ]
+        ));
+    }
+    files.push((
+        ASSEMBLE_ROOT_GUEST.trim_start_matches('/'),
+        0o755,
+        ASSEMBLE_ROOT.into(),
+    ));
+    files
+}
+
+/// The generator's lister, which prints one line per file ending with its
+/// path (`lsinitrd` in `ls -l` form).
+fn lister(initramfs: Initramfs) -> &'static str {
+    match initramfs {
+        Initramfs::InitramfsTools => "lsinitramfs",
+        Initramfs::Dracut => "lsinitrd",
+    }
 }
 
 const HOSTNAME: &str = "kupgrade-debian";
@@ -144,6 +180,7 @@ pub struct Inputs<'a> {
     pub package: &'a Path,
     /// The scenario's extra packages, installed with the base.
     pub packages: &'a [String],
+    pub initramfs: Initramfs,
     /// QEMU and its accelerator, for the helper boot.
     pub qemu: &'a str,
     pub accel: &'a str,
@@ -186,7 +223,7 @@ pub fn ensure(cache: &Cache, inputs: &Inputs, boot: &str) -> Result<Guest> {
     let base = ensure_base(&shared, inputs)?;
     let own = cache.root.join("debian");
     let (disk, key) = ensure_disk(&own, &base, inputs)?;
-    let flavour = flavour_name(inputs.packages);
+    let flavour = flavour_name(inputs.initramfs, inputs.packages);
     let boot_dir = own.join(format!("boot-{flavour}-{key}"));
     ensure_boot_files(&disk, &boot_dir, inputs.releases)?;
     remove_older(&own, &format!("boot-{flavour}-"), &key);
@@ -211,13 +248,18 @@ fn hex_key(h: blake3::Hasher) -> String {
     h.finalize().to_hex()[..16].to_string()
 }
 
-/// Names images with the scenario's extra packages apart, as the appliance
-/// does: scenarios alternate between them.
-fn flavour_name(packages: &[String]) -> String {
-    if packages.is_empty() {
+/// Names images with the scenario's extra packages and the initramfs
+/// generator apart, as the appliance does: scenarios alternate between them.
+fn flavour_name(initramfs: Initramfs, packages: &[String]) -> String {
+    let mut parts: Vec<&str> = match initramfs {
+        Initramfs::InitramfsTools => vec![],
+        Initramfs::Dracut => vec!["dracut"],
+    };
+    parts.extend(packages.iter().map(String::as_str));
+    if parts.is_empty() {
         "base".into()
     } else {
-        packages.join("+")
+        parts.join("+")
     }
 }
 
@@ -249,7 +291,8 @@ fn base_key(inputs: &Inputs) -> String {
     let mut h = blake3::Hasher::new();
     h.update(&LAYOUT_VERSION.to_le_bytes());
     h.update(&SOURCE_DATE_EPOCH.to_le_bytes());
-    for list in [&[SUITE], SOURCES, BASE_PACKAGES, DPKG_OPTIONS, MASKED_UNITS] {
+    let packages = base_packages(inputs.initramfs);
+    for list in [&[SUITE], SOURCES, &packages, DPKG_OPTIONS, MASKED_UNITS] {
         for s in list {
             h.update(s.as_bytes());
             h.update(b"\0");
@@ -263,7 +306,7 @@ fn base_key(inputs: &Inputs) -> String {
         h.update(s.as_bytes());
         h.update(b"\0");
     }
-    for (path, mode, text) in base_files() {
+    for (path, mode, text) in base_files(inputs.initramfs) {
         h.update(path.as_bytes());
         h.update(&mode.to_le_bytes());
         h.update(text.as_bytes());
@@ -278,7 +321,7 @@ fn quoted(p: &Path) -> String {
 
 fn ensure_base(shared: &Path, inputs: &Inputs) -> Result<Base> {
     let key = base_key(inputs);
-    let flavour = flavour_name(inputs.packages);
+    let flavour = flavour_name(inputs.initramfs, inputs.packages);
     let image = shared.join(format!("base-{flavour}-{key}.img"));
     if image.exists() {
         return Ok(Base { image, key });
@@ -290,13 +333,14 @@ fn ensure_base(shared: &Path, inputs: &Inputs) -> Result<Base> {
     }
     let started = Instant::now();
     progress::step(&format!(
-        "building the Debian {SUITE} base ({key}) with mmdebstrap in {}",
+        "building the Debian {SUITE} base with {} ({key}) with mmdebstrap in {}",
+        inputs.initramfs.package(),
         shared.display()
     ));
     let work = shared.join(format!("work-{key}"));
     let _ = fs::remove_dir_all(&work);
     let overlay = work.join("overlay");
-    for (path, mode, text) in base_files() {
+    for (path, mode, text) in base_files(inputs.initramfs) {
         write_file(&overlay.join(path), mode, &text)?;
     }
     let lists = work.join("initramfs-lists");
@@ -304,13 +348,13 @@ fn ensure_base(shared: &Path, inputs: &Inputs) -> Result<Base> {
     let archives = shared.join("archives");
     fs::create_dir_all(&archives)?;
     let tree = work.join("tree");
-    let log = shared.join(format!("mmdebstrap-{key}.log"));
+    let log = shared.join(format!("mmdebstrap-{flavour}-{key}.log"));
     let mut cmd = Command::new("mmdebstrap");
     cmd.env("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH.to_string())
         .arg("--variant=apt")
         .arg(format!(
             "--include={}",
-            BASE_PACKAGES
+            base_packages(inputs.initramfs)
                 .iter()
                 .map(|s| s.to_string())
                 .chain(inputs.packages.iter().cloned())
@@ -329,14 +373,16 @@ fn ensure_base(shared: &Path, inputs: &Inputs) -> Result<Base> {
         ))
         .arg(format!("--essential-hook=sync-in {} /", quoted(&overlay)));
     // The kernels last, on a configured system, as `apt install` on a server:
-    // their postinst runs update-initramfs with lvm2 and udev in place.
+    // their postinst runs update-initramfs (or dracut's kernel hook) with
+    // lvm2 and udev in place.
     cmd.arg(format!(
         "--customize-hook=chroot \"$1\" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends {}",
         kernel_packages(inputs.releases).join(" ")
     ));
     for r in inputs.releases {
         cmd.arg(format!(
-            "--customize-hook=chroot \"$1\" lsinitramfs /boot/initrd.img-{r} > {}",
+            "--customize-hook=chroot \"$1\" {} /boot/initrd.img-{r} > {}",
+            lister(inputs.initramfs),
             quoted(&lists.join(r))
         ));
     }
@@ -366,7 +412,7 @@ fn ensure_base(shared: &Path, inputs: &Inputs) -> Result<Base> {
         .args(SOURCES);
     run_logged(&mut cmd, &log).context("mmdebstrap failed to build the Debian guest")?;
     for r in inputs.releases {
-        check_initramfs(r, &lists.join(r))?;
+        check_initramfs(inputs.initramfs, r, &lists.join(r))?;
     }
     let manifest = shared.join(format!("base-{flavour}-{key}.packages"));
     let versions = assets::run(
@@ -397,7 +443,7 @@ fn ensure_base(shared: &Path, inputs: &Inputs) -> Result<Base> {
     fs::rename(&tmp, &image)?;
     let _ = fs::remove_dir_all(&work);
     remove_older(shared, &format!("base-{flavour}-"), &key);
-    remove_older(shared, "mmdebstrap-", &key);
+    remove_older(shared, &format!("mmdebstrap-{flavour}-"), &key);
     progress::step(&format!(
         "Debian base built in {:.0} s ({} MiB in use, image {size_mib} MiB; packages in {})",
         started.elapsed().as_secs_f64(),
@@ -407,22 +453,44 @@ fn ensure_base(shared: &Path, inputs: &Inputs) -> Result<Base> {
     Ok(Base { image, key })
 }
 
-/// The initramfs that initramfs-tools made in the guest can assemble the
-/// root: LVM, device-mapper and the disk driver are in it, with LVM's
-/// configuration installed (not a `.dpkg-new` left from an unfinished
-/// install).
-fn check_initramfs(release: &str, list: &Path) -> Result<()> {
+/// What an initramfs needs to assemble the LVM root, as its generator lays
+/// it out: LVM, device-mapper, the disk driver and the udev rules that
+/// activate the volume group. initramfs-tools also copies LVM's
+/// configuration (not a `.dpkg-new` left from an unfinished install);
+/// dracut, not host-only, leaves it out and LVM uses its built-in defaults.
+fn lvm_root_files(initramfs: Initramfs) -> &'static [&'static str] {
+    match initramfs {
+        Initramfs::InitramfsTools => &[
+            "usr/sbin/lvm",
+            "etc/lvm/lvm.conf",
+            "/dm-mod.ko",
+            "/virtio_blk.ko",
+            "udev/rules.d/69-lvm.rules",
+        ],
+        Initramfs::Dracut => &[
+            "usr/sbin/lvm",
+            "/dm-mod.ko",
+            "/virtio_blk.ko",
+            "udev/rules.d/64-lvm.rules",
+            "bin/lvm_scan",
+        ],
+    }
+}
+
+/// The initramfs that the generator made in the guest can assemble the root
+/// ([`lvm_root_files`]).
+fn check_initramfs(initramfs: Initramfs, release: &str, list: &Path) -> Result<()> {
     let text = fs::read_to_string(list).with_context(|| {
-        format!("the guest made no /boot/initrd.img-{release}: did update-initramfs run?")
+        format!(
+            "the guest made no /boot/initrd.img-{release}: did {} run?",
+            match initramfs {
+                Initramfs::InitramfsTools => "update-initramfs",
+                Initramfs::Dracut => "dracut's kernel hook",
+            }
+        )
     })?;
     let has = |suffix: &str| text.lines().map(uncompressed).any(|l| l.ends_with(suffix));
-    for want in [
-        "usr/sbin/lvm",
-        "etc/lvm/lvm.conf",
-        "/dm-mod.ko",
-        "/virtio_blk.ko",
-        "udev/rules.d/69-lvm.rules",
-    ] {
+    for &want in lvm_root_files(initramfs) {
         ensure!(
             has(want),
             "/boot/initrd.img-{release} lacks {want}: it cannot assemble the LVM root (list in {})",
@@ -513,21 +581,63 @@ fn install_agent(layer: &Path, bin_dir: &Path) -> Result<()> {
 /// Where the package waits in the layer for its `dpkg -i`.
 const PACKAGE_IN_LAYER: &str = "var/cache/kupgrade-vm/kupgrade.deb";
 
+/// The file kupgrade's hooks write into an initramfs (the agent's
+/// `distro::MARKER`), as the listers print it.
+const HOOK_MARKER: &str = "usr/lib/kupgrade/initramfs-hook";
+
+/// The releases whose initramfs the package's `update-initramfs` trigger
+/// rebuilds: initramfs-tools updates the newest only (`update-initramfs -u`),
+/// dracut's trigger every installed kernel's.
+fn rebuilt_by_trigger(initramfs: Initramfs, releases: &[String]) -> &[String] {
+    match initramfs {
+        Initramfs::InitramfsTools => releases
+            .len()
+            .checked_sub(1)
+            .map_or(&[], |i| &releases[i..]),
+        Initramfs::Dracut => releases,
+    }
+}
+
 /// kupgrade as a server gets it: its package, installed with `dpkg -i` in
-/// the new root, so that its trigger rebuilds the newest kernel's initramfs
-/// with kupgrade's hook. The harness's config goes in first and is kept
-/// (`--force-confold`), as an administrator's would be.
-fn install_kupgrade(layer: &Path, package: &Path, setup: &mut String) -> Result<()> {
+/// the new root, so that its trigger rebuilds the kernels' initramfs images
+/// with kupgrade's hook (checked there, [`rebuilt_by_trigger`]). The
+/// harness's config goes in first and is kept (`--force-confold`), as an
+/// administrator's would be.
+fn install_kupgrade(
+    layer: &Path,
+    package: &Path,
+    inputs: &Inputs,
+    setup: &mut String,
+) -> Result<()> {
     copy(package, &layer.join(PACKAGE_IN_LAYER))?;
     write_file(
         &layer.join("etc/kupgrade/config.toml"),
         0o644,
         &assets::guest_config(),
     )?;
+    if inputs.initramfs == Initramfs::Dracut {
+        // Host-only images, as Fedora and RHEL make by default: generic ones
+        // take many minutes each under TCG. The helper boot runs no udev,
+        // so host-only detection cannot see the LVM root: named here.
+        write_file(
+            &layer.join("etc/dracut.conf.d/50-kupgrade-vm-hostonly.conf"),
+            0o644,
+            "# kupgrade-vm: images for this machine only.\nhostonly=\"yes\"\nadd_dracutmodules+=\" lvm \"\nforce_drivers+=\" virtio_pci virtio_blk dm_mod \"\n",
+        )?;
+    }
     writeln!(
         setup,
         "dpkg -i --force-confdef --force-confold /{PACKAGE_IN_LAYER}\nrm /{PACKAGE_IN_LAYER}"
     )?;
+    // Releases sort by version here: inputs.releases is sorted, and Debian's
+    // release names compare as their versions do.
+    for r in rebuilt_by_trigger(inputs.initramfs, inputs.releases) {
+        writeln!(
+            setup,
+            "{} /boot/initrd.img-{r} | grep -q '{HOOK_MARKER}$' || {{ echo 'kupgrade-vm-assemble: /boot/initrd.img-{r} has no kupgrade hook after dpkg -i kupgrade.deb'; exit 1; }}",
+            lister(inputs.initramfs)
+        )?;
+    }
     Ok(())
 }
 
@@ -578,14 +688,14 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
 
 /// The layer as a tar (the helper boot reads it from a disk), with fixed
 /// owners, order and times so that its bytes key the disk.
-fn build_layer(dir: &Path, bin_dir: &Path, package: &Path) -> Result<PathBuf> {
+fn build_layer(dir: &Path, inputs: &Inputs) -> Result<PathBuf> {
     let layer = dir.join("layer");
     let _ = fs::remove_dir_all(&layer);
     fs::create_dir_all(&layer)?;
-    install_agent(&layer, bin_dir)?;
+    install_agent(&layer, inputs.bin_dir)?;
     // Commands run in the new root (chroot) after the layer is unpacked.
     let mut setup = String::from("systemctl enable kupgrade-guest.service\n");
-    install_kupgrade(&layer, package, &mut setup)?;
+    install_kupgrade(&layer, inputs.package, inputs, &mut setup)?;
     write_file(&layer.join(".kupgrade-vm-setup"), 0o644, &setup)?;
     let tar = dir.join("layer.tar");
     assets::run(
@@ -605,13 +715,13 @@ fn build_layer(dir: &Path, bin_dir: &Path, package: &Path) -> Result<PathBuf> {
 
 fn ensure_disk(dir: &Path, base: &Base, inputs: &Inputs) -> Result<(PathBuf, String)> {
     let _lock = lock(dir)?;
-    let tar = build_layer(dir, inputs.bin_dir, inputs.package)?;
+    let tar = build_layer(dir, inputs)?;
     let mut h = blake3::Hasher::new();
     h.update(base.key.as_bytes());
     h.update(ASSEMBLE_ROOT.as_bytes());
     h.update(&fs::read(&tar)?);
     let key = hex_key(h);
-    let flavour = flavour_name(inputs.packages);
+    let flavour = flavour_name(inputs.initramfs, inputs.packages);
     let disk = dir.join(format!("disk-{flavour}-{key}.img"));
     if disk.exists() {
         return Ok((disk, key));
@@ -662,7 +772,7 @@ fn ensure_disk(dir: &Path, base: &Base, inputs: &Inputs) -> Result<(PathBuf, Str
             "file={},format=raw,if=virtio,readonly=on",
             tar.display()
         ));
-    run_with_deadline(&mut cmd, &log, Duration::from_secs(900))?;
+    run_with_deadline(&mut cmd, &log, helper_deadline(inputs.initramfs))?;
     let serial = fs::read_to_string(&log)?;
     check_assembled(&serial).with_context(|| format!("serial log {}", log.display()))?;
     fs::rename(&tmp, &disk)?;
@@ -674,6 +784,16 @@ fn ensure_disk(dir: &Path, base: &Base, inputs: &Inputs) -> Result<(PathBuf, Str
         started.elapsed().as_secs_f64()
     ));
     Ok((disk, key))
+}
+
+/// How long the helper boot may take. Under dracut the package's trigger
+/// rebuilds every kernel's image, not the newest only, and dracut under TCG
+/// took over 5 min per image on a loaded 2-core host.
+fn helper_deadline(initramfs: Initramfs) -> Duration {
+    match initramfs {
+        Initramfs::InitramfsTools => Duration::from_secs(900),
+        Initramfs::Dracut => Duration::from_secs(2400),
+    }
 }
 
 /// The helper boot's verdict: done, with the root volume in one piece at
@@ -793,13 +913,15 @@ mod tests {
         let modules = "usr/lib/modules/6.12/kernel/drivers/md/dm-mod.ko.xz\n\
             usr/lib/modules/6.12/kernel/drivers/block/virtio_blk.ko.zst\n";
         fs::write(&list, format!("{base}{modules}")).unwrap();
-        check_initramfs("6.12", &list).unwrap();
+        check_initramfs(Initramfs::InitramfsTools, "6.12", &list).unwrap();
         fs::write(
             &list,
             format!("{base}usr/lib/modules/6.12/kernel/drivers/md/dm-mod.ko.xz\n"),
         )
         .unwrap();
-        let e = check_initramfs("6.12", &list).unwrap_err().to_string();
+        let e = check_initramfs(Initramfs::InitramfsTools, "6.12", &list)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("lacks /virtio_blk.ko"), "{e}");
         let _ = fs::remove_dir_all(&dir);
     }
@@ -810,6 +932,7 @@ mod tests {
             bin_dir: Path::new("/nonexistent"),
             package: Path::new("/nonexistent.deb"),
             packages,
+            initramfs: Initramfs::InitramfsTools,
             qemu: "qemu",
             accel: "tcg",
         }
@@ -832,6 +955,64 @@ mod tests {
         let mut other = inputs(&r1, &none);
         other.bin_dir = Path::new("/elsewhere");
         assert_eq!(k, base_key(&other));
+        let mut dracut = inputs(&r1, &none);
+        dracut.initramfs = Initramfs::Dracut;
+        assert_ne!(k, base_key(&dracut));
+    }
+
+    #[test]
+    fn the_dracut_base_swaps_the_generator_and_is_named_apart() {
+        // initramfs-tools' base is the one built before dracut's existed:
+        // same packages and files, so the same key and cached image.
+        assert_eq!(base_packages(Initramfs::InitramfsTools), BASE_PACKAGES);
+        let dracut = base_packages(Initramfs::Dracut);
+        assert!(dracut.contains(&"dracut") && !dracut.contains(&"initramfs-tools"));
+        assert_eq!(dracut.len(), BASE_PACKAGES.len());
+        assert!(base_files(Initramfs::Dracut)
+            .iter()
+            .all(|(p, _, _)| !p.contains("initramfs-tools")));
+        let none: Vec<String> = vec![];
+        let redis = vec!["redis-server".to_string()];
+        assert_eq!(flavour_name(Initramfs::InitramfsTools, &none), "base");
+        assert_eq!(flavour_name(Initramfs::Dracut, &none), "dracut");
+        assert_eq!(
+            flavour_name(Initramfs::Dracut, &redis),
+            "dracut+redis-server"
+        );
+        assert_eq!(
+            flavour_name(Initramfs::InitramfsTools, &redis),
+            "redis-server"
+        );
+    }
+
+    #[test]
+    fn the_hook_is_checked_in_the_images_the_trigger_rebuilt() {
+        let rs = vec![
+            "6.1.0-47-cloud-amd64".to_string(),
+            "6.1.0-57-cloud-amd64".to_string(),
+        ];
+        assert_eq!(rebuilt_by_trigger(Initramfs::InitramfsTools, &rs), &rs[1..]);
+        assert_eq!(rebuilt_by_trigger(Initramfs::Dracut, &rs), &rs[..]);
+        assert!(rebuilt_by_trigger(Initramfs::InitramfsTools, &[]).is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let layer = dir.path().join("layer");
+        let package = dir.path().join("kupgrade.deb");
+        fs::write(&package, b"deb").unwrap();
+        let mut i = inputs(&rs, &[]);
+        i.package = &package;
+        i.initramfs = Initramfs::Dracut;
+        let mut setup = String::new();
+        install_kupgrade(&layer, &package, &i, &mut setup).unwrap();
+        let checks: Vec<&str> = setup
+            .lines()
+            .filter(|l| l.starts_with("lsinitrd "))
+            .collect();
+        assert_eq!(checks.len(), 2, "{setup}");
+        assert!(checks[1].contains(
+            "/boot/initrd.img-6.1.0-57-cloud-amd64 | grep -q 'usr/lib/kupgrade/initramfs-hook$'"
+        ));
+        // After the package is installed, not before.
+        assert!(setup.find("dpkg -i").unwrap() < setup.find("lsinitrd").unwrap());
     }
 
     #[test]
@@ -855,15 +1036,44 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let good = "usr/sbin/lvm\netc/lvm/lvm.conf\nusr/lib/modules/r/kernel/drivers/md/dm-mod.ko\nusr/lib/modules/r/kernel/drivers/block/virtio_blk.ko\nusr/lib/udev/rules.d/69-lvm.rules\n";
         let list = dir.path().join("r");
+        let tools = Initramfs::InitramfsTools;
         fs::write(&list, good).unwrap();
-        check_initramfs("r", &list).unwrap();
+        check_initramfs(tools, "r", &list).unwrap();
         fs::write(&list, good.replace("lvm.conf", "lvm.conf.dpkg-new")).unwrap();
-        let e = check_initramfs("r", &list).unwrap_err().to_string();
+        let e = check_initramfs(tools, "r", &list).unwrap_err().to_string();
         assert!(e.contains("etc/lvm/lvm.conf"), "{e}");
-        let e = check_initramfs("r", &dir.path().join("missing"))
+        let e = check_initramfs(tools, "r", &dir.path().join("missing"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("update-initramfs"), "{e}");
+    }
+
+    #[test]
+    fn dracut_lists_are_read_in_their_ls_form_and_need_dracuts_lvm_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("r");
+        let good = "Image: /boot/initrd.img-r: 30M\n\
+            -rwxr-xr-x   1 root     root      2822576 Feb 17  2023 usr/sbin/lvm\n\
+            -rwxr-xr-x   1 root     root         1843 Feb 17  2023 usr/sbin/lvm_scan\n\
+            -rw-r--r--   1 root     root       223417 Mar 10  2025 usr/lib/modules/r/kernel/drivers/md/dm-mod.ko\n\
+            -rw-r--r--   1 root     root        44449 Mar 10  2025 usr/lib/modules/r/kernel/drivers/block/virtio_blk.ko\n\
+            -rw-r--r--   1 root     root         3021 Feb 17  2023 usr/lib/udev/rules.d/64-lvm.rules\n";
+        fs::write(&list, good).unwrap();
+        check_initramfs(Initramfs::Dracut, "r", &list).unwrap();
+        // initramfs-tools' rules are not dracut's.
+        let e = check_initramfs(Initramfs::InitramfsTools, "r", &list)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lvm.conf"), "{e}");
+        fs::write(&list, good.replace("64-lvm.rules", "69-lvm.rules")).unwrap();
+        let e = check_initramfs(Initramfs::Dracut, "r", &list)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("64-lvm.rules"), "{e}");
+        let e = check_initramfs(Initramfs::Dracut, "r", &dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dracut's kernel hook"), "{e}");
     }
 
     #[test]

@@ -132,6 +132,7 @@ pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
                 bin_dir: &bin_dir,
                 package: &package,
                 packages: &scenario.guest.packages,
+                initramfs: scenario.guest.initramfs,
                 qemu: &opts.qemu,
                 accel: &opts.accel,
             };

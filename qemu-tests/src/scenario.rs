@@ -278,6 +278,8 @@ pub struct Guest {
     pub timeout_secs: u64,
     /// Which guest boots: the minimal appliance or a Debian server.
     pub flavour: Flavour,
+    /// The Debian guest's initramfs generator.
+    pub initramfs: Initramfs,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -289,6 +291,26 @@ pub enum Flavour {
     /// Debian 12 with systemd, its root on LVM, kernels installed by dpkg,
     /// booted through initramfs-tools (see `debian.rs`).
     Debian,
+}
+
+/// What builds the Debian guest's initramfs images: Debian's default, or
+/// dracut in its place (the two packages conflict).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Initramfs {
+    #[default]
+    InitramfsTools,
+    Dracut,
+}
+
+impl Initramfs {
+    /// The Debian package, also the name in scenario files.
+    pub fn package(self) -> &'static str {
+        match self {
+            Initramfs::InitramfsTools => "initramfs-tools",
+            Initramfs::Dracut => "dracut",
+        }
+    }
 }
 
 impl Guest {
@@ -307,6 +329,7 @@ impl Default for Guest {
             packages: vec![],
             timeout_secs: 600,
             flavour: Flavour::Appliance,
+            initramfs: Initramfs::InitramfsTools,
         }
     }
 }
@@ -669,6 +692,14 @@ impl Scenario {
                 }
             }
         }
+        if self.guest.flavour == Flavour::Appliance
+            && self.guest.initramfs != Initramfs::InitramfsTools
+        {
+            return Err(format!(
+                "[guest] initramfs = {:?} needs flavour = \"debian\": the appliance boots kupgrade's own initramfs",
+                self.guest.initramfs.package()
+            ));
+        }
         for f in &self.faults {
             if !self.checks.iter().any(|c| c.name == f.check) {
                 return Err(format!(
@@ -841,6 +872,21 @@ command = ["/bin/true"]
         let err =
             Scenario::parse(&format!("{MINIMAL}\n[guest]\nflavour = \"fedora\"\n")).unwrap_err();
         assert!(err.contains("fedora"), "{err}");
+    }
+
+    #[test]
+    fn the_debian_guest_takes_dracut_by_name_and_the_appliance_refuses_it() {
+        let debian = format!("{MINIMAL}\n[guest]\nflavour = \"debian\"\n");
+        let s = Scenario::parse(&debian).unwrap();
+        assert_eq!(s.guest.initramfs, Initramfs::InitramfsTools);
+        let s = Scenario::parse(&format!("{debian}initramfs = \"dracut\"\n")).unwrap();
+        assert_eq!(s.guest.initramfs, Initramfs::Dracut);
+        s.validate().unwrap();
+        let err = Scenario::parse(&format!("{debian}initramfs = \"mkinitcpio\"\n")).unwrap_err();
+        assert!(err.contains("mkinitcpio"), "{err}");
+        let s = Scenario::parse(&format!("{MINIMAL}\n[guest]\ninitramfs = \"dracut\"\n")).unwrap();
+        let err = s.validate().unwrap_err();
+        assert!(err.contains("flavour = \"debian\""), "{err}");
     }
 
     #[test]
