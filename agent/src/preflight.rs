@@ -1024,6 +1024,7 @@ mod tests {
             job_control: false,
             runtime_paths: vec![],
             journal_streams: vec![],
+            unit: None,
         }
     }
 

@@ -38,6 +38,9 @@ pub struct Workload {
     pub runtime_paths: Vec<PathBuf>,
     /// Its connections to journald, carried as [`contract::journal`] says.
     pub journal_streams: Vec<contract::journal::JournalStream>,
+    /// The systemd service it was declared by, adopted by that unit again
+    /// after the restore.
+    pub unit: Option<String>,
 }
 
 impl Workload {
@@ -54,6 +57,7 @@ impl Workload {
             shell_job: self.shell_job,
             job_control: self.job_control,
             journal_streams: self.journal_streams.clone(),
+            unit: self.unit.clone(),
         }
     }
 }
@@ -137,6 +141,7 @@ pub fn inspect_in(proc: &Proc, name: &str, cgroup: &Path) -> Result<Workload, Er
         job_control,
         runtime_paths: Vec::new(),
         journal_streams: Vec::new(),
+        unit: None,
     })
 }
 
@@ -229,6 +234,7 @@ pub fn discover_in(
         };
         out.push(inspect_in(proc, &d.name, &cg).map(|w| Workload {
             runtime_paths: d.runtime_paths.clone(),
+            unit: d.unit.clone(),
             ..w
         }));
     }
@@ -321,6 +327,7 @@ mod tests {
                 job_control: false,
                 runtime_paths: vec![],
                 journal_streams: vec![],
+                unit: None,
             }
         );
     }

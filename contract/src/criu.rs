@@ -162,6 +162,7 @@ mod tests {
             shell_job: false,
             job_control: false,
             journal_streams: vec![],
+            unit: None,
         }
     }
 

@@ -45,6 +45,10 @@ pub struct WorkloadEntry {
     /// older images.
     #[serde(default)]
     pub journal_streams: Vec<journal::JournalStream>,
+    /// The systemd service it was declared by: kupgrade-init has that unit
+    /// adopt the restored processes. Absent in older images.
+    #[serde(default)]
+    pub unit: Option<String>,
 }
 
 /// When a lifecycle event happened, as recorded in the manifest and report.

@@ -371,6 +371,10 @@ impl<S: System, H: Host> System for Chained<S, H> {
         self.inner.resume_restored(w)
     }
 
+    fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error> {
+        self.inner.adopt(unit, main_pid)
+    }
+
     fn write_report(&mut self, report: &UpgradeReport, how: Durability) -> Result<(), Error> {
         self.inner.write_report(report, how)
     }

@@ -22,6 +22,7 @@
 //! restore ([`rescue`]). A root that never comes ends the boot as
 //! initramfs-tools ends it: by `panic=`, never in a loop.
 
+mod adopt;
 mod boot;
 mod chained;
 mod child;

@@ -547,6 +547,16 @@ impl Restorer<'_> {
         let error = match self.sys.criu_restore(&run) {
             Ok(()) => {
                 self.resume(w);
+                if let Some(unit) = &w.unit {
+                    // Without it systemd starts the unit a second time.
+                    if let Err(e) = self.sys.adopt(unit, w.root_pid) {
+                        self.log(&format!(
+                            "workload {}: {unit} will not adopt it: {}",
+                            w.name,
+                            chain(&e)
+                        ));
+                    }
+                }
                 None
             }
             Err(e) => Some(chain(&e)),
@@ -766,6 +776,28 @@ mod tests {
         assert!(!f.calls.iter().any(|c| c == "resume a"));
         // Failed: wiped only once the report keeps the reason.
         assert_eq!(f.calls_after("write report"), ["wipe", EXEC]);
+    }
+
+    #[test]
+    fn a_restored_service_is_adopted_by_its_unit_and_a_failed_one_is_not() {
+        let units = |w: &mut Vec<WorkloadEntry>| {
+            w[0].unit = Some("a.service".into());
+            w[1].unit = Some("b.service".into());
+        };
+        let mut f = Fake::failing_at(&["criu restore a"]).with_workloads(units);
+        boot(&mut f).expect("an init runs");
+        assert!(!f.calls.iter().any(|c| c.starts_with("adopt a.service")));
+        let b_pid = f.report().workloads[1].root_pid;
+        assert_eq!(
+            f.calls_after("resume b").first().copied(),
+            Some(format!("adopt b.service {b_pid}").as_str())
+        );
+
+        // One that cannot be adopted is still restored; the log says why.
+        let mut f = Fake::failing_at(&[&format!("adopt b.service {b_pid}")]).with_workloads(units);
+        boot(&mut f).expect("an init runs");
+        assert!(f.report().workloads.iter().all(|w| w.restored));
+        assert!(f.logged("workload b: b.service will not adopt it"));
     }
 
     /// Failures that do not stop the restore: logged, and everything else

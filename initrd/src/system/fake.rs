@@ -119,6 +119,7 @@ fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
         shell_job: false,
         job_control: false,
         journal_streams: vec![],
+        unit: None,
     }
 }
 
@@ -493,6 +494,10 @@ impl System for Fake {
     fn resume_restored(&mut self, w: &WorkloadEntry) -> Result<usize, Error> {
         self.step(format!("resume {}", w.name))?;
         Ok(0)
+    }
+
+    fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error> {
+        self.step(format!("adopt {unit} {main_pid}"))
     }
 
     fn write_report(&mut self, report: &UpgradeReport, how: Durability) -> Result<(), Error> {

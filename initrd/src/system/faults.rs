@@ -259,6 +259,10 @@ impl<S: System> System for Faults<S> {
         self.inner.resume_restored(w)
     }
 
+    fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error> {
+        self.inner.adopt(unit, main_pid)
+    }
+
     fn write_report(&mut self, report: &UpgradeReport, how: Durability) -> Result<(), Error> {
         self.injected(InitFailpoint::ReportWrite)?;
         self.inner.write_report(report, how)

@@ -24,7 +24,7 @@ use super::{
     RESTORER_ARG,
 };
 use crate::netlink::{self, Rtnl};
-use crate::{boot, child, log, timers};
+use crate::{adopt, boot, child, log, timers};
 
 const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 /// `ip` and `nft` take milliseconds; one that takes this long is stuck.
@@ -418,6 +418,21 @@ impl System for RealSystem {
             let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
         }
         rearmed
+    }
+
+    fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error> {
+        let write = |path: PathBuf, text: String| {
+            let io = |what| {
+                let path = path.clone();
+                move |source| Error::Io { what, path, source }
+            };
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).map_err(io("create the directory of"))?;
+            }
+            fs::write(&path, text).map_err(io("write"))
+        };
+        write(adopt::pid_file(unit), format!("{main_pid}\n"))?;
+        write(adopt::drop_in_path(unit), adopt::drop_in(unit))
     }
 
     fn write_report(&mut self, r: &UpgradeReport, how: Durability) -> Result<(), Error> {

@@ -1,0 +1,80 @@
+//! A restored service, adopted by its systemd unit.
+//!
+//! The restore runs before systemd, which would then start the unit again: a
+//! second instance beside the restored one, or one that fails to bind. For
+//! each restored workload declared by unit, kupgrade-init leaves a runtime
+//! drop-in (`/run/systemd/system/UNIT.d/`, gone at the next boot) and a PID
+//! file. The unit's first start in this boot runs nothing and takes the
+//! restored root as its main PID (`Type=forking`, `PIDFile=`), so that
+//! `systemctl status`, `stop`, the unit's cgroup limits and its watchdog
+//! (`NotifyAccess=main`) apply to it. Its first stop removes the drop-in
+//! and reloads systemd, so that a restart starts the unit as written.
+
+use std::path::{Path, PathBuf};
+
+/// Where the PID files go.
+pub const PID_DIR: &str = "/run/kupgrade/adopt";
+/// systemd's runtime unit directory.
+const RUNTIME_UNITS: &str = "/run/systemd/system";
+const DROP_IN: &str = "zz-kupgrade-adopt.conf";
+
+/// The drop-in's path for `unit`.
+pub fn drop_in_path(unit: &str) -> PathBuf {
+    Path::new(RUNTIME_UNITS)
+        .join(format!("{unit}.d"))
+        .join(DROP_IN)
+}
+
+/// The PID file's path for `unit`.
+pub fn pid_file(unit: &str) -> PathBuf {
+    Path::new(PID_DIR).join(format!("{unit}.pid"))
+}
+
+/// The drop-in that has `unit` adopt the process in its PID file.
+pub fn drop_in(unit: &str) -> String {
+    let pid_file = pid_file(unit);
+    let drop_in = drop_in_path(unit);
+    format!(
+        "# Written by kupgrade-init: {unit} was restored before systemd started.\n\
+         # Its first start adopts the restored process; its first stop removes\n\
+         # this file, so that the next start is the unit's own.\n\
+         [Service]\n\
+         Type=forking\n\
+         PIDFile={pid}\n\
+         GuessMainPID=no\n\
+         NotifyAccess=main\n\
+         ExecCondition=\n\
+         ExecStartPre=\n\
+         ExecStart=\n\
+         ExecStart=/bin/true\n\
+         ExecStartPost=\n\
+         ExecStopPost=-/bin/sh -c 'rm -f {drop} {pid} && systemctl daemon-reload'\n",
+        pid = pid_file.display(),
+        drop = drop_in.display(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drop_in_adopts_the_pid_file_s_process_and_removes_itself_at_the_first_stop() {
+        let d = drop_in("redis-server.service");
+        assert!(d.contains("\n[Service]\nType=forking\n"));
+        assert!(d.contains("\nPIDFile=/run/kupgrade/adopt/redis-server.service.pid\n"));
+        // The unit's own start commands are reset, not run.
+        for reset in [
+            "ExecCondition=",
+            "ExecStartPre=",
+            "ExecStart=",
+            "ExecStartPost=",
+        ] {
+            assert!(d.contains(&format!("\n{reset}\n")), "{reset}");
+        }
+        assert!(d.contains("\nExecStart=/bin/true\n"));
+        assert!(d.contains(
+            "rm -f /run/systemd/system/redis-server.service.d/zz-kupgrade-adopt.conf /run/kupgrade/adopt/redis-server.service.pid && systemctl daemon-reload"
+        ));
+    }
+}
