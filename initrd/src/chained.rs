@@ -371,6 +371,10 @@ impl<S: System, H: Host> System for Chained<S, H> {
         self.inner.resume_restored(w)
     }
 
+    fn start_journal_relays(&mut self) -> Result<usize, Error> {
+        self.inner.start_journal_relays()
+    }
+
     fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error> {
         self.inner.adopt(unit, main_pid)
     }

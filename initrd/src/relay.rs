@@ -112,6 +112,10 @@ pub fn relay(mut service: UnixStream, mut connect: impl FnMut() -> Option<UnixSt
 /// process that has exited (and been reaped) when this returns.
 fn connect_by_helper(stream: &JournalStream) -> Option<UnixStream> {
     use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    // No helper (and no PID spent) until journald's socket is there.
+    if !Path::new(JOURNAL_STDOUT).exists() {
+        return None;
+    }
     let fd = socket(
         AddressFamily::Unix,
         SockType::Stream,

@@ -403,6 +403,14 @@ impl Restorer<'_> {
                 self.log(&chain(&e));
             }
         }
+        // After every restore: a relay takes PIDs.
+        match self.sys.start_journal_relays() {
+            Ok(0) => {}
+            Ok(n) => self.log(&format!(
+                "{n} journal stream(s) relayed to the next journald"
+            )),
+            Err(e) => self.log(&format!("journal streams not relayed: {}", chain(&e))),
+        }
         self.cleanup();
         let failed: Vec<&WorkloadOutcome> = outcomes.iter().filter(|o| !o.restored).collect();
         let Some(first) = failed.first() else {
@@ -691,6 +699,7 @@ mod tests {
         "resume b",
         "note progress",
         "tcp_window_scaling 1",
+        "start relays",
         "remove scratch",
         "unlock CRIU-10002",
         "mark failed",
@@ -787,6 +796,9 @@ mod tests {
         let mut f = Fake::failing_at(&["criu restore a"]).with_workloads(units);
         boot(&mut f).expect("an init runs");
         assert!(!f.calls.iter().any(|c| c.starts_with("adopt a.service")));
+        // Relays, which take PIDs, only once every workload is restored.
+        let at = |call: &str| f.calls.iter().position(|c| c == call).unwrap();
+        assert!(at("start relays") > at("resume b"));
         let b_pid = f.report().workloads[1].root_pid;
         assert_eq!(
             f.calls_after("resume b").first().copied(),

@@ -53,6 +53,7 @@ pub const FULL_BOOT: &[&str] = &[
     "resume b",
     "note progress",
     "tcp_window_scaling 1",
+    "start relays",
     "remove scratch",
     "unlock CRIU-10002",
     "mark restored",
@@ -494,6 +495,18 @@ impl System for Fake {
     fn resume_restored(&mut self, w: &WorkloadEntry) -> Result<usize, Error> {
         self.step(format!("resume {}", w.name))?;
         Ok(0)
+    }
+
+    fn start_journal_relays(&mut self) -> Result<usize, Error> {
+        let streams = self.image.as_ref().map_or(0, |i| {
+            i.manifest
+                .workloads
+                .iter()
+                .map(|w| w.journal_streams.len())
+                .sum()
+        });
+        self.step("start relays".into())?;
+        Ok(streams)
     }
 
     fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error> {

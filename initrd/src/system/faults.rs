@@ -259,6 +259,10 @@ impl<S: System> System for Faults<S> {
         self.inner.resume_restored(w)
     }
 
+    fn start_journal_relays(&mut self) -> Result<usize, Error> {
+        self.inner.start_journal_relays()
+    }
+
     fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error> {
         self.inner.adopt(unit, main_pid)
     }

@@ -281,6 +281,9 @@ pub trait System {
     /// the tasks it left stopped (whatever the timers did); returns how
     /// many timers were re-armed.
     fn resume_restored(&mut self, w: &WorkloadEntry) -> Result<usize, Error>;
+    /// Starts a relay for each journal stream restored (see
+    /// [`crate::relay`]); returns how many.
+    fn start_journal_relays(&mut self) -> Result<usize, Error>;
     /// Leaves what has the workload's systemd unit adopt it (see
     /// [`crate::adopt`]).
     fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error>;

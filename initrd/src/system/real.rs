@@ -47,6 +47,10 @@ pub struct RealSystem {
     image: Option<Image<File>>,
     /// For the network's configuration, opened on first use.
     rtnl: Option<Rtnl>,
+    /// Restored journal streams and their relays' ends, until every
+    /// workload is restored (a relay started earlier could take a PID the
+    /// next restore needs).
+    relays: Vec<(JournalStream, OwnedFd)>,
 }
 
 impl RealSystem {
@@ -390,7 +394,7 @@ impl System for RealSystem {
         if exited.status.success() {
             for (stream, (service_end, relay_end)) in c.workload.journal_streams.iter().zip(pairs) {
                 drop(service_end);
-                start_relay(stream, relay_end)?;
+                self.relays.push((stream.clone(), relay_end));
             }
             return Ok(());
         }
@@ -418,6 +422,15 @@ impl System for RealSystem {
             let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
         }
         rearmed
+    }
+
+    fn start_journal_relays(&mut self) -> Result<usize, Error> {
+        let relays = std::mem::take(&mut self.relays);
+        let n = relays.len();
+        for (stream, end) in relays {
+            start_relay(&stream, end)?;
+        }
+        Ok(n)
     }
 
     fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error> {
