@@ -918,7 +918,7 @@ mod tests {
             .pair(510, 511);
         host.journal.insert(
             501,
-            "PRIORITY=6\nLEVEL_PREFIX=1\nIDENTIFIER=tick\nUNIT=tick.service\n",
+            "PRIORITY=30\nLEVEL_PREFIX=1\nIDENTIFIER=tick\nUNIT=tick.service\n",
         );
         let w = workload(&[100, 101]);
         assert_eq!(

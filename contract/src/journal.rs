@@ -35,7 +35,9 @@ pub struct JournalStream {
     pub identifier: String,
     /// The unit its lines are logged under.
     pub unit: String,
-    pub priority: u8,
+    /// Facility and level, as syslog encodes them (systemd's default,
+    /// `daemon.info`, is 30).
+    pub priority: u16,
     /// Lines may start with `<N>` to give their own priority.
     pub level_prefix: bool,
     pub forward_to_syslog: bool,
@@ -60,7 +62,8 @@ impl JournalStream {
             let flag = || value.trim() == "1";
             match key {
                 "PRIORITY" => {
-                    s.priority = value.trim().parse().ok().filter(|p| *p < 8)?;
+                    // As journald takes it: facility and level, up to 999.
+                    s.priority = value.trim().parse().ok().filter(|p| *p <= 999)?;
                     saw_priority = true;
                 }
                 "LEVEL_PREFIX" => s.level_prefix = flag(),
@@ -167,7 +170,7 @@ fn unescape(s: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    const JOURNALD: &str = "# This is private data. Do not parse\nPRIORITY=6\nLEVEL_PREFIX=1\nFORWARD_TO_SYSLOG=0\nFORWARD_TO_KMSG=0\nFORWARD_TO_CONSOLE=0\nSTREAM_ID=8a1f\nIDENTIFIER=my\\x20daemon\nUNIT=tick.service\n";
+    const JOURNALD: &str = "# This is private data. Do not parse\nPRIORITY=30\nLEVEL_PREFIX=1\nFORWARD_TO_SYSLOG=0\nFORWARD_TO_KMSG=0\nFORWARD_TO_CONSOLE=0\nSTREAM_ID=8a1f\nIDENTIFIER=my\\x20daemon\nUNIT=tick.service\n";
 
     #[test]
     fn journalds_record_gives_the_stream_and_its_header() {
@@ -177,9 +180,9 @@ mod tests {
         assert_eq!(s.unit, "tick.service");
         assert_eq!(
             (s.priority, s.level_prefix, s.forward_to_syslog),
-            (6, true, false)
+            (30, true, false)
         );
-        assert_eq!(s.header(), "my daemon\ntick.service\n6\n1\n0\n0\n0\n");
+        assert_eq!(s.header(), "my daemon\ntick.service\n30\n1\n0\n0\n0\n");
     }
 
     #[test]
@@ -200,7 +203,7 @@ mod tests {
     #[test]
     fn a_record_that_does_not_parse_is_no_stream() {
         assert_eq!(JournalStream::from_record(1, "UNIT=x.service\n"), None);
-        assert_eq!(JournalStream::from_record(1, "PRIORITY=9\n"), None);
+        assert_eq!(JournalStream::from_record(1, "PRIORITY=1000\n"), None);
         assert_eq!(
             JournalStream::from_record(1, "PRIORITY=6\nUNIT=bad\\q\n"),
             None
