@@ -325,14 +325,16 @@ impl Restorer<'_> {
         if let Err(e) = self.sys.set_image_state(state) {
             self.log(&format!("cannot mark the image {state}: {}", chain(&e)));
         }
-        if outcome == Outcome::Restored {
-            // The image holds process memory: do not leave it lying in RAM.
-            self.wipe();
-        }
+        // Before the wipe: the workloads run from here (they were resumed
+        // as each was restored), and the blackout ends with this event.
         self.emit(match &reason {
             None => EventLine::now(Event::Restored).with("workloads", workloads.len()),
             Some(why) => EventLine::now(Event::RestoreFailed).with("reason", why),
         });
+        if outcome == Outcome::Restored {
+            // The image holds process memory: do not leave it lying in RAM.
+            self.wipe();
+        }
         let mut events = self.manifest.phases.clone();
         events.append(&mut self.events);
         let report = UpgradeReport {
@@ -785,6 +787,16 @@ mod tests {
         assert!(!f.calls.iter().any(|c| c == "resume a"));
         // Failed: wiped only once the report keeps the reason.
         assert_eq!(f.calls_after("write report"), ["wipe", EXEC]);
+    }
+
+    /// The blackout ends when the workloads run, not when their image is
+    /// wiped (which takes seconds for a large one under TCG).
+    #[test]
+    fn the_restored_event_comes_before_the_wipe() {
+        let mut f = Fake::resuming();
+        boot(&mut f).expect("an init runs");
+        let n = f.events_at_wipe.expect("the image is wiped");
+        assert_eq!(f.events[..n].last().map(|e| e.event), Some(Event::Restored));
     }
 
     #[test]

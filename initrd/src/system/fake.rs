@@ -106,6 +106,8 @@ pub struct Fake {
     pub locked: Vec<String>,
     /// Each section unpacked, and where.
     pub unpacked: Vec<(String, std::path::PathBuf)>,
+    /// How many events had been emitted when the image was last wiped.
+    pub events_at_wipe: Option<usize>,
 }
 
 fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
@@ -412,6 +414,7 @@ impl System for Fake {
         if self.store_missing {
             return Err(Error::NoStore);
         }
+        self.events_at_wipe = Some(self.events.len());
         self.step("wipe".into())
     }
     fn read_section(&mut self, name: &str) -> Result<Vec<u8>, Error> {
