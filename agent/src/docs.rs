@@ -60,6 +60,33 @@ them with the root's `modprobe` before it configures the interfaces, since the
 distribution's initramfs need not have (dracut leaves network drivers out
 unless it boots from the network) and udev only runs after the restore."#;
 
+/// What happens to systemd services, for the man page and `docs/cli.md`.
+const SYSTEMD: &str = r#"A service is preserved when `/etc/kupgrade/config.toml` declares it by unit
+(`unit = "NAME.service"`): its cgroup is the workload. `kupgrade check` says for
+every running service whether it is preserved, refused (and why), or not
+declared, in which case systemd starts it again after the upgrade.
+
+A service's stdout and stderr are a stream socket to journald, which is no part
+of the workload. kupgrade finds such a stream by journald's record of it
+(`/run/systemd/journal/streams/`), and CRIU dumps the service's end as an
+external socket. On the new kernel `kupgrade-init` restores that end as one
+end of a new socket pair, and starts a relay (`kupgrade-init __journal-relay`,
+in the root cgroup) on the other end once every workload is restored. The
+relay waits for the new journald's socket, introduces the stream as systemd
+did (identifier, unit, priority), and forwards what the service writes until
+the service closes its end, so that `journalctl -u NAME.service` shows its lines
+with the relay's PID as `_PID`. Each relay records its stream in
+`/run/kupgrade/journal/` for the next upgrade.
+
+systemd would start a preserved unit a second time. `kupgrade-init` leaves a
+runtime drop-in, `/run/systemd/system/NAME.service.d/zz-kupgrade-adopt.conf`,
+and a PID file in `/run/kupgrade/adopt/`: the unit's first start in that boot
+runs nothing (`Type=forking`, `ExecStart=/bin/true`) and takes the restored
+process as its main PID, so `systemctl status`, `systemctl stop`, the unit's
+cgroup limits and its watchdog (`NotifyAccess=main`) apply to it. The unit's
+first stop removes the drop-in and reloads systemd, so that `systemctl restart`
+starts the unit as written."#;
+
 /// Writes everything into `dir`: `man/`, `completions/` and `cli.md`.
 pub fn write(dir: &Path) -> Result<()> {
     let man_dir = dir.join("man");
@@ -122,6 +149,7 @@ pub fn man_pages() -> Result<Vec<(String, Vec<u8>)>> {
     top.render_subcommands_section(&mut page)?;
     let mut extra = Roff::new();
     markdown_section(&mut extra, "BOOTING THE NEW KERNEL", BOOT);
+    markdown_section(&mut extra, "SYSTEMD SERVICES", SYSTEMD);
     exit_status_section(&mut extra);
     markdown_section(&mut extra, "JSON OUTPUT", json::SCHEMA);
     files_section(&mut extra);
@@ -178,6 +206,8 @@ fn files_section(r: &mut Roff) {
         ("/usr/lib/kupgrade/kupgrade-init", "the restore, run as PID 1 on the new kernel"),
         ("/usr/share/initramfs-tools/hooks/kupgrade, /usr/share/initramfs-tools/scripts/init-bottom/kupgrade", "the initramfs-tools hook and boot script"),
         ("/usr/lib/dracut/modules.d/90kupgrade", "the dracut module"),
+        ("/run/kupgrade/journal/", "each journal relay's record of its stream, read by the next upgrade"),
+        ("/run/systemd/system/UNIT.d/zz-kupgrade-adopt.conf, /run/kupgrade/adopt/UNIT.pid", "the drop-in and PID file with which a preserved unit adopts its restored process"),
         ("/etc/kernel/postinst.d/zz-kupgrade", "stages a newly installed kernel when stage_new_kernels = true; logs to /var/log/kupgrade/kernel-hook.log"),
     ];
     for (path, what) in files {
@@ -248,6 +278,7 @@ pub fn cli_markdown() -> String {
          <!-- Made by `kupgrade __docs DIR` from the program (src/docs.rs, src/exit.rs,\n\
          src/json.rs); the man page kupgrade(8) says the same. Do not edit by hand. -->\n\n\
          ## Booting the new kernel\n\n{BOOT}\n\n\
+         ## systemd services\n\n{SYSTEMD}\n\n\
          ## Exit status\n\n{}\n\
          ## JSON output\n\n{}",
         Exit::markdown_table(),
