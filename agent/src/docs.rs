@@ -70,12 +70,14 @@ A service's stdout and stderr are a stream socket to journald, which is no part
 of the workload. kupgrade finds such a stream by journald's record of it
 (`/run/systemd/journal/streams/`), and CRIU dumps the service's end as an
 external socket. On the new kernel `kupgrade-init` restores that end as one
-end of a new socket pair, and starts a relay (`kupgrade-init __journal-relay`,
-in the root cgroup) on the other end once every workload is restored. The
-relay waits for the new journald's socket, introduces the stream as systemd
-did (identifier, unit, priority), and forwards what the service writes until
-the service closes its end, so that `journalctl -u NAME.service` shows its lines
-with the relay's PID as `_PID`. Each relay records its stream in
+end of a new socket pair, and starts a relay (`kupgrade-init __journal-relay`)
+on the other end once every workload is restored. The relay waits for the new
+journald's socket, introduces the stream as systemd did (identifier, unit,
+priority), and forwards what the service writes until the service closes its
+end. It sends with the credentials of the service's main process (journald
+takes the sender, and from it the unit, from each message's credentials), so
+`journalctl -u NAME.service` shows the lines as the service's own. Each relay
+records its stream in
 `/run/kupgrade/journal/` for the next upgrade.
 
 systemd would start a preserved unit a second time. `kupgrade-init` leaves a

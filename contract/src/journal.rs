@@ -7,8 +7,8 @@
 //! as one end of a new socket pair (`--inherit-fd`), whose other end goes to
 //! a relay process: once the new journald listens, the relay connects to it,
 //! introduces the stream as systemd did (identifier, unit, priority, ...)
-//! and forwards what the service writes. The lines land under the unit in
-//! `journalctl -u UNIT`, from the relay's PID.
+//! and forwards what the service writes, as from the service's main process
+//! (`SCM_CREDENTIALS`). The lines land under the unit in `journalctl -u UNIT`.
 //!
 //! On the next upgrade the service's peer is the relay's end, and the relay
 //! keeps the same record of its stream in [`RELAY_DIR`].

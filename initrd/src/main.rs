@@ -62,9 +62,6 @@ fn main() {
     if args.get(1).map(String::as_str) == Some(contract::journal::RELAY_ARG) {
         std::process::exit(relay::main(&args[2..]));
     }
-    if args.get(1).map(String::as_str) == Some(relay::CONNECT_ARG) {
-        std::process::exit(relay::connect_main(&args[2..]));
-    }
     if std::process::id() != 1 {
         if let Some(code) = chained::tool(&args[1..]) {
             std::process::exit(code);

@@ -8,39 +8,39 @@
 //! pair), introduces the stream as systemd did, and forwards until the
 //! service's end closes. A journald that restarts is connected to again.
 //!
-//! The connection is made by a short-lived helper (`__journal-connect`), so
-//! that the peer journald sees is gone by the first line: journald then
-//! logs the stream under the unit its introduction names, as it does for
-//! any client whose cgroup it cannot read.
+//! journald takes the sender of each message from its credentials
+//! (`SCM_CREDENTIALS`), and the unit from the sender's cgroup: the relay
+//! sends as the service's main process (root may name another PID), so the
+//! lines are logged as the service's own, under its unit.
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use contract::journal::{JournalStream, JOURNAL_STDOUT, RELAY_DIR};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixCredentials};
 
 use crate::log;
-
-/// kupgrade-init's hidden subcommand of the connecting helper.
-pub const CONNECT_ARG: &str = "__journal-connect";
 
 /// How often to look for journald's socket until it listens.
 const RETRY: Duration = Duration::from_millis(250);
 
-/// `kupgrade-init __journal-relay STREAM_JSON`, with the service's end on
-/// stdin.
+/// `kupgrade-init __journal-relay PID STREAM_JSON`, with the service's end
+/// on stdin; its lines are sent as from `PID`.
 pub fn main(args: &[String]) -> i32 {
     log::open_kmsg();
-    let [spec] = args else {
+    let [pid, spec] = args else {
         log::line(&format!(
-            "usage: kupgrade-init {} STREAM_JSON",
+            "usage: kupgrade-init {} PID STREAM_JSON",
             contract::journal::RELAY_ARG
         ));
+        return 2;
+    };
+    let Ok(pid) = pid.parse::<i32>() else {
+        log::line(&format!("journal relay: not a PID: {pid}"));
         return 2;
     };
     let Ok(stream) = serde_json::from_str::<JournalStream>(spec) else {
@@ -63,7 +63,10 @@ pub fn main(args: &[String]) -> i32 {
         let _ = fs::create_dir_all(RELAY_DIR);
         let _ = fs::write(path, stream.record());
     }
-    relay(service, || connect_by_helper(&stream));
+    let sender = Sender::as_pid(pid);
+    relay(service, &sender, || {
+        connect(&stream, Path::new(JOURNAL_STDOUT), &sender)
+    });
     if let Some(path) = &record {
         let _ = fs::remove_file(path);
     }
@@ -78,7 +81,11 @@ fn record_path(service: &UnixStream) -> Option<PathBuf> {
 
 /// Forwards `service` to the journal that `connect` reaches, until the
 /// service's end closes.
-pub fn relay(mut service: UnixStream, mut connect: impl FnMut() -> Option<UnixStream>) {
+pub fn relay(
+    mut service: UnixStream,
+    sender: &Sender,
+    mut connect: impl FnMut() -> Option<UnixStream>,
+) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut pending = 0;
     let mut out: Option<UnixStream> = None;
@@ -92,7 +99,7 @@ pub fn relay(mut service: UnixStream, mut connect: impl FnMut() -> Option<UnixSt
             continue;
         };
         if pending > 0 {
-            if j.write_all(&buf[..pending]).is_err() {
+            if sender.send_all(j, &buf[..pending]).is_err() {
                 // journald went away: the lines go to the next one.
                 out = None;
                 continue;
@@ -108,79 +115,56 @@ pub fn relay(mut service: UnixStream, mut connect: impl FnMut() -> Option<UnixSt
     }
 }
 
-/// A socket connected to journald, and the stream introduced, by a helper
-/// process that has exited (and been reaped) when this returns.
-fn connect_by_helper(stream: &JournalStream) -> Option<UnixStream> {
-    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-    // No helper (and no PID spent) until journald's socket is there.
-    if !Path::new(JOURNAL_STDOUT).exists() {
-        return None;
-    }
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .ok()?;
-    let theirs = fd.try_clone().ok()?;
-    let status = Command::new("/proc/self/exe")
-        .arg0("kupgrade-init")
-        .arg(CONNECT_ARG)
-        .arg(serde_json::to_string(stream).ok()?)
-        .stdin(Stdio::from(theirs))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .ok()?;
-    status.success().then(|| UnixStream::from(fd))
+/// Who the journal is told sent the lines.
+pub struct Sender {
+    creds: UnixCredentials,
 }
 
-/// `kupgrade-init __journal-connect STREAM_JSON`: connects the socket on
-/// stdin to journald and introduces the stream.
-pub fn connect_main(args: &[String]) -> i32 {
-    let [spec] = args else { return 2 };
-    let Ok(stream) = serde_json::from_str::<JournalStream>(spec) else {
-        return 2;
-    };
-    let Ok(fd) = io::stdin().as_fd().try_clone_to_owned() else {
-        return 2;
-    };
-    match introduce(fd, &stream, Path::new(JOURNAL_STDOUT)) {
-        Ok(()) => 0,
-        Err(_) => 1,
+impl Sender {
+    /// As `pid`, with this process's user and group (root's, whose
+    /// streams may name their unit in their introduction).
+    pub fn as_pid(pid: i32) -> Self {
+        Sender {
+            creds: UnixCredentials::from(nix::libc::ucred {
+                pid,
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+            }),
+        }
+    }
+
+    /// Writes all of `data` to `s`, each message with these credentials.
+    fn send_all(&self, s: &UnixStream, mut data: &[u8]) -> io::Result<()> {
+        let cmsg = [ControlMessage::ScmCredentials(&self.creds)];
+        while !data.is_empty() {
+            let iov = [io::IoSlice::new(data)];
+            match sendmsg::<()>(s.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
+                Ok(n) => data = &data[n..],
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 }
 
-fn introduce(fd: std::os::fd::OwnedFd, stream: &JournalStream, journal: &Path) -> io::Result<()> {
-    use nix::sys::socket::{connect, UnixAddr};
-    let addr = UnixAddr::new(journal).map_err(io::Error::from)?;
-    connect(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
-    let mut s = UnixStream::from(fd);
-    // journald sends nothing back but may read it as a hang-up.
-    s.write_all(stream.header().as_bytes())
+/// A stream to the journal at `journal`, introduced.
+fn connect(stream: &JournalStream, journal: &Path, sender: &Sender) -> Option<UnixStream> {
+    // Not there until the new journald's socket is (systemd makes it).
+    let s = UnixStream::connect(journal).ok()?;
+    sender.send_all(&s, stream.header().as_bytes()).ok()?;
+    Some(s)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::os::unix::net::UnixListener;
 
-    /// What the helper does, in this process.
-    fn direct(path: &Path) -> impl FnMut() -> Option<UnixStream> + '_ {
-        move || {
-            use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
-            let fd = socket(
-                AddressFamily::Unix,
-                SockType::Stream,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .unwrap();
-            let ours = fd.try_clone().unwrap();
-            introduce(fd, &stream(), path).ok()?;
-            Some(UnixStream::from(ours))
-        }
+    /// Sends as this process (no privilege needed for one's own PID).
+    fn me() -> Sender {
+        Sender::as_pid(std::process::id() as i32)
     }
 
     fn stream() -> JournalStream {
@@ -215,7 +199,8 @@ mod tests {
         let (mut svc, relay_end) = UnixStream::pair().unwrap();
         svc.write_all(b"tick 1\ntick 2\n").unwrap();
         let p = path.clone();
-        let relay = std::thread::spawn(move || relay(relay_end, direct(&p)));
+        let relay =
+            std::thread::spawn(move || relay(relay_end, &me(), || connect(&stream(), &p, &me())));
         // journald comes later.
         std::thread::sleep(Duration::from_millis(300));
         let journald = accept_all(UnixListener::bind(&path).unwrap(), 1);
@@ -236,7 +221,8 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         let (mut svc, relay_end) = UnixStream::pair().unwrap();
         let p = path.clone();
-        let relay = std::thread::spawn(move || relay(relay_end, direct(&p)));
+        let relay =
+            std::thread::spawn(move || relay(relay_end, &me(), || connect(&stream(), &p, &me())));
         let (first, _) = listener.accept().unwrap();
         let mut first = io::BufReader::new(first);
         let mut header = String::new();
@@ -262,5 +248,70 @@ mod tests {
         let got = journald.join().unwrap();
         assert!(got[0].starts_with(&stream().header()), "{got:?}");
         assert!(got[0].contains("line 49\n"), "{got:?}");
+    }
+
+    /// journald takes the sender from each message's credentials: they
+    /// name the service's process, not the relay.
+    #[test]
+    fn the_lines_are_sent_as_the_service_s_process() {
+        use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned};
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: naming another PID needs root");
+            return;
+        }
+        let mut service_process = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let pid = service_process.id() as i32;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout");
+        let listener = UnixListener::bind(&path).unwrap();
+        let (mut svc, relay_end) = UnixStream::pair().unwrap();
+        let p = path.clone();
+        let relay = std::thread::spawn(move || {
+            let sender = Sender::as_pid(pid);
+            relay(relay_end, &sender, || connect(&stream(), &p, &sender))
+        });
+        let (journald, _) = listener.accept().unwrap();
+        setsockopt(&journald, sockopt::PassCred, &true).unwrap();
+        svc.write_all(b"tick 1\n").unwrap();
+        drop(svc);
+        let mut senders = Vec::new();
+        let mut got = Vec::new();
+        loop {
+            let mut buf = [0u8; 4096];
+            let mut iov = [io::IoSliceMut::new(&mut buf)];
+            let mut space = nix::cmsg_space!(UnixCredentials);
+            let msg = recvmsg::<()>(
+                journald.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::empty(),
+            )
+            .unwrap();
+            if msg.bytes == 0 {
+                break;
+            }
+            for c in msg.cmsgs().unwrap() {
+                if let ControlMessageOwned::ScmCredentials(cred) = c {
+                    senders.push(cred.pid());
+                }
+            }
+            let n = msg.bytes;
+            got.extend_from_slice(&buf[..n]);
+        }
+        relay.join().unwrap();
+        let _ = service_process.kill();
+        let _ = service_process.wait();
+        assert!(
+            String::from_utf8_lossy(&got).ends_with("tick 1\n"),
+            "{got:?}"
+        );
+        assert!(!senders.is_empty());
+        assert!(
+            senders.iter().all(|p| *p == pid),
+            "{senders:?}, service {pid}"
+        );
     }
 }

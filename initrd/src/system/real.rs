@@ -50,7 +50,7 @@ pub struct RealSystem {
     /// Restored journal streams and their relays' ends, until every
     /// workload is restored (a relay started earlier could take a PID the
     /// next restore needs).
-    relays: Vec<(JournalStream, OwnedFd)>,
+    relays: Vec<(JournalStream, i32, OwnedFd)>,
 }
 
 impl RealSystem {
@@ -394,7 +394,8 @@ impl System for RealSystem {
         if exited.status.success() {
             for (stream, (service_end, relay_end)) in c.workload.journal_streams.iter().zip(pairs) {
                 drop(service_end);
-                self.relays.push((stream.clone(), relay_end));
+                self.relays
+                    .push((stream.clone(), c.workload.root_pid, relay_end));
             }
             return Ok(());
         }
@@ -427,8 +428,8 @@ impl System for RealSystem {
     fn start_journal_relays(&mut self) -> Result<usize, Error> {
         let relays = std::mem::take(&mut self.relays);
         let n = relays.len();
-        for (stream, end) in relays {
-            start_relay(&stream, end)?;
+        for (stream, pid, end) in relays {
+            start_relay(&stream, pid, end)?;
         }
         Ok(n)
     }
@@ -596,12 +597,14 @@ fn journal_pairs(n: usize) -> Result<Vec<(OwnedFd, OwnedFd)>, Error> {
 }
 
 /// A relay for a restored service's journal stream, holding `end` on its
-/// stdin; not waited for: it lives as long as the service's end is open.
-fn start_relay(stream: &JournalStream, end: OwnedFd) -> Result<(), Error> {
+/// stdin and sending as `pid` (the service's root); not waited for: it
+/// lives as long as the service's end is open.
+fn start_relay(stream: &JournalStream, pid: i32, end: OwnedFd) -> Result<(), Error> {
     let spec = serde_json::to_string(stream).map_err(Error::EncodeReport)?;
     Command::new("/proc/self/exe")
         .arg0("kupgrade-init")
         .arg(contract::journal::RELAY_ARG)
+        .arg(pid.to_string())
         .arg(spec)
         .stdin(Stdio::from(end))
         .stdout(Stdio::null())
