@@ -13,6 +13,7 @@
 //! sends as the service's main process (root may name another PID), so the
 //! lines are logged as the service's own, under its unit.
 
+use std::cell::Cell;
 use std::fs;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, AsRawFd};
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use contract::journal::{JournalStream, JOURNAL_STDOUT, RELAY_DIR};
+use nix::errno::Errno;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixCredentials};
 
 use crate::log;
@@ -117,7 +119,7 @@ pub fn relay(
 
 /// Who the journal is told sent the lines.
 pub struct Sender {
-    creds: UnixCredentials,
+    creds: Cell<UnixCredentials>,
 }
 
 impl Sender {
@@ -125,22 +127,29 @@ impl Sender {
     /// streams may name their unit in their introduction).
     pub fn as_pid(pid: i32) -> Self {
         Sender {
-            creds: UnixCredentials::from(nix::libc::ucred {
+            creds: Cell::new(UnixCredentials::from(nix::libc::ucred {
                 pid,
                 uid: nix::unistd::getuid().as_raw(),
                 gid: nix::unistd::getgid().as_raw(),
-            }),
+            })),
         }
     }
 
     /// Writes all of `data` to `s`, each message with these credentials.
     fn send_all(&self, s: &UnixStream, mut data: &[u8]) -> io::Result<()> {
-        let cmsg = [ControlMessage::ScmCredentials(&self.creds)];
         while !data.is_empty() {
+            let creds = self.creds.get();
+            let cmsg = [ControlMessage::ScmCredentials(&creds)];
             let iov = [io::IoSlice::new(data)];
             match sendmsg::<()>(s.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
                 Ok(n) => data = &data[n..],
-                Err(nix::errno::Errno::EINTR) => {}
+                Err(Errno::EINTR) => {}
+                // The main process has exited (its workers may not have):
+                // the kernel takes no credentials of a PID that is gone, so
+                // the lines go on as the relay's own.
+                Err(Errno::ESRCH) if creds.pid() != std::process::id() as i32 => {
+                    self.creds.set(UnixCredentials::new());
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -313,5 +322,25 @@ mod tests {
             senders.iter().all(|p| *p == pid),
             "{senders:?}, service {pid}"
         );
+    }
+
+    /// Once the process it sends as is gone, the lines still go, as the
+    /// relay's own.
+    #[test]
+    fn a_sender_that_has_exited_is_replaced_by_the_relay() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: naming another PID needs root");
+            return;
+        }
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let pid = gone.id() as i32;
+        gone.wait().unwrap();
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let sender = Sender::as_pid(pid);
+        sender.send_all(&a, b"line\n").unwrap();
+        let mut got = [0u8; 5];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"line\n");
+        assert_eq!(sender.creds.get().pid(), std::process::id() as i32);
     }
 }
