@@ -605,6 +605,10 @@ pub struct Check {
     /// Seconds to wait after the upgrade before running it.
     #[serde(default)]
     pub after_secs: u64,
+    /// Run after the other checks, once the host's probes have stopped: for
+    /// a check that ends a probed server (`systemctl restart`).
+    #[serde(default)]
+    pub after_probes: bool,
 }
 
 impl Check {

@@ -16,7 +16,7 @@ use contract::events::{Event, EventLine};
 use contract::report::{Outcome, UpgradeReport};
 use image_format::Image;
 use kupgrade_vm::guest::{self, Line, Plan, Progress, Verb};
-use kupgrade_vm::scenario::{Attempt, AttemptExpect, Workload};
+use kupgrade_vm::scenario::{Attempt, AttemptExpect, Check, Workload};
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -764,17 +764,25 @@ fn finish(plan: &Plan, progress: &Progress) {
                 .with("pid", now));
         }
     }
-    for c in &plan.checks {
-        std::thread::sleep(Duration::from_secs(c.after_secs));
-        let argv = c.argv(&shell_prelude());
-        let args: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let (ok, out) = sh(&args);
-        say(Line::new(Verb::Check)
-            .with("name", &c.name)
-            .with("ok", ok)
-            .with("detail", &out));
-    }
+    let (before, after): (Vec<_>, Vec<_>) = plan.checks.iter().partition(|c| !c.after_probes);
+    before.into_iter().for_each(run_check);
+    // The host stops its probes at this line.
     say(Line::new(Verb::ChecksDone));
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(if after.is_empty() { 1 } else { 2 }));
+    if !after.is_empty() {
+        after.into_iter().for_each(run_check);
+        std::thread::sleep(Duration::from_secs(1));
+    }
     say(Line::new(Verb::Done));
+}
+
+fn run_check(c: &Check) {
+    std::thread::sleep(Duration::from_secs(c.after_secs));
+    let argv = c.argv(&shell_prelude());
+    let args: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let (ok, out) = sh(&args);
+    say(Line::new(Verb::Check)
+        .with("name", &c.name)
+        .with("ok", ok)
+        .with("detail", &out));
 }
