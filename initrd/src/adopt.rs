@@ -7,8 +7,11 @@
 //! file. The unit's first start in this boot runs nothing and takes the
 //! restored root as its main PID (`Type=forking`, `PIDFile=`), so that
 //! `systemctl status`, `stop`, the unit's cgroup limits and its watchdog
-//! (`NotifyAccess=main`) apply to it. Its first stop removes the drop-in
-//! and reloads systemd, so that a restart starts the unit as written.
+//! (`NotifyAccess=main`) apply to it. A second drop-in has
+//! `multi-user.target` want the unit, so that this first start comes at
+//! boot also for a unit that was started by hand, not enabled. Its first
+//! stop removes both drop-ins and reloads systemd, so that a restart starts
+//! the unit as written.
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +28,18 @@ pub fn drop_in_path(unit: &str) -> PathBuf {
         .join(DROP_IN)
 }
 
+/// The boot target's drop-in that wants `unit`.
+pub fn wants_path(unit: &str) -> PathBuf {
+    Path::new(RUNTIME_UNITS)
+        .join("multi-user.target.d")
+        .join(format!("zz-kupgrade-adopt-{unit}.conf"))
+}
+
+/// Its text: the unit is started (adopted) at boot, enabled or not.
+pub fn wants(unit: &str) -> String {
+    format!("# Written by kupgrade-init: {unit} adopts its restored process at boot.\n[Unit]\nWants={unit}\n")
+}
+
 /// The PID file's path for `unit`.
 pub fn pid_file(unit: &str) -> PathBuf {
     Path::new(PID_DIR).join(format!("{unit}.pid"))
@@ -34,6 +49,7 @@ pub fn pid_file(unit: &str) -> PathBuf {
 pub fn drop_in(unit: &str) -> String {
     let pid_file = pid_file(unit);
     let drop_in = drop_in_path(unit);
+    let wants = wants_path(unit);
     format!(
         "# Written by kupgrade-init: {unit} was restored before systemd started.\n\
          # Its first start adopts the restored process; its first stop removes\n\
@@ -48,9 +64,10 @@ pub fn drop_in(unit: &str) -> String {
          ExecStart=\n\
          ExecStart=/bin/true\n\
          ExecStartPost=\n\
-         ExecStopPost=-/bin/sh -c 'rm -f {drop} {pid} && systemctl daemon-reload'\n",
+         ExecStopPost=-/bin/sh -c 'rm -f {drop} {wants} {pid} && systemctl daemon-reload'\n",
         pid = pid_file.display(),
         drop = drop_in.display(),
+        wants = wants.display(),
     )
 }
 
@@ -74,7 +91,16 @@ mod tests {
         }
         assert!(d.contains("\nExecStart=/bin/true\n"));
         assert!(d.contains(
-            "rm -f /run/systemd/system/redis-server.service.d/zz-kupgrade-adopt.conf /run/kupgrade/adopt/redis-server.service.pid && systemctl daemon-reload"
+            "rm -f /run/systemd/system/redis-server.service.d/zz-kupgrade-adopt.conf /run/systemd/system/multi-user.target.d/zz-kupgrade-adopt-redis-server.service.conf /run/kupgrade/adopt/redis-server.service.pid && systemctl daemon-reload"
         ));
+    }
+
+    #[test]
+    fn the_boot_target_wants_the_unit_enabled_or_not() {
+        assert_eq!(
+            wants_path("redis-server.service"),
+            Path::new("/run/systemd/system/multi-user.target.d/zz-kupgrade-adopt-redis-server.service.conf")
+        );
+        assert!(wants("redis-server.service").ends_with("\n[Unit]\nWants=redis-server.service\n"));
     }
 }

@@ -152,14 +152,7 @@ fn base_files(initramfs: Initramfs) -> Vec<(&'static str, u32, String)> {
             0o644,
             "RESUME=none\n".into(),
         ));
-        // Images with the modules this machine needs, not most of them:
-        // an administrator's choice that the distribution supports, and
-        // under TCG the difference between one minute and five per image.
-        files.push((
-            "etc/initramfs-tools/conf.d/modules",
-            0o644,
-            "MODULES=dep\n".into(),
-        ));
+
     }
     files.push((
         ASSEMBLE_ROOT_GUEST.trim_start_matches('/'),
@@ -633,6 +626,17 @@ fn install_kupgrade(
         0o644,
         &assets::guest_config(),
     )?;
+    if inputs.initramfs == Initramfs::InitramfsTools {
+        // Images with the modules this machine needs, not most of them: an
+        // administrator's choice that the distribution supports, and under
+        // TCG minutes less per image. In the layer, not the base: mmdebstrap
+        // installs the kernels on the host, whose root is not the guest's.
+        write_file(
+            &layer.join("etc/initramfs-tools/conf.d/kupgrade-vm-modules"),
+            0o644,
+            "# kupgrade-vm: the modules this machine needs.\nMODULES=dep\n",
+        )?;
+    }
     if inputs.initramfs == Initramfs::Dracut {
         // Host-only images, as Fedora and RHEL make by default: generic ones
         // take many minutes each under TCG. The helper boot runs no udev,

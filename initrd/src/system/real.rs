@@ -446,7 +446,8 @@ impl System for RealSystem {
             fs::write(&path, text).map_err(io("write"))
         };
         write(adopt::pid_file(unit), format!("{main_pid}\n"))?;
-        write(adopt::drop_in_path(unit), adopt::drop_in(unit))
+        write(adopt::drop_in_path(unit), adopt::drop_in(unit))?;
+        write(adopt::wants_path(unit), adopt::wants(unit))
     }
 
     fn write_report(&mut self, r: &UpgradeReport, how: Durability) -> Result<(), Error> {
