@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 /// Where systemd says it is the running init (`sd_booted(3)`).
 pub const SYSTEMD_RUNTIME_DIR: &str = "/run/systemd/system";
 
+/// Where systemd keeps the unit files of transient units (`systemd-run`).
+pub const TRANSIENT_UNITS: &str = "/run/systemd/transient";
+
 /// A service unit with processes in its cgroup.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {

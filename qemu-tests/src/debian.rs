@@ -152,7 +152,6 @@ fn base_files(initramfs: Initramfs) -> Vec<(&'static str, u32, String)> {
             0o644,
             "RESUME=none\n".into(),
         ));
-
     }
     files.push((
         ASSEMBLE_ROOT_GUEST.trim_start_matches('/'),

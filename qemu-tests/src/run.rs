@@ -66,9 +66,10 @@ fn unique_port(
 /// or checked, which scenarios running at once share. The Debian guest
 /// locks its own cache (with flock, as other clones share it).
 static APPLIANCE_ASSETS: Mutex<()> = Mutex::new(());
-/// Held while kupgrade's package is built into `target/debian` and the
-/// Debian guest is assembled from it.
-static DEBIAN_ASSETS: Mutex<()> = Mutex::new(());
+/// kupgrade's package, built into `target/debian` once per run (from the
+/// same binaries) for every Debian guest; the guests' caches lock
+/// themselves, so that different flavours are assembled side by side.
+static DEBIAN_PACKAGE: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 fn hold(lock: &'static Mutex<()>) -> MutexGuard<'static, ()> {
     // The guarded state is files, which a panicking holder leaves as the
@@ -125,8 +126,17 @@ pub fn prepare(scenario_path: &Path, opts: &Options) -> Result<Prepared> {
             (rootfs, cache.vmlinuz(&from), initrd)
         }
         Flavour::Debian => {
-            let _assets = hold(&DEBIAN_ASSETS);
-            let package = debian::build_package(&opts.workspace, &bin_dir)?;
+            let package = {
+                let mut built = DEBIAN_PACKAGE
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                match &*built {
+                    Some(p) => p.clone(),
+                    None => built
+                        .insert(debian::build_package(&opts.workspace, &bin_dir)?)
+                        .clone(),
+                }
+            };
             let inputs = debian::Inputs {
                 releases: &releases,
                 bin_dir: &bin_dir,
