@@ -208,6 +208,10 @@ pub enum Kind {
     SysvShmInHostIpc {
         keys: Vec<String>,
     },
+    /// A socket that PID 1 holds too: systemd passed it (socket activation).
+    SocketOfInit {
+        fd: i32,
+    },
     /// A namespace other than the host's (`link` as in `/proc/PID/ns/`).
     ForeignNamespace {
         namespace: Namespace,
@@ -293,6 +297,10 @@ impl Kind {
                 "SysV shared memory (key {}) attached in the host's IPC namespace",
                 keys.join(", ")
             ),
+            Kind::SocketOfInit { fd } => format!(
+                "fd {fd} is a socket that pid 1 ({}) holds too, passed to it by socket activation",
+                proc.comm(1)
+            ),
             Kind::ForeignNamespace { namespace, link } => format!("{namespace} namespace {link}"),
         }
     }
@@ -313,6 +321,7 @@ impl Kind {
             Kind::NamedFifo { .. } => "CRIU reopens a named FIFO by its path, and kupgrade carries only the regular files and directories of a tmpfs: keep the FIFO on disk, or use a pipe",
             Kind::SocketDirNotCarried { .. } => "CRIU binds the socket at its path again, and the new boot will not have that directory (kupgrade carries tmpfs mounts only): bind it on a tmpfs such as /run, or on disk",
             Kind::SysvShmInHostIpc { .. } => "CRIU carries SysV IPC only in a workload's own IPC namespace: start it with `kupgrade launch --ipc-namespace`",
+            Kind::SocketOfInit { .. } => "the new systemd makes its sockets again at boot, while the restored service would hold the old one's address: run the service without its .socket unit (sockets a service opens itself are carried)",
             Kind::ForeignNamespace { namespace: Namespace::Ipc, .. } => "CRIU carries an IPC namespace only with everything in it: give the workload its own with `kupgrade launch --ipc-namespace`",
             Kind::ForeignNamespace { .. } => "kupgrade restores workloads into the host's namespaces and does not manage this one",
         }
@@ -397,6 +406,14 @@ pub fn check(host: &impl Host, w: &Workload) -> Vec<Refusal> {
         .filter_map(|(ino, p)| Some((ino, p?.to_string_lossy().into_owned())))
         .collect();
     let mut found = unix_peers_outside(host, &w.pids);
+    let init_sockets: HashSet<u64> = if members.contains(&1) {
+        HashSet::new()
+    } else {
+        proc.fds(1)
+            .into_iter()
+            .filter_map(|(_, link)| socket_inode(&link))
+            .collect()
+    };
     for &pid in &w.pids {
         // Gone since discovery: nothing of it is left to refuse.
         let Some(stat) = proc.stat(pid) else {
@@ -428,7 +445,9 @@ pub fn check(host: &impl Host, w: &Workload) -> Vec<Refusal> {
             }
         }
         for (fd, link) in proc.fds(pid) {
-            if link == "anon_inode:[io_uring]" {
+            if socket_inode(&link).is_some_and(|i| init_sockets.contains(&i)) {
+                add(Kind::SocketOfInit { fd });
+            } else if link == "anon_inode:[io_uring]" {
                 add(Kind::IoUring { fd });
             } else if holds_state(&link) && host.is_device(&link) {
                 add(Kind::Device { fd, path: link });
@@ -936,6 +955,25 @@ mod tests {
         assert_eq!(streams[0].inode, 500, "the workload's end");
         assert_eq!(streams[0].unit, "tick.service");
         assert_eq!(streams[0].identifier, "tick");
+    }
+
+    #[test]
+    fn a_socket_systemd_passed_is_refused() {
+        let host = FakeHost::new()
+            .with(
+                Process::new(1, "systemd")
+                    .fd(40, "socket:[700]")
+                    .fd(41, "socket:[701]"),
+            )
+            .with(root().fd(3, "socket:[700]").fd(4, "socket:[702]"));
+        let r = check(&host, &workload(&[100]));
+        assert_eq!(kinds(&r), vec![(100, Kind::SocketOfInit { fd: 3 })]);
+        assert!(
+            r[0].resource.contains("pid 1 (systemd) holds too"),
+            "{}",
+            r[0].resource
+        );
+        assert!(r[0].why.contains(".socket unit"));
     }
 
     #[test]

@@ -164,8 +164,10 @@ impl FakeProc {
         self.dir.path()
     }
 
+    /// Adds `p`, in place of a process of the same pid (such as pid 1).
     pub fn add(&self, p: Process) {
         let dir = self.dir.path().join(p.pid.to_string());
+        let _ = fs::remove_dir_all(&dir);
         let write = |rel: &str, text: &str| {
             let path = dir.join(rel);
             fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
