@@ -1025,6 +1025,7 @@ mod tests {
             runtime_paths: vec![],
             journal_streams: vec![],
             unit: None,
+            notify_access: None,
         }
     }
 

@@ -12,6 +12,19 @@ pub const SYSTEMD_RUNTIME_DIR: &str = "/run/systemd/system";
 /// Where systemd keeps the unit files of transient units (`systemd-run`).
 pub const TRANSIENT_UNITS: &str = "/run/systemd/transient";
 
+/// The unit's `NotifyAccess=` as the running systemd has it (`systemctl
+/// show`), if it answers with a value it knows.
+pub fn notify_access(unit: &str) -> Option<String> {
+    let out = std::process::Command::new("systemctl")
+        .args(["show", "--property=NotifyAccess", "--value", unit])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let value = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && ["none", "main", "exec", "all"].contains(&value.as_str()))
+        .then_some(value)
+}
+
 /// A service unit with processes in its cgroup.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {

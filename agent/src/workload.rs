@@ -41,6 +41,8 @@ pub struct Workload {
     /// The systemd service it was declared by, adopted by that unit again
     /// after the restore.
     pub unit: Option<String>,
+    /// That unit's `NotifyAccess=`, as systemd has it.
+    pub notify_access: Option<String>,
 }
 
 impl Workload {
@@ -58,6 +60,7 @@ impl Workload {
             job_control: self.job_control,
             journal_streams: self.journal_streams.clone(),
             unit: self.unit.clone(),
+            notify_access: self.notify_access.clone(),
         }
     }
 }
@@ -142,6 +145,7 @@ pub fn inspect_in(proc: &Proc, name: &str, cgroup: &Path) -> Result<Workload, Er
         runtime_paths: Vec::new(),
         journal_streams: Vec::new(),
         unit: None,
+        notify_access: None,
     })
 }
 
@@ -181,6 +185,7 @@ pub fn discover(cfg: &Config) -> Vec<Result<Workload, Error>> {
     .map(|w| {
         w.map(|w| Workload {
             journal_streams: crate::refusal::journal_streams(&host, &w),
+            notify_access: w.unit.as_deref().and_then(units::notify_access),
             ..w
         })
     })
@@ -359,6 +364,7 @@ mod tests {
                 runtime_paths: vec![],
                 journal_streams: vec![],
                 unit: None,
+                notify_access: None,
             }
         );
     }

@@ -163,6 +163,7 @@ mod tests {
             job_control: false,
             journal_streams: vec![],
             unit: None,
+            notify_access: None,
         }
     }
 

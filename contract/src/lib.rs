@@ -49,6 +49,11 @@ pub struct WorkloadEntry {
     /// adopt the restored processes. Absent in older images.
     #[serde(default)]
     pub unit: Option<String>,
+    /// That unit's `NotifyAccess=` (`none`, `main`, `exec`, `all`), kept by
+    /// the adoption so that a watchdog's pings are still taken from where
+    /// the unit takes them. Absent in older images.
+    #[serde(default)]
+    pub notify_access: Option<String>,
 }
 
 /// When a lifecycle event happened, as recorded in the manifest and report.

@@ -7,7 +7,8 @@
 //! file. The unit's first start in this boot runs nothing and takes the
 //! restored root as its main PID (`Type=forking`, `PIDFile=`), so that
 //! `systemctl status`, `stop`, the unit's cgroup limits and its watchdog
-//! (`NotifyAccess=main`) apply to it. A second drop-in has
+//! (`NotifyAccess=` as the unit had it, at least `main`: the forking type
+//! takes no notifications otherwise) apply to it. A second drop-in has
 //! `multi-user.target` want the unit, so that this first start comes at
 //! boot also for a unit that was started by hand, not enabled. Its first
 //! stop removes both drop-ins and reloads systemd, so that a restart starts
@@ -45,8 +46,16 @@ pub fn pid_file(unit: &str) -> PathBuf {
     Path::new(PID_DIR).join(format!("{unit}.pid"))
 }
 
-/// The drop-in that has `unit` adopt the process in its PID file.
-pub fn drop_in(unit: &str) -> String {
+/// The drop-in that has `unit` adopt the process in its PID file; `notify`
+/// is the unit's `NotifyAccess=` before the upgrade.
+pub fn drop_in(unit: &str, notify: Option<&str>) -> String {
+    // exec and all take more than main; none (or not known) becomes main,
+    // since a Type=notify unit's default is main and the drop-in's forking
+    // type would make it none.
+    let notify = match notify {
+        Some(n @ ("exec" | "all")) => n,
+        _ => "main",
+    };
     let pid_file = pid_file(unit);
     let drop_in = drop_in_path(unit);
     let wants = wants_path(unit);
@@ -58,7 +67,7 @@ pub fn drop_in(unit: &str) -> String {
          Type=forking\n\
          PIDFile={pid}\n\
          GuessMainPID=no\n\
-         NotifyAccess=main\n\
+         NotifyAccess={notify}\n\
          ExecCondition=\n\
          ExecStartPre=\n\
          ExecStart=\n\
@@ -77,7 +86,7 @@ mod tests {
 
     #[test]
     fn the_drop_in_adopts_the_pid_file_s_process_and_removes_itself_at_the_first_stop() {
-        let d = drop_in("redis-server.service");
+        let d = drop_in("redis-server.service", None);
         assert!(d.contains("\n[Service]\nType=forking\n"));
         assert!(d.contains("\nPIDFile=/run/kupgrade/adopt/redis-server.service.pid\n"));
         // The unit's own start commands are reset, not run.
@@ -93,6 +102,22 @@ mod tests {
         assert!(d.contains(
             "rm -f /run/systemd/system/redis-server.service.d/zz-kupgrade-adopt.conf /run/systemd/system/multi-user.target.d/zz-kupgrade-adopt-redis-server.service.conf /run/kupgrade/adopt/redis-server.service.pid && systemctl daemon-reload"
         ));
+    }
+
+    #[test]
+    fn the_unit_s_notify_access_is_kept_at_least_main() {
+        let access = |n| {
+            drop_in("a.service", n)
+                .lines()
+                .find_map(|l| l.strip_prefix("NotifyAccess=").map(String::from))
+                .unwrap()
+        };
+        assert_eq!(access(Some("all")), "all");
+        assert_eq!(access(Some("exec")), "exec");
+        assert_eq!(access(Some("main")), "main");
+        // A Type=notify unit's default, which the forking type would lose.
+        assert_eq!(access(Some("none")), "main");
+        assert_eq!(access(None), "main");
     }
 
     #[test]

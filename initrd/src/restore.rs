@@ -559,7 +559,7 @@ impl Restorer<'_> {
                 self.resume(w);
                 if let Some(unit) = &w.unit {
                     // Without it systemd starts the unit a second time.
-                    if let Err(e) = self.sys.adopt(unit, w.root_pid) {
+                    if let Err(e) = self.sys.adopt(unit, w.root_pid, w.notify_access.as_deref()) {
                         self.log(&format!(
                             "workload {}: {unit} will not adopt it: {}",
                             w.name,

@@ -123,6 +123,7 @@ fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
         job_control: false,
         journal_streams: vec![],
         unit: None,
+        notify_access: None,
     }
 }
 
@@ -512,7 +513,7 @@ impl System for Fake {
         Ok(streams)
     }
 
-    fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error> {
+    fn adopt(&mut self, unit: &str, main_pid: i32, _notify: Option<&str>) -> Result<(), Error> {
         self.step(format!("adopt {unit} {main_pid}"))
     }
 

@@ -263,8 +263,8 @@ impl<S: System> System for Faults<S> {
         self.inner.start_journal_relays()
     }
 
-    fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error> {
-        self.inner.adopt(unit, main_pid)
+    fn adopt(&mut self, unit: &str, main_pid: i32, notify: Option<&str>) -> Result<(), Error> {
+        self.inner.adopt(unit, main_pid, notify)
     }
 
     fn write_report(&mut self, report: &UpgradeReport, how: Durability) -> Result<(), Error> {

@@ -285,8 +285,8 @@ pub trait System {
     /// [`crate::relay`]); returns how many.
     fn start_journal_relays(&mut self) -> Result<usize, Error>;
     /// Leaves what has the workload's systemd unit adopt it (see
-    /// [`crate::adopt`]).
-    fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error>;
+    /// [`crate::adopt`]); `notify` is the unit's `NotifyAccess=`.
+    fn adopt(&mut self, unit: &str, main_pid: i32, notify: Option<&str>) -> Result<(), Error>;
 
     // Telling.
     /// Replaces the report, whole (a new file renamed over the old one).

@@ -434,7 +434,7 @@ impl System for RealSystem {
         Ok(n)
     }
 
-    fn adopt(&mut self, unit: &str, main_pid: i32) -> Result<(), Error> {
+    fn adopt(&mut self, unit: &str, main_pid: i32, notify: Option<&str>) -> Result<(), Error> {
         let write = |path: PathBuf, text: String| {
             let io = |what| {
                 let path = path.clone();
@@ -446,7 +446,7 @@ impl System for RealSystem {
             fs::write(&path, text).map_err(io("write"))
         };
         write(adopt::pid_file(unit), format!("{main_pid}\n"))?;
-        write(adopt::drop_in_path(unit), adopt::drop_in(unit))?;
+        write(adopt::drop_in_path(unit), adopt::drop_in(unit, notify))?;
         write(adopt::wants_path(unit), adopt::wants(unit))
     }
 
