@@ -223,28 +223,26 @@ pub fn discover_in(
             ..w
         }));
     }
-    // `kupgrade launch` on systemd: transient services. Their unit files
-    // are carried (the new systemd knows them from there), so the unit can
-    // adopt the restored process.
+    // `kupgrade launch` on systemd: transient services (a unit of that name
+    // on disk is not one). Their unit files are carried (the new systemd
+    // knows them from there), so the unit can adopt the restored process.
     for s in units::running_services(cgroup_root) {
         let Some(n) = launch::launched_name(&s.unit) else {
             continue;
         };
-        if cfg
+        let file = transient.join(&s.unit);
+        let declared = cfg
             .workloads
             .iter()
-            .any(|d| d.unit.as_ref() == Some(&s.unit))
-        {
-            continue; // declared by unit below
+            .any(|d| d.unit.as_ref() == Some(&s.unit));
+        if !file.is_file() || declared {
+            continue; // declared by unit below, if at all
         }
-        let file = transient.join(&s.unit);
         let mut paths = cfg
             .launched(n)
             .map(|d| d.runtime_paths.clone())
             .unwrap_or_default();
-        if file.is_file() {
-            paths.push(file);
-        }
+        paths.push(file);
         out.push(inspect_in(proc, n, &s.cgroup).map(|w| Workload {
             runtime_paths: paths,
             unit: Some(s.unit.clone()),
@@ -515,9 +513,12 @@ mod tests {
         let web = populated("kupgrade-web.service", "400\n");
         populated("kupgrade-db.service", "500\n");
         populated("nginx.service", "600\n");
+        // A unit of such a name with its file on disk is no launched workload.
+        populated("kupgrade-guest.service", "700\n");
         let transient = root.path().join("transient");
         fs::create_dir_all(&transient).unwrap();
         fs::write(transient.join("kupgrade-web.service"), "[Service]\n").unwrap();
+        fs::write(transient.join("kupgrade-db.service"), "[Service]\n").unwrap();
         let cfg = Config {
             workloads: vec![
                 config::DeclaredWorkload {
