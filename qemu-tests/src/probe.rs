@@ -16,6 +16,7 @@ use crate::scenario::{Probe, ProbeMode};
 
 mod dns;
 mod http;
+mod mqtt;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ProbeResult {
@@ -77,6 +78,7 @@ pub fn run(
             return run_requests(probe, port, stop)
         }
         ProbeMode::Http => return run_http(probe, port, connect_deadline, stop),
+        ProbeMode::Mqtt => return run_mqtt(probe, port, connect_deadline, stop),
         ProbeMode::Echo | ProbeMode::Counter => {}
     }
     let mut res = ProbeResult {
@@ -455,6 +457,181 @@ fn run_http(
         }
         let wait = Duration::from_millis(probe.interval_ms).saturating_sub(sent_at.elapsed());
         std::thread::sleep(wait);
+    }
+    finish(res, &s)
+}
+
+/// The topic the `mqtt` probe publishes to and hears back from.
+const MQTT_TOPIC: &str = "kupgrade/probe";
+
+/// What waiting for one MQTT packet gave.
+enum MqttRead {
+    Packet(u8, Vec<u8>),
+    Eof,
+    Reset,
+    Stopped,
+    Failed(String),
+}
+
+/// Reads until one whole packet is in `buf`, `until` passes or `stop` is set.
+fn read_packet(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    until: Option<Instant>,
+    stop: &AtomicBool,
+) -> MqttRead {
+    use std::io::Read;
+    let mut chunk = [0u8; 4096];
+    loop {
+        match mqtt::parse(buf) {
+            Ok(Some((kind, body, used))) => {
+                buf.drain(..used);
+                return MqttRead::Packet(kind, body);
+            }
+            Ok(None) => {}
+            Err(e) => return MqttRead::Failed(e),
+        }
+        if stop.load(Ordering::Relaxed) {
+            return MqttRead::Stopped;
+        }
+        if until.is_some_and(|u| Instant::now() > u) {
+            return MqttRead::Failed("no whole packet in time".into());
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => return MqttRead::Eof,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return MqttRead::Reset,
+            Err(e) => return MqttRead::Failed(e.to_string()),
+        }
+    }
+}
+
+/// Connects, subscribes and hears its first message back through the
+/// broker, so we know the guest's broker, not just QEMU's forwarder, is there.
+fn mqtt_handshake(
+    probe: &Probe,
+    port: u16,
+    stop: &AtomicBool,
+) -> Result<(TcpStream, Vec<u8>), String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(50)))
+        .map_err(|e| e.to_string())?;
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut buf = Vec::new();
+    let mut expect =
+        |s: &mut TcpStream, want: u8, what: &str| match read_packet(s, &mut buf, Some(until), stop)
+        {
+            MqttRead::Packet(kind, body) if kind == want => Ok(body),
+            MqttRead::Packet(kind, _) => Err(format!("packet type {kind} instead of the {what}")),
+            MqttRead::Eof => Err("closed by the guest".into()),
+            MqttRead::Reset => Err("reset by the guest".into()),
+            MqttRead::Stopped => Err("stopped".into()),
+            MqttRead::Failed(e) => Err(e),
+        };
+    s.write_all(&mqtt::connect(&format!("kupgrade-{}", probe.name)))
+        .map_err(|e| e.to_string())?;
+    let ack = expect(&mut s, mqtt::CONNACK, "CONNACK")?;
+    if ack.get(1) != Some(&0) {
+        return Err(format!("the broker refused the connection: {ack:?}"));
+    }
+    s.write_all(&mqtt::subscribe(MQTT_TOPIC))
+        .map_err(|e| e.to_string())?;
+    expect(&mut s, mqtt::SUBACK, "SUBACK")?;
+    let first = format!("{} 0", probe.payload);
+    s.write_all(&mqtt::publish(MQTT_TOPIC, first.as_bytes()))
+        .map_err(|e| e.to_string())?;
+    let body = expect(&mut s, mqtt::PUBLISH, "message published")?;
+    match mqtt::published(&body)? {
+        (topic, payload) if topic == MQTT_TOPIC && payload == first.as_bytes() => Ok((s, buf)),
+        (topic, payload) => Err(format!(
+            "heard {:?} on {topic} instead of {first:?}",
+            String::from_utf8_lossy(&payload)
+        )),
+    }
+}
+
+/// `mqtt` mode: one connection to a broker, subscribed to a topic it
+/// publishes `<payload> <seq>` to every interval; every message must come
+/// back, in order.
+fn run_mqtt(
+    probe: &Probe,
+    port: u16,
+    connect_deadline: Duration,
+    stop: Arc<AtomicBool>,
+) -> ProbeResult {
+    let mut res = ProbeResult {
+        name: probe.name.clone(),
+        mode: probe.mode,
+        ..Default::default()
+    };
+    let Some((mut s, mut buf)) = connect_retrying(&mut res, connect_deadline, &stop, || {
+        mqtt_handshake(probe, port, &stop)
+    }) else {
+        return res;
+    };
+    let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+    let t0 = Instant::now();
+    let mut last_reply = Instant::now();
+    let (mut seq, mut next_expected) = (1u64, 1u64);
+    while !stop.load(Ordering::Relaxed) {
+        // Into a paused broker this just queues, as TCP holds it.
+        let message = format!("{} {seq}", probe.payload);
+        if s.write_all(&mqtt::publish(MQTT_TOPIC, message.as_bytes()))
+            .is_ok()
+        {
+            res.sent += 1;
+            seq += 1;
+        }
+        let until = Instant::now() + Duration::from_millis(probe.interval_ms);
+        while Instant::now() < until {
+            match read_packet(&mut s, &mut buf, Some(until), &stop) {
+                MqttRead::Packet(mqtt::PUBLISH, body) => {
+                    let now = Instant::now();
+                    let gap = now.duration_since(last_reply).as_millis() as u64;
+                    if gap > res.max_gap_ms {
+                        res.max_gap_ms = gap;
+                        res.max_gap_end_s = now.duration_since(t0).as_secs_f64();
+                    }
+                    last_reply = now;
+                    res.replies += 1;
+                    let n = mqtt::published(&body).ok().and_then(|(topic, payload)| {
+                        let text = String::from_utf8(payload).ok()?;
+                        let rest = text.strip_prefix(probe.payload.as_str())?;
+                        (topic == MQTT_TOPIC).then(|| rest.trim().parse::<u64>().ok())?
+                    });
+                    match n {
+                        Some(n) if n == next_expected => next_expected += 1,
+                        Some(n) if n > next_expected => {
+                            res.lost += n - next_expected;
+                            next_expected = n + 1;
+                        }
+                        Some(_) => res.reordered += 1,
+                        None => res.wrong += 1,
+                    }
+                }
+                MqttRead::Packet(kind, _) => {
+                    res.wrong += 1;
+                    res.error = Some(format!("an unexpected packet of type {kind}"));
+                }
+                MqttRead::Eof => {
+                    res.eof = true;
+                    return finish(res, &s);
+                }
+                MqttRead::Reset => {
+                    res.reset = true;
+                    return finish(res, &s);
+                }
+                MqttRead::Stopped => break,
+                // The interval is over: time for the next message.
+                MqttRead::Failed(_) if Instant::now() >= until => break,
+                MqttRead::Failed(e) => {
+                    res.error = Some(e);
+                    return finish(res, &s);
+                }
+            }
+        }
     }
     finish(res, &s)
 }
@@ -856,6 +1033,62 @@ mod tests {
         };
         let r = run_probe_for(&p, port, 300);
         assert!(r.replies > 0 && r.wrong == 0 && r.clean(), "{r:?}");
+    }
+
+    /// A broker of one subscriber: CONNACK, SUBACK, and every PUBLISH sent
+    /// back, but message `drop_seq` (by its count) never.
+    fn mqtt_broker(drop_seq: Option<u64>) -> u16 {
+        use std::io::Read;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let (mut buf, mut chunk, mut published) = (Vec::new(), [0u8; 1024], 0u64);
+            loop {
+                while let Ok(Some((kind, body, used))) = mqtt::parse(&buf) {
+                    let whole = buf.drain(..used).collect::<Vec<u8>>();
+                    let answer = match kind {
+                        1 => vec![0x20, 2, 0, 0],
+                        8 => vec![0x90, 3, body[0], body[1], 0],
+                        mqtt::PUBLISH => {
+                            published += 1;
+                            if Some(published) == drop_seq {
+                                continue;
+                            }
+                            whole
+                        }
+                        _ => continue,
+                    };
+                    if c.write_all(&answer).is_err() {
+                        return;
+                    }
+                }
+                match c.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+        port
+    }
+
+    fn mqtt_probe() -> Probe {
+        Probe {
+            mode: ProbeMode::Mqtt,
+            interval_ms: 20,
+            ..probe()
+        }
+    }
+
+    #[test]
+    fn mqtt_mode_hears_every_message_back_through_the_broker() {
+        let r = run_probe_for(&mqtt_probe(), mqtt_broker(None), 500);
+        assert!(r.clean(), "{r:?}");
+        assert!(r.replies >= 10, "{r:?}");
+        // The fifth message after the handshake's is lost on the way.
+        let r = run_probe_for(&mqtt_probe(), mqtt_broker(Some(6)), 500);
+        assert_eq!(r.lost, 1, "{r:?}");
+        assert!(!r.clean());
     }
 
     #[test]

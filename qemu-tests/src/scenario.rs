@@ -508,6 +508,9 @@ pub enum ProbeMode {
     Http,
     /// A DNS query over UDP for `query` every interval, each answer checked.
     Dns,
+    /// One MQTT connection to a broker for the whole run, subscribed to a
+    /// topic it publishes to every interval: each message must come back.
+    Mqtt,
 }
 
 impl ProbeMode {
@@ -518,7 +521,10 @@ impl ProbeMode {
     /// It holds one connection for the whole run: the upgrade waits until
     /// the guest sees it established.
     pub fn holds_connection(self) -> bool {
-        matches!(self, ProbeMode::Echo | ProbeMode::Counter | ProbeMode::Http)
+        matches!(
+            self,
+            ProbeMode::Echo | ProbeMode::Counter | ProbeMode::Http | ProbeMode::Mqtt
+        )
     }
 }
 
