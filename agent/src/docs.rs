@@ -66,14 +66,6 @@ const SYSTEMD: &str = r#"A service is preserved when `/etc/kupgrade/config.toml`
 every running service whether it is preserved, refused (and why), or not
 declared, in which case systemd starts it again after the upgrade.
 
-On a systemd machine `kupgrade launch NAME` starts the workload as the transient
-service `kupgrade-NAME.service` (with `systemd-run`): `systemctl status` shows
-it, its output is in `journalctl -u kupgrade-NAME.service`, and it is preserved
-as a service declared by unit is. Its unit file
-(`/run/systemd/transient/kupgrade-NAME.service`) is carried across the upgrade,
-so the new systemd knows the unit, and `systemctl restart` runs the command
-again.
-
 A service's stdout and stderr are a stream socket to journald, which is no part
 of the workload. kupgrade finds such a stream by journald's record of it
 (`/run/systemd/journal/streams/`), and CRIU dumps the service's end as an
@@ -93,11 +85,18 @@ runtime drop-in, `/run/systemd/system/NAME.service.d/zz-kupgrade-adopt.conf`,
 and a PID file in `/run/kupgrade/adopt/`: the unit's first start in that boot
 runs nothing (`Type=forking`, `ExecStart=/bin/true`) and takes the restored
 process as its main PID, so `systemctl status`, `systemctl stop`, the unit's
-cgroup limits and its watchdog (`NotifyAccess=main`) apply to it. A second
+cgroup limits and its watchdog (with the unit's `NotifyAccess=`, at least
+`main`) apply to it. A second
 drop-in, in `/run/systemd/system/multi-user.target.d/`, wants the unit, so that
 one started by hand (not enabled) is adopted at boot too. The unit's first stop
 removes both and reloads systemd, so that `systemctl restart` starts the unit as
-written."#;
+written.
+
+A service's notifications (`sd_notify`) need nothing carried: each is a datagram
+sent on its own to `/run/systemd/notify`, which the new systemd has too. Sockets
+systemd passed to a service (socket activation) are refused: PID 1 holds them
+too, and the new systemd makes its sockets again at boot while the restored
+service would hold the old one's address."#;
 
 /// Writes everything into `dir`: `man/`, `completions/` and `cli.md`.
 pub fn write(dir: &Path) -> Result<()> {

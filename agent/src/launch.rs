@@ -1,9 +1,5 @@
 //! `kupgrade launch`: start a workload in its own session and in the cgroup
 //! `/sys/fs/cgroup/kupgrade/NAME`, optionally in new PID and IPC namespaces.
-//! Where systemd is the init, the workload is a transient service instead,
-//! `kupgrade-NAME.service` (started with `systemd-run`), so that
-//! `systemctl` and `journalctl -u` show it like any other service; its
-//! output goes to the journal.
 //!
 //! The work is split over hidden subcommands so that no code runs between
 //! fork and exec: the launcher spawns `kupgrade __exec`, which makes itself a
@@ -20,8 +16,8 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::config::{CGROUP_PARENT, CGROUP_ROOT, LIB_DIR};
-use crate::{cgroup, units};
+use crate::cgroup;
+use crate::config::{CGROUP_PARENT, LIB_DIR};
 
 /// New workloads get PIDs above this, clear of the PIDs that early boot of
 /// the next kernel uses (kernel threads and init take a few hundred), so
@@ -47,12 +43,6 @@ pub enum Error {
         command: String,
         status: String,
         log: PathBuf,
-    },
-    #[error("{command} did not start as {unit} ({status}); see `journalctl -u {unit}`")]
-    UnitExited {
-        command: String,
-        status: String,
-        unit: String,
     },
     #[error(transparent)]
     Cgroup(#[from] cgroup::Error),
@@ -99,36 +89,7 @@ impl Namespaces {
 pub struct Launched {
     pub pid: i32,
     pub cgroup: PathBuf,
-    /// Where its output goes.
-    pub output: Output,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum Output {
-    File(PathBuf),
-    /// The journal, under this transient unit.
-    Unit(String),
-}
-
-impl std::fmt::Display for Output {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Output::File(p) => write!(f, "{}", p.display()),
-            Output::Unit(u) => write!(f, "journalctl -u {u}"),
-        }
-    }
-}
-
-/// The transient service of the workload `name` on systemd machines.
-pub fn unit_name(name: &str) -> String {
-    format!("kupgrade-{name}.service")
-}
-
-/// The workload a transient service of `kupgrade launch` is, by its name.
-pub fn launched_name(unit: &str) -> Option<&str> {
-    unit.strip_prefix("kupgrade-")?
-        .strip_suffix(".service")
-        .filter(|n| valid_name(n))
+    pub log: PathBuf,
 }
 
 pub fn launch(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched, Error> {
@@ -137,9 +98,6 @@ pub fn launch(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched
     }
     if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
         return Err(Error::NoCgroup2);
-    }
-    if units::systemd_booted(Path::new(units::SYSTEMD_RUNTIME_DIR)) {
-        return launch_unit(name, ns, command);
     }
     let cg = Path::new(CGROUP_PARENT).join(name);
     fs::create_dir_all(&cg).map_err(io(&cg))?;
@@ -197,114 +155,7 @@ pub fn launch(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched
     Ok(Launched {
         pid,
         cgroup: cg,
-        output: Output::File(log),
-    })
-}
-
-/// Where `__exec` leaves the PID of a PID namespace's init for systemd.
-fn ns_pid_file(name: &str) -> PathBuf {
-    Path::new("/run/kupgrade/launch").join(format!("{name}.pid"))
-}
-
-/// `systemd-run`'s arguments for the transient service of `name`. The
-/// service is `Type=exec` (systemd-run returns once the command runs), or
-/// `forking` with a PID file for a PID namespace, whose init `__exec`
-/// starts and leaves. `RemainAfterExit=` keeps the unit, and so its
-/// processes, when the command daemonizes and its first process exits.
-fn systemd_run_args(name: &str, ns: Namespaces, exe: &Path, command: &[String]) -> Vec<String> {
-    let unit = unit_name(name);
-    let mut args = vec![
-        format!("--unit={unit}"),
-        format!("--description=kupgrade workload {name}"),
-        "--quiet".into(),
-        "--collect".into(),
-        "--property=RemainAfterExit=yes".into(),
-    ];
-    if ns.pid {
-        let pid_file = ns_pid_file(name);
-        args.push("--service-type=forking".into());
-        args.push(format!("--property=PIDFile={}", pid_file.display()));
-    } else {
-        args.push("--service-type=exec".into());
-    }
-    args.push("--".into());
-    if ns.pid || ns.ipc {
-        args.push(exe.display().to_string());
-        args.push("__exec".into());
-        args.push(format!("--unit={unit}"));
-        args.push(Path::new(CGROUP_PARENT).display().to_string());
-        args.extend(ns.args().map(String::from));
-        args.push("--".into());
-    }
-    args.extend(command.iter().cloned());
-    args
-}
-
-fn launch_unit(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched, Error> {
-    let unit = unit_name(name);
-    let root = Path::new(CGROUP_ROOT);
-    if let Some(cg) = units::cgroup_of(root, &unit) {
-        let pids = cgroup::procs(&cg)?;
-        return Err(Error::Running {
-            name: name.into(),
-            pids,
-        });
-    }
-    // A unit kept after its processes exited (RemainAfterExit=) or failed:
-    // gone before the name is used again.
-    let _ = Command::new("systemctl")
-        .args(["stop", "--quiet", &unit])
-        .stderr(Stdio::null())
-        .status();
-    let _ = Command::new("systemctl")
-        .args(["reset-failed", "--quiet", &unit])
-        .stderr(Stdio::null())
-        .status();
-    raise_pid_floor();
-    let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
-    let run = Path::new("systemd-run");
-    let out = Command::new("systemd-run")
-        .args(systemd_run_args(name, ns, &exe, command))
-        .stdin(Stdio::null())
-        .output()
-        .map_err(io(run))?;
-    let output = Output::Unit(unit.clone());
-    let exited = |status: String| Error::UnitExited {
-        command: command.join(" "),
-        status,
-        unit: unit.clone(),
-    };
-    if !out.status.success() {
-        return Err(exited(format!(
-            "systemd-run: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    // Give an immediate exit the chance to show.
-    std::thread::sleep(Duration::from_millis(300));
-    let cg = units::cgroup_of(root, &unit)
-        .ok_or_else(|| exited("no process left in its cgroup".into()))?;
-    let main = Command::new("systemctl")
-        .args(["show", "--property=MainPID", "--value", &unit])
-        .output()
-        .map_err(io(Path::new("systemctl")))?;
-    let pid = String::from_utf8_lossy(&main.stdout)
-        .trim()
-        .parse::<i32>()
-        .ok()
-        .filter(|&p| p > 0);
-    // A command that daemonized has no main process left: its daemon is
-    // the first of the cgroup.
-    let pid = match pid {
-        Some(p) => p,
-        None => *cgroup::procs(&cg)?
-            .first()
-            .ok_or_else(|| exited("no process left in its cgroup".into()))?,
-    };
-    Ok(Launched {
-        pid,
-        cgroup: cg,
-        output,
+        log,
     })
 }
 
@@ -342,21 +193,12 @@ fn raise_pid_floor() {
 }
 
 /// `kupgrade __exec CGROUP [--pid-namespace] [--ipc-namespace] -- CMD...`:
-/// runs in the child. With `--unit=UNIT` it is that transient service's
-/// command: systemd made the session and the cgroup, and a PID namespace's
-/// init goes into the unit's PID file.
-pub fn exec_in_cgroup(
-    cgroup: &Path,
-    unit: Option<&str>,
-    ns: Namespaces,
-    command: &[String],
-) -> Result<(), String> {
-    if unit.is_none() {
-        nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
-        let procs = cgroup.join("cgroup.procs");
-        fs::write(&procs, std::process::id().to_string())
-            .map_err(|e| format!("cannot join {}: {e}", procs.display()))?;
-    }
+/// runs in the child.
+pub fn exec_in_cgroup(cgroup: &Path, ns: Namespaces, command: &[String]) -> Result<(), String> {
+    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    let procs = cgroup.join("cgroup.procs");
+    fs::write(&procs, std::process::id().to_string())
+        .map_err(|e| format!("cannot join {}: {e}", procs.display()))?;
     if ns.ipc {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWIPC)
             .map_err(|e| format!("unshare(CLONE_NEWIPC): {e}"))?;
@@ -366,20 +208,12 @@ pub fn exec_in_cgroup(
             .map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         // The first child in the new namespace is its PID 1.
-        let init = Command::new(exe)
+        Command::new(exe)
             .arg("__ns-init")
             .arg("--")
             .args(command)
             .spawn()
             .map_err(|e| format!("{e}"))?;
-        if let Some(name) = unit.and_then(launched_name) {
-            let pid_file = ns_pid_file(name);
-            if let Some(dir) = pid_file.parent() {
-                fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            }
-            fs::write(&pid_file, format!("{}\n", init.id()))
-                .map_err(|e| format!("{}: {e}", pid_file.display()))?;
-        }
         return Ok(());
     }
     exec(command)
@@ -445,48 +279,6 @@ mod tests {
         fs::set_permissions(&log, fs::Permissions::from_mode(0o640)).unwrap();
         open_log(&log).unwrap();
         assert_eq!(mode(), 0o640);
-    }
-
-    #[test]
-    fn on_systemd_the_workload_is_a_transient_service() {
-        let exe = Path::new("/usr/sbin/kupgrade");
-        let cmd = vec!["/usr/bin/web".to_string(), "-p".into(), "80".into()];
-        let plain = systemd_run_args("web", Namespaces::default(), exe, &cmd);
-        assert_eq!(plain[0], "--unit=kupgrade-web.service");
-        assert!(plain.contains(&"--service-type=exec".to_string()));
-        assert!(plain.contains(&"--property=RemainAfterExit=yes".to_string()));
-        // Without namespaces systemd runs the command itself.
-        let tail = &plain[plain.iter().position(|a| a == "--").unwrap() + 1..];
-        assert_eq!(tail, &cmd[..]);
-        // A PID namespace: kupgrade's __exec starts its init and leaves
-        // the init's PID for systemd.
-        let ns = Namespaces {
-            pid: true,
-            ipc: false,
-        };
-        let pidns = systemd_run_args("web", ns, exe, &cmd);
-        assert!(pidns.contains(&"--service-type=forking".to_string()));
-        assert!(pidns.contains(&"--property=PIDFile=/run/kupgrade/launch/web.pid".to_string()));
-        let tail = &pidns[pidns.iter().position(|a| a == "--").unwrap() + 1..];
-        assert_eq!(
-            tail[..5],
-            [
-                "/usr/sbin/kupgrade",
-                "__exec",
-                "--unit=kupgrade-web.service",
-                "/sys/fs/cgroup/kupgrade",
-                "--pid-namespace"
-            ]
-        );
-        assert_eq!(tail[5..], ["--", "/usr/bin/web", "-p", "80"]);
-    }
-
-    #[test]
-    fn a_transient_service_names_its_workload() {
-        assert_eq!(launched_name(&unit_name("web-1")), Some("web-1"));
-        assert_eq!(launched_name("kupgrade-.service"), None);
-        assert_eq!(launched_name("nginx.service"), None);
-        assert_eq!(launched_name("kupgrade-a.b.service"), None);
     }
 
     #[test]

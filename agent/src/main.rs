@@ -119,9 +119,7 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         svg: Option<PathBuf>,
     },
-    /// Start a workload that kupgrade will preserve: on a systemd machine
-    /// as the transient service kupgrade-NAME.service (its output in the
-    /// journal), elsewhere in the cgroup /sys/fs/cgroup/kupgrade/NAME.
+    /// Start a workload that kupgrade will preserve.
     Launch {
         name: String,
         /// Run it in a new PID namespace.
@@ -142,9 +140,6 @@ enum Cmd {
     #[command(name = "__exec", hide = true)]
     Exec {
         cgroup: PathBuf,
-        /// The transient service it runs as.
-        #[arg(long)]
-        unit: Option<String>,
         #[arg(long)]
         pid_namespace: bool,
         #[arg(long)]
@@ -201,7 +196,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Exec {
             cgroup,
-            unit,
             pid_namespace,
             ipc_namespace,
             command,
@@ -211,7 +205,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ipc: ipc_namespace,
             };
             // Only returns on failure (exec replaced us otherwise).
-            if let Err(e) = launch::exec_in_cgroup(&cgroup, unit.as_deref(), ns, &command) {
+            if let Err(e) = launch::exec_in_cgroup(&cgroup, ns, &command) {
                 eprintln!("kupgrade: {e}");
                 return Ok(ExitCode::from(127));
             }
@@ -333,10 +327,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let l = launch::launch(&name, ns, &command)?;
             println!("pid {}", l.pid);
             println!("cgroup {}", l.cgroup.display());
-            if let launch::Output::Unit(u) = &l.output {
-                println!("unit {u}");
-            }
-            println!("output {}", l.output);
+            println!("output {}", l.log.display());
         }
         Cmd::Exec { .. }
         | Cmd::NsInit { .. }

@@ -9,9 +9,6 @@ use std::path::{Path, PathBuf};
 /// Where systemd says it is the running init (`sd_booted(3)`).
 pub const SYSTEMD_RUNTIME_DIR: &str = "/run/systemd/system";
 
-/// Where systemd keeps the unit files of transient units (`systemd-run`).
-pub const TRANSIENT_UNITS: &str = "/run/systemd/transient";
-
 /// The unit's `NotifyAccess=` as the running systemd has it (`systemctl
 /// show`), if it answers with a value it knows.
 pub fn notify_access(unit: &str) -> Option<String> {

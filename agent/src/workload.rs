@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{self, Config};
 use crate::proc::{Namespace, Proc, TCP_CLOSE, TCP_LISTEN};
-use crate::{cgroup, launch, units};
+use crate::{cgroup, units};
 
 pub use crate::refusal::{refusals, Refusal};
 
@@ -178,7 +178,6 @@ pub fn discover(cfg: &Config) -> Vec<Result<Workload, Error>> {
         host.proc(),
         Path::new(config::CGROUP_ROOT),
         Path::new(config::CGROUP_PARENT),
-        Path::new(units::TRANSIENT_UNITS),
         cfg,
     )
     .into_iter()
@@ -193,13 +192,11 @@ pub fn discover(cfg: &Config) -> Vec<Result<Workload, Error>> {
 }
 
 /// [`discover`] in a cgroup2 hierarchy at `cgroup_root`, with the launched
-/// workloads' cgroups under `launched` or as transient services (their unit
-/// files in `transient`), and processes as `proc` shows them.
+/// workloads' cgroups under `launched`, and processes as `proc` shows them.
 pub fn discover_in(
     proc: &Proc,
     cgroup_root: &Path,
     launched: &Path,
-    transient: &Path,
     cfg: &Config,
 ) -> Vec<Result<Workload, Error>> {
     let mut out = Vec::new();
@@ -220,32 +217,6 @@ pub fn discover_in(
         let declared = cfg.launched(&n).map(|d| d.runtime_paths.clone());
         out.push(inspect_in(proc, &n, &cg).map(|w| Workload {
             runtime_paths: declared.unwrap_or_default(),
-            ..w
-        }));
-    }
-    // `kupgrade launch` on systemd: transient services (a unit of that name
-    // on disk is not one). Their unit files are carried (the new systemd
-    // knows them from there), so the unit can adopt the restored process.
-    for s in units::running_services(cgroup_root) {
-        let Some(n) = launch::launched_name(&s.unit) else {
-            continue;
-        };
-        let file = transient.join(&s.unit);
-        let declared = cfg
-            .workloads
-            .iter()
-            .any(|d| d.unit.as_ref() == Some(&s.unit));
-        if !file.is_file() || declared {
-            continue; // declared by unit below, if at all
-        }
-        let mut paths = cfg
-            .launched(n)
-            .map(|d| d.runtime_paths.clone())
-            .unwrap_or_default();
-        paths.push(file);
-        out.push(inspect_in(proc, n, &s.cgroup).map(|w| Workload {
-            runtime_paths: paths,
-            unit: Some(s.unit.clone()),
             ..w
         }));
     }
@@ -467,13 +438,7 @@ mod tests {
             ],
             ..Config::default()
         };
-        let found = discover_in(
-            &fake.proc(),
-            root.path(),
-            &launched,
-            &root.path().join("transient"),
-            &cfg,
-        );
+        let found = discover_in(&fake.proc(), root.path(), &launched, &cfg);
         let seen: Vec<Result<(String, i32), String>> = found
             .iter()
             .map(|r| match r {
@@ -497,66 +462,6 @@ mod tests {
         let paths = |i: usize| found[i].as_ref().map(|w| w.runtime_paths.clone()).ok();
         assert_eq!(paths(0), Some(vec![PathBuf::from("/run/a.d")]));
         assert_eq!(paths(1), Some(vec![PathBuf::from("/run/redis")]));
-    }
-
-    #[test]
-    fn a_transient_service_of_kupgrade_launch_is_its_workload_with_its_unit_file_carried() {
-        let fake = FakeProc::new();
-        fake.add(Process::new(400, "web"));
-        fake.add(Process::new(500, "other"));
-        let root = tempfile::tempdir().unwrap();
-        let populated = |unit: &str, pid: &str| {
-            let cg = cgroup_with(&root.path().join("system.slice").join(unit), pid);
-            fs::write(cg.join("cgroup.events"), "populated 1\n").unwrap();
-            cg
-        };
-        let web = populated("kupgrade-web.service", "400\n");
-        populated("kupgrade-db.service", "500\n");
-        populated("nginx.service", "600\n");
-        // A unit of such a name with its file on disk is no launched workload.
-        populated("kupgrade-guest.service", "700\n");
-        let transient = root.path().join("transient");
-        fs::create_dir_all(&transient).unwrap();
-        fs::write(transient.join("kupgrade-web.service"), "[Service]\n").unwrap();
-        fs::write(transient.join("kupgrade-db.service"), "[Service]\n").unwrap();
-        let cfg = Config {
-            workloads: vec![
-                config::DeclaredWorkload {
-                    name: "web".into(),
-                    runtime_paths: vec!["/run/web".into()],
-                    ..Default::default()
-                },
-                // Declared by its unit: that entry is the workload.
-                config::DeclaredWorkload {
-                    name: "database".into(),
-                    unit: Some("kupgrade-db.service".into()),
-                    ..Default::default()
-                },
-            ],
-            ..Config::default()
-        };
-        let found = discover_in(
-            &fake.proc(),
-            root.path(),
-            &root.path().join("kupgrade"),
-            &transient,
-            &cfg,
-        );
-        let found: Vec<Workload> = found.into_iter().map(Result::unwrap).collect();
-        assert_eq!(found.len(), 2);
-        assert_eq!(found[0].name, "web");
-        assert_eq!(found[0].root_pid, 400);
-        assert_eq!(found[0].cgroup, web);
-        assert_eq!(found[0].unit.as_deref(), Some("kupgrade-web.service"));
-        assert_eq!(
-            found[0].runtime_paths,
-            [
-                PathBuf::from("/run/web"),
-                transient.join("kupgrade-web.service")
-            ]
-        );
-        assert_eq!(found[1].name, "database");
-        assert_eq!(found[1].unit.as_deref(), Some("kupgrade-db.service"));
     }
 
     #[test]

@@ -535,9 +535,6 @@ fn shell_prelude() -> String {
 fn workload_cgroup(w: &Workload) -> String {
     if w.declared {
         service_cgroup(&w.name)
-    } else if Path::new("/run/systemd/system").is_dir() {
-        // kupgrade launch on systemd: a transient service.
-        service_cgroup(&format!("kupgrade-{}", w.name))
     } else {
         format!("/sys/fs/cgroup/kupgrade/{}", w.name)
     }
