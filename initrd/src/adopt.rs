@@ -52,10 +52,9 @@ pub fn drop_in(unit: &str, notify: Option<&str>) -> String {
     // exec and all take more than main; none (or not known) becomes main,
     // since a Type=notify unit's default is main and the drop-in's forking
     // type would make it none.
-    let notify = match notify {
-        Some(n @ ("exec" | "all")) => n,
-        _ => "main",
-    };
+    let notify = notify
+        .filter(|n| matches!(*n, "exec" | "all"))
+        .unwrap_or("main");
     let pid_file = pid_file(unit);
     let drop_in = drop_in_path(unit);
     let wants = wants_path(unit);
