@@ -130,6 +130,8 @@ kinds! {
     NoWorkloads => "no-workloads",
     /// Pids that early boot of the new kernel may take.
     LowPids => "low-pids",
+    /// A unit's watchdog, which fires if the freeze outlasts it.
+    Watchdog => "watchdog",
     /// A workload's cgroup holds kupgrade itself: freezing it freezes `go`.
     HoldsKupgrade => "holds-kupgrade",
     /// Something in a workload CRIU cannot checkpoint.
@@ -570,6 +572,13 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
                 Kind::LowPids,
                 format!("workload {} has low pids {low:?}", w.name),
                 "the new kernel's early boot may take them and CRIU needs them free: restart it with `kupgrade launch` (or --pid-namespace)",
+            ).about(&w.name));
+        }
+        if let (Some(unit), Some(usec)) = (&w.unit, w.watchdog_usec) {
+            out.push(Finding::warn(
+                Kind::Watchdog,
+                format!("unit {unit} (workload {}) has a watchdog of {:.1} s", w.name, usec as f64 / 1e6),
+                "if the workloads stay frozen longer before the kexec, this systemd kills the service and the kill comes back with the restore: keep WatchdogSec= above the frozen time that `kupgrade go --dry-run` measures",
             ).about(&w.name));
         }
         for r in refusals {
@@ -1026,6 +1035,7 @@ mod tests {
             journal_streams: vec![],
             unit: None,
             notify_access: None,
+            watchdog_usec: None,
         }
     }
 
@@ -1490,6 +1500,31 @@ mod tests {
             ..Machine::default()
         };
         assert_eq!(level(&mut m, Mode::Check, Kind::LowPids), None);
+    }
+
+    #[test]
+    fn a_unit_s_watchdog_is_a_warning_that_does_not_stop_go() {
+        let mut svc = wl("pulse", 20_000, false);
+        svc.unit = Some("pulse.service".into());
+        svc.watchdog_usec = Some(4_000_000);
+        let mut m = Machine {
+            workloads: vec![svc.clone()],
+            ..Machine::default()
+        };
+        let f = of(&mut m, Mode::Check, Kind::Watchdog);
+        assert_eq!(f[0].0, Level::Warn);
+        assert!(
+            f[0].1.contains("pulse.service") && f[0].1.contains("4.0 s"),
+            "{}",
+            f[0].1
+        );
+        assert!(go(&mut m, false).is_ok());
+        svc.watchdog_usec = None;
+        let mut m = Machine {
+            workloads: vec![svc],
+            ..Machine::default()
+        };
+        assert_eq!(level(&mut m, Mode::Check, Kind::Watchdog), None);
     }
 
     #[test]

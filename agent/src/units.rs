@@ -9,17 +9,62 @@ use std::path::{Path, PathBuf};
 /// Where systemd says it is the running init (`sd_booted(3)`).
 pub const SYSTEMD_RUNTIME_DIR: &str = "/run/systemd/system";
 
-/// The unit's `NotifyAccess=` as the running systemd has it (`systemctl
-/// show`), if it answers with a value it knows.
-pub fn notify_access(unit: &str) -> Option<String> {
-    let out = std::process::Command::new("systemctl")
-        .args(["show", "--property=NotifyAccess", "--value", unit])
+/// What the running systemd says of a service that its adoption and the
+/// preflight need.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceProps {
+    /// `NotifyAccess=`: `none`, `main`, `exec` or `all`.
+    pub notify_access: Option<String>,
+    /// `WatchdogSec=`, when set.
+    pub watchdog_usec: Option<u64>,
+}
+
+/// [`ServiceProps`] of `unit` from `systemctl show`; empty if it cannot say.
+pub fn service_props(unit: &str) -> ServiceProps {
+    std::process::Command::new("systemctl")
+        .args(["show", "--property=NotifyAccess,WatchdogUSec", unit])
         .stderr(std::process::Stdio::null())
         .output()
-        .ok()?;
-    let value = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (out.status.success() && ["none", "main", "exec", "all"].contains(&value.as_str()))
-        .then_some(value)
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| parse_props(&String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or_default()
+}
+
+fn parse_props(text: &str) -> ServiceProps {
+    let mut p = ServiceProps::default();
+    for line in text.lines() {
+        match line.split_once('=') {
+            Some(("NotifyAccess", v)) if ["none", "main", "exec", "all"].contains(&v) => {
+                p.notify_access = Some(v.to_string());
+            }
+            Some(("WatchdogUSec", v)) => p.watchdog_usec = parse_timespan(v).filter(|&u| u > 0),
+            _ => {}
+        }
+    }
+    p
+}
+
+/// A time span as systemctl prints one (`30s`, `1min 30s`, `500ms`, `0`),
+/// in microseconds; `None` for `infinity` or what it does not know.
+fn parse_timespan(text: &str) -> Option<u64> {
+    let mut total = 0u64;
+    for part in text.split_whitespace() {
+        let unit_at = part.find(|c: char| !c.is_ascii_digit())?;
+        let (n, unit) = part.split_at(unit_at);
+        let n: u64 = n.parse().ok()?;
+        let scale: u64 = match unit {
+            "us" => 1,
+            "ms" => 1_000,
+            "s" => 1_000_000,
+            "min" => 60_000_000,
+            "h" => 3_600_000_000,
+            "d" => 86_400_000_000,
+            _ => return None,
+        };
+        total += n * scale;
+    }
+    (total > 0).then_some(total)
 }
 
 /// A service unit with processes in its cgroup.
@@ -122,6 +167,23 @@ mod tests {
         )
         .unwrap();
         dir
+    }
+
+    #[test]
+    fn systemctl_s_notify_access_and_watchdog_are_read() {
+        let p = parse_props("NotifyAccess=all\nWatchdogUSec=1min 30s\n");
+        assert_eq!(p.notify_access.as_deref(), Some("all"));
+        assert_eq!(p.watchdog_usec, Some(90_000_000));
+        let p = parse_props("NotifyAccess=none\nWatchdogUSec=0\n");
+        assert_eq!(p.notify_access.as_deref(), Some("none"));
+        assert_eq!(p.watchdog_usec, None);
+        assert_eq!(parse_timespan("500ms"), Some(500_000));
+        assert_eq!(parse_timespan("infinity"), None);
+        assert_eq!(parse_timespan("3s garbage"), None);
+        assert_eq!(
+            parse_props("NotifyAccess=sometimes\n"),
+            ServiceProps::default()
+        );
     }
 
     #[test]

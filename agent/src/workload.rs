@@ -43,6 +43,8 @@ pub struct Workload {
     pub unit: Option<String>,
     /// That unit's `NotifyAccess=`, as systemd has it.
     pub notify_access: Option<String>,
+    /// That unit's `WatchdogSec=`, when set.
+    pub watchdog_usec: Option<u64>,
 }
 
 impl Workload {
@@ -146,6 +148,7 @@ pub fn inspect_in(proc: &Proc, name: &str, cgroup: &Path) -> Result<Workload, Er
         journal_streams: Vec::new(),
         unit: None,
         notify_access: None,
+        watchdog_usec: None,
     })
 }
 
@@ -182,10 +185,18 @@ pub fn discover(cfg: &Config) -> Vec<Result<Workload, Error>> {
     )
     .into_iter()
     .map(|w| {
-        w.map(|w| Workload {
-            journal_streams: crate::refusal::journal_streams(&host, &w),
-            notify_access: w.unit.as_deref().and_then(units::notify_access),
-            ..w
+        w.map(|w| {
+            let props = w
+                .unit
+                .as_deref()
+                .map(units::service_props)
+                .unwrap_or_default();
+            Workload {
+                journal_streams: crate::refusal::journal_streams(&host, &w),
+                notify_access: props.notify_access,
+                watchdog_usec: props.watchdog_usec,
+                ..w
+            }
         })
     })
     .collect()
@@ -334,6 +345,7 @@ mod tests {
                 journal_streams: vec![],
                 unit: None,
                 notify_access: None,
+                watchdog_usec: None,
             }
         );
     }
