@@ -295,48 +295,61 @@ fn judge_http(probe: &Probe, r: &http::Response) -> Result<(), String> {
     Ok(())
 }
 
-/// What waiting for one response on the keep-alive connection gave.
-enum HttpRead {
-    Response(http::Response),
+/// What waiting for one whole message (an HTTP response, an MQTT packet)
+/// on a held connection gave.
+enum Framed<T> {
+    Whole(T),
     Eof,
     Reset,
     Stopped,
     Failed(String),
 }
 
-/// Reads until one whole response is in `buf`, or `until` passes (then
-/// `Failed`), or `stop` is set.
+/// Reads until `parse` finds one whole message at the start of `buf` (it
+/// says how many bytes it used), or `until` passes (then `Failed`), or
+/// `stop` is set.
+fn read_framed<T>(
+    s: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    until: Option<Instant>,
+    stop: &AtomicBool,
+    parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, String>,
+) -> Framed<T> {
+    use std::io::Read;
+    let mut chunk = [0u8; 16 << 10];
+    loop {
+        match parse(buf) {
+            Ok(Some((m, used))) => {
+                buf.drain(..used);
+                return Framed::Whole(m);
+            }
+            Ok(None) => {}
+            Err(e) => return Framed::Failed(e),
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Framed::Stopped;
+        }
+        if until.is_some_and(|u| Instant::now() > u) {
+            return Framed::Failed("nothing whole in time".into());
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => return Framed::Eof,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return Framed::Reset,
+            Err(e) => return Framed::Failed(e.to_string()),
+        }
+    }
+}
+
+/// One HTTP response on the keep-alive connection.
 fn read_response(
     s: &mut TcpStream,
     buf: &mut Vec<u8>,
     until: Option<Instant>,
     stop: &AtomicBool,
-) -> HttpRead {
-    use std::io::Read;
-    let mut chunk = [0u8; 16 << 10];
-    loop {
-        match http::parse_response(buf) {
-            Ok(Some((r, used))) => {
-                buf.drain(..used);
-                return HttpRead::Response(r);
-            }
-            Ok(None) => {}
-            Err(e) => return HttpRead::Failed(e),
-        }
-        if stop.load(Ordering::Relaxed) {
-            return HttpRead::Stopped;
-        }
-        if until.is_some_and(|u| Instant::now() > u) {
-            return HttpRead::Failed("no whole response in time".into());
-        }
-        match s.read(&mut chunk) {
-            Ok(0) => return HttpRead::Eof,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return HttpRead::Reset,
-            Err(e) => return HttpRead::Failed(e.to_string()),
-        }
-    }
+) -> Framed<http::Response> {
+    read_framed(s, buf, until, stop, http::parse_response)
 }
 
 /// Connects and gets one right response, so we know the guest's server,
@@ -381,12 +394,12 @@ fn http_handshake(probe: &Probe, port: u16, stop: &AtomicBool) -> Result<TcpStre
     let mut buf = Vec::new();
     let until = Instant::now() + Duration::from_secs(3);
     match read_response(&mut s, &mut buf, Some(until), stop) {
-        HttpRead::Response(r) if r.close => Err("the server closes the connection".into()),
-        HttpRead::Response(r) => judge_http(probe, &r).map(|()| s),
-        HttpRead::Eof => Err("closed by the guest".into()),
-        HttpRead::Reset => Err("reset by the guest".into()),
-        HttpRead::Stopped => Err("stopped".into()),
-        HttpRead::Failed(e) => Err(e),
+        Framed::Whole(r) if r.close => Err("the server closes the connection".into()),
+        Framed::Whole(r) => judge_http(probe, &r).map(|()| s),
+        Framed::Eof => Err("closed by the guest".into()),
+        Framed::Reset => Err("reset by the guest".into()),
+        Framed::Stopped => Err("stopped".into()),
+        Framed::Failed(e) => Err(e),
     }
 }
 
@@ -422,7 +435,7 @@ fn run_http(
         // No deadline: while the guest is paused, TCP holds the request
         // and the response comes when it is back.
         match read_response(&mut s, &mut buf, None, &stop) {
-            HttpRead::Response(r) => {
+            Framed::Whole(r) => {
                 let now = Instant::now();
                 let gap = now.duration_since(last_reply).as_millis() as u64;
                 if gap > res.max_gap_ms {
@@ -441,16 +454,16 @@ fn run_http(
                     return finish(res, &s);
                 }
             }
-            HttpRead::Eof => {
+            Framed::Eof => {
                 res.eof = true;
                 return finish(res, &s);
             }
-            HttpRead::Reset => {
+            Framed::Reset => {
                 res.reset = true;
                 return finish(res, &s);
             }
-            HttpRead::Stopped => break,
-            HttpRead::Failed(e) => {
+            Framed::Stopped => break,
+            Framed::Failed(e) => {
                 res.error = Some(e);
                 return finish(res, &s);
             }
@@ -464,47 +477,16 @@ fn run_http(
 /// The topic the `mqtt` probe publishes to and hears back from.
 const MQTT_TOPIC: &str = "kupgrade/probe";
 
-/// What waiting for one MQTT packet gave.
-enum MqttRead {
-    Packet(u8, Vec<u8>),
-    Eof,
-    Reset,
-    Stopped,
-    Failed(String),
-}
-
-/// Reads until one whole packet is in `buf`, `until` passes or `stop` is set.
+/// One MQTT packet: its type and body.
 fn read_packet(
     s: &mut TcpStream,
     buf: &mut Vec<u8>,
     until: Option<Instant>,
     stop: &AtomicBool,
-) -> MqttRead {
-    use std::io::Read;
-    let mut chunk = [0u8; 4096];
-    loop {
-        match mqtt::parse(buf) {
-            Ok(Some((kind, body, used))) => {
-                buf.drain(..used);
-                return MqttRead::Packet(kind, body);
-            }
-            Ok(None) => {}
-            Err(e) => return MqttRead::Failed(e),
-        }
-        if stop.load(Ordering::Relaxed) {
-            return MqttRead::Stopped;
-        }
-        if until.is_some_and(|u| Instant::now() > u) {
-            return MqttRead::Failed("no whole packet in time".into());
-        }
-        match s.read(&mut chunk) {
-            Ok(0) => return MqttRead::Eof,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => return MqttRead::Reset,
-            Err(e) => return MqttRead::Failed(e.to_string()),
-        }
-    }
+) -> Framed<(u8, Vec<u8>)> {
+    read_framed(s, buf, until, stop, |b| {
+        mqtt::parse(b).map(|p| p.map(|(kind, body, used)| ((kind, body), used)))
+    })
 }
 
 /// Connects, subscribes and hears its first message back through the
@@ -523,12 +505,12 @@ fn mqtt_handshake(
     let mut expect =
         |s: &mut TcpStream, want: u8, what: &str| match read_packet(s, &mut buf, Some(until), stop)
         {
-            MqttRead::Packet(kind, body) if kind == want => Ok(body),
-            MqttRead::Packet(kind, _) => Err(format!("packet type {kind} instead of the {what}")),
-            MqttRead::Eof => Err("closed by the guest".into()),
-            MqttRead::Reset => Err("reset by the guest".into()),
-            MqttRead::Stopped => Err("stopped".into()),
-            MqttRead::Failed(e) => Err(e),
+            Framed::Whole((kind, body)) if kind == want => Ok(body),
+            Framed::Whole((kind, _)) => Err(format!("packet type {kind} instead of the {what}")),
+            Framed::Eof => Err("closed by the guest".into()),
+            Framed::Reset => Err("reset by the guest".into()),
+            Framed::Stopped => Err("stopped".into()),
+            Framed::Failed(e) => Err(e),
         };
     s.write_all(&mqtt::connect(&format!("kupgrade-{}", probe.name)))
         .map_err(|e| e.to_string())?;
@@ -587,7 +569,7 @@ fn run_mqtt(
         let until = Instant::now() + Duration::from_millis(probe.interval_ms);
         while Instant::now() < until {
             match read_packet(&mut s, &mut buf, Some(until), &stop) {
-                MqttRead::Packet(mqtt::PUBLISH, body) => {
+                Framed::Whole((mqtt::PUBLISH, body)) => {
                     let now = Instant::now();
                     let gap = now.duration_since(last_reply).as_millis() as u64;
                     if gap > res.max_gap_ms {
@@ -611,22 +593,22 @@ fn run_mqtt(
                         None => res.wrong += 1,
                     }
                 }
-                MqttRead::Packet(kind, _) => {
+                Framed::Whole((kind, _)) => {
                     res.wrong += 1;
                     res.error = Some(format!("an unexpected packet of type {kind}"));
                 }
-                MqttRead::Eof => {
+                Framed::Eof => {
                     res.eof = true;
                     return finish(res, &s);
                 }
-                MqttRead::Reset => {
+                Framed::Reset => {
                     res.reset = true;
                     return finish(res, &s);
                 }
-                MqttRead::Stopped => break,
+                Framed::Stopped => break,
                 // The interval is over: time for the next message.
-                MqttRead::Failed(_) if Instant::now() >= until => break,
-                MqttRead::Failed(e) => {
+                Framed::Failed(_) if Instant::now() >= until => break,
+                Framed::Failed(e) => {
                     res.error = Some(e);
                     return finish(res, &s);
                 }
