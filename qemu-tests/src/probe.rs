@@ -47,6 +47,33 @@ pub struct ProbeResult {
 }
 
 impl ProbeResult {
+    /// A reply came now: counted, and the gap since the one before kept if
+    /// it is the longest (`t0`: when the probe connected).
+    fn reply_at(&mut self, t0: Instant, last_reply: &mut Instant) {
+        let now = Instant::now();
+        let gap = now.duration_since(*last_reply).as_millis() as u64;
+        if gap > self.max_gap_ms {
+            self.max_gap_ms = gap;
+            self.max_gap_end_s = now.duration_since(t0).as_secs_f64();
+        }
+        *last_reply = now;
+        self.replies += 1;
+    }
+
+    /// A reply numbered `n` (`None`: it had no right number), where
+    /// `next_expected` was due: lost, reordered or wrong ones counted.
+    fn sequence(&mut self, n: Option<u64>, next_expected: &mut u64) {
+        match n {
+            Some(n) if n == *next_expected => *next_expected += 1,
+            Some(n) if n > *next_expected => {
+                self.lost += n - *next_expected;
+                *next_expected = n + 1;
+            }
+            Some(_) => self.reordered += 1,
+            None => self.wrong += 1,
+        }
+    }
+
     pub fn clean(&self) -> bool {
         if matches!(
             self.mode,
@@ -115,23 +142,8 @@ pub fn run(
                 }
                 Ok(_) if !line.ends_with('\n') => {}
                 Ok(_) => {
-                    let now = Instant::now();
-                    let gap = now.duration_since(last_reply).as_millis() as u64;
-                    if gap > res.max_gap_ms {
-                        res.max_gap_ms = gap;
-                        res.max_gap_end_s = now.duration_since(t0).as_secs_f64();
-                    }
-                    last_reply = now;
-                    res.replies += 1;
-                    match parse_reply(probe, line.trim_end()) {
-                        Some(n) if n == next_expected => next_expected += 1,
-                        Some(n) if n > next_expected => {
-                            res.lost += n - next_expected;
-                            next_expected = n + 1;
-                        }
-                        Some(_) => res.reordered += 1,
-                        None => res.wrong += 1,
-                    }
+                    res.reply_at(t0, &mut last_reply);
+                    res.sequence(parse_reply(probe, line.trim_end()), &mut next_expected);
                     line.clear();
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
@@ -436,14 +448,7 @@ fn run_http(
         // and the response comes when it is back.
         match read_response(&mut s, &mut buf, None, &stop) {
             Framed::Whole(r) => {
-                let now = Instant::now();
-                let gap = now.duration_since(last_reply).as_millis() as u64;
-                if gap > res.max_gap_ms {
-                    res.max_gap_ms = gap;
-                    res.max_gap_end_s = now.duration_since(t0).as_secs_f64();
-                }
-                last_reply = now;
-                res.replies += 1;
+                res.reply_at(t0, &mut last_reply);
                 if let Err(e) = judge_http(probe, &r) {
                     res.wrong += 1;
                     res.error = Some(format!("response {}: {e}", res.replies));
@@ -570,28 +575,13 @@ fn run_mqtt(
         while Instant::now() < until {
             match read_packet(&mut s, &mut buf, Some(until), &stop) {
                 Framed::Whole((mqtt::PUBLISH, body)) => {
-                    let now = Instant::now();
-                    let gap = now.duration_since(last_reply).as_millis() as u64;
-                    if gap > res.max_gap_ms {
-                        res.max_gap_ms = gap;
-                        res.max_gap_end_s = now.duration_since(t0).as_secs_f64();
-                    }
-                    last_reply = now;
-                    res.replies += 1;
+                    res.reply_at(t0, &mut last_reply);
                     let n = mqtt::published(&body).ok().and_then(|(topic, payload)| {
                         let text = String::from_utf8(payload).ok()?;
                         let rest = text.strip_prefix(probe.payload.as_str())?;
                         (topic == MQTT_TOPIC).then(|| rest.trim().parse::<u64>().ok())?
                     });
-                    match n {
-                        Some(n) if n == next_expected => next_expected += 1,
-                        Some(n) if n > next_expected => {
-                            res.lost += n - next_expected;
-                            next_expected = n + 1;
-                        }
-                        Some(_) => res.reordered += 1,
-                        None => res.wrong += 1,
-                    }
+                    res.sequence(n, &mut next_expected);
                 }
                 Framed::Whole((kind, _)) => {
                     res.wrong += 1;
