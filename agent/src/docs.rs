@@ -92,6 +92,18 @@ one started by hand (not enabled) is adopted at boot too. The unit's first stop
 removes both and reloads systemd, so that `systemctl restart` starts the unit as
 written.
 
+On systemd, `kupgrade launch NAME` starts the workload as a transient unit,
+`kupgrade-NAME.service` (`systemd-run`, described as `kupgrade workload NAME`):
+`systemctl` shows it, its output is in `journalctl -u kupgrade-NAME.service`,
+and its cgroup is the unit's. With `--pid-namespace` the unit is
+`Type=forking` and the namespace's init its main process. The new systemd
+empties its directory of transient units when it starts, so the image carries
+the unit's file (also for a declared unit that is transient), and
+`kupgrade-init` writes it back as a runtime unit in `/run/systemd/system/`,
+headed by a comment that says so: the unit then adopts the restored process as
+above, can be stopped and started again, and is carried by the next upgrade
+too. A later `kupgrade launch` of that name replaces it.
+
 A service's notifications (`sd_notify`) need nothing carried: each is a datagram
 sent on its own to `/run/systemd/notify`, which the new systemd has too. Sockets
 systemd passed to a service (socket activation) are refused: PID 1 holds them
@@ -219,6 +231,7 @@ fn files_section(r: &mut Roff) {
         ("/usr/lib/dracut/modules.d/90kupgrade", "the dracut module"),
         ("/run/kupgrade/journal/", "each journal relay's record of its stream, read by the next upgrade"),
         ("/run/systemd/system/UNIT.d/zz-kupgrade-adopt.conf, /run/kupgrade/adopt/UNIT.pid", "the drop-in and PID file with which a preserved unit adopts its restored process"),
+        ("/run/systemd/system/UNIT", "a transient unit's file, written back after the upgrade"),
         ("/etc/kernel/postinst.d/zz-kupgrade", "stages a newly installed kernel when stage_new_kernels = true; logs to /var/log/kupgrade/kernel-hook.log"),
     ];
     for (path, what) in files {

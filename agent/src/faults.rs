@@ -9,7 +9,8 @@
 //! - FAULT: `error` (the step fails), `die` (kupgrade aborts, as in a
 //!   crash), `kill` (SIGKILL to itself), `sigterm`, `sigint`, `sighup` (the
 //!   signal to itself; the step goes on), `hang` (the step blocks until a
-//!   signal asks kupgrade to stop, then fails), `corrupt` (flips a byte in
+//!   signal asks kupgrade to stop, then fails), `stall` (the step takes 10 s
+//!   longer, then goes on, as a slow one would), `corrupt` (flips a byte in
 //!   the first chunk of the first workload's section of the written image,
 //!   as a failing store would; only `after-image-write`;
 //!   `corrupt-after-image-write:superblock` or `:manifest` damages that
@@ -118,6 +119,8 @@ pub enum Fault {
     Signal(Signal),
     /// Blocks until a signal asks kupgrade to stop.
     Hang,
+    /// Delays the step by [`STALL_PAUSES`] pauses, then goes on.
+    Stall,
     /// Damages the written image.
     Corrupt(Target),
     /// Unloads the staged kernel: the real reboot call then fails.
@@ -145,6 +148,7 @@ impl Fault {
             "sigint" => Fault::Signal(Signal::SIGINT),
             "sighup" => Fault::Signal(Signal::SIGHUP),
             "hang" => Fault::Hang,
+            "stall" => Fault::Stall,
             "corrupt" => Fault::Corrupt(Target::Chunk),
             "unload" => Fault::Unload,
             _ => return None,
@@ -168,7 +172,7 @@ pub struct FaultPoint {
 pub enum ParseError {
     #[error("{FAILPOINT}: {0:?} is not FAULT-before-POINT or FAULT-after-POINT (e.g. error-before-kexec)")]
     Shape(String),
-    #[error("{FAILPOINT}: {given:?}: no fault {fault:?} (error, die, kill, sigterm, sigint, sighup, hang, corrupt, unload)")]
+    #[error("{FAILPOINT}: {given:?}: no fault {fault:?} (error, die, kill, sigterm, sigint, sighup, hang, stall, corrupt, unload)")]
     Fault { given: String, fault: String },
     #[error("{FAILPOINT}: {given:?}: no point {point:?} (hold, freeze, checkpoint, system-state, tmpfs, image-write, quiesce, kexec, unquiesce, invalidate, undump, thaw, release, wipe)")]
     Point { given: String, point: String },
@@ -269,6 +273,10 @@ fn say(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
+/// A stall's pauses of [`Process::pause`] (100 ms each): 10 s, longer than
+/// a short watchdog.
+pub const STALL_PAUSES: usize = 100;
+
 /// What a fault does to the kupgrade process, apart so that tests can
 /// watch it instead.
 pub trait Process {
@@ -365,6 +373,21 @@ impl<S: System, P: Process> Faulty<S, P> {
                         say(&format!("kupgrade: failpoint {FAILPOINT}={given}: SIGKILL"));
                     }
                     self.process.raise(sig)
+                }
+                Fault::Stall => {
+                    say(&format!(
+                        "kupgrade: failpoint {FAILPOINT}={given}: {point} stalls for {} s",
+                        STALL_PAUSES / 10
+                    ));
+                    for _ in 0..STALL_PAUSES {
+                        self.process.pause();
+                        if self.inner.interrupted() {
+                            return Err(StepError::new(
+                                point.step(),
+                                format!("interrupted by a signal while stalled by failpoint {FAILPOINT}={given}"),
+                            ));
+                        }
+                    }
                 }
                 Fault::Hang => loop {
                     self.process.pause();
@@ -943,6 +966,28 @@ mod tests {
         );
         assert!(!f.inner.calls.contains(&"freeze a".to_string()));
         assert_eq!(after(&f, "hold"), ["thaw a", "release"]);
+    }
+
+    #[test]
+    fn a_stall_delays_the_step_then_lets_it_go_on() {
+        let mut f = faulty("stall-after-freeze:a", store());
+        f.process.pauses_until_signal = usize::MAX;
+        // On to the (fake) reboot, which returns as a refused one would.
+        let err = go(&mut f).unwrap_err();
+        assert_eq!(err.failure.step, Step::Kexec);
+        assert!(
+            f.process.did.len() == STALL_PAUSES && f.process.did.iter().all(|d| *d == Did::Pause)
+        );
+        assert!(f.inner.calls.contains(&"reboot".to_string()));
+        // A signal while stalled stops it like a hang.
+        let mut f = faulty("stall-after-freeze:a", store());
+        let err = go(&mut f).unwrap_err();
+        assert_eq!(f.process.did.len(), 3);
+        assert!(
+            err.failure.reason.contains("while stalled"),
+            "{}",
+            err.failure
+        );
     }
 
     #[test]

@@ -1,11 +1,15 @@
-//! `kupgrade launch`: start a workload in its own session and in the cgroup
-//! `/sys/fs/cgroup/kupgrade/NAME`, optionally in new PID and IPC namespaces.
+//! `kupgrade launch`: start a workload in its own session and cgroup,
+//! optionally in new PID and IPC namespaces. On a systemd machine it is a
+//! transient service, `kupgrade-NAME.service` (`systemd-run`), so that
+//! `systemctl` and `journalctl -u` show it like any other service and its
+//! output goes to the journal; elsewhere its cgroup is
+//! `/sys/fs/cgroup/kupgrade/NAME` and its output a file.
 //!
 //! The work is split over hidden subcommands so that no code runs between
-//! fork and exec: the launcher spawns `kupgrade __exec`, which makes itself a
-//! session leader, joins the cgroup and execs the command (or, with a PID
-//! namespace, unshares and spawns `kupgrade __ns-init`, which becomes PID 1 of
-//! the namespace, runs the command and reaps orphans).
+//! fork and exec: the launcher (or systemd) spawns `kupgrade __exec`, which
+//! makes itself a session leader, joins the cgroup and execs the command (or,
+//! with a PID namespace, unshares and spawns `kupgrade __ns-init`, which
+//! becomes PID 1 of the namespace, runs the command and reaps orphans).
 
 use std::ffi::CString;
 use std::fs::{self, OpenOptions};
@@ -16,8 +20,8 @@ use std::time::{Duration, Instant};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::cgroup;
-use crate::config::{CGROUP_PARENT, LIB_DIR};
+use crate::config::{CGROUP_PARENT, CGROUP_ROOT, LIB_DIR, RUN_DIR};
+use crate::{cgroup, units};
 
 /// New workloads get PIDs above this, clear of the PIDs that early boot of
 /// the next kernel uses (kernel threads and init take a few hundred), so
@@ -42,8 +46,10 @@ pub enum Error {
     Exited {
         command: String,
         status: String,
-        log: PathBuf,
+        log: String,
     },
+    #[error("systemd-run could not start {unit}: {output}")]
+    SystemdRun { unit: String, output: String },
     #[error(transparent)]
     Cgroup(#[from] cgroup::Error),
 }
@@ -89,7 +95,10 @@ impl Namespaces {
 pub struct Launched {
     pub pid: i32,
     pub cgroup: PathBuf,
-    pub log: PathBuf,
+    /// Its systemd unit, on a systemd machine.
+    pub unit: Option<String>,
+    /// Where its output goes: a file, or `journalctl -u UNIT`.
+    pub output: String,
 }
 
 pub fn launch(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched, Error> {
@@ -98,6 +107,9 @@ pub fn launch(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched
     }
     if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
         return Err(Error::NoCgroup2);
+    }
+    if units::systemd_booted(Path::new(units::SYSTEMD_RUNTIME_DIR)) {
+        return launch_unit(name, ns, command);
     }
     let cg = Path::new(CGROUP_PARENT).join(name);
     fs::create_dir_all(&cg).map_err(io(&cg))?;
@@ -116,7 +128,7 @@ pub fn launch(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched
     let err = out.try_clone().map_err(io(&log))?;
     let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("__exec").arg(&cg).args(ns.args());
+    cmd.arg("__exec").arg("--cgroup").arg(&cg).args(ns.args());
     let mut child = cmd
         .arg("--")
         .args(command)
@@ -137,7 +149,7 @@ pub fn launch(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched
             return Err(Error::Exited {
                 command: command.join(" "),
                 status: status.to_string(),
-                log,
+                log: log.display().to_string(),
             });
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -147,7 +159,7 @@ pub fn launch(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched
         *cgroup::procs(&cg)?.first().ok_or_else(|| Error::Exited {
             command: command.join(" "),
             status: "no process left in its cgroup".into(),
-            log: log.clone(),
+            log: log.display().to_string(),
         })?
     } else {
         helper
@@ -155,8 +167,110 @@ pub fn launch(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched
     Ok(Launched {
         pid,
         cgroup: cg,
-        log,
+        unit: None,
+        output: log.display().to_string(),
     })
+}
+
+/// Where `__exec` leaves the PID of a namespace's init for systemd
+/// (`Type=forking` with `PIDFile=`).
+fn unit_pid_file(name: &str) -> PathBuf {
+    Path::new(RUN_DIR)
+        .join("launch")
+        .join(format!("{name}.pid"))
+}
+
+/// `launch` on systemd: `kupgrade-NAME.service`, a transient unit.
+fn launch_unit(name: &str, ns: Namespaces, command: &[String]) -> Result<Launched, Error> {
+    let unit = units::launched_unit(name);
+    let root = Path::new(CGROUP_ROOT);
+    if let Some(cg) = units::cgroup_of(root, &unit) {
+        return Err(Error::Running {
+            name: name.into(),
+            pids: cgroup::procs(&cg)?,
+        });
+    }
+    forget_restored_unit(&unit);
+    raise_pid_floor();
+    let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
+    let mut cmd = Command::new("systemd-run");
+    cmd.args(["--quiet", "--collect"])
+        .arg(format!("--unit={unit}"))
+        .arg(format!(
+            "--description={}",
+            units::launched_description(name)
+        ));
+    if ns.pid {
+        // __exec exits once the namespace's init runs: that init is the
+        // main process.
+        let pid_file = unit_pid_file(name);
+        if let Some(dir) = pid_file.parent() {
+            fs::create_dir_all(dir).map_err(io(dir))?;
+        }
+        cmd.arg("--service-type=forking")
+            .arg(format!("--property=PIDFile={}", pid_file.display()))
+            .arg(exe)
+            .arg("__exec")
+            .arg("--pid-file")
+            .arg(&pid_file);
+    } else {
+        cmd.arg("--service-type=exec").arg(exe).arg("__exec");
+    }
+    let out = cmd
+        .args(ns.args())
+        .arg("--")
+        .args(command)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io(Path::new("systemd-run")))?;
+    if !out.status.success() {
+        return Err(Error::SystemdRun {
+            unit,
+            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let output = format!("journalctl -u {unit}");
+    // Give an exec failure or an immediate exit the chance to show.
+    std::thread::sleep(Duration::from_millis(300));
+    let exited = |status: String| Error::Exited {
+        command: command.join(" "),
+        status,
+        log: output.clone(),
+    };
+    let pid = main_pid(&unit).ok_or_else(|| exited("the unit has no main process".into()))?;
+    let cg = units::cgroup_of(root, &unit)
+        .ok_or_else(|| exited("no process left in its cgroup".into()))?;
+    Ok(Launched {
+        pid,
+        cgroup: cg,
+        unit: Some(unit),
+        output,
+    })
+}
+
+fn main_pid(unit: &str) -> Option<i32> {
+    let out = Command::new("systemctl")
+        .args(["show", "--property=MainPID", "--value", unit])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    let pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    (pid > 0).then_some(pid)
+}
+
+/// A workload of this name restored by an earlier upgrade left its unit
+/// file (see [`units::carried_unit_file`]); `systemd-run` refuses a name
+/// that has one. It is not running (checked before): forget it.
+fn forget_restored_unit(unit: &str) {
+    let path = Path::new(units::SYSTEMD_RUNTIME_DIR).join(unit);
+    let restored =
+        fs::read_to_string(&path).is_ok_and(|t| t.starts_with(contract::RESTORED_UNIT_HEADER));
+    if restored && fs::remove_file(&path).is_ok() {
+        let _ = Command::new("systemctl")
+            .arg("daemon-reload")
+            .stdin(Stdio::null())
+            .status();
+    }
 }
 
 /// A workload's output file, appended to: created 0600, since what a
@@ -192,13 +306,26 @@ fn raise_pid_floor() {
     }
 }
 
-/// `kupgrade __exec CGROUP [--pid-namespace] [--ipc-namespace] -- CMD...`:
-/// runs in the child.
-pub fn exec_in_cgroup(cgroup: &Path, ns: Namespaces, command: &[String]) -> Result<(), String> {
-    nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
-    let procs = cgroup.join("cgroup.procs");
-    fs::write(&procs, std::process::id().to_string())
-        .map_err(|e| format!("cannot join {}: {e}", procs.display()))?;
+/// `kupgrade __exec [--cgroup CGROUP | --pid-file FILE] [--pid-namespace]
+/// [--ipc-namespace] -- CMD...`: runs in the child. Without a cgroup,
+/// systemd has put it in its unit's; with a PID file, the namespace's init
+/// is recorded there for systemd.
+pub fn exec_in_cgroup(
+    cgroup: Option<&Path>,
+    pid_file: Option<&Path>,
+    ns: Namespaces,
+    command: &[String],
+) -> Result<(), String> {
+    let me = nix::unistd::getpid();
+    // A service's process leads its session already.
+    if nix::unistd::getsid(None).ok() != Some(me) {
+        nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
+    }
+    if let Some(cgroup) = cgroup {
+        let procs = cgroup.join("cgroup.procs");
+        fs::write(&procs, std::process::id().to_string())
+            .map_err(|e| format!("cannot join {}: {e}", procs.display()))?;
+    }
     if ns.ipc {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWIPC)
             .map_err(|e| format!("unshare(CLONE_NEWIPC): {e}"))?;
@@ -208,12 +335,16 @@ pub fn exec_in_cgroup(cgroup: &Path, ns: Namespaces, command: &[String]) -> Resu
             .map_err(|e| format!("unshare(CLONE_NEWPID): {e}"))?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         // The first child in the new namespace is its PID 1.
-        Command::new(exe)
+        let init = Command::new(exe)
             .arg("__ns-init")
             .arg("--")
             .args(command)
             .spawn()
             .map_err(|e| format!("{e}"))?;
+        if let Some(f) = pid_file {
+            fs::write(f, format!("{}\n", init.id()))
+                .map_err(|e| format!("cannot write {}: {e}", f.display()))?;
+        }
         return Ok(());
     }
     exec(command)

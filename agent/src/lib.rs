@@ -27,4 +27,5 @@ pub mod store;
 pub mod target;
 pub mod units;
 pub mod unix_diag;
+pub mod watchdog;
 pub mod workload;

@@ -139,7 +139,10 @@ enum Cmd {
     },
     #[command(name = "__exec", hide = true)]
     Exec {
-        cgroup: PathBuf,
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
         #[arg(long)]
         pid_namespace: bool,
         #[arg(long)]
@@ -196,6 +199,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Exec {
             cgroup,
+            pid_file,
             pid_namespace,
             ipc_namespace,
             command,
@@ -205,7 +209,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 ipc: ipc_namespace,
             };
             // Only returns on failure (exec replaced us otherwise).
-            if let Err(e) = launch::exec_in_cgroup(&cgroup, ns, &command) {
+            if let Err(e) =
+                launch::exec_in_cgroup(cgroup.as_deref(), pid_file.as_deref(), ns, &command)
+            {
                 eprintln!("kupgrade: {e}");
                 return Ok(ExitCode::from(127));
             }
@@ -327,7 +333,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let l = launch::launch(&name, ns, &command)?;
             println!("pid {}", l.pid);
             println!("cgroup {}", l.cgroup.display());
-            println!("output {}", l.log.display());
+            if let Some(unit) = &l.unit {
+                println!("unit {unit}");
+            }
+            println!("output {}", l.output);
         }
         Cmd::Exec { .. }
         | Cmd::NsInit { .. }

@@ -130,7 +130,7 @@ kinds! {
     NoWorkloads => "no-workloads",
     /// Pids that early boot of the new kernel may take.
     LowPids => "low-pids",
-    /// A unit's watchdog, which fires if the freeze outlasts it.
+    /// A unit's watchdog, which the freeze must not let fire.
     Watchdog => "watchdog",
     /// A workload's cgroup holds kupgrade itself: freezing it freezes `go`.
     HoldsKupgrade => "holds-kupgrade",
@@ -575,10 +575,9 @@ fn judge(facts: &mut dyn Facts, mode: Mode) -> Judged {
             ).about(&w.name));
         }
         if let (Some(unit), Some(usec)) = (&w.unit, w.watchdog_usec) {
-            out.push(Finding::warn(
+            out.push(Finding::ok(
                 Kind::Watchdog,
-                format!("unit {unit} (workload {}) has a watchdog of {:.1} s", w.name, usec as f64 / 1e6),
-                "if the workloads stay frozen longer before the kexec, this systemd kills the service and the kill comes back with the restore: keep WatchdogSec= above the frozen time that `kupgrade go --dry-run` measures",
+                format!("unit {unit} (workload {}) has a watchdog of {:.1} s: go turns it off for the freeze (an abort sets it back), and the new systemd runs it again from the adoption", w.name, usec as f64 / 1e6),
             ).about(&w.name));
         }
         for r in refusals {
@@ -1036,6 +1035,7 @@ mod tests {
             unit: None,
             notify_access: None,
             watchdog_usec: None,
+            unit_file: None,
         }
     }
 
@@ -1503,7 +1503,7 @@ mod tests {
     }
 
     #[test]
-    fn a_unit_s_watchdog_is_a_warning_that_does_not_stop_go() {
+    fn a_unit_s_watchdog_is_reported_as_turned_off_for_the_freeze() {
         let mut svc = wl("pulse", 20_000, false);
         svc.unit = Some("pulse.service".into());
         svc.watchdog_usec = Some(4_000_000);
@@ -1512,9 +1512,11 @@ mod tests {
             ..Machine::default()
         };
         let f = of(&mut m, Mode::Check, Kind::Watchdog);
-        assert_eq!(f[0].0, Level::Warn);
+        assert_eq!(f[0].0, Level::Ok);
         assert!(
-            f[0].1.contains("pulse.service") && f[0].1.contains("4.0 s"),
+            f[0].1.contains("pulse.service")
+                && f[0].1.contains("4.0 s")
+                && f[0].1.contains("turns it off for the freeze"),
             "{}",
             f[0].1
         );

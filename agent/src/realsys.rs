@@ -17,6 +17,7 @@ use crate::pipeline::{Dumped, ImageInput, Step, StepError, System};
 use crate::remount::{self, Remounted};
 use crate::stage::Staged;
 use crate::store::Store;
+use crate::watchdog::Watchdogs;
 use crate::workload::Workload;
 use crate::{capture, cgroup, criu, leftovers, listen};
 
@@ -159,12 +160,29 @@ impl System for RealSystem {
     }
 
     fn freeze(&mut self, w: &Workload) -> Result<(), StepError> {
+        if let (Some(unit), Some(usec)) = (&w.unit, w.watchdog_usec) {
+            // A freeze longer than the watchdog has systemd kill the service.
+            Watchdogs::system()
+                .suspend(unit, w.root_pid, usec)
+                .map_err(|e| {
+                    err(Step::Freeze)(&format!(
+                        "cannot turn off the watchdog of {unit} for the freeze (through {}): {e}",
+                        crate::watchdog::NOTIFY_SOCKET
+                    ))
+                })?;
+        }
         cgroup::freeze(&w.cgroup, Duration::from_millis(self.cfg.freeze_timeout_ms))
             .map_err(|e| err(Step::Freeze)(&e))
     }
 
     fn thaw(&mut self, w: &Workload) -> Result<(), StepError> {
-        cgroup::thaw(&w.cgroup).map_err(|e| err(Step::Thaw)(&e))
+        cgroup::thaw(&w.cgroup).map_err(|e| err(Step::Thaw)(&e))?;
+        if let Some(unit) = &w.unit {
+            Watchdogs::system().restore(unit, w.root_pid).map_err(|e| {
+                err(Step::Thaw)(&format!("cannot set the watchdog of {unit} back: {e}"))
+            })?;
+        }
+        Ok(())
     }
 
     fn predump(

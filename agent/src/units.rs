@@ -9,6 +9,43 @@ use std::path::{Path, PathBuf};
 /// Where systemd says it is the running init (`sd_booted(3)`).
 pub const SYSTEMD_RUNTIME_DIR: &str = "/run/systemd/system";
 
+/// systemd's runtime directory: its transient units are in `transient/`.
+pub const SYSTEMD_RUN: &str = "/run/systemd";
+
+/// The unit `kupgrade launch NAME` runs a workload as.
+pub fn launched_unit(name: &str) -> String {
+    format!("kupgrade-{name}.service")
+}
+
+/// Its `Description=`, which tells it from a unit of that name someone else
+/// made.
+pub fn launched_description(name: &str) -> String {
+    format!("kupgrade workload {name}")
+}
+
+/// The workload name of a unit that `kupgrade launch` started, given the
+/// unit's file; `None` for any other unit.
+pub fn launched_name(unit: &str, file: &str) -> Option<String> {
+    let name = unit.strip_prefix("kupgrade-")?.strip_suffix(".service")?;
+    let description = format!("Description={}", launched_description(name));
+    file.lines()
+        .any(|l| l == description)
+        .then(|| name.to_string())
+}
+
+/// The file of a unit that exists only in this boot, which the next boot's
+/// systemd will not find: a transient unit (`systemd-run`, `kupgrade
+/// launch`), or one kupgrade-init wrote back for such a unit after an
+/// earlier upgrade. `None` for a unit with a file of its own on disk.
+pub fn carried_unit_file(systemd_run: &Path, unit: &str) -> Option<String> {
+    if let Ok(text) = fs::read_to_string(systemd_run.join("transient").join(unit)) {
+        return Some(text);
+    }
+    fs::read_to_string(systemd_run.join("system").join(unit))
+        .ok()
+        .filter(|t| t.starts_with(contract::RESTORED_UNIT_HEADER))
+}
+
 /// What the running systemd says of a service that its adoption and the
 /// preflight need.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -218,6 +255,38 @@ mod tests {
         assert_eq!(cgroup_of(d.path(), "getty@tty1.service"), Some(getty));
         assert_eq!(cgroup_of(d.path(), "cron.service"), None);
         assert_eq!(cgroup_of(d.path(), "web.service"), None);
+    }
+
+    #[test]
+    fn a_transient_or_restored_unit_s_file_is_carried_and_a_unit_on_disk_s_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let file = "[Unit]\nDescription=kupgrade workload web\n[Service]\nExecStart=/bin/web\n";
+        fs::create_dir_all(d.path().join("transient")).unwrap();
+        fs::create_dir_all(d.path().join("system")).unwrap();
+        fs::write(d.path().join("transient/kupgrade-web.service"), file).unwrap();
+        let restored = format!("{}\n{file}", contract::RESTORED_UNIT_HEADER);
+        fs::write(d.path().join("system/kupgrade-db.service"), &restored).unwrap();
+        // A runtime unit an administrator wrote lives on in /etc or is theirs.
+        fs::write(d.path().join("system/other.service"), file).unwrap();
+        assert_eq!(
+            carried_unit_file(d.path(), "kupgrade-web.service").as_deref(),
+            Some(file)
+        );
+        assert_eq!(
+            carried_unit_file(d.path(), "kupgrade-db.service"),
+            Some(restored.clone())
+        );
+        assert_eq!(carried_unit_file(d.path(), "other.service"), None);
+        assert_eq!(carried_unit_file(d.path(), "ssh.service"), None);
+        // kupgrade launch's units are known by name and description.
+        assert_eq!(
+            launched_name(&launched_unit("web"), file).as_deref(),
+            Some("web")
+        );
+        assert_eq!(launched_name("kupgrade-db.service", &restored), None);
+        assert_eq!(launched_name("web.service", file), None);
+        let theirs = "[Unit]\nDescription=kupgrade workload web, by hand\n";
+        assert_eq!(launched_name("kupgrade-web.service", theirs), None);
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct Workload {
     pub notify_access: Option<String>,
     /// That unit's `WatchdogSec=`, when set.
     pub watchdog_usec: Option<u64>,
+    /// That unit's file, when it is transient (see
+    /// [`contract::WorkloadEntry::unit_file`]).
+    pub unit_file: Option<String>,
 }
 
 impl Workload {
@@ -63,6 +66,7 @@ impl Workload {
             journal_streams: self.journal_streams.clone(),
             unit: self.unit.clone(),
             notify_access: self.notify_access.clone(),
+            unit_file: self.unit_file.clone(),
         }
     }
 }
@@ -149,6 +153,7 @@ pub fn inspect_in(proc: &Proc, name: &str, cgroup: &Path) -> Result<Workload, Er
         unit: None,
         notify_access: None,
         watchdog_usec: None,
+        unit_file: None,
     })
 }
 
@@ -172,8 +177,8 @@ fn has_tcp_connections(proc: &Proc, pids: &[i32]) -> bool {
         .any(|s| inodes.contains(&s.inode) && s.state != TCP_LISTEN && s.state != TCP_CLOSE)
 }
 
-/// Every workload: those `kupgrade launch` started, then those the config
-/// declares. A broken one is returned as an error next to the good ones.
+/// Every workload: those `kupgrade launch` started (in their cgroups, or as
+/// transient units on systemd), then those the config declares. A broken one is returned as an error next to the good ones.
 pub fn discover(cfg: &Config) -> Vec<Result<Workload, Error>> {
     use crate::refusal::Host;
     let host = crate::refusal::LiveHost::new();
@@ -181,6 +186,7 @@ pub fn discover(cfg: &Config) -> Vec<Result<Workload, Error>> {
         host.proc(),
         Path::new(config::CGROUP_ROOT),
         Path::new(config::CGROUP_PARENT),
+        Path::new(units::SYSTEMD_RUN),
         cfg,
     )
     .into_iter()
@@ -203,11 +209,13 @@ pub fn discover(cfg: &Config) -> Vec<Result<Workload, Error>> {
 }
 
 /// [`discover`] in a cgroup2 hierarchy at `cgroup_root`, with the launched
-/// workloads' cgroups under `launched`, and processes as `proc` shows them.
+/// workloads' cgroups under `launched`, systemd's runtime directory at
+/// `systemd_run`, and processes as `proc` shows them.
 pub fn discover_in(
     proc: &Proc,
     cgroup_root: &Path,
     launched: &Path,
+    systemd_run: &Path,
     cfg: &Config,
 ) -> Vec<Result<Workload, Error>> {
     let mut out = Vec::new();
@@ -231,6 +239,29 @@ pub fn discover_in(
             ..w
         }));
     }
+    let declared_units: HashSet<&str> = cfg
+        .workloads
+        .iter()
+        .filter_map(|d| d.unit.as_deref())
+        .collect();
+    for s in units::running_services(cgroup_root) {
+        if declared_units.contains(s.unit.as_str()) {
+            continue;
+        }
+        let Some(file) = units::carried_unit_file(systemd_run, &s.unit) else {
+            continue;
+        };
+        let Some(name) = units::launched_name(&s.unit, &file) else {
+            continue;
+        };
+        let declared = cfg.launched(&name).map(|d| d.runtime_paths.clone());
+        out.push(inspect_in(proc, &name, &s.cgroup).map(|w| Workload {
+            runtime_paths: declared.unwrap_or_default(),
+            unit: Some(s.unit),
+            unit_file: Some(file),
+            ..w
+        }));
+    }
     for d in &cfg.workloads {
         let cg = match (&d.cgroup, &d.unit) {
             (Some(cgroup), _) if cgroup.is_absolute() => cgroup.clone(),
@@ -248,9 +279,14 @@ pub fn discover_in(
             },
             (None, None) => continue,
         };
+        let unit_file = d
+            .unit
+            .as_deref()
+            .and_then(|u| units::carried_unit_file(systemd_run, u));
         out.push(inspect_in(proc, &d.name, &cg).map(|w| Workload {
             runtime_paths: d.runtime_paths.clone(),
             unit: d.unit.clone(),
+            unit_file,
             ..w
         }));
     }
@@ -346,6 +382,7 @@ mod tests {
                 unit: None,
                 notify_access: None,
                 watchdog_usec: None,
+                unit_file: None,
             }
         );
     }
@@ -450,7 +487,8 @@ mod tests {
             ],
             ..Config::default()
         };
-        let found = discover_in(&fake.proc(), root.path(), &launched, &cfg);
+        let no_systemd = root.path().join("run-systemd");
+        let found = discover_in(&fake.proc(), root.path(), &launched, &no_systemd, &cfg);
         let seen: Vec<Result<(String, i32), String>> = found
             .iter()
             .map(|r| match r {
@@ -474,6 +512,82 @@ mod tests {
         let paths = |i: usize| found[i].as_ref().map(|w| w.runtime_paths.clone()).ok();
         assert_eq!(paths(0), Some(vec![PathBuf::from("/run/a.d")]));
         assert_eq!(paths(1), Some(vec![PathBuf::from("/run/redis")]));
+    }
+
+    #[test]
+    fn launched_units_are_workloads_and_transient_units_carry_their_files() {
+        let fake = FakeProc::new();
+        let root = tempfile::tempdir().unwrap();
+        let run = root.path().join("run-systemd");
+        fs::create_dir_all(run.join("transient")).unwrap();
+        let service = |unit: &str, pid: i32, file: Option<&str>| {
+            fake.add(Process::new(pid, unit));
+            let cg = cgroup_with(
+                &root.path().join("system.slice").join(unit),
+                &format!("{pid}\n"),
+            );
+            fs::write(cg.join("cgroup.events"), "populated 1\n").unwrap();
+            if let Some(f) = file {
+                fs::write(run.join("transient").join(unit), f).unwrap();
+            }
+        };
+        let web = "[Unit]\nDescription=kupgrade workload web\n[Service]\nExecStart=/bin/web\n";
+        service("kupgrade-web.service", 400, Some(web));
+        // Transient, but not kupgrade launch's; and a unit on disk.
+        service(
+            "kupgrade-other.service",
+            500,
+            Some("[Unit]\nDescription=mine\n"),
+        );
+        service("adhoc.service", 600, Some("[Unit]\nDescription=adhoc\n"));
+        service("ssh.service", 700, None);
+        let cfg = Config {
+            workloads: vec![
+                config::DeclaredWorkload {
+                    name: "adhoc".into(),
+                    unit: Some("adhoc.service".into()),
+                    ..Default::default()
+                },
+                config::DeclaredWorkload {
+                    name: "ssh".into(),
+                    unit: Some("ssh.service".into()),
+                    ..Default::default()
+                },
+                config::DeclaredWorkload {
+                    name: "web".into(),
+                    runtime_paths: vec!["/run/web".into()],
+                    ..Default::default()
+                },
+            ],
+            ..Config::default()
+        };
+        let launched = root.path().join("kupgrade");
+        let found: Vec<Workload> = discover_in(&fake.proc(), root.path(), &launched, &run, &cfg)
+            .into_iter()
+            .map(|w| w.unwrap())
+            .collect();
+        let seen: Vec<(&str, i32, Option<&str>, bool)> = found
+            .iter()
+            .map(|w| {
+                (
+                    w.name.as_str(),
+                    w.root_pid,
+                    w.unit.as_deref(),
+                    w.unit_file.is_some(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("web", 400, Some("kupgrade-web.service"), true),
+                ("adhoc", 600, Some("adhoc.service"), true),
+                ("ssh", 700, Some("ssh.service"), false),
+            ]
+        );
+        assert_eq!(found[0].unit_file.as_deref(), Some(web));
+        assert_eq!(found[0].runtime_paths, vec![PathBuf::from("/run/web")]);
+        assert_eq!(found[0].entry().unit_file.as_deref(), Some(web));
     }
 
     #[test]

@@ -164,6 +164,7 @@ mod tests {
             journal_streams: vec![],
             unit: None,
             notify_access: None,
+            unit_file: None,
         }
     }
 

@@ -54,7 +54,20 @@ pub struct WorkloadEntry {
     /// the unit takes them. Absent in older images.
     #[serde(default)]
     pub notify_access: Option<String>,
+    /// That unit's file, when it lived only in the old boot (a transient
+    /// unit, as `kupgrade launch` and `systemd-run` make): the new systemd
+    /// empties its transient units' directory when it starts, so
+    /// kupgrade-init writes this back as a runtime unit, headed by
+    /// [`RESTORED_UNIT_HEADER`]. Absent in older images.
+    #[serde(default)]
+    pub unit_file: Option<String>,
 }
+
+/// The first line of a unit file kupgrade-init wrote back into
+/// `/run/systemd/system/`: such a unit is carried again by the next upgrade,
+/// like the transient unit it was.
+pub const RESTORED_UNIT_HEADER: &str =
+    "# Written by kupgrade-init: a transient unit carried over a kernel upgrade.";
 
 /// When a lifecycle event happened, as recorded in the manifest and report.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]

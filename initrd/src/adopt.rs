@@ -13,8 +13,53 @@
 //! boot also for a unit that was started by hand, not enabled. Its first
 //! stop removes both drop-ins and reloads systemd, so that a restart starts
 //! the unit as written.
+//!
+//! A transient unit (`kupgrade launch`, `systemd-run`) has no file the new
+//! systemd could read: the image carries it, and it is written back as a
+//! runtime unit (`/run/systemd/system/UNIT`), which stays for this boot so
+//! that the unit can be restarted and carried by the next upgrade.
 
 use std::path::{Path, PathBuf};
+
+use contract::WorkloadEntry;
+
+/// What has a restored workload's unit adopt it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Adoption<'a> {
+    pub unit: &'a str,
+    pub main_pid: i32,
+    /// The unit's `NotifyAccess=` before the upgrade.
+    pub notify: Option<&'a str>,
+    /// The unit's file, when it was transient.
+    pub unit_file: Option<&'a str>,
+}
+
+impl<'a> Adoption<'a> {
+    /// The adoption of a workload declared by unit; `None` for others.
+    pub fn of(w: &'a WorkloadEntry) -> Option<Self> {
+        Some(Adoption {
+            unit: w.unit.as_deref()?,
+            main_pid: w.root_pid,
+            notify: w.notify_access.as_deref(),
+            unit_file: w.unit_file.as_deref(),
+        })
+    }
+}
+
+/// Where a transient unit's file is written back.
+pub fn unit_path(unit: &str) -> PathBuf {
+    Path::new(RUNTIME_UNITS).join(unit)
+}
+
+/// The runtime unit's text: the transient unit's, headed by
+/// [`contract::RESTORED_UNIT_HEADER`] (once: it may have been carried before).
+pub fn unit_text(file: &str) -> String {
+    if file.starts_with(contract::RESTORED_UNIT_HEADER) {
+        file.to_string()
+    } else {
+        format!("{}\n{file}", contract::RESTORED_UNIT_HEADER)
+    }
+}
 
 /// Where the PID files go.
 pub const PID_DIR: &str = "/run/kupgrade/adopt";
@@ -117,6 +162,36 @@ mod tests {
         // A Type=notify unit's default, which the forking type would lose.
         assert_eq!(access(Some("none")), "main");
         assert_eq!(access(None), "main");
+    }
+
+    #[test]
+    fn a_transient_unit_s_file_is_written_back_headed_once() {
+        let file = "[Unit]\nDescription=kupgrade workload web\n[Service]\nExecStart=/bin/web\n";
+        let text = unit_text(file);
+        assert_eq!(text.lines().next(), Some(contract::RESTORED_UNIT_HEADER));
+        assert!(text.ends_with(file));
+        // Carried a second time, it is not headed twice.
+        assert_eq!(unit_text(&text), text);
+        assert_eq!(
+            unit_path("kupgrade-web.service"),
+            Path::new("/run/systemd/system/kupgrade-web.service")
+        );
+        let w = WorkloadEntry {
+            unit: Some("kupgrade-web.service".into()),
+            root_pid: 10_001,
+            unit_file: Some(file.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Adoption::of(&w),
+            Some(Adoption {
+                unit: "kupgrade-web.service",
+                main_pid: 10_001,
+                notify: None,
+                unit_file: Some(file),
+            })
+        );
+        assert_eq!(Adoption::of(&WorkloadEntry::default()), None);
     }
 
     #[test]

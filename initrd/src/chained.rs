@@ -48,6 +48,7 @@ use nix::sys::statvfs::{statvfs, FsFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{dup2, execv, Pid};
 
+use crate::adopt::Adoption;
 use crate::system::faults::Faults;
 use crate::system::real::RealSystem;
 use crate::system::{
@@ -375,8 +376,8 @@ impl<S: System, H: Host> System for Chained<S, H> {
         self.inner.start_journal_relays()
     }
 
-    fn adopt(&mut self, unit: &str, main_pid: i32, notify: Option<&str>) -> Result<(), Error> {
-        self.inner.adopt(unit, main_pid, notify)
+    fn adopt(&mut self, a: &Adoption) -> Result<(), Error> {
+        self.inner.adopt(a)
     }
 
     fn write_report(&mut self, report: &UpgradeReport, how: Durability) -> Result<(), Error> {

@@ -35,6 +35,7 @@ use contract::report::{self, ModuleFailure, Outcome, UpgradeReport, WorkloadOutc
 use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, State};
 
+use crate::adopt::Adoption;
 use crate::log::chain;
 use crate::system::{CriuRun, Durability, Error, SupportMount, System};
 
@@ -557,12 +558,13 @@ impl Restorer<'_> {
         let error = match self.sys.criu_restore(&run) {
             Ok(()) => {
                 self.resume(w);
-                if let Some(unit) = &w.unit {
+                if let Some(a) = Adoption::of(w) {
                     // Without it systemd starts the unit a second time.
-                    if let Err(e) = self.sys.adopt(unit, w.root_pid, w.notify_access.as_deref()) {
+                    if let Err(e) = self.sys.adopt(&a) {
                         self.log(&format!(
-                            "workload {}: {unit} will not adopt it: {}",
+                            "workload {}: {} will not adopt it: {}",
                             w.name,
+                            a.unit,
                             chain(&e)
                         ));
                     }

@@ -19,6 +19,7 @@ use super::faults::Faults;
 use super::{
     CriuRun, Durability, Error, ImageHead, ImageInfo, Reboot, RestorerRun, SupportMount, System,
 };
+use crate::adopt::Adoption;
 use crate::child;
 
 /// A boot that restores [`Fake::resuming`]'s image, when nothing fails.
@@ -124,6 +125,7 @@ fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
         journal_streams: vec![],
         unit: None,
         notify_access: None,
+        unit_file: None,
     }
 }
 
@@ -513,8 +515,8 @@ impl System for Fake {
         Ok(streams)
     }
 
-    fn adopt(&mut self, unit: &str, main_pid: i32, _notify: Option<&str>) -> Result<(), Error> {
-        self.step(format!("adopt {unit} {main_pid}"))
+    fn adopt(&mut self, a: &Adoption) -> Result<(), Error> {
+        self.step(format!("adopt {} {}", a.unit, a.main_pid))
     }
 
     fn write_report(&mut self, report: &UpgradeReport, how: Durability) -> Result<(), Error> {

@@ -19,6 +19,7 @@ use image_format::State;
 use super::{
     CriuRun, Durability, Error, ImageHead, ImageInfo, Reboot, RestorerRun, SupportMount, System,
 };
+use crate::adopt::Adoption;
 use crate::log;
 
 /// The action script of `criu-restore-hang`: it never returns, and what it
@@ -263,8 +264,8 @@ impl<S: System> System for Faults<S> {
         self.inner.start_journal_relays()
     }
 
-    fn adopt(&mut self, unit: &str, main_pid: i32, notify: Option<&str>) -> Result<(), Error> {
-        self.inner.adopt(unit, main_pid, notify)
+    fn adopt(&mut self, a: &Adoption) -> Result<(), Error> {
+        self.inner.adopt(a)
     }
 
     fn write_report(&mut self, report: &UpgradeReport, how: Durability) -> Result<(), Error> {

@@ -26,6 +26,7 @@ use contract::report::{ModuleFailure, UpgradeReport};
 use contract::{PhaseTiming, WorkloadEntry};
 use image_format::{Manifest, State};
 
+use crate::adopt::Adoption;
 use crate::{boot, child};
 
 #[derive(Debug, thiserror::Error)]
@@ -285,8 +286,8 @@ pub trait System {
     /// [`crate::relay`]); returns how many.
     fn start_journal_relays(&mut self) -> Result<usize, Error>;
     /// Leaves what has the workload's systemd unit adopt it (see
-    /// [`crate::adopt`]); `notify` is the unit's `NotifyAccess=`.
-    fn adopt(&mut self, unit: &str, main_pid: i32, notify: Option<&str>) -> Result<(), Error>;
+    /// [`crate::adopt`]).
+    fn adopt(&mut self, a: &Adoption) -> Result<(), Error>;
 
     // Telling.
     /// Replaces the report, whole (a new file renamed over the old one).

@@ -23,8 +23,9 @@ use super::{
     CriuRun, Durability, Error, ImageHead, ImageInfo, Reboot, RestorerRun, SupportMount, System,
     RESTORER_ARG,
 };
+use crate::adopt::{self, Adoption};
 use crate::netlink::{self, Rtnl};
-use crate::{adopt, boot, child, log, timers};
+use crate::{boot, child, log, timers};
 
 const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
 /// `ip` and `nft` take milliseconds; one that takes this long is stuck.
@@ -434,7 +435,7 @@ impl System for RealSystem {
         Ok(n)
     }
 
-    fn adopt(&mut self, unit: &str, main_pid: i32, notify: Option<&str>) -> Result<(), Error> {
+    fn adopt(&mut self, a: &Adoption) -> Result<(), Error> {
         let write = |path: PathBuf, text: String| {
             let io = |what| {
                 let path = path.clone();
@@ -445,9 +446,15 @@ impl System for RealSystem {
             }
             fs::write(&path, text).map_err(io("write"))
         };
-        write(adopt::pid_file(unit), format!("{main_pid}\n"))?;
-        write(adopt::drop_in_path(unit), adopt::drop_in(unit, notify))?;
-        write(adopt::wants_path(unit), adopt::wants(unit))
+        if let Some(file) = a.unit_file {
+            write(adopt::unit_path(a.unit), adopt::unit_text(file))?;
+        }
+        write(adopt::pid_file(a.unit), format!("{}\n", a.main_pid))?;
+        write(
+            adopt::drop_in_path(a.unit),
+            adopt::drop_in(a.unit, a.notify),
+        )?;
+        write(adopt::wants_path(a.unit), adopt::wants(a.unit))
     }
 
     fn write_report(&mut self, r: &UpgradeReport, how: Durability) -> Result<(), Error> {

@@ -536,7 +536,17 @@ fn workload_cgroup(w: &Workload) -> String {
     if w.declared {
         service_cgroup(&w.name)
     } else {
-        format!("/sys/fs/cgroup/kupgrade/{}", w.name)
+        launched_cgroup(&w.name)
+    }
+}
+
+/// The cgroup `kupgrade launch` gives a workload: its transient unit's on
+/// systemd, else its own below /sys/fs/cgroup/kupgrade.
+fn launched_cgroup(name: &str) -> String {
+    if Path::new("/run/systemd/system").is_dir() {
+        service_cgroup(&format!("kupgrade-{name}"))
+    } else {
+        format!("/sys/fs/cgroup/kupgrade/{name}")
     }
 }
 
@@ -742,7 +752,7 @@ fn finish(plan: &Plan, progress: &Progress) {
         let cg = if declared {
             service_cgroup(name)
         } else {
-            format!("/sys/fs/cgroup/kupgrade/{name}")
+            launched_cgroup(name)
         };
         let procs = fs::read_to_string(format!("{cg}/cgroup.procs")).unwrap_or_default();
         let procs: Vec<i32> = procs
