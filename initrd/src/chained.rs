@@ -364,7 +364,7 @@ impl<S: System, H: Host> System for Chained<S, H> {
         self.inner.seed_rng(seed)
     }
 
-    fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error> {
+    fn criu_restore(&mut self, run: &CriuRun) -> Result<i32, Error> {
         self.inner.criu_restore(run)
     }
 

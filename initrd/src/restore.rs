@@ -556,9 +556,12 @@ impl Restorer<'_> {
         };
         let start = Instant::now();
         let error = match self.sys.criu_restore(&run) {
-            Ok(()) => {
+            Ok(root) => {
                 self.resume(w);
-                if let Some(a) = Adoption::of(w) {
+                if let Some(a) = Adoption::of(w).map(|a| Adoption {
+                    main_pid: root,
+                    ..a
+                }) {
                     // Without it systemd starts the unit a second time.
                     if let Err(e) = self.sys.adopt(&a) {
                         self.log(&format!(

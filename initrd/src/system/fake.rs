@@ -484,7 +484,7 @@ impl System for Fake {
         self.step("seed rng".into())
     }
 
-    fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error> {
+    fn criu_restore(&mut self, run: &CriuRun) -> Result<i32, Error> {
         self.restore_args.push(run.args(&[]));
         self.criu_deadlines.push(run.within);
         let call = format!("criu restore {}", run.checkpoint.workload.name);
@@ -496,7 +496,8 @@ impl System for Fake {
                 within: run.within,
             }));
         }
-        self.step(call)
+        self.step(call)?;
+        Ok(run.checkpoint.workload.root_pid)
     }
     fn resume_restored(&mut self, w: &WorkloadEntry) -> Result<usize, Error> {
         self.step(format!("resume {}", w.name))?;

@@ -229,7 +229,7 @@ impl<S: System> System for Faults<S> {
         self.inner.seed_rng(seed)
     }
 
-    fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error> {
+    fn criu_restore(&mut self, run: &CriuRun) -> Result<i32, Error> {
         self.criu_runs += 1;
         if self.criu_runs >= self.workloads {
             let at = format!(

@@ -277,7 +277,10 @@ pub trait System {
     fn seed_rng(&mut self, seed: &[u8]) -> Result<(), Error>;
 
     // CRIU.
-    fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error>;
+    /// Restores a workload; returns its root's PID on this kernel: the one
+    /// it had, but for the init of a PID namespace of its own, whose PID
+    /// outside that namespace is whatever was free.
+    fn criu_restore(&mut self, run: &CriuRun) -> Result<i32, Error>;
     /// Re-arms the periodic timers CRIU restored disarmed, then continues
     /// the tasks it left stopped (whatever the timers did); returns how
     /// many timers were re-armed.

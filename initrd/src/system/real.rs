@@ -363,7 +363,7 @@ impl System for RealSystem {
             })
     }
 
-    fn criu_restore(&mut self, run: &CriuRun) -> Result<(), Error> {
+    fn criu_restore(&mut self, run: &CriuRun) -> Result<i32, Error> {
         let c = &run.checkpoint;
         if let Some(dir) = c.log.parent() {
             let _ = fs::create_dir_all(dir);
@@ -375,8 +375,13 @@ impl System for RealSystem {
             .iter()
             .map(|(service, _)| service.as_raw_fd())
             .collect();
+        // Where CRIU says which PID the root got.
+        let pid_file = c.log.with_extension("pid");
+        let _ = fs::remove_file(&pid_file);
         let mut criu = Command::new("criu");
         criu.args(run.args(&fds))
+            .arg("--pidfile")
+            .arg(&pid_file)
             .env("PATH", PATH)
             // A shell job's tree joins CRIU's process group (and PID 1's
             // session): let that be a group of its own, not init's.
@@ -393,12 +398,15 @@ impl System for RealSystem {
             Err(e) => return Err(e.into()),
         };
         if exited.status.success() {
+            let root = fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .unwrap_or(c.workload.root_pid);
             for (stream, (service_end, relay_end)) in c.workload.journal_streams.iter().zip(pairs) {
                 drop(service_end);
-                self.relays
-                    .push((stream.clone(), c.workload.root_pid, relay_end));
+                self.relays.push((stream.clone(), root, relay_end));
             }
-            return Ok(());
+            return Ok(root);
         }
         Err(Error::CriuExited {
             status: exited.status,
