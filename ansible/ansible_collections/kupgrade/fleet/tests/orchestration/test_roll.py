@@ -78,8 +78,13 @@ class Roll(unittest.TestCase):
         with open(os.path.join(self.report, "fleet-report.json")) as f:
             return json.load(f)
 
-    def roll(self, hosts, serial, max_fail=0, dry_run=False):
+    def roll(self, hosts, serial=None, max_fail=0, dry_run=False, unreachable=()):
+        """Runs the playbook; serial None leaves the playbook's default.
+        `unreachable` hosts are ssh to a closed port of this machine."""
         inventory = {"all": {"hosts": {}}}
+        for h in unreachable:
+            inventory["all"]["hosts"][h] = {"ansible_connection": "ssh", "ansible_host": "127.0.0.1",
+                                            "ansible_port": 9, "ansible_ssh_common_args": "-o ConnectTimeout=5"}
         for h in hosts:
             d = os.path.join(self.tmp, "hosts", h)
             inventory["all"]["hosts"][h] = {
@@ -97,7 +102,6 @@ class Roll(unittest.TestCase):
             "kupgrade_kernel_install": False,
             "kupgrade_package_install": False,
             "kupgrade_dry_run": dry_run,
-            "kupgrade_serial": serial,
             "kupgrade_max_fail_percentage": max_fail,
             "kupgrade_become": False,
             "kupgrade_poll_interval": 1,
@@ -105,6 +109,8 @@ class Roll(unittest.TestCase):
             "kupgrade_boot_timeout": 30,
             "kupgrade_report_dir": self.report,
         }
+        if serial is not None:
+            extra["kupgrade_serial"] = serial
         env = dict(os.environ,
                    ANSIBLE_COLLECTIONS_PATH=COLLECTIONS,
                    ANSIBLE_LOCAL_TEMP=os.path.join(self.tmp, "ansible-local"),
@@ -199,9 +205,20 @@ class Roll(unittest.TestCase):
         self.assertIn("every workload resumed", aborted["reason"])
         self.assertIn("criu dump timed out after 300 s", aborted["reason"])
 
+    @unittest.skipUnless(shutil.which("ssh"), "no ssh client")
+    def test_an_unreachable_canary_is_a_failure_and_stops_the_roll(self):
+        hosts = [self.host("web1", go={"mode": "kexec", "blackout_ms": 900})]
+        self.assertRan(self.roll(hosts, serial=[1, 1], unreachable=["gone"]), 2)
+        r = self.result("gone")
+        self.assertEqual(r["outcome"], "failed")
+        self.assertTrue(r["reason"].startswith("unreachable: "), r["reason"])
+        self.assertEqual(self.calls("web1"), [])
+        self.assertEqual(self.fleet()["counts"]["skipped"], 1)
+
     def test_a_dry_run_measures_the_pause_and_stages_nothing(self):
         hosts = [self.host("d1", go={"paused_ms": 412}), self.host("d2", go={"paused_ms": 230})]
-        self.assertRan(self.roll(hosts, serial=[1, 1], dry_run=True), 0)
+        # The default batches: the canary, then 25 %.
+        self.assertRan(self.roll(hosts, dry_run=True), 0)
         for h, ms in (("d1", 412.0), ("d2", 230.0)):
             r = self.result(h)
             self.assertEqual(r["outcome"], "dry-run", r)

@@ -192,7 +192,7 @@ def svg(summary):
     scale_max = max(paused) if paused else 1.0
     scale_max = scale_max if scale_max > 0 else 1.0
     plot_w = WIDTH - LABEL_W - RIGHT_W
-    height = TOP + ROW_H * max(len(results), 1) + LEGEND_H + 20
+    height = TOP + ROW_H * max(len(results), 1) + LEGEND_H + 34
 
     def x(ms):
         return LABEL_W + plot_w * ms / scale_max
@@ -202,7 +202,7 @@ def svg(summary):
          '<rect x="0" y="0" width="%d" height="%d" fill="white"/>' % (WIDTH, height)]
     c = summary["counts"]
     title = "Fleet upgrade: %d upgraded, %d refused, %d failed of %d hosts" % (
-        c["upgraded"] + c["dry-run"], c["refused"], c["failed"], summary["hosts"])
+        c["upgraded"], c["refused"], c["failed"], summary["hosts"])
     if c["dry-run"]:
         title = "Fleet dry run: %d measured, %d refused, %d failed of %d hosts" % (
             c["dry-run"], c["refused"], c["failed"], summary["hosts"])
@@ -227,13 +227,14 @@ def svg(summary):
         y += ROW_H
     bottom = y
     if dist:
-        for name, key in (("median", "median_ms"), ("p95", "p95_ms")):
+        # Labels on two lines, since the two marks may be close.
+        for i, (name, key) in enumerate((("median", "median_ms"), ("p95", "p95_ms"))):
             xm = x(dist[key])
             s.append('<line class="%s" x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#333" stroke-dasharray="4 3"/>'
-                     % (name, xm, TOP - 6, xm, bottom))
+                     % (name, xm, TOP - 6, xm, bottom + 14 * i))
             s.append('<text x="%.1f" y="%d" text-anchor="middle" fill="#333">%s %s</text>'
-                     % (xm, bottom + 14, name, _fmt_ms(dist[key])))
-    lx, ly = 10, bottom + LEGEND_H
+                     % (xm, bottom + 12 + 14 * i, name, _fmt_ms(dist[key])))
+    lx, ly = 10, bottom + LEGEND_H + 14
     for o in OUTCOMES:
         if not c[o]:
             continue
