@@ -4,7 +4,8 @@ Each fake host is a directory: bin/kupgrade and bin/uname run this file;
 `fake.json` says how the host behaves, `release` and `boot_id` are its
 running kernel and boot, `calls.log` records every kupgrade command line. A
 `go` that "kexecs" writes a new boot id, the staged release and a report
-whose blackout is `blackout_ms`. Nothing here touches the real machine.
+whose blackout is `blackout_ms`. With a file `uname-fails-after-go`, uname
+fails once go ran. Nothing here touches the real machine.
 """
 
 import json
@@ -31,6 +32,9 @@ def main():
             f.write(text)
 
     if prog == "uname":
+        if os.path.exists(path("uname-fails-after-go")) and "go" in read("calls.log").split():
+            print("uname: cannot get system name: Input/output error", file=sys.stderr)
+            return 1
         print(read("release"))
         return 0
     with open(path("fake.json")) as f:

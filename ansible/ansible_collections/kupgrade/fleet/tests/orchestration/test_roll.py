@@ -205,6 +205,16 @@ class Roll(unittest.TestCase):
         self.assertIn("every workload resumed", aborted["reason"])
         self.assertIn("criu dump timed out after 300 s", aborted["reason"])
 
+    def test_a_step_that_fails_is_a_failure_naming_the_step(self):
+        hosts = [self.host("flaky", go={"mode": "kexec", "blackout_ms": 900})]
+        open(os.path.join(self.tmp, "hosts", "flaky", "uname-fails-after-go"), "w").close()
+        self.assertRan(self.roll(hosts), 2)
+        r = self.result("flaky")
+        self.assertEqual(r["outcome"], "failed")
+        self.assertEqual(r["reason"], "Read the kernel the host runs now: uname: cannot get system name: "
+                         "Input/output error")
+        self.assertEqual(self.fleet()["counts"]["failed"], 1)
+
     @unittest.skipUnless(shutil.which("ssh"), "no ssh client")
     def test_an_unreachable_canary_is_a_failure_and_stops_the_roll(self):
         hosts = [self.host("web1", go={"mode": "kexec", "blackout_ms": 900})]
