@@ -76,8 +76,11 @@ journald's socket, introduces the stream as systemd did (identifier, unit,
 priority), and forwards what the service writes until the service closes its
 end. It sends with the credentials of the service's main process (journald
 takes the sender, and from it the unit, from each message's credentials), so
-`journalctl -u NAME.service` shows the lines as the service's own. Each relay
-records its stream in
+`journalctl -u NAME.service` shows the lines as the service's own. A stream
+that several processes of the service write to (workers that inherited the
+main process's stderr) is one stream: after the upgrade all its lines carry the
+main process's PID (`_PID=`), not each writer's, and they go on as the relay's
+own once the main process has exited. Each relay records its stream in
 `/run/kupgrade/journal/` for the next upgrade.
 
 systemd would start a preserved unit a second time. `kupgrade-init` leaves a
