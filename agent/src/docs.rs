@@ -79,8 +79,9 @@ takes the sender, and from it the unit, from each message's credentials), so
 `journalctl -u NAME.service` shows the lines as the service's own. A stream
 that several processes of the service write to (workers that inherited the
 main process's stderr) is one stream: after the upgrade all its lines carry the
-main process's PID (`_PID=`), not each writer's, and they go on as the relay's
-own once the main process has exited. Each relay records its stream in
+main process's PID (`_PID=`), as journald gave them the PID of the stream's
+first holder before; once the main process has exited, they go on as the
+relay's own. Each relay records its stream in
 `/run/kupgrade/journal/` for the next upgrade.
 
 systemd would start a preserved unit a second time. `kupgrade-init` leaves a
