@@ -550,10 +550,13 @@ fn launched_cgroup(name: &str) -> String {
     }
 }
 
-/// Where a workload's output goes.
+/// Where a workload's output goes: a file, or on systemd the journal of
+/// `kupgrade launch`'s unit.
 fn workload_log(w: &Workload) -> String {
     if w.declared {
         format!("/var/log/{}.out", w.name)
+    } else if Path::new("/run/systemd/system").is_dir() {
+        format!("journalctl -u kupgrade-{}.service", w.name)
     } else {
         format!("{}/workloads/{}.log", contract::report::DIR, w.name)
     }
@@ -601,7 +604,10 @@ fn wait_ready(w: &Workload, prelude: &str) -> Result<()> {
         let gone = procs.trim().is_empty();
         if gone || start.elapsed() >= Duration::from_secs(r.timeout_secs) {
             let log = workload_log(w);
-            let text = fs::read_to_string(&log).unwrap_or_default();
+            let text = match log.strip_prefix("journalctl -u ") {
+                Some(unit) => sh(&["journalctl", "-b", "-q", "-o", "cat", "-u", unit]).1,
+                None => fs::read_to_string(&log).unwrap_or_default(),
+            };
             let tail: Vec<&str> = text.lines().rev().take(5).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             anyhow::bail!(
