@@ -141,13 +141,17 @@ mod tests {
         (String::from_utf8_lossy(&buf[..n]).into_owned(), pid)
     }
 
+    fn in_dir(dir: &Path) -> Watchdogs {
+        Watchdogs {
+            socket: dir.join("notify"),
+            records: dir.join("records"),
+        }
+    }
+
     #[test]
     fn the_watchdog_is_turned_off_for_the_freeze_and_set_back_at_the_thaw() {
         let d = tempfile::tempdir().unwrap();
-        let w = Watchdogs {
-            socket: d.path().join("notify"),
-            records: d.path().join("records"),
-        };
+        let w = in_dir(d.path());
         let systemd = listener(&w.socket);
         let me = std::process::id() as i32;
         // Not suspended: nothing to set back, nothing sent.
@@ -168,10 +172,7 @@ mod tests {
     #[test]
     fn no_systemd_socket_is_an_error_that_leaves_nothing_to_set_back() {
         let d = tempfile::tempdir().unwrap();
-        let w = Watchdogs {
-            socket: d.path().join("notify"),
-            records: d.path().join("records"),
-        };
+        let w = in_dir(d.path());
         let me = std::process::id() as i32;
         assert!(w.suspend("pulse.service", me, 5_000_000).is_err());
         assert!(!w.records.join("pulse.service").exists());
