@@ -223,6 +223,22 @@ pub fn ensure_kernel(cache: &Cache, release: &str) -> Result<()> {
     Ok(())
 }
 
+/// The `.deb` of one kernel release, downloaded if it is not yet.
+pub fn kernel_deb(cache: &Cache, release: &str) -> Result<PathBuf> {
+    ensure_kernel(cache, release)?;
+    let debs = cache.root.join("debs");
+    let pkg = package_of(release);
+    if let Some(deb) = find_deb(&debs, &pkg) {
+        return Ok(deb);
+    }
+    run(Command::new("apt-get")
+        .arg("download")
+        .arg(&pkg)
+        .current_dir(&debs))
+    .with_context(|| format!("cannot download {pkg}"))?;
+    find_deb(&debs, &pkg).with_context(|| format!("apt-get download left no {pkg}_*.deb"))
+}
+
 /// Builds the static guest binaries of this workspace and returns their directory.
 pub fn build_guest_binaries(workspace: &Path) -> Result<PathBuf> {
     progress::step("building static kupgrade binaries for the guest");

@@ -51,7 +51,24 @@ pub struct Plan {
     /// for the host to time the floor of the blackout.
     #[serde(default)]
     pub bare_kexec: bool,
+    /// The host upgrades this guest from outside (a fleet's Ansible over
+    /// ssh): the guest starts its workloads, then waits for
+    /// [`FLEET_DONE`] on whichever kernel it is by then, and checks.
+    #[serde(default)]
+    pub external_upgrade: bool,
+    /// The guest's name in a fleet, `$KUPGRADE_VM_HOST` in its shell steps.
+    #[serde(default)]
+    pub host: String,
 }
+
+/// A guest upgraded from outside writes this once its workloads run and
+/// its probes are connected (again on each later boot, when it reported).
+pub const FLEET_READY: &str = "/run/kupgrade-vm/ready";
+/// The host writes this (over ssh) when the roll has ended: the guest runs
+/// its checks. On tmpfs: a boot before the end does not see it.
+pub const FLEET_DONE: &str = "/run/kupgrade-vm/fleet-done";
+/// The environment variable naming the guest in its shell steps.
+pub const HOST_VAR: &str = "KUPGRADE_VM_HOST";
 
 /// Progress, kept on the guest's disk: how many upgrades are done.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -5,6 +5,7 @@
 
 pub mod assets;
 pub mod debian;
+pub mod fleet;
 pub mod floor;
 pub mod guest;
 pub mod jobs;

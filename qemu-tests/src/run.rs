@@ -42,7 +42,7 @@ static ISSUED_PORTS: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 /// A free port on the host for a forward. The probe listener is closed
 /// before QEMU binds the port, so the kernel could hand it out again to a
 /// guest starting at the same time: no port is given out twice.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     let mut issued = ISSUED_PORTS.lock().unwrap_or_else(PoisonError::into_inner);
     unique_port(&mut issued, || {
         Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -70,6 +70,14 @@ static APPLIANCE_ASSETS: Mutex<()> = Mutex::new(());
 /// same binaries) for every Debian guest; the guests' caches lock
 /// themselves, so that different flavours are assembled side by side.
 static DEBIAN_PACKAGE: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+/// kupgrade's package as this run built it for its Debian guests.
+pub(crate) fn debian_package() -> Option<PathBuf> {
+    DEBIAN_PACKAGE
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+}
 
 fn hold(lock: &'static Mutex<()>) -> MutexGuard<'static, ()> {
     // The guarded state is files, which a panicking holder leaves as the
@@ -215,6 +223,7 @@ fn start_qemu(
     disk: &Path,
     plan_disk: &Path,
     fwds: &[(u16, u16)],
+    fleet: Option<&FleetGuest>,
     log: &Path,
 ) -> Result<Qemu> {
     let g = &p.scenario.guest;
@@ -233,6 +242,9 @@ fn start_qemu(
     for (pr, (host, guest_port)) in p.scenario.probes.iter().zip(fwds) {
         let proto = if pr.mode.is_udp() { "udp" } else { "tcp" };
         netdev.push_str(&format!(",hostfwd={proto}:127.0.0.1:{host}-:{guest_port}"));
+    }
+    if let Some(f) = fleet {
+        netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{}-:22", f.ssh_port));
     }
     let mut cmd = Command::new(&opts.qemu);
     cmd.args([
@@ -341,7 +353,26 @@ pub fn chain_releases(p: &Prepared) -> Vec<String> {
 
 /// Boots the guest of a prepared scenario and judges the run.
 pub fn run_prepared(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result<Report> {
-    boot(p, scenario_dir, opts, false)
+    boot(p, scenario_dir, opts, false, None)
+}
+
+/// One guest of a fleet: its sshd on a port of 127.0.0.1, upgraded (or
+/// not) by the host's Ansible while it runs.
+#[derive(Clone, Debug)]
+pub struct FleetGuest {
+    pub host: String,
+    pub ssh_port: u16,
+}
+
+/// Boots one guest of a fleet and judges it when the roll has ended (see
+/// [`crate::fleet`]); `p.scenario.upgrade.chain` is what it must come to.
+pub fn run_fleet_guest(
+    p: &Prepared,
+    scenario_dir: &Path,
+    opts: &Options,
+    guest: &FleetGuest,
+) -> Result<Report> {
+    boot(p, scenario_dir, opts, false, Some(guest))
 }
 
 /// Boots the scenario's guest without its workloads, probes and checks and
@@ -360,10 +391,16 @@ pub fn run_bare(p: &Prepared, opts: &Options) -> Result<Report> {
     sc.upgrade.go_args.clear();
     sc.upgrade.go_env.clear();
     progress::step("timing a bare kexec of the same kernels and guest (no workloads)");
-    boot(&bare, Path::new("."), opts, true)
+    boot(&bare, Path::new("."), opts, true, None)
 }
 
-fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result<Report> {
+fn boot(
+    p: &Prepared,
+    scenario_dir: &Path,
+    opts: &Options,
+    bare: bool,
+    fleet: Option<&FleetGuest>,
+) -> Result<Report> {
     let started = Instant::now();
     if let Some(sig) = stop::stopped() {
         anyhow::bail!("stopped by {}", stop::name(sig));
@@ -409,6 +446,8 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
         attempts: sc.attempts.clone(),
         alive_secs: 3,
         bare_kexec: bare,
+        external_upgrade: fleet.is_some(),
+        host: fleet.map(|f| f.host.clone()).unwrap_or_default(),
     };
     let plan_disk = run_dir.join("plan.img");
     write_plan_disk(&plan_disk, &plan, scenario_dir, sc, &run_dir)?;
@@ -423,7 +462,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
         opts.accel,
         serial.display()
     ));
-    let qemu = start_qemu(p, opts, &disk, &plan_disk, &fwds, &serial)?;
+    let qemu = start_qemu(p, opts, &disk, &plan_disk, &fwds, fleet, &serial)?;
 
     let deadline = Instant::now() + Duration::from_secs(sc.guest.timeout_secs);
     let stop = Arc::new(AtomicBool::new(false));
@@ -633,7 +672,7 @@ fn boot(p: &Prepared, scenario_dir: &Path, opts: &Options, bare: bool) -> Result
 
 /// Creates the directory of a new run, `NAME-STAMP`, with a suffix if a
 /// run of the same name started in the same second.
-fn new_run_dir(runs: &Path, name: &str, stamp: u64) -> Result<PathBuf> {
+pub(crate) fn new_run_dir(runs: &Path, name: &str, stamp: u64) -> Result<PathBuf> {
     fs::create_dir_all(runs).with_context(|| format!("cannot create {}", runs.display()))?;
     let mut n = 1;
     loop {

@@ -108,7 +108,61 @@ pub struct Scenario {
     /// Failing `kupgrade go` runs before the upgrade, on the first boot.
     #[serde(default, rename = "attempt")]
     pub attempts: Vec<Attempt>,
+    /// Several guests upgraded from the host by the Ansible collection
+    /// (`ansible/`), not by the guest itself: see [`crate::fleet`].
+    #[serde(default)]
+    pub fleet: Option<Fleet>,
 }
+
+/// A fleet of Debian guests, each reachable over ssh on a forwarded port of
+/// 127.0.0.1, rolled by `kupgrade.fleet.rolling_upgrade`. Every guest runs
+/// the scenario's setup, workloads, probes and checks (`$KUPGRADE_VM_HOST`
+/// names the guest in their shell).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Fleet {
+    /// Inventory names, in the order of the roll (the canary first), with
+    /// what the roll must leave on each.
+    #[serde(rename = "host")]
+    pub hosts: Vec<FleetHost>,
+    /// More `-e` for `ansible-playbook` (`kupgrade_serial`, say), each one
+    /// `key=value` or JSON.
+    #[serde(default)]
+    pub extra_vars: Vec<String>,
+    /// Seconds the playbook may take.
+    #[serde(default = "default_playbook_secs")]
+    pub playbook_secs: u64,
+}
+
+fn default_playbook_secs() -> u64 {
+    1500
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetHost {
+    pub name: String,
+    pub expect: HostExpect,
+    /// Text the fleet report's reason for a refused host must contain.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub reason_contains: Vec<String>,
+}
+
+/// What the roll leaves on one host.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HostExpect {
+    /// On the target kernel, its workloads restored.
+    Upgraded,
+    /// `kupgrade check` refused it: the old kernel, the workloads running.
+    Refused,
+    /// The roll stopped before it: no kupgrade command ran there.
+    Untouched,
+}
+
+/// What a fleet's guests need besides the scenario's own packages: sshd
+/// for Ansible, python3 for its modules, python3-apt for its apt module.
+pub const FLEET_PACKAGES: &[&str] = &["openssh-server", "python3", "python3-apt"];
 
 /// A `kupgrade go` with a fault, run before the upgrade: every fault before
 /// the kexec leaves the old kernel running, so one boot runs many.
@@ -655,7 +709,45 @@ impl Scenario {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
+    fn validate_fleet(&self, f: &Fleet) -> Result<(), String> {
+        if self.guest.flavour != Flavour::Debian {
+            return Err("[fleet] needs guest.flavour = \"debian\" (Ansible runs over ssh)".into());
+        }
+        for p in FLEET_PACKAGES {
+            if !self.guest.packages.iter().any(|q| q == p) {
+                return Err(format!(
+                    "[fleet] needs {p} in guest.packages (all of {FLEET_PACKAGES:?})"
+                ));
+            }
+        }
+        if f.hosts.is_empty() {
+            return Err("[fleet] has no [[fleet.host]]".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for h in &f.hosts {
+            let ok = !h.name.is_empty()
+                && h.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+            if !ok || !names.insert(&h.name) {
+                return Err(format!(
+                    "[[fleet.host]] name {:?}: give each host a name of letters, digits and -",
+                    h.name
+                ));
+            }
+        }
+        if self.upgrade.expect != Expect::Success || !self.attempts.is_empty() {
+            return Err(
+                "a [fleet] scenario says what each host must come to in [[fleet.host]] expect; \
+                 leave [upgrade] expect and [[attempt]] out"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(f) = &self.fleet {
+            self.validate_fleet(f)?;
+        }
         let mut names = std::collections::HashSet::new();
         for w in &self.workloads {
             if w.name.is_empty()

@@ -12,7 +12,7 @@ use crate::floor::Floors;
 use crate::report::Report;
 use crate::run::{self, Options};
 use crate::scenario::Expect;
-use crate::{progress, stop};
+use crate::{fleet, progress, stop};
 
 /// Runs one scenario and returns its report; the verdict says whether it
 /// passed. An upgrade is compared with the bare kexec of the same kernels,
@@ -21,6 +21,10 @@ pub fn run(scenario_path: &Path, opts: &Options, floors: &Floors) -> Result<Repo
     let started = Instant::now();
     let p = run::prepare(scenario_path, opts)?;
     let scenario_dir = scenario_path.parent().unwrap_or(Path::new("."));
+    if p.scenario.fleet.is_some() {
+        // Its upgrades are judged host by host, not against a floor.
+        return fleet::run(&p, scenario_dir, opts);
+    }
     let mut rep = run::run_prepared(&p, scenario_dir, opts)?;
     if p.scenario.upgrade.expect == Expect::Success && stop::stopped().is_none() {
         floors.apply(&p, opts, &mut rep);

@@ -211,6 +211,10 @@ fn worker() -> Result<()> {
         .with("n", progress.upgrades_done)
         .with("kernel", release()));
     let (plan, mut img) = read_plan()?;
+    if !plan.host.is_empty() {
+        // Single-threaded still: nothing reads the environment meanwhile.
+        std::env::set_var(guest::HOST_VAR, &plan.host);
+    }
     configure_network();
     if plan.bare_kexec {
         return bare_kexec(&plan, &mut progress);
@@ -297,8 +301,18 @@ fn worker() -> Result<()> {
             .unwrap_or(0);
         std::thread::sleep(Duration::from_secs(plan.settle_secs + warmup));
     } else {
+        if plan.external_upgrade {
+            // Another boot of a guest upgraded from outside: a kexec of it.
+            progress.upgrades_done += 1;
+            save_progress(&progress)?;
+        }
         report_last_upgrade();
         std::thread::sleep(Duration::from_secs(plan.settle_secs));
+    }
+    if plan.external_upgrade {
+        wait_for_the_roll()?;
+        finish(&plan, &progress);
+        return Ok(());
     }
 
     if progress.upgrades_done < plan.chain.len() {
@@ -339,6 +353,21 @@ fn worker() -> Result<()> {
             .with("detail", &out));
     }
     finish(&plan, &progress);
+    Ok(())
+}
+
+/// Says the workloads run (a file the fleet's host looks for over ssh), then
+/// waits for the host to say that the roll has ended: it may kexec this
+/// guest meanwhile, and the next boot's worker waits again.
+fn wait_for_the_roll() -> Result<()> {
+    let ready = Path::new(guest::FLEET_READY);
+    fs::create_dir_all(ready.parent().context("ready file")?)?;
+    fs::write(ready, release())?;
+    info("workloads running: waiting for the fleet's roll to end");
+    while !Path::new(guest::FLEET_DONE).exists() {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    info("the roll has ended");
     Ok(())
 }
 
