@@ -35,7 +35,16 @@ pub fn run(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result<Report> 
     let dir = run::new_run_dir(&opts.cache.join("runs"), &sc.name, stamp)?;
     let key = dir.join("id_ed25519");
     let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "kupgrade-vm fleet", "-f"])
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "kupgrade-vm fleet",
+            "-f",
+        ])
         .arg(&key)
         .status()
         .context("cannot run ssh-keygen: install openssh-client")?;
@@ -52,7 +61,10 @@ pub fn run(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result<Report> 
         };
         let hp = host_prepared(p, h, &public);
         let (dir, opts, g2) = (scenario_dir.to_path_buf(), opts.clone(), g.clone());
-        progress::step(&format!("fleet: booting {} (ssh on 127.0.0.1:{})", g.host, g.ssh_port));
+        progress::step(&format!(
+            "fleet: booting {} (ssh on 127.0.0.1:{})",
+            g.host, g.ssh_port
+        ));
         let handle = std::thread::spawn(move || run::run_fleet_guest(&hp, &dir, &opts, &g2));
         guests.push((g, handle));
     }
@@ -62,7 +74,15 @@ pub fn run(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result<Report> 
     let roll = match &ready {
         Ok(()) => {
             let inventory = write_inventory(&dir, &key, &guests)?;
-            Some(play(fleet, p, opts, &dir, &inventory, &package, &kernel_deb))
+            Some(play(
+                fleet,
+                p,
+                opts,
+                &dir,
+                &inventory,
+                &package,
+                &kernel_deb,
+            ))
         }
         Err(e) => {
             progress::step(&format!("fleet: not rolled: {e:#}"));
@@ -96,7 +116,11 @@ pub fn run(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result<Report> 
         ..Default::default()
     };
     if let Err(e) = &ready {
-        rep.checks.push(check("every host came up with its workloads", false, format!("{e:#}")));
+        rep.checks.push(check(
+            "every host came up with its workloads",
+            false,
+            format!("{e:#}"),
+        ));
     }
     if let Some(roll) = &roll {
         rep.checks.extend(judge_roll(fleet, p, roll));
@@ -249,7 +273,11 @@ fn tell_done(key: &Path, g: &FleetGuest, deadline: Instant) -> Result<()> {
 }
 
 /// The inventory an operator would write for these hosts.
-fn write_inventory(dir: &Path, key: &Path, guests: &[(FleetGuest, JoinHandle<Result<Report>>)]) -> Result<PathBuf> {
+fn write_inventory(
+    dir: &Path,
+    key: &Path,
+    guests: &[(FleetGuest, JoinHandle<Result<Report>>)],
+) -> Result<PathBuf> {
     let mut text = String::from("[fleet]\n");
     for (g, _) in guests {
         text.push_str(&format!(
@@ -391,7 +419,10 @@ fn judge_roll(fleet: &Fleet, p: &Prepared, roll: &Roll) -> Vec<CheckResult> {
         )
     }];
     for h in &fleet.hosts {
-        let path = roll.report_dir.join("hosts").join(format!("{}.json", h.name));
+        let path = roll
+            .report_dir
+            .join("hosts")
+            .join(format!("{}.json", h.name));
         let result: Option<Value> = fs::read(&path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
@@ -418,7 +449,9 @@ fn judge_roll(fleet: &Fleet, p: &Prepared, roll: &Roll) -> Vec<CheckResult> {
             && roll.report_dir.join("fleet-report.md").exists(),
         format!(
             "wanted {want:?}; fleet-report.json counts {}, blackout {}",
-            counts.map(Value::to_string).unwrap_or_else(|| "none".into()),
+            counts
+                .map(Value::to_string)
+                .unwrap_or_else(|| "none".into()),
             summary
                 .as_ref()
                 .map(|s| s["blackout"].to_string())
@@ -432,7 +465,9 @@ fn judge_roll(fleet: &Fleet, p: &Prepared, roll: &Roll) -> Vec<CheckResult> {
 /// leave there.
 fn judge_host(h: &FleetHost, target: &str, result: Option<&Value>) -> CheckResult {
     let field = |k: &str| result.and_then(|r| r.get(k)).and_then(Value::as_str);
-    let shown = result.map(Value::to_string).unwrap_or_else(|| "no result".into());
+    let shown = result
+        .map(Value::to_string)
+        .unwrap_or_else(|| "no result".into());
     match h.expect {
         HostExpect::Upgraded => check(
             &format!("{}: the roll upgraded it to {target}", h.name),

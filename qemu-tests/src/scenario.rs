@@ -726,7 +726,9 @@ impl Scenario {
         let mut names = std::collections::HashSet::new();
         for h in &f.hosts {
             let ok = !h.name.is_empty()
-                && h.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+                && h.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-');
             if !ok || !names.insert(&h.name) {
                 return Err(format!(
                     "[[fleet.host]] name {:?}: give each host a name of letters, digits and -",
@@ -1217,6 +1219,32 @@ checks = ["resumed"]
         let e = Scenario::parse(&ATTEMPTS.replace("expect = \"killed\"", "expect = \"ok\""))
             .unwrap_err();
         assert!(e.contains("ok"), "{e}");
+    }
+
+    /// A fleet runs on Debian guests with what Ansible needs there, names
+    /// each host once, and says per host what the roll must leave.
+    #[test]
+    fn a_fleet_needs_debian_guests_ansible_can_reach_and_named_hosts() {
+        const FLEET: &str = "name = \"f\"\n[guest]\nflavour = \"debian\"\n\
+            packages = [\"openssh-server\", \"python3\", \"python3-apt\"]\n\
+            [fleet]\n[[fleet.host]]\nname = \"a\"\nexpect = \"upgraded\"\n\
+            [[fleet.host]]\nname = \"b\"\nexpect = \"untouched\"\n";
+        let s = Scenario::parse(FLEET).unwrap();
+        s.validate().unwrap();
+        let f = s.fleet.unwrap();
+        assert_eq!(f.hosts[1].expect, HostExpect::Untouched);
+        assert_eq!(f.playbook_secs, default_playbook_secs());
+        let bad = |from: &str, to: &str| {
+            Scenario::parse(&FLEET.replacen(from, to, 1))
+                .and_then(|s| s.validate())
+                .unwrap_err()
+        };
+        assert!(bad("flavour = \"debian\"", "").contains("debian"));
+        assert!(bad(", \"python3-apt\"", "").contains("python3-apt"));
+        assert!(bad("name = \"b\"", "name = \"a\"").contains("each host"));
+        assert!(bad("[fleet]\n", "[upgrade]\nexpect = \"refused\"\n[fleet]\n")
+            .contains("[[fleet.host]] expect"));
+        assert!(bad("\"untouched\"", "\"gone\"").contains("gone"));
     }
 
     #[test]
