@@ -223,10 +223,11 @@ pub fn ensure_kernel(cache: &Cache, release: &str) -> Result<()> {
     Ok(())
 }
 
-/// The `.deb` of one kernel release, downloaded if it is not yet.
+/// The `.deb` of one kernel release, downloaded if it is not yet (callers
+/// that run at once hold one lock: `apt-get download` writes in place).
 pub fn kernel_deb(cache: &Cache, release: &str) -> Result<PathBuf> {
-    ensure_kernel(cache, release)?;
     let debs = cache.root.join("debs");
+    fs::create_dir_all(&debs)?;
     let pkg = package_of(release);
     if let Some(deb) = find_deb(&debs, &pkg) {
         return Ok(deb);

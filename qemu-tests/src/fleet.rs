@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use crate::assets::{self, Cache};
 use crate::guest;
 use crate::report::{Artifacts, CheckResult, Report, Verdict};
 use crate::run::{self, FleetGuest, Options, Prepared};
@@ -50,7 +49,7 @@ pub fn run(p: &Prepared, scenario_dir: &Path, opts: &Options) -> Result<Report> 
         .context("cannot run ssh-keygen: install openssh-client")?;
     anyhow::ensure!(st.success(), "ssh-keygen failed");
     let public = fs::read_to_string(key.with_extension("pub"))?;
-    let kernel_deb = assets::kernel_deb(&Cache::new(opts.cache.clone())?, &p.to)?;
+    let kernel_deb = run::kernel_package(opts, &p.to)?;
     let package = run::debian_package().context("kupgrade's package was not built")?;
 
     let mut guests = Vec::new();
@@ -180,7 +179,7 @@ fn host_prepared(p: &Prepared, h: &FleetHost, public_key: &str) -> Prepared {
             name: "the control node's ssh key authorized".into(),
             command: Vec::new(),
             shell: Some(format!(
-                "install -d -m 0700 /root/.ssh && echo '{}' >> /root/.ssh/authorized_keys && systemctl is-active ssh.service",
+                "install -d -m 0700 /root/.ssh && echo '{}' >> /root/.ssh/authorized_keys",
                 public_key.trim()
             )),
         },

@@ -79,6 +79,13 @@ pub(crate) fn debian_package() -> Option<PathBuf> {
         .clone()
 }
 
+/// The `.deb` of a kernel release, for a fleet to install (see
+/// [`assets::kernel_deb`]), under the lock of the kernels it sits beside.
+pub(crate) fn kernel_package(opts: &Options, release: &str) -> Result<PathBuf> {
+    let _assets = hold(&APPLIANCE_ASSETS);
+    assets::kernel_deb(&Cache::new(opts.cache.clone())?, release)
+}
+
 fn hold(lock: &'static Mutex<()>) -> MutexGuard<'static, ()> {
     // The guarded state is files, which a panicking holder leaves as the
     // next build expects (partial files are rebuilt).

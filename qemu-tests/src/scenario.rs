@@ -1242,8 +1242,10 @@ checks = ["resumed"]
         assert!(bad("flavour = \"debian\"", "").contains("debian"));
         assert!(bad(", \"python3-apt\"", "").contains("python3-apt"));
         assert!(bad("name = \"b\"", "name = \"a\"").contains("each host"));
-        assert!(bad("[fleet]\n", "[upgrade]\nexpect = \"refused\"\n[fleet]\n")
-            .contains("[[fleet.host]] expect"));
+        assert!(
+            bad("[fleet]\n", "[upgrade]\nexpect = \"refused\"\n[fleet]\n")
+                .contains("[[fleet.host]] expect")
+        );
         assert!(bad("\"untouched\"", "\"gone\"").contains("gone"));
     }
 
