@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::guest;
 use crate::report::{Artifacts, CheckResult, Report, Verdict};
-use crate::run::{self, FleetGuest, Options, Prepared};
+use crate::run::{self, check, FleetGuest, Options, Prepared};
 use crate::scenario::{Fleet, FleetHost, HostExpect, Setup};
 use crate::{progress, stop};
 
@@ -188,14 +188,6 @@ fn host_prepared(p: &Prepared, h: &FleetHost, public_key: &str) -> Prepared {
         sc.upgrade.chain.clear();
     }
     hp
-}
-
-fn check(name: &str, ok: bool, detail: String) -> CheckResult {
-    CheckResult {
-        name: name.to_string(),
-        ok,
-        detail,
-    }
 }
 
 /// `ssh root@127.0.0.1 -p PORT COMMAND`, at most `within`: QEMU's user

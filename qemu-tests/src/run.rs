@@ -751,7 +751,7 @@ fn copy_guest_logs(disk: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-fn check(name: &str, ok: bool, detail: String) -> CheckResult {
+pub(crate) fn check(name: &str, ok: bool, detail: String) -> CheckResult {
     CheckResult {
         name: name.to_string(),
         ok,
