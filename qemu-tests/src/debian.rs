@@ -80,7 +80,11 @@ const BASE_PACKAGES: &[&str] = &[
     "criu",
     "nftables",
     "iproute2",
+    // What Ansible needs on a managed host (its modules, its apt module):
+    // the fleet scenarios share this base.
     "openssh-server",
+    "python3",
+    "python3-apt",
 ];
 
 /// dpkg keeps none of these: the guest stays small and quick to copy.
@@ -225,6 +229,11 @@ pub fn root_fs(disk: &Path) -> PathBuf {
 /// Builds (or reuses) the guest for `inputs`; `boot` is the release QEMU
 /// starts with.
 pub fn ensure(cache: &Cache, inputs: &Inputs, boot: &str) -> Result<Guest> {
+    let extra = extra_packages(inputs.initramfs, inputs.packages);
+    let inputs = &Inputs {
+        packages: &extra,
+        ..*inputs
+    };
     let shared = shared_cache_dir(cache);
     let base = ensure_base(&shared, inputs)?;
     let own = cache.root.join("debian");
@@ -256,6 +265,20 @@ fn lock(dir: &Path, name: &str) -> Result<Flock<File>> {
 
 fn hex_key(h: blake3::Hasher) -> String {
     h.finalize().to_hex()[..16].to_string()
+}
+
+/// The scenario's packages that the base lacks, sorted: a scenario that
+/// names only packages of the base shares its image.
+fn extra_packages(initramfs: Initramfs, packages: &[String]) -> Vec<String> {
+    let base = base_packages(initramfs);
+    let mut extra: Vec<String> = packages
+        .iter()
+        .filter(|p| !base.contains(&p.as_str()))
+        .cloned()
+        .collect();
+    extra.sort();
+    extra.dedup();
+    extra
 }
 
 /// Names images with the scenario's extra packages and the initramfs
@@ -1006,6 +1029,9 @@ mod tests {
             flavour_name(Initramfs::InitramfsTools, &redis),
             "redis-server"
         );
+        let named = ["redis-server", "python3", "openssh-server", "redis-server"].map(String::from);
+        assert_eq!(extra_packages(Initramfs::InitramfsTools, &named), redis);
+        assert!(extra_packages(Initramfs::Dracut, &named[1..3]).is_empty());
     }
 
     #[test]
