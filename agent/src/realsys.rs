@@ -16,7 +16,7 @@ use crate::config::{Config, LIB_DIR};
 use crate::pipeline::{Dumped, ImageInput, Step, StepError, System};
 use crate::remount::{self, Remounted};
 use crate::stage::Staged;
-use crate::store::Store;
+use crate::store::{Kind, Store};
 use crate::watchdog::Watchdogs;
 use crate::workload::Workload;
 use crate::{capture, cgroup, criu, leftovers, listen};
@@ -117,6 +117,32 @@ impl RealSystem {
             lines.join("\n") + "\n",
         );
     }
+}
+
+/// In the frozen window a RAM store takes the dump as it is: there a copy
+/// costs less than compressing it (BENCHMARKS.md). A disk or file store,
+/// or a RAM store without room for the raw bytes, gets it compressed.
+/// Pre-copy's rounds, written while the workloads run, are compressed.
+fn compress_when_frozen(kind: &Kind, remaining: u64, raw: u64) -> bool {
+    // Chunk headers, tree records and the manifest, with room to spare.
+    let needed = raw.saturating_add(raw / 64).saturating_add(4 << 20);
+    *kind != Kind::Pmem || remaining < needed
+}
+
+/// Bytes of the regular files under `dir` (0 for what cannot be read: the
+/// writer then reports the error itself).
+fn bytes_under(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => bytes_under(&e.path()),
+            Ok(t) if t.is_file() => e.metadata().map_or(0, |m| m.len()),
+            _ => 0,
+        })
+        .sum()
 }
 
 fn err(step: Step) -> impl Fn(&dyn std::fmt::Display) -> StepError {
@@ -325,7 +351,7 @@ impl System for RealSystem {
             None => self.begin_image(input.manifest.created_unix_ns / 1_000_000_000)?,
         };
         let (mut w, before) = (begun.writer, begun.before);
-        for (name, dir) in &input.trees {
+        for (_, dir) in &input.trees {
             if begun.stored.contains(dir) {
                 // Its pre-dumps are in the store already: the tree is the
                 // frozen dump and its `parent` link.
@@ -334,6 +360,29 @@ impl System for RealSystem {
                     _ => {}
                 }
             }
+        }
+        let raw: u64 = input
+            .trees
+            .iter()
+            .map(|(_, d)| d)
+            .chain(&input.tmpfs)
+            .map(|d| bytes_under(d))
+            .sum();
+        let compress = compress_when_frozen(&self.store.kind, w.remaining(), raw);
+        w.set_compress(compress);
+        if self.store.kind == Kind::Pmem {
+            let _ = writeln!(
+                std::io::stderr(),
+                "kupgrade: the frozen dump ({} KiB) goes to the RAM store {}",
+                raw >> 10,
+                if compress {
+                    "compressed: too little room for it as it is"
+                } else {
+                    "as it is, uncompressed"
+                }
+            );
+        }
+        for (name, dir) in &input.trees {
             w.add_tree(name, dir).map_err(|x| e(&x))?;
         }
         let json = serde_json::to_vec(input.devstate).map_err(|x| e(&x))?;
@@ -432,4 +481,31 @@ impl System for RealSystem {
 /// Files the real system keeps, for `status` and `report`.
 pub fn last_go_log() -> PathBuf {
     Path::new(LIB_DIR).join("last-go.log")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_ram_store_with_room_takes_the_frozen_dump_uncompressed() {
+        const MIB: u64 = 1 << 20;
+        assert!(!compress_when_frozen(&Kind::Pmem, 256 * MIB, 100 * MIB));
+        // Too little room for the raw bytes and their headers.
+        assert!(compress_when_frozen(&Kind::Pmem, 101 * MIB, 100 * MIB));
+        assert!(compress_when_frozen(&Kind::Device, 256 * MIB, 100 * MIB));
+        assert!(compress_when_frozen(&Kind::File, 256 * MIB, 100 * MIB));
+    }
+
+    #[test]
+    fn the_bytes_under_a_tree_count_its_files_at_every_depth() {
+        let dir = std::env::temp_dir().join(format!("kupgrade-bytes-{}", std::process::id()));
+        fs::create_dir_all(dir.join("pre/1")).unwrap();
+        fs::write(dir.join("pages-1.img"), vec![1u8; 5000]).unwrap();
+        fs::write(dir.join("pre/1/pages-1.img"), vec![1u8; 300]).unwrap();
+        std::os::unix::fs::symlink("pre/1", dir.join("parent")).unwrap();
+        assert_eq!(bytes_under(&dir), 5300);
+        assert_eq!(bytes_under(&dir.join("missing")), 0);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

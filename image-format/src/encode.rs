@@ -20,8 +20,8 @@ use crate::workers::{self, Pool};
 pub(crate) struct Settings {
     /// Compression threads; 1 compresses on the calling thread.
     pub(crate) threads: usize,
-    /// zstd level.
-    pub(crate) level: i32,
+    /// zstd level; `None` stores every chunk as it is (zero or raw).
+    pub(crate) level: Option<i32>,
     /// Raw bytes per chunk, already within [`MIN_CHUNK`, `MAX_CHUNK`].
     pub(crate) chunk_size: usize,
 }
@@ -216,14 +216,19 @@ struct EncodedChunk<'a> {
 }
 
 struct Encoder {
-    zstd: zstd::bulk::Compressor<'static>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
     pool: Pool,
 }
 
 impl Encoder {
-    fn new(level: i32, pool: Pool) -> Result<Encoder, Error> {
-        let zstd = zstd::bulk::Compressor::new(level)
-            .map_err(Error::io(format!("set up zstd at level {level}")))?;
+    fn new(level: Option<i32>, pool: Pool) -> Result<Encoder, Error> {
+        let zstd = match level {
+            Some(level) => Some(
+                zstd::bulk::Compressor::new(level)
+                    .map_err(Error::io(format!("set up zstd at level {level}")))?,
+            ),
+            None => None,
+        };
         Ok(Encoder { zstd, pool })
     }
 
@@ -235,10 +240,13 @@ impl Encoder {
                 Body::Zero,
             );
         }
+        let Some(zstd) = &mut self.zstd else {
+            return (ChunkHeader::new(CHUNK_RAW, index, raw_len, raw), Body::Raw);
+        };
         // Room for no more than the raw bytes: when zstd needs more, it
         // fails and the chunk is stored raw.
         let mut out = self.pool.get(raw.len());
-        match self.zstd.compress_to_buffer(raw, &mut out) {
+        match zstd.compress_to_buffer(raw, &mut out) {
             Ok(n) if n < raw.len() => {
                 let h = ChunkHeader::new(CHUNK_ZSTD, index, raw_len, &out);
                 (h, Body::Zstd(out))
@@ -480,7 +488,7 @@ mod tests {
 
     #[test]
     fn encoder_picks_zero_zstd_or_raw() {
-        let mut enc = Encoder::new(1, Pool::new(1, 4096)).unwrap();
+        let mut enc = Encoder::new(Some(1), Pool::new(1, 4096)).unwrap();
         let (h, b) = enc.encode(0, &[0u8; 8192]);
         assert_eq!((h.kind, b.as_slice(&[]).len()), (CHUNK_ZERO, 0));
         let (h, _) = enc.encode(1, &[7u8; 8192]);
@@ -498,5 +506,10 @@ mod tests {
         let (h, _) = enc.encode(2, &random);
         assert_eq!(h.kind, CHUNK_RAW);
         assert_eq!(h.stored_len.get(), 8192);
+        // Without compression only zero chunks are told apart.
+        let mut plain = Encoder::new(None, Pool::new(1, 4096)).unwrap();
+        assert_eq!(plain.encode(0, &[0u8; 8192]).0.kind, CHUNK_ZERO);
+        let (h, b) = plain.encode(1, &[7u8; 8192]);
+        assert_eq!((h.kind, b.as_slice(&[7u8; 8192]).len()), (CHUNK_RAW, 8192));
     }
 }

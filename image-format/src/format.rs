@@ -56,8 +56,9 @@
 //!
 //! A chunk holds at most `chunk_size` raw bytes of its section's stream. Its
 //! header (see [`ChunkHeader`]) says how they are stored: compressed with
-//! zstd, raw (when compression does not help), or not at all when they are
-//! all zero. Its crc32c covers the header's first 20 bytes and the stored
+//! zstd, raw (when compression does not help, or the writer was asked not to
+//! compress: `WriteOptions::compress`, `ImageWriter::set_compress`, per
+//! section), or not at all when they are all zero. Its crc32c covers the header's first 20 bytes and the stored
 //! bytes, so a chunk can be checked on its own while a section is read.
 //!
 //! Integrity, from the cheapest check to the most thorough: the superblock's

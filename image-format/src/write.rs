@@ -28,6 +28,11 @@ pub struct WriteOptions {
     /// zstd level. Writing sits in the blackout: speed matters more than
     /// size, and negative levels are faster still.
     pub zstd_level: i32,
+    /// Compress chunks (the default); without, chunks are stored raw
+    /// (all-zero ones still as a header only): the fastest write, for a
+    /// store with room for the raw bytes. [`ImageWriter::set_compress`]
+    /// changes it between sections.
+    pub compress: bool,
     /// Recorded in the superblock; the agent uses the creation time.
     pub generation: u64,
 }
@@ -38,6 +43,7 @@ impl Default for WriteOptions {
             threads: 0,
             chunk_size: 1 << 20,
             zstd_level: 1,
+            compress: true,
             generation: 0,
         }
     }
@@ -64,6 +70,8 @@ pub struct ImageWriter<S: Store> {
     store: S,
     capacity: u64,
     encoding: Settings,
+    /// The level compressed sections use.
+    zstd_level: i32,
     generation: u64,
     /// Where the next section starts.
     pos: u64,
@@ -91,9 +99,10 @@ impl<S: Store> ImageWriter<S> {
         Ok(ImageWriter {
             store,
             capacity,
+            zstd_level: opts.zstd_level,
             encoding: Settings {
                 threads: workers::threads(opts.threads),
-                level: opts.zstd_level,
+                level: opts.compress.then_some(opts.zstd_level),
                 chunk_size: opts
                     .chunk_size
                     .clamp(MIN_CHUNK as usize, MAX_CHUNK as usize),
@@ -110,6 +119,17 @@ impl<S: Store> ImageWriter<S> {
     /// Bytes used so far, superblock included.
     pub fn position(&self) -> u64 {
         self.pos
+    }
+
+    /// Bytes left for sections and the manifest.
+    pub fn remaining(&self) -> u64 {
+        self.capacity.saturating_sub(self.pos)
+    }
+
+    /// Whether the sections added from now on are compressed: readers
+    /// take either, chunk by chunk.
+    pub fn set_compress(&mut self, compress: bool) {
+        self.encoding.level = compress.then_some(self.zstd_level);
     }
 
     fn check_name(&self, name: &str) -> Result<(), Error> {

@@ -310,3 +310,43 @@ fn reading_one_section_reads_no_other() {
     assert_eq!(img.read_blob("b").unwrap(), b);
     assert!(img.read_blob("a").is_err());
 }
+
+/// Sections written without compression (a RAM store's frozen window) sit
+/// beside compressed ones (pre-copy's) in one image: every chunk that is
+/// not all zero is stored raw, and both kinds read back and verify.
+#[test]
+fn uncompressed_sections_mix_with_compressed_ones() {
+    let compressible = b"a page of a process, much like the next one. ".repeat(4000);
+    let mut zeros_and_text = vec![0u8; 64 << 10];
+    zeros_and_text.extend_from_slice(&compressible);
+    for threads in [1, 2] {
+        let mut bytes = Vec::new();
+        image_in_vec(&mut bytes, opts(threads, 4096), |w| {
+            w.add_blob("packed", &compressible).unwrap();
+            w.set_compress(false);
+            let before = w.remaining();
+            w.add_blob("plain", &zeros_and_text).unwrap();
+            // Its raw bytes, the 16 zero chunks as headers, and a header
+            // per other chunk.
+            let used = before - w.remaining();
+            assert!(used < zeros_and_text.len() as u64, "{used}");
+            assert!(used >= compressible.len() as u64, "{used}");
+            w.set_compress(true);
+            w.add_blob("packed again", &compressible).unwrap();
+        });
+        let mut img = Image::from_slice(&bytes).unwrap();
+        img.set_threads(threads);
+        img.verify().unwrap();
+        for (name, data) in [
+            ("packed", &compressible),
+            ("plain", &zeros_and_text),
+            ("packed again", &compressible),
+        ] {
+            assert_eq!(&img.read_blob(name).unwrap(), data, "{name}");
+        }
+        let stored = |name: &str| img.manifest().section(name).unwrap().stored_len;
+        assert!(stored("packed") * 10 < compressible.len() as u64);
+        assert_eq!(stored("packed"), stored("packed again"));
+        assert!(stored("plain") > compressible.len() as u64);
+    }
+}

@@ -108,6 +108,7 @@ pub fn opts(threads: usize, chunk_size: usize) -> WriteOptions {
         threads,
         chunk_size,
         zstd_level: 1,
+        compress: true,
         generation: 7,
     }
 }
