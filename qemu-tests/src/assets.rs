@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use initramfs::modules::ModuleIndex;
@@ -242,39 +242,22 @@ pub fn kernel_deb(cache: &Cache, release: &str) -> Result<PathBuf> {
 
 /// Builds the static guest binaries of this workspace and returns their directory.
 pub fn build_guest_binaries(workspace: &Path) -> Result<PathBuf> {
-    progress::step("building static kupgrade binaries for the guest");
-    let target_dir = workspace.join("target/static");
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    progress::step("building static kupgrade binaries for the guest (scripts/static-binaries)");
+    let out = Command::new("bash")
+        .arg(workspace.join("scripts/static-binaries"))
         .current_dir(workspace)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        // Small binaries: kupgrade-init goes into every initramfs.
-        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-        .env("CARGO_PROFILE_RELEASE_STRIP", "true")
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "--target-dir",
-        ])
-        .arg(&target_dir)
-        .args([
-            "-p",
-            "kupgrade-agent",
-            "-p",
-            "kupgrade-init",
-            "-p",
-            "qemu-tests",
-            "-p",
-            "kupgrade-workloads",
-            "--bins",
-        ])
-        .status()
-        .context("cannot run cargo")?;
-    if !status.success() {
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run scripts/static-binaries")?;
+    if !out.status.success() {
         bail!("building the static guest binaries failed");
     }
-    Ok(target_dir.join("x86_64-unknown-linux-gnu/release"))
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let dir = printed
+        .lines()
+        .next_back()
+        .context("scripts/static-binaries printed no directory")?;
+    Ok(PathBuf::from(dir))
 }
 
 /// Builds the first boot's initramfs for `release` with the same code as
