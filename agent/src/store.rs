@@ -212,12 +212,19 @@ impl Store {
 
     /// Before an image is written: how far the store held image data
     /// before, and from now on unknown (a write that does not finish leaves
-    /// the whole store to wipe).
+    /// the whole store to wipe). With no record at all, nothing: as in
+    /// [`Store::holds_image_data`], kupgrade never wrote an image there
+    /// that it knows of, so the wipe after the restore stops at this
+    /// image's end instead of zeroing all of a store it never touched. A
+    /// record that cannot be read, or is another store's, says nothing
+    /// about this one: unknown.
     pub fn writing(&self, record_dir: &Path) -> Result<Option<u64>, Error> {
         let name = self.path.display().to_string();
-        let before = Extent::read(record_dir)
-            .filter(|e| e.store == name)
-            .and_then(|e| e.dirty_bytes);
+        let before = match Extent::read(record_dir) {
+            Some(e) if e.store == name => e.dirty_bytes,
+            None if !record_dir.join(extent::FILE).exists() => Some(0),
+            _ => None,
+        };
         self.record(record_dir, None)?;
         Ok(before)
     }
@@ -564,6 +571,33 @@ mod tests {
         assert_eq!(zero_up_to(&s.path), usize::MAX);
         // Nothing written since the last wipe: only the superblock.
         assert_eq!(s.wipe(&record).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_first_image_wipes_only_as_far_as_it_goes() {
+        let d = tempfile::tempdir().unwrap();
+        let s = file_store(d.path());
+        let record = d.path().join("lib");
+        // No record: kupgrade never wrote here; what lies past the image is
+        // not its own, and the wipe stops at the image's end.
+        let before = s.writing(&record).unwrap();
+        assert_eq!(before, Some(0));
+        let total = image_over_old_data(&s, 4 << 20);
+        s.written(&record, before, total).unwrap();
+        assert_eq!(Extent::read(&record).unwrap().dirty_bytes, Some(total));
+        assert_eq!(s.wipe(&record).unwrap(), total);
+        assert_eq!(zero_up_to(&s.path), total as usize);
+        // A record it cannot read, or another store's, says nothing about
+        // this one: unknown, all of it.
+        fs::write(record.join(extent::FILE), "garbage").unwrap();
+        assert_eq!(s.writing(&record).unwrap(), None);
+        Extent {
+            store: "/dev/pmem9".into(),
+            dirty_bytes: Some(0),
+        }
+        .write(&record)
+        .unwrap();
+        assert_eq!(s.writing(&record).unwrap(), None);
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //!
 //! Kept in [`FILE`] under [`crate::report::DIR`] on the root file system,
 //! which both kernels see: the agent marks the extent unknown before it
-//! writes an image and records it once written; whoever wipes the store
+//! writes an image and records it once written (the furthest of the image's
+//! end and the mark before; with no record at all, the image's end: a store
+//! kupgrade never wrote to holds nothing of its own); whoever wipes the store
 //! (the agent on an abort or `kupgrade resume`, `kupgrade-init` after a
 //! restore) zeroes up to [`wipe_end`] and then records 0. The file holds two
 //! lines:
