@@ -331,10 +331,13 @@ impl System for RealSystem {
                 }
             }
         }
+        // While the workloads run: otherwise the frozen dump's final sync
+        // flushes every round's pages (the page cache of /dev/pmemN) too.
+        begun.writer.sync().map_err(|x| e(&x))?;
         let at = begun.writer.position();
         let _ = writeln!(
             std::io::stderr(),
-            "kupgrade: {} pre-dump section(s) written to the store in {} ms, image at {} KiB",
+            "kupgrade: {} pre-dump section(s) written and flushed to the store in {} ms, image at {} KiB",
             sections.len(),
             start.elapsed().as_millis(),
             at >> 10

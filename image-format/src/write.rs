@@ -126,6 +126,17 @@ impl<S: Store> ImageWriter<S> {
         self.capacity.saturating_sub(self.pos)
     }
 
+    /// Makes the sections written so far durable (the store's flush and
+    /// sync, as [`finish`](Self::finish) does), so that `finish` pays only
+    /// for what comes after: sections written while the workloads still run
+    /// (pre-copy's rounds) leave nothing to flush to the frozen window.
+    pub fn sync(&mut self) -> Result<(), Error> {
+        self.store
+            .flush()
+            .and_then(|()| self.store.sync())
+            .map_err(Error::io("flush the sections written so far to the store"))
+    }
+
     /// Whether the sections added from now on are compressed: readers
     /// take either, chunk by chunk.
     pub fn set_compress(&mut self, compress: bool) {

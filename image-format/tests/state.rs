@@ -236,3 +236,70 @@ fn inspect_prints_everything_and_verifies() {
     assert_eq!(none.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&none.stderr).contains("No such file"));
 }
+
+/// A store that keeps, for each sync, how many bytes it made durable.
+struct Unsynced {
+    inner: Cursor<Vec<u8>>,
+    pending: usize,
+    syncs: Vec<usize>,
+}
+
+impl std::io::Read for Unsynced {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl std::io::Write for Unsynced {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.pending += n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl std::io::Seek for Unsynced {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+impl image_format::Store for Unsynced {
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.syncs.push(std::mem::take(&mut self.pending));
+        Ok(())
+    }
+}
+
+#[test]
+fn sync_leaves_finish_only_what_came_after() {
+    let early = Rng(3).bytes(200_000);
+    let late = Rng(4).bytes(10_000);
+    let mut store = Unsynced {
+        inner: Cursor::new(Vec::new()),
+        pending: 0,
+        syncs: Vec::new(),
+    };
+    let mut w = image_format::ImageWriter::create(&mut store, 1 << 24, opts(1, 4096)).unwrap();
+    w.add_blob("early", &early).unwrap();
+    w.sync().unwrap();
+    let synced_before_finish = w.position();
+    w.add_blob("late", &late).unwrap();
+    let summary = w.finish(image_format::Manifest::default()).unwrap();
+    // create's invalidation, sync(), then finish's: none of them late.
+    assert_eq!(store.syncs[0], 4096);
+    assert_eq!(store.syncs[1] as u64, synced_before_finish - 4096);
+    let after: usize = store.syncs[2..].iter().sum();
+    assert_eq!(
+        after as u64,
+        summary.total_len - synced_before_finish + 4096
+    );
+    assert!(after < 20_000, "finish flushed {after} bytes");
+    assert_eq!(store.pending, 0);
+    let mut img = Image::from_slice(store.inner.get_ref()).unwrap();
+    assert_eq!(img.read_blob("early").unwrap(), early);
+    assert_eq!(img.read_blob("late").unwrap(), late);
+}
