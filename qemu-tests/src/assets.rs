@@ -212,7 +212,8 @@ pub fn ensure_kernel(cache: &Cache, release: &str) -> Result<()> {
     }
     let deb = find_deb()
         .with_context(|| format!("apt-get download left no {pkg}_*.deb in {}", debs.display()))?;
-    let tmp = dir.with_extension("partial");
+    // Not with_extension: every 6.1.0-N release would unpack into "6.1.partial".
+    let tmp = dir.with_file_name(format!("{release}.partial"));
     let _ = fs::remove_dir_all(&tmp);
     fs::create_dir_all(&tmp)?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
