@@ -192,9 +192,20 @@ pub fn wipe_recorded<S: Store>(store: &mut S, name: &str, record_dir: &Path) -> 
 /// mark in `contract::extent`).
 pub fn wipe_to<S: Store>(store: &mut S, end: u64) -> Result<(), Error> {
     invalidate(store)?;
-    let end = end.min(store_len(store)?);
+    let len = store_len(store)?;
+    let end = end.min(len);
     if end <= BODY_OFFSET {
         return Ok(());
+    }
+    // Whole pages for the device: past `end` to the page's end is past the
+    // image too, and a block device's size is a whole number of them.
+    let device_end = end.next_multiple_of(4096).min(len);
+    let by_device = device_end % 4096 == 0
+        && store
+            .zero_range(BODY_OFFSET, device_end - BODY_OFFSET)
+            .map_err(Error::io("zero the store"))?;
+    if by_device {
+        return store.sync().map_err(Error::io("flush the wiped store"));
     }
     let zeros = vec![0u8; 1 << 20];
     let mut pos = BODY_OFFSET;
