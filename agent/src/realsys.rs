@@ -354,6 +354,7 @@ impl System for RealSystem {
             None => self.begin_image(input.manifest.created_unix_ns / 1_000_000_000)?,
         };
         let (mut w, before) = (begun.writer, begun.before);
+        let started = std::time::Instant::now();
         for (_, dir) in &input.trees {
             if begun.stored.contains(dir) {
                 // Its pre-dumps are in the store already: the tree is the
@@ -371,6 +372,7 @@ impl System for RealSystem {
             .chain(&input.tmpfs)
             .map(|d| bytes_under(d))
             .sum();
+        let removed = started.elapsed();
         let compress = compress_when_frozen(&self.store.kind, w.remaining(), raw);
         w.set_compress(compress);
         if self.store.kind == Kind::Pmem {
@@ -394,7 +396,9 @@ impl System for RealSystem {
             w.add_tree(devstate::TMPFS_SECTION, dir)
                 .map_err(|x| e(&x))?;
         }
+        let sections = started.elapsed();
         let summary = w.finish(input.manifest.clone()).map_err(|x| e(&x))?;
+        let finished = started.elapsed();
         // Read back what a new kernel would read first.
         let f = self.store.open_rw().map_err(|x| e(&x))?;
         image_format::Image::open(f)
@@ -402,6 +406,17 @@ impl System for RealSystem {
         self.store
             .written(record, before, summary.total_len)
             .map_err(|x| e(&x))?;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        let _ = writeln!(
+            std::io::stderr(),
+            "kupgrade: image written in {:.0} ms: stored pre-dumps dropped from the staging tmpfs {:.0} ms, \
+             sections {:.0} ms, manifest and flush {:.0} ms, read back and recorded {:.0} ms",
+            ms(started.elapsed()),
+            ms(removed),
+            ms(sections - removed),
+            ms(finished - sections),
+            ms(started.elapsed() - finished),
+        );
         Ok(summary.total_len)
     }
 
