@@ -109,6 +109,19 @@ impl RealSystem {
         })
     }
 
+    /// A line for whoever reads what go did: on stderr, and on the console
+    /// and in the kernel log like the events (stderr is gone with the ssh
+    /// session once the kexec is under way).
+    fn note(&mut self, text: &str) {
+        let _ = writeln!(std::io::stderr(), "{text}");
+        if let Some(c) = self.console.as_mut() {
+            let _ = writeln!(c, "{text}");
+        }
+        if let Some(k) = self.kmsg.as_mut() {
+            let _ = k.write_all(format!("<6>{text}\n").as_bytes());
+        }
+    }
+
     fn save_events(&self) {
         let lines: Vec<String> = self.events.iter().map(|e| e.to_string()).collect();
         let _ = fs::create_dir_all(LIB_DIR);
@@ -225,23 +238,22 @@ impl System for RealSystem {
         let limits = Limits::deadline(deadline).stopped_by(&self.interrupted);
         let start = std::time::Instant::now();
         let res = criu::predump(&self.cfg.criu, w, dir, parent, &log, limits);
-        // Each round on stderr: the event sums them up.
-        let _ = match &res {
-            Ok(bytes) => writeln!(
-                std::io::stderr(),
+        // Each round in a note: the event sums them up.
+        let note = match &res {
+            Ok(bytes) => format!(
                 "kupgrade: pre-dump {} of workload {}: {} KiB of pages in {} ms",
                 dir.display(),
                 w.name,
                 bytes >> 10,
                 start.elapsed().as_millis()
             ),
-            Err(e) => writeln!(
-                std::io::stderr(),
+            Err(e) => format!(
                 "kupgrade: pre-copy of workload {} given up, it gets a full dump: {}",
                 w.name,
                 child::chain(e)
             ),
         };
+        self.note(&note);
         res.map_err(|e| StepError::new(Step::Precopy, child::chain(&e)))
     }
 
@@ -335,13 +347,12 @@ impl System for RealSystem {
         // flushes every round's pages (the page cache of /dev/pmemN) too.
         begun.writer.sync().map_err(|x| e(&x))?;
         let at = begun.writer.position();
-        let _ = writeln!(
-            std::io::stderr(),
+        self.note(&format!(
             "kupgrade: {} pre-dump section(s) written and flushed to the store in {} ms, image at {} KiB",
             sections.len(),
             start.elapsed().as_millis(),
             at >> 10
-        );
+        ));
         self.begun = Some(begun);
         Ok(at)
     }
@@ -376,8 +387,7 @@ impl System for RealSystem {
         let compress = compress_when_frozen(&self.store.kind, w.remaining(), raw);
         w.set_compress(compress);
         if self.store.kind == Kind::Pmem {
-            let _ = writeln!(
-                std::io::stderr(),
+            self.note(&format!(
                 "kupgrade: the frozen dump ({} KiB) goes to the RAM store {}",
                 raw >> 10,
                 if compress {
@@ -385,7 +395,7 @@ impl System for RealSystem {
                 } else {
                     "as it is, uncompressed"
                 }
-            );
+            ));
         }
         for (name, dir) in &input.trees {
             w.add_tree(name, dir).map_err(|x| e(&x))?;
@@ -407,8 +417,7 @@ impl System for RealSystem {
             .written(record, before, summary.total_len)
             .map_err(|x| e(&x))?;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-        let _ = writeln!(
-            std::io::stderr(),
+        self.note(&format!(
             "kupgrade: image written in {:.0} ms: stored pre-dumps dropped from the staging tmpfs {:.0} ms, \
              sections {:.0} ms, manifest and flush {:.0} ms, read back and recorded {:.0} ms",
             ms(started.elapsed()),
@@ -416,7 +425,7 @@ impl System for RealSystem {
             ms(sections - removed),
             ms(finished - sections),
             ms(started.elapsed() - finished),
-        );
+        ));
         Ok(summary.total_len)
     }
 
@@ -435,13 +444,12 @@ impl System for RealSystem {
             .wipe(Path::new(LIB_DIR))
             .map_err(|x| StepError::new(Step::Wipe, child::chain(&x)))?;
         // What it cost, for people tuning the store's size.
-        let _ = writeln!(
-            std::io::stderr(),
+        self.note(&format!(
             "kupgrade: wiped the store {}: {} MiB zeroed in {} ms",
             self.store.path.display(),
             zeroed >> 20,
             start.elapsed().as_millis()
-        );
+        ));
         Ok(())
     }
 
