@@ -144,6 +144,25 @@ fn compress_when_frozen(kind: &Kind, remaining: u64, raw: u64) -> bool {
 
 /// Bytes of the regular files under `dir` (0 for what cannot be read: the
 /// writer then reports the error itself).
+/// Empties a stored round's page data (`pages-*.img`) in the staging
+/// tmpfs: the store has it, and the next round and the frozen dump read
+/// only its pagemaps (which pages are in the parent), never its pages. Freed
+/// here while the workloads run, not in the frozen window.
+fn drop_stored_pages(dir: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("pages-") && name.ends_with(".img") && entry.file_type()?.is_file() {
+            fs::OpenOptions::new()
+                .write(true)
+                .open(entry.path())?
+                .set_len(0)?;
+        }
+    }
+    Ok(())
+}
+
 fn bytes_under(dir: &Path) -> u64 {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
@@ -336,6 +355,12 @@ impl System for RealSystem {
         let start = std::time::Instant::now();
         for (name, dir) in sections {
             begun.writer.add_tree(name, dir).map_err(|x| e(&x))?;
+            if let Err(x) = drop_stored_pages(dir) {
+                self.note(&format!(
+                    "kupgrade: pages of {} stay in the staging tmpfs until the frozen dump: {x}",
+                    dir.display()
+                ));
+            }
             // dir is IMAGES/pre/N.
             if let Some(images) = dir.parent().and_then(Path::parent) {
                 if !begun.stored.iter().any(|d| d == images) {
@@ -521,6 +546,26 @@ mod tests {
         assert!(compress_when_frozen(&Kind::Pmem, 101 * MIB, 100 * MIB));
         assert!(compress_when_frozen(&Kind::Device, 256 * MIB, 100 * MIB));
         assert!(compress_when_frozen(&Kind::File, 256 * MIB, 100 * MIB));
+    }
+
+    #[test]
+    fn a_stored_round_keeps_its_pagemaps_and_drops_its_pages() {
+        let d = tempfile::tempdir().unwrap();
+        for (f, n) in [
+            ("pages-1.img", 8192),
+            ("pages-2.img", 4096),
+            ("pagemap-10001.img", 64),
+            ("inventory.img", 32),
+            ("pages-notes.txt", 16),
+        ] {
+            fs::write(d.path().join(f), vec![7u8; n]).unwrap();
+        }
+        drop_stored_pages(d.path()).unwrap();
+        let len = |f: &str| fs::metadata(d.path().join(f)).unwrap().len();
+        assert_eq!((len("pages-1.img"), len("pages-2.img")), (0, 0));
+        assert_eq!(len("pagemap-10001.img"), 64);
+        assert_eq!(len("inventory.img"), 32);
+        assert_eq!(len("pages-notes.txt"), 16);
     }
 
     #[test]
