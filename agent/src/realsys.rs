@@ -114,6 +114,11 @@ impl RealSystem {
     /// session once the kexec is under way).
     fn note(&mut self, text: &str) {
         let _ = writeln!(std::io::stderr(), "{text}");
+        self.log_to_console(text);
+    }
+
+    /// The console and the kernel log, which outlive go's session.
+    fn log_to_console(&mut self, text: &str) {
         if let Some(c) = self.console.as_mut() {
             let _ = writeln!(c, "{text}");
         }
@@ -142,8 +147,6 @@ fn compress_when_frozen(kind: &Kind, remaining: u64, raw: u64) -> bool {
     *kind != Kind::Pmem || remaining < needed
 }
 
-/// Bytes of the regular files under `dir` (0 for what cannot be read: the
-/// writer then reports the error itself).
 /// Empties a stored round's page data (`pages-*.img`) in the staging
 /// tmpfs: the store has it, and the next round and the frozen dump read
 /// only its pagemaps (which pages are in the parent), never its pages. Freed
@@ -163,6 +166,8 @@ fn drop_stored_pages(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Bytes of the regular files under `dir` (0 for what cannot be read: the
+/// writer then reports the error itself).
 fn bytes_under(dir: &Path) -> u64 {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
@@ -514,12 +519,7 @@ impl System for RealSystem {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{text}").and_then(|()| out.flush());
         drop(out);
-        if let Some(c) = self.console.as_mut() {
-            let _ = writeln!(c, "{text}");
-        }
-        if let Some(k) = self.kmsg.as_mut() {
-            let _ = k.write_all(format!("<6>{text}\n").as_bytes());
-        }
+        self.log_to_console(&text);
         self.events.push(e);
         self.save_events();
     }
