@@ -12,6 +12,7 @@ use zerocopy::FromBytes;
 use crate::error::Error;
 use crate::format::*;
 use crate::manifest::SectionEntry;
+use crate::store::IO_BUFFER;
 use crate::workers::{self, Pool, Results, Submitter};
 
 /// A store the reader can hand to its I/O thread.
@@ -48,7 +49,7 @@ where
         // No bigger than the section: a table of many small sections must
         // not cost a large buffer each.
         src: BufReader::with_capacity(
-            (1 << 20).min(s.stored_len) as usize,
+            (IO_BUFFER as u64).min(s.stored_len) as usize,
             store.take(s.stored_len),
         ),
         section: &s.name,
@@ -187,9 +188,8 @@ impl FrameReader<'_> {
         let mut stored = if stored_len == 0 {
             Vec::new()
         } else {
-            self.pool.get(stored_len as usize)
+            self.pool.get_len(stored_len as usize)
         };
-        stored.resize(stored_len as usize, 0);
         self.read(&mut stored)?;
         if h.crc.get() != h.crc_with(&stored) {
             return Err(Error::ChunkChecksum {

@@ -12,7 +12,7 @@ use zerocopy::IntoBytes;
 
 use crate::error::Error;
 use crate::format::*;
-use crate::store::Store;
+use crate::store::{Store, IO_BUFFER};
 use crate::workers::{self, Pool};
 
 /// How sections are encoded.
@@ -291,7 +291,9 @@ impl<'s, S: Store> Output<'s, S> {
         counts: &'s mut Counts,
     ) -> Self {
         Output {
-            w: BufWriter::with_capacity(1 << 20, store),
+            // Chunk headers are gathered; a chunk's body, larger than the
+            // buffer, goes to the store without a copy into it.
+            w: BufWriter::with_capacity(IO_BUFFER, store),
             pos,
             capacity,
             hasher,

@@ -5,6 +5,11 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use crate::error::Error;
 
+/// The buffer between the chunk stream and the store, each way: it gathers
+/// chunk headers, and being smaller than a chunk (1 MiB by default) lets
+/// the bodies bypass it, one copy fewer per byte.
+pub(crate) const IO_BUFFER: usize = 64 << 10;
+
 /// Where an image is written: a block device, a file, or memory. Readers
 /// need only `Read + Seek + Send`.
 pub trait Store: Read + Write + Seek + Send {

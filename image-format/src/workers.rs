@@ -123,12 +123,24 @@ impl Pool {
 
     /// An empty buffer with room for at least `capacity` bytes.
     pub(crate) fn get(&self, capacity: usize) -> Vec<u8> {
+        let mut v = self.reuse(capacity);
+        v.clear();
+        v
+    }
+
+    /// A buffer of exactly `len` bytes to be overwritten in full: a reused
+    /// one keeps its old bytes, so only what it never held is zeroed (a
+    /// chunk-sized memset per chunk was a pass over every byte read).
+    pub(crate) fn get_len(&self, len: usize) -> Vec<u8> {
+        let mut v = self.reuse(len);
+        v.resize(len, 0);
+        v
+    }
+
+    fn reuse(&self, capacity: usize) -> Vec<u8> {
         let reused = self.rx.lock().ok().and_then(|rx| rx.try_recv().ok());
         match reused {
-            Some(mut v) if v.capacity() >= capacity => {
-                v.clear();
-                v
-            }
+            Some(v) if v.capacity() >= capacity => v,
             _ => Vec::with_capacity(capacity.max(self.min)),
         }
     }

@@ -145,6 +145,7 @@ pub fn run(
     timeout: Duration,
 ) -> Restore {
     let children_until = Instant::now() + timeout.saturating_sub(wrap_up(timeout));
+    let mut steps = Steps::new();
     let image = match sys.open_image(store) {
         Ok(i) => i,
         Err(e @ Error::Image(image_format::Error::NoImage)) => {
@@ -159,9 +160,11 @@ pub fn run(
     }
     // From here on the image is ours: mark it first, so that a crash during
     // the restore can never lead to a second restore of the same image.
+    steps.done("open");
     if let Err(e) = sys.set_image_state(State::Restoring) {
         return Restore::Skipped(Skip::CannotMark(e));
     }
+    steps.done("mark restoring");
     let manifest = &image.manifest;
     let record = UpgradeReport {
         outcome: Outcome::Restoring,
@@ -185,6 +188,7 @@ pub fn run(
         lock_tables: vec![],
         children_until,
         record,
+        steps,
     };
     Restore::Done(Box::new(r.run()))
 }
@@ -286,6 +290,54 @@ struct Restorer<'a> {
     children_until: Instant,
     /// The report while the restore runs: `restoring`, and what is known.
     record: UpgradeReport,
+    /// Where the time went until the images are unpacked.
+    steps: Steps,
+}
+
+/// Raw bytes of a workload's CRIU images: its frozen dump and its pre-dumps
+/// (CRIU reads their pages as well).
+fn images_len(manifest: &Manifest, w: &WorkloadEntry) -> u64 {
+    let prefix = format!("{}/pre/", w.section);
+    manifest
+        .sections
+        .iter()
+        .filter(|s| s.name == w.section || s.name.starts_with(&prefix))
+        .map(|s| s.raw_len)
+        .sum()
+}
+
+/// Durations of consecutive steps, for one log line: the new kernel's
+/// console is where a slow restore is looked into.
+struct Steps {
+    last: Instant,
+    done: Vec<(String, Duration)>,
+}
+
+impl Steps {
+    fn new() -> Self {
+        Steps {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Ends the step under way, named `name`.
+    fn done(&mut self, name: impl Into<String>) {
+        let now = Instant::now();
+        self.done.push((name.into(), now - self.last));
+        self.last = now;
+    }
+
+    /// "N ms: a N ms, b N ms"
+    fn summary(&self) -> String {
+        let total: Duration = self.done.iter().map(|(_, d)| *d).sum();
+        let parts: Vec<String> = self
+            .done
+            .iter()
+            .map(|(n, d)| format!("{n} {} ms", d.as_millis()))
+            .collect();
+        format!("{} ms: {}", total.as_millis(), parts.join(", "))
+    }
 }
 
 impl Restorer<'_> {
@@ -318,6 +370,7 @@ impl Restorer<'_> {
         // crash leaves a report that says this restore began and never
         // ended, not an older upgrade's report standing for this one.
         self.note(Durability::Synced);
+        self.steps.done("record");
         let (reason, workloads) = self.restore();
         let (outcome, state) = match reason {
             None => (Outcome::Restored, State::Restored),
@@ -377,17 +430,7 @@ impl Restorer<'_> {
         let weights: Vec<u64> = manifest
             .workloads
             .iter()
-            .map(|w| {
-                // Its pre-dumps too: CRIU reads their pages as well.
-                let prefix = format!("{}/pre/", w.section);
-                let size: u64 = manifest
-                    .sections
-                    .iter()
-                    .filter(|s| s.name == w.section || s.name.starts_with(&prefix))
-                    .map(|s| s.raw_len)
-                    .sum();
-                size.saturating_add(WEIGHT_FLOOR)
-            })
+            .map(|w| images_len(manifest, w).saturating_add(WEIGHT_FLOOR))
             .collect();
         let mut outcomes = Vec::new();
         for (i, w) in manifest.workloads.iter().enumerate() {
@@ -437,14 +480,18 @@ impl Restorer<'_> {
             .map_err(Failure::DeviceState)?;
         let state: DeviceState =
             serde_json::from_slice(&blob).map_err(Failure::DeviceStateParse)?;
+        self.steps.done("device state");
         self.mount_support_fs(&state);
+        self.steps.done("support mounts");
         if self.manifest.section(devstate::TMPFS_SECTION).is_some() {
             self.sys
                 .unpack(devstate::TMPFS_SECTION, Path::new("/"))
                 .map_err(Failure::TmpfsFiles)?;
+            self.steps.done("tmpfs files");
         }
         let scratch = Path::new(UNPACK_DIR);
         self.sys.mount_scratch(scratch).map_err(Failure::Scratch)?;
+        self.steps.done("scratch");
         for w in &self.manifest.workloads {
             let dest = scratch.join(&w.name);
             self.sys
@@ -464,7 +511,12 @@ impl Restorer<'_> {
                     .unpack(&s.name, &dest.join("pre").join(round))
                     .map_err(|e| Failure::Unpack(w.name.clone(), e))?;
             }
+            let kib = images_len(self.manifest, w) >> 10;
+            self.steps
+                .done(format!("CRIU images of {} ({kib} KiB)", w.name));
         }
+        let summary = format!("image opened and unpacked in {}", self.steps.summary());
+        self.log(&summary);
         self.emit(
             EventLine::now(Event::ImageVerified).with("workloads", self.manifest.workloads.len()),
         );

@@ -6,7 +6,9 @@
 //!   tick verifies 1/64 of it against checksums taken at the start, round
 //!   robin, and the whole of it on the first tick and on the first tick
 //!   after every boot change (cheap enough under TCG, thorough where it
-//!   matters).
+//!   matters). With a dirty rate, each tick also writes one word of every
+//!   page of the next stretch of it, round robin, with the value it holds:
+//!   the pages are dirty for pre-copy's tracking, the checksums still hold.
 //! - A memfd (memfd_create), filled with a pattern and a counter.
 //! - A POSIX shared memory object, `/dev/shm/wl-memory-PID` (shm_open),
 //!   opened by this process and by a peer child: each writes its own counter
@@ -23,7 +25,8 @@
 //! Streams: `src=main private_mib=M chunk=I private=ok full=ok|- memfd=ok
 //! shm=ok file=ok mine=N theirs=N` and `src=peer shm=ok mine=N theirs=N`.
 //!
-//! Usage: `wl-memory LOG [MiB of private memory, 256] [dir for the file, /var/tmp] [tick ms, 100]`.
+//! Usage: `wl-memory LOG [MiB of private memory, 256] [dir for the file, /var/tmp] [tick ms, 100]
+//! [MiB/s of it dirtied, 0]`.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -42,6 +45,8 @@ const CHUNKS: usize = 64;
 const PATTERN: usize = 256 * 1024;
 /// Pattern offset: slots for counters come first.
 const BASE: u64 = 64;
+/// Words per 4 KiB page.
+const PAGE_WORDS: usize = 4096 / 8;
 
 fn pattern(seed: u64) -> Vec<u8> {
     let mut x = seed;
@@ -110,13 +115,25 @@ fn checksums(mem: &[u64]) -> Vec<u64> {
         .collect()
 }
 
-fn main_role(log: String, mib: usize, dir: String, tick: u64) {
+/// Rewrites one word in each of `pages` pages from page `*next` on, round
+/// robin, leaving every value as it was.
+fn dirty(mem: &mut [u64], next: &mut usize, pages: usize) {
+    let total = mem.len() / PAGE_WORDS;
+    for _ in 0..pages.min(total) {
+        let at = *next * PAGE_WORDS;
+        // Opaque to the compiler: the store is not elided as a no-op.
+        mem[at] = std::hint::black_box(mem[at]);
+        *next = (*next + 1) % total;
+    }
+}
+
+fn main_role(log: String, mib: usize, dir: String, tick: u64, dirty_mib_s: usize) {
     if mib == 0 {
         die("need at least 1 MiB of private memory");
     }
     let pid = std::process::id();
     let mut x = 0x2545_f491_4f6c_dd1d ^ u64::from(pid);
-    let mem: Vec<u64> = (0..mib * 1024 * 1024 / 8)
+    let mut mem: Vec<u64> = (0..mib * 1024 * 1024 / 8)
         .map(|_| xorshift(&mut x))
         .collect();
     let sums = checksums(&mem);
@@ -160,8 +177,11 @@ fn main_role(log: String, mib: usize, dir: String, tick: u64) {
     }
     let mut out = Ticker::open_or_die(&log, Some("main"));
     let chunk = mem.len().div_ceil(CHUNKS);
+    let dirty_pages = dirty_mib_s * 256 * tick as usize / 1000;
+    let mut next_dirty = 0;
     let mut last_boot = String::new();
     loop {
+        dirty(&mut mem, &mut next_dirty, dirty_pages);
         let n = out.seq();
         let boot = boot_id();
         let full = boot != last_boot;
@@ -208,14 +228,17 @@ fn peer_role(log: String, name: String, seed: u64, tick: u64) {
 }
 
 fn main() {
-    let mut args = Args::new("wl-memory LOG [MiB of private memory] [dir for the file] [tick ms]");
+    let mut args = Args::new(
+        "wl-memory LOG [MiB of private memory] [dir for the file] [tick ms] [MiB/s dirtied]",
+    );
     match args.role().as_deref() {
         None => {
             let log = args.req();
             let mib = args.opt(256);
             let dir = args.opt("/var/tmp".to_string());
             let tick = args.opt(100);
-            main_role(log, mib, dir, tick)
+            let dirty_mib_s = args.opt(0);
+            main_role(log, mib, dir, tick, dirty_mib_s)
         }
         Some("peer") => peer_role(args.req(), args.req(), args.req_as(), args.req_as()),
         Some(other) => die(format!("unknown role {other}")),
