@@ -21,8 +21,8 @@ impl<T: Read + Send> ReadSend for T {}
 
 /// Runs `consume` on the raw stream of section `s` of `store`, whose chunks
 /// hold at most `chunk_size` raw bytes, decompressing on `threads` threads
-/// (1: on the calling one). With `hasher`, every stored byte of the section
-/// goes into it, even past a damaged chunk.
+/// (1: on the calling one). With `hasher`, every chunk header of the
+/// section goes into it (the image digest), even past a damaged chunk.
 ///
 /// `s` must have passed the section table check (its chunk count is what
 /// its raw length and `chunk_size` make): each chunk's sizes are then
@@ -123,7 +123,8 @@ impl FrameReader<'_> {
         }
     }
 
-    fn read(&mut self, buf: &mut [u8]) -> Result<(), Error> {
+    /// Reads `buf` in full; into the digest too when it is a chunk header.
+    fn read(&mut self, buf: &mut [u8], header: bool) -> Result<(), Error> {
         self.src.read_exact(buf).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
                 Error::Truncated {
@@ -136,8 +137,10 @@ impl FrameReader<'_> {
                 }
             }
         })?;
-        if let Some(h) = self.hasher.as_deref_mut() {
-            h.update(buf);
+        if header {
+            if let Some(h) = self.hasher.as_deref_mut() {
+                h.update(buf);
+            }
         }
         self.pos += buf.len() as u64;
         Ok(())
@@ -168,7 +171,7 @@ impl FrameReader<'_> {
             return Err(self.bad_header("it runs past the end of its section"));
         }
         let mut hb = [0u8; CHUNK_HEADER_LEN];
-        self.read(&mut hb)?;
+        self.read(&mut hb, true)?;
         let h = ChunkHeader::read_from_bytes(&hb).map_err(|_| self.bad_header("unreadable"))?;
         let stored_len = u64::from(h.stored_len.get());
         if stored_len > left - CHUNK_HEADER_LEN as u64 {
@@ -190,7 +193,7 @@ impl FrameReader<'_> {
         } else {
             self.pool.get_len(stored_len as usize)
         };
-        self.read(&mut stored)?;
+        self.read(&mut stored, false)?;
         if h.crc.get() != h.crc_with(&stored) {
             return Err(Error::ChunkChecksum {
                 section: self.section.into(),
@@ -236,11 +239,18 @@ impl FrameReader<'_> {
         }))
     }
 
-    /// Hashes what is left of the section, if hashing.
+    /// Hashes the headers of the chunks left in the section, if hashing:
+    /// past a chunk whose checksum fails, up to one that cannot be read
+    /// (then the digest does not match either).
     fn drain(&mut self) {
-        if let Some(h) = self.hasher.as_deref_mut() {
-            // A read error here shows up as a digest mismatch.
-            let _ = io::copy(&mut self.src, h);
+        if self.hasher.is_none() {
+            return;
+        }
+        loop {
+            match self.next() {
+                Ok(Some(_)) | Err(Error::ChunkChecksum { .. }) => {}
+                Ok(None) | Err(_) => break,
+            }
         }
     }
 }

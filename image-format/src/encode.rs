@@ -315,8 +315,8 @@ impl<'s, S: Store> Output<'s, S> {
         };
         self.w.write_all(header.as_bytes()).map_err(io)?;
         self.w.write_all(body).map_err(io)?;
+        // The digest takes the header alone: its crc32c stands for the body.
         self.hasher.update(header.as_bytes());
-        self.hasher.update(body);
         self.counts.chunks += 1;
         match header.kind {
             CHUNK_ZERO => self.counts.zero += 1,

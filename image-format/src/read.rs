@@ -42,7 +42,7 @@ pub struct SectionReport {
 #[derive(Debug)]
 pub struct VerifyReport {
     pub sections: Vec<SectionReport>,
-    /// The whole-image digest (blake3 of everything after the superblock).
+    /// The whole-image digest (blake3 of the chunk headers and the manifest).
     pub digest: Result<(), Error>,
     pub chunks: u64,
     pub raw_len: u64,

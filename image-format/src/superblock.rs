@@ -31,7 +31,7 @@ pub struct Superblock {
     pub manifest_crc: u32,
     /// The largest raw length of a chunk.
     pub chunk_size: u32,
-    /// blake3 of `[BODY_OFFSET, total_len)`.
+    /// blake3 of the chunk headers in image order, then the manifest.
     pub digest: [u8; 32],
     /// crc32c of the superblock.
     pub header_crc: u32,

@@ -80,10 +80,16 @@ pub fn reseal(bytes: &mut [u8]) {
     if let Some(m) = range(bytes, sb.manifest_offset.get(), sb.manifest_len.get()) {
         sb.manifest_crc = crc32c::crc32c(&bytes[m]).into();
     }
-    let total = sb.total_len.get();
-    if let Some(body) = range(bytes, BODY_OFFSET, total.saturating_sub(BODY_OFFSET)) {
-        sb.digest = *blake3::hash(&bytes[body]).as_bytes();
+    let mut digest = blake3::Hasher::new();
+    for (_, _, pos, _) in chunks(bytes) {
+        if let Some(hr) = range(bytes, pos, CHUNK_HEADER_LEN as u64) {
+            digest.update(&bytes[hr]);
+        }
     }
+    if let Some(m) = range(bytes, sb.manifest_offset.get(), sb.manifest_len.get()) {
+        digest.update(&bytes[m]);
+    }
+    sb.digest = *digest.finalize().as_bytes();
     sb.seal();
     bytes[..BODY_OFFSET as usize].copy_from_slice(sb.as_bytes());
 }

@@ -188,7 +188,7 @@ fn inspect_prints_everything_and_verifies() {
     let text = String::from_utf8(out).unwrap();
     for want in [
         "state      written",
-        "format     1.0",
+        "format     2.0",
         "kernel     6.1.0-1 -> 6.1.0-2",
         "workload   db root pid 321 (2 processes)",
         "+    250.0 ms dumped",

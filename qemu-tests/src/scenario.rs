@@ -55,6 +55,17 @@ pub const STORE_ADDR_MIB: u32 = 512;
 /// Room QEMU needs above the store for the initramfs.
 const INITRD_ROOM_MIB: u32 = 128;
 
+/// RAM that QEMU's `pc` machine maps below 4 GiB, where the store and the
+/// initramfs go: all of it up to 3.5 GiB, else 3 GiB (the rest goes above
+/// 4 GiB, past the PCI hole).
+fn low_ram_mib(memory_mib: u32) -> u32 {
+    if memory_mib >= 3584 {
+        3072
+    } else {
+        memory_mib
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read scenario {path}")]
@@ -859,6 +870,15 @@ impl Scenario {
                 self.guest.store_mib, STORE_ADDR_MIB
             ));
         }
+        if top > low_ram_mib(self.guest.memory_mib) {
+            return Err(format!(
+                "guest.store_mib = {} does not fit below 4 GiB: with guest.memory_mib = {} QEMU maps {} MiB of RAM there, and the store (at {} MiB) and the initramfs need {top}",
+                self.guest.store_mib,
+                self.guest.memory_mib,
+                low_ram_mib(self.guest.memory_mib),
+                STORE_ADDR_MIB
+            ));
+        }
         for p in &self.probes {
             if p.mode == ProbeMode::Counter && p.send.is_empty() {
                 return Err(format!(
@@ -1005,6 +1025,12 @@ command = ["/bin/true"]
         let mut s = Scenario::parse(MINIMAL).unwrap();
         s.guest.store_mib = 900;
         assert!(s.validate().unwrap_err().contains("store_mib"));
+        // Room in all, but not below 4 GiB, where QEMU maps 3 GiB of a 6 GiB guest.
+        s.guest.memory_mib = 6144;
+        s.guest.store_mib = 2560;
+        assert!(s.validate().unwrap_err().contains("below 4 GiB"));
+        s.guest.store_mib = 2304;
+        s.validate().unwrap();
         let mut s = Scenario::parse(MINIMAL).unwrap();
         s.upgrade.chain = vec!["sideways".into()];
         assert!(s.validate().unwrap_err().contains("sideways"));
