@@ -151,10 +151,10 @@ fn compress_when_frozen(kind: &Kind, remaining: u64, raw: u64) -> bool {
 }
 
 /// A pre-copy round goes into a RAM store as it is too, when room is left
-/// after it for a frozen dump as large: the restore, in the blackout, then
-/// copies its pages instead of decompressing them (under TCG the demo's
-/// 16 MB took 0.87 s compressed against 58 MB/s raw). Otherwise it is
-/// compressed, so that the rounds leave the frozen dump its room.
+/// after it for a frozen dump as large: writing it is then a copy while the
+/// workloads run, and the restore, in the blackout, copies its pages back
+/// instead of decompressing them. Otherwise it is compressed, so that the
+/// rounds leave the frozen dump its room.
 fn compress_round(kind: &Kind, remaining: u64, raw: u64) -> bool {
     *kind != Kind::Pmem || remaining < room_for(raw).saturating_mul(2)
 }

@@ -195,9 +195,12 @@ impl FrameReader<'_> {
         };
         self.read(&mut stored, false)?;
         if h.crc.get() != h.crc_with(&stored) {
+            let chunk = self.next;
+            // Past it, so that a drain goes on with the next chunk.
+            self.next += 1;
             return Err(Error::ChunkChecksum {
                 section: self.section.into(),
-                chunk: self.next,
+                chunk,
             });
         }
         let (kind, raw_len) = (h.kind, h.raw_len.get());
@@ -246,12 +249,7 @@ impl FrameReader<'_> {
         if self.hasher.is_none() {
             return;
         }
-        loop {
-            match self.next() {
-                Ok(Some(_)) | Err(Error::ChunkChecksum { .. }) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
+        while let Ok(Some(_)) | Err(Error::ChunkChecksum { .. }) = self.next() {}
     }
 }
 
