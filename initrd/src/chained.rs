@@ -332,12 +332,20 @@ impl<S: System, H: Host> System for Chained<S, H> {
         self.inner.loopback_up()
     }
 
-    fn install_lock_table(&mut self, nft: &str) -> Result<(), Error> {
-        self.inner.install_lock_table(nft)
+    fn install_lock_tables(&mut self, tables: &[String]) -> Result<(), Error> {
+        self.inner.install_lock_tables(tables)
     }
 
-    fn remove_lock_table(&mut self, name: &str) -> Result<(), Error> {
-        self.inner.remove_lock_table(name)
+    fn remove_lock_tables(&mut self, names: &[String]) -> Result<(), Error> {
+        self.inner.remove_lock_tables(names)
+    }
+
+    fn start_criu_probe(&mut self) -> Result<bool, Error> {
+        self.inner.start_criu_probe()
+    }
+
+    fn finish_criu_probe(&mut self, within: Duration) -> Result<(), Error> {
+        self.inner.finish_criu_probe(within)
     }
 
     fn lock_tables(&mut self) -> Result<Vec<String>, Error> {

@@ -9,7 +9,7 @@
 //! the caller waiting for that pipe to close.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
@@ -58,6 +58,14 @@ pub struct Exited {
     pub stderr: String,
 }
 
+/// A child started by [`spawn`], to be waited for by [`Running::wait`].
+#[derive(Debug)]
+pub struct Running {
+    command: String,
+    child: Child,
+    pidfd: Option<OwnedFd>,
+}
+
 /// Runs `cmd` (named `command` in errors) and waits for it at most `within`.
 /// The caller sets up stdio: a piped stdin is given `input` and then closed,
 /// a piped stdout or stderr is collected.
@@ -67,20 +75,53 @@ pub fn run(
     input: &[u8],
     within: Duration,
 ) -> Result<Exited, Error> {
-    let deadline = Instant::now() + within;
-    let mut child = cmd
+    spawn(command, cmd)?.wait(input, within)
+}
+
+/// Starts `cmd` in a process group of its own, for a wait later: what runs
+/// beside the caller's own work.
+pub fn spawn(command: &str, cmd: &mut Command) -> Result<Running, Error> {
+    let child = cmd
         .process_group(0)
         .spawn()
         .map_err(|source| Error::Spawn {
             command: command.into(),
             source,
         })?;
+    let pid = rustix::process::Pid::from_child(&child);
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok();
+    Ok(Running {
+        command: command.into(),
+        child,
+        pidfd,
+    })
+}
+
+impl Running {
+    /// Waits for the child at most `within` from now, as [`run`] does; past
+    /// it, kills its process group.
+    pub fn wait(self, input: &[u8], within: Duration) -> Result<Exited, Error> {
+        let Running {
+            command,
+            mut child,
+            pidfd,
+        } = self;
+        wait(&command, &mut child, pidfd, input, within)
+    }
+}
+
+fn wait(
+    command: &str,
+    child: &mut Child,
+    pidfd: Option<OwnedFd>,
+    input: &[u8],
+    within: Duration,
+) -> Result<Exited, Error> {
+    let deadline = Instant::now() + within;
     let lost = |source| Error::Wait {
         command: command.into(),
         source,
     };
-    let pid = rustix::process::Pid::from_child(&child);
-    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok();
     let mut stdin = child.stdin.take().filter(|_| !input.is_empty());
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
@@ -114,7 +155,7 @@ pub fn run(
         }
         let now = Instant::now();
         if now >= deadline {
-            kill_group(&mut child);
+            kill_group(child);
             return Err(Error::Overran {
                 command: command.into(),
                 within,
@@ -244,6 +285,29 @@ mod tests {
         assert_eq!(out.status.code(), Some(3));
         assert_eq!(out.stdout, "fine");
         assert_eq!(out.stderr, "oops");
+    }
+
+    /// Started now, waited for later: it runs meanwhile, and the deadline
+    /// counts from the wait.
+    #[test]
+    fn a_spawned_child_runs_meanwhile_and_is_waited_for_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = dir.path().join("ran");
+        let mut c = sh(&format!("touch {}; echo done >&2", mark.display()));
+        let running = spawn("sh", &mut c).unwrap();
+        let start = Instant::now();
+        while !mark.exists() && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(TICK);
+        }
+        assert!(mark.exists(), "it did not run before the wait");
+        let out = running.wait(&[], Duration::from_secs(30)).unwrap();
+        assert!(out.status.success());
+        assert_eq!(out.stderr, "done");
+
+        let hung = spawn("sh", &mut sh("sleep 30")).unwrap();
+        let err = hung.wait(&[], Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(err, Error::Overran { .. }), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(20));
     }
 
     #[test]

@@ -208,11 +208,10 @@ fn rescue(sys: &mut dyn System, run: &RestorerRun, release: &str, why: &str) {
     sys.log(&reason);
     // A lock left in place keeps the machine off the network.
     match sys.lock_tables() {
+        Ok(tables) if tables.is_empty() => {}
         Ok(tables) => {
-            for t in tables {
-                if let Err(e) = sys.remove_lock_table(&t) {
-                    sys.log(&format!("lock table {t}: {}", chain(&e)));
-                }
+            if let Err(e) = sys.remove_lock_tables(&tables) {
+                sys.log(&format!("lock tables {}: {}", tables.join(", "), chain(&e)));
             }
         }
         Err(e) => sys.log(&chain(&e)),

@@ -4,10 +4,10 @@
 //!
 //! ```text
 //! open image -> `written`? -> mark restoring -> record it (`restoring`, synced)
-//!   -> device state -> support fs, tmpfs files
-//!   -> unpack the CRIU images (image-verified)
-//!   -> loopback, lock tables, interfaces, routes (net-restored) -> hostname, RNG seed
-//!   -> criu restore and resume, each workload (its fate noted) -> remove the images and the locks
+//!   -> device state -> support fs, loopback, start CRIU's probe of the kernel
+//!   -> tmpfs files -> unpack the CRIU images (image-verified)
+//!   -> lock tables, interfaces, routes (net-restored) -> hostname, RNG seed
+//!   -> CRIU's probe done -> criu restore and resume, each workload (its fate noted) -> remove the images and the locks
 //!   -> mark restored, wipe -> restored -> report
 //!    | mark failed -> restore-failed -> report -> wipe
 //! ```
@@ -49,6 +49,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 /// What a workload's images weigh on top of their size when the time is
 /// shared: CRIU's own start and the kernel probes take time too.
 const WEIGHT_FLOOR: u64 = 64 << 20;
+/// How long the restore waits for CRIU's probe of the kernel at most: it
+/// takes about a second under emulation, and is only a head start.
+const PROBE_WAIT: Duration = Duration::from_secs(60);
 
 /// The restore's time budget: `kupgrade.restore_timeout=SECONDS`, else
 /// [`DEFAULT_TIMEOUT`].
@@ -186,6 +189,7 @@ pub fn run(
         manifest,
         events,
         lock_tables: vec![],
+        probing: false,
         children_until,
         record,
         steps,
@@ -286,6 +290,8 @@ struct Restorer<'a> {
     events: Vec<PhaseTiming>,
     /// Lock tables installed, to lift whatever happens.
     lock_tables: Vec<String>,
+    /// CRIU's probe of the kernel runs.
+    probing: bool,
     /// When the last CRIU must have finished.
     children_until: Instant,
     /// The report while the restore runs: `restoring`, and what is known.
@@ -416,7 +422,9 @@ impl Restorer<'_> {
     /// Returns the reason of a failure, and each workload's fate.
     fn restore(&mut self) -> (Option<String>, Vec<WorkloadOutcome>) {
         let manifest = self.manifest;
-        if let Err(failure) = self.prepare() {
+        let prepared = self.prepare();
+        self.finish_criu_probe();
+        if let Err(failure) = prepared {
             self.cleanup();
             let why = chain(&failure);
             let not_restored = manifest
@@ -483,6 +491,14 @@ impl Restorer<'_> {
         self.steps.done("device state");
         self.mount_support_fs(&state);
         self.steps.done("support mounts");
+        // CRIU's probes connect over loopback.
+        self.sys.loopback_up().map_err(Failure::Network)?;
+        // Beside the unpack and the network: its cache goes into /run,
+        // which is mounted by now.
+        match self.sys.start_criu_probe() {
+            Ok(started) => self.probing = started,
+            Err(e) => self.log(&format!("CRIU's probe of this kernel: {}", chain(&e))),
+        }
         if self.manifest.section(devstate::TMPFS_SECTION).is_some() {
             self.sys
                 .unpack(devstate::TMPFS_SECTION, Path::new("/"))
@@ -555,15 +571,16 @@ impl Restorer<'_> {
     }
 
     fn apply_network(&mut self, state: &DeviceState) -> Result<(), Error> {
-        // CRIU's own probes connect over loopback.
-        self.sys.loopback_up()?;
         // The lock tables go in before any address: until CRIU has re-created
         // the sockets, the new kernel must not answer their peers with resets.
-        for table in &state.network_locks {
-            self.sys.install_lock_table(table)?;
-            if let Some(name) = devstate::lock_table_name(table) {
-                self.lock_tables.push(name);
-            }
+        if !state.network_locks.is_empty() {
+            self.sys.install_lock_tables(&state.network_locks)?;
+            self.lock_tables.extend(
+                state
+                    .network_locks
+                    .iter()
+                    .filter_map(|t| devstate::lock_table_name(t)),
+            );
         }
         for iface in &state.interfaces {
             self.sys.configure_interface(iface)?;
@@ -664,10 +681,39 @@ impl Restorer<'_> {
     /// itself, so a failed restore leaves a working network.
     fn cleanup(&mut self) {
         self.sys.remove_scratch(Path::new(UNPACK_DIR));
-        for t in std::mem::take(&mut self.lock_tables) {
-            if let Err(e) = self.sys.remove_lock_table(&t) {
-                self.log(&format!("lock table {t}: {}", chain(&e)));
+        let ours = std::mem::take(&mut self.lock_tables);
+        if ours.is_empty() {
+            return;
+        }
+        // CRIU lifts the lock of each tree it restores: the tables left are
+        // those of the trees it did not, often none.
+        let left: Vec<String> = match self.sys.lock_tables() {
+            Ok(present) => ours.into_iter().filter(|t| present.contains(t)).collect(),
+            Err(e) => {
+                self.log(&format!("cannot list the lock tables: {}", chain(&e)));
+                ours
             }
+        };
+        if left.is_empty() {
+            return;
+        }
+        if let Err(e) = self.sys.remove_lock_tables(&left) {
+            self.log(&format!("lock tables {}: {}", left.join(", "), chain(&e)));
+        }
+    }
+
+    /// Waits for CRIU's probe of the kernel, so that the restores find its
+    /// cache; one that fails only leaves the first restore to probe itself.
+    fn finish_criu_probe(&mut self) {
+        if !std::mem::take(&mut self.probing) {
+            return;
+        }
+        let left = self
+            .children_until
+            .saturating_duration_since(Instant::now())
+            .min(PROBE_WAIT);
+        if let Err(e) = self.sys.finish_criu_probe(left) {
+            self.log(&format!("CRIU's probe of this kernel: {}", chain(&e)));
         }
     }
 }
@@ -736,7 +782,16 @@ mod tests {
     /// What follows a failure before CRIU ran: the images (and the lock
     /// table, once installed) are removed, the image is marked failed, the
     /// report written, and the real init runs.
+    const FAILED_BEFORE_PROBE: &[&str] = &[
+        "remove scratch",
+        "mark failed",
+        "write report",
+        "wipe",
+        EXEC,
+    ];
+    /// CRIU's probe is waited for before anything else.
     const FAILED_BEFORE_LOCK: &[&str] = &[
+        "finish criu probe",
         "remove scratch",
         "mark failed",
         "write report",
@@ -744,14 +799,17 @@ mod tests {
         EXEC,
     ];
     const FAILED_AFTER_LOCK: &[&str] = &[
+        "finish criu probe",
         "remove scratch",
+        "list lock tables",
         "unlock CRIU-10002",
         "mark failed",
         "write report",
         "wipe",
         EXEC,
     ];
-    /// After `criu restore a`, when it failed.
+    /// After `criu restore a`, when it failed: b, restored, had its lock
+    /// lifted by CRIU.
     const CRIU_A_FAILED: &[&str] = &[
         "note progress",
         "criu restore b",
@@ -760,6 +818,19 @@ mod tests {
         "tcp_window_scaling 1",
         "start relays",
         "remove scratch",
+        "list lock tables",
+        "mark failed",
+        "write report",
+        "wipe",
+        EXEC,
+    ];
+    /// After `criu restore b`, when it failed: its lock is still there.
+    const CRIU_B_FAILED: &[&str] = &[
+        "note progress",
+        "tcp_window_scaling 1",
+        "start relays",
+        "remove scratch",
+        "list lock tables",
         "unlock CRIU-10002",
         "mark failed",
         "write report",
@@ -773,11 +844,11 @@ mod tests {
     fn every_failure_after_marking_is_reported_and_ends_in_the_real_init() {
         use Outcome::Failed;
         let cases: &[(&str, &[&str], &str)] = &[
-            ("read devstate", FAILED_BEFORE_LOCK, "device state: "),
+            ("read devstate", FAILED_BEFORE_PROBE, "device state: "),
             ("unpack tmpfs", FAILED_BEFORE_LOCK, "tmpfs files: "),
             ("mount scratch", FAILED_BEFORE_LOCK, ""),
             ("unpack criu/b", FAILED_BEFORE_LOCK, "workload b: "),
-            ("lo up", FAILED_BEFORE_LOCK, ""),
+            ("lo up", FAILED_BEFORE_PROBE, ""),
             ("lock CRIU-10002", FAILED_BEFORE_LOCK, ""),
             ("iface eth0", FAILED_AFTER_LOCK, ""),
             (
@@ -787,7 +858,7 @@ mod tests {
             ),
             (
                 "criu restore b",
-                &CRIU_A_FAILED[3..],
+                CRIU_B_FAILED,
                 "CRIU could not restore b: ",
             ),
         ];
@@ -894,7 +965,6 @@ mod tests {
             "seed rng",
             "resume a",
             "tcp_window_scaling 1",
-            "unlock CRIU-10002",
             "mark restored",
             "wipe",
             "write report",
@@ -910,6 +980,46 @@ mod tests {
                 f.logs
             );
             assert_eq!(f.ending(), [Event::Restored, Event::ExecInit], "{at}");
+        }
+    }
+
+    /// Locks that cannot be listed are all lifted, in one transaction; one
+    /// that will not go is logged and the restore goes on.
+    #[test]
+    fn locks_that_cannot_be_listed_or_lifted_are_logged() {
+        let mut f = Fake::failing_at(&["list lock tables"]);
+        boot(&mut f).expect("an init runs");
+        assert_eq!(
+            f.calls_after("list lock tables")[..2],
+            ["unlock CRIU-10002", "mark restored"]
+        );
+        assert!(f.logged("cannot list the lock tables"));
+        assert_eq!(f.report().outcome, Outcome::Restored);
+
+        let mut f = Fake::failing_at(&["criu restore b", "unlock CRIU-10002"]);
+        boot(&mut f).expect("an init runs");
+        assert!(f.logged("lock tables CRIU-10002: "));
+        assert_eq!(f.report().outcome, Outcome::Failed);
+    }
+
+    /// CRIU's probe of the kernel runs from loopback up (its probes use it)
+    /// and is waited for before the first restore; one that fails or cannot
+    /// start is logged and the restore goes on.
+    #[test]
+    fn criu_s_probe_runs_beside_the_unpack_and_ends_before_criu_restores() {
+        let mut f = Fake::resuming();
+        boot(&mut f).expect("an init runs");
+        let at = |call: &str| f.calls.iter().position(|c| c == call).unwrap();
+        assert!(at("lo up") < at("start criu probe"));
+        assert!(at("start criu probe") < at("unpack criu/a"));
+        assert!(at("lock CRIU-10002") < at("finish criu probe"));
+        assert!(at("finish criu probe") < at("criu restore a"));
+        for failing in ["start criu probe", "finish criu probe"] {
+            let mut f = Fake::failing_at(&[failing]);
+            boot(&mut f).expect("an init runs");
+            assert!(f.logged("CRIU's probe of this kernel: "), "{failing}");
+            assert_eq!(f.report().outcome, Outcome::Restored, "{failing}");
+            assert!(f.calls.iter().any(|c| c == "criu restore a"), "{failing}");
         }
     }
 
@@ -1136,7 +1246,7 @@ mod tests {
         let mut f = Fake::resuming();
         f.devstate = b"{not json".to_vec();
         boot(&mut f).expect("an init runs");
-        assert_eq!(f.calls_after("read devstate"), FAILED_BEFORE_LOCK);
+        assert_eq!(f.calls_after("read devstate"), FAILED_BEFORE_PROBE);
         let why = f.report().reason.clone().unwrap_or_default();
         assert!(why.starts_with("device state does not parse: "), "{why}");
     }
@@ -1146,7 +1256,7 @@ mod tests {
     fn a_failure_to_mark_the_image_failed_is_logged_and_the_report_written() {
         let mut f = Fake::failing_at(&["lo up", "mark failed"]);
         boot(&mut f).expect("an init runs");
-        assert_eq!(f.calls_after("lo up"), FAILED_BEFORE_LOCK);
+        assert_eq!(f.calls_after("lo up"), FAILED_BEFORE_PROBE);
         assert!(f.logged(&format!(
             "cannot mark the image failed: {}",
             Fake::failure("mark failed")

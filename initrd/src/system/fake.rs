@@ -36,16 +36,18 @@ pub const FULL_BOOT: &[&str] = &[
     "mount tmpfs /dev/shm",
     "mount cgroup2",
     "mount devpts",
+    "lo up",
+    "start criu probe",
     "unpack tmpfs",
     "mount scratch",
     "unpack criu/a",
     "unpack criu/b",
-    "lo up",
     "lock CRIU-10002",
     "iface eth0",
     "route default",
     "hostname vm",
     "seed rng",
+    "finish criu probe",
     "tcp_window_scaling 0",
     "criu restore a",
     "resume a",
@@ -56,7 +58,7 @@ pub const FULL_BOOT: &[&str] = &[
     "tcp_window_scaling 1",
     "start relays",
     "remove scratch",
-    "unlock CRIU-10002",
+    "list lock tables",
     "mark restored",
     "wipe",
     "write report",
@@ -452,16 +454,26 @@ impl System for Fake {
     fn loopback_up(&mut self) -> Result<(), Error> {
         self.step("lo up".into())
     }
-    fn install_lock_table(&mut self, nft: &str) -> Result<(), Error> {
-        let name = contract::devstate::lock_table_name(nft).unwrap_or_default();
-        self.step(format!("lock {name}"))?;
-        self.locked.push(name);
+    fn install_lock_tables(&mut self, tables: &[String]) -> Result<(), Error> {
+        let names: Vec<String> = tables
+            .iter()
+            .map(|t| contract::devstate::lock_table_name(t).unwrap_or_default())
+            .collect();
+        self.step(format!("lock {}", names.join(" ")))?;
+        self.locked.extend(names);
         Ok(())
     }
-    fn remove_lock_table(&mut self, name: &str) -> Result<(), Error> {
-        self.step(format!("unlock {name}"))?;
-        self.locked.retain(|l| l != name);
+    fn remove_lock_tables(&mut self, names: &[String]) -> Result<(), Error> {
+        self.step(format!("unlock {}", names.join(" ")))?;
+        self.locked.retain(|l| !names.contains(l));
         Ok(())
+    }
+    fn start_criu_probe(&mut self) -> Result<bool, Error> {
+        self.step("start criu probe".into())?;
+        Ok(true)
+    }
+    fn finish_criu_probe(&mut self, _within: Duration) -> Result<(), Error> {
+        self.step("finish criu probe".into())
     }
     fn lock_tables(&mut self) -> Result<Vec<String>, Error> {
         self.step("list lock tables".into())?;
@@ -497,6 +509,9 @@ impl System for Fake {
             }));
         }
         self.step(call)?;
+        // As CRIU does once the tree runs again.
+        let lock = format!("CRIU-{}", run.checkpoint.workload.root_pid);
+        self.locked.retain(|l| *l != lock);
         Ok(run.checkpoint.workload.root_pid)
     }
     fn resume_restored(&mut self, w: &WorkloadEntry) -> Result<usize, Error> {

@@ -197,12 +197,20 @@ impl<S: System> System for Faults<S> {
         self.inner.loopback_up()
     }
 
-    fn install_lock_table(&mut self, nft: &str) -> Result<(), Error> {
-        self.inner.install_lock_table(nft)
+    fn install_lock_tables(&mut self, tables: &[String]) -> Result<(), Error> {
+        self.inner.install_lock_tables(tables)
     }
 
-    fn remove_lock_table(&mut self, name: &str) -> Result<(), Error> {
-        self.inner.remove_lock_table(name)
+    fn remove_lock_tables(&mut self, names: &[String]) -> Result<(), Error> {
+        self.inner.remove_lock_tables(names)
+    }
+
+    fn start_criu_probe(&mut self) -> Result<bool, Error> {
+        self.inner.start_criu_probe()
+    }
+
+    fn finish_criu_probe(&mut self, within: Duration) -> Result<(), Error> {
+        self.inner.finish_criu_probe(within)
     }
 
     fn lock_tables(&mut self) -> Result<Vec<String>, Error> {
@@ -323,6 +331,12 @@ mod tests {
         // A failed image is wiped after its report, not before.
         let reported = expected.iter().position(|c| *c == "write report");
         expected.insert(reported.expect("a report") + 1, "wipe");
+        // No CRIU lifted the lock: the restore does.
+        let listed = expected.iter().position(|c| *c == "list lock tables");
+        expected.insert(
+            listed.expect("a look at the locks") + 1,
+            "unlock CRIU-10002",
+        );
         assert_eq!(fake.calls, expected);
         let report = fake.report();
         assert_eq!(report.outcome, Outcome::Failed);

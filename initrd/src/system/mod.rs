@@ -259,12 +259,23 @@ pub trait System {
     /// Unmounts and removes it, whatever it holds.
     fn remove_scratch(&mut self, dir: &Path);
 
+    /// Starts CRIU's probe of this kernel's features (`criu check`), which
+    /// it caches in `/run/criu.kdat` for the restores: it runs while the
+    /// images are unpacked and the network configured. False when it was
+    /// not started: on one CPU it would only take the unpack's time.
+    fn start_criu_probe(&mut self) -> Result<bool, Error>;
+    /// Waits at most `within` for the probe [`System::start_criu_probe`]
+    /// started, if any; past it, kills it.
+    fn finish_criu_probe(&mut self, within: Duration) -> Result<(), Error>;
+
     // Network and system state.
     fn loopback_up(&mut self) -> Result<(), Error>;
-    /// Installs one of CRIU's lock tables (`nft list table` output).
-    fn install_lock_table(&mut self, nft: &str) -> Result<(), Error>;
-    /// Deletes `inet NAME`; one already gone is not an error.
-    fn remove_lock_table(&mut self, name: &str) -> Result<(), Error>;
+    /// Installs CRIU's lock tables (`nft list table` output, one each) in
+    /// one transaction: all of them or none.
+    fn install_lock_tables(&mut self, tables: &[String]) -> Result<(), Error>;
+    /// Deletes each `inet NAME`, in one transaction: name only tables that
+    /// are there ([`System::lock_tables`]).
+    fn remove_lock_tables(&mut self, names: &[String]) -> Result<(), Error>;
     /// The names of CRIU's lock tables installed now (`inet CRIU-*`).
     fn lock_tables(&mut self) -> Result<Vec<String>, Error>;
     /// Name (found by MAC), MTU, addresses, link state.
