@@ -47,6 +47,11 @@ pub struct RealSystem {
     /// What `kupgrade stage` recorded, to check before the kexec that it is
     /// still what is loaded.
     staged: Option<Staged>,
+    /// A handle on the store kept open until go ends: the last close of a
+    /// block device drops all of its page cache (the kernel's
+    /// `blkdev_flush_mapping`), which took 0.7 s of the frozen window for
+    /// a 1.4 GB image under TCG when the writer's handle closed.
+    store_held: Option<File>,
 }
 
 impl RealSystem {
@@ -72,6 +77,7 @@ impl RealSystem {
             kmsg: open("/dev/kmsg"),
             remounted: Vec::new(),
             holding: false,
+            store_held: None,
             staged: None,
         }
     }
@@ -93,9 +99,12 @@ impl RealSystem {
 
     /// Starts an image in the store: from here until it is recorded, a
     /// wipe zeroes the whole store.
-    fn begin_image(&self, generation: u64) -> Result<Begun, StepError> {
+    fn begin_image(&mut self, generation: u64) -> Result<Begun, StepError> {
         let e = err(Step::ImageWrite);
         let before = self.store.writing(Path::new(LIB_DIR)).map_err(|x| e(&x))?;
+        if self.store_held.is_none() {
+            self.store_held = Some(self.store.open_rw().map_err(|x| e(&x))?);
+        }
         let file = self.store.open_rw().map_err(|x| e(&x))?;
         let opts = WriteOptions {
             generation,
@@ -466,11 +475,12 @@ impl System for RealSystem {
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
         self.note(&format!(
             "kupgrade: image written in {:.0} ms: stored pre-dumps dropped from the staging tmpfs {:.0} ms, \
-             sections {:.0} ms, manifest and flush {:.0} ms, read back and recorded {:.0} ms",
+             sections {:.0} ms, manifest and flush {:.0} ms (the flushes {:.0} ms), read back and recorded {:.0} ms",
             ms(started.elapsed()),
             ms(removed),
             ms(sections - removed),
             ms(finished - sections),
+            ms(summary.flushes),
             ms(started.elapsed() - finished),
         ));
         Ok(summary.total_len)

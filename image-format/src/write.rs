@@ -64,6 +64,9 @@ pub struct WriteSummary {
     /// Chunks stored uncompressed (compression did not help).
     pub raw_chunks: u64,
     pub elapsed: Duration,
+    /// Of `elapsed`, the flush of what was written (sections and manifest)
+    /// and of the superblock after it.
+    pub flushes: Duration,
 }
 
 pub struct ImageWriter<S: Store> {
@@ -234,8 +237,12 @@ impl<S: Store> ImageWriter<S> {
             .seek(SeekFrom::Start(self.pos))
             .and_then(|_| self.store.write_all(&json))
             .and_then(|()| self.store.flush())
-            .and_then(|()| self.store.sync())
             .map_err(Error::io("write the manifest to the store"))?;
+        let flushing = Instant::now();
+        self.store
+            .sync()
+            .map_err(Error::io("flush the image to the store"))?;
+        let mut flushes = flushing.elapsed();
         self.hasher.update(&json);
         let mut sb = RawSuperblock {
             magic: MAGIC,
@@ -253,7 +260,9 @@ impl<S: Store> ImageWriter<S> {
             header_crc: 0.into(),
         };
         sb.seal();
+        let flushing = Instant::now();
         write_superblock(&mut self.store, &sb)?;
+        flushes += flushing.elapsed();
         Ok(WriteSummary {
             total_len: end,
             raw_len: self.sections.iter().map(|s| s.raw_len).sum(),
@@ -263,6 +272,7 @@ impl<S: Store> ImageWriter<S> {
             zero_chunks: self.counts.zero,
             raw_chunks: self.counts.raw,
             elapsed: self.started.elapsed(),
+            flushes,
         })
     }
 }

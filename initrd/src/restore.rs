@@ -7,9 +7,9 @@
 //!   -> device state -> support fs, loopback, start CRIU's probe of the kernel
 //!   -> tmpfs files -> unpack the CRIU images (image-verified)
 //!   -> lock tables, interfaces, routes (net-restored) -> hostname, RNG seed
-//!   -> CRIU's probe done -> criu restore and resume, each workload (its fate noted) -> remove the images and the locks
-//!   -> mark restored, wipe -> restored -> report
-//!    | mark failed -> restore-failed -> report -> wipe
+//!   -> CRIU's probe done -> criu restore and resume, each workload (its fate noted)
+//!   -> remove the images -> mark restored -> restored -> locks CRIU left -> wipe -> report
+//!    | mark failed -> restore-failed -> locks CRIU left -> report -> wipe
 //! ```
 //!
 //! Nothing here stops the boot. No image, or one that is not `written`, is
@@ -391,6 +391,9 @@ impl Restorer<'_> {
             None => EventLine::now(Event::Restored).with("workloads", workloads.len()),
             Some(why) => EventLine::now(Event::RestoreFailed).with("reason", why),
         });
+        // After the event: CRIU lifted the lock of each tree it restored,
+        // so what is left holds back only trees that are not running.
+        self.lift_locks_left();
         if outcome == Outcome::Restored {
             // The image holds process memory: do not leave it lying in RAM.
             self.wipe();
@@ -425,7 +428,7 @@ impl Restorer<'_> {
         let prepared = self.prepare();
         self.finish_criu_probe();
         if let Err(failure) = prepared {
-            self.cleanup();
+            self.sys.remove_scratch(Path::new(UNPACK_DIR));
             let why = chain(&failure);
             let not_restored = manifest
                 .workloads
@@ -465,7 +468,7 @@ impl Restorer<'_> {
             )),
             Err(e) => self.log(&format!("journal streams not relayed: {}", chain(&e))),
         }
-        self.cleanup();
+        self.sys.remove_scratch(Path::new(UNPACK_DIR));
         let failed: Vec<&WorkloadOutcome> = outcomes.iter().filter(|o| !o.restored).collect();
         let Some(first) = failed.first() else {
             return (None, outcomes);
@@ -513,6 +516,7 @@ impl Restorer<'_> {
             self.sys
                 .unpack(&w.section, &dest)
                 .map_err(|e| Failure::Unpack(w.name.clone(), e))?;
+            self.unpacked(&w.section);
             // Its pre-dumps (pre-copy), where the frozen dump's `parent`
             // link leads: `SECTION/pre/N` to `DEST/pre/N`.
             let prefix = format!("{}/pre/", w.section);
@@ -526,10 +530,8 @@ impl Restorer<'_> {
                 self.sys
                     .unpack(&s.name, &dest.join("pre").join(round))
                     .map_err(|e| Failure::Unpack(w.name.clone(), e))?;
+                self.unpacked(&s.name);
             }
-            let kib = images_len(self.manifest, w) >> 10;
-            self.steps
-                .done(format!("CRIU images of {} ({kib} KiB)", w.name));
         }
         let summary = format!("image opened and unpacked in {}", self.steps.summary());
         self.log(&summary);
@@ -549,6 +551,16 @@ impl Restorer<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Ends the unpack of `section` in the steps' log: its time, and its
+    /// size as it came out.
+    fn unpacked(&mut self, section: &str) {
+        let kib = self
+            .manifest
+            .section(section)
+            .map_or(0, |s| s.raw_len >> 10);
+        self.steps.done(format!("{section} ({kib} KiB)"));
     }
 
     /// What the restored tasks expect to find: the tmpfs mounts they used,
@@ -677,10 +689,9 @@ impl Restorer<'_> {
         }
     }
 
-    /// Frees the unpacked images and lifts any lock CRIU did not lift
-    /// itself, so a failed restore leaves a working network.
-    fn cleanup(&mut self) {
-        self.sys.remove_scratch(Path::new(UNPACK_DIR));
+    /// Lifts any lock CRIU did not lift itself, so that a failed restore
+    /// leaves a working network.
+    fn lift_locks_left(&mut self) {
         let ours = std::mem::take(&mut self.lock_tables);
         if ours.is_empty() {
             return;
@@ -801,9 +812,9 @@ mod tests {
     const FAILED_AFTER_LOCK: &[&str] = &[
         "finish criu probe",
         "remove scratch",
+        "mark failed",
         "list lock tables",
         "unlock CRIU-10002",
-        "mark failed",
         "write report",
         "wipe",
         EXEC,
@@ -818,8 +829,8 @@ mod tests {
         "tcp_window_scaling 1",
         "start relays",
         "remove scratch",
-        "list lock tables",
         "mark failed",
+        "list lock tables",
         "write report",
         "wipe",
         EXEC,
@@ -830,9 +841,9 @@ mod tests {
         "tcp_window_scaling 1",
         "start relays",
         "remove scratch",
+        "mark failed",
         "list lock tables",
         "unlock CRIU-10002",
-        "mark failed",
         "write report",
         "wipe",
         EXEC,
@@ -918,13 +929,16 @@ mod tests {
     }
 
     /// The blackout ends when the workloads run, not when their image is
-    /// wiped (which takes seconds for a large one under TCG).
+    /// wiped (which takes seconds for a large one under TCG), nor when the
+    /// locks of trees CRIU did not restore are looked for.
     #[test]
-    fn the_restored_event_comes_before_the_wipe() {
+    fn the_restored_event_comes_before_the_wipe_and_the_look_at_the_locks() {
         let mut f = Fake::resuming();
         boot(&mut f).expect("an init runs");
-        let n = f.events_at_wipe.expect("the image is wiped");
-        assert_eq!(f.events[..n].last().map(|e| e.event), Some(Event::Restored));
+        for n in [f.events_at_wipe, f.events_at_lock_list] {
+            let n = n.expect("the image is wiped and the locks listed");
+            assert_eq!(f.events[..n].last().map(|e| e.event), Some(Event::Restored));
+        }
     }
 
     #[test]
@@ -991,7 +1005,7 @@ mod tests {
         boot(&mut f).expect("an init runs");
         assert_eq!(
             f.calls_after("list lock tables")[..2],
-            ["unlock CRIU-10002", "mark restored"]
+            ["unlock CRIU-10002", "wipe"]
         );
         assert!(f.logged("cannot list the lock tables"));
         assert_eq!(f.report().outcome, Outcome::Restored);
@@ -1155,11 +1169,14 @@ mod tests {
     fn a_failed_restores_image_is_wiped_once_its_report_is_written() {
         let mut f = Fake::failing_at(&["criu restore a"]);
         boot(&mut f).expect("an init runs");
-        assert_eq!(f.calls_after("mark failed"), ["write report", "wipe", EXEC]);
+        assert_eq!(
+            f.calls_after("list lock tables"),
+            ["write report", "wipe", EXEC]
+        );
         // No report: the image is all that is left of the restore.
         let mut f = Fake::failing_at(&["criu restore a", "write report"]);
         boot(&mut f).expect("an init runs");
-        assert_eq!(f.calls_after("mark failed"), ["write report", EXEC]);
+        assert_eq!(f.calls_after("list lock tables"), ["write report", EXEC]);
         assert!(f.logged("keeping the failed image: its report could not be written"));
     }
 

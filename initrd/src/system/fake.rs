@@ -58,8 +58,8 @@ pub const FULL_BOOT: &[&str] = &[
     "tcp_window_scaling 1",
     "start relays",
     "remove scratch",
-    "list lock tables",
     "mark restored",
+    "list lock tables",
     "wipe",
     "write report",
     "exec /sbin/init",
@@ -111,6 +111,8 @@ pub struct Fake {
     pub unpacked: Vec<(String, std::path::PathBuf)>,
     /// How many events had been emitted when the image was last wiped.
     pub events_at_wipe: Option<usize>,
+    /// How many when the lock tables were last listed.
+    pub events_at_lock_list: Option<usize>,
 }
 
 fn workload(name: &str, pid: i32, tcp: bool) -> WorkloadEntry {
@@ -476,6 +478,7 @@ impl System for Fake {
         self.step("finish criu probe".into())
     }
     fn lock_tables(&mut self) -> Result<Vec<String>, Error> {
+        self.events_at_lock_list = Some(self.events.len());
         self.step("list lock tables".into())?;
         Ok(self.locked.clone())
     }
