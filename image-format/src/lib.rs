@@ -34,6 +34,7 @@
 //! manifest    Manifest and its section table (JSON)
 //! error       Error, one variant per kind of failure (and Size for messages)
 //! store       the Store trait; positioned reads
+//! direct      DirectReader: a store read around the page cache (O_DIRECT)
 //! workers     ordered thread pool and buffer pool
 //! superblock  read, check and write the superblock; set_state, invalidate, wipe
 //! encode      a section's stream -> chunks: ChunkSink, compression, ordered output
@@ -46,6 +47,7 @@
 //! ```
 
 mod decode;
+mod direct;
 mod encode;
 mod error;
 pub mod format;
@@ -61,6 +63,7 @@ mod tree;
 mod workers;
 mod write;
 
+pub use direct::DirectReader;
 pub use error::{Error, Size};
 pub use format::{BODY_OFFSET, FORMAT_MAJOR, FORMAT_MINOR, MAGIC};
 pub use manifest::{Manifest, SectionEntry, SectionKind};

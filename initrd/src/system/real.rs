@@ -14,7 +14,7 @@ use contract::events::EventLine;
 use contract::journal::JournalStream;
 use contract::report::{self, UpgradeReport};
 use contract::WorkloadEntry;
-use image_format::{Image, State};
+use image_format::{DirectReader, Image, State};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -45,7 +45,7 @@ pub struct RealSystem {
     /// how far it holds image data).
     store_path: PathBuf,
     /// The image, read through a second handle on the store.
-    image: Option<Image<File>>,
+    image: Option<Image<DirectReader>>,
     /// For the network's configuration, opened on first use.
     rtnl: Option<Rtnl>,
     /// Restored journal streams and their relays' ends, until every
@@ -68,7 +68,7 @@ impl RealSystem {
         self.store.as_mut().ok_or(Error::NoStore)
     }
 
-    fn image(&mut self) -> Result<&mut Image<File>, Error> {
+    fn image(&mut self) -> Result<&mut Image<DirectReader>, Error> {
         self.image.as_mut().ok_or(Error::NoStore)
     }
 }
@@ -164,8 +164,10 @@ impl System for RealSystem {
             path: store.into(),
             source,
         })?;
-        // One handle reads the image, the other changes its state.
-        let reader = file.try_clone().map_err(|source| Error::Io {
+        // One handle reads the image, around the page cache (one copy
+        // from a RAM store, and no cache of it to fill and drop); the other
+        // changes its state.
+        let reader = DirectReader::open(store).map_err(|source| Error::Io {
             what: "open a second handle on",
             path: store.into(),
             source,
