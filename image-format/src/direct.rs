@@ -87,6 +87,12 @@ impl DirectReader {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // A device whose blocks are larger than ours: read it
+                // through the cache instead.
+                Err(e) if self.direct && e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                    buffered(&self.file)?;
+                    self.direct = false;
+                }
                 Err(e) => {
                     self.filled = 0;
                     return Err(e);
@@ -101,6 +107,16 @@ impl DirectReader {
         self.filled = filled;
         Ok(self.pos < start + filled as u64)
     }
+}
+
+/// Turns `O_DIRECT` off on an open file.
+fn buffered(file: &File) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    fcntl(fd, FcntlArg::F_SETFL(flags - OFlag::O_DIRECT))?;
+    Ok(())
 }
 
 impl Read for DirectReader {
@@ -177,6 +193,22 @@ mod tests {
         r.seek(SeekFrom::Start(0)).unwrap();
         r.read_to_end(&mut all).unwrap();
         assert_eq!(all, bytes);
+    }
+
+    /// Reads go on through the cache once `O_DIRECT` is turned off, as
+    /// after a device refused its alignment.
+    #[test]
+    fn reads_go_on_once_o_direct_is_turned_off() {
+        let bytes = pattern(WINDOW + 5000);
+        let f = file_with(&bytes);
+        let mut r = DirectReader::open(f.path()).unwrap();
+        let mut head = vec![0u8; 100];
+        r.read_exact(&mut head).unwrap();
+        buffered(&r.file).unwrap();
+        r.direct = false;
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        assert_eq!([head, rest].concat(), bytes);
     }
 
     #[test]

@@ -172,6 +172,12 @@ impl System for RealSystem {
             path: store.into(),
             source,
         })?;
+        if !reader.is_direct() {
+            log::line(&format!(
+                "{} is read through the page cache: its file system refuses O_DIRECT",
+                store.display()
+            ));
+        }
         let image = Image::open(reader)?;
         let info = ImageInfo {
             state: image.superblock().state,
