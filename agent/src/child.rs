@@ -9,7 +9,7 @@
 //! read while it runs, so that a chatty child never blocks on a full pipe.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -149,20 +149,27 @@ pub fn run(cmd: &mut Command, input: Option<&[u8]>, limits: Limits) -> Result<Ou
         err: Vec::new(),
     };
     let start = Instant::now();
+    // Readable once the child has exited: the wait ends then, not at the
+    // next tick (a child closes its pipes before it can be reaped).
+    let pidfd = rustix::process::pidfd_open(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::PidfdFlags::empty(),
+    )
+    .ok();
     let stopped = || limits.stop.is_some_and(|s| s.load(Ordering::Relaxed));
     let outcome = (|| {
         pipes.nonblocking()?;
         loop {
             if let Some(status) = child.try_wait()? {
                 // What it wrote before exiting is still in the pipes.
-                pipes.pump(Duration::ZERO)?;
+                pipes.pump(Duration::ZERO, None)?;
                 return Ok(Some(status));
             }
             let elapsed = start.elapsed();
             if elapsed >= limits.deadline || stopped() {
                 return Ok(None);
             }
-            pipes.pump(TICK.min(limits.deadline - elapsed))?;
+            pipes.pump(TICK.min(limits.deadline - elapsed), pidfd.as_ref())?;
         }
     })();
     match outcome {
@@ -239,9 +246,13 @@ impl Pipes<'_> {
         Ok(())
     }
 
-    /// Waits up to `wait` for a pipe to be ready, then moves what it can.
-    fn pump(&mut self, wait: Duration) -> io::Result<()> {
-        let mut fds = Vec::with_capacity(3);
+    /// Waits up to `wait` for a pipe to be ready (or `exited`, a pidfd, to
+    /// say the child exited), then moves what it can.
+    fn pump(&mut self, wait: Duration, exited: Option<&OwnedFd>) -> io::Result<()> {
+        let mut fds = Vec::with_capacity(4);
+        if let Some(p) = exited {
+            fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+        }
         if let Some(p) = &self.stdin {
             fds.push(PollFd::new(p.as_fd(), PollFlags::POLLOUT));
         }
