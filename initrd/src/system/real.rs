@@ -246,18 +246,30 @@ impl System for RealSystem {
 
     fn mount_scratch(&mut self, dir: &Path) -> Result<(), Error> {
         let _ = fs::create_dir_all(dir);
-        mount(
-            Some("tmpfs"),
-            dir,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=0700"),
-        )
-        .map_err(|source| Error::Mount {
-            fstype: "tmpfs".into(),
-            target: dir.into(),
-            source,
-        })
+        let scratch = |options: &str| {
+            mount(
+                Some("tmpfs"),
+                dir,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some(options),
+            )
+        };
+        // Huge pages for the files the unpack sizes first (CRIU's pages):
+        // one page allocation per 2 MiB, not per 4 KiB, in the blackout. A
+        // kernel without huge tmpfs pages refuses the option.
+        scratch("mode=0700,huge=within_size")
+            .or_else(|e| {
+                log::line(&format!(
+                    "the unpack's tmpfs has no huge pages ({e}): 4 KiB pages instead"
+                ));
+                scratch("mode=0700")
+            })
+            .map_err(|source| Error::Mount {
+                fstype: "tmpfs".into(),
+                target: dir.into(),
+                source,
+            })
     }
 
     fn remove_scratch(&mut self, dir: &Path) {
