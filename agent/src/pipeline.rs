@@ -124,6 +124,14 @@ impl StepError {
     }
 }
 
+/// One workload's frozen dump, for [`System::dump_all`].
+pub struct DumpJob<'a> {
+    pub workload: &'a Workload,
+    pub dir: PathBuf,
+    /// The pre-dump it follows (relative to `dir`), if any.
+    pub parent: Option<&'a Path>,
+}
+
 /// What the dump of one workload left behind.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Dumped {
@@ -186,6 +194,25 @@ pub trait System {
         dir: &Path,
         parent: Option<&Path>,
     ) -> Result<Dumped, StepError>;
+    /// The frozen dumps of every job, each as [`System::dump`]. Returns a
+    /// result for each job attempted, in order; the jobs past them were not
+    /// attempted. Here one at a time, up to the first failure or a signal;
+    /// a system with the CPUs for it dumps them side by side.
+    fn dump_all(&mut self, jobs: &[DumpJob<'_>]) -> Vec<Result<Dumped, StepError>> {
+        let mut results = Vec::new();
+        for (k, j) in jobs.iter().enumerate() {
+            if k > 0 && self.interrupted() {
+                break;
+            }
+            let result = self.dump(j.workload, &j.dir, j.parent);
+            let failed = result.is_err();
+            results.push(result);
+            if failed {
+                break;
+            }
+        }
+        results
+    }
     /// Undoes a dump: drops its network lock, continues its stopped tasks.
     fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError>;
     /// Interfaces, routes, hostname, RNG seed: configuration that does not
@@ -479,21 +506,51 @@ fn run(
     let frozen_at = frozen.t_mono_ns;
     emit(sys, phases, frozen);
 
+    begin(sys, undo, Step::Checkpoint)?;
+    let jobs: Vec<DumpJob> = workloads
+        .iter()
+        .zip(&parents)
+        .map(|(w, parent)| DumpJob {
+            workload: w,
+            dir: images_dir(opts, w),
+            parent: parent.as_deref(),
+        })
+        .collect();
+    // Recorded first: a dump that fails, or never returns, is undone too.
+    undo.dumped = workloads
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (i, Dumped::attempted(w)))
+        .collect();
+    let results = sys.dump_all(&jobs);
+    // Those past the results were not attempted: nothing to undo there.
+    undo.dumped.truncate(results.len());
+    let mut failed = Vec::new();
+    for (k, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(d) => undo.dumped[k].1 = d,
+            Err(e) => failed.push(e),
+        }
+    }
+    match failed.len() {
+        0 => {}
+        1 => return Err(failed.remove(0)),
+        _ => return Err(StepError::new(Step::Checkpoint, join(&failed))),
+    }
+    // Only a signal stops the dumps short of a failure.
+    if undo.dumped.len() < jobs.len() {
+        return Err(StepError::new(Step::Checkpoint, "interrupted by a signal"));
+    }
+    let locks: Vec<String> = undo
+        .dumped
+        .iter()
+        .filter_map(|(_, d)| d.lock_table.clone())
+        .collect();
     let mut entries = Vec::new();
     let mut trees = Vec::new();
-    let mut locks = Vec::new();
-    for (i, w) in workloads.iter().enumerate() {
-        begin(sys, undo, Step::Checkpoint)?;
-        let dir = images_dir(opts, w);
-        // Recorded first: a dump that fails is undone too.
-        undo.dumped.push((i, Dumped::attempted(w)));
-        let d = sys.dump(w, &dir, parents[i].as_deref())?;
-        locks.extend(d.lock_table.clone());
-        if let Some(last) = undo.dumped.last_mut() {
-            last.1 = d;
-        }
+    for (w, job) in workloads.iter().zip(jobs) {
         let entry = w.entry();
-        trees.push((entry.section.clone(), dir));
+        trees.push((entry.section.clone(), job.dir));
         entries.push(entry);
     }
     emit(

@@ -3,8 +3,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use contract::devstate::{self, DeviceState, TmpfsMount};
@@ -13,7 +13,7 @@ use image_format::{ImageWriter, WriteOptions};
 
 use crate::child::{self, Limits};
 use crate::config::{Config, LIB_DIR};
-use crate::pipeline::{Dumped, ImageInput, Step, StepError, System};
+use crate::pipeline::{DumpJob, Dumped, ImageInput, Step, StepError, System};
 use crate::remount::{self, Remounted};
 use crate::stage::Staged;
 use crate::store::{Kind, Store};
@@ -54,7 +54,87 @@ pub struct RealSystem {
     store_held: Option<File>,
 }
 
+/// What a frozen dump needs of [`RealSystem`], shared by the dumps that
+/// run side by side.
+struct Dumper<'a> {
+    criu: &'a str,
+    deadline: Duration,
+    interrupted: &'a AtomicBool,
+    /// Where CRIU's logs go.
+    log_dir: &'a Path,
+}
+
+impl Dumper<'_> {
+    fn dump(&self, w: &Workload, dir: &Path, parent: Option<&Path>) -> Result<Dumped, StepError> {
+        let log = self.log_dir.join(format!("dump-{}.log", w.name));
+        let _ = fs::create_dir_all(self.log_dir);
+        if parent.is_none() {
+            let _ = fs::remove_dir_all(dir);
+        }
+        let limits = Limits::deadline(self.deadline).stopped_by(self.interrupted);
+        criu::dump(self.criu, w, dir, parent, &log, limits)
+            .map_err(|e| StepError::new(Step::Checkpoint, child::chain(&e)))?;
+        let lock_table = if w.tcp_established {
+            let limits = Limits::deadline(child::TOOL_DEADLINE).stopped_by(self.interrupted);
+            Some(criu::save_lock_table(w, limits).ok_or_else(|| {
+                StepError::new(
+                    Step::Checkpoint,
+                    format!("CRIU's lock table inet {} is missing", criu::lock_table(w)),
+                )
+            })?)
+        } else {
+            None
+        };
+        Ok(Dumped { lock_table })
+    }
+}
+
+/// The frozen dumps of `jobs`, up to `cpus` CRIUs at once: each is busy for
+/// its whole run (ptrace, the parasite, the pages), so more than the CPUs
+/// would only take turns. Jobs are taken in order and none after a failure
+/// or a signal (the upgrade is off): the results are for a prefix of
+/// `jobs`, the rest were not attempted.
+fn dump_side_by_side(
+    dumper: &Dumper<'_>,
+    jobs: &[DumpJob<'_>],
+    cpus: usize,
+) -> Vec<Result<Dumped, StepError>> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results: Vec<Mutex<Option<Result<Dumped, StepError>>>> =
+        jobs.iter().map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..cpus.clamp(1, jobs.len().max(1)) {
+            scope.spawn(|| {
+                while !failed.load(Ordering::SeqCst) && !dumper.interrupted.load(Ordering::Relaxed)
+                {
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(j) = jobs.get(k) else { break };
+                    let result = dumper.dump(j.workload, &j.dir, j.parent);
+                    if result.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    *results[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map_while(|slot| slot.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect()
+}
+
 impl RealSystem {
+    fn dumper(&self) -> Dumper<'_> {
+        Dumper {
+            criu: &self.cfg.criu,
+            deadline: Duration::from_secs(self.cfg.dump_timeout_s),
+            interrupted: &self.interrupted,
+            log_dir: Path::new(LIB_DIR),
+        }
+    }
+
     pub fn new(cfg: Config, store: Store) -> Self {
         let interrupted = Arc::new(AtomicBool::new(false));
         // From here on a signal only asks: the pipeline stops at the next
@@ -319,27 +399,12 @@ impl System for RealSystem {
         dir: &Path,
         parent: Option<&Path>,
     ) -> Result<Dumped, StepError> {
-        let log = Path::new(LIB_DIR).join(format!("dump-{}.log", w.name));
-        let _ = fs::create_dir_all(LIB_DIR);
-        if parent.is_none() {
-            let _ = fs::remove_dir_all(dir);
-        }
-        let deadline = Duration::from_secs(self.cfg.dump_timeout_s);
-        let limits = Limits::deadline(deadline).stopped_by(&self.interrupted);
-        criu::dump(&self.cfg.criu, w, dir, parent, &log, limits)
-            .map_err(|e| StepError::new(Step::Checkpoint, child::chain(&e)))?;
-        let lock_table = if w.tcp_established {
-            let limits = Limits::deadline(child::TOOL_DEADLINE).stopped_by(&self.interrupted);
-            Some(criu::save_lock_table(w, limits).ok_or_else(|| {
-                StepError::new(
-                    Step::Checkpoint,
-                    format!("CRIU's lock table inet {} is missing", criu::lock_table(w)),
-                )
-            })?)
-        } else {
-            None
-        };
-        Ok(Dumped { lock_table })
+        self.dumper().dump(w, dir, parent)
+    }
+
+    fn dump_all(&mut self, jobs: &[DumpJob<'_>]) -> Vec<Result<Dumped, StepError>> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        dump_side_by_side(&self.dumper(), jobs, cpus)
     }
 
     fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError> {
@@ -564,6 +629,91 @@ pub fn last_go_log() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::fake::wl;
+
+    /// A stand-in for `criu dump` that marks its images directory started,
+    /// then waits (up to 10 s) until `want` dumps have started, and fails
+    /// for a directory named `fail`.
+    fn fake_criu(dir: &Path, want: usize) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let script = dir.join("criu");
+        fs::write(
+            &script,
+            format!(
+                r#"#!/bin/sh
+while [ "$1" != "--images-dir" ]; do shift; done
+images="$2"
+touch "$images.started"
+case "$images" in */fail) exit 1 ;; esac
+for i in $(seq 100); do
+  [ "$(ls "$(dirname "$images")" | grep -c '\.started$')" -ge {want} ] && exit 0
+  sleep 0.1
+done
+exit 2
+"#
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        script
+    }
+
+    fn jobs<'a>(ws: &'a [Workload], under: &Path) -> Vec<DumpJob<'a>> {
+        ws.iter()
+            .map(|w| DumpJob {
+                workload: w,
+                dir: under.join(&w.name),
+                parent: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn frozen_dumps_run_side_by_side_on_as_many_cpus() {
+        let d = tempfile::tempdir().unwrap();
+        let criu = fake_criu(d.path(), 2);
+        let stop = AtomicBool::new(false);
+        let dumper = Dumper {
+            criu: criu.to_str().unwrap(),
+            deadline: Duration::from_secs(30),
+            interrupted: &stop,
+            log_dir: d.path(),
+        };
+        let ws = [wl("a", 10001, false), wl("b", 10002, false)];
+        let under = d.path().join("images");
+        // Each waits for the other to start: one at a time would fail both.
+        let results = dump_side_by_side(&dumper, &jobs(&ws, &under), 2);
+        assert_eq!(results.len(), 2);
+        for r in results {
+            assert_eq!(r.unwrap(), Dumped { lock_table: None });
+        }
+    }
+
+    #[test]
+    fn no_dump_starts_after_one_failed() {
+        let d = tempfile::tempdir().unwrap();
+        let criu = fake_criu(d.path(), 1);
+        let stop = AtomicBool::new(false);
+        let dumper = Dumper {
+            criu: criu.to_str().unwrap(),
+            deadline: Duration::from_secs(30),
+            interrupted: &stop,
+            log_dir: d.path(),
+        };
+        let ws = [
+            wl("a", 10001, false),
+            wl("fail", 10002, false),
+            wl("c", 10003, false),
+        ];
+        let under = d.path().join("images");
+        let results = dump_side_by_side(&dumper, &jobs(&ws, &under), 1);
+        assert_eq!(results.len(), 2, "{results:?}");
+        assert!(results[0].is_ok());
+        let e = results[1].as_ref().unwrap_err();
+        assert_eq!(e.step, Step::Checkpoint);
+        assert!(e.reason.contains("fail"), "{}", e.reason);
+        assert!(!under.join("c.started").exists());
+    }
 
     #[test]
     fn only_a_ram_store_with_room_takes_the_frozen_dump_uncompressed() {
