@@ -124,7 +124,8 @@ impl StepError {
     }
 }
 
-/// One workload's frozen dump, for [`System::dump_all`].
+/// One workload's dump or pre-dump, for [`System::dump_all`] and
+/// [`System::predump_all`].
 pub struct DumpJob<'a> {
     pub workload: &'a Workload,
     pub dir: PathBuf,
@@ -184,6 +185,21 @@ pub trait System {
         dir: &Path,
         parent: Option<&Path>,
     ) -> Result<u64, StepError>;
+    /// Each job's `criu pre-dump` as [`System::predump`] (`dir` and
+    /// `parent` as given there), a result for each job attempted, in
+    /// order: a signal stops them short. A failing pre-dump does not stop
+    /// the others. Here one at a time; a system with the CPUs for it runs
+    /// them side by side.
+    fn predump_all(&mut self, jobs: &[DumpJob<'_>]) -> Vec<Result<u64, StepError>> {
+        let mut results = Vec::new();
+        for (k, j) in jobs.iter().enumerate() {
+            if k > 0 && self.interrupted() {
+                break;
+            }
+            results.push(self.predump(j.workload, &j.dir, j.parent));
+        }
+        results
+    }
     /// Removes the pre-dumps of the workload whose images are in `dir`.
     fn discard_predumps(&mut self, dir: &Path) -> Result<(), StepError>;
     /// `criu dump` of the frozen `w` into `dir`; after pre-copy, only the
@@ -661,19 +677,34 @@ fn precopy(
     let stop = loop {
         let round = written.len() as u32 + 1;
         let mut bytes = 0;
-        for (i, w) in workloads.iter().enumerate() {
-            if failed[i] {
-                continue;
-            }
-            begin(sys, undo, Step::Precopy)?;
+        begin(sys, undo, Step::Precopy)?;
+        let running: Vec<usize> = (0..workloads.len()).filter(|&i| !failed[i]).collect();
+        let parents: Vec<Option<PathBuf>> = running
+            .iter()
+            .map(|&i| last[i].map(|n| PathBuf::from(format!("../{n}"))))
+            .collect();
+        let mut jobs = Vec::new();
+        for (&i, parent) in running.iter().zip(&parents) {
+            let w = &workloads[i];
             let dir = images_dir(opts, w);
             if !undo.predumped.contains(&dir) {
                 // Recorded first: a pre-dump that fails leaves images too.
                 undo.predumped.push(dir.clone());
             }
-            let parent = last[i].map(|n| PathBuf::from(format!("../{n}")));
-            let into = dir.join("pre").join(round.to_string());
-            match sys.predump(w, &into, parent.as_deref()) {
+            jobs.push(DumpJob {
+                workload: w,
+                dir: dir.join("pre").join(round.to_string()),
+                parent: parent.as_deref(),
+            });
+        }
+        let results = sys.predump_all(&jobs);
+        // Only a signal stops them short.
+        if results.len() < jobs.len() {
+            return Err(StepError::new(Step::Precopy, "interrupted by a signal"));
+        }
+        for (&i, result) in running.iter().zip(results) {
+            let dir = images_dir(opts, &workloads[i]);
+            match result {
                 Ok(b) => {
                     bytes += b;
                     last[i] = Some(round);

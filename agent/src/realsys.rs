@@ -65,6 +65,41 @@ struct Dumper<'a> {
 }
 
 impl Dumper<'_> {
+    /// A pre-dump while `w` runs, and the note that says how it went.
+    fn predump(
+        &self,
+        w: &Workload,
+        dir: &Path,
+        parent: Option<&Path>,
+    ) -> (Result<u64, StepError>, String) {
+        let log = self.log_dir.join(format!("predump-{}.log", w.name));
+        let _ = fs::create_dir_all(self.log_dir);
+        // As long as a dump may take: a CRIU killed while its parasite is in
+        // a task can harm it, and here the task runs on.
+        let limits = Limits::deadline(self.deadline).stopped_by(self.interrupted);
+        let start = std::time::Instant::now();
+        let res = criu::predump(self.criu, w, dir, parent, &log, limits);
+        // Each round in a note: the event sums them up.
+        let note = match &res {
+            Ok(bytes) => format!(
+                "kupgrade: pre-dump {} of workload {}: {} KiB of pages in {} ms",
+                dir.display(),
+                w.name,
+                bytes >> 10,
+                start.elapsed().as_millis()
+            ),
+            Err(e) => format!(
+                "kupgrade: pre-copy of workload {} given up, it gets a full dump: {}",
+                w.name,
+                child::chain(e)
+            ),
+        };
+        (
+            res.map_err(|e| StepError::new(Step::Precopy, child::chain(&e))),
+            note,
+        )
+    }
+
     fn dump(&self, w: &Workload, dir: &Path, parent: Option<&Path>) -> Result<Dumped, StepError> {
         let log = self.log_dir.join(format!("dump-{}.log", w.name));
         let _ = fs::create_dir_all(self.log_dir);
@@ -89,40 +124,75 @@ impl Dumper<'_> {
     }
 }
 
-/// The frozen dumps of `jobs`, up to `cpus` CRIUs at once: each is busy for
-/// its whole run (ptrace, the parasite, the pages), so more than the CPUs
-/// would only take turns. Jobs are taken in order and none after a failure
-/// or a signal (the upgrade is off): the results are for a prefix of
-/// `jobs`, the rest were not attempted.
+/// CPUs to run CRIUs on: each is busy for its whole run (ptrace, the
+/// parasite, the pages), so more at once than the CPUs only take turns.
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `run(k)` for each job `k` of `jobs`, up to `cpus` at once. Jobs are taken
+/// in order, and none once `stop` is set or `halt` says so of a result: the
+/// results returned are those of a prefix of the jobs, the rest were not
+/// started.
+fn side_by_side<T: Send>(
+    jobs: usize,
+    cpus: usize,
+    stop: &AtomicBool,
+    halt: impl Fn(&T) -> bool + Sync,
+    run: impl Fn(usize) -> T + Sync,
+) -> Vec<T> {
+    let next = AtomicUsize::new(0);
+    let halted = AtomicBool::new(false);
+    let slots: Vec<Mutex<Option<T>>> = (0..jobs).map(|_| Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..cpus.clamp(1, jobs.max(1)) {
+            scope.spawn(|| {
+                while !halted.load(Ordering::SeqCst) && !stop.load(Ordering::Relaxed) {
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    if k >= jobs {
+                        break;
+                    }
+                    let result = run(k);
+                    if halt(&result) {
+                        halted.store(true, Ordering::SeqCst);
+                    }
+                    *slots[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map_while(|slot| slot.into_inner().unwrap_or_else(|e| e.into_inner()))
+        .collect()
+}
+
+/// The frozen dumps of `jobs`, up to `cpus` at once; none is started after
+/// one failed (the upgrade is off) or a signal.
 fn dump_side_by_side(
     dumper: &Dumper<'_>,
     jobs: &[DumpJob<'_>],
     cpus: usize,
 ) -> Vec<Result<Dumped, StepError>> {
-    let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
-    let results: Vec<Mutex<Option<Result<Dumped, StepError>>>> =
-        jobs.iter().map(|_| Mutex::new(None)).collect();
-    std::thread::scope(|scope| {
-        for _ in 0..cpus.clamp(1, jobs.len().max(1)) {
-            scope.spawn(|| {
-                while !failed.load(Ordering::SeqCst) && !dumper.interrupted.load(Ordering::Relaxed)
-                {
-                    let k = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(j) = jobs.get(k) else { break };
-                    let result = dumper.dump(j.workload, &j.dir, j.parent);
-                    if result.is_err() {
-                        failed.store(true, Ordering::SeqCst);
-                    }
-                    *results[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
-                }
-            });
-        }
-    });
-    results
-        .into_iter()
-        .map_while(|slot| slot.into_inner().unwrap_or_else(|e| e.into_inner()))
-        .collect()
+    side_by_side(jobs.len(), cpus, dumper.interrupted, Result::is_err, |k| {
+        dumper.dump(jobs[k].workload, &jobs[k].dir, jobs[k].parent)
+    })
+}
+
+/// The pre-dumps of `jobs`, up to `cpus` at once, each with its note; one
+/// that fails stops no other, a signal stops them all.
+fn predump_side_by_side(
+    dumper: &Dumper<'_>,
+    jobs: &[DumpJob<'_>],
+    cpus: usize,
+) -> Vec<(Result<u64, StepError>, String)> {
+    side_by_side(
+        jobs.len(),
+        cpus,
+        dumper.interrupted,
+        |_| false,
+        |k| dumper.predump(jobs[k].workload, &jobs[k].dir, jobs[k].parent),
+    )
 }
 
 impl RealSystem {
@@ -355,31 +425,19 @@ impl System for RealSystem {
         dir: &Path,
         parent: Option<&Path>,
     ) -> Result<u64, StepError> {
-        let log = Path::new(LIB_DIR).join(format!("predump-{}.log", w.name));
-        let _ = fs::create_dir_all(LIB_DIR);
-        // As long as a dump may take: a CRIU killed while its parasite is in
-        // a task can harm it, and here the task runs on.
-        let deadline = Duration::from_secs(self.cfg.dump_timeout_s);
-        let limits = Limits::deadline(deadline).stopped_by(&self.interrupted);
-        let start = std::time::Instant::now();
-        let res = criu::predump(&self.cfg.criu, w, dir, parent, &log, limits);
-        // Each round in a note: the event sums them up.
-        let note = match &res {
-            Ok(bytes) => format!(
-                "kupgrade: pre-dump {} of workload {}: {} KiB of pages in {} ms",
-                dir.display(),
-                w.name,
-                bytes >> 10,
-                start.elapsed().as_millis()
-            ),
-            Err(e) => format!(
-                "kupgrade: pre-copy of workload {} given up, it gets a full dump: {}",
-                w.name,
-                child::chain(e)
-            ),
-        };
+        let (result, note) = self.dumper().predump(w, dir, parent);
         self.note(&note);
-        res.map_err(|e| StepError::new(Step::Precopy, child::chain(&e)))
+        result
+    }
+
+    fn predump_all(&mut self, jobs: &[DumpJob<'_>]) -> Vec<Result<u64, StepError>> {
+        let done = predump_side_by_side(&self.dumper(), jobs, cpus());
+        done.into_iter()
+            .map(|(result, note)| {
+                self.note(&note);
+                result
+            })
+            .collect()
     }
 
     fn discard_predumps(&mut self, dir: &Path) -> Result<(), StepError> {
@@ -403,8 +461,7 @@ impl System for RealSystem {
     }
 
     fn dump_all(&mut self, jobs: &[DumpJob<'_>]) -> Vec<Result<Dumped, StepError>> {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        dump_side_by_side(&self.dumper(), jobs, cpus)
+        dump_side_by_side(&self.dumper(), jobs, cpus())
     }
 
     fn undump(&mut self, w: &Workload, d: &Dumped) -> Result<(), StepError> {
@@ -687,6 +744,34 @@ exit 2
         for r in results {
             assert_eq!(r.unwrap(), Dumped { lock_table: None });
         }
+    }
+
+    #[test]
+    fn pre_dumps_run_side_by_side_and_go_on_past_one_that_failed() {
+        let d = tempfile::tempdir().unwrap();
+        let criu = fake_criu(d.path(), 2);
+        let stop = AtomicBool::new(false);
+        let dumper = Dumper {
+            criu: criu.to_str().unwrap(),
+            deadline: Duration::from_secs(30),
+            interrupted: &stop,
+            log_dir: d.path(),
+        };
+        let ws = [
+            wl("a", 10001, false),
+            wl("fail", 10002, false),
+            wl("c", 10003, false),
+        ];
+        let under = d.path().join("images");
+        // a and fail start together (each waits for two to have started).
+        let done = predump_side_by_side(&dumper, &jobs(&ws, &under), 2);
+        let fate: Vec<bool> = done.iter().map(|(r, _)| r.is_ok()).collect();
+        assert_eq!(fate, [true, false, true]);
+        assert!(done[1].1.contains("given up"), "{}", done[1].1);
+        assert!(done[2].1.contains("workload c"), "{}", done[2].1);
+        // A signal: none starts.
+        stop.store(true, Ordering::SeqCst);
+        assert!(predump_side_by_side(&dumper, &jobs(&ws, &under), 2).is_empty());
     }
 
     #[test]
