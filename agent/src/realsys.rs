@@ -103,6 +103,8 @@ impl Dumper<'_> {
     fn dump(&self, w: &Workload, dir: &Path, parent: Option<&Path>) -> Result<Dumped, StepError> {
         let log = self.log_dir.join(format!("dump-{}.log", w.name));
         let _ = fs::create_dir_all(self.log_dir);
+        // Made anew by CRIU: its birth time says when this dump began.
+        let _ = fs::remove_file(&log);
         if parent.is_none() {
             let _ = fs::remove_dir_all(dir);
         }
