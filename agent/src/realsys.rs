@@ -717,6 +717,24 @@ exit 2
         script
     }
 
+    fn test_dumper<'a>(criu: &'a Path, stop: &'a AtomicBool, logs: &'a Path) -> Dumper<'a> {
+        Dumper {
+            criu: criu.to_str().unwrap(),
+            deadline: Duration::from_secs(30),
+            interrupted: stop,
+            log_dir: logs,
+        }
+    }
+
+    /// Three workloads, the second of which fake_criu fails.
+    fn a_fail_c() -> [Workload; 3] {
+        [
+            wl("a", 10001, false),
+            wl("fail", 10002, false),
+            wl("c", 10003, false),
+        ]
+    }
+
     fn jobs<'a>(ws: &'a [Workload], under: &Path) -> Vec<DumpJob<'a>> {
         ws.iter()
             .map(|w| DumpJob {
@@ -732,12 +750,7 @@ exit 2
         let d = tempfile::tempdir().unwrap();
         let criu = fake_criu(d.path(), 2);
         let stop = AtomicBool::new(false);
-        let dumper = Dumper {
-            criu: criu.to_str().unwrap(),
-            deadline: Duration::from_secs(30),
-            interrupted: &stop,
-            log_dir: d.path(),
-        };
+        let dumper = test_dumper(&criu, &stop, d.path());
         let ws = [wl("a", 10001, false), wl("b", 10002, false)];
         let under = d.path().join("images");
         // Each waits for the other to start: one at a time would fail both.
@@ -753,17 +766,8 @@ exit 2
         let d = tempfile::tempdir().unwrap();
         let criu = fake_criu(d.path(), 2);
         let stop = AtomicBool::new(false);
-        let dumper = Dumper {
-            criu: criu.to_str().unwrap(),
-            deadline: Duration::from_secs(30),
-            interrupted: &stop,
-            log_dir: d.path(),
-        };
-        let ws = [
-            wl("a", 10001, false),
-            wl("fail", 10002, false),
-            wl("c", 10003, false),
-        ];
+        let dumper = test_dumper(&criu, &stop, d.path());
+        let ws = a_fail_c();
         let under = d.path().join("images");
         // a and fail start together (each waits for two to have started).
         let done = predump_side_by_side(&dumper, &jobs(&ws, &under), 2);
@@ -781,17 +785,8 @@ exit 2
         let d = tempfile::tempdir().unwrap();
         let criu = fake_criu(d.path(), 1);
         let stop = AtomicBool::new(false);
-        let dumper = Dumper {
-            criu: criu.to_str().unwrap(),
-            deadline: Duration::from_secs(30),
-            interrupted: &stop,
-            log_dir: d.path(),
-        };
-        let ws = [
-            wl("a", 10001, false),
-            wl("fail", 10002, false),
-            wl("c", 10003, false),
-        ];
+        let dumper = test_dumper(&criu, &stop, d.path());
+        let ws = a_fail_c();
         let under = d.path().join("images");
         let results = dump_side_by_side(&dumper, &jobs(&ws, &under), 1);
         assert_eq!(results.len(), 2, "{results:?}");
