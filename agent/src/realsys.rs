@@ -24,7 +24,7 @@ use crate::{capture, cgroup, criu, leftovers, listen};
 /// An image begun in the store before the freeze, with the pre-dumps, that
 /// [`System::write_image`] finishes.
 struct Begun {
-    writer: ImageWriter<File>,
+    writer: ImageWriter<Box<dyn image_format::Store>>,
     /// What [`Store::writing`] returned when it was begun.
     before: Option<u64>,
     /// Image directories whose `pre/` is in the store already.
@@ -257,12 +257,12 @@ impl RealSystem {
         if self.store_held.is_none() {
             self.store_held = Some(self.store.open_rw().map_err(|x| e(&x))?);
         }
-        let file = self.store.open_rw().map_err(|x| e(&x))?;
+        let store = self.store.open_writer().map_err(|x| e(&x))?;
         let opts = WriteOptions {
             generation,
             ..WriteOptions::default()
         };
-        let writer = ImageWriter::create(file, self.store.capacity, opts).map_err(|x| e(&x))?;
+        let writer = ImageWriter::create(store, self.store.capacity, opts).map_err(|x| e(&x))?;
         Ok(Begun {
             writer,
             before,

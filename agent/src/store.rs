@@ -110,6 +110,21 @@ impl Store {
 
     /// Opens for reading and writing; a file store is created at its size,
     /// 0600, in a directory made 0700 if there is none.
+    /// A handle to write an image with: around the page cache on a block
+    /// device (`O_DIRECT`, see [`image_format::DirectWriter`]: no cache to
+    /// fill and write back in the frozen window), the file itself for a
+    /// file store.
+    pub fn open_writer(&self) -> Result<Box<dyn image_format::Store>, Error> {
+        if self.kind == Kind::File {
+            return Ok(Box::new(self.open_rw()?));
+        }
+        let w = image_format::DirectWriter::open(&self.path).map_err(|source| Error::Open {
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(Box::new(w))
+    }
+
     pub fn open_rw(&self) -> Result<File, Error> {
         let err = |source| Error::Open {
             path: self.path.clone(),

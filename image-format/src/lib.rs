@@ -34,7 +34,8 @@
 //! manifest    Manifest and its section table (JSON)
 //! error       Error, one variant per kind of failure (and Size for messages)
 //! store       the Store trait; positioned reads
-//! direct      DirectReader: a store read around the page cache (O_DIRECT)
+//! direct      DirectReader, DirectWriter: a store read and written around
+//!             the page cache (O_DIRECT)
 //! workers     ordered thread pool and buffer pool
 //! superblock  read, check and write the superblock; set_state, invalidate, wipe
 //! encode      a section's stream -> chunks: ChunkSink, compression, ordered output
@@ -63,7 +64,7 @@ mod tree;
 mod workers;
 mod write;
 
-pub use direct::DirectReader;
+pub use direct::{DirectReader, DirectWriter};
 pub use error::{Error, Size};
 pub use format::{BODY_OFFSET, FORMAT_MAJOR, FORMAT_MINOR, MAGIC};
 pub use manifest::{Manifest, SectionEntry, SectionKind};

@@ -85,6 +85,16 @@ impl<S: Store + ?Sized> Store for &mut S {
     }
 }
 
+impl<S: Store + ?Sized> Store for Box<S> {
+    fn sync(&mut self) -> io::Result<()> {
+        (**self).sync()
+    }
+
+    fn zero_range(&mut self, offset: u64, len: u64) -> io::Result<bool> {
+        (**self).zero_range(offset, len)
+    }
+}
+
 /// Size of the store, found by seeking to its end (which works for block
 /// devices, where metadata says 0).
 pub(crate) fn store_len<R: Seek>(store: &mut R) -> Result<u64, Error> {
