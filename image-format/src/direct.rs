@@ -132,17 +132,22 @@ impl Read for DirectReader {
 
 impl Seek for DirectReader {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let beyond = |base: u64, d: i64| {
-            base.checked_add_signed(d)
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))
-        };
-        self.pos = match to {
-            SeekFrom::Start(p) => p,
-            SeekFrom::Current(d) => beyond(self.pos, d)?,
-            // The file's end (a block device's size).
-            SeekFrom::End(d) => beyond(self.file.seek(SeekFrom::End(0))?, d)?,
-        };
+        self.pos = seek_to(&mut self.file, self.pos, to)?;
         Ok(self.pos)
+    }
+}
+
+/// Where `to` leads from `pos` in `file`, whose end is its size (a block
+/// device's too); `file`'s own offset is not used.
+fn seek_to(file: &mut File, pos: u64, to: SeekFrom) -> io::Result<u64> {
+    let beyond = |base: u64, d: i64| {
+        base.checked_add_signed(d)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))
+    };
+    match to {
+        SeekFrom::Start(p) => Ok(p),
+        SeekFrom::Current(d) => beyond(pos, d),
+        SeekFrom::End(d) => beyond(file.seek(SeekFrom::End(0))?, d),
     }
 }
 
@@ -308,15 +313,7 @@ impl Read for DirectWriter {
 
 impl Seek for DirectWriter {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let beyond = |base: u64, d: i64| {
-            base.checked_add_signed(d)
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))
-        };
-        self.pos = match to {
-            SeekFrom::Start(p) => p,
-            SeekFrom::Current(d) => beyond(self.pos, d)?,
-            SeekFrom::End(d) => beyond(self.file.seek(SeekFrom::End(0))?, d)?,
-        };
+        self.pos = seek_to(&mut self.file, self.pos, to)?;
         Ok(self.pos)
     }
 }
