@@ -12,7 +12,7 @@
 //! second, writes include the final fsync.
 
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -112,8 +112,30 @@ fn open_store(path: &Path) -> File {
         .expect("open the store")
 }
 
+/// A store whose memory is already there, as `/dev/pmemN`'s is: a tmpfs
+/// file written once in full, then overwritten in place.
+fn open_ram_store(path: &Path, len: usize) -> File {
+    let mut f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .expect("open the store");
+    if f.metadata().expect("stat the store").len() < len as u64 {
+        let block = vec![0x5au8; 4 << 20];
+        for _ in 0..len.div_ceil(block.len()) {
+            f.write_all(&block).expect("fill the store");
+        }
+    }
+    f
+}
+
 fn write_image(path: &Path, data: &[u8], opts: WriteOptions) -> (Duration, u64) {
-    let f = open_store(path);
+    write_image_to(open_store(path), data, opts)
+}
+
+fn write_image_to(f: File, data: &[u8], opts: WriteOptions) -> (Duration, u64) {
     let t = Instant::now();
     let mut w = ImageWriter::create(f, 4 << 30, opts).expect("create");
     for (i, part) in data.chunks(BLOB).enumerate() {
@@ -138,7 +160,10 @@ fn read_image(path: &Path, threads: usize) -> (Duration, usize) {
 }
 
 fn plain_write(path: &Path, data: &[u8]) -> Duration {
-    let mut f = open_store(path);
+    plain_write_to(open_store(path), data)
+}
+
+fn plain_write_to(mut f: File, data: &[u8]) -> Duration {
     let t = Instant::now();
     for c in data.chunks(4 << 20) {
         f.write_all(c).expect("write");
@@ -149,6 +174,77 @@ fn plain_write(path: &Path, data: &[u8]) -> Duration {
 
 fn drop_file(path: &Path) {
     let _ = fs::remove_file(path);
+}
+
+/// Into and out of a store whose memory is there (a RAM store), from and
+/// into memory that is there: the frozen dump's write (uncompressed, as
+/// go writes it to a RAM store) and the restore's read, without the page
+/// allocations a fresh tmpfs file or a fresh buffer add.
+fn ram_store_rows(rows: &mut Vec<Row>, path: &Path, data: &[u8], cores: usize) {
+    let size = data.len();
+    // The image's headers and manifest on top of the raw bytes.
+    let store_len = size + size / 64 + (16 << 20);
+    drop(open_ram_store(path, store_len));
+    let (d, _) = best_of(3, || {
+        (plain_write_to(open_ram_store(path, store_len), data), ())
+    });
+    rows.push(Row {
+        what: "plain sequential write + fsync, RAM-like store (tmpfs, pages there)".into(),
+        mbps: mbps(size, d),
+    });
+    for threads in [1, 0] {
+        let o = WriteOptions {
+            threads,
+            compress: false,
+            generation: 1,
+            ..WriteOptions::default()
+        };
+        let (d, _) = best_of(3, || {
+            write_image_to(open_ram_store(path, store_len), data, o.clone())
+        });
+        rows.push(Row {
+            what: format!(
+                "image write, uncompressed, RAM-like store, {}",
+                threads_label(threads, cores)
+            ),
+            mbps: mbps(size, d),
+        });
+    }
+    let mut out = vec![0u8; size];
+    out.fill(1); // the pages are there, as memory being written back is
+    let (d, _) = best_of(3, || {
+        let mut f = File::open(path).expect("open");
+        let t = Instant::now();
+        f.read_exact(&mut out).expect("read");
+        (t.elapsed(), ())
+    });
+    rows.push(Row {
+        what: "plain sequential read, RAM-like store, into memory that is there".into(),
+        mbps: mbps(size, d),
+    });
+    for threads in [1, 0] {
+        let (d, _) = best_of(3, || {
+            let t = Instant::now();
+            let mut img = Image::open(File::open(path).expect("open")).expect("open image");
+            img.set_threads(threads);
+            let mut rest: &mut [u8] = &mut out;
+            for i in 0..img.manifest().sections.len() {
+                img.copy_section(&format!("pages/{i}"), &mut rest)
+                    .expect("copy");
+            }
+            assert!(rest.is_empty());
+            (t.elapsed(), ())
+        });
+        rows.push(Row {
+            what: format!(
+                "image read into memory that is there, RAM-like store, {}",
+                threads_label(threads, cores)
+            ),
+            mbps: mbps(size, d),
+        });
+    }
+    assert!(out == data, "the image read back differs from the data");
+    drop_file(path);
 }
 
 struct Row {
@@ -188,6 +284,13 @@ fn main() {
         (t.elapsed(), std::hint::black_box(dst)[size / 2])
     });
     let memcpy_mbps = mbps(size, memcpy);
+    // What a restore's writes into fresh process memory pay on top.
+    let (fresh, _) = best_of(3, || {
+        let t = Instant::now();
+        let mut dst = vec![0u8; size];
+        dst.copy_from_slice(&data);
+        (t.elapsed(), std::hint::black_box(dst)[size / 2])
+    });
 
     let shm = PathBuf::from("/dev/shm");
     fs::create_dir_all(&disk).expect("disk dir");
@@ -223,10 +326,17 @@ fn main() {
         return;
     }
 
-    let mut rows = vec![Row {
-        what: "memcpy (one core)".into(),
-        mbps: memcpy_mbps,
-    }];
+    let mut rows = vec![
+        Row {
+            what: "memcpy (one core)".into(),
+            mbps: memcpy_mbps,
+        },
+        Row {
+            what: "memcpy into fresh memory (its page faults)".into(),
+            mbps: mbps(size, fresh),
+        },
+    ];
+    ram_store_rows(&mut rows, &shm.join("kupgrade-bench-ram.img"), &data, cores);
     for (name, path) in &stores {
         let (d, _) = best_of(3, || (plain_write(path, &data), ()));
         rows.push(Row {
@@ -324,25 +434,30 @@ fn main() {
     for (i, part) in data.chunks(size / 8).enumerate() {
         fs::write(src.join(format!("pages-{i}.img")), part).expect("write part");
     }
-    for threads in [1, 0] {
-        let label = threads_label(threads, cores);
-        let (d, _) = best_of(3, || {
-            let f = open_store(&img_path);
-            let t = Instant::now();
-            let o = WriteOptions {
-                threads,
-                generation: 1,
-                ..WriteOptions::default()
-            };
-            let mut w = ImageWriter::create(f, 4 << 30, o).expect("create");
-            w.add_tree("criu/bench", &src).expect("add_tree");
-            w.finish(Manifest::default()).expect("finish");
-            (t.elapsed(), ())
-        });
-        rows.push(Row {
-            what: format!("add_tree of 8 files in tmpfs to tmpfs, {label}"),
-            mbps: mbps(size, d),
-        });
+    // Uncompressed last: extract_tree below reads it.
+    for compress in [true, false] {
+        let how = if compress { "zstd" } else { "uncompressed" };
+        for threads in [1, 0] {
+            let label = threads_label(threads, cores);
+            let (d, _) = best_of(3, || {
+                let f = open_store(&img_path);
+                let t = Instant::now();
+                let o = WriteOptions {
+                    threads,
+                    compress,
+                    generation: 1,
+                    ..WriteOptions::default()
+                };
+                let mut w = ImageWriter::create(f, 4 << 30, o).expect("create");
+                w.add_tree("criu/bench", &src).expect("add_tree");
+                w.finish(Manifest::default()).expect("finish");
+                (t.elapsed(), ())
+            });
+            rows.push(Row {
+                what: format!("add_tree of 8 files in tmpfs to tmpfs, {how}, {label}"),
+                mbps: mbps(size, d),
+            });
+        }
     }
     for threads in [1, 0] {
         let label = threads_label(threads, cores);
@@ -355,7 +470,7 @@ fn main() {
             (t.elapsed(), ())
         });
         rows.push(Row {
-            what: format!("extract_tree from tmpfs to tmpfs, {label}"),
+            what: format!("extract_tree from tmpfs to tmpfs, uncompressed, {label}"),
             mbps: mbps(size, d),
         });
     }
