@@ -15,7 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
@@ -176,6 +176,9 @@ pub struct DirectWriter {
     file: File,
     /// Whether `file` is (still) in `O_DIRECT` mode.
     direct: bool,
+    /// A block device's size: its last block may be shorter than ours (a
+    /// device of 512-byte sectors), and nothing is written past it.
+    device_len: Option<u64>,
     window: Vec<Block>,
     /// Store offset of the window's first byte (a multiple of [`BLOCK`]).
     start: u64,
@@ -190,16 +193,26 @@ impl DirectWriter {
     /// Opens `path` read-write with `O_DIRECT`, or without it where its
     /// file system refuses it (the writes are the same, through the cache).
     pub fn open(path: &Path) -> io::Result<DirectWriter> {
-        let (file, direct) = open_direct(path, true)?;
-        Ok(DirectWriter {
+        let (mut file, direct) = open_direct(path, true)?;
+        let device_len = if file.metadata()?.file_type().is_block_device() {
+            Some(file.seek(SeekFrom::End(0))?)
+        } else {
+            None
+        };
+        Ok(DirectWriter::new(file, direct, device_len))
+    }
+
+    fn new(file: File, direct: bool, device_len: Option<u64>) -> DirectWriter {
+        DirectWriter {
             file,
             direct,
+            device_len,
             window: vec![Block::new_zeroed(); WINDOW / BLOCK],
             start: 0,
             lo: 0,
             hi: 0,
             pos: 0,
-        })
+        }
     }
 
     /// Whether writes go around the page cache.
@@ -235,17 +248,25 @@ impl DirectWriter {
             return Ok(());
         }
         let (lo, hi) = (self.lo, self.hi);
+        let mut end = hi.div_ceil(BLOCK) * BLOCK;
+        if let Some(len) = self.device_len {
+            let room = len.saturating_sub(self.start);
+            if hi as u64 > room {
+                // As the device itself says of a write past its end.
+                return Err(io::Error::from_raw_os_error(nix::libc::ENOSPC));
+            }
+            end = end.min(room as usize);
+        }
         // The bytes of the first and the last block that were not written
         // this time stay as the store has them.
         if lo % BLOCK != 0 {
             let first = self.read_block(self.start)?;
             self.window.as_mut_bytes()[..lo].copy_from_slice(&first.0[..lo]);
         }
-        let end = hi.div_ceil(BLOCK) * BLOCK;
-        if hi % BLOCK != 0 {
-            let at = end - BLOCK;
+        if end > hi && hi % BLOCK != 0 {
+            let at = hi - hi % BLOCK;
             let last = self.read_block(self.start + at as u64)?;
-            self.window.as_mut_bytes()[hi..end].copy_from_slice(&last.0[hi - at..]);
+            self.window.as_mut_bytes()[hi..end].copy_from_slice(&last.0[hi - at..end - at]);
         }
         let mut done = 0;
         while done < end {
@@ -454,6 +475,31 @@ mod tests {
         crate::Store::sync(&mut w).unwrap();
         drop(w);
         assert!(std::fs::read(f.path()).unwrap() == model, "the file");
+        assert_eq!(std::fs::metadata(f.path()).unwrap().len(), len as u64);
+    }
+
+    /// On a device whose size is not a multiple of the block, the last
+    /// bytes are written without writing past its end, and a write past
+    /// it fails as the device's own would.
+    #[test]
+    fn the_short_last_block_of_a_device_is_written_and_nothing_past_it() {
+        let len = 3 * BLOCK + 512;
+        let mut model = pattern(len);
+        let f = file_with(&model);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(f.path())
+            .unwrap();
+        let mut w = DirectWriter::new(file, false, Some(len as u64));
+        w.seek(SeekFrom::Start(3 * BLOCK as u64 + 100)).unwrap();
+        w.write_all(&[9; 412]).unwrap();
+        w.flush().unwrap();
+        model[3 * BLOCK + 100..].fill(9);
+        assert!(std::fs::read(f.path()).unwrap() == model);
+        w.write_all(&[1]).unwrap();
+        let e = w.flush().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(nix::libc::ENOSPC), "{e}");
         assert_eq!(std::fs::metadata(f.path()).unwrap().len(), len as u64);
     }
 
