@@ -74,19 +74,12 @@ impl DirectReader {
         let mut filled = 0;
         // Short only at the end of the store (or on a signal).
         while filled < bytes.len() {
-            match self
-                .file
-                .read_at(&mut bytes[filled..], start + filled as u64)
-            {
+            let at = start + filled as u64;
+            match io_at(&self.file, &mut self.direct, |f| {
+                f.read_at(&mut bytes[filled..], at)
+            }) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // A device whose blocks are larger than ours: read it
-                // through the cache instead.
-                Err(e) if self.direct && e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                    buffered(&self.file)?;
-                    self.direct = false;
-                }
                 Err(e) => {
                     self.filled = 0;
                     return Err(e);
@@ -100,6 +93,26 @@ impl DirectReader {
         self.start = start;
         self.filled = filled;
         Ok(self.pos < start + filled as u64)
+    }
+}
+
+/// Runs `op`, an I/O at an offset of `file`, again after a signal, and
+/// through the cache once `O_DIRECT` is refused (a device whose blocks
+/// are larger than ours).
+fn io_at(
+    file: &File,
+    direct: &mut bool,
+    mut op: impl FnMut(&File) -> io::Result<usize>,
+) -> io::Result<usize> {
+    loop {
+        match op(file) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if *direct && e.raw_os_error() == Some(nix::libc::EINVAL) => {
+                buffered(file)?;
+                *direct = false;
+            }
+            done => return done,
+        }
     }
 }
 
@@ -225,18 +238,12 @@ impl DirectWriter {
         let mut block = Block::new_zeroed();
         let mut filled = 0;
         while filled < BLOCK {
-            match self
-                .file
-                .read_at(&mut block.0[filled..], at + filled as u64)
-            {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if self.direct && e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                    buffered(&self.file)?;
-                    self.direct = false;
-                }
-                Err(e) => return Err(e),
+            let from = at + filled as u64;
+            match io_at(&self.file, &mut self.direct, |f| {
+                f.read_at(&mut block.0[filled..], from)
+            })? {
+                0 => break,
+                n => filled += n,
             }
         }
         Ok(block)
@@ -271,17 +278,10 @@ impl DirectWriter {
         let mut done = 0;
         while done < end {
             let bytes = &self.window.as_bytes()[done..end];
-            match self.file.write_at(bytes, self.start + done as u64) {
-                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // A device whose blocks are larger than ours: write it
-                // through the cache instead.
-                Err(e) if self.direct && e.raw_os_error() == Some(nix::libc::EINVAL) => {
-                    buffered(&self.file)?;
-                    self.direct = false;
-                }
-                Err(e) => return Err(e),
+            let at = self.start + done as u64;
+            match io_at(&self.file, &mut self.direct, |f| f.write_at(bytes, at))? {
+                0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                n => done += n,
             }
         }
         self.lo = 0;
