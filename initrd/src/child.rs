@@ -52,8 +52,6 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Exited {
     pub status: ExitStatus,
-    /// The end of what it wrote to a piped stdout.
-    pub stdout: String,
     /// The end of what it wrote to a piped stderr.
     pub stderr: String,
 }
@@ -68,7 +66,7 @@ pub struct Running {
 
 /// Runs `cmd` (named `command` in errors) and waits for it at most `within`.
 /// The caller sets up stdio: a piped stdin is given `input` and then closed,
-/// a piped stdout or stderr is collected.
+/// a piped stderr is collected (nothing here reads a child's stdout).
 pub fn run(
     command: &str,
     cmd: &mut Command,
@@ -123,11 +121,9 @@ fn wait(
         source,
     };
     let mut stdin = child.stdin.take().filter(|_| !input.is_empty());
-    let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     for fd in [
         stdin.as_ref().map(|s| s.as_raw_fd()),
-        stdout.as_ref().map(|s| s.as_raw_fd()),
         stderr.as_ref().map(|s| s.as_raw_fd()),
     ]
     .into_iter()
@@ -137,19 +133,15 @@ fn wait(
         let _ = fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
     }
     let mut input = input;
-    let (mut out, mut errors) = (Vec::new(), Vec::new());
+    let mut errors = Vec::new();
     loop {
         if let Some(status) = child.try_wait().map_err(lost)? {
-            if let Some(o) = stdout.as_mut() {
-                read_available(o, &mut out);
-            }
             if let Some(e) = stderr.as_mut() {
                 read_available(e, &mut errors);
             }
             let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
             return Ok(Exited {
                 status,
-                stdout: text(&out),
                 stderr: text(&errors),
             });
         }
@@ -165,17 +157,13 @@ fn wait(
         if pidfd.is_none() {
             wait = wait.min(TICK);
         }
-        let (can_write, can_read_out, can_read_err) = {
-            let mut fds = Vec::with_capacity(4);
+        let (can_write, can_read_err) = {
+            let mut fds = Vec::with_capacity(3);
             if let Some(p) = &pidfd {
                 fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
             }
             let at_in = stdin.as_ref().map(|s| {
                 fds.push(PollFd::new(s.as_fd(), PollFlags::POLLOUT));
-                fds.len() - 1
-            });
-            let at_out = stdout.as_ref().map(|s| {
-                fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
                 fds.len() - 1
             });
             let at_err = stderr.as_ref().map(|s| {
@@ -189,7 +177,7 @@ fn wait(
                 at.and_then(|i| fds[i].revents())
                     .is_some_and(|r| !r.is_empty())
             };
-            (ready(at_in), ready(at_out), ready(at_err))
+            (ready(at_in), ready(at_err))
         };
         if can_write {
             if let Some(s) = stdin.as_mut() {
@@ -204,9 +192,6 @@ fn wait(
                 // Closing it is the end of the input.
                 stdin = None;
             }
-        }
-        if can_read_out && stdout.as_mut().is_some_and(|o| read_available(o, &mut out)) {
-            stdout = None;
         }
         if can_read_err
             && stderr
@@ -278,12 +263,10 @@ mod tests {
     }
 
     #[test]
-    fn a_child_that_exits_gives_its_status_and_output() {
+    fn a_child_that_exits_gives_its_status_and_its_errors() {
         let mut c = sh("echo fine; echo oops >&2; exit 3");
-        c.stdout(Stdio::piped());
         let out = run("sh", &mut c, &[], Duration::from_secs(30)).unwrap();
         assert_eq!(out.status.code(), Some(3));
-        assert_eq!(out.stdout, "fine");
         assert_eq!(out.stderr, "oops");
     }
 

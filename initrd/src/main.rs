@@ -29,6 +29,7 @@ mod child;
 mod ending;
 mod log;
 mod netlink;
+mod nftables;
 mod relay;
 mod restore;
 mod root;

@@ -18,13 +18,15 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeVal;
 
-const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_ERROR: u16 = 2;
+pub(crate) const NLMSG_DONE: u16 = 3;
 const RTM_NEWLINK: u16 = 16;
 const RTM_NEWADDR: u16 = 20;
 const RTM_NEWROUTE: u16 = 24;
 
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_REPLACE: u16 = 0x100;
 const NLM_F_CREATE: u16 = 0x400;
 
@@ -90,25 +92,84 @@ pub struct RouteSpec {
     pub protocol: u8,
 }
 
-/// An open rtnetlink socket.
-pub struct Rtnl {
+/// A netlink socket bound to the kernel, with the sequence numbers of its
+/// requests.
+pub(crate) struct Socket {
     fd: OwnedFd,
     seq: u32,
 }
 
-impl Rtnl {
-    pub fn open() -> Result<Self, Error> {
+impl Socket {
+    pub(crate) fn open(protocol: SockProtocol) -> Result<Self, Error> {
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Raw,
             SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkRoute,
+            protocol,
         )
         .map_err(Error::Socket)?;
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(Error::Socket)?;
         let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as _, 0);
         setsockopt(&fd, sockopt::ReceiveTimeout, &timeout).map_err(Error::Socket)?;
-        Ok(Rtnl { fd, seq: 0 })
+        Ok(Socket { fd, seq: 0 })
+    }
+
+    pub(crate) fn next_seq(&mut self) -> u32 {
+        self.seq += 1;
+        self.seq
+    }
+
+    pub(crate) fn send(&self, msg: &[u8], what: &str) -> Result<(), Error> {
+        let kernel = NetlinkAddr::new(0, 0);
+        sendto(self.fd.as_raw_fd(), msg, &kernel, MsgFlags::empty())
+            .map(drop)
+            .map_err(|source| Error::NoAnswer {
+                what: what.into(),
+                source,
+            })
+    }
+
+    /// One datagram of answers into `buf`: its length.
+    pub(crate) fn recv(&self, buf: &mut [u8], what: &str) -> Result<usize, Error> {
+        recv(self.fd.as_raw_fd(), buf, MsgFlags::empty()).map_err(|source| Error::NoAnswer {
+            what: what.into(),
+            source,
+        })
+    }
+
+    /// Sends `msg` and waits for the kernel's ack of `seq`.
+    pub(crate) fn request(&mut self, msg: &[u8], seq: u32, what: &str) -> Result<(), Error> {
+        self.send(msg, what)?;
+        let mut buf = vec![0u8; 8192];
+        loop {
+            let n = self.recv(&mut buf, what)?;
+            match ack_of(&buf[..n], seq) {
+                Some(0) => return Ok(()),
+                Some(errno) => return Err(refused(what, errno)),
+                // Another message's answer, or not an ack: read on.
+                None => continue,
+            }
+        }
+    }
+}
+
+pub(crate) fn refused(what: &str, errno: i32) -> Error {
+    Error::Refused {
+        what: what.into(),
+        source: io::Error::from_raw_os_error(errno),
+    }
+}
+
+/// An open rtnetlink socket.
+pub struct Rtnl {
+    sock: Socket,
+}
+
+impl Rtnl {
+    pub fn open() -> Result<Self, Error> {
+        Ok(Rtnl {
+            sock: Socket::open(SockProtocol::NetlinkRoute)?,
+        })
     }
 
     /// Renames, sets the MTU and brings up or down a link, each if given.
@@ -120,53 +181,25 @@ impl Rtnl {
         up: Option<bool>,
         what: &str,
     ) -> Result<(), Error> {
-        let seq = self.next_seq();
-        self.request(&link_message(seq, index, name, mtu, up), seq, what)
+        let seq = self.sock.next_seq();
+        self.sock
+            .request(&link_message(seq, index, name, mtu, up), seq, what)
     }
 
     pub fn replace_address(&mut self, index: u32, a: &Address, what: &str) -> Result<(), Error> {
-        let seq = self.next_seq();
+        let seq = self.sock.next_seq();
         let Some(msg) = address_message(seq, index, a) else {
             return Err(Error::Refused {
                 what: what.into(),
                 source: io::Error::new(io::ErrorKind::InvalidInput, "not an address"),
             });
         };
-        self.request(&msg, seq, what)
+        self.sock.request(&msg, seq, what)
     }
 
     pub fn replace_route(&mut self, r: &RouteSpec, what: &str) -> Result<(), Error> {
-        let seq = self.next_seq();
-        self.request(&route_message(seq, r), seq, what)
-    }
-
-    fn next_seq(&mut self) -> u32 {
-        self.seq += 1;
-        self.seq
-    }
-
-    fn request(&mut self, msg: &[u8], seq: u32, what: &str) -> Result<(), Error> {
-        let kernel = NetlinkAddr::new(0, 0);
-        let no_answer = |source| Error::NoAnswer {
-            what: what.into(),
-            source,
-        };
-        sendto(self.fd.as_raw_fd(), msg, &kernel, MsgFlags::empty()).map_err(no_answer)?;
-        let mut buf = vec![0u8; 8192];
-        loop {
-            let n = recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::empty()).map_err(no_answer)?;
-            match ack_of(&buf[..n], seq) {
-                Some(0) => return Ok(()),
-                Some(errno) => {
-                    return Err(Error::Refused {
-                        what: what.into(),
-                        source: io::Error::from_raw_os_error(errno),
-                    })
-                }
-                // Another message's answer, or not an ack: read on.
-                None => continue,
-            }
-        }
+        let seq = self.sock.next_seq();
+        self.sock.request(&route_message(seq, r), seq, what)
     }
 }
 
@@ -275,25 +308,31 @@ fn octets(a: &IpAddr) -> Vec<u8> {
 }
 
 /// A message under construction: the header's length is set by `finish`.
-struct Message(Vec<u8>);
+pub(crate) struct Message(Vec<u8>);
 
 impl Message {
-    fn new(kind: u16, flags: u16, seq: u32) -> Self {
+    /// A request the kernel acknowledges.
+    pub(crate) fn new(kind: u16, flags: u16, seq: u32) -> Self {
+        Message::unacked(kind, flags | NLM_F_ACK, seq)
+    }
+
+    /// A request with no ack asked for (a dump, a batch's bounds).
+    pub(crate) fn unacked(kind: u16, flags: u16, seq: u32) -> Self {
         let mut b = Vec::with_capacity(128);
         b.extend_from_slice(&0u32.to_ne_bytes()); // length, set by finish
         b.extend_from_slice(&kind.to_ne_bytes());
-        b.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        b.extend_from_slice(&(flags | NLM_F_REQUEST).to_ne_bytes());
         b.extend_from_slice(&seq.to_ne_bytes());
         b.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel's
         Message(b)
     }
 
-    fn bytes(&mut self, b: &[u8]) -> &mut Self {
+    pub(crate) fn bytes(&mut self, b: &[u8]) -> &mut Self {
         self.0.extend_from_slice(b);
         self
     }
 
-    fn attr(&mut self, kind: u16, payload: &[u8]) -> &mut Self {
+    pub(crate) fn attr(&mut self, kind: u16, payload: &[u8]) -> &mut Self {
         let len = 4 + payload.len();
         self.0.extend_from_slice(&(len as u16).to_ne_bytes());
         self.0.extend_from_slice(&kind.to_ne_bytes());
@@ -302,7 +341,7 @@ impl Message {
         self
     }
 
-    fn finish(&mut self) -> Vec<u8> {
+    pub(crate) fn finish(&mut self) -> Vec<u8> {
         let len = self.0.len() as u32;
         self.0[..4].copy_from_slice(&len.to_ne_bytes());
         std::mem::take(&mut self.0)
@@ -395,24 +434,37 @@ fn route_message(seq: u32, r: &RouteSpec) -> Vec<u8> {
     m.finish()
 }
 
+/// The messages of a datagram of answers: (type, sequence number, what
+/// follows the header). Stops at one whose length does not fit.
+pub(crate) fn messages(buf: &[u8]) -> Vec<(u16, u32, &[u8])> {
+    let mut out = Vec::new();
+    let mut rest = buf;
+    while rest.len() >= 16 {
+        let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+        let seq = u32::from_ne_bytes(rest[8..12].try_into().expect("4 bytes"));
+        if len < 16 || len > rest.len() {
+            break;
+        }
+        out.push((kind, seq, &rest[16..len]));
+        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+    }
+    out
+}
+
+/// The errno an `NLMSG_ERROR` (or `NLMSG_DONE`) body carries: 0 for
+/// success.
+pub(crate) fn errno_of(body: &[u8]) -> Option<i32> {
+    Some(-i32::from_ne_bytes(body.get(..4)?.try_into().ok()?))
+}
+
 /// In a datagram of answers, the ack of request `seq`: `Some(0)` for
 /// success, `Some(errno)` for a refusal, `None` if it holds none.
 fn ack_of(buf: &[u8], seq: u32) -> Option<i32> {
-    let mut rest = buf;
-    while rest.len() >= 16 {
-        let len = u32::from_ne_bytes(rest[0..4].try_into().ok()?) as usize;
-        let kind = u16::from_ne_bytes(rest[4..6].try_into().ok()?);
-        let their_seq = u32::from_ne_bytes(rest[8..12].try_into().ok()?);
-        if len < 16 || len > rest.len() {
-            return None;
-        }
-        if kind == NLMSG_ERROR && their_seq == seq && len >= 20 {
-            let error = i32::from_ne_bytes(rest[16..20].try_into().ok()?);
-            return Some(-error);
-        }
-        rest = &rest[len.next_multiple_of(4).min(rest.len())..];
-    }
-    None
+    messages(buf)
+        .into_iter()
+        .find(|&(kind, s, _)| kind == NLMSG_ERROR && s == seq)
+        .and_then(|(_, _, body)| errno_of(body))
 }
 
 #[cfg(test)]

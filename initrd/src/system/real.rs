@@ -1,4 +1,5 @@
-//! The real [`System`]: mounts, modules, the store, rtnetlink, `nft`, `criu`.
+//! The real [`System`]: mounts, modules, the store, rtnetlink and
+//! nfnetlink, `nft` (the lock tables' text), `criu`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -25,6 +26,7 @@ use super::{
 };
 use crate::adopt::{self, Adoption};
 use crate::netlink::{self, Rtnl};
+use crate::nftables::Nft;
 use crate::{boot, child, log, timers};
 
 const PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
@@ -48,6 +50,8 @@ pub struct RealSystem {
     image: Option<Image<DirectReader>>,
     /// For the network's configuration, opened on first use.
     rtnl: Option<Rtnl>,
+    /// For the lock tables left after the restores, opened on first use.
+    nft: Option<Nft>,
     /// Restored journal streams and their relays' ends, until every
     /// workload is restored (a relay started earlier could take a PID the
     /// next restore needs).
@@ -62,6 +66,13 @@ impl RealSystem {
             self.rtnl = Some(Rtnl::open()?);
         }
         Ok(self.rtnl.as_mut().expect("opened above"))
+    }
+
+    fn nft(&mut self) -> Result<&mut Nft, Error> {
+        if self.nft.is_none() {
+            self.nft = Some(Nft::open()?);
+        }
+        Ok(self.nft.as_mut().expect("opened above"))
     }
 
     fn store(&mut self) -> Result<&mut File, Error> {
@@ -291,11 +302,7 @@ impl System for RealSystem {
     }
 
     fn remove_lock_tables(&mut self, names: &[String]) -> Result<(), Error> {
-        let script: String = names
-            .iter()
-            .map(|n| format!("delete table inet {n}\n"))
-            .collect();
-        run_stdin("nft", &["-f", "-"], &script)
+        Ok(self.nft()?.delete_inet_tables(names)?)
     }
 
     fn start_criu_probe(&mut self) -> Result<bool, Error> {
@@ -331,20 +338,7 @@ impl System for RealSystem {
     }
 
     fn lock_tables(&mut self) -> Result<Vec<String>, Error> {
-        let mut nft = Command::new("nft");
-        nft.args(["list", "tables"])
-            .env("PATH", PATH)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let listed = child::run("nft list tables", &mut nft, &[], COMMAND_DEADLINE)?;
-        if !listed.status.success() {
-            return Err(Error::Command {
-                command: "nft list tables".into(),
-                stderr: listed.stderr,
-            });
-        }
-        Ok(criu_lock_tables(&listed.stdout))
+        Ok(criu_lock_tables(self.nft()?.inet_tables()?))
     }
 
     fn configure_interface(&mut self, iface: &Interface) -> Result<(), Error> {
@@ -632,14 +626,10 @@ fn ip_route(r: &Route) -> Result<(), Error> {
     run_stdin("ip", &args, "")
 }
 
-/// `table inet CRIU-123` lines of `nft list tables` -> `CRIU-123`.
-fn criu_lock_tables(listed: &str) -> Vec<String> {
-    listed
-        .lines()
-        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
-            ["table", "inet", name] if name.starts_with("CRIU-") => Some(name.to_string()),
-            _ => None,
-        })
+/// CRIU's lock tables among the inet tables: `CRIU-<pid>`.
+fn criu_lock_tables(inet: Vec<String>) -> Vec<String> {
+    inet.into_iter()
+        .filter(|n| n.starts_with("CRIU-"))
         .collect()
 }
 
@@ -723,9 +713,8 @@ mod tests {
 
     #[test]
     fn criu_lock_tables_are_found_among_the_others() {
-        let listed =
-            "table inet filter\ntable inet CRIU-10002\ntable ip CRIU-1\ntable inet CRIU-7\n";
-        assert_eq!(criu_lock_tables(listed), ["CRIU-10002", "CRIU-7"]);
-        assert!(criu_lock_tables("").is_empty());
+        let inet = ["filter", "CRIU-10002", "CRIU-7", "criu-1"].map(String::from);
+        assert_eq!(criu_lock_tables(inet.to_vec()), ["CRIU-10002", "CRIU-7"]);
+        assert!(criu_lock_tables(vec![]).is_empty());
     }
 }
